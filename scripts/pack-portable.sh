@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Copies built executables (oscar, test and bench binaries) plus the shared libraries a GPU host may lack into one
+# folder, so a build made here runs on another Linux (e.g. an Ubuntu GPU box without TBB or this spdlog/sentencepiece).
+# Usage: scripts/pack-portable.sh BUILD_DIR OUT_DIR   then on the GPU host: LD_LIBRARY_PATH=OUT_DIR/lib OUT_DIR/bin/...
+set -euo pipefail
+build=${1:?build dir}; out=${2:?output dir}
+rm -rf "$out"; mkdir -p "$out/bin" "$out/lib"
+for exe in "$build"/bin/* "$build"/tests/test_*; do
+  [ -f "$exe" ] && [ -x "$exe" ] && cp "$exe" "$out/bin/"
+done
+# Libraries whose soname or ABI differs between Debian 12 and Ubuntu 24.04 (or that are absent there).
+for lib in libtbb.so.12 libspdlog.so.1.10 libsentencepiece.so.0 libfmt.so.9; do
+  p=$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')
+  [ -n "$p" ] && cp -L "$p" "$out/lib/"
+done
+strip --strip-unneeded "$out"/bin/* 2>/dev/null || true
+du -sh "$out"
