@@ -20,6 +20,7 @@ class KvCache {
   KvCache(const fmt::ModelConfig& cfg, int64_t capacity);
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
+  int64_t num_layers() const { return static_cast<int64_t>(k_.size()); }
   float* k(int64_t layer) { return k_[layer].data(); }
   float* v(int64_t layer) { return v_[layer].data(); }
   const float* k(int64_t layer) const { return k_[layer].data(); }
