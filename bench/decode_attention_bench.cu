@@ -1,0 +1,224 @@
+// Decode attention over the OSCAR paged cache (INT2 + bf16 sink/recent windows) vs our bf16-cache kernel.
+// Prints µs per call, bytes moved, achieved GB/s, % of the cudaMemcpy D2D bandwidth measured in this process,
+// and the speedup over the bf16 kernel. Cache contents are synthetic (valid fp16 scales, bounded bf16 values):
+// the kernels' cost does not depend on the values.
+//   decode_attention_bench [--iters N] [--max-context T]
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "formats/kv_layout.h"
+#include "kernels/attention_decode/decode_attention.h"
+
+namespace {
+
+#define CHECK_CUDA(x)                                                                         \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+__device__ uint32_t hash32(uint64_t i) {
+  uint32_t x = static_cast<uint32_t>((i * 0x9E3779B97F4A7C15ull) >> 32);
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  return x;
+}
+
+__global__ void fill_bf16(uint16_t* p, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const float v = (static_cast<float>(hash32(i) & 0xffff) / 65536.0f - 0.5f) * 4.0f;
+    p[i] = static_cast<uint16_t>(__float_as_uint(v) >> 16);
+  }
+}
+
+// Random codes; every (scale, zero) pair = (0.01, -0.02) in fp16.
+__global__ void fill_int2(uint8_t* pool, size_t blocks, int page_bytes, int params_offset) {
+  const size_t n = blocks * page_bytes;
+  const uint32_t pair = static_cast<uint32_t>(__half_as_ushort(__float2half(0.01f))) |
+                        (static_cast<uint32_t>(__half_as_ushort(__float2half(-0.02f))) << 16);
+  for (size_t i = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) * 4; i < n; i += size_t(gridDim.x) * blockDim.x * 4) {
+    const size_t in_page = i % page_bytes;
+    *reinterpret_cast<uint32_t*>(pool + i) = in_page >= static_cast<size_t>(params_offset) ? pair : hash32(i);
+  }
+}
+
+struct Model {
+  const char* name;
+  int q_heads, kv_heads;
+};
+
+double measure_d2d_gbps() {
+  const size_t bytes = size_t(1) << 30;
+  void *a, *b;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  cudaEventRecord(e0);
+  const int reps = 10;
+  for (int r = 0; r < reps; ++r) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e1);
+  CHECK_CUDA(cudaEventSynchronize(e1));
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes * reps / (ms * 1e-3) / 1e9;  // read + write
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iters = 20;
+  int64_t max_context = 131072;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--max-context")) max_context = std::atoll(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
+      return 2;
+    }
+  }
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const double d2d = measure_d2d_gbps();
+  std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s\n", prop.name, prop.multiProcessorCount, d2d);
+  std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s\n", "model", "batch", "context", "splits",
+              "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup");
+
+  const int d = 128, page = oscar::fmt::kKvPageTokens;
+  const int64_t sink = 64, recent = 256;
+  const Model models[] = {{"qwen3-8b", 32, 8}, {"llama3-70b", 64, 8}};
+  for (const auto& m : models) {
+    for (int batch : {1, 8, 32}) {
+      for (int64_t ctx = 4096; ctx <= max_context; ctx *= 2) {
+        const int pages_per_seq = static_cast<int>((ctx + page - 1) / page);
+        const size_t total_pages = size_t(batch) * pages_per_seq;
+        const oscar::fmt::Int2PageGeometry g2{d, page};
+        const oscar::fmt::Bf16PageGeometry gb{d, page};
+        const size_t int2_bytes = total_pages * m.kv_heads * g2.page_bytes();
+        const size_t bf16_bytes = total_pages * m.kv_heads * gb.page_bytes();
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        if (2 * (int2_bytes + bf16_bytes) + (size_t(1) << 30) > free_b) {
+          std::printf("%-12s %5d %7lld  (skipped: needs %.1f GiB)\n", m.name, batch, (long long)ctx,
+                      2.0 * (int2_bytes + bf16_bytes) / (1 << 30));
+          continue;
+        }
+        uint8_t *k2, *v2;
+        uint16_t *kb, *vb, *q;
+        int32_t *table, *lens;
+        float* out;
+        CHECK_CUDA(cudaMalloc(&k2, int2_bytes));
+        CHECK_CUDA(cudaMalloc(&v2, int2_bytes));
+        CHECK_CUDA(cudaMalloc(&kb, bf16_bytes));
+        CHECK_CUDA(cudaMalloc(&vb, bf16_bytes));
+        CHECK_CUDA(cudaMalloc(&q, size_t(batch) * m.q_heads * d * 2));
+        CHECK_CUDA(cudaMalloc(&out, size_t(batch) * m.q_heads * d * 4));
+        CHECK_CUDA(cudaMalloc(&table, total_pages * 4));
+        CHECK_CUDA(cudaMalloc(&lens, size_t(batch) * 4));
+        fill_int2<<<1024, 256>>>(k2, total_pages * m.kv_heads, g2.page_bytes(), g2.params_offset());
+        fill_int2<<<1024, 256>>>(v2, total_pages * m.kv_heads, g2.page_bytes(), g2.params_offset());
+        fill_bf16<<<1024, 256>>>(kb, bf16_bytes / 2);
+        fill_bf16<<<1024, 256>>>(vb, bf16_bytes / 2);
+        fill_bf16<<<64, 256>>>(q, size_t(batch) * m.q_heads * d);
+        std::vector<int32_t> host_table(total_pages), host_lens(size_t(batch), static_cast<int32_t>(ctx));
+        for (size_t i = 0; i < total_pages; ++i) host_table[i] = static_cast<int32_t>(i);
+        CHECK_CUDA(cudaMemcpy(table, host_table.data(), total_pages * 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(lens, host_lens.data(), size_t(batch) * 4, cudaMemcpyHostToDevice));
+        std::vector<float> rot(size_t(d) * d, 0.f);
+        for (int i = 0; i < d; ++i) rot[size_t(i) * d + i] = 1.f;  // cost is the same for any R
+        float* drot;
+        CHECK_CUDA(cudaMalloc(&drot, rot.size() * 4));
+        CHECK_CUDA(cudaMemcpy(drot, rot.data(), rot.size() * 4, cudaMemcpyHostToDevice));
+
+        oscar::kern::DecodeAttentionParams p;
+        p.batch = batch;
+        p.num_q_heads = m.q_heads;
+        p.num_kv_heads = m.kv_heads;
+        p.head_dim = d;
+        p.page_tokens = page;
+        p.q = q;
+        p.rotation_k = drot;
+        p.rotation_v = drot;
+        p.softmax_scale = 1.0f / std::sqrt(float(d));
+        p.seq_lens = lens;
+        p.max_seq_len = static_cast<int32_t>(ctx);
+        p.k_int2_pool = k2;
+        p.v_int2_pool = v2;
+        p.k_bf16_pool = kb;
+        p.v_bf16_pool = vb;
+        p.int2_page_table = table;
+        p.bf16_page_table = table;
+        p.max_pages = pages_per_seq;
+        p.out = out;
+        const int splits = oscar::kern::decode_attention_num_splits(batch, m.kv_heads, static_cast<int32_t>(ctx), page,
+                                                                    prop.multiProcessorCount);
+        const size_t ws = oscar::kern::decode_attention_workspace_bytes(batch, m.q_heads, d, splits);
+        CHECK_CUDA(cudaMalloc(&p.workspace, ws));
+        p.workspace_bytes = ws;
+
+        auto time_us = [&](int64_t sink_tokens, int64_t recent_tokens) {
+          p.sink_tokens = sink_tokens;
+          p.recent_tokens = recent_tokens;
+          for (int w = 0; w < 3; ++w)
+            if (oscar::kern::decode_attention(p, nullptr) != oscar::kern::Status::Ok) {
+              std::fprintf(stderr, "decode_attention rejected the params\n");
+              std::exit(1);
+            }
+          cudaEvent_t e0, e1;
+          cudaEventCreate(&e0);
+          cudaEventCreate(&e1);
+          cudaEventRecord(e0);
+          for (int it = 0; it < iters; ++it) oscar::kern::decode_attention(p, nullptr);
+          cudaEventRecord(e1);
+          CHECK_CUDA(cudaEventSynchronize(e1));
+          float ms = 0;
+          cudaEventElapsedTime(&ms, e0, e1);
+          cudaEventDestroy(e0);
+          cudaEventDestroy(e1);
+          return 1e3 * ms / iters;
+        };
+        const double int2_us = time_us(sink, recent);
+        const double bf16_us = time_us(int64_t(1) << 40, 0);
+        const int64_t hp = std::min<int64_t>(ctx, sink + recent);
+        const double per_head_int2 = double(ctx - hp) * 2 * (d / 4 + 4) + double(hp) * 2 * 2 * d;
+        const double per_head_bf16 = double(ctx) * 2 * 2 * d;
+        const double io = double(batch) * m.q_heads * d * (2 + 4);
+        const double int2_bytes_moved = double(batch) * m.kv_heads * per_head_int2 + io;
+        const double bf16_bytes_moved = double(batch) * m.kv_heads * per_head_bf16 + io;
+        const double int2_gbps = int2_bytes_moved / (int2_us * 1e-6) / 1e9;
+        const double bf16_gbps = bf16_bytes_moved / (bf16_us * 1e-6) / 1e9;
+        std::printf("%-12s %5d %7lld %6d | %9.1f %9.2f %8.0f %5.0f%% | %9.1f %8.0f %5.0f%% | %6.2fx\n", m.name, batch,
+                    (long long)ctx, splits, int2_us, int2_bytes_moved / 1e6, int2_gbps, 100 * int2_gbps / d2d, bf16_us,
+                    bf16_gbps, 100 * bf16_gbps / d2d, bf16_us / int2_us);
+        std::fflush(stdout);
+        cudaFree(k2);
+        cudaFree(v2);
+        cudaFree(kb);
+        cudaFree(vb);
+        cudaFree(q);
+        cudaFree(out);
+        cudaFree(table);
+        cudaFree(lens);
+        cudaFree(drot);
+        cudaFree(p.workspace);
+      }
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,58 @@
+#pragma once
+// Fused decode attention over the paged OSCAR KV cache (formats/kv_layout.h): one query token per sequence,
+// GQA, INT2 pages for the quantized middle of each sequence and bf16 pages for the sink / recent windows, all
+// stored in the rotated basis. The query is rotated once by R_k (q·k = (qR)·(kR) for orthogonal R), the output
+// is accumulated in the rotated V basis and rotated back once by R_vᵀ. Split-K over the sequence: partial
+// (max, sum, acc) per split, merged by a second kernel.
+//
+// The bf16 baseline is the same kernel with every token in the bf16 window (sink_tokens >= every length).
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/common/status.h"
+
+namespace oscar::kern {
+
+struct DecodeAttentionParams {
+  int32_t batch = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;  // query head hq reads KV head hq / (num_q_heads / num_kv_heads), as HF repeat_kv
+  int32_t head_dim = 128;
+  int32_t page_tokens = 64;
+  const uint16_t* q = nullptr;          // [batch, num_q_heads, head_dim] bf16 bits, original basis (after RoPE)
+  const float* rotation_k = nullptr;    // [head_dim, head_dim] row-major fp32, null = identity
+  const float* rotation_v = nullptr;    // same for V
+  float softmax_scale = 0.0f;           // usually 1/sqrt(head_dim)
+  const int32_t* seq_lens = nullptr;    // [batch] tokens in the cache (including this step's)
+  int32_t max_seq_len = 0;              // host-side bound on seq_lens: sizes the split-K partition
+  int64_t sink_tokens = 0;              // tokens t < sink_tokens are read from bf16 pages
+  int64_t recent_tokens = 0;            // tokens t >= len - recent_tokens too; the rest from INT2 pages
+  const uint8_t* k_int2_pool = nullptr;  // Int2PageGeometry pages, page p of KV head h at page_block_offset
+  const uint8_t* v_int2_pool = nullptr;
+  const uint16_t* k_bf16_pool = nullptr;  // Bf16PageGeometry pages
+  const uint16_t* v_bf16_pool = nullptr;
+  const int32_t* int2_page_table = nullptr;  // [batch, max_pages]: page id of logical page t / page_tokens
+  const int32_t* bf16_page_table = nullptr;  // [batch, max_pages]; entries never read may hold anything
+  int32_t max_pages = 0;                     // row stride of the page tables
+  float* out = nullptr;                      // [batch, num_q_heads, head_dim] fp32, or
+  uint16_t* out_bf16 = nullptr;              // bf16 bits (exactly one of out / out_bf16)
+  int32_t num_splits = 0;                    // 0 = decode_attention_num_splits()
+  void* workspace = nullptr;                 // decode_attention_workspace_bytes() bytes of device memory
+  size_t workspace_bytes = 0;
+};
+
+// Splits chosen so that batch * num_kv_heads * splits blocks cover every SM a few times (batch 1 at 128K fills
+// the GPU), and no split is shorter than two pages.
+int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
+                                    int32_t sm_count);
+// Workspace for `splits` splits (partial max, sum and head_dim accumulators per split and query head).
+size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits);
+
+// head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools,
+// page_tokens a positive multiple of 16, the pools and tables that the windows need present.
+Status decode_attention_can_implement(const DecodeAttentionParams& p);
+
+// Device pointers. `p.num_splits` 0 picks splits from the current device's SM count.
+Status decode_attention(const DecodeAttentionParams& p, Stream stream);
+
+}  // namespace oscar::kern

@@ -1,0 +1,142 @@
+#include "kernels/attention_decode/decode_attention_ref.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "formats/dtype.h"
+#include "formats/error.h"
+#include "formats/kv_layout.h"
+#include "lib/calib/quantizer_ref.h"
+
+namespace oscar::kern {
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
+                                    int32_t sm_count) {
+  // Four blocks per SM (128 threads each) is what it takes to keep enough loads in flight to stream the cache.
+  const int64_t base_blocks = std::max<int64_t>(1, static_cast<int64_t>(batch) * num_kv_heads);
+  const int64_t target = 4 * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t wanted = (target + base_blocks - 1) / base_blocks;
+  const int64_t min_split_tokens = 2 * static_cast<int64_t>(std::max(page_tokens, 1));
+  const int64_t most = std::max<int64_t>(1, (static_cast<int64_t>(max_seq_len) + min_split_tokens - 1) / min_split_tokens);
+  return static_cast<int32_t>(std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 256)));
+}
+
+size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits) {
+  const size_t partials = static_cast<size_t>(batch) * num_q_heads * static_cast<size_t>(std::max(splits, 1));
+  return partials * (2 + static_cast<size_t>(head_dim)) * sizeof(float);
+}
+
+Status decode_attention_can_implement(const DecodeAttentionParams& p) {
+  if (p.batch < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.page_tokens <= 0 || p.max_seq_len < 0 ||
+      p.sink_tokens < 0 || p.recent_tokens < 0 || p.num_splits < 0)
+    return Status::InvalidArgument;
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
+  if (p.num_q_heads % p.num_kv_heads != 0) return Status::InvalidArgument;
+  if (p.num_q_heads / p.num_kv_heads > 8) return Status::Unsupported;
+  if (p.page_tokens % 16 != 0) return Status::Unsupported;
+  if (p.batch == 0) return Status::Ok;
+  if (!p.q || !p.seq_lens || (!p.out == !p.out_bf16)) return Status::InvalidArgument;
+  const int64_t pages_needed = (static_cast<int64_t>(p.max_seq_len) + p.page_tokens - 1) / p.page_tokens;
+  if (p.max_pages < pages_needed) return Status::InvalidArgument;
+  const bool all_bf16 = p.sink_tokens >= p.max_seq_len;
+  const bool any_bf16 = p.sink_tokens > 0 || p.recent_tokens > 0;
+  if (!all_bf16) {
+    if (!p.k_int2_pool || !p.v_int2_pool || !p.int2_page_table) return Status::InvalidArgument;
+    if (!aligned16(p.k_int2_pool) || !aligned16(p.v_int2_pool)) return Status::Misaligned;
+  }
+  if (any_bf16) {
+    if (!p.k_bf16_pool || !p.v_bf16_pool || !p.bf16_page_table) return Status::InvalidArgument;
+    if (!aligned16(p.k_bf16_pool) || !aligned16(p.v_bf16_pool)) return Status::Misaligned;
+  }
+  return Status::Ok;
+}
+
+void read_cached_head_ref(const DecodeAttentionParams& p, bool value, int32_t b, int32_t h, int64_t t, float* out) {
+  const int32_t d = p.head_dim;
+  const int32_t len = p.seq_lens[b];
+  const int32_t logical_page = static_cast<int32_t>(t / p.page_tokens);
+  const int32_t offset = static_cast<int32_t>(t % p.page_tokens);
+  if (fmt::is_high_precision_token(t, len, p.sink_tokens, p.recent_tokens)) {
+    const fmt::Bf16PageGeometry geo{d, p.page_tokens};
+    const int32_t page = p.bf16_page_table[static_cast<int64_t>(b) * p.max_pages + logical_page];
+    const uint16_t* pool = value ? p.v_bf16_pool : p.k_bf16_pool;
+    const uint16_t* row = pool + fmt::page_block_offset(page, h, p.num_kv_heads, geo.page_bytes()) / 2 +
+                          static_cast<size_t>(offset) * d;
+    for (int32_t i = 0; i < d; ++i) out[i] = fmt::bf16_to_f32(row[i]);
+    return;
+  }
+  const fmt::Int2PageGeometry geo{d, p.page_tokens};
+  const int32_t page = p.int2_page_table[static_cast<int64_t>(b) * p.max_pages + logical_page];
+  const uint8_t* block = (value ? p.v_int2_pool : p.k_int2_pool) +
+                         fmt::page_block_offset(page, h, p.num_kv_heads, geo.page_bytes());
+  calib::IntParams params;
+  std::memcpy(&params.scale_f16, block + geo.params_offset() + static_cast<size_t>(offset) * 4, 2);
+  std::memcpy(&params.zero_f16, block + geo.params_offset() + static_cast<size_t>(offset) * 4 + 2, 2);
+  std::vector<uint8_t> codes(static_cast<size_t>(d));
+  calib::unpack_codes(std::span<const uint8_t>(block + static_cast<size_t>(offset) * geo.code_row_bytes(),
+                                               static_cast<size_t>(geo.code_row_bytes())),
+                      2, codes);
+  for (int32_t i = 0; i < d; ++i) out[i] = calib::int_dequant(codes[static_cast<size_t>(i)], params);
+}
+
+void decode_attention_ref(const DecodeAttentionParams& p) {
+  if (Status s = decode_attention_can_implement(p); s != Status::Ok)
+    throw Error("decode_attention_ref", ::fmt::format("params rejected: {}", status_name(s)));
+  const int32_t d = p.head_dim;
+  const int32_t group = p.num_q_heads / p.num_kv_heads;
+  const auto du = static_cast<size_t>(d);
+  std::span<const float> rk, rv;
+  if (p.rotation_k) rk = std::span<const float>(p.rotation_k, du * du);
+  if (p.rotation_v) rv = std::span<const float>(p.rotation_v, du * du);
+  std::vector<float> q(du), q_rot(du), k(du), v(du), o_rot(du), o(du);
+  std::vector<double> scores, acc(du);
+  for (int32_t b = 0; b < p.batch; ++b) {
+    const int32_t len = p.seq_lens[b];
+    for (int32_t hq = 0; hq < p.num_q_heads; ++hq) {
+      const int32_t h = hq / group;
+      const uint16_t* qsrc = p.q + (static_cast<size_t>(b) * p.num_q_heads + hq) * du;
+      for (size_t i = 0; i < du; ++i) q[i] = fmt::bf16_to_f32(qsrc[i]);
+      calib::rotate(q, rk, q_rot);
+      scores.assign(static_cast<size_t>(len), 0.0);
+      double max_score = -std::numeric_limits<double>::infinity();
+      for (int64_t t = 0; t < len; ++t) {
+        read_cached_head_ref(p, false, b, h, t, k.data());
+        double s = 0.0;
+        for (size_t i = 0; i < du; ++i) s += static_cast<double>(q_rot[i]) * k[i];
+        s *= p.softmax_scale;
+        scores[static_cast<size_t>(t)] = s;
+        max_score = std::max(max_score, s);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double denom = 0.0;
+      for (int64_t t = 0; t < len; ++t) {
+        const double w = std::exp(scores[static_cast<size_t>(t)] - max_score);
+        denom += w;
+        read_cached_head_ref(p, true, b, h, t, v.data());
+        for (size_t i = 0; i < du; ++i) acc[i] += w * v[i];
+      }
+      for (size_t i = 0; i < du; ++i) o_rot[i] = denom > 0.0 ? static_cast<float>(acc[i] / denom) : 0.0f;
+      calib::unrotate(o_rot, rv, o);
+      const size_t base = (static_cast<size_t>(b) * p.num_q_heads + hq) * du;
+      for (size_t i = 0; i < du; ++i) {
+        if (p.out)
+          p.out[base + i] = o[i];
+        else
+          p.out_bf16[base + i] = fmt::f32_to_bf16(o[i]);
+      }
+    }
+  }
+}
+
+}  // namespace oscar::kern

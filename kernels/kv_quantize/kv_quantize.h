@@ -1,0 +1,35 @@
+#pragma once
+// Quantize-on-write into the paged KV cache (formats/kv_layout.h). One launch writes the new K (or V) head vectors
+// of a batch of tokens of one layer: rotate by the layer's R, then either store bf16 (sink / recent window) or
+// clip + INT2-quantize (the rest, and tokens leaving the recent window: pass the bf16 page rows back in with
+// rotation = null since they are already rotated). Codes are bit-identical to lib/calib/quantizer_ref.h.
+#include <cstdint>
+
+#include "kernels/common/status.h"
+
+namespace oscar::kern {
+
+enum class KvWriteMode { Int2, Bf16 };
+
+struct KvWriteParams {
+  const uint16_t* x = nullptr;  // bf16 bits, head vector of token t and KV head h at x[t * token_stride + h * head_dim]
+  int64_t tokens = 0;
+  int64_t token_stride = 0;     // elements between tokens (>= num_kv_heads * head_dim; lets x be a slice of QKV)
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 128;
+  int32_t page_tokens = 64;
+  const float* rotation = nullptr;  // [head_dim, head_dim] row-major fp32 (y = x · R), null = identity
+  float clip_ratio = 1.0f;          // Int2 only; see quantizer_ref.h for the order statistic
+  const int32_t* slots = nullptr;   // [tokens]: page * page_tokens + offset in page; negative = skip the token
+  uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages
+  uint16_t* bf16_pool = nullptr;    // KvWriteMode::Bf16 destination: Bf16PageGeometry pages
+};
+
+// Checks what the kernel implements: head_dim in {64, 128, 256}, 16-byte aligned x rows and pools, INT2 only,
+// clip_ratio in (0, 1]. Host-only, touches no device memory.
+Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode);
+
+// Device pointers. Launches on `stream`; returns the can_implement status or the launch status.
+Status kv_write(const KvWriteParams& p, KvWriteMode mode, Stream stream);
+
+}  // namespace oscar::kern

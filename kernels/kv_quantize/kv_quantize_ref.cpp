@@ -1,0 +1,76 @@
+#include "kernels/kv_quantize/kv_quantize_ref.h"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <span>
+#include <vector>
+
+#include "formats/dtype.h"
+#include "formats/error.h"
+#include "formats/kv_layout.h"
+#include "lib/calib/quantizer_ref.h"
+
+namespace oscar::kern {
+
+void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
+  if (Status s = kv_write_can_implement(p, mode); s != Status::Ok)
+    throw Error("kv_write_ref", ::fmt::format("params rejected: {}", status_name(s)));
+  const int32_t d = p.head_dim;
+  const fmt::Int2PageGeometry int2{d, p.page_tokens};
+  const fmt::Bf16PageGeometry bf16{d, p.page_tokens};
+  std::span<const float> rotation;
+  if (p.rotation) rotation = std::span<const float>(p.rotation, static_cast<size_t>(d) * d);
+  std::vector<float> x(static_cast<size_t>(d)), y(static_cast<size_t>(d));
+  std::vector<uint8_t> codes(static_cast<size_t>(d / 4));
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    const int32_t slot = p.slots[t];
+    if (slot < 0) continue;
+    const int32_t page = slot / p.page_tokens;
+    const int32_t offset = slot % p.page_tokens;
+    for (int32_t h = 0; h < p.num_kv_heads; ++h) {
+      const uint16_t* src = p.x + t * p.token_stride + static_cast<int64_t>(h) * d;
+      for (int32_t i = 0; i < d; ++i) x[static_cast<size_t>(i)] = fmt::bf16_to_f32(src[i]);
+      if (mode == KvWriteMode::Bf16) {
+        calib::rotate(x, rotation, y);
+        uint16_t* dst = p.bf16_pool +
+                        fmt::page_block_offset(page, h, p.num_kv_heads, bf16.page_bytes()) / 2 +
+                        static_cast<size_t>(offset) * d;
+        for (int32_t i = 0; i < d; ++i) dst[i] = fmt::f32_to_bf16(y[static_cast<size_t>(i)]);
+        continue;
+      }
+      calib::IntParams params;
+      calib::quantize_int2(x, rotation, p.clip_ratio, codes, params);
+      uint8_t* block = p.int2_pool + fmt::page_block_offset(page, h, p.num_kv_heads, int2.page_bytes());
+      std::memcpy(block + static_cast<size_t>(offset) * int2.code_row_bytes(), codes.data(), codes.size());
+      const uint16_t pair[2] = {params.scale_f16, params.zero_f16};
+      std::memcpy(block + int2.params_offset() + static_cast<size_t>(offset) * 4, pair, 4);
+    }
+  }
+}
+
+}  // namespace oscar::kern
+
+namespace oscar::kern {
+
+// Host-only precondition check shared by the kernel launcher and the reference, so both reject the same inputs.
+Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
+  if (p.tokens < 0 || p.num_kv_heads <= 0 || p.page_tokens <= 0) return Status::InvalidArgument;
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
+  if (p.token_stride < static_cast<int64_t>(p.num_kv_heads) * p.head_dim) return Status::InvalidArgument;
+  if (p.tokens == 0) return Status::Ok;
+  if (!p.x || !p.slots) return Status::InvalidArgument;
+  if (mode == KvWriteMode::Int2) {
+    if (!p.int2_pool) return Status::InvalidArgument;
+    if (!(p.clip_ratio > 0.0f && p.clip_ratio <= 1.0f)) return Status::InvalidArgument;
+    // Code rows are written as uint32 words and (scale, zero) as one uint32.
+    if (reinterpret_cast<uintptr_t>(p.int2_pool) % 16 != 0) return Status::Misaligned;
+  } else {
+    if (!p.bf16_pool) return Status::InvalidArgument;
+    if (reinterpret_cast<uintptr_t>(p.bf16_pool) % 16 != 0) return Status::Misaligned;
+  }
+  if (reinterpret_cast<uintptr_t>(p.x) % 2 != 0) return Status::Misaligned;
+  return Status::Ok;
+}
+
+}  // namespace oscar::kern

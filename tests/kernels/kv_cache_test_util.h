@@ -1,0 +1,153 @@
+#pragma once
+// Test-only helpers shared by tests/kernels (CPU) and tests/gpu: random orthogonal rotations, random K/V with
+// outliers, and a host-side paged cache filled through kv_write_ref (page ids shuffled so the page tables matter).
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "formats/dtype.h"
+#include "formats/kv_layout.h"
+#include "kernels/attention_decode/decode_attention.h"
+#include "kernels/kv_quantize/kv_quantize_ref.h"
+
+namespace oscar::test {
+
+// Haar-ish random orthogonal matrix (QR of a Gaussian matrix, in double), stored row-major fp32.
+inline std::vector<float> random_rotation(int d, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n01;
+  Eigen::MatrixXd g(d, d);
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) g(i, j) = n01(rng);
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(g);
+  Eigen::MatrixXd q = qr.householderQ();
+  std::vector<float> r(static_cast<size_t>(d) * d);
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) r[static_cast<size_t>(i) * d + j] = static_cast<float>(q(i, j));
+  return r;
+}
+
+// bf16 bit patterns of Gaussian values with a few large per-channel outliers (what real keys look like).
+inline std::vector<uint16_t> random_bf16(size_t count, int d, uint32_t seed, float outlier_scale = 20.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  std::vector<uint16_t> out(count);
+  for (size_t i = 0; i < count; ++i) {
+    const int dim = static_cast<int>(i % static_cast<size_t>(d));
+    float v = n01(rng);
+    if (dim % 37 == 5) v *= outlier_scale;
+    out[i] = fmt::f32_to_bf16(v);
+  }
+  return out;
+}
+
+inline double nmse(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return den > 0 ? num / den : num;
+}
+
+// A host paged cache of one layer holding `lens[b]` tokens of each sequence; keys/values given in the original
+// basis as bf16 [b][t][kv_head][d]. Every token is written both as INT2 and as bf16 (rotated), so any window
+// setting reads valid data; the decode params choose which one each token uses.
+struct HostPagedCache {
+  int32_t batch = 0, num_kv_heads = 0, head_dim = 0, page_tokens = fmt::kKvPageTokens, max_pages = 0;
+  std::vector<int32_t> lens;
+  std::vector<std::vector<uint16_t>> keys, values;  // per sequence [t][kv_head][d] bf16 bits
+  std::vector<uint8_t> k_int2, v_int2;
+  std::vector<uint16_t> k_bf16, v_bf16;
+  std::vector<int32_t> int2_table, bf16_table;
+
+  void build(const std::vector<int32_t>& seq_lens, int32_t kv_heads, int32_t d, const std::vector<float>& rot_k,
+             const std::vector<float>& rot_v, float clip_k, float clip_v, uint32_t seed) {
+    lens = seq_lens;
+    batch = static_cast<int32_t>(lens.size());
+    num_kv_heads = kv_heads;
+    head_dim = d;
+    const int32_t max_len = *std::max_element(lens.begin(), lens.end());
+    max_pages = std::max(1, (max_len + page_tokens - 1) / page_tokens);
+    const int32_t total_pages = batch * max_pages;
+    // Page ids are a permutation (different for the two pools) so a wrong table lookup reads wrong data.
+    std::mt19937 rng(seed);
+    std::vector<int32_t> perm_a(static_cast<size_t>(total_pages)), perm_b(static_cast<size_t>(total_pages));
+    std::iota(perm_a.begin(), perm_a.end(), 0);
+    std::iota(perm_b.begin(), perm_b.end(), 0);
+    std::shuffle(perm_a.begin(), perm_a.end(), rng);
+    std::shuffle(perm_b.begin(), perm_b.end(), rng);
+    int2_table.assign(perm_a.begin(), perm_a.end());
+    bf16_table.assign(perm_b.begin(), perm_b.end());
+    const fmt::Int2PageGeometry int2{d, page_tokens};
+    const fmt::Bf16PageGeometry bf16{d, page_tokens};
+    k_int2.assign(static_cast<size_t>(total_pages) * kv_heads * int2.page_bytes(), 0);
+    v_int2 = k_int2;
+    k_bf16.assign(static_cast<size_t>(total_pages) * kv_heads * bf16.page_bytes() / 2, 0);
+    v_bf16 = k_bf16;
+    keys.clear();
+    values.clear();
+    for (int32_t b = 0; b < batch; ++b) {
+      const size_t n = static_cast<size_t>(lens[b]) * kv_heads * d;
+      keys.push_back(random_bf16(n, d, seed * 7919u + 2 * b + 1));
+      values.push_back(random_bf16(n, d, seed * 7919u + 2 * b + 2, 4.0f));
+      std::vector<int32_t> int2_slots(static_cast<size_t>(lens[b])), bf16_slots(static_cast<size_t>(lens[b]));
+      for (int32_t t = 0; t < lens[b]; ++t) {
+        const int32_t lp = t / page_tokens;
+        int2_slots[static_cast<size_t>(t)] = int2_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
+        bf16_slots[static_cast<size_t>(t)] = bf16_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
+      }
+      write(keys[b], lens[b], rot_k, clip_k, int2_slots, bf16_slots, k_int2, k_bf16);
+      write(values[b], lens[b], rot_v, clip_v, int2_slots, bf16_slots, v_int2, v_bf16);
+    }
+  }
+
+  // Decode params pointing at the given (host or device) buffers.
+  kern::DecodeAttentionParams params(const uint8_t* ki, const uint8_t* vi, const uint16_t* kb, const uint16_t* vb,
+                                     const int32_t* it, const int32_t* bt, const int32_t* seq_lens) const {
+    kern::DecodeAttentionParams p;
+    p.batch = batch;
+    p.num_kv_heads = num_kv_heads;
+    p.head_dim = head_dim;
+    p.page_tokens = page_tokens;
+    p.seq_lens = seq_lens;
+    p.max_seq_len = *std::max_element(lens.begin(), lens.end());
+    p.k_int2_pool = ki;
+    p.v_int2_pool = vi;
+    p.k_bf16_pool = kb;
+    p.v_bf16_pool = vb;
+    p.int2_page_table = it;
+    p.bf16_page_table = bt;
+    p.max_pages = max_pages;
+    p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    return p;
+  }
+
+ private:
+  void write(const std::vector<uint16_t>& x, int32_t len, const std::vector<float>& rot, float clip,
+             const std::vector<int32_t>& int2_slots, const std::vector<int32_t>& bf16_slots,
+             std::vector<uint8_t>& int2_pool, std::vector<uint16_t>& bf16_pool) const {
+    kern::KvWriteParams w;
+    w.x = x.data();
+    w.tokens = len;
+    w.token_stride = static_cast<int64_t>(num_kv_heads) * head_dim;
+    w.num_kv_heads = num_kv_heads;
+    w.head_dim = head_dim;
+    w.page_tokens = page_tokens;
+    w.rotation = rot.empty() ? nullptr : rot.data();
+    w.clip_ratio = clip;
+    w.int2_pool = int2_pool.data();
+    w.bf16_pool = bf16_pool.data();
+    w.slots = int2_slots.data();
+    kern::kv_write_ref(w, kern::KvWriteMode::Int2);
+    w.slots = bf16_slots.data();
+    kern::kv_write_ref(w, kern::KvWriteMode::Bf16);
+  }
+};
+
+}  // namespace oscar::test

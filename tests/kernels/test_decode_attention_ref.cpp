@@ -1,0 +1,172 @@
+// decode_attention_ref and kv_write_ref against independent implementations: the record encoder of
+// HeadQuantizer, and a naive double-precision attention in the ORIGINAL basis over dequantized K/V.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "formats/dtype.h"
+#include "formats/kv_layout.h"
+#include "kernels/attention_decode/decode_attention_ref.h"
+#include "kernels/kv_quantize/kv_quantize_ref.h"
+#include "kv_cache_test_util.h"
+#include "lib/calib/quantizer_ref.h"
+#include "test_support.h"
+
+namespace oscar {
+namespace {
+
+TEST(KvWriteRef, PageSlotsHoldTheHeadQuantizerRecord) {
+  const int d = 128, heads = 2, tokens = 70;
+  const auto r = test::random_rotation(d, 1);
+  const auto x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 2);
+  const fmt::Int2PageGeometry geo{d, 64};
+  std::vector<uint8_t> pool(static_cast<size_t>(4) * heads * geo.page_bytes(), 0);
+  std::vector<int32_t> slots(tokens);
+  for (int t = 0; t < tokens; ++t) slots[t] = t == 5 ? -1 : (3 - t / 64) * 64 + t % 64;  // pages 3, 2; token 5 skipped
+  kern::KvWriteParams w;
+  w.x = x.data();
+  w.tokens = tokens;
+  w.token_stride = heads * d;
+  w.num_kv_heads = heads;
+  w.head_dim = d;
+  w.rotation = r.data();
+  w.clip_ratio = 0.96f;
+  w.slots = slots.data();
+  w.int2_pool = pool.data();
+  kern::kv_write_ref(w, kern::KvWriteMode::Int2);
+
+  const auto spec = fmt::KvQuantSpec::int2_default(d);
+  calib::HeadQuantizer hq(spec.k, d);
+  std::vector<float> xf(d);
+  std::vector<uint8_t> record(36);
+  for (int t = 0; t < tokens; ++t) {
+    for (int h = 0; h < heads; ++h) {
+      const uint8_t* block = pool.data() + fmt::page_block_offset(3 - t / 64, h, heads, geo.page_bytes());
+      const uint8_t* codes = block + (t % 64) * geo.code_row_bytes();
+      const uint8_t* params = block + geo.params_offset() + (t % 64) * 4;
+      if (t == 5) {
+        EXPECT_TRUE(std::all_of(codes, codes + 32, [](uint8_t c) { return c == 0; }));
+        continue;
+      }
+      for (int i = 0; i < d; ++i) xf[i] = fmt::bf16_to_f32(x[(static_cast<size_t>(t) * heads + h) * d + i]);
+      hq.encode(xf, r, 0.96f, record);
+      EXPECT_EQ(std::memcmp(codes, record.data(), 32), 0) << "t " << t << " h " << h;
+      EXPECT_EQ(std::memcmp(params, record.data() + 32, 4), 0) << "t " << t << " h " << h;
+    }
+  }
+}
+
+struct DecodeCase {
+  std::vector<int32_t> lens;
+  int q_heads, kv_heads;
+  int64_t sink, recent;
+  bool rotate;
+};
+
+// Naive attention in the original basis: dequantized K/V (HeadQuantizer for INT2 tokens, bf16(xR)Rᵀ for
+// window tokens), q as given, double everywhere.
+std::vector<double> naive_attention(const test::HostPagedCache& c, const DecodeCase& dc, const std::vector<uint16_t>& q,
+                                    const std::vector<float>& rk, const std::vector<float>& rv) {
+  const int d = c.head_dim, group = dc.q_heads / dc.kv_heads;
+  const auto spec = fmt::KvQuantSpec::int2_default(d);
+  calib::HeadQuantizer kq(spec.k, d), vq(spec.v, d);
+  std::vector<double> out(static_cast<size_t>(c.batch) * dc.q_heads * d, 0.0);
+  std::vector<float> x(d), y(d), k(d), v(d);
+  auto dequant = [&](const calib::HeadQuantizer& hq, const std::vector<float>& r, float clip, bool window,
+                     std::vector<float>& res) {
+    if (!window) {
+      hq.fake_quantize(x, 1, r, clip, calib::Basis::Original, res);
+      return;
+    }
+    calib::rotate(x, r, y);
+    for (auto& e : y) e = fmt::bf16_to_f32(fmt::f32_to_bf16(e));
+    calib::unrotate(y, r, res);
+  };
+  for (int b = 0; b < c.batch; ++b) {
+    const int len = c.lens[b];
+    for (int hq = 0; hq < dc.q_heads; ++hq) {
+      const int h = hq / group;
+      std::vector<double> s(len);
+      std::vector<std::vector<float>> vals(len);
+      double mx = -INFINITY;
+      for (int t = 0; t < len; ++t) {
+        const bool window = fmt::is_high_precision_token(t, len, dc.sink, dc.recent);
+        const size_t off = (static_cast<size_t>(t) * c.num_kv_heads + h) * d;
+        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.keys[b][off + i]);
+        dequant(kq, rk, 0.96f, window, k);
+        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.values[b][off + i]);
+        dequant(vq, rv, 0.92f, window, v);
+        vals[t] = v;
+        double dot = 0;
+        for (int i = 0; i < d; ++i) dot += fmt::bf16_to_f32(q[(static_cast<size_t>(b) * dc.q_heads + hq) * d + i]) * double(k[i]);
+        s[t] = dot / std::sqrt(double(d));
+        mx = std::max(mx, s[t]);
+      }
+      double den = 0;
+      for (int t = 0; t < len; ++t) den += std::exp(s[t] - mx);
+      for (int t = 0; t < len; ++t)
+        for (int i = 0; i < d; ++i)
+          out[(static_cast<size_t>(b) * dc.q_heads + hq) * d + i] += std::exp(s[t] - mx) / den * vals[t][i];
+    }
+  }
+  return out;
+}
+
+class DecodeRef : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(DecodeRef, MatchesNaiveAttentionOverDequantizedCache) {
+  const auto& dc = GetParam();
+  const int d = 128;
+  const auto rk = dc.rotate ? test::random_rotation(d, 31) : std::vector<float>{};
+  const auto rv = dc.rotate ? test::random_rotation(d, 32) : std::vector<float>{};
+  test::HostPagedCache c;
+  c.build(dc.lens, dc.kv_heads, d, rk, rv, 0.96f, 0.92f, 7);
+  const auto q = test::random_bf16(dc.lens.size() * dc.q_heads * d, d, 99, 3.0f);
+  auto p = c.params(c.k_int2.data(), c.v_int2.data(), c.k_bf16.data(), c.v_bf16.data(), c.int2_table.data(),
+                    c.bf16_table.data(), c.lens.data());
+  p.num_q_heads = dc.q_heads;
+  p.q = q.data();
+  p.rotation_k = dc.rotate ? rk.data() : nullptr;
+  p.rotation_v = dc.rotate ? rv.data() : nullptr;
+  p.sink_tokens = dc.sink;
+  p.recent_tokens = dc.recent;
+  std::vector<float> out(dc.lens.size() * dc.q_heads * d);
+  p.out = out.data();
+  kern::decode_attention_ref(p);
+  const auto want = naive_attention(c, dc, q, rk, rv);
+  EXPECT_LE(test::nmse(out, want), 1e-10);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DecodeRef,
+                         ::testing::Values(DecodeCase{{1}, 4, 1, 0, 0, true},
+                                           DecodeCase{{300}, 8, 2, 64, 32, true},
+                                           DecodeCase{{300, 17, 130}, 8, 1, 16, 40, true},
+                                           DecodeCase{{200}, 4, 2, 0, 0, false},
+                                           DecodeCase{{150}, 4, 1, 1000, 0, true}));
+
+TEST(DecodeRef, RejectsUnsupportedShapes) {
+  kern::DecodeAttentionParams p;
+  p.batch = 1;
+  p.num_q_heads = 6;
+  p.num_kv_heads = 4;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::InvalidArgument);
+  p.num_q_heads = 32;
+  p.num_kv_heads = 2;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);  // group 16
+  p.num_kv_heads = 8;
+  p.head_dim = 96;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);
+}
+
+TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
+  // 132 SMs (H100 SXM), Qwen3-8B (8 KV heads), 128K tokens: at least 4 blocks per SM.
+  const int splits = kern::decode_attention_num_splits(1, 8, 131072, 64, 132);
+  EXPECT_GE(8 * splits, 4 * 132);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 100, 64, 132), 1);  // never shorter than two pages
+  EXPECT_EQ(kern::decode_attention_num_splits(64, 8, 131072, 64, 132), 2);
+}
+
+}  // namespace
+}  // namespace oscar
