@@ -1,0 +1,649 @@
+#include "formats/bundle.h"
+
+#include <hdf5.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <span>
+
+#include "formats/atomic_file.h"
+#include "formats/error.h"
+#include "formats/safetensors.h"
+
+namespace oscar::fmt {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Owns one HDF5 identifier; the closer matches its kind (file, group, dataset, attribute, space, type, plist).
+class Handle {
+ public:
+  Handle() = default;
+  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  ~Handle() { reset(); }
+  Handle(Handle&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = H5I_INVALID_HID; }
+  Handle& operator=(Handle&& o) noexcept {
+    if (this != &o) {
+      reset();
+      id_ = o.id_;
+      close_ = o.close_;
+      o.id_ = H5I_INVALID_HID;
+    }
+    return *this;
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+  // Closes now and reports failure (a file close is where HDF5 flushes, so its status matters).
+  herr_t close() {
+    herr_t rc = 0;
+    if (id_ >= 0 && close_) rc = close_(id_);
+    id_ = H5I_INVALID_HID;
+    return rc;
+  }
+
+ private:
+  void reset() {
+    if (id_ >= 0 && close_) close_(id_);
+    id_ = H5I_INVALID_HID;
+  }
+  hid_t id_ = H5I_INVALID_HID;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+// HDF5 prints its error stack to stderr by default; we report through oscar::Error instead.
+void silence_hdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+
+Handle check(hid_t id, herr_t (*close)(hid_t), const std::string& where, const std::string& what) {
+  if (id < 0) throw Error(where, what);
+  return Handle(id, close);
+}
+void check(herr_t rc, const std::string& where, const std::string& what) {
+  if (rc < 0) throw Error(where, what);
+}
+
+// Native types equal the little-endian file types on every platform we build for; checksums are over these bytes.
+static_assert(std::endian::native == std::endian::little, "bundle checksums assume a little-endian host");
+
+struct DatasetType {
+  hid_t file_type;
+  hid_t mem_type;
+  size_t element_size;
+};
+template <typename T>
+DatasetType dataset_type();
+template <>
+DatasetType dataset_type<float>() { return {H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 4}; }
+template <>
+DatasetType dataset_type<double>() { return {H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 8}; }
+template <>
+DatasetType dataset_type<int32_t>() { return {H5T_STD_I32LE, H5T_NATIVE_INT32, 4}; }
+
+std::string layer_group_name(size_t i) { return ::fmt::format("{:05d}", i); }
+
+// ----------------------------------------------------------------------------------------------- writing
+
+class Writer {
+ public:
+  explicit Writer(std::string where) : where_(std::move(where)) {
+    // Without this every object header carries its creation/modification time and two writes differ.
+    gcpl_ = check(H5Pcreate(H5P_GROUP_CREATE), H5Pclose, where_, "H5Pcreate(group) failed");
+    check(H5Pset_obj_track_times(gcpl_.get(), false), where_, "H5Pset_obj_track_times failed");
+    dcpl_ = check(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, where_, "H5Pcreate(dataset) failed");
+    check(H5Pset_obj_track_times(dcpl_.get(), false), where_, "H5Pset_obj_track_times failed");
+  }
+
+  Handle create_file(const fs::path& path) {
+    Handle fcpl = check(H5Pcreate(H5P_FILE_CREATE), H5Pclose, where_, "H5Pcreate(file) failed");
+    check(H5Pset_obj_track_times(fcpl.get(), false), where_, "H5Pset_obj_track_times failed");
+    return check(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl.get(), H5P_DEFAULT), H5Fclose, where_,
+                 "cannot create HDF5 file " + path.string());
+  }
+
+  Handle group(hid_t parent, const std::string& name) {
+    return check(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, gcpl_.get(), H5P_DEFAULT), H5Gclose, where_,
+                 "cannot create group " + name);
+  }
+
+  template <typename T>
+  void dataset(hid_t parent, const std::string& name, const std::vector<hsize_t>& dims, std::span<const T> data) {
+    const DatasetType t = dataset_type<T>();
+    hsize_t n = 1;
+    for (hsize_t d : dims) n *= d;
+    if (n != data.size()) throw Error(where_ + ": " + name, ::fmt::format("{} values for {} slots", data.size(), n));
+    Handle space = check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose, where_,
+                         "H5Screate_simple failed for " + name);
+    Handle ds = check(H5Dcreate2(parent, name.c_str(), t.file_type, space.get(), H5P_DEFAULT, dcpl_.get(), H5P_DEFAULT),
+                      H5Dclose, where_, "cannot create dataset " + name);
+    if (n > 0)
+      check(H5Dwrite(ds.get(), t.mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()), where_,
+            "cannot write dataset " + name);
+    string_attr(ds.get(), "sha256", sha256_hex(std::as_bytes(data)));
+  }
+
+  void string_attr(hid_t obj, const std::string& name, const std::string& value) {
+    string_array_attr(obj, name, {value}, /*scalar=*/true);
+  }
+
+  // Fixed-length, NUL-padded strings: a simple type every HDF5 reader (h5py, h5dump) understands.
+  void string_array_attr(hid_t obj, const std::string& name, const std::vector<std::string>& values,
+                         bool scalar = false) {
+    size_t width = 1;
+    for (const auto& v : values) width = std::max(width, v.size());
+    Handle type = check(H5Tcopy(H5T_C_S1), H5Tclose, where_, "H5Tcopy failed");
+    check(H5Tset_size(type.get(), width), where_, "H5Tset_size failed");
+    check(H5Tset_strpad(type.get(), H5T_STR_NULLPAD), where_, "H5Tset_strpad failed");
+    const hsize_t n = values.size();
+    Handle space = scalar ? check(H5Screate(H5S_SCALAR), H5Sclose, where_, "H5Screate failed")
+                          : check(H5Screate_simple(1, &n, nullptr), H5Sclose, where_, "H5Screate_simple failed");
+    std::vector<char> buf(std::max<size_t>(1, values.size()) * width, '\0');
+    for (size_t i = 0; i < values.size(); ++i) std::memcpy(buf.data() + i * width, values[i].data(), values[i].size());
+    Handle attr = check(H5Acreate2(obj, name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose,
+                        where_, "cannot create attribute " + name);
+    check(H5Awrite(attr.get(), type.get(), buf.data()), where_, "cannot write attribute " + name);
+  }
+
+  template <typename T>
+  void scalar_attr(hid_t obj, const std::string& name, T value) {
+    hid_t file_type, mem_type;
+    if constexpr (std::is_same_v<T, int64_t>) {
+      file_type = H5T_STD_I64LE;
+      mem_type = H5T_NATIVE_INT64;
+    } else if constexpr (std::is_same_v<T, uint64_t>) {
+      file_type = H5T_STD_U64LE;
+      mem_type = H5T_NATIVE_UINT64;
+    } else if constexpr (std::is_same_v<T, int32_t>) {
+      file_type = H5T_STD_I32LE;
+      mem_type = H5T_NATIVE_INT32;
+    } else {
+      static_assert(std::is_same_v<T, float>);
+      file_type = H5T_IEEE_F32LE;
+      mem_type = H5T_NATIVE_FLOAT;
+    }
+    Handle space = check(H5Screate(H5S_SCALAR), H5Sclose, where_, "H5Screate failed");
+    Handle attr = check(H5Acreate2(obj, name.c_str(), file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose,
+                        where_, "cannot create attribute " + name);
+    check(H5Awrite(attr.get(), mem_type, &value), where_, "cannot write attribute " + name);
+  }
+
+ private:
+  std::string where_;
+  Handle gcpl_, dcpl_;
+};
+
+void write_tensor_spec(Writer& w, hid_t quant, const std::string& name, const TensorQuantSpec& t) {
+  Handle g = w.group(quant, name);
+  w.string_attr(g.get(), "storage", std::string(kv_storage_name(t.storage)));
+  w.scalar_attr(g.get(), "clip_ratio", t.clip_ratio);
+  std::vector<int32_t> seg;
+  for (const auto& s : t.segments) seg.insert(seg.end(), {s.begin, s.end, s.bits});
+  w.dataset<int32_t>(g.get(), "segments", {t.segments.size(), 3}, seg);
+}
+
+void write_all(Writer& w, hid_t file, const Bundle& b) {
+  w.scalar_attr(file, "format_major", b.format_major);
+  w.scalar_attr(file, "format_minor", b.format_minor);
+  w.string_attr(file, "producer", b.producer);
+
+  {
+    Handle g = w.group(file, "model");
+    const auto& m = b.model;
+    w.string_attr(g.get(), "architecture", m.architecture);
+    w.scalar_attr(g.get(), "num_layers", m.num_layers);
+    w.scalar_attr(g.get(), "num_heads", m.num_heads);
+    w.scalar_attr(g.get(), "num_kv_heads", m.num_kv_heads);
+    w.scalar_attr(g.get(), "head_dim", m.head_dim);
+    w.scalar_attr(g.get(), "hidden_size", m.hidden_size);
+    w.scalar_attr(g.get(), "vocab_size", m.vocab_size);
+    w.string_attr(g.get(), "config_sha256", m.config_sha256);
+    w.string_attr(g.get(), "attention_sha256", m.attention_sha256);
+  }
+  {
+    Handle g = w.group(file, "calibration");
+    const auto& c = b.calibration;
+    std::vector<std::string> paths, sums, keys, values;
+    for (const auto& f : c.data_files) {
+      paths.push_back(f.path);
+      sums.push_back(f.sha256);
+    }
+    for (const auto& [k, v] : c.options) {
+      keys.push_back(k);
+      values.push_back(v);
+    }
+    w.string_array_attr(g.get(), "data_file_paths", paths);
+    w.string_array_attr(g.get(), "data_file_sha256", sums);
+    w.scalar_attr(g.get(), "num_sequences", c.num_sequences);
+    w.scalar_attr(g.get(), "num_tokens", c.num_tokens);
+    w.scalar_attr(g.get(), "seq_len", c.seq_len);
+    w.scalar_attr(g.get(), "num_heldout_sequences", c.num_heldout_sequences);
+    w.scalar_attr(g.get(), "seed", c.seed);
+    w.string_array_attr(g.get(), "option_keys", keys);
+    w.string_array_attr(g.get(), "option_values", values);
+  }
+  {
+    Handle g = w.group(file, "quant");
+    w.scalar_attr(g.get(), "head_dim", b.quant.head_dim);
+    w.scalar_attr(g.get(), "sink_tokens", b.quant.sink_tokens);
+    w.scalar_attr(g.get(), "recent_tokens", b.quant.recent_tokens);
+    write_tensor_spec(w, g.get(), "k", b.quant.k);
+    write_tensor_spec(w, g.get(), "v", b.quant.v);
+  }
+  {
+    Handle g = w.group(file, "layers");
+    w.scalar_attr(g.get(), "num_layers", static_cast<int64_t>(b.layers.size()));
+    w.scalar_attr(g.get(), "rotation_groups", b.rotation_groups);
+    w.string_attr(g.get(), "rotation_composition", b.rotation_composition);
+    const hsize_t groups = static_cast<hsize_t>(b.rotation_groups);
+    const hsize_t d = static_cast<hsize_t>(b.quant.head_dim);
+    for (size_t i = 0; i < b.layers.size(); ++i) {
+      const auto& l = b.layers[i];
+      Handle lg = w.group(g.get(), layer_group_name(i));
+      w.dataset<float>(lg.get(), "k_rotation", {groups, d, d}, l.k_rotation);
+      w.dataset<float>(lg.get(), "v_rotation", {groups, d, d}, l.v_rotation);
+      w.dataset<double>(lg.get(), "k_eigenvalues", {groups, d}, l.k_eigenvalues);
+      w.dataset<double>(lg.get(), "v_eigenvalues", {groups, d}, l.v_eigenvalues);
+      const float clips[2] = {l.k_clip_ratio, l.v_clip_ratio};
+      w.dataset<float>(lg.get(), "clip_ratios", {2}, clips);
+    }
+  }
+  {
+    Handle g = w.group(file, "error_report");
+    const auto& e = b.errors;
+    w.string_array_attr(g.get(), "rows", e.rows);
+    w.scalar_attr(g.get(), "num_layers", e.num_layers);
+    const std::vector<hsize_t> dims = {e.rows.size(), static_cast<hsize_t>(e.num_layers)};
+    w.dataset<double>(g.get(), "k_relative_error", dims, e.k_relative_error);
+    w.dataset<double>(g.get(), "v_relative_error", dims, e.v_relative_error);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- reading
+
+class Reader {
+ public:
+  explicit Reader(std::string file) : file_(std::move(file)) {}
+
+  [[noreturn]] void fail(const std::string& object, const std::string& what) const {
+    throw Error(object.empty() ? file_ : file_ + ":" + object, what);
+  }
+
+  Handle group(hid_t parent, const std::string& path, const std::string& name) const {
+    if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail(path, "group " + name + " is missing");
+    hid_t id = H5Gopen2(parent, name.c_str(), H5P_DEFAULT);
+    if (id < 0) fail(path + "/" + name, "cannot open group");
+    return Handle(id, H5Gclose);
+  }
+
+  Handle attr(hid_t obj, const std::string& path, const std::string& name) const {
+    if (H5Aexists(obj, name.c_str()) <= 0) fail(path, "attribute " + name + " is missing");
+    hid_t id = H5Aopen(obj, name.c_str(), H5P_DEFAULT);
+    if (id < 0) fail(path, "cannot open attribute " + name);
+    return Handle(id, H5Aclose);
+  }
+
+  std::vector<std::string> string_array_attr(hid_t obj, const std::string& path, const std::string& name) const {
+    Handle a = attr(obj, path, name);
+    Handle type = Handle(H5Aget_type(a.get()), H5Tclose);
+    if (!type.valid() || H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) > 0)
+      fail(path, "attribute " + name + " is not a fixed-length string");
+    const size_t width = H5Tget_size(type.get());
+    Handle space(H5Aget_space(a.get()), H5Sclose);
+    const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+    if (n < 0 || width == 0) fail(path, "attribute " + name + " has an invalid shape");
+    std::vector<char> buf(std::max<size_t>(1, static_cast<size_t>(n)) * width, '\0');
+    Handle mem = Handle(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem.get(), width);
+    H5Tset_strpad(mem.get(), H5T_STR_NULLPAD);
+    if (n > 0 && H5Aread(a.get(), mem.get(), buf.data()) < 0) fail(path, "cannot read attribute " + name);
+    std::vector<std::string> out;
+    for (hssize_t i = 0; i < n; ++i) {
+      const char* s = buf.data() + i * width;
+      out.emplace_back(s, strnlen(s, width));
+    }
+    return out;
+  }
+
+  std::string string_attr(hid_t obj, const std::string& path, const std::string& name) const {
+    auto v = string_array_attr(obj, path, name);
+    if (v.size() != 1) fail(path, "attribute " + name + " is not a single string");
+    return v[0];
+  }
+
+  template <typename T>
+  T scalar_attr(hid_t obj, const std::string& path, const std::string& name) const {
+    hid_t mem_type;
+    if constexpr (std::is_same_v<T, int64_t>) mem_type = H5T_NATIVE_INT64;
+    else if constexpr (std::is_same_v<T, uint64_t>) mem_type = H5T_NATIVE_UINT64;
+    else if constexpr (std::is_same_v<T, int32_t>) mem_type = H5T_NATIVE_INT32;
+    else mem_type = H5T_NATIVE_FLOAT;
+    Handle a = attr(obj, path, name);
+    Handle space(H5Aget_space(a.get()), H5Sclose);
+    if (H5Sget_simple_extent_npoints(space.get()) != 1) fail(path, "attribute " + name + " is not a scalar");
+    T value{};
+    if (H5Aread(a.get(), mem_type, &value) < 0) fail(path, "cannot read attribute " + name);
+    return value;
+  }
+
+  // Reads a dataset, checks its shape and its sha256 attribute.
+  template <typename T>
+  std::vector<T> dataset(hid_t parent, const std::string& path, const std::string& name,
+                         const std::vector<hsize_t>& expected_dims) const {
+    const std::string obj = path + "/" + name;
+    if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail(path, "dataset " + name + " is missing");
+    Handle ds(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (!ds.valid()) fail(obj, "cannot open dataset");
+    Handle space(H5Dget_space(ds.get()), H5Sclose);
+    const int rank = H5Sget_simple_extent_ndims(space.get());
+    std::vector<hsize_t> dims(std::max(rank, 0));
+    if (rank < 0 || H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr) < 0) fail(obj, "unreadable shape");
+    if (dims != expected_dims) fail(obj, ::fmt::format("shape [{}] but expected [{}]", ::fmt::join(dims, ", "),
+                                                       ::fmt::join(expected_dims, ", ")));
+    hsize_t n = 1;
+    for (hsize_t d : dims) n *= d;
+    std::vector<T> data(n);
+    if (n > 0 && H5Dread(ds.get(), dataset_type<T>().mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) < 0)
+      fail(obj, "cannot read dataset (file truncated or corrupt)");
+    const std::string stored = string_attr(ds.get(), obj, "sha256");
+    if (stored != sha256_hex(std::as_bytes(std::span<const T>(data))))
+      fail(obj, "checksum mismatch: the dataset's bytes do not match its sha256 attribute (corrupt file)");
+    return data;
+  }
+
+ private:
+  std::string file_;
+};
+
+TensorQuantSpec read_tensor_spec(const Reader& r, hid_t quant, const std::string& name) {
+  const std::string path = "/quant/" + name;
+  Handle g = r.group(quant, "/quant", name);
+  TensorQuantSpec t;
+  t.storage = parse_kv_storage(r.string_attr(g.get(), path, "storage"), path);
+  t.clip_ratio = r.scalar_attr<float>(g.get(), path, "clip_ratio");
+  // The segment count is whatever was written; read the shape first.
+  Handle ds(H5Dopen2(g.get(), "segments", H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) r.fail(path, "dataset segments is missing");
+  Handle space(H5Dget_space(ds.get()), H5Sclose);
+  hsize_t dims[2] = {0, 0};
+  if (H5Sget_simple_extent_ndims(space.get()) != 2 || H5Sget_simple_extent_dims(space.get(), dims, nullptr) < 0 ||
+      dims[1] != 3)
+    r.fail(path + "/segments", "expected shape [n, 3]");
+  auto seg = r.dataset<int32_t>(g.get(), path, "segments", {dims[0], 3});
+  for (hsize_t i = 0; i < dims[0]; ++i) t.segments.push_back({seg[3 * i], seg[3 * i + 1], seg[3 * i + 2]});
+  return t;
+}
+
+Bundle read_all(const Reader& r, hid_t file) {
+  Bundle b;
+  b.format_major = r.scalar_attr<int32_t>(file, "/", "format_major");
+  b.format_minor = r.scalar_attr<int32_t>(file, "/", "format_minor");
+  if (b.format_major > kBundleFormatMajor)
+    r.fail("", ::fmt::format("bundle format {}.{} is newer than this oscar reads ({}.x); upgrade oscar or recalibrate",
+                             b.format_major, b.format_minor, kBundleFormatMajor));
+  if (b.format_major < 1) r.fail("", ::fmt::format("invalid bundle format major version {}", b.format_major));
+  b.producer = r.string_attr(file, "/", "producer");
+
+  {
+    Handle g = r.group(file, "/", "model");
+    const std::string p = "/model";
+    auto& m = b.model;
+    m.architecture = r.string_attr(g.get(), p, "architecture");
+    m.num_layers = r.scalar_attr<int64_t>(g.get(), p, "num_layers");
+    m.num_heads = r.scalar_attr<int64_t>(g.get(), p, "num_heads");
+    m.num_kv_heads = r.scalar_attr<int64_t>(g.get(), p, "num_kv_heads");
+    m.head_dim = r.scalar_attr<int64_t>(g.get(), p, "head_dim");
+    m.hidden_size = r.scalar_attr<int64_t>(g.get(), p, "hidden_size");
+    m.vocab_size = r.scalar_attr<int64_t>(g.get(), p, "vocab_size");
+    m.config_sha256 = r.string_attr(g.get(), p, "config_sha256");
+    m.attention_sha256 = r.string_attr(g.get(), p, "attention_sha256");
+  }
+  {
+    Handle g = r.group(file, "/", "calibration");
+    const std::string p = "/calibration";
+    auto& c = b.calibration;
+    auto paths = r.string_array_attr(g.get(), p, "data_file_paths");
+    auto sums = r.string_array_attr(g.get(), p, "data_file_sha256");
+    if (paths.size() != sums.size()) r.fail(p, "data_file_paths and data_file_sha256 differ in length");
+    for (size_t i = 0; i < paths.size(); ++i) c.data_files.push_back({paths[i], sums[i]});
+    c.num_sequences = r.scalar_attr<int64_t>(g.get(), p, "num_sequences");
+    c.num_tokens = r.scalar_attr<int64_t>(g.get(), p, "num_tokens");
+    c.seq_len = r.scalar_attr<int64_t>(g.get(), p, "seq_len");
+    c.num_heldout_sequences = r.scalar_attr<int64_t>(g.get(), p, "num_heldout_sequences");
+    c.seed = r.scalar_attr<uint64_t>(g.get(), p, "seed");
+    auto keys = r.string_array_attr(g.get(), p, "option_keys");
+    auto values = r.string_array_attr(g.get(), p, "option_values");
+    if (keys.size() != values.size()) r.fail(p, "option_keys and option_values differ in length");
+    for (size_t i = 0; i < keys.size(); ++i) c.options.emplace_back(keys[i], values[i]);
+  }
+  {
+    Handle g = r.group(file, "/", "quant");
+    const std::string p = "/quant";
+    b.quant.head_dim = r.scalar_attr<int64_t>(g.get(), p, "head_dim");
+    b.quant.sink_tokens = r.scalar_attr<int64_t>(g.get(), p, "sink_tokens");
+    b.quant.recent_tokens = r.scalar_attr<int64_t>(g.get(), p, "recent_tokens");
+    b.quant.k = read_tensor_spec(r, g.get(), "k");
+    b.quant.v = read_tensor_spec(r, g.get(), "v");
+  }
+  {
+    Handle g = r.group(file, "/", "layers");
+    const std::string p = "/layers";
+    const int64_t num_layers = r.scalar_attr<int64_t>(g.get(), p, "num_layers");
+    b.rotation_groups = r.scalar_attr<int64_t>(g.get(), p, "rotation_groups");
+    b.rotation_composition = r.string_attr(g.get(), p, "rotation_composition");
+    if (num_layers < 0 || num_layers > 100000) r.fail(p, ::fmt::format("implausible num_layers {}", num_layers));
+    if (b.rotation_groups < 1 || b.rotation_groups > 4096)
+      r.fail(p, ::fmt::format("implausible rotation_groups {}", b.rotation_groups));
+    if (b.quant.head_dim < 1 || b.quant.head_dim > 4096)
+      r.fail("/quant", ::fmt::format("implausible head_dim {}", b.quant.head_dim));
+    const hsize_t groups = static_cast<hsize_t>(b.rotation_groups);
+    const hsize_t d = static_cast<hsize_t>(b.quant.head_dim);
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const std::string name = layer_group_name(static_cast<size_t>(i));
+      const std::string lp = p + "/" + name;
+      Handle lg = r.group(g.get(), p, name);
+      LayerCalibration l;
+      l.k_rotation = r.dataset<float>(lg.get(), lp, "k_rotation", {groups, d, d});
+      l.v_rotation = r.dataset<float>(lg.get(), lp, "v_rotation", {groups, d, d});
+      l.k_eigenvalues = r.dataset<double>(lg.get(), lp, "k_eigenvalues", {groups, d});
+      l.v_eigenvalues = r.dataset<double>(lg.get(), lp, "v_eigenvalues", {groups, d});
+      auto clips = r.dataset<float>(lg.get(), lp, "clip_ratios", {2});
+      l.k_clip_ratio = clips[0];
+      l.v_clip_ratio = clips[1];
+      b.layers.push_back(std::move(l));
+    }
+  }
+  {
+    Handle g = r.group(file, "/", "error_report");
+    const std::string p = "/error_report";
+    auto& e = b.errors;
+    e.rows = r.string_array_attr(g.get(), p, "rows");
+    e.num_layers = r.scalar_attr<int64_t>(g.get(), p, "num_layers");
+    if (e.num_layers < 0 || e.num_layers > 100000) r.fail(p, ::fmt::format("implausible num_layers {}", e.num_layers));
+    const std::vector<hsize_t> dims = {e.rows.size(), static_cast<hsize_t>(e.num_layers)};
+    e.k_relative_error = r.dataset<double>(g.get(), p, "k_relative_error", dims);
+    e.v_relative_error = r.dataset<double>(g.get(), p, "v_relative_error", dims);
+  }
+  return b;
+}
+
+template <typename T>
+bool all_finite(const std::vector<T>& v) {
+  return std::all_of(v.begin(), v.end(), [](T x) { return std::isfinite(x); });
+}
+
+// fp32 rotations built from fp64 orthogonal matrices are orthogonal to ~1e-7; 1e-4 catches any real damage.
+void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, const std::string& where) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* m = r.data() + g * d * d;
+    double worst = 0;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        double dot = 0;
+        for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(m[i * d + k]) * m[j * d + k];
+        worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
+      }
+    if (worst > 1e-4) throw Error(where, ::fmt::format("group {} is not orthogonal (max |R·Rᵀ − I| = {:.3g})", g, worst));
+  }
+}
+
+}  // namespace
+
+std::string_view kv_storage_name(KvStorage s) {
+  switch (s) {
+    case KvStorage::BF16: return "bf16";
+    case KvStorage::Int: return "int";
+    case KvStorage::Fp8E4M3: return "fp8_e4m3";
+  }
+  return "unknown";
+}
+
+KvStorage parse_kv_storage(std::string_view name, const std::string& where) {
+  if (name == "bf16") return KvStorage::BF16;
+  if (name == "int") return KvStorage::Int;
+  if (name == "fp8_e4m3") return KvStorage::Fp8E4M3;
+  throw Error(where, "unknown KV storage \"" + std::string(name) + "\" (bf16, int, fp8_e4m3)");
+}
+
+void validate_bundle(const Bundle& b, const std::string& where) {
+  if (b.format_major != kBundleFormatMajor)
+    throw Error(where, ::fmt::format("format major {} is not {}", b.format_major, kBundleFormatMajor));
+  const auto& m = b.model;
+  if (m.num_layers <= 0 || m.num_heads <= 0 || m.num_kv_heads <= 0 || m.head_dim <= 0 ||
+      m.num_heads % m.num_kv_heads != 0)
+    throw Error(where + ":/model", ::fmt::format("inconsistent shapes: layers {}, heads {}, kv heads {}, head_dim {}",
+                                                 m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim));
+  b.quant.validate(where + ":/quant");
+  if (b.quant.head_dim != m.head_dim)
+    throw Error(where + ":/quant", ::fmt::format("head_dim {} but the model's is {}", b.quant.head_dim, m.head_dim));
+  if (b.rotation_groups != 1 && b.rotation_groups != m.num_kv_heads)
+    throw Error(where + ":/layers",
+                ::fmt::format("rotation_groups {} is neither 1 nor num_kv_heads {}", b.rotation_groups, m.num_kv_heads));
+  if (static_cast<int64_t>(b.layers.size()) != m.num_layers)
+    throw Error(where + ":/layers", ::fmt::format("{} layers but the model has {}", b.layers.size(), m.num_layers));
+  const int64_t g = b.rotation_groups, d = m.head_dim;
+  for (size_t i = 0; i < b.layers.size(); ++i) {
+    const auto& l = b.layers[i];
+    const std::string lw = where + ":/layers/" + layer_group_name(i);
+    if (static_cast<int64_t>(l.k_rotation.size()) != g * d * d || static_cast<int64_t>(l.v_rotation.size()) != g * d * d)
+      throw Error(lw, ::fmt::format("rotations must hold [{}, {}, {}] values", g, d, d));
+    if (static_cast<int64_t>(l.k_eigenvalues.size()) != g * d || static_cast<int64_t>(l.v_eigenvalues.size()) != g * d)
+      throw Error(lw, ::fmt::format("eigenvalues must hold [{}, {}] values", g, d));
+    if (!all_finite(l.k_rotation) || !all_finite(l.v_rotation) || !all_finite(l.k_eigenvalues) ||
+        !all_finite(l.v_eigenvalues))
+      throw Error(lw, "non-finite rotation or eigenvalue");
+    if (!(l.k_clip_ratio > 0.0f && l.k_clip_ratio <= 1.0f) || !(l.v_clip_ratio > 0.0f && l.v_clip_ratio <= 1.0f))
+      throw Error(lw, ::fmt::format("clip ratios {} / {} outside (0, 1]", l.k_clip_ratio, l.v_clip_ratio));
+    check_orthogonal(l.k_rotation, g, d, lw + "/k_rotation");
+    check_orthogonal(l.v_rotation, g, d, lw + "/v_rotation");
+  }
+  const auto& e = b.errors;
+  const size_t cells = e.rows.size() * static_cast<size_t>(std::max<int64_t>(e.num_layers, 0));
+  if (e.num_layers < 0 || e.k_relative_error.size() != cells || e.v_relative_error.size() != cells)
+    throw Error(where + ":/error_report", ::fmt::format("tables must hold [{}, {}] values", e.rows.size(), e.num_layers));
+  if (!all_finite(e.k_relative_error) || !all_finite(e.v_relative_error))
+    throw Error(where + ":/error_report", "non-finite relative error");
+}
+
+void write_bundle(const fs::path& path, const Bundle& bundle) {
+  const std::string where = path.string();
+  validate_bundle(bundle, where);
+  silence_hdf5();
+  AtomicFile out(path);
+  {
+    Writer w(where);
+    Handle file = w.create_file(out.temp_path());
+    write_all(w, file.get(), bundle);
+    check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), where, "H5Fflush failed");
+    if (file.close() < 0) throw Error(where, "closing the HDF5 file failed");
+  }
+  out.commit();
+}
+
+Bundle read_bundle(const fs::path& path) {
+  const std::string where = path.string();
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) throw Error(where, "no such bundle file");
+  silence_hdf5();
+  if (H5Fis_hdf5(path.c_str()) <= 0) throw Error(where, "not an HDF5 bundle (bad signature, truncated or corrupt)");
+  Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (!file.valid()) throw Error(where, "cannot open as HDF5 (truncated or corrupt file)");
+  Reader r(where);
+  Bundle b = read_all(r, file.get());
+  validate_bundle(b, where);
+  return b;
+}
+
+namespace {
+
+struct ChecksumWalk {
+  uintmax_t file_size = 0;
+  std::vector<DatasetChecksum> out;
+};
+
+herr_t visit_dataset(hid_t root, const char* name, const H5L_info_t* info, void* data) {
+  auto& walk = *static_cast<ChecksumWalk*>(data);
+  if (info->type != H5L_TYPE_HARD) return 0;
+  Handle obj(H5Oopen(root, name, H5P_DEFAULT), H5Oclose);
+  if (!obj.valid() || H5Iget_type(obj.get()) != H5I_DATASET) return 0;
+  DatasetChecksum c;
+  c.object = std::string("/") + name;
+  Handle type(H5Dget_type(obj.get()), H5Tclose);
+  Handle native(type.valid() ? H5Tget_native_type(type.get(), H5T_DIR_ASCEND) : H5I_INVALID_HID, H5Tclose);
+  Handle space(H5Dget_space(obj.get()), H5Sclose);
+  const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+  const size_t element = native.valid() ? H5Tget_size(native.get()) : 0;
+  // Bundles are uncompressed, so a dataset larger than the file is a forged header, not data worth reading.
+  if (n < 0 || element == 0) {
+    c.problem = "unreadable type or shape";
+  } else if (static_cast<uintmax_t>(n) > (walk.file_size + 1) / element) {
+    c.problem = ::fmt::format("declares {} elements, more than the file can hold", n);
+  } else {
+    std::vector<std::byte> bytes(static_cast<size_t>(n) * element);
+    if (n > 0 && H5Dread(obj.get(), native.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
+      c.problem = "cannot read dataset (file truncated or corrupt)";
+    else
+      c.computed_sha256 = sha256_hex(bytes);
+    try {
+      c.stored_sha256 = Reader(c.object).string_attr(obj.get(), c.object, "sha256");
+    } catch (const Error& e) {
+      if (c.problem.empty()) c.problem = e.detail();
+    }
+  }
+  walk.out.push_back(std::move(c));
+  return 0;
+}
+
+}  // namespace
+
+std::vector<DatasetChecksum> bundle_checksums(const fs::path& path) {
+  const std::string where = path.string();
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) throw Error(where, "no such bundle file");
+  silence_hdf5();
+  if (H5Fis_hdf5(path.c_str()) <= 0) throw Error(where, "not an HDF5 bundle (bad signature, truncated or corrupt)");
+  Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (!file.valid()) throw Error(where, "cannot open as HDF5 (truncated or corrupt file)");
+  ChecksumWalk walk;
+  walk.file_size = fs::file_size(path, ec);
+  if (H5Lvisit(file.get(), H5_INDEX_NAME, H5_ITER_INC, visit_dataset, &walk) < 0)
+    throw Error(where, "cannot walk the HDF5 object tree (corrupt file)");
+  return walk.out;
+}
+
+std::string sha256_tensors(const TensorStore& store, const std::vector<std::string>& names) {
+  // One streaming digest would need OpenSSL here; hashing the per-tensor digests in order is just as binding
+  // and keeps the only sha256 implementation in atomic_file.cpp.
+  std::string manifest;
+  for (const auto& name : names) {
+    const TensorView& t = store.get(name);
+    manifest += ::fmt::format("{}|{}|{}|{}\n", name, dtype_name(t.dtype), ::fmt::join(t.shape, ","),
+                              sha256_hex(std::span<const std::byte>(t.data, t.nbytes)));
+  }
+  return sha256_hex(std::as_bytes(std::span<const char>(manifest.data(), manifest.size())));
+}
+
+}  // namespace oscar::fmt

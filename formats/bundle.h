@@ -1,0 +1,124 @@
+#pragma once
+// fmt::Bundle — everything `oscar calibrate` produces for one model, as plain data, and its on-disk form: an
+// HDF5 file (".oscar", format v1, specified in docs/format.md). Only formats/bundle.cpp touches HDF5.
+//
+// Guarantees:
+//  * write_bundle() is atomic (AtomicFile) and deterministic: the same Bundle gives the same bytes (HDF5 object
+//    timestamps are disabled), so a bundle's sha256 identifies a calibration.
+//  * every dataset carries a "sha256" attribute over its raw little-endian bytes; read_bundle() recomputes it.
+//  * read_bundle() refuses a newer MAJOR version, reads any minor of its major (unknown objects are ignored),
+//    and validates shapes, finiteness and the orthogonality of every rotation, throwing oscar::Error naming the file.
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "formats/kv_quant_spec.h"
+
+namespace oscar::fmt {
+
+class TensorStore;
+
+inline constexpr int32_t kBundleFormatMajor = 1;
+inline constexpr int32_t kBundleFormatMinor = 0;
+
+// Identifies the checkpoint a bundle was calibrated on; `oscar eval` refuses a bundle whose fingerprint differs.
+struct ModelFingerprint {
+  std::string architecture;  // "LlamaForCausalLM", ...
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t hidden_size = 0;
+  int64_t vocab_size = 0;
+  std::string config_sha256;       // of config.json's bytes
+  std::string attention_sha256;    // sha256_tensors() over every layer's q/k/v/o projection weights (and biases)
+
+  bool operator==(const ModelFingerprint&) const = default;
+};
+
+struct DataFileRecord {
+  std::string path;  // as given on the command line
+  std::string sha256;
+  bool operator==(const DataFileRecord&) const = default;
+};
+
+struct CalibrationProvenance {
+  std::vector<DataFileRecord> data_files;
+  int64_t num_sequences = 0;          // calibration sequences (held-out ones not included)
+  int64_t num_tokens = 0;             // calibration tokens
+  int64_t seq_len = 0;
+  int64_t num_heldout_sequences = 0;  // used for the error report and clip tuning
+  uint64_t seed = 0;
+  // Every calibration option as text, sorted by key; enough to rerun the calibration.
+  std::vector<std::pair<std::string, std::string>> options;
+  bool operator==(const CalibrationProvenance&) const = default;
+};
+
+// One decoder layer. `groups` is 1 when one rotation is shared by the layer's KV heads (the default) and
+// num_kv_heads with per-head rotations. A head vector x (row) is stored as y = x · R.
+struct LayerCalibration {
+  std::vector<float> k_rotation;      // [groups, head_dim, head_dim] row-major, orthogonal
+  std::vector<float> v_rotation;      // [groups, head_dim, head_dim]
+  std::vector<double> k_eigenvalues;  // [groups, head_dim] of Σ_Q, descending
+  std::vector<double> v_eigenvalues;  // [groups, head_dim] of Σ_V, descending
+  float k_clip_ratio = 1.0f;
+  float v_clip_ratio = 1.0f;
+  bool operator==(const LayerCalibration&) const = default;
+};
+
+// Attention-aware relative errors on held-out data (docs/method.md): rows are configurations such as
+// "none", "hadamard+clip", "oscar+tuned_clip"; one value per row and layer.
+struct ErrorReport {
+  std::vector<std::string> rows;
+  int64_t num_layers = 0;
+  std::vector<double> k_relative_error;  // [rows, layers]: relative logit MSE
+  std::vector<double> v_relative_error;  // [rows, layers]: relative (weighted) output MSE
+  bool operator==(const ErrorReport&) const = default;
+};
+
+struct Bundle {
+  int32_t format_major = kBundleFormatMajor;
+  int32_t format_minor = kBundleFormatMinor;
+  std::string producer;  // "oscar 0.1.0"
+  ModelFingerprint model;
+  CalibrationProvenance calibration;
+  KvQuantSpec quant;
+  int64_t rotation_groups = 1;       // 1 (shared per layer) or model.num_kv_heads (per head)
+  std::string rotation_composition;  // "eigen*hadamard*bitrev" (OSCAR), or "eigen" when head_dim is not 2^k
+  std::vector<LayerCalibration> layers;
+  ErrorReport errors;
+};
+
+// Writes atomically; throws oscar::Error naming `path` on any HDF5 failure or an inconsistent Bundle
+// (the same checks read_bundle applies).
+void write_bundle(const std::filesystem::path& path, const Bundle& bundle);
+// Reads and validates; every problem is an oscar::Error whose where() is the file (and the object inside it).
+Bundle read_bundle(const std::filesystem::path& path);
+// The checks read_bundle applies, for a Bundle built in memory; `where` prefixes errors.
+void validate_bundle(const Bundle& bundle, const std::string& where);
+
+// One dataset of a bundle file with its stored "sha256" attribute and the sha256 recomputed over its bytes.
+// `problem` is empty when both could be obtained; otherwise it says why not (unreadable dataset, missing
+// attribute, implausible size). Used by `oscar verify`, which reports every dataset rather than the first failure.
+struct DatasetChecksum {
+  std::string object;  // "/layers/00000/k_rotation"
+  std::string stored_sha256;
+  std::string computed_sha256;
+  std::string problem;
+  bool ok() const { return problem.empty() && stored_sha256 == computed_sha256; }
+};
+// Walks every dataset of the HDF5 file in name order (no other validation, so a damaged bundle can be examined
+// dataset by dataset). Throws oscar::Error naming the file only when it cannot be opened as HDF5 at all.
+std::vector<DatasetChecksum> bundle_checksums(const std::filesystem::path& path);
+
+// sha256 over tensors of a checkpoint, in the given order: the sha256 of the text manifest with one line per
+// tensor, "name|DTYPE|dim,dim|sha256-of-raw-bytes\n". Missing tensors are an Error naming the tensor.
+std::string sha256_tensors(const TensorStore& store, const std::vector<std::string>& names);
+
+// Text spelling of KvStorage in bundles and reports: "bf16", "int", "fp8_e4m3".
+std::string_view kv_storage_name(KvStorage s);
+KvStorage parse_kv_storage(std::string_view name, const std::string& where);
+
+}  // namespace oscar::fmt

@@ -1,0 +1,242 @@
+#include "lib/calib/calibrator.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "formats/atomic_file.h"
+#include "formats/error.h"
+#include "formats/safetensors.h"
+#include "lib/calib/error_report.h"
+#include "lib/calib/rotation.h"
+#include "oscar_version.h"
+
+namespace oscar::calib {
+
+namespace fs = std::filesystem;
+
+void CpuForwardRunner::run_sequence(std::span<const int32_t> ids, model::Observer& observer) {
+  model::KvCache cache(model_.config(), static_cast<int64_t>(ids.size()));
+  model::ForwardOptions opt;
+  opt.observer = &observer;
+  opt.last_logits_only = true;  // calibration needs the attention inputs only
+  model_.forward(ids, cache, opt);
+}
+
+namespace {
+
+std::string read_file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string(), "cannot open statistics checkpoint");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::vector<float> to_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+std::string format_ratio(float r) { return ::fmt::format("{:.6g}", r); }
+
+// Runs every sequence not yet in `stats`, checkpointing as configured.
+void run_pass(ForwardRunner& runner, StatisticsCollector& stats, const CalibrationData& data,
+              const CalibrationOptions& opt, std::string_view stage) {
+  const int64_t n = static_cast<int64_t>(data.sequences.size());
+  int64_t since_checkpoint = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (stats.contains_sequence(i)) continue;
+    stats.begin_sequence(i);
+    runner.run_sequence(data.sequences[i], stats);
+    stats.finish_sequence();
+    if (opt.progress) opt.progress(stage, stats.num_sequences(), n);
+    if (!opt.checkpoint.empty() && opt.checkpoint_every > 0 && ++since_checkpoint == opt.checkpoint_every) {
+      fmt::write_file_atomic(opt.checkpoint, stats.serialize());
+      since_checkpoint = 0;
+    }
+  }
+  if (!opt.checkpoint.empty()) fmt::write_file_atomic(opt.checkpoint, stats.serialize());
+}
+
+void check_sequences(const std::vector<std::vector<int32_t>>& seqs, const fmt::ModelConfig& cfg,
+                     const std::string& what) {
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const std::string where = ::fmt::format("{} sequence {}", what, i);
+    if (seqs[i].empty()) throw Error(where, "is empty");
+    if (cfg.max_position_embeddings > 0 && static_cast<int64_t>(seqs[i].size()) > cfg.max_position_embeddings)
+      throw Error(where, ::fmt::format("has {} tokens, more than max_position_embeddings {}", seqs[i].size(),
+                                       cfg.max_position_embeddings));
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> options_as_text(const CalibrationOptions& o) {
+  std::vector<std::pair<std::string, std::string>> kv = {
+      {"value_weighting", std::string(value_weighting_name(o.value_weighting))},
+      {"per_head", o.per_head ? "true" : "false"},
+      {"tune_clip", o.tune_clip ? "true" : "false"},
+      {"clip_min", format_ratio(o.clip_grid.min_ratio)},
+      {"clip_max", format_ratio(o.clip_grid.max_ratio)},
+      {"clip_step", format_ratio(o.clip_grid.step)},
+      {"heldout_max_tokens", std::to_string(o.heldout_max_tokens)},
+      {"seed", std::to_string(o.seed)},
+  };
+  std::sort(kv.begin(), kv.end());
+  return kv;
+}
+
+CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
+                            const CalibrationData& data, const CalibrationOptions& opt) {
+  const fmt::ModelConfig& cfg = runner.config();
+  const int64_t d = cfg.head_dim, L = cfg.num_layers, Hkv = cfg.num_kv_heads;
+  opt.quant.validate("--kv-format");
+  if (opt.quant.head_dim != d)
+    throw Error("--kv-format", ::fmt::format("head_dim {} but the model's is {}", opt.quant.head_dim, d));
+  if (data.sequences.empty()) throw Error("calibration data", "no calibration sequences");
+  check_sequences(data.sequences, cfg, "calibration");
+  check_sequences(data.heldout, cfg, "held-out");
+  if (opt.tune_clip) (void)opt.clip_grid.ratios();  // validates the grid before hours of forward passes
+  const StatisticsShape shape = StatisticsShape::from_config(cfg);
+
+  // ---- statistics
+  StatisticsCollector stats(shape, opt.value_weighting);
+  if (opt.resume && !opt.checkpoint.empty() && fs::exists(opt.checkpoint)) {
+    stats = StatisticsCollector::deserialize(read_file_bytes(opt.checkpoint), opt.checkpoint.string());
+    if (!(stats.shape() == shape) || stats.weighting() != opt.value_weighting)
+      throw Error(opt.checkpoint.string(), "checkpoint was made for another model shape or value weighting");
+  }
+  if (stats.pass() == StatisticsCollector::Pass::Queries) {
+    run_pass(runner, stats, data, opt, "queries");
+    if (stats.needs_value_pass()) stats.start_value_pass();
+  }
+  if (stats.pass() == StatisticsCollector::Pass::Values) run_pass(runner, stats, data, opt, "values");
+  if (stats.num_sequences() != static_cast<int64_t>(data.sequences.size()))
+    throw Error(opt.checkpoint.string(), ::fmt::format("checkpoint holds {} sequences but the data has {}",
+                                                       stats.num_sequences(), data.sequences.size()));
+
+  // ---- rotations
+  fmt::Bundle b;
+  b.producer = std::string("oscar ") + OSCAR_VERSION_STRING;
+  b.model = fingerprint;
+  b.quant = opt.quant;
+  b.rotation_groups = opt.per_head ? Hkv : 1;
+  b.rotation_composition = oscar_composition_name(d);
+  const int64_t groups = b.rotation_groups;
+  std::vector<CandidateRotations> candidates;
+  const bool pow2 = is_power_of_two(d);
+  for (RotationKind kind : {RotationKind::None, RotationKind::Hadamard, RotationKind::Eigen, RotationKind::EigenHadamard}) {
+    if (kind == RotationKind::Hadamard && !pow2) continue;
+    CandidateRotations c;
+    c.name = std::string(rotation_kind_name(kind));
+    c.groups = groups;
+    c.k.resize(L);
+    c.v.resize(L);
+    candidates.push_back(std::move(c));
+  }
+  CandidateRotations& oscar_rot = candidates.back();
+  for (int64_t l = 0; l < L; ++l) {
+    fmt::LayerCalibration layer;
+    for (int64_t g = 0; g < groups; ++g) {
+      const HeadMoments m = opt.per_head ? stats.head_moments(l, g) : stats.layer_moments(l);
+      const std::string where = ::fmt::format("layer {} group {}", l, g);
+      const SymmetricEigen ek = symmetric_eigen(m.sigma_q, d, where + " (Σ_Q)");
+      const SymmetricEigen ev = symmetric_eigen(m.sigma_v, d, where + " (Σ_V)");
+      layer.k_eigenvalues.insert(layer.k_eigenvalues.end(), ek.values.begin(), ek.values.end());
+      layer.v_eigenvalues.insert(layer.v_eigenvalues.end(), ev.values.begin(), ev.values.end());
+      for (auto& c : candidates) {
+        const RotationKind kind = c.name == "none" ? RotationKind::None
+                                  : c.name == "hadamard" ? RotationKind::Hadamard
+                                  : c.name == "eigen"    ? RotationKind::Eigen
+                                                         : RotationKind::EigenHadamard;
+        const auto rk = to_float(build_rotation(kind, ek, d));
+        const auto rv = to_float(build_rotation(kind, ev, d));
+        c.k[l].insert(c.k[l].end(), rk.begin(), rk.end());
+        c.v[l].insert(c.v[l].end(), rv.begin(), rv.end());
+      }
+    }
+    layer.k_rotation = oscar_rot.k[l];
+    layer.v_rotation = oscar_rot.v[l];
+    layer.k_clip_ratio = opt.quant.k.clip_ratio;
+    layer.v_clip_ratio = opt.quant.v.clip_ratio;
+    b.layers.push_back(std::move(layer));
+  }
+
+  // ---- held-out error report and clip tuning
+  std::string report;
+  if (!data.heldout.empty()) {
+    HeldoutCollector heldout(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
+    const int64_t n = static_cast<int64_t>(data.heldout.size());
+    for (int64_t i = 0; i < n; ++i) {
+      heldout.begin_sequence(i);
+      runner.run_sequence(data.heldout[i], heldout);
+      if (opt.progress) opt.progress("heldout", i + 1, n);
+    }
+    const std::vector<HeldoutLayer> layers = heldout.finish();
+    b.errors = build_error_report(layers, candidates, opt.quant);
+    if (opt.tune_clip) {
+      std::vector<double> k_tuned(L), v_tuned(L);
+      double k_gain = 0, v_gain = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        RotatedHeldout rotated(layers[l], oscar_rot.k[l], oscar_rot.v[l], groups, opt.quant);
+        const ClipChoice c = tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+        b.layers[l].k_clip_ratio = c.k_ratio;
+        b.layers[l].v_clip_ratio = c.v_ratio;
+        k_tuned[l] = c.k_error;
+        v_tuned[l] = c.v_error;
+        k_gain += c.k_error_reference > 0 ? 1.0 - c.k_error / c.k_error_reference : 0.0;
+        v_gain += c.v_error_reference > 0 ? 1.0 - c.v_error / c.v_error_reference : 0.0;
+      }
+      b.errors.rows.push_back("oscar+tuned_clip");
+      b.errors.k_relative_error.insert(b.errors.k_relative_error.end(), k_tuned.begin(), k_tuned.end());
+      b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), v_tuned.begin(), v_tuned.end());
+      report = format_error_report(b.errors);
+      report += ::fmt::format(
+          "\nPer-layer clip tuning vs the reference ratios K {} / V {}: relative error lower by {:.2f}% (K) and "
+          "{:.2f}% (V), mean over layers.\n",
+          format_ratio(opt.quant.k.clip_ratio), format_ratio(opt.quant.v.clip_ratio), 100.0 * k_gain / L,
+          100.0 * v_gain / L);
+    } else {
+      report = format_error_report(b.errors);
+    }
+  } else {
+    b.errors.num_layers = L;
+  }
+
+  // ---- provenance
+  auto& p = b.calibration;
+  p.data_files = data.data_files;
+  p.num_sequences = static_cast<int64_t>(data.sequences.size());
+  for (const auto& s : data.sequences) p.num_tokens += static_cast<int64_t>(s.size());
+  p.seq_len = data.seq_len;
+  p.num_heldout_sequences = static_cast<int64_t>(data.heldout.size());
+  p.seed = opt.seed;
+  p.options = options_as_text(opt);
+  fmt::validate_bundle(b, "calibrated bundle");
+  return {std::move(b), std::move(report)};
+}
+
+fmt::ModelFingerprint model_fingerprint(const fs::path& model_dir) {
+  const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(model_dir);
+  const fmt::TensorStore store = fmt::TensorStore::open(model_dir);
+  fmt::ModelFingerprint f;
+  f.architecture = std::string(fmt::arch_name(cfg.arch));
+  f.num_layers = cfg.num_layers;
+  f.num_heads = cfg.num_heads;
+  f.num_kv_heads = cfg.num_kv_heads;
+  f.head_dim = cfg.head_dim;
+  f.hidden_size = cfg.hidden_size;
+  f.vocab_size = cfg.vocab_size;
+  f.config_sha256 = fmt::sha256_file(model_dir / "config.json");
+  std::vector<std::string> names;
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    const std::string prefix = ::fmt::format("model.layers.{}.self_attn.", l);
+    for (const char* t : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}) names.push_back(prefix + t);
+    for (const char* t : {"q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight"})
+      if (store.contains(prefix + t)) names.push_back(prefix + t);
+  }
+  f.attention_sha256 = fmt::sha256_tensors(store, names);
+  return f;
+}
+
+}  // namespace oscar::calib

@@ -1,0 +1,97 @@
+#pragma once
+// calib::calibrate — the whole of `oscar calibrate` below the CLI:
+//   sequences ─► forward passes with a StatisticsCollector (two passes for the default "query" value weighting)
+//   ─► per layer eigen-decomposition of Σ_Q / Σ_V ─► OSCAR rotations (lib/calib/rotation.h)
+//   ─► held-out forward with a HeldoutCollector ─► error report (none / hadamard / eigen / oscar, ± clip)
+//   ─► per-layer clip tuning ─► fmt::Bundle (write it with fmt::write_bundle).
+// The forward pass is behind ForwardRunner, so the GPU runtime plugs in by implementing run_sequence().
+//
+// Typical use (what apps/oscar's `calibrate` command does):
+//   auto model = model::CpuModel::load(dir);
+//   calib::CpuForwardRunner runner(*model);
+//   calib::CalibrationData data;            // token ids: data.sequences (calibration), data.heldout (evaluation)
+//   data.data_files = {{path, fmt::sha256_file(path)}}; data.seq_len = 2048;
+//   calib::CalibrationOptions opt;          // every field maps to one CLI flag
+//   opt.quant = fmt::KvQuantSpec::int2_default(model->config().head_dim);
+//   auto result = calib::calibrate(runner, calib::model_fingerprint(dir), data, opt);
+//   fmt::write_bundle(out_path, result.bundle);  std::cout << result.report;
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "formats/bundle.h"
+#include "formats/model_config.h"
+#include "lib/calib/clip_tuner.h"
+#include "lib/calib/statistics.h"
+#include "lib/model/cpu_model.h"
+#include "lib/model/observer.h"
+
+namespace oscar::calib {
+
+// Runs one whole sequence through a model from an empty cache (positions 0 .. T−1), reporting every layer's
+// attention inputs to `observer`. A runner may split a sequence into several calls (pos0 > 0), except when the
+// AttentionMass weighting is used, which needs each sequence in one call per layer.
+class ForwardRunner {
+ public:
+  virtual ~ForwardRunner() = default;
+  virtual const fmt::ModelConfig& config() const = 0;
+  virtual void run_sequence(std::span<const int32_t> ids, model::Observer& observer) = 0;
+};
+
+// The CPU reference forward (one prefill call per sequence, fresh KvCache each time).
+class CpuForwardRunner : public ForwardRunner {
+ public:
+  explicit CpuForwardRunner(model::CpuModel& model) : model_(model) {}
+  const fmt::ModelConfig& config() const override { return model_.config(); }
+  void run_sequence(std::span<const int32_t> ids, model::Observer& observer) override;
+
+ private:
+  model::CpuModel& model_;
+};
+
+struct CalibrationData {
+  std::vector<std::vector<int32_t>> sequences;  // calibration token ids (each run from position 0)
+  std::vector<std::vector<int32_t>> heldout;    // held-out ids for the error report and clip tuning; may be empty
+                                                // (then no report, and every layer keeps the spec's clip ratios)
+  std::vector<fmt::DataFileRecord> data_files;  // recorded in the bundle's provenance
+  int64_t seq_len = 0;                          // recorded
+};
+
+struct CalibrationOptions {
+  ValueWeighting value_weighting = ValueWeighting::QueryEnergy;  // --value-weighting query|attention_mass|uniform
+  bool per_head = false;                // --per-head: one rotation per KV head instead of one per layer
+  fmt::KvQuantSpec quant = fmt::KvQuantSpec::int2_default(128);  // head_dim must match the model; its clip ratios
+                                                                 // are the reference (published 0.96 / 0.92)
+  bool tune_clip = true;                // --no-clip-tuning keeps the spec's ratios for every layer
+  ClipGrid clip_grid;                   // --clip-min / --clip-max / --clip-step
+  int64_t heldout_max_tokens = 16384;   // --heldout-tokens: K/V samples kept per layer
+  uint64_t seed = 0;                    // --seed: recorded (sequence sampling happens before calibrate())
+  std::filesystem::path checkpoint;     // --checkpoint: statistics are saved here every checkpoint_every sequences
+  int64_t checkpoint_every = 0;         // --checkpoint-every (0 = only at the end of each pass)
+  bool resume = false;                  // --resume: start from `checkpoint` if it exists
+  // Called after every sequence: stage ("queries", "values", "heldout"), sequences done, total.
+  std::function<void(std::string_view stage, int64_t done, int64_t total)> progress;
+};
+
+struct CalibrationResult {
+  fmt::Bundle bundle;
+  std::string report;  // markdown: error table (mean over layers) and the clip-tuning gain
+};
+
+// Throws oscar::Error naming the option or sequence on invalid input (empty data, head_dim mismatch, a sequence
+// longer than the model's max_position_embeddings, a checkpoint of another model/weighting).
+CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
+                            const CalibrationData& data, const CalibrationOptions& options);
+
+// Fingerprint of a Hugging Face checkpoint directory: shapes from config.json, sha256 of config.json, and
+// fmt::sha256_tensors over every layer's q/k/v/o projection weights plus q/k/v biases and q/k norms when present.
+fmt::ModelFingerprint model_fingerprint(const std::filesystem::path& model_dir);
+
+// The options as sorted key/value text (what the bundle's provenance records).
+std::vector<std::pair<std::string, std::string>> options_as_text(const CalibrationOptions& options);
+
+}  // namespace oscar::calib
