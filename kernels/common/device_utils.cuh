@@ -25,6 +25,11 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// 1/rms of a vector whose squares are spread over a warp (each lane passes its partial sum).
+__device__ __forceinline__ float warp_inv_rms(float partial_sum_sq, int n, float eps) {
+  return rsqrtf(warp_sum(partial_sum_sq) / static_cast<float>(n) + eps);
+}
+
 // Block-wide sum in a fixed order (warp butterflies, then warp 0 over the per-warp partials), so a row always
 // reduces the same way for a given block size: results are bit-reproducible run to run.
 __device__ __forceinline__ float block_sum(float x, float* scratch /* >= 32 floats of shared memory */) {

@@ -1,0 +1,57 @@
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention_prefill/attention_prefill.cuh"
+#include "kernels/attention_prefill/attention_prefill.h"
+
+namespace oscar::kern {
+
+namespace {
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <int kHeadDim>
+Status launch(const PrefillAttentionArgs& a, cudaStream_t stream) {
+  constexpr int kBytes = detail::PrefillSmem<kHeadDim>::kBytes;
+  // Above 48 KB of dynamic shared memory a kernel must opt in; the attribute is per function, set every launch
+  // because it is cheap and keeps the launcher stateless.
+  if (cudaFuncSetAttribute(detail::attention_prefill_kernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kBytes) != cudaSuccess)
+    return Status::CudaError;
+  const dim3 grid((a.max_seqlen + detail::kPrefillBlockM - 1) / detail::kPrefillBlockM, a.num_heads, a.num_seqs);
+  const float scale_log2 = a.scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2 e)
+  detail::attention_prefill_kernel<kHeadDim><<<grid, detail::kPrefillThreads, kBytes, stream>>>(a, scale_log2);
+  return detail::launch_status();
+}
+}  // namespace
+
+Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
+  if (a.num_seqs < 0 || a.max_seqlen < 0 || a.num_heads <= 0 || a.num_kv_heads <= 0 || a.head_dim <= 0)
+    return Status::InvalidArgument;
+  if (a.num_heads % a.num_kv_heads != 0) return Status::InvalidArgument;
+  if (!(a.scale > 0.f) || !std::isfinite(a.scale)) return Status::InvalidArgument;
+  if (a.head_dim % 8 != 0 || a.head_dim > 128) return Status::Unsupported;
+  if (a.num_heads > 65535 || a.num_seqs > 65535) return Status::Unsupported;  // grid.y / grid.z limits
+  if (a.q_row_stride < int64_t{a.num_heads} * a.head_dim || a.out_row_stride < int64_t{a.num_heads} * a.head_dim ||
+      a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
+    return Status::InvalidArgument;
+  if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
+  if (!a.q || !a.k || !a.v || !a.out || !a.cu_seqlens) return Status::InvalidArgument;
+  // 16-byte cp.async copies of 8 bf16: every row start and head start must be 16-byte aligned.
+  if (!aligned16(a.q) || !aligned16(a.k) || !aligned16(a.v) || !aligned16(a.out)) return Status::Misaligned;
+  if (a.q_row_stride % 8 || a.k_row_stride % 8 || a.v_row_stride % 8 || a.out_row_stride % 8)
+    return Status::Misaligned;
+  return Status::Ok;
+}
+
+Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
+  if (Status s = attention_prefill_can_implement(a); s != Status::Ok) return s;
+  if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
+  const cudaStream_t s = detail::to_cuda(stream);
+  // Dims are zero-padded to the instantiated width; three widths keep compile time down while covering the
+  // tiny fixtures (8, 16), 64-dim heads and the 128-dim heads of every current 7-8B model.
+  if (a.head_dim <= 32) return launch<32>(a, s);
+  if (a.head_dim <= 64) return launch<64>(a, s);
+  return launch<128>(a, s);
+}
+
+}  // namespace oscar::kern

@@ -1,0 +1,45 @@
+#pragma once
+// Causal prefill attention over a packed batch of variable-length sequences (cu_seqlens), with GQA.
+// Flash-attention-2 structure: one block per (64-query tile, query head), K/V streamed in 64-key tiles through
+// shared memory with an online softmax, so memory is O(tile) at any length (32K tokens and beyond).
+#include <cstdint>
+#include <span>
+
+#include "kernels/common/status.h"
+
+namespace oscar::kern {
+
+// Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
+// Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.
+struct PrefillAttentionArgs {
+  const uint16_t* q = nullptr;  // bf16 [T, q_row_stride], heads [num_heads, head_dim]
+  const uint16_t* k = nullptr;  // bf16 [T, k_row_stride], heads [num_kv_heads, head_dim]
+  const uint16_t* v = nullptr;  // bf16 [T, v_row_stride]
+  uint16_t* out = nullptr;      // bf16 [T, out_row_stride], heads [num_heads, head_dim] (o_proj's input layout)
+  int64_t q_row_stride = 0, k_row_stride = 0, v_row_stride = 0, out_row_stride = 0;  // in elements
+  const int32_t* cu_seqlens = nullptr;  // device, [num_seqs + 1], cu_seqlens[0] == 0, non-decreasing
+  int32_t num_seqs = 0;
+  int32_t max_seqlen = 0;  // max over sequences (sizes the grid; the host knows it)
+  int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;  // softmax scale, normally 1/sqrt(head_dim)
+};
+
+// can_implement: head_dim % 8 == 0 and <= 128 (dims are zero-padded to 32/64/128 inside), num_heads a multiple
+// of num_kv_heads, 16-byte aligned pointers and row strides that are multiples of 8 elements.
+Status attention_prefill_can_implement(const PrefillAttentionArgs& args);
+Status attention_prefill(const PrefillAttentionArgs& args, Stream stream);
+
+// CPU reference: host pointers, fp32 in/out, same layouts and semantics, exact softmax per query in double.
+struct PrefillAttentionRefArgs {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* out = nullptr;
+  int64_t q_row_stride = 0, k_row_stride = 0, v_row_stride = 0, out_row_stride = 0;
+  std::span<const int32_t> cu_seqlens;  // host
+  int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+};
+void attention_prefill_ref(const PrefillAttentionRefArgs& args);
+
+}  // namespace oscar::kern

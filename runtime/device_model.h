@@ -1,0 +1,112 @@
+#pragma once
+// DeviceModel — the GPU forward pass (prefill) of the models the CPU reference supports (Llama, Mistral, Qwen2,
+// Qwen3), for calibration and eval at real sizes.
+//
+// Numerics: weights are bf16 on the device; the residual stream is fp32; every GEMM takes bf16 operands and
+// accumulates in fp32 (cuBLASLt); projections feeding norms or the residual (QKV, o_proj, down_proj, lm_head)
+// come out in fp32, gate|up in bf16; attention runs on bf16 Q/K/V with fp32 softmax and accumulation.
+// A batch is several sequences of different lengths packed back to back (cu_seqlens); each sequence starts at
+// position 0 and attends only to itself.
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "formats/model_config.h"
+#include "kernels/common/status.h"
+
+namespace oscar::rt {
+
+using Stream = kern::Stream;
+
+// Token ids of several sequences, concatenated; cu_seqlens[s] .. cu_seqlens[s+1] are sequence s's tokens.
+struct PackedBatch {
+  std::vector<int32_t> ids;
+  std::vector<int32_t> cu_seqlens{0};
+
+  static PackedBatch from_sequences(std::span<const std::vector<int32_t>> sequences);
+  void add_sequence(std::span<const int32_t> sequence_ids);
+  int64_t num_tokens() const { return static_cast<int64_t>(ids.size()); }
+  int64_t num_sequences() const { return static_cast<int64_t>(cu_seqlens.size()) - 1; }
+  int32_t max_seqlen() const;
+};
+
+// What one layer's attention sees, on the device. fp32 (unrounded) copies made only when an observer is set.
+// Layout is token-major, the GEMM's natural one: element (token t, head h, dim i) is at (t * heads + h) * d + i.
+// Valid only during the callback; work on `stream` (or synchronize it) before returning.
+struct DeviceAttentionInputs {
+  int64_t layer = 0;
+  int64_t num_tokens = 0;  // T: all tokens of the packed batch
+  int64_t num_sequences = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  const int32_t* cu_seqlens = nullptr;  // device [num_sequences + 1]
+  const int32_t* positions = nullptr;   // device [T], position of each token within its sequence
+  const float* q = nullptr;             // device [T, num_heads, d]    after q-norm (Qwen3) and RoPE
+  const float* k_pre_rope = nullptr;    // device [T, num_kv_heads, d] after k-norm, before RoPE
+  const float* k = nullptr;             // device [T, num_kv_heads, d] after RoPE: what a KV cache stores
+  const float* v = nullptr;             // device [T, num_kv_heads, d]
+  Stream stream = nullptr;              // the forward's stream; the tensors are ready in its order
+};
+
+class DeviceObserver {
+ public:
+  virtual ~DeviceObserver() = default;
+  virtual void on_attention_inputs(const DeviceAttentionInputs& in) = 0;
+};
+
+enum class LogitsRows { All, LastPerSequence, None };
+enum class LogitsType { F32, BF16 };
+
+struct DeviceForwardOptions {
+  DeviceObserver* observer = nullptr;
+  LogitsRows rows = LogitsRows::All;
+  LogitsType type = LogitsType::F32;
+};
+
+// The logits of the last forward, on the device: [rows, vocab] row-major (rows = T, or one per non-empty
+// sequence for LastPerSequence, in sequence order).
+// Valid until the next forward of the same model.
+struct LogitsView {
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  LogitsType type = LogitsType::F32;
+  Stream stream = nullptr;
+  std::vector<float> to_host() const;  // waits for the forward, widens bf16
+};
+
+class DeviceModel {
+ public:
+  // DIR/config.json and the safetensors checkpoint in DIR, uploaded as bf16 from bf16/fp16/fp32 tensors. Every
+  // missing or mis-shaped tensor is an oscar::Error naming the tensor and its file.
+  static std::unique_ptr<DeviceModel> load(const std::filesystem::path& model_dir);
+  // Deterministic random weights of any shape, generated on the device from a counter-based hash of
+  // (seed, tensor, element), so an 8B model needs neither host RNG time nor host memory. Linear weights are
+  // uniform with variance 1/fan_in, norm weights 1 ± 0.1, biases ±0.1: activations stay O(1) through depth.
+  static std::unique_ptr<DeviceModel> random(const fmt::ModelConfig& cfg, uint64_t seed);
+
+  ~DeviceModel();
+  DeviceModel(const DeviceModel&) = delete;
+  DeviceModel& operator=(const DeviceModel&) = delete;
+
+  const fmt::ModelConfig& config() const;
+  Stream stream() const;
+  size_t weight_bytes() const;
+
+  // Prefill of a packed batch. Enqueues on stream() and returns without waiting (observers and
+  // LogitsView::to_host synchronize as they need). Throws oscar::Error for an id outside the vocabulary or a
+  // malformed cu_seqlens. Positions past max_position_embeddings are not refused: RoPE extrapolates, as in
+  // transformers. An empty batch gives 0 rows.
+  LogitsView forward(const PackedBatch& batch, const DeviceForwardOptions& options = {});
+
+  struct Impl;  // opaque; public only so the implementation's free helpers can name it
+
+ private:
+  explicit DeviceModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace oscar::rt

@@ -1,0 +1,305 @@
+// Forward-pass kernels (embedding, rmsnorm, rope_qkv, swiglu, attention_prefill) against their CPU references.
+// Inputs are rounded to bf16 before the reference sees them, so the only differences left are the kernels' own
+// arithmetic and output rounding: NMSE <= 1e-5 on fp32 outputs, <= 1e-4 on bf16 outputs.
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <vector>
+
+#include "kernels/activation/swiglu.h"
+#include "kernels/attention_prefill/attention_prefill.h"
+#include "kernels/embedding/embedding.h"
+#include "kernels/norm/rmsnorm.h"
+#include "kernels/rope/rope_qkv.h"
+#include "lib/model/cpu_model.h"
+#include "runtime/device_buffer.h"
+#include "test_fwd_gpu_support.h"
+#include "test_support.h"
+
+namespace oscar::kern {
+namespace {
+
+using rt::DeviceBuffer;
+using rt::to_device;
+using rt::to_host;
+using test::fwd::bf16_round;
+using test::fwd::nmse;
+using test::fwd::randn;
+using test::fwd::to_bf16;
+using test::fwd::widen;
+
+template <class T>
+DeviceBuffer dev(const std::vector<T>& v) {
+  return to_device(std::span<const T>(v));
+}
+
+void sync() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
+
+TEST(FwdGpuEmbedding, GatherIsExact) {
+  OSCAR_REQUIRE_GPU();
+  const int64_t vocab = 1000, hidden = 320;
+  const std::vector<uint16_t> table = to_bf16(randn(vocab * hidden, 1));
+  const std::vector<int32_t> ids = {0, 999, 17, 17, 1000, -3, 512};
+  DeviceBuffer d_table = dev(table), d_ids = dev(ids), d_out(ids.size() * hidden * 4);
+  ASSERT_EQ(embedding_gather(d_ids.as<int32_t>(), static_cast<int64_t>(ids.size()), d_table.as<uint16_t>(), vocab,
+                             hidden, d_out.as<float>(), nullptr),
+            Status::Ok);
+  sync();
+  std::vector<float> ref(ids.size() * hidden);
+  embedding_gather_ref(ids, table.data(), vocab, hidden, ref.data());
+  EXPECT_EQ(to_host(d_out.as<float>(), ref.size()), ref);
+}
+
+TEST(FwdGpuRmsNorm, PlainAndResidualVariantsMatchRef) {
+  OSCAR_REQUIRE_GPU();
+  for (const int64_t n : {64, 1000, 4096}) {
+    const int64_t rows = 37;
+    const std::vector<float> x = randn(rows * n, 2, 4.f), delta = randn(rows * n, 3);
+    const std::vector<uint16_t> w = to_bf16(randn(n, 4));
+    const std::vector<float> w32 = widen(w);
+    DeviceBuffer d_x = dev(x), d_delta = dev(delta), d_w = dev(w), d_out(rows * n * 2);
+
+    ASSERT_EQ(rmsnorm(d_x.as<float>(), rows, n, d_w.as<uint16_t>(), 1e-5f, d_out.as<uint16_t>(), nullptr), Status::Ok);
+    sync();
+    std::vector<float> ref(rows * n);
+    rmsnorm_ref(x.data(), rows, n, w32.data(), 1e-5f, ref.data());
+    EXPECT_LE(nmse(widen(to_host(d_out.as<uint16_t>(), ref.size())), ref), 1e-4) << "n=" << n;
+
+    ASSERT_EQ(add_rmsnorm(d_x.as<float>(), d_delta.as<float>(), rows, n, d_w.as<uint16_t>(), 1e-5f,
+                          d_out.as<uint16_t>(), nullptr),
+              Status::Ok);
+    sync();
+    std::vector<float> residual = x;
+    add_rmsnorm_ref(residual.data(), delta.data(), rows, n, w32.data(), 1e-5f, ref.data());
+    EXPECT_EQ(to_host(d_x.as<float>(), residual.size()), residual) << "fp32 residual add is exact";
+    EXPECT_LE(nmse(widen(to_host(d_out.as<uint16_t>(), ref.size())), ref), 1e-4) << "n=" << n;
+  }
+}
+
+TEST(FwdGpuRmsNorm, HeadNormOnStridedRowsMatchesRef) {
+  OSCAR_REQUIRE_GPU();
+  const int64_t rows = 50, heads = 4, d = 128, stride = (heads + 4) * d;
+  std::vector<float> x = randn(rows * stride, 5, 3.f);
+  const std::vector<uint16_t> w = to_bf16(randn(d, 6));
+  DeviceBuffer d_x = dev(x), d_w = dev(w);
+  ASSERT_EQ(head_rmsnorm(d_x.as<float>(), rows, stride, heads, d, d_w.as<uint16_t>(), 1e-6f, nullptr), Status::Ok);
+  sync();
+  const std::vector<float> w32 = widen(w);
+  head_rmsnorm_ref(x.data(), rows, stride, heads, d, w32.data(), 1e-6f);
+  EXPECT_LE(nmse(to_host(d_x.as<float>(), x.size()), x), 1e-10);
+}
+
+TEST(FwdGpuSwiglu, VectorAndScalarPathsMatchRef) {
+  OSCAR_REQUIRE_GPU();
+  for (const int64_t inter : {192, 172, 14336}) {
+    const int64_t rows = 33;
+    const std::vector<uint16_t> gu = to_bf16(randn(rows * 2 * inter, 7, 2.f));
+    DeviceBuffer d_gu = dev(gu), d_out(rows * inter * 2);
+    ASSERT_EQ(swiglu(d_gu.as<uint16_t>(), rows, inter, d_out.as<uint16_t>(), nullptr), Status::Ok);
+    sync();
+    std::vector<float> ref(rows * inter);
+    swiglu_ref(widen(gu).data(), rows, inter, ref.data());
+    EXPECT_LE(nmse(widen(to_host(d_out.as<uint16_t>(), ref.size())), ref), 1e-4) << "inter=" << inter;
+  }
+}
+
+struct RopeCase {
+  int64_t hq, hkv, d;
+  bool qk_norm, bias;
+  int32_t pos0;
+};
+
+TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
+  OSCAR_REQUIRE_GPU();
+  for (const RopeCase c : {RopeCase{4, 2, 128, true, false, 31000}, RopeCase{8, 4, 8, false, true, 0},
+                           RopeCase{32, 8, 128, false, false, 5}, RopeCase{6, 6, 64, true, true, 1000}}) {
+    const int64_t T = 45, slots = c.hq + 2 * c.hkv;
+    const RopeQkvShape s{T, c.hq, c.hkv, c.d, slots * c.d + 8};  // padded rows: the stride is honoured
+    const std::vector<float> qkv = randn(T * s.qkv_row_stride, 8, 2.f), bias = randn(slots * c.d, 9);
+    const std::vector<uint16_t> qn = to_bf16(randn(c.d, 10)), kn = to_bf16(randn(c.d, 11));
+    std::vector<int32_t> pos(T);
+    for (int64_t t = 0; t < T; ++t) pos[t] = c.pos0 + static_cast<int32_t>(t * 7);  // gaps: positions are per token
+    fmt::ModelConfig cfg;
+    cfg.head_dim = c.d;
+    cfg.rope.theta = 1e6;
+    const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
+
+    DeviceBuffer d_qkv = dev(qkv), d_bias = dev(bias), d_qn = dev(qn), d_kn = dev(kn), d_pos = dev(pos),
+                 d_inv = dev(inv_freq);
+    const int64_t nq = T * c.hq * c.d, nk = T * c.hkv * c.d;
+    DeviceBuffer q(nq * 2), k(nk * 2), v(nk * 2), q32(nq * 4), kpre32(nk * 4), k32(nk * 4), v32(nk * 4);
+    RopeQkvArgs a;
+    a.qkv = d_qkv.as<float>();
+    a.bias = c.bias ? d_bias.as<float>() : nullptr;
+    a.q_norm_weight = c.qk_norm ? d_qn.as<uint16_t>() : nullptr;
+    a.k_norm_weight = c.qk_norm ? d_kn.as<uint16_t>() : nullptr;
+    a.positions = d_pos.as<int32_t>();
+    a.inv_freq = d_inv.as<float>();
+    a.q_out = q.as<uint16_t>();
+    a.k_out = k.as<uint16_t>();
+    a.v_out = v.as<uint16_t>();
+    a.q_f32 = q32.as<float>();
+    a.k_pre_rope_f32 = kpre32.as<float>();
+    a.k_f32 = k32.as<float>();
+    a.v_f32 = v32.as<float>();
+    ASSERT_EQ(rope_qkv(s, a, nullptr), Status::Ok);
+    sync();
+
+    std::vector<float> rq(nq), rkpre(nk), rk(nk), rv(nk);
+    const std::vector<float> qn32 = widen(qn), kn32 = widen(kn);
+    RopeQkvRefArgs r;
+    r.qkv = qkv.data();
+    r.bias = c.bias ? bias.data() : nullptr;
+    r.q_norm_weight = c.qk_norm ? qn32.data() : nullptr;
+    r.k_norm_weight = c.qk_norm ? kn32.data() : nullptr;
+    r.positions = pos.data();
+    r.inv_freq = inv_freq.data();
+    r.q_out = rq.data();
+    r.k_pre_rope_out = rkpre.data();
+    r.k_out = rk.data();
+    r.v_out = rv.data();
+    rope_qkv_ref(s, r);
+    const std::string what = "d=" + std::to_string(c.d);
+    EXPECT_LE(nmse(to_host(q32.as<float>(), nq), rq), 1e-5) << what;
+    EXPECT_LE(nmse(to_host(kpre32.as<float>(), nk), rkpre), 1e-5) << what;
+    EXPECT_LE(nmse(to_host(k32.as<float>(), nk), rk), 1e-5) << what;
+    EXPECT_LE(nmse(to_host(v32.as<float>(), nk), rv), 1e-5) << what;
+    EXPECT_LE(nmse(widen(to_host(q.as<uint16_t>(), nq)), rq), 1e-4) << what;
+    EXPECT_LE(nmse(widen(to_host(k.as<uint16_t>(), nk)), rk), 1e-4) << what;
+    EXPECT_LE(nmse(widen(to_host(v.as<uint16_t>(), nk)), rv), 1e-4) << what;
+  }
+}
+
+struct AttentionCase {
+  int32_t hq, hkv, d;
+  std::vector<int32_t> lengths;
+};
+
+class FwdGpuAttention : public ::testing::TestWithParam<AttentionCase> {};
+
+TEST_P(FwdGpuAttention, MatchesRef) {
+  OSCAR_REQUIRE_GPU();
+  const AttentionCase& c = GetParam();
+  std::vector<int32_t> cu = {0};
+  for (int32_t len : c.lengths) cu.push_back(cu.back() + len);
+  const int64_t T = cu.back();
+  const std::vector<uint16_t> q = to_bf16(randn(T * c.hq * c.d, 12, 2.f)), k = to_bf16(randn(T * c.hkv * c.d, 13, 2.f)),
+                              v = to_bf16(randn(T * c.hkv * c.d, 14));
+  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(T * c.hq * c.d * 2);
+  PrefillAttentionArgs a;
+  a.q = d_q.as<uint16_t>();
+  a.k = d_k.as<uint16_t>();
+  a.v = d_v.as<uint16_t>();
+  a.out = d_out.as<uint16_t>();
+  a.q_row_stride = a.out_row_stride = int64_t{c.hq} * c.d;
+  a.k_row_stride = a.v_row_stride = int64_t{c.hkv} * c.d;
+  a.cu_seqlens = d_cu.as<int32_t>();
+  a.num_seqs = static_cast<int32_t>(c.lengths.size());
+  a.max_seqlen = *std::max_element(c.lengths.begin(), c.lengths.end());
+  a.num_heads = c.hq;
+  a.num_kv_heads = c.hkv;
+  a.head_dim = c.d;
+  a.scale = 1.f / std::sqrt(static_cast<float>(c.d));
+  ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
+  sync();
+
+  const std::vector<float> q32 = widen(q), k32 = widen(k), v32 = widen(v);
+  std::vector<float> ref(T * c.hq * c.d);
+  PrefillAttentionRefArgs r;
+  r.q = q32.data();
+  r.k = k32.data();
+  r.v = v32.data();
+  r.out = ref.data();
+  r.q_row_stride = r.out_row_stride = a.q_row_stride;
+  r.k_row_stride = r.v_row_stride = a.k_row_stride;
+  r.cu_seqlens = cu;
+  r.num_heads = c.hq;
+  r.num_kv_heads = c.hkv;
+  r.head_dim = c.d;
+  r.scale = a.scale;
+  attention_prefill_ref(r);
+  EXPECT_LE(nmse(widen(to_host(d_out.as<uint16_t>(), ref.size())), ref), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FwdGpuAttention,
+    ::testing::Values(AttentionCase{8, 4, 8, {1, 17, 64, 65, 130}},      // tinystories-llama2c-280k heads
+                      AttentionCase{4, 4, 16, {128, 3, 200}},            // aidreams heads (MHA)
+                      AttentionCase{8, 1, 64, {257, 64, 1}},             // MQA, 64-dim
+                      AttentionCase{4, 2, 128, {1000, 1, 129}},          // qwen3-tiny heads
+                      AttentionCase{32, 8, 128, {300, 77}},              // 8B-class GQA 4
+                      AttentionCase{2, 1, 128, {4097}},                  // tiles past 4K
+                      AttentionCase{6, 2, 40, {0, 50, 0, 33}},           // padded dims, empty sequences
+                      AttentionCase{4, 4, 96, {150}}));                  // 96 padded to 128
+
+// 32K tokens: the whole reference is O(T²) and too slow on a CPU, so selected query rows are checked against a
+// direct softmax over their prefix.
+TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
+  OSCAR_REQUIRE_GPU();
+  const int32_t hq = 4, hkv = 1, d = 128, T = 32768;
+  const std::vector<uint16_t> q = to_bf16(randn(int64_t{T} * hq * d, 15)), k = to_bf16(randn(int64_t{T} * hkv * d, 16)),
+                              v = to_bf16(randn(int64_t{T} * hkv * d, 17));
+  const std::vector<int32_t> cu = {0, T};
+  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(int64_t{T} * hq * d * 2);
+  PrefillAttentionArgs a;
+  a.q = d_q.as<uint16_t>();
+  a.k = d_k.as<uint16_t>();
+  a.v = d_v.as<uint16_t>();
+  a.out = d_out.as<uint16_t>();
+  a.q_row_stride = a.out_row_stride = hq * d;
+  a.k_row_stride = a.v_row_stride = hkv * d;
+  a.cu_seqlens = d_cu.as<int32_t>();
+  a.num_seqs = 1;
+  a.max_seqlen = T;
+  a.num_heads = hq;
+  a.num_kv_heads = hkv;
+  a.head_dim = d;
+  a.scale = 1.f / std::sqrt(static_cast<float>(d));
+  ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
+  sync();
+  const std::vector<float> out = widen(to_host(d_out.as<uint16_t>(), int64_t{T} * hq * d));
+  std::vector<float> got, ref;
+  for (const int32_t row : {0, 1, 63, 64, 4095, 20000, 32767})
+    for (int32_t h = 0; h < hq; ++h) {
+      std::vector<double> scores(row + 1);
+      double mx = -INFINITY;
+      for (int32_t j = 0; j <= row; ++j) {
+        double dot = 0;
+        for (int32_t i = 0; i < d; ++i)
+          dot += double{fmt::bf16_to_f32(q[(int64_t{row} * hq + h) * d + i])} * fmt::bf16_to_f32(k[int64_t{j} * d + i]);
+        scores[j] = dot * a.scale;
+        mx = std::max(mx, scores[j]);
+      }
+      double den = 0;
+      for (double& s : scores) den += (s = std::exp(s - mx));
+      for (int32_t i = 0; i < d; ++i) {
+        double acc = 0;
+        for (int32_t j = 0; j <= row; ++j) acc += scores[j] * fmt::bf16_to_f32(v[int64_t{j} * d + i]);
+        ref.push_back(static_cast<float>(acc / den));
+        got.push_back(out[(int64_t{row} * hq + h) * d + i]);
+      }
+    }
+  EXPECT_LE(nmse(got, ref), 1e-4);
+}
+
+TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
+  PrefillAttentionArgs a;
+  a.num_seqs = 1;
+  a.max_seqlen = 1;
+  a.num_heads = 4;
+  a.num_kv_heads = 3;  // not a divisor
+  a.head_dim = 64;
+  a.scale = 0.125f;
+  a.q_row_stride = a.out_row_stride = 256;
+  a.k_row_stride = a.v_row_stride = 192;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument);
+  a.num_kv_heads = 2;
+  a.k_row_stride = a.v_row_stride = 128;
+  a.head_dim = 256;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported);
+  a.head_dim = 12;  // not a multiple of 8
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported);
+}
+
+}  // namespace
+}  // namespace oscar::kern
