@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Quickstart: install dependencies, build, pick a model, and run OSCAR on it end to end.
+#   scripts/quickstart.sh [--model DIR] [--prompt TEXT]
+# Default model: ../shared/fixtures/models/qwen3-tiny-trained (a small trained Qwen3, head_dim 128) when it is
+# there, else a synthetic checkpoint written by `oscar synth` into build/synth-model (random weights: the text it
+# generates is noise, but every stage runs).
+# Each stage is one `step` line below; later stages (calibrate, eval) are appended the same way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=""
+PROMPT="Once upon a time"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) MODEL="$2"; shift 2 ;;
+    --prompt) PROMPT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+OSCAR=build/bin/oscar
+step() {
+  local title="$1"; shift
+  printf '\n==> %s\n    %s\n' "$title" "$*"
+  "$@"
+}
+
+pick_model() {
+  if [ -n "$MODEL" ]; then return; fi
+  if [ -f ../shared/fixtures/models/qwen3-tiny-trained/config.json ]; then
+    MODEL=../shared/fixtures/models/qwen3-tiny-trained
+  else
+    MODEL=build/synth-model
+    step "no fixture model found: writing a synthetic one" "$OSCAR" synth --out "$MODEL" --arch qwen3 --seed 0
+  fi
+}
+
+step "install dependencies" scripts/install-deps.sh
+step "build"                scripts/build.sh
+pick_model
+step "model info"           "$OSCAR" info --model "$MODEL"
+step "generate (CPU, greedy)" "$OSCAR" generate --model "$MODEL" --prompt "$PROMPT" --max-new-tokens 48
+
+printf '\nquickstart: done (model: %s)\n' "$MODEL"
