@@ -52,6 +52,7 @@ fs::path bf16_copy(const fs::path& src, const fs::path& dst) {
 
 std::vector<int32_t> text_ids(const fs::path& model_dir, const fs::path& text_file, size_t max_tokens) {
   std::ifstream in(text_file, std::ios::binary);
+  if (!in) throw oscar::Error(text_file.string(), "cannot open test text");
   std::string text(16384, '\0');
   in.read(text.data(), static_cast<std::streamsize>(text.size()));
   text.resize(static_cast<size_t>(in.gcount()));
@@ -189,14 +190,18 @@ std::vector<int32_t> golden_input_ids(const fmt::TensorStore& golden) {
 TEST(FwdGpuModel, TinyStoriesLlamaMatchesCpuModel) {
   OSCAR_REQUIRE_GPU();
   OSCAR_REQUIRE_FIXTURE("models/tinystories-llama2c-280k-hf");
+  OSCAR_REQUIRE_FIXTURE("text/tinystories-sample.txt");
   const fs::path dir = test::fixtures_dir() / "models/tinystories-llama2c-280k-hf";
   const auto story = text_ids(dir, test::fixtures_dir() / "text/tinystories-sample.txt", 256);  // max positions
+  ASSERT_EQ(story.size(), 256u);
   compare_with_cpu(dir, {story, random_ids(100, 512, 1), std::vector<int32_t>(story.begin(), story.begin() + 7)});
 }
 
 TEST(FwdGpuModel, Qwen3TinyMatchesCpuModel) {
   OSCAR_REQUIRE_GPU();
   OSCAR_REQUIRE_FIXTURE("models/qwen3-tiny-trained");
+  OSCAR_REQUIRE_FIXTURE("text/python-docs-heldout.txt");
+  OSCAR_REQUIRE_FIXTURE("text/linux-docs-heldout.txt");
   const fs::path dir = test::fixtures_dir() / "models/qwen3-tiny-trained";
   compare_with_cpu(dir, {text_ids(dir, test::fixtures_dir() / "text/python-docs-heldout.txt", 1100),
                          text_ids(dir, test::fixtures_dir() / "text/linux-docs-heldout.txt", 300),
