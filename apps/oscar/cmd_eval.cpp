@@ -1,0 +1,249 @@
+// oscar eval: accuracy of quantized KV caches against the BF16 cache, on the CPU reference model, with a simulated
+// decode-time cache (lib/eval/simulated_attention.h). Writes report.json / report.md / report.html into --out.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <memory>
+#include <set>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "apps/oscar/command.h"
+#include "apps/oscar/common.h"
+#include "datasets/pack.h"
+#include "formats/bundle.h"
+#include "formats/error.h"
+#include "lib/calib/calibrator.h"
+#include "lib/eval/evaluator.h"
+
+namespace oscar::app {
+namespace {
+
+struct EvalCliOptions {
+  std::string model_dir;
+  std::string bundle;
+  std::vector<std::string> data;
+  std::string modes;  // empty: every mode available (oscar only with --bundle)
+  std::string contexts = "512,2048";
+  int64_t num_seqs = 4;
+  int64_t sink = -1;    // -1: the bundle's spec, else 64
+  int64_t recent = -1;  // -1: the bundle's spec, else 256
+  bool no_windows = false;
+  int64_t greedy_prompts = 2;
+  int64_t greedy_tokens = 32;
+  bool passkey = false;
+  std::string passkey_lengths;  // empty: the --context lengths
+  std::string passkey_depths = "0,25,50,75,100";
+  int64_t passkey_trials = 1;
+  std::string device = "cpu";
+  std::string out = "oscar-eval";
+  bool strict = false;
+  uint64_t seed = 0;
+  bool timestamp = false;
+};
+
+std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
+  std::vector<int64_t> values;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string item = text.substr(start, end - start);
+    try {
+      size_t used = 0;
+      const long long v = std::stoll(item, &used);
+      if (used != item.size() || v <= 0) throw std::invalid_argument(item);
+      values.push_back(v);
+    } catch (const std::exception&) {
+      throw Error(flag, ::fmt::format("'{}' is not a positive integer", item));
+    }
+    start = end + 1;
+  }
+  return values;
+}
+
+int run_eval(const EvalCliOptions& o) {
+  if (o.device == "cuda")
+    throw Error("--device cuda", "GPU evaluation is not available yet (the CUDA runtime is not wired into eval); "
+                                 "use --device cpu");
+  if (o.num_seqs < 1) throw Error("--num-seqs", "must be >= 1");
+  check_model_dir(o.model_dir);
+  auto model = load_model(o.model_dir);
+  auto tok = load_tokenizer(o.model_dir);
+  const fmt::ModelConfig& cfg = model->config();
+
+  std::unique_ptr<fmt::Bundle> bundle;
+  if (!o.bundle.empty()) {
+    bundle = std::make_unique<fmt::Bundle>(fmt::read_bundle(o.bundle));
+    if (!(bundle->model == calib::model_fingerprint(o.model_dir)))
+      throw Error(o.bundle, ::fmt::format("calibrated on another checkpoint than {} (model fingerprint differs)",
+                                          o.model_dir));
+  }
+
+  eval::EvalOptions opt;
+  opt.modes = o.modes.empty() ? std::vector<eval::CacheMode>{} : eval::parse_cache_modes(o.modes, "--modes");
+  if (o.modes.empty())
+    for (eval::CacheMode m : eval::kAllCacheModes)
+      if (m != eval::CacheMode::Oscar || bundle) opt.modes.push_back(m);
+  if (!bundle && std::find(opt.modes.begin(), opt.modes.end(), eval::CacheMode::Oscar) != opt.modes.end())
+    throw Error("--modes", "the oscar mode needs a calibration bundle (--bundle FILE from `oscar calibrate`)");
+  opt.mode_options.windows = {bundle ? bundle->quant.sink_tokens : 64, bundle ? bundle->quant.recent_tokens : 256};
+  if (o.sink >= 0) opt.mode_options.windows.sink = o.sink;
+  if (o.recent >= 0) opt.mode_options.windows.recent = o.recent;
+  if (o.no_windows) opt.mode_options.windows = {0, 0};
+  opt.mode_options.seed = o.seed;
+  opt.mode_options.bundle = bundle.get();
+  opt.greedy_prompts = o.greedy_prompts;
+  opt.greedy_tokens = o.greedy_tokens;
+  opt.seed = o.seed;
+  opt.progress = [](std::string_view line) { spdlog::info("{}", line); };
+
+  const std::vector<int64_t> contexts = parse_int_list(o.contexts, "--context");
+  for (int64_t c : contexts)
+    if (cfg.max_position_embeddings > 0 && c > cfg.max_position_embeddings)
+      throw Error("--context", ::fmt::format("{} exceeds the model's max_position_embeddings {}", c,
+                                             cfg.max_position_embeddings));
+  if (o.passkey) {
+    opt.retrieval = true;
+    opt.retrieval_lengths = o.passkey_lengths.empty() ? contexts : parse_int_list(o.passkey_lengths, "--passkey-lengths");
+    opt.retrieval_depths.clear();
+    for (const std::string& item : [&] {
+           std::vector<std::string> parts;
+           size_t start = 0;
+           while (start <= o.passkey_depths.size()) {
+             size_t end = o.passkey_depths.find(',', start);
+             if (end == std::string::npos) end = o.passkey_depths.size();
+             parts.push_back(o.passkey_depths.substr(start, end - start));
+             start = end + 1;
+           }
+           return parts;
+         }()) {
+      double v = -1;
+      try {
+        size_t used = 0;
+        v = std::stod(item, &used);
+        if (used != item.size()) v = -1;
+      } catch (const std::exception&) {
+      }
+      if (!(v >= 0 && v <= 100)) throw Error("--passkey-depths", ::fmt::format("'{}' is not a percentage in [0, 100]", item));
+      opt.retrieval_depths.push_back(v / 100.0);
+    }
+    if (o.passkey_trials < 1) throw Error("--passkey-trials", "must be >= 1");
+    opt.retrieval_trials = o.passkey_trials;
+  }
+
+  // Evaluation data, one packing per context length; every file is checked against the calibration provenance.
+  std::vector<eval::ContextSequences> data;
+  eval::EvalReport header;
+  std::set<std::string> calibration_sha;
+  if (bundle)
+    for (const auto& f : bundle->calibration.data_files) calibration_sha.insert(f.sha256);
+  for (int64_t context : contexts) {
+    data::PackOptions po;
+    po.seq_len = context;
+    po.num_seqs = o.num_seqs;
+    po.shuffle = true;
+    po.seed = o.seed;
+    const data::PackedDataset packed = data::pack_dataset(o.data, tok.get(), data::SourceOptions{}, po);
+    if (packed.num_seqs() < o.num_seqs)
+      spdlog::warn("context {}: only {} sequences of {} tokens available (asked for {})", context, packed.num_seqs(),
+                   context, o.num_seqs);
+    eval::ContextSequences cs{context, {}};
+    for (int64_t i = 0; i < packed.num_seqs(); ++i) {
+      auto seq = packed.sequence(i);
+      cs.sequences.emplace_back(seq.begin(), seq.end());
+    }
+    data.push_back(std::move(cs));
+    for (const auto& f : packed.files) {
+      if (std::find_if(header.data_files.begin(), header.data_files.end(),
+                       [&](const auto& p) { return p.first == f.path; }) != header.data_files.end())
+        continue;
+      header.data_files.emplace_back(f.path, f.sha256);
+      if (calibration_sha.count(f.sha256)) {
+        const std::string what = ::fmt::format("evaluation file {} (sha256 {}) was used to calibrate {}", f.path,
+                                               f.sha256, o.bundle);
+        if (o.strict) throw Error(f.path, "was used to calibrate the bundle (same sha256); refusing with --strict");
+        spdlog::warn("{}: results on calibration data overstate accuracy", what);
+        header.warnings.push_back(what);
+      }
+    }
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  eval::EvalReport report = eval::evaluate(*model, tok.get(), data, opt);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  report.model = o.model_dir;
+  report.bundle = o.bundle;
+  report.data_files = header.data_files;
+  report.warnings.insert(report.warnings.begin(), header.warnings.begin(), header.warnings.end());
+  std::string mode_list;
+  for (eval::CacheMode m : opt.modes) mode_list += (mode_list.empty() ? "" : ",") + std::string(eval::cache_mode_name(m));
+  report.settings = {{"modes", mode_list},
+                     {"context", o.contexts},
+                     {"num_seqs", std::to_string(o.num_seqs)},
+                     {"sink", std::to_string(opt.mode_options.windows.sink)},
+                     {"recent", std::to_string(opt.mode_options.windows.recent)},
+                     {"kivi", ::fmt::format("key groups {} tokens, value groups {} channels, residual {}",
+                                            opt.mode_options.kivi_key_group_tokens,
+                                            opt.mode_options.kivi_value_group_channels,
+                                            opt.mode_options.kivi_residual)},
+                     {"greedy", ::fmt::format("{} prompts x {} tokens", o.greedy_prompts, o.greedy_tokens)},
+                     {"passkey", o.passkey ? ::fmt::format("depths {}%, {} trial(s)", o.passkey_depths, o.passkey_trials)
+                                           : "off"},
+                     {"seed", std::to_string(o.seed)},
+                     {"device", "cpu"}};
+  if (o.timestamp) {
+    const std::time_t now = std::time(nullptr);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    report.generated_at = buf;
+  }
+  std::filesystem::create_directories(o.out);
+  eval::write_report(o.out, report);
+  std::fputs(eval::format_table(report).c_str(), stdout);
+  spdlog::info("evaluated in {:.1f} s; wrote {}/report.{{json,md,html}}", seconds, o.out);
+  return 0;
+}
+
+}  // namespace
+
+OSCAR_REGISTER_COMMAND(
+    "eval", "Accuracy of quantized KV caches (oscar, int2, kivi2, ...) against BF16: PPL, KL, agreement, passkey", 55,
+    [](CLI::App& sub) -> RunCommand {
+      auto o = std::make_shared<EvalCliOptions>();
+      add_model_option(sub, o->model_dir);
+      sub.add_option("--bundle", o->bundle, ".oscar bundle from `oscar calibrate` (needed by the oscar mode)");
+      sub.add_option("--data", o->data, "held-out evaluation text/JSONL/token files, directories or globs")
+          ->required()
+          ->expected(1, -1);
+      sub.add_option("--modes", o->modes,
+                     "comma list of bf16,oscar,int2,kivi2,hadamard2,int4,fp8 (default: all; oscar only with --bundle)");
+      sub.add_option("--context", o->contexts, "comma list of context lengths (tokens per sequence)")
+          ->capture_default_str();
+      sub.add_option("--num-seqs", o->num_seqs, "sequences per context length")->capture_default_str();
+      sub.add_option("--sink", o->sink, "first tokens kept in bf16 (default: the bundle's, else 64)");
+      sub.add_option("--recent", o->recent, "most recent tokens kept in bf16 (default: the bundle's, else 256)");
+      sub.add_flag("--no-windows", o->no_windows, "sink 0 and recent 0: every cached token quantized (KIVI keeps its "
+                                                  "residual)");
+      sub.add_option("--greedy-prompts", o->greedy_prompts, "prompts per context for greedy agreement (0: off)")
+          ->capture_default_str();
+      sub.add_option("--greedy-tokens", o->greedy_tokens, "greedy tokens per prompt")->capture_default_str();
+      sub.add_flag("--passkey", o->passkey, "run passkey and needle retrieval");
+      sub.add_option("--passkey-lengths", o->passkey_lengths, "comma list of prompt lengths (default: --context)");
+      sub.add_option("--passkey-depths", o->passkey_depths, "comma list of needle depths in percent")
+          ->capture_default_str();
+      sub.add_option("--passkey-trials", o->passkey_trials, "prompts per length and depth")->capture_default_str();
+      add_device_option(sub, o->device);
+      sub.add_option("--out", o->out, "output directory (created) for report.json, report.md, report.html")
+          ->capture_default_str();
+      sub.add_flag("--strict", o->strict, "refuse evaluation files that were part of the bundle's calibration data");
+      sub.add_option("--seed", o->seed, "seed of sequence sampling, hadamard2 signs and retrieval keys")
+          ->capture_default_str();
+      sub.add_flag("--timestamp", o->timestamp, "record the UTC time in the reports (off: reports are reproducible)");
+      return [o] { return run_eval(*o); };
+    });
+
+}  // namespace oscar::app

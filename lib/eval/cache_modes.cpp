@@ -1,0 +1,250 @@
+#include "lib/eval/cache_modes.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <random>
+
+#include "formats/dtype.h"
+#include "formats/error.h"
+#include "lib/calib/rotation.h"
+
+namespace oscar::eval {
+namespace {
+
+fmt::TensorQuantSpec whole_head_spec(fmt::KvStorage storage, int64_t d, int32_t bits) {
+  fmt::TensorQuantSpec s;
+  s.storage = storage;
+  s.segments = {fmt::QuantSegment{0, static_cast<int32_t>(d), bits}};
+  s.clip_ratio = 1.0f;
+  return s;
+}
+
+// KIVI's per-token values: one (scale, zero) pair per group of `group` channels.
+fmt::TensorQuantSpec channel_group_spec(int64_t d, int64_t group, int32_t bits) {
+  fmt::TensorQuantSpec s;
+  s.storage = fmt::KvStorage::Int;
+  for (int64_t b = 0; b < d; b += group)
+    s.segments.push_back(fmt::QuantSegment{static_cast<int32_t>(b), static_cast<int32_t>(b + group), bits});
+  s.clip_ratio = 1.0f;
+  return s;
+}
+
+}  // namespace
+
+std::string_view cache_mode_name(CacheMode mode) {
+  switch (mode) {
+    case CacheMode::BF16: return "bf16";
+    case CacheMode::Oscar: return "oscar";
+    case CacheMode::Int2: return "int2";
+    case CacheMode::Hadamard2: return "hadamard2";
+    case CacheMode::Kivi2: return "kivi2";
+    case CacheMode::Int4: return "int4";
+    case CacheMode::Fp8: return "fp8";
+  }
+  return "?";
+}
+
+CacheMode parse_cache_mode(std::string_view name, const std::string& where) {
+  for (CacheMode m : kAllCacheModes)
+    if (cache_mode_name(m) == name) return m;
+  throw Error(where, ::fmt::format("unknown cache mode '{}' (bf16, oscar, int2, kivi2, hadamard2, int4, fp8)", name));
+}
+
+std::vector<CacheMode> parse_cache_modes(std::string_view csv, const std::string& where) {
+  std::vector<CacheMode> modes;
+  size_t start = 0;
+  while (start <= csv.size()) {
+    size_t end = csv.find(',', start);
+    if (end == std::string_view::npos) end = csv.size();
+    std::string_view item = csv.substr(start, end - start);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (item.empty()) throw Error(where, "empty mode name in the list");
+    const CacheMode m = parse_cache_mode(item, where);
+    if (std::find(modes.begin(), modes.end(), m) != modes.end())
+      throw Error(where, ::fmt::format("mode '{}' is listed twice", item));
+    modes.push_back(m);
+    start = end + 1;
+  }
+  return modes;
+}
+
+void round_to_bf16(std::span<const float> x, std::span<float> out) {
+  for (size_t i = 0; i < x.size(); ++i) out[i] = fmt::bf16_to_f32(fmt::f32_to_bf16(x[i]));
+}
+
+std::vector<float> random_sign_hadamard(int64_t d, uint64_t seed) {
+  const std::vector<double> h = calib::hadamard(d);
+  // Signs from the top bit of mt19937_64 draws: identical on every standard library (no distribution object).
+  std::mt19937_64 rng(seed);
+  std::vector<float> r(static_cast<size_t>(d * d));
+  for (int64_t i = 0; i < d; ++i) {
+    const double sign = (rng() >> 63) ? -1.0 : 1.0;
+    for (int64_t j = 0; j < d; ++j) r[i * d + j] = static_cast<float>(sign * h[i * d + j]);
+  }
+  return r;
+}
+
+struct CacheFormat::TensorCodec {
+  calib::HeadQuantizer quantizer;
+  // rotations[layer]: [groups, d, d] (groups 1 = shared by the layer's KV heads), or empty for no rotation.
+  std::vector<std::vector<float>> rotations;
+  int64_t rotation_groups = 1;
+  std::vector<float> clip_ratios;  // per layer
+  // Bundle format 1.1: layers with their own segment layout (spectral bit allocation); null = `quantizer`.
+  std::vector<std::unique_ptr<calib::HeadQuantizer>> layer_quantizers;
+  const calib::HeadQuantizer& for_layer(int64_t layer) const {
+    const auto l = static_cast<size_t>(layer);
+    return l < layer_quantizers.size() && layer_quantizers[l] ? *layer_quantizers[l] : quantizer;
+  }
+
+  TensorCodec(const fmt::TensorQuantSpec& spec, int64_t d, int64_t layers, const std::string& where)
+      : quantizer(spec, d, where), rotations(static_cast<size_t>(layers)), clip_ratios(static_cast<size_t>(layers),
+                                                                                     spec.clip_ratio) {}
+  std::span<const float> rotation(int64_t layer, int64_t kv_head, int64_t d) const {
+    const auto& r = rotations[static_cast<size_t>(layer)];
+    if (r.empty()) return {};
+    const int64_t g = rotation_groups == 1 ? 0 : kv_head;
+    return std::span<const float>(r).subspan(static_cast<size_t>(g * d * d), static_cast<size_t>(d * d));
+  }
+};
+
+CacheFormat::~CacheFormat() = default;
+
+std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::ModelConfig& cfg, const ModeOptions& opt,
+                                                 const std::string& where) {
+  const std::string mode_where = ::fmt::format("{} (mode {})", where, cache_mode_name(mode));
+  const int64_t d = cfg.head_dim, layers = cfg.num_layers;
+  if (opt.windows.sink < 0 || opt.windows.recent < 0) throw Error(mode_where, "sink and recent windows must be >= 0");
+  std::unique_ptr<CacheFormat> f(new CacheFormat());
+  f->mode_ = mode;
+  f->head_dim_ = d;
+  f->num_layers_ = layers;
+  f->num_kv_heads_ = cfg.num_kv_heads;
+  f->windows_ = opt.windows;
+
+  auto per_token = [&](const fmt::TensorQuantSpec& ks, const fmt::TensorQuantSpec& vs) {
+    f->k_ = std::make_unique<TensorCodec>(ks, d, layers, mode_where + " keys");
+    f->v_ = std::make_unique<TensorCodec>(vs, d, layers, mode_where + " values");
+    f->cost_ = {ks.bits_per_element(d), vs.bits_per_element(d)};
+  };
+
+  switch (mode) {
+    case CacheMode::BF16: {
+      const auto s = whole_head_spec(fmt::KvStorage::BF16, d, 16);
+      per_token(s, s);
+      break;
+    }
+    case CacheMode::Int2:
+    case CacheMode::Int4: {
+      const auto s = whole_head_spec(fmt::KvStorage::Int, d, mode == CacheMode::Int2 ? 2 : 4);
+      per_token(s, s);
+      break;
+    }
+    case CacheMode::Fp8: {
+      const auto s = whole_head_spec(fmt::KvStorage::Fp8E4M3, d, 8);
+      per_token(s, s);
+      break;
+    }
+    case CacheMode::Hadamard2: {
+      if (!calib::is_power_of_two(d))
+        throw Error(mode_where, ::fmt::format("head_dim {} is not a power of two (no Hadamard matrix)", d));
+      const auto s = whole_head_spec(fmt::KvStorage::Int, d, 2);
+      per_token(s, s);
+      // Independent signs per layer and tensor, all derived from the one seed.
+      for (int64_t l = 0; l < layers; ++l) {
+        f->k_->rotations[l] = random_sign_hadamard(d, opt.seed * 1000003u + 2 * static_cast<uint64_t>(l));
+        f->v_->rotations[l] = random_sign_hadamard(d, opt.seed * 1000003u + 2 * static_cast<uint64_t>(l) + 1);
+      }
+      break;
+    }
+    case CacheMode::Kivi2: {
+      const int64_t gt = opt.kivi_key_group_tokens, gc = opt.kivi_value_group_channels;
+      if (gt < 1) throw Error(mode_where, "KIVI key group must be >= 1 token");
+      if (gc < 1 || d % gc != 0)
+        throw Error(mode_where, ::fmt::format("KIVI value group of {} channels does not divide head_dim {}", gc, d));
+      // Keys are quantized per channel with the same INT2 building blocks; the codec's spec only describes one
+      // element's bits for the cost (2 bits + one fp16 pair per channel per group of gt tokens).
+      per_token(whole_head_spec(fmt::KvStorage::Int, d, 2), channel_group_spec(d, gc, 2));
+      f->cost_.key_bits = 2.0 + 32.0 / static_cast<double>(gt);
+      f->keys_per_channel_ = true;
+      f->key_group_tokens_ = gt;
+      f->windows_.recent = std::max(opt.windows.recent, opt.kivi_residual);
+      break;
+    }
+    case CacheMode::Oscar: {
+      if (!opt.bundle)
+        throw Error(mode_where, "the oscar mode needs a calibration bundle (--bundle FILE from `oscar calibrate`)");
+      const fmt::Bundle& b = *opt.bundle;
+      if (b.quant.head_dim != d || static_cast<int64_t>(b.layers.size()) != layers)
+        throw Error(mode_where, ::fmt::format("bundle is for head_dim {} and {} layers, the model has {} and {}",
+                                              b.quant.head_dim, b.layers.size(), d, layers));
+      if (b.rotation_groups != 1 && b.rotation_groups != cfg.num_kv_heads)
+        throw Error(mode_where, ::fmt::format("bundle has {} rotation groups, the model {} KV heads",
+                                              b.rotation_groups, cfg.num_kv_heads));
+      per_token(b.quant.k, b.quant.v);
+      f->k_->rotation_groups = f->v_->rotation_groups = b.rotation_groups;
+      for (int64_t l = 0; l < layers; ++l) {
+        const auto& lc = b.layers[static_cast<size_t>(l)];
+        const size_t expect = static_cast<size_t>(b.rotation_groups * d * d);
+        if (lc.k_rotation.size() != expect || lc.v_rotation.size() != expect)
+          throw Error(mode_where, ::fmt::format("bundle layer {} rotations have the wrong size", l));
+        f->k_->rotations[l] = lc.k_rotation;
+        f->v_->rotations[l] = lc.v_rotation;
+        f->k_->clip_ratios[l] = lc.k_clip_ratio;
+        f->v_->clip_ratios[l] = lc.v_clip_ratio;
+      }
+      // Per-layer layouts: each layer quantizes with its own segments; the cost is the mean over layers.
+      double k_bits = 0, v_bits = 0;
+      for (int64_t l = 0; l < layers; ++l) {
+        const fmt::KvQuantSpec ls = fmt::layer_spec(b, static_cast<size_t>(l));
+        const std::string lw = ::fmt::format("{} layer {}", mode_where, l);
+        f->k_->layer_quantizers.push_back(b.layers[l].k_segments.empty() ? nullptr
+                                              : std::make_unique<calib::HeadQuantizer>(ls.k, d, lw + " keys"));
+        f->v_->layer_quantizers.push_back(b.layers[l].v_segments.empty() ? nullptr
+                                              : std::make_unique<calib::HeadQuantizer>(ls.v, d, lw + " values"));
+        k_bits += ls.k.bits_per_element(d);
+        v_bits += ls.v.bits_per_element(d);
+      }
+      if (layers > 0) f->cost_ = {k_bits / static_cast<double>(layers), v_bits / static_cast<double>(layers)};
+      break;
+    }
+  }
+  return f;
+}
+
+void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t kv_head, std::span<const float> x,
+                                int64_t tokens, std::span<float> out) const {
+  if (layer < 0 || layer >= num_layers_ || kv_head < 0 || kv_head >= num_kv_heads_)
+    throw Error(std::string(name()), ::fmt::format("layer {} / KV head {} out of range", layer, kv_head));
+  codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),
+                                codec.clip_ratios[static_cast<size_t>(layer)], calib::Basis::Original, out);
+}
+
+void CacheFormat::fake_quantize_keys(int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
+                                     std::span<float> out) const {
+  if (!keys_per_channel_) return fake_quantize(*k_, layer, kv_head, x, tokens, out);
+  const int64_t d = head_dim_, g = key_group_tokens_;
+  if (tokens % g != 0 || static_cast<int64_t>(x.size()) != tokens * d || out.size() != x.size())
+    throw Error("kivi2 keys", ::fmt::format("{} tokens is not a whole number of {}-token groups", tokens, g));
+  // KIVI quantizes keys along the token axis: each channel of a group is one INT2 segment with its own
+  // fp16 scale/zero, which keeps the outlier channels of K from inflating every token's range.
+  std::vector<float> column(static_cast<size_t>(g));
+  std::vector<uint8_t> codes(static_cast<size_t>(g));
+  for (int64_t t0 = 0; t0 < tokens; t0 += g) {
+    for (int64_t c = 0; c < d; ++c) {
+      for (int64_t i = 0; i < g; ++i) column[i] = x[(t0 + i) * d + c];
+      const calib::IntParams p = calib::int_params(column, 2);
+      calib::int_codes(column, 2, p, codes);
+      for (int64_t i = 0; i < g; ++i) out[(t0 + i) * d + c] = calib::int_dequant(codes[i], p);
+    }
+  }
+}
+
+void CacheFormat::fake_quantize_values(int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
+                                       std::span<float> out) const {
+  fake_quantize(*v_, layer, kv_head, x, tokens, out);
+}
+
+}  // namespace oscar::eval

@@ -1,0 +1,51 @@
+#pragma once
+// evaluate() — the whole of `oscar eval` below the CLI: for every context length and cache mode, teacher-forced
+// forwards through SimulatedCacheAttention compared with the BF16 cache (metrics.h), greedy continuations, and
+// optional passkey / needle retrieval; the result is an EvalReport (report.h) the caller renders and writes.
+#include <cstdint>
+#include <functional>
+#include <string_view>
+#include <vector>
+
+#include "formats/tokenizer.h"
+#include "lib/eval/cache_modes.h"
+#include "lib/eval/report.h"
+#include "lib/model/cpu_model.h"
+
+namespace oscar::eval {
+
+// Evaluation sequences of one context length (each exactly `context` tokens).
+struct ContextSequences {
+  int64_t context = 0;
+  std::vector<std::vector<int32_t>> sequences;
+};
+
+struct EvalOptions {
+  std::vector<CacheMode> modes;  // compared with bf16, which is always run as the reference
+  ModeOptions mode_options;      // windows, seed, KIVI parameters, bundle
+  int64_t greedy_prompts = 2;    // first N sequences of each context, cut to context - greedy_tokens tokens
+  int64_t greedy_tokens = 32;
+  bool retrieval = false;                  // passkey and needle
+  std::vector<int64_t> retrieval_lengths;  // prompt lengths in tokens
+  std::vector<double> retrieval_depths = {0.0, 0.25, 0.5, 0.75, 1.0};
+  int64_t retrieval_trials = 1;       // prompts per (length, depth), each with its own key
+  int64_t retrieval_new_tokens = 12;  // greedy tokens generated for the answer
+  uint64_t seed = 0;                  // retrieval keys (mode seeds are in mode_options)
+  // Progress lines ("context 1024: int2 sequence 2/4").
+  std::function<void(std::string_view)> progress;
+};
+
+// Runs everything on the CPU reference model. `tokenizer` is needed only for retrieval. Results are ordered by
+// context, then by options.modes. Throws oscar::Error for a mode that cannot be built (e.g. oscar without a
+// bundle) before any forward pass runs.
+EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, const std::vector<ContextSequences>& data,
+                    const EvalOptions& options);
+
+// Logits [ids.size(), vocab] of one teacher-forced forward with `format`'s simulated cache.
+std::vector<float> simulated_logits(model::CpuModel& model, const CacheFormat& format, std::span<const int32_t> ids);
+
+// Greedy continuation of `prompt` (new_tokens tokens, EOS not special) with `format`'s simulated cache.
+std::vector<int32_t> simulated_greedy(model::CpuModel& model, const CacheFormat& format,
+                                      std::span<const int32_t> prompt, int64_t new_tokens);
+
+}  // namespace oscar::eval
