@@ -184,6 +184,21 @@ const fmt::ModelConfig& DeviceModel::config() const { return impl_->cfg; }
 Stream DeviceModel::stream() const { return reinterpret_cast<Stream>(impl_->stream); }
 size_t DeviceModel::weight_bytes() const { return impl_->weight_bytes; }
 
+DeviceWeights DeviceModel::weights() const {
+  const Impl& m = *impl_;
+  auto bf16 = [](const DeviceBuffer& b) { return b.empty() ? nullptr : b.as<uint16_t>(); };
+  DeviceWeights w;
+  w.embed = bf16(m.embed);
+  w.lm_head = m.lm_head_weight();
+  w.final_norm = bf16(m.final_norm);
+  w.inv_freq = m.inv_freq.as<float>();
+  for (const LayerWeights& L : m.layers)
+    w.layers.push_back({bf16(L.input_norm), bf16(L.post_attention_norm), bf16(L.q_norm), bf16(L.k_norm), bf16(L.qkv),
+                        L.qkv_bias.empty() ? nullptr : L.qkv_bias.as<float>(), bf16(L.o), bf16(L.gate_up),
+                        bf16(L.down)});
+  return w;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Loading
 

@@ -78,6 +78,27 @@ struct LogitsView {
   std::vector<float> to_host() const;  // waits for the forward, widens bf16
 };
 
+// Device pointers to a loaded model's weights, for executors other than forward() (the decode engine,
+// runtime/engine.h). Layouts as forward() uses them; valid while the DeviceModel lives. bf16 bits unless noted.
+struct DeviceLayerWeights {
+  const uint16_t* input_norm = nullptr;           // [H]
+  const uint16_t* post_attention_norm = nullptr;  // [H]
+  const uint16_t* q_norm = nullptr;               // [d], null without Qwen3's q/k norm
+  const uint16_t* k_norm = nullptr;               // [d]
+  const uint16_t* qkv = nullptr;                  // [q_dim + 2 kv_dim, H]: q_proj, k_proj, v_proj stacked
+  const float* qkv_bias = nullptr;                // fp32 [q_dim + 2 kv_dim], null without biases
+  const uint16_t* o = nullptr;                    // [H, q_dim]
+  const uint16_t* gate_up = nullptr;              // [2 I, H]: gate_proj, up_proj stacked
+  const uint16_t* down = nullptr;                 // [H, I]
+};
+struct DeviceWeights {
+  const uint16_t* embed = nullptr;       // [V, H]
+  const uint16_t* lm_head = nullptr;     // [V, H] (the embedding when tied)
+  const uint16_t* final_norm = nullptr;  // [H]
+  const float* inv_freq = nullptr;       // fp32 [d / 2]
+  std::vector<DeviceLayerWeights> layers;
+};
+
 class DeviceModel {
  public:
   // DIR/config.json and the safetensors checkpoint in DIR, uploaded as bf16 from bf16/fp16/fp32 tensors. Every
@@ -95,6 +116,7 @@ class DeviceModel {
   const fmt::ModelConfig& config() const;
   Stream stream() const;
   size_t weight_bytes() const;
+  DeviceWeights weights() const;
 
   // Prefill of a packed batch. Enqueues on stream() and returns without waiting (observers and
   // LogitsView::to_host synchronize as they need). Throws oscar::Error for an id outside the vocabulary or a

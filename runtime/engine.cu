@@ -1,0 +1,479 @@
+// rt::Engine: prefill into the paged cache and the layer-by-layer decode executor (runtime/engine.h).
+//
+// Numerics match DeviceModel::forward op for op (same kernels, same GEMM wrapper, fp32 residual, bf16 activations
+// into every GEMM), so with the bf16 cache a decode step differs from a full recompute only in the attention
+// kernel's summation order.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+
+#include "formats/error.h"
+#include "kernels/activation/swiglu.h"
+#include "kernels/attention_decode/decode_attention.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/embedding/embedding.h"
+#include "kernels/kv_quantize/kv_quantize.h"
+#include "kernels/norm/rmsnorm.h"
+#include "kernels/rope/rope_qkv.h"
+#include "lib/calib/calibrator.h"
+#include "runtime/device_buffer.h"
+#include "runtime/device_model.h"
+#include "runtime/engine.h"
+#include "runtime/kv_cache.h"
+#include "runtime/lt_gemm.h"
+
+namespace oscar::rt {
+
+namespace {
+
+void check(kern::Status s, const std::string& where) {
+  if (s != kern::Status::Ok) throw Error(where, "kernel launch refused: " + std::string(kern::status_name(s)));
+}
+
+template <class T>
+__device__ __forceinline__ float load_as_float(const T* p);
+template <>
+__device__ __forceinline__ float load_as_float<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float load_as_float<uint16_t>(const uint16_t* p) {
+  return kern::detail::bf16_bits_to_float(*p);
+}
+
+// Head vectors [rows, src_dim] -> bf16 [rows, dst_dim]: dims past src_dim become 0, dims past dst_dim are dropped.
+// Serves the fp32 -> bf16 conversion of the prefill observer's K/V, and the zero padding of small head dims to
+// the decode kernels' sizes (and back for the attention output).
+template <class T>
+__global__ void copy_heads_kernel(const T* __restrict__ src, int64_t rows, int src_dim, uint16_t* __restrict__ dst,
+                                  int dst_dim) {
+  const int64_t n = rows * dst_dim;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / dst_dim;
+    const int j = static_cast<int>(i - r * dst_dim);
+    dst[i] = j < src_dim ? kern::detail::float_to_bf16_bits(load_as_float(src + r * src_dim + j)) : uint16_t{0};
+  }
+}
+
+template <class T>
+void copy_heads(const T* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, cudaStream_t stream,
+                const std::string& where) {
+  const int64_t n = rows * dst_dim;
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+  copy_heads_kernel<T><<<blocks, 256, 0, stream>>>(src, rows, static_cast<int>(src_dim), dst,
+                                                   static_cast<int>(dst_dim));
+  check_cuda(cudaGetLastError(), where);
+}
+
+size_t bytes_of(int64_t n, int64_t elem) { return static_cast<size_t>(n * elem); }
+
+}  // namespace
+
+struct SequenceState {
+  std::vector<int32_t> tokens;  // ids whose K/V are cached
+  int32_t next = 0;
+  std::mt19937_64 rng;
+  std::vector<float> logits;
+};
+
+struct Engine::Impl {
+  std::unique_ptr<DeviceModel> model;
+  fmt::ModelConfig cfg;
+  DeviceWeights w;
+  EngineOptions opt;
+  CacheFormat format;
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<LtGemm> gemm;
+  cudaStream_t stream = nullptr;
+  int sm_count = 0;
+  std::vector<DeviceBuffer> k_rot, v_rot;  // per layer; empty = identity
+  std::map<int64_t, SequenceState> seqs;
+
+  // Decode scratch, grown to the largest batch seen.
+  std::vector<int32_t> host_ints;
+  DeviceBuffer ints;  // ids [B], positions [B], seq_lens [B], bf16 slots [B], int2 slots [B], tables 2 x [B, W]
+  DeviceBuffer x, normed, qkv, q, k, v, attn, proj, gate_up, act, logits, workspace;
+  DeviceBuffer q_pad, k_pad, v_pad, attn_pad;  // cache_head_dim copies when the model's head_dim is padded
+  // Prefill staging: bf16 [T, Hkv, D] K and V for kv_write, slots [2 T].
+  DeviceBuffer stage_k, stage_v, prefill_slots;
+
+  ~Impl() = default;
+
+  bool padded() const { return format.cache_head_dim != cfg.head_dim; }
+  const float* rotation(const std::vector<DeviceBuffer>& r, int64_t layer) const {
+    return r[static_cast<size_t>(layer)].empty() ? nullptr : r[static_cast<size_t>(layer)].as<float>();
+  }
+
+  // Writes `tokens` new head vectors of one layer into the cache: x_k / x_v bf16 [tokens, Hkv, D] (token stride
+  // `stride` elements), slots from KvPageTables (-1 = not stored in that pool).
+  void write_layer(int64_t layer, const uint16_t* x_k, const uint16_t* x_v, int64_t tokens, int64_t stride,
+                   const int32_t* bf16_slots, const int32_t* int2_slots, const std::string& where) {
+    kern::KvWriteParams p;
+    p.tokens = tokens;
+    p.token_stride = stride;
+    p.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+    p.head_dim = static_cast<int32_t>(format.cache_head_dim);
+    p.page_tokens = static_cast<int32_t>(cache->layout().page_tokens);
+    const auto st = reinterpret_cast<kern::Stream>(stream);
+    for (const bool value : {false, true}) {
+      p.x = value ? x_v : x_k;
+      p.rotation = rotation(value ? v_rot : k_rot, layer);
+      p.slots = bf16_slots;
+      p.bf16_pool = cache->bf16_pool(layer, value);
+      p.int2_pool = nullptr;
+      check(kern::kv_write(p, kern::KvWriteMode::Bf16, st), where + (value ? " V" : " K") + " bf16 write");
+      if (format.quantized) {
+        p.slots = int2_slots;
+        p.bf16_pool = nullptr;
+        p.int2_pool = cache->int2_pool(layer, value);
+        p.clip_ratio = (value ? format.v_clip_ratio : format.k_clip_ratio)[static_cast<size_t>(layer)];
+        check(kern::kv_write(p, kern::KvWriteMode::Int2, st), where + (value ? " V" : " K") + " INT2 write");
+      }
+    }
+  }
+
+  int32_t pick(SequenceState& s, const float* row) {
+    const std::span<const float> logits(row, static_cast<size_t>(cfg.vocab_size));
+    if (opt.keep_logits) s.logits.assign(logits.begin(), logits.end());
+    return model::pick_next_token(logits, opt.sampling, s.rng);
+  }
+};
+
+// The prefill observer: each layer's post-RoPE K/V (fp32, token-major) go to the cache as bf16.
+class PrefillCacheWriter : public DeviceObserver {
+ public:
+  PrefillCacheWriter(Engine::Impl& e, const int32_t* bf16_slots, const int32_t* int2_slots)
+      : e_(e), bf16_slots_(bf16_slots), int2_slots_(int2_slots) {}
+  void on_attention_inputs(const DeviceAttentionInputs& in) override {
+    const int64_t D = e_.format.cache_head_dim, rows = in.num_tokens * in.num_kv_heads;
+    const std::string where = "Engine::add_sequence: layer " + std::to_string(in.layer);
+    copy_heads(in.k, rows, in.head_dim, e_.stage_k.as<uint16_t>(), D, e_.stream, where + " K staging");
+    copy_heads(in.v, rows, in.head_dim, e_.stage_v.as<uint16_t>(), D, e_.stream, where + " V staging");
+    e_.write_layer(in.layer, e_.stage_k.as<uint16_t>(), e_.stage_v.as<uint16_t>(), in.num_tokens,
+                   in.num_kv_heads * D, bf16_slots_, int2_slots_, where);
+  }
+
+ private:
+  Engine::Impl& e_;
+  const int32_t* bf16_slots_;
+  const int32_t* int2_slots_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+const fmt::ModelConfig& Engine::config() const { return impl_->cfg; }
+const CacheFormat& Engine::cache_format() const { return impl_->format; }
+const KvCache& Engine::cache() const { return *impl_->cache; }
+DeviceModel& Engine::model() { return *impl_->model; }
+
+std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, const EngineOptions& options,
+                                     const fmt::Bundle* bundle) {
+  auto e = std::make_unique<Impl>();
+  e->opt = options;
+  e->cfg = fmt::ModelConfig::from_dir(model_dir);
+  // Everything checkable on the host is checked before the weights are uploaded.
+  fmt::Bundle read;
+  if (options.cache == CacheMode::Oscar) {
+    std::string bundle_where = "--bundle";
+    if (!bundle) {
+      if (options.bundle.empty()) throw Error("--bundle", "the oscar cache format needs a calibration bundle");
+      read = fmt::read_bundle(options.bundle);
+      bundle = &read;
+      bundle_where = options.bundle.string();
+    }
+    check_bundle_matches(*bundle, calib::model_fingerprint(model_dir), bundle_where, model_dir.string());
+  }
+  e->format = resolve_cache_format(e->cfg, options.cache, bundle, options.sink_tokens, options.recent_tokens,
+                                   "--cache " + std::string(cache_mode_name(options.cache)));
+  if (options.max_sequences <= 0) throw Error("--max-sequences", "must be positive");
+
+  KvCacheLayout layout;
+  layout.num_layers = e->cfg.num_layers;
+  layout.num_kv_heads = e->cfg.num_kv_heads;
+  layout.head_dim = e->format.cache_head_dim;
+  layout.page_tokens = fmt::kKvPageTokens;
+  layout.quantized = e->format.quantized;
+  layout.sink_tokens = e->format.sink_tokens;
+  layout.recent_tokens = e->format.recent_tokens;
+  const KvCachePlan plan = plan_kv_cache(layout, options.cache_budget_bytes, options.max_sequences, "--cache-budget");
+
+  e->model = DeviceModel::load(model_dir);
+  e->w = e->model->weights();
+  e->stream = reinterpret_cast<cudaStream_t>(e->model->stream());
+  e->gemm = std::make_unique<LtGemm>(size_t{32} << 20);
+  e->cache = std::make_unique<KvCache>(layout, plan);
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "Engine: cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&e->sm_count, cudaDevAttrMultiProcessorCount, device), "Engine: SM count");
+  for (int64_t l = 0; l < e->cfg.num_layers; ++l) {
+    const auto& rk = e->format.k_rotation[static_cast<size_t>(l)];
+    const auto& rv = e->format.v_rotation[static_cast<size_t>(l)];
+    e->k_rot.push_back(rk.empty() ? DeviceBuffer() : to_device(std::span<const float>(rk), "R_k"));
+    e->v_rot.push_back(rv.empty() ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
+  }
+  return std::unique_ptr<Engine>(new Engine(std::move(e)));
+}
+
+int64_t Engine::add_sequence(std::span<const int32_t> prompt) {
+  Impl& e = *impl_;
+  const std::string where = "Engine::add_sequence";
+  if (prompt.empty()) throw Error(where, "empty prompt");
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= e.cfg.vocab_size)
+      throw Error(where + ": prompt id at " + std::to_string(i),
+                  std::to_string(prompt[i]) + " is outside the vocabulary");
+  if (static_cast<int64_t>(e.seqs.size()) >= e.opt.max_sequences)
+    throw Error(where, "already " + std::to_string(e.seqs.size()) + " live sequences (--max-sequences)");
+  if (prompt.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2))
+    throw Error(where, "prompt too long");
+
+  KvPageTables& tables = e.cache->tables();
+  const int64_t seq = tables.create_sequence();
+  const auto n = static_cast<int64_t>(prompt.size());
+  try {
+    const int64_t lengths[1] = {n};
+    tables.extend(std::span<const int64_t>(&seq, 1), lengths, where);
+    std::vector<int32_t> slots(static_cast<size_t>(2 * n));
+    for (int64_t t = 0; t < n; ++t) {
+      slots[static_cast<size_t>(t)] = tables.bf16_slot(seq, t);
+      slots[static_cast<size_t>(n + t)] = tables.int2_slot(seq, t);
+    }
+    const int64_t D = e.format.cache_head_dim;
+    e.prefill_slots.ensure(slots.size() * 4, "prefill slots");
+    e.stage_k.ensure(bytes_of(n * e.cfg.num_kv_heads * D, 2), "prefill K staging");
+    e.stage_v.ensure(bytes_of(n * e.cfg.num_kv_heads * D, 2), "prefill V staging");
+    check_cuda(cudaMemcpyAsync(e.prefill_slots.data(), slots.data(), slots.size() * 4, cudaMemcpyHostToDevice,
+                               e.stream),
+               where + ": upload slots");
+    PrefillCacheWriter writer(e, e.prefill_slots.as<int32_t>(), e.prefill_slots.as<int32_t>() + n);
+    PackedBatch batch;
+    batch.add_sequence(prompt);
+    DeviceForwardOptions fo;
+    fo.observer = &writer;
+    fo.rows = LogitsRows::LastPerSequence;
+    const std::vector<float> logits = e.model->forward(batch, fo).to_host();  // synchronizes: slots may go
+    SequenceState s;
+    s.tokens.assign(prompt.begin(), prompt.end());
+    s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(seq));
+    s.next = e.pick(s, logits.data());
+    e.seqs.emplace(seq, std::move(s));
+  } catch (...) {
+    tables.free_sequence(seq);
+    throw;
+  }
+  return seq;
+}
+
+std::vector<Engine::StepToken> Engine::step() {
+  Impl& e = *impl_;
+  const fmt::ModelConfig& c = e.cfg;
+  const std::string where = "Engine::step";
+  std::vector<int64_t> ids;
+  for (const auto& [id, s] : e.seqs) ids.push_back(id);
+  const auto B = static_cast<int64_t>(ids.size());
+  if (B == 0) return {};
+
+  KvPageTables& tables = e.cache->tables();
+  std::vector<int64_t> positions(ids.size()), new_lengths(ids.size());
+  int64_t max_len = 0;
+  for (size_t b = 0; b < ids.size(); ++b) {
+    positions[b] = tables.length(ids[b]);
+    new_lengths[b] = positions[b] + 1;
+    max_len = std::max(max_len, new_lengths[b]);
+  }
+  if (max_len > std::numeric_limits<int32_t>::max() / 2) throw Error(where, "sequence too long");
+  tables.extend(ids, new_lengths, where);  // all or nothing
+
+  // One upload: ids, positions, lengths, slots, page tables.
+  const int32_t W = tables.table_width(ids);
+  std::vector<int32_t>& h = e.host_ints;
+  h.assign(static_cast<size_t>(5 * B + 2 * B * W), 0);
+  for (size_t b = 0; b < ids.size(); ++b) {
+    h[b] = e.seqs.at(ids[b]).next;
+    h[B + b] = static_cast<int32_t>(positions[b]);
+    h[2 * B + b] = static_cast<int32_t>(new_lengths[b]);
+    h[3 * B + b] = tables.bf16_slot(ids[b], positions[b]);
+    h[4 * B + b] = tables.int2_slot(ids[b], positions[b]);
+  }
+  tables.fill_tables(ids, W, /*int2_table=*/h.data() + 5 * B + B * W, /*bf16_table=*/h.data() + 5 * B);
+  e.ints.ensure(h.size() * 4, "decode integer inputs");
+  check_cuda(cudaMemcpyAsync(e.ints.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, e.stream),
+             where + ": upload");
+  const int32_t* d_ids = e.ints.as<int32_t>();
+  const int32_t* d_pos = d_ids + B;
+  const int32_t* d_lens = d_ids + 2 * B;
+  const int32_t* d_bf16_slots = d_ids + 3 * B;
+  const int32_t* d_int2_slots = d_ids + 4 * B;
+  const int32_t* d_bf16_table = d_ids + 5 * B;
+  const int32_t* d_int2_table = d_ids + 5 * B + B * W;
+
+  const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim(), d = c.head_dim;
+  const int64_t D = e.format.cache_head_dim, nqkv = qd + 2 * kvd;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const auto st = reinterpret_cast<kern::Stream>(e.stream);
+  e.x.ensure(bytes_of(B * H, 4), "decode residual");
+  e.normed.ensure(bytes_of(B * H, 2), "decode normed");
+  e.qkv.ensure(bytes_of(B * nqkv, 4), "decode qkv");
+  e.q.ensure(bytes_of(B * qd, 2), "decode q");
+  e.k.ensure(bytes_of(B * kvd, 2), "decode k");
+  e.v.ensure(bytes_of(B * kvd, 2), "decode v");
+  e.attn.ensure(bytes_of(B * qd, 2), "decode attention output");
+  e.proj.ensure(bytes_of(B * H, 4), "decode projection");
+  e.gate_up.ensure(bytes_of(B * 2 * I, 2), "decode gate_up");
+  e.act.ensure(bytes_of(B * I, 2), "decode swiglu");
+  e.logits.ensure(bytes_of(B * c.vocab_size, 4), "decode logits");
+  if (e.padded()) {
+    e.q_pad.ensure(bytes_of(B * c.num_heads * D, 2), "decode padded q");
+    e.k_pad.ensure(bytes_of(B * c.num_kv_heads * D, 2), "decode padded k");
+    e.v_pad.ensure(bytes_of(B * c.num_kv_heads * D, 2), "decode padded v");
+    e.attn_pad.ensure(bytes_of(B * c.num_heads * D, 2), "decode padded attention output");
+  }
+  const int32_t page_tokens = static_cast<int32_t>(e.cache->layout().page_tokens);
+  const int32_t splits = kern::decode_attention_num_splits(static_cast<int32_t>(B), static_cast<int32_t>(c.num_kv_heads),
+                                                           static_cast<int32_t>(max_len), page_tokens, e.sm_count);
+  const size_t ws = kern::decode_attention_workspace_bytes(static_cast<int32_t>(B), static_cast<int32_t>(c.num_heads),
+                                                           static_cast<int32_t>(D), splits);
+  e.workspace.ensure(std::max<size_t>(ws, 16), "decode attention workspace");
+
+  float* x = e.x.as<float>();
+  uint16_t* normed = e.normed.as<uint16_t>();
+  float* proj = e.proj.as<float>();
+  check(kern::embedding_gather(d_ids, B, e.w.embed, c.vocab_size, H, x, st), where + ": embedding");
+  check(kern::rmsnorm(x, B, H, e.w.layers[0].input_norm, eps, normed, st), where + ": layer 0 input_layernorm");
+
+  kern::DecodeAttentionParams ap;
+  ap.batch = static_cast<int32_t>(B);
+  ap.num_q_heads = static_cast<int32_t>(c.num_heads);
+  ap.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
+  ap.head_dim = static_cast<int32_t>(D);
+  ap.page_tokens = page_tokens;
+  ap.q = e.padded() ? e.q_pad.as<uint16_t>() : e.q.as<uint16_t>();
+  // The model's scale, not the padded dim's: padding must not change the scores.
+  ap.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  ap.seq_lens = d_lens;
+  ap.max_seq_len = static_cast<int32_t>(max_len);
+  // bf16 mode: every token is a "sink" token, which makes the kernel read only bf16 pages.
+  ap.sink_tokens = e.format.quantized ? e.format.sink_tokens : std::numeric_limits<int32_t>::max();
+  ap.recent_tokens = e.format.quantized ? e.format.recent_tokens : 0;
+  ap.int2_page_table = d_int2_table;
+  ap.bf16_page_table = d_bf16_table;
+  ap.max_pages = W;
+  ap.out_bf16 = e.padded() ? e.attn_pad.as<uint16_t>() : e.attn.as<uint16_t>();
+  ap.num_splits = splits;
+  ap.workspace = e.workspace.data();
+  ap.workspace_bytes = e.workspace.bytes();
+
+  const kern::RopeQkvShape rope_shape{B, c.num_heads, c.num_kv_heads, d, nqkv};
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const DeviceLayerWeights& L = e.w.layers[static_cast<size_t>(l)];
+    const std::string lw = where + ": layer " + std::to_string(l);
+    e.gemm->xwt(normed, B, H, L.qkv, nqkv, e.qkv.data(), GemmOut::F32, 0.f, st, lw + " qkv_proj");
+    kern::RopeQkvArgs ra;
+    ra.qkv = e.qkv.as<float>();
+    ra.bias = L.qkv_bias;
+    ra.q_norm_weight = L.q_norm;
+    ra.k_norm_weight = L.k_norm;
+    ra.norm_eps = eps;
+    ra.positions = d_pos;
+    ra.inv_freq = e.w.inv_freq;
+    ra.q_out = e.q.as<uint16_t>();
+    ra.k_out = e.k.as<uint16_t>();
+    ra.v_out = e.v.as<uint16_t>();
+    check(kern::rope_qkv(rope_shape, ra, st), lw + " rope_qkv");
+
+    const uint16_t* k_new = e.k.as<uint16_t>();
+    const uint16_t* v_new = e.v.as<uint16_t>();
+    if (e.padded()) {
+      copy_heads(e.q.as<uint16_t>(), B * c.num_heads, d, e.q_pad.as<uint16_t>(), D, e.stream, lw + " pad q");
+      copy_heads(e.k.as<uint16_t>(), B * c.num_kv_heads, d, e.k_pad.as<uint16_t>(), D, e.stream, lw + " pad k");
+      copy_heads(e.v.as<uint16_t>(), B * c.num_kv_heads, d, e.v_pad.as<uint16_t>(), D, e.stream, lw + " pad v");
+      k_new = e.k_pad.as<uint16_t>();
+      v_new = e.v_pad.as<uint16_t>();
+    }
+    e.write_layer(l, k_new, v_new, B, c.num_kv_heads * D, d_bf16_slots, d_int2_slots, lw);
+
+    ap.rotation_k = e.rotation(e.k_rot, l);
+    ap.rotation_v = e.rotation(e.v_rot, l);
+    ap.k_int2_pool = e.cache->int2_pool(l, false);
+    ap.v_int2_pool = e.cache->int2_pool(l, true);
+    ap.k_bf16_pool = e.cache->bf16_pool(l, false);
+    ap.v_bf16_pool = e.cache->bf16_pool(l, true);
+    check(kern::decode_attention(ap, st), lw + " decode_attention");
+    if (e.padded())
+      copy_heads(e.attn_pad.as<uint16_t>(), B * c.num_heads, D, e.attn.as<uint16_t>(), d, e.stream,
+                 lw + " unpad attention output");
+
+    e.gemm->xwt(e.attn.as<uint16_t>(), B, qd, L.o, H, proj, GemmOut::F32, 0.f, st, lw + " o_proj");
+    check(kern::add_rmsnorm(x, proj, B, H, L.post_attention_norm, eps, normed, st), lw + " post_attention_layernorm");
+    e.gemm->xwt(normed, B, H, L.gate_up, 2 * I, e.gate_up.data(), GemmOut::BF16, 0.f, st, lw + " gate_up_proj");
+    check(kern::swiglu(e.gate_up.as<uint16_t>(), B, I, e.act.as<uint16_t>(), st), lw + " swiglu");
+    e.gemm->xwt(e.act.as<uint16_t>(), B, I, L.down, H, proj, GemmOut::F32, 0.f, st, lw + " down_proj");
+    const uint16_t* next_norm =
+        l + 1 < c.num_layers ? e.w.layers[static_cast<size_t>(l + 1)].input_norm : e.w.final_norm;
+    check(kern::add_rmsnorm(x, proj, B, H, next_norm, eps, normed, st), lw + " residual + next norm");
+  }
+  e.gemm->xwt(normed, B, H, e.w.lm_head, c.vocab_size, e.logits.data(), GemmOut::F32, 0.f, st, where + ": lm_head");
+
+  std::vector<float> logits(static_cast<size_t>(B * c.vocab_size));
+  check_cuda(cudaMemcpyAsync(logits.data(), e.logits.data(), logits.size() * 4, cudaMemcpyDeviceToHost, e.stream),
+             where + ": download logits");
+  check_cuda(cudaStreamSynchronize(e.stream), where);
+
+  std::vector<StepToken> out;
+  out.reserve(ids.size());
+  for (size_t b = 0; b < ids.size(); ++b) {
+    SequenceState& s = e.seqs.at(ids[b]);
+    s.tokens.push_back(s.next);
+    s.next = e.pick(s, logits.data() + b * static_cast<size_t>(c.vocab_size));
+    out.push_back({ids[b], s.next});
+  }
+  return out;
+}
+
+void Engine::free_sequence(int64_t seq) {
+  Impl& e = *impl_;
+  if (!e.seqs.count(seq)) throw Error("Engine::free_sequence", "unknown sequence id " + std::to_string(seq));
+  // Work already enqueued may still read the pages; they are reused only by later work on the same stream.
+  e.cache->tables().free_sequence(seq);
+  e.seqs.erase(seq);
+}
+
+std::vector<int64_t> Engine::sequences() const {
+  std::vector<int64_t> ids;
+  for (const auto& [id, s] : impl_->seqs) ids.push_back(id);
+  return ids;
+}
+
+namespace {
+template <class Map>
+auto& find_sequence(Map& seqs, int64_t seq, const char* where) {
+  auto it = seqs.find(seq);
+  if (it == seqs.end()) throw Error(where, "unknown sequence id " + std::to_string(seq));
+  return it->second;
+}
+}  // namespace
+
+int32_t Engine::next_token(int64_t seq) const { return find_sequence(impl_->seqs, seq, "Engine::next_token").next; }
+
+void Engine::set_next_token(int64_t seq, int32_t token) {
+  if (token < 0 || token >= impl_->cfg.vocab_size)
+    throw Error("Engine::set_next_token", std::to_string(token) + " is outside the vocabulary");
+  find_sequence(impl_->seqs, seq, "Engine::set_next_token").next = token;
+}
+
+const std::vector<int32_t>& Engine::tokens(int64_t seq) const {
+  return find_sequence(impl_->seqs, seq, "Engine::tokens").tokens;
+}
+
+std::span<const float> Engine::last_logits(int64_t seq) const {
+  if (!impl_->opt.keep_logits) throw Error("Engine::last_logits", "the engine was built without keep_logits");
+  return find_sequence(impl_->seqs, seq, "Engine::last_logits").logits;
+}
+
+}  // namespace oscar::rt

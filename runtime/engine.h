@@ -1,0 +1,133 @@
+#pragma once
+// rt::Engine — batched autoregressive generation on the GPU over the paged KV cache (runtime/kv_cache.h).
+//
+//   add_sequence(prompt)  prefill with DeviceModel::forward; a DeviceObserver catches each layer's post-RoPE K/V
+//                         and writes them into the cache (kern::kv_write: bf16 for sink/window, INT2 for the rest),
+//                         and the last logits give the sequence's first new token (next_token()).
+//   step()                one token for every live sequence: embedding → per layer [rmsnorm → QKV GEMM → fused
+//                         bias/q-k-norm/RoPE at each sequence's own position → append K/V to the cache →
+//                         kern::decode_attention (q·R_k inside the kernel, output ·R_vᵀ) → o_proj → residual →
+//                         rmsnorm → gate|up GEMM → SwiGLU → down → residual] → lm_head → greedy or sampled token.
+//   free_sequence(id)     gives the sequence's pages back.
+//
+// Cache formats: bf16 (the baseline; every token bf16, no windows), int2 (per-token INT2, no rotation, no clip —
+// eval's "int2"), oscar (a calibration bundle's per-layer rotations and clip ratios; eval's "oscar"). The windows
+// default to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2) and can be overridden.
+//
+// Head dims the decode kernels do not implement (they take 64, 128, 256) are padded with zeros up to the next one
+// in the bf16 mode: zero dims add nothing to q·k and produce zero output dims, so the result is exact (the tiny
+// llama2.c fixtures have head_dim 8). Quantized modes refuse them, because padded zeros would change the per-token
+// min/max and so the quantization itself.
+//
+// This header needs no CUDA headers; the host parts (format resolution, bundle checks) are in engine_format.cpp
+// and build without nvcc.
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "formats/bundle.h"
+#include "formats/model_config.h"
+#include "lib/model/generate.h"
+
+namespace oscar::rt {
+
+class DeviceModel;
+class KvCache;
+
+enum class CacheMode { Bf16, Int2, Oscar };
+std::string_view cache_mode_name(CacheMode mode);                            // "bf16", "int2", "oscar"
+CacheMode parse_cache_mode(std::string_view name, const std::string& where);  // oscar::Error naming `where`
+
+// The resolved storage format of one engine: what is written, per layer.
+struct CacheFormat {
+  CacheMode mode = CacheMode::Bf16;
+  int64_t model_head_dim = 0;
+  int64_t cache_head_dim = 0;  // model_head_dim, or the padded kernel size (bf16 mode only)
+  bool quantized = false;
+  int64_t sink_tokens = 0;     // quantized modes
+  int64_t recent_tokens = 0;
+  std::vector<std::vector<float>> k_rotation, v_rotation;  // per layer [d, d] row-major (y = x·R); empty = none
+  std::vector<float> k_clip_ratio, v_clip_ratio;           // per layer; 1 = no clipping
+};
+
+// The smallest head dim the decode kernels implement that holds `head_dim` (64, 128 or 256); throws
+// oscar::Error(where, ...) above 256.
+int64_t padded_cache_head_dim(int64_t head_dim, const std::string& where);
+
+// Builds the format for `mode`. oscar needs `bundle` (already checked against the model with
+// check_bundle_matches); its quantization must be what the kernels implement: INT2 storage over the whole head for
+// K and V, one rotation per layer (not per KV head). sink/recent override the windows when set.
+// Every problem is an oscar::Error(where, ...).
+CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
+                                 std::optional<int64_t> sink_tokens, std::optional<int64_t> recent_tokens,
+                                 const std::string& where);
+
+// Throws oscar::Error(bundle_where, ...) naming both models (architecture, shapes, config sha256, attention
+// weights sha256, whichever differ) when the bundle was calibrated on another checkpoint.
+void check_bundle_matches(const fmt::Bundle& bundle, const fmt::ModelFingerprint& model,
+                          const std::string& bundle_where, const std::string& model_where);
+
+struct EngineOptions {
+  CacheMode cache = CacheMode::Bf16;
+  std::filesystem::path bundle;             // read for CacheMode::Oscar (unless a Bundle is passed to load)
+  std::optional<int64_t> sink_tokens;       // window overrides (quantized modes)
+  std::optional<int64_t> recent_tokens;
+  size_t cache_budget_bytes = size_t{1} << 30;  // both pools together
+  int64_t max_sequences = 8;                    // live sequences at once; sizes the bf16 window pool
+  model::SamplingOptions sampling;              // temperature 0 = greedy; sequence s samples with seed + s
+  bool keep_logits = false;                     // keep each sequence's last logits row (last_logits())
+};
+
+class Engine {
+ public:
+  // Loads the model (DeviceModel::load) and builds the cache. For CacheMode::Oscar the bundle comes from
+  // `bundle` when given, else from options.bundle; either is refused unless its fingerprint matches the model
+  // (calib::model_fingerprint of model_dir).
+  static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, const EngineOptions& options,
+                                      const fmt::Bundle* bundle = nullptr);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const fmt::ModelConfig& config() const;
+  const CacheFormat& cache_format() const;
+  const KvCache& cache() const;
+  DeviceModel& model();
+
+  // Prefills `prompt` (ids in the vocabulary, non-empty) as a new sequence and picks its first new token
+  // (next_token). Throws oscar::Error when max_sequences are live or the cache has no room; nothing is kept then.
+  int64_t add_sequence(std::span<const int32_t> prompt);
+
+  struct StepToken {
+    int64_t sequence = 0;
+    int32_t token = 0;  // the token picked by this step (the next input)
+  };
+  // Feeds every live sequence its next_token() and picks the following one. All sequences advance or, when the
+  // cache cannot hold one more token for each, none does (oscar::Error; free sequences and retry).
+  std::vector<StepToken> step();
+
+  void free_sequence(int64_t seq);
+  std::vector<int64_t> sequences() const;  // live ids, ascending
+
+  // The token the next step() feeds; set_next_token overrides it (teacher forcing, stop handling by callers).
+  int32_t next_token(int64_t seq) const;
+  void set_next_token(int64_t seq, int32_t token);
+  // Prompt plus every token fed since (the ids whose K/V are in the cache).
+  const std::vector<int32_t>& tokens(int64_t seq) const;
+  // fp32 logits [vocab] of the last prefill/step of `seq`; requires options.keep_logits.
+  std::span<const float> last_logits(int64_t seq) const;
+
+  struct Impl;
+
+ private:
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace oscar::rt
