@@ -2,7 +2,12 @@
 // Prints µs per call, bytes moved, achieved GB/s, % of the cudaMemcpy D2D bandwidth measured in this process,
 // and the speedup over the bf16 kernel. Cache contents are synthetic (valid fp16 scales, bounded bf16 values):
 // the kernels' cost does not depend on the values.
-//   decode_attention_bench [--iters N] [--max-context T]
+// Timing: by default `iters` calls are captured into one CUDA graph and the graph launch is timed with events,
+// which is how a serving loop issues a decode step and measures GPU time only; --eager times plain back-to-back
+// calls, which at small sizes measures the host's launch rate (4 kernels per call) instead of the GPU.
+// --torch-results reads the table printed by bench/torch_sdpa_decode.py (same shapes, same device run) and adds
+// the speedup of the INT2 path over torch's bf16 SDPA.
+//   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -11,7 +16,11 @@
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "formats/kv_layout.h"
@@ -80,14 +89,46 @@ double measure_d2d_gbps() {
   return 2.0 * bytes * reps / (ms * 1e-3) / 1e9;  // read + write
 }
 
+// "model batch context | torch_us ..." rows of torch_sdpa_decode.py, keyed by (model, batch, context).
+std::map<std::tuple<std::string, int, long long>, double> read_torch_results(const std::string& path) {
+  std::map<std::tuple<std::string, int, long long>, double> rows;
+  std::ifstream in(path);
+  if (!in) {
+    std::fprintf(stderr, "cannot read --torch-results %s\n", path.c_str());
+    std::exit(2);
+  }
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    std::string model, bar;
+    int batch = 0;
+    long long ctx = 0;
+    double us = 0;
+    if (ls >> model >> batch >> ctx >> bar >> us && bar == "|") rows[{model, batch, ctx}] = us;
+  }
+  return rows;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int iters = 20;
   int64_t max_context = 131072;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  std::map<std::tuple<std::string, int, long long>, double> torch_us;
+  bool eager = false;
+  for (int i = 1; i < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--eager")) {
+      eager = true;
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "flag %s needs a value\n", argv[i]);
+      return 2;
+    }
     if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--max-context")) max_context = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--torch-results")) torch_us = read_torch_results(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -96,9 +137,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const double d2d = measure_d2d_gbps();
-  std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s\n", prop.name, prop.multiProcessorCount, d2d);
-  std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s\n", "model", "batch", "context", "splits",
-              "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup");
+  std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s, timing %s\n", prop.name, prop.multiProcessorCount, d2d,
+              eager ? "eager launches" : "CUDA graph of the calls");
+  std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s\n", "model", "batch", "context",
+              "splits", "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup", "torch_us",
+              "vs_torch");
 
   const int d = 128, page = oscar::fmt::kKvPageTokens;
   const int64_t sink = 64, recent = 256;
@@ -172,25 +215,41 @@ int main(int argc, char** argv) {
         CHECK_CUDA(cudaMalloc(&p.workspace, ws));
         p.workspace_bytes = ws;
 
+        cudaStream_t stream;
+        CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         auto time_us = [&](int64_t sink_tokens, int64_t recent_tokens) {
           p.sink_tokens = sink_tokens;
           p.recent_tokens = recent_tokens;
           for (int w = 0; w < 3; ++w)
-            if (oscar::kern::decode_attention(p, nullptr) != oscar::kern::Status::Ok) {
+            if (oscar::kern::decode_attention(p, stream) != oscar::kern::Status::Ok) {
               std::fprintf(stderr, "decode_attention rejected the params\n");
               std::exit(1);
             }
+          cudaGraphExec_t exec = nullptr;
+          if (!eager) {
+            cudaGraph_t graph;
+            CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+            for (int it = 0; it < iters; ++it) oscar::kern::decode_attention(p, stream);
+            CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+            CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+            CHECK_CUDA(cudaGraphDestroy(graph));
+            CHECK_CUDA(cudaGraphLaunch(exec, stream));  // warm-up of the graph itself
+          }
           cudaEvent_t e0, e1;
           cudaEventCreate(&e0);
           cudaEventCreate(&e1);
-          cudaEventRecord(e0);
-          for (int it = 0; it < iters; ++it) oscar::kern::decode_attention(p, nullptr);
-          cudaEventRecord(e1);
+          cudaEventRecord(e0, stream);
+          if (eager)
+            for (int it = 0; it < iters; ++it) oscar::kern::decode_attention(p, stream);
+          else
+            CHECK_CUDA(cudaGraphLaunch(exec, stream));
+          cudaEventRecord(e1, stream);
           CHECK_CUDA(cudaEventSynchronize(e1));
           float ms = 0;
           cudaEventElapsedTime(&ms, e0, e1);
           cudaEventDestroy(e0);
           cudaEventDestroy(e1);
+          if (exec) cudaGraphExecDestroy(exec);
           return 1e3 * ms / iters;
         };
         const double int2_us = time_us(sink, recent);
@@ -203,9 +262,14 @@ int main(int argc, char** argv) {
         const double bf16_bytes_moved = double(batch) * m.kv_heads * per_head_bf16 + io;
         const double int2_gbps = int2_bytes_moved / (int2_us * 1e-6) / 1e9;
         const double bf16_gbps = bf16_bytes_moved / (bf16_us * 1e-6) / 1e9;
-        std::printf("%-12s %5d %7lld %6d | %9.1f %9.2f %8.0f %5.0f%% | %9.1f %8.0f %5.0f%% | %6.2fx\n", m.name, batch,
+        std::printf("%-12s %5d %7lld %6d | %9.1f %9.2f %8.0f %5.0f%% | %9.1f %8.0f %5.0f%% | %6.2fx", m.name, batch,
                     (long long)ctx, splits, int2_us, int2_bytes_moved / 1e6, int2_gbps, 100 * int2_gbps / d2d, bf16_us,
                     bf16_gbps, 100 * bf16_gbps / d2d, bf16_us / int2_us);
+        const auto torch_row = torch_us.find({m.name, batch, static_cast<long long>(ctx)});
+        if (torch_row != torch_us.end())
+          std::printf(" | %9.1f %7.2fx\n", torch_row->second, torch_row->second / int2_us);
+        else
+          std::printf(" | %9s %8s\n", "-", "-");
         std::fflush(stdout);
         cudaFree(k2);
         cudaFree(v2);
@@ -217,6 +281,7 @@ int main(int argc, char** argv) {
         cudaFree(lens);
         cudaFree(drot);
         cudaFree(p.workspace);
+        cudaStreamDestroy(stream);
       }
     }
   }

@@ -1,23 +1,50 @@
 #include "kernels/attention_decode/decode_attention.cuh"
 #include "kernels/attention_decode/decode_attention.h"
 
+#include <algorithm>
+
 namespace oscar::kern {
 namespace {
 
+// Window splits when INT2 tokens exist: about 32 tokens per block (the windows are a few hundred tokens and this
+// kernel's time is pure latency), never more than the INT2 splits the workspace was sized for.
+int32_t window_split_count(const DecodeAttentionParams& p, int32_t splits, bool int2_active) {
+  if (!int2_active) return splits;  // bf16 baseline: the windows are the whole sequence
+  const int64_t window = std::min<int64_t>(p.max_seq_len, p.sink_tokens + p.recent_tokens);
+  return static_cast<int32_t>(std::clamp<int64_t>((window + 31) / 32, 1, splits));
+}
+
 template <int kHeadDim, int kMaxGroup>
-void launch_split(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(batch));
-  detail::decode_attention_split_kernel<kHeadDim, kMaxGroup><<<grid, detail::kDecodeWarps * 32, 0, stream>>>(a);
+void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+  detail::decode_rotate_q_kernel<kHeadDim, kMaxGroup>
+      <<<dim3(kHeadDim / detail::kRotateColumns, static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(batch)),
+         detail::kRotateSlices * 32, 0, stream>>>(a);
+  if (a.window_splits > 0) {
+    const dim3 grid(static_cast<unsigned>(a.window_splits), static_cast<unsigned>(a.num_kv_heads),
+                    static_cast<unsigned>(batch));
+    detail::decode_attention_window_kernel<kHeadDim, kMaxGroup><<<grid, detail::kDecodeWarps * 32, 0, stream>>>(a);
+  }
 }
 
 template <int kHeadDim>
 Status launch(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   // The group size is a runtime value; the template only bounds it so registers can hold every head's query.
-  if (a.group <= 1) launch_split<kHeadDim, 1>(a, batch, stream);
-  else if (a.group <= 2) launch_split<kHeadDim, 2>(a, batch, stream);
-  else if (a.group <= 4) launch_split<kHeadDim, 4>(a, batch, stream);
-  else launch_split<kHeadDim, 8>(a, batch, stream);
+  if (a.group <= 1) launch_group_kernels<kHeadDim, 1>(a, batch, stream);
+  else if (a.group <= 2) launch_group_kernels<kHeadDim, 2>(a, batch, stream);
+  else if (a.group <= 4) launch_group_kernels<kHeadDim, 4>(a, batch, stream);
+  else launch_group_kernels<kHeadDim, 8>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
+  if (a.int2_splits > 0) {
+    constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
+    // Above 48 KiB of dynamic shared memory a kernel must opt in, once per process.
+    static const cudaError_t opted_in = cudaFuncSetAttribute(
+        detail::decode_attention_int2_kernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (opted_in != cudaSuccess) return Status::CudaError;
+    const dim3 grid(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
+                    static_cast<unsigned>(batch));
+    detail::decode_attention_int2_kernel<kHeadDim><<<grid, detail::kDecodeWarps * 32, kSmem, stream>>>(a);
+    if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
+  }
   detail::decode_attention_merge_kernel<kHeadDim>
       <<<static_cast<unsigned>(batch) * static_cast<unsigned>(a.num_q_heads), kHeadDim, 0, stream>>>(a);
   return detail::launch_status();
@@ -41,7 +68,11 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
     return Status::InvalidArgument;
   if (reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0) return Status::Misaligned;
 
-  const size_t partials = static_cast<size_t>(p.batch) * p.num_q_heads * splits;
+  // INT2 tokens exist when some sequence is longer than its two windows; bf16 tokens when a window is non-empty.
+  const bool int2_active = p.sink_tokens < p.max_seq_len && p.recent_tokens < p.max_seq_len - p.sink_tokens;
+  const bool window_active = p.sink_tokens > 0 || p.recent_tokens > 0;
+
+  const size_t rows = static_cast<size_t>(p.batch) * p.num_q_heads;
   float* ws = static_cast<float*>(p.workspace);
   detail::DecodeArgs a{};
   a.num_q_heads = p.num_q_heads;
@@ -62,9 +93,13 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.int2_page_table = p.int2_page_table;
   a.bf16_page_table = p.bf16_page_table;
   a.max_pages = p.max_pages;
-  a.splits = splits;
-  a.partial_ml = ws;
-  a.partial_acc = ws + 2 * partials;
+  a.int2_splits = int2_active ? splits : 0;
+  a.window_splits = window_active ? window_split_count(p, splits, int2_active) : 0;
+  a.slot_stride = 2 * splits;
+  a.window_slot0 = splits;
+  a.q_rot = ws;
+  a.partial_ml = ws + rows * static_cast<size_t>(p.head_dim);
+  a.partial_acc = a.partial_ml + rows * a.slot_stride * 2;
   a.out = p.out;
   a.out_bf16 = p.out_bf16;
   const cudaStream_t s = detail::to_cuda(stream);

@@ -1,13 +1,34 @@
 #pragma once
-// Device code of decode_attention (decode_attention.h).
+// Device code of decode_attention (decode_attention.h). Four kernels, in launch order:
 //
-// Split kernel: one block (4 warps) per (split, KV head, sequence). A token is handled by kLanesPerToken lanes,
-// each owning kDimsPerLane consecutive rotated dims, so an INT2 lane reads one aligned uint32 (16 codes) or
-// uint16 (8 codes) plus the token's (scale, zero) pair, and a bf16 lane one or two 16-byte vectors. The key is
-// dequantized once in registers and serves all query heads of the group (GQA), which is why the query heads'
-// rotated vectors live in registers: kDimsPerLane drops to 8 for groups above 4 to keep them there.
-// Online softmax runs in the log2 domain (q pre-scaled by softmax_scale * log2 e, exp2f).
-// Merge kernel: one block per (sequence, query head) combines the splits and applies R_vᵀ.
+//  1. rotate_q: q·R_k for every query head, pre-scaled by softmax_scale·log2 e, into the workspace. Once per
+//     decode step instead of once per split block: R_k is 64 KiB, and 500+ split blocks each re-reading it from
+//     L2 (behind a chain of dependent loads) cost tens of µs per call.
+//  2. int2 split kernel: the INT2 tokens [sink, len - recent) on tensor cores (mma.sync m16n8k16, fp16 in, fp32
+//     accumulate). See "INT2 path" below.
+//  3. window split kernel: the bf16 sink / recent tokens (or every token in the bf16 baseline), one token per
+//     kLanesPerToken lanes with fp32 FMAs; these are at most sink + recent + a page of tokens per sequence.
+//  4. merge: combines the partial (max, sum, acc) of every split of both paths and applies R_vᵀ.
+//
+// INT2 path. A 2-bit KV token costs 72 bytes (d = 128, K and V) and 2·d·group multiply-adds; at group 8 and
+// HBM speed that is ~80 TFMA/s, beyond the fp32 FMA units, so both products run on tensor cores:
+//  * S = Q·Kᵀ with the (up to 8) query heads of the KV group as MMA rows and 8 tokens as columns. Rows 8..15 hold
+//    the fp16 rounding residual of rows 0..7 (q = hi + lo), so the query keeps ~22 bits at no extra MMA.
+//  * O = V·P computed as Oᵀ = Vᵀ·Pᵀ: head dims as rows, 16 tokens as k, heads as columns. The C fragment of S
+//    (head g, tokens 2c, 2c+1 in lane 4g+c) is exactly the B fragment P needs, so P never leaves registers.
+//  * Codes enter the MMAs raw; the affine dequantization is applied outside: q·k̂ = s_k·(q·c) + z_k·Σq and
+//    Σ_t p_t v̂_t = Σ_t (p_t s_v,t)·c_t + Σ_t p_t z_v,t (the P operand carries p·s_v, a per-token fp32 sum the zeros).
+//  * Codes become fp16 with ONE lop3 per pair: a 2-bit field at bit 2e of each 16-bit half, masked out, is the
+//    fp16 subnormal c·4^e·2^-24 (exact; tensor cores take subnormal inputs). Only the fields at e <= 4 are in the
+//    mantissa, the three above come from the word shifted right by 6 (at 4^2..4^4). The 4^e factor of each
+//    k-column of Kᵀ is folded into the matching column of Q; the 4^e of each row of Vᵀ (an output dim) is undone
+//    when the accumulators are stored. Q is pre-scaled per head by a power of two so that q·4^(4-e) fills the
+//    fp16 range without overflow.
+//  * The order of dims inside the k-dimension of Q·Kᵀ and of the tokens inside the k-dimension of Vᵀ·Pᵀ is free
+//    (it only has to agree between the two operands), which is used to make every fragment a plain load + lop3
+//    from the staged page and the V reads conflict-free: the 8 tokens of an S n-tile are 0,4,1,5,2,6,3,7.
+// Each warp streams its own tiles (16 tokens, one page's codes + fp16 (scale, zero) pairs for K and V) through a
+// private cp.async ring in shared memory; the online softmax updates once per stage of kInt2TilesPerStage tiles.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,6 +42,9 @@ namespace oscar::kern::detail {
 
 inline constexpr int kDecodeWarps = 4;
 inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr int kInt2TileTokens = 16;
+inline constexpr int kInt2TilesPerStage = 4;
+inline constexpr int kInt2Stages = 3;
 
 struct DecodeArgs {
   int32_t num_q_heads;
@@ -41,115 +65,560 @@ struct DecodeArgs {
   const int32_t* int2_page_table;
   const int32_t* bf16_page_table;
   int32_t max_pages;
-  int32_t splits;
-  float* partial_ml;   // [batch, num_q_heads, splits, 2]: running max (log2 domain) and sum of exp2
-  float* partial_acc;  // [batch, num_q_heads, splits, head_dim]: unnormalized rotated-basis output
+  int32_t int2_splits;     // blocks per (sequence, KV head) of the INT2 kernel; 0 when it is not launched
+  int32_t window_splits;   // same for the window kernel
+  int32_t slot_stride;     // partial slots per (sequence, query head): INT2 slots first, then window slots
+  int32_t window_slot0;    // first window slot
+  float* q_rot;         // [batch, num_q_heads, head_dim]: rotated, pre-scaled query
+  float* partial_ml;    // [batch, num_q_heads, slot_stride, 2]: running max (log2 domain) and sum of exp2
+  float* partial_acc;   // [batch, num_q_heads, slot_stride, head_dim]: unnormalized rotated-basis output
   float* out;
   uint16_t* out_bf16;
 };
 
-// Loads this lane's kDims dims of the rotated key or value of token t as fp32.
-template <int kHeadDim, int kDims>
-__device__ __forceinline__ void load_cached_dims(const DecodeArgs& a, bool value, int b, int h, int t, int len,
-                                                 int sub, float (&out)[kDims]) {
-  const int logical_page = t / a.page_tokens;
-  const int offset = t - logical_page * a.page_tokens;
-  const size_t table_row = static_cast<size_t>(b) * a.max_pages;
-  if (fmt::is_high_precision_token(t, len, a.sink_tokens, a.recent_tokens)) {
-    const int page = a.bf16_page_table[table_row + logical_page];
-    const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
-    const uint16_t* row = (value ? a.v_bf16_pool : a.k_bf16_pool) +
-                          fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes()) / 2 +
-                          static_cast<size_t>(offset) * kHeadDim + sub * kDims;
-#pragma unroll
-    for (int v = 0; v < kDims / 8; ++v) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + v);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        out[8 * v + 2 * w] = __uint_as_float(words[w] << 16);
-        out[8 * v + 2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
-      }
-    }
-    return;
-  }
-  const int page = a.int2_page_table[table_row + logical_page];
-  const fmt::Int2PageGeometry geo{kHeadDim, a.page_tokens};
-  const uint8_t* block = (value ? a.v_int2_pool : a.k_int2_pool) +
-                         fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes());
-  const uint8_t* codes_row = block + static_cast<size_t>(offset) * geo.code_row_bytes();
-  uint32_t codes;
-  if constexpr (kDims == 16)
-    codes = __ldg(reinterpret_cast<const uint32_t*>(codes_row) + sub);
-  else
-    codes = __ldg(reinterpret_cast<const unsigned short*>(codes_row) + sub);
-  const uint32_t pair = __ldg(reinterpret_cast<const uint32_t*>(block + geo.params_offset()) + offset);
-  const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu)));
-  const float zero = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16)));
-#pragma unroll
-  for (int i = 0; i < kDims; ++i) out[i] = fmaf(static_cast<float>((codes >> (2 * i)) & 3u), scale, zero);
+// Tokens of sequence b that are read from bf16 pages: [0, sink_count) and [len - recent_count, len).
+struct WindowCounts {
+  int32_t sink_count;
+  int32_t recent_count;
+};
+__device__ __forceinline__ WindowCounts window_counts(const DecodeArgs& a, int32_t len) {
+  const int64_t sc = a.sink_tokens < len ? a.sink_tokens : len;
+  const int64_t rest = len - sc;
+  const int64_t rc = a.recent_tokens < rest ? a.recent_tokens : rest;
+  return {static_cast<int32_t>(sc), static_cast<int32_t>(rc)};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// 1. q·R_k. Block (column chunk of 32, KV head, sequence), 8 warps: warp w sums rows [w·d/8, (w+1)·d/8) of R_k
+// for its 32 columns with every load of the slice in flight at once (a loop of dependent L2 round trips here
+// used to cost ~35 µs per decode step), then warp 0 adds the 8 slices in a fixed order.
+inline constexpr int kRotateColumns = 32;
+inline constexpr int kRotateSlices = 8;
 template <int kHeadDim, int kMaxGroup>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_split_kernel(DecodeArgs a) {
-  constexpr int kDims = kMaxGroup <= 4 ? 16 : 8;
-  constexpr int kLanesPerToken = kHeadDim / kDims;
-  constexpr int kTokensPerWarp = 32 / kLanesPerToken;
-  static_assert(kLanesPerToken >= 1 && kLanesPerToken <= 32 && 32 % kLanesPerToken == 0);
-  constexpr int kScratch = kDecodeWarps * kMaxGroup * kHeadDim;
+__global__ void __launch_bounds__(kRotateSlices * 32) decode_rotate_q_kernel(DecodeArgs a) {
+  constexpr int kRows = kHeadDim / kRotateSlices;
+  __shared__ float q_raw[kMaxGroup][kHeadDim];
+  __shared__ float partial[kRotateSlices][kMaxGroup][kRotateColumns];
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int group = a.group;
+  for (int idx = threadIdx.x; idx < kMaxGroup * kHeadDim; idx += blockDim.x) {
+    const int g = idx / kHeadDim;
+    const int i = idx - g * kHeadDim;
+    q_raw[g][i] = g < group ? bf16_bits_to_float(
+                                  a.q[(static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + i])
+                            : 0.f;
+  }
+  __syncthreads();
+  const int jj = threadIdx.x & 31;
+  const int slice = threadIdx.x >> 5;
+  const int j = blockIdx.x * kRotateColumns + jj;
+  float acc[kMaxGroup];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+  if (a.rotation_k) {
+    float r[kRows];
+#pragma unroll
+    for (int ii = 0; ii < kRows; ++ii) r[ii] = __ldg(a.rotation_k + static_cast<size_t>(slice * kRows + ii) * kHeadDim + j);
+#pragma unroll
+    for (int ii = 0; ii < kRows; ++ii)
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) acc[g] = fmaf(q_raw[g][slice * kRows + ii], r[ii], acc[g]);
+  } else if (slice == 0) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = q_raw[g][j];
+  }
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) partial[slice][g][jj] = acc[g];
+  __syncthreads();
+  if (slice == 0) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= group) break;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kRotateSlices; ++w) sum += partial[w][g][jj];
+      a.q_rot[(static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + j] = sum * a.q_scale;
+    }
+  }
+}
 
-  __shared__ float q_rot[kMaxGroup][kHeadDim];
-  __shared__ float scratch[kScratch];  // raw query in the prologue, per-warp partials in the epilogue
+// Block epilogue shared by both split kernels: combines kDecodeWarps per-warp partials (max, sum, acc over the
+// warp's tokens, stored in shared memory) into the block's slot of the workspace.
+template <int kHeadDim, int kMaxGroup>
+__device__ __forceinline__ void write_block_partial(const DecodeArgs& a, int b, int h, int slot, const float* warp_acc,
+                                                    const float (*warp_max)[kMaxGroup],
+                                                    const float (*warp_sum_l)[kMaxGroup]) {
+  const int group = a.group;
+  for (int idx = threadIdx.x; idx < group * kHeadDim; idx += blockDim.x) {
+    const int g = idx / kHeadDim;
+    const int j = idx - g * kHeadDim;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, warp_max[w][g]);
+    float sum_l = 0.f, value = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      if (warp_max[w][g] == -INFINITY) continue;  // a warp without tokens: its accumulators were never written
+      const float weight = exp2f(warp_max[w][g] - block_max);
+      sum_l = fmaf(weight, warp_sum_l[w][g], sum_l);
+      value = fmaf(weight, warp_acc[(w * kMaxGroup + g) * kHeadDim + j], value);
+    }
+    const size_t partial = (static_cast<size_t>(b) * a.num_q_heads + h * group + g) * a.slot_stride + slot;
+    a.partial_acc[partial * kHeadDim + j] = value;
+    if (j == 0) {
+      a.partial_ml[2 * partial] = block_max;
+      a.partial_ml[2 * partial + 1] = sum_l;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. INT2 path (see the header comment).
+
+// Shared-memory image of one 16-token tile: K code rows, V code rows, K (scale, zero) pairs, V pairs.
+template <int kHeadDim>
+struct Int2TileSmem {
+  static constexpr int kRowBytes = kHeadDim / 4;
+  static constexpr int kCodeBytes = kInt2TileTokens * kRowBytes;
+  static constexpr int kKCodes = 0;
+  static constexpr int kVCodes = kCodeBytes;
+  static constexpr int kKParams = 2 * kCodeBytes;
+  static constexpr int kVParams = 2 * kCodeBytes + kInt2TileTokens * 4;
+  static constexpr int kBytes = 2 * kCodeBytes + 2 * kInt2TileTokens * 4;
+  static constexpr int kStageBytes = kInt2TilesPerStage * kBytes;
+  static constexpr int kWarpBytes = kInt2Stages * kStageBytes;
+  static constexpr int kBlockBytes = kDecodeWarps * kWarpBytes;
+  static_assert(kBytes % 16 == 0 && kCodeBytes % 16 == 0);
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// D = A·B + D, m16n8k16, A row-major fp16, B col-major fp16, fp32 accumulators.
+__device__ __forceinline__ void mma_f16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Field e (0..7) of a word holding two runs of eight 2-bit codes (one per 16-bit half), as an fp16x2 pair of
+// subnormals c·4^code_pow4(e)·2^-24. `w6` is w >> 6.
+__host__ __device__ constexpr int code_pow4(int e) { return e <= 4 ? e : e - 3; }
+// e is a compile-time constant after unrolling, so the select and the shifts fold away.
+__device__ __forceinline__ uint32_t code_pair(uint32_t w, uint32_t w6, int e) {
+  return e <= 4 ? (w & (0x00030003u << (2 * e))) : (w6 & (0x00030003u << (2 * e - 6)));
+}
+
+// N consecutive 32-bit words from shared memory in one vector load (N*4 bytes aligned).
+template <int N>
+__device__ __forceinline__ void lds_words(const uint8_t* p, uint32_t (&w)[N]) {
+  if constexpr (N == 1) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    static_assert(N == 4);
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
+  __half2 h;
+  *reinterpret_cast<uint32_t*>(&h) = bits;
+  return __half22float2(h);
+}
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
+    decode_attention_int2_kernel(DecodeArgs a) {
+  using Tile = Int2TileSmem<kHeadDim>;
+  constexpr int kKSteps = kHeadDim / 16;   // k-steps of Q·Kᵀ = m-tiles of Vᵀ·Pᵀ
+  constexpr int kKWords = kHeadDim / 64;   // 32-bit K code words per lane and token (lane owns d/4 dims)
+  constexpr int kVBytes = kHeadDim / 32;   // V code bytes per lane and token (lane owns d/8 dims)
+  constexpr int kVChunks = kHeadDim / 64;  // 16-bit (8-dim) V chunks per lane and token
+  constexpr int kMaxGroup = 8;
+  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ float warp_max[kDecodeWarps][kMaxGroup];
   __shared__ float warp_sum_l[kDecodeWarps][kMaxGroup];
 
   const int split = blockIdx.x;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;  // MMA group id: query head of S rows / P columns, V row owner
+  const int c = lane & 3;   // thread in group
+  const int group = a.group;
+  const int len = a.seq_lens[b];
+
+  // This block's tiles: the sequence's INT2 token range [lo, hi) in 16-token tiles, shared evenly by the splits.
+  const WindowCounts wc = window_counts(a, len);
+  const int lo = wc.sink_count;
+  const int hi = len - wc.recent_count;
+  int begin = 0, end = 0, tile_begin = 0, tile_end = 0;
+  if (hi > lo) {
+    const int first = lo / kInt2TileTokens;
+    const int tiles = (hi - 1) / kInt2TileTokens + 1 - first;
+    const int per_split = (tiles + a.int2_splits - 1) / a.int2_splits;
+    tile_begin = first + min(tiles, split * per_split);
+    tile_end = first + min(tiles, (split + 1) * per_split);
+    begin = max(lo, tile_begin * kInt2TileTokens);
+    end = min(hi, tile_end * kInt2TileTokens);
+  }
+  // Warp w takes tiles tile_begin + w, + w + kDecodeWarps, ...: balanced even for short splits.
+  const int warp_tiles = tile_end - tile_begin > warp ? (tile_end - tile_begin - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  const int stages = (warp_tiles + kInt2TilesPerStage - 1) / kInt2TilesPerStage;
+  uint8_t* ring = smem + warp * Tile::kWarpBytes;
+
+  const fmt::Int2PageGeometry geo{kHeadDim, a.page_tokens};
+  const size_t table_row = static_cast<size_t>(b) * a.max_pages;
+  // Page ids are loaded one stage before their cp.async is issued (lane tt holds tile tt's), so issuing never
+  // waits on a page-table round trip.
+  auto load_stage_pages = [&](int stage) {
+    const int i = stage * kInt2TilesPerStage + lane;
+    if (lane >= kInt2TilesPerStage || i >= warp_tiles) return 0;
+    const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
+    return a.int2_page_table[table_row + t0 / a.page_tokens];
+  };
+  auto issue_stage = [&](int stage, int stage_pages) {
+    if (stage < stages) {
+      uint8_t* dst = ring + (stage % kInt2Stages) * Tile::kStageBytes;
+#pragma unroll
+      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+        const int page = __shfl_sync(0xffffffffu, stage_pages, tt);
+        const int i = stage * kInt2TilesPerStage + tt;
+        if (i >= warp_tiles) break;
+        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
+        const int logical_page = t0 / a.page_tokens;
+        const int offset = t0 - logical_page * a.page_tokens;
+        const size_t block_offset = fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes());
+        const uint8_t* k_block = a.k_int2_pool + block_offset;
+        const uint8_t* v_block = a.v_int2_pool + block_offset;
+        uint8_t* tile = dst + tt * Tile::kBytes;
+        const size_t codes = static_cast<size_t>(offset) * Tile::kRowBytes;
+        const size_t params = geo.params_offset() + static_cast<size_t>(offset) * 4;
+#pragma unroll
+        for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
+          cp_async16(tile + Tile::kKCodes + chunk * 16, k_block + codes + chunk * 16);
+          cp_async16(tile + Tile::kVCodes + chunk * 16, v_block + codes + chunk * 16);
+        }
+        if (lane < 4) cp_async16(tile + Tile::kKParams + lane * 16, k_block + params + lane * 16);
+        else if (lane < 8) cp_async16(tile + Tile::kVParams + (lane - 4) * 16, v_block + params + (lane - 4) * 16);
+      }
+    }
+    cp_async_commit();  // an empty group keeps the wait count uniform
+  };
+  // Start streaming before the query arrives in registers: the first loads' latency hides the setup below.
+#pragma unroll
+  for (int s = 0; s < kInt2Stages - 1; ++s) issue_stage(s, load_stage_pages(s));
+  int pages_ahead = load_stage_pages(kInt2Stages - 1);
+
+  // Q fragments (A operand of S = Q·Kᵀ) of head g, for the dims this lane's k-columns stand for: in k-step ks,
+  // columns 2c, 2c+1 are dims base+e, base+8+e and columns 2c+8, 2c+9 are base+e+1, base+9+e with
+  // base = c·d/4 + 16·(ks/4), e = 2·(ks%4) (the K code word layout, see code_pair).
+  uint32_t qa[kKSteps][4];
+  float q_sum = 0.f, dot_scale = 1.f;
+  {
+    float qv[kHeadDim / 4];
+    float q_max = 0.f;
+    if (g < group) {
+      const float4* src = reinterpret_cast<const float4*>(
+          a.q_rot + (static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + c * (kHeadDim / 4));
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 16; ++i) {
+        const float4 v = src[i];
+        qv[4 * i] = v.x;
+        qv[4 * i + 1] = v.y;
+        qv[4 * i + 2] = v.z;
+        qv[4 * i + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 4; ++i) qv[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 4; ++i) {
+      q_sum += qv[i];
+      q_max = fmaxf(q_max, fabsf(qv[i]));
+    }
+    q_sum += __shfl_xor_sync(0xffffffffu, q_sum, 1);
+    q_sum += __shfl_xor_sync(0xffffffffu, q_sum, 2);
+    q_max = fmaxf(q_max, __shfl_xor_sync(0xffffffffu, q_max, 1));
+    q_max = fmaxf(q_max, __shfl_xor_sync(0xffffffffu, q_max, 2));
+    // Power-of-two head scale σ with max|q|·σ in [64, 128): q·σ·4^4 stays below fp16's 65504.
+    int exponent = 0;
+    frexpf(q_max, &exponent);
+    const float sigma = q_max > 0.f ? ldexpf(1.f, 7 - exponent) : 1.f;
+    dot_scale = 65536.f / sigma;  // Σ q·c = (S_hi + S_lo)·2^16/σ, the 2^-24 of the subnormals included
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int base = 16 * (ks / 4);
+      const int e = 2 * (ks % 4);
+      float x[4];
+      x[0] = qv[base + e] * sigma * static_cast<float>(1 << (2 * (4 - code_pow4(e))));
+      x[1] = qv[base + 8 + e] * sigma * static_cast<float>(1 << (2 * (4 - code_pow4(e))));
+      x[2] = qv[base + e + 1] * sigma * static_cast<float>(1 << (2 * (4 - code_pow4(e + 1))));
+      x[3] = qv[base + 9 + e] * sigma * static_cast<float>(1 << (2 * (4 - code_pow4(e + 1))));
+      __half hi[4], lo_part[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        hi[i] = __float2half_rn(x[i]);
+        lo_part[i] = __float2half_rn(x[i] - __half2float(hi[i]));
+      }
+      qa[ks][0] = pack_half2(__half2float(hi[0]), __half2float(hi[1]));          // row g, cols 2c, 2c+1
+      qa[ks][1] = pack_half2(__half2float(lo_part[0]), __half2float(lo_part[1]));  // row g+8
+      qa[ks][2] = pack_half2(__half2float(hi[2]), __half2float(hi[3]));          // row g, cols 2c+8, 2c+9
+      qa[ks][3] = pack_half2(__half2float(lo_part[2]), __half2float(lo_part[3]));
+    }
+  }
+
+  float o[kKSteps][4];  // Oᵀ accumulators: m-tile mt, rows (dims) g / g+8, columns (heads) 2c / 2c+1
+#pragma unroll
+  for (int mt = 0; mt < kKSteps; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[mt][i] = 0.f;
+  float m = -INFINITY, l = 0.f, z_sum = 0.f;  // head g, over this lane's tokens (m is the head's, warp-wide)
+
+  // Tile token owned by S n-tile j column n: 8j + (n >> 1) + 4(n & 1), so this lane's S/P values are tokens
+  // c, c+4 (n-tile 0) and 8+c, 12+c (n-tile 1), and the K rows it loads are token perm(g) of each n-tile.
+  const int k_token = (g >> 1) + 4 * (g & 1);
+
+  for (int stage = 0; stage < stages; ++stage) {
+    issue_stage(stage + kInt2Stages - 1, pages_ahead);
+    pages_ahead = load_stage_pages(stage + kInt2Stages);
+    cp_async_wait<kInt2Stages - 1>();
+    __syncwarp();
+    const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
+
+    float s[kInt2TilesPerStage][4];  // tokens c, c+4, 8+c, 12+c of each tile
+    float stage_max = -INFINITY;
+#pragma unroll
+    for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+      const int i = stage * kInt2TilesPerStage + tt;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s[tt][q] = -INFINITY;
+      if (i >= warp_tiles) continue;
+      const uint8_t* tile = st + tt * Tile::kBytes;
+      const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t kw[kKWords];
+        lds_words<kKWords>(tile + Tile::kKCodes + (8 * j + k_token) * Tile::kRowBytes + c * (kHeadDim / 16), kw);
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int wi = 0; wi < kKWords; ++wi) {
+          const uint32_t w = kw[wi], w6 = kw[wi] >> 6;
+#pragma unroll
+          for (int e2 = 0; e2 < 4; ++e2) {
+            const int ks = 4 * wi + e2;
+            mma_f16_16816(acc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], code_pair(w, w6, 2 * e2),
+                          code_pair(w, w6, 2 * e2 + 1));
+          }
+        }
+#pragma unroll
+        for (int col = 0; col < 2; ++col) {
+          const int tok = 8 * j + c + 4 * col;
+          const int t = t0 + tok;
+          if (t >= begin && t < end) {
+            const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
+            const float dot = (acc[col] + acc[2 + col]) * dot_scale;
+            s[tt][2 * j + col] = fmaf(dot, kp.x, kp.y * q_sum);
+            stage_max = fmaxf(stage_max, s[tt][2 * j + col]);
+          }
+        }
+      }
+    }
+    stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 1));
+    stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 2));
+    // Every stage holds at least one valid token, so stage_max is finite. Rescaling is skipped while no head's
+    // maximum grows (the common case deep into a sequence); the decision is a function of the data only.
+    const float m_new = fmaxf(m, stage_max);
+    if (__any_sync(0xffffffffu, m_new > m)) {
+      const float corr = exp2f(m - m_new);  // 0 on the first stage (m = -inf), where l, z_sum and o are 0
+      l *= corr;
+      z_sum *= corr;
+      const float corr_a = __shfl_sync(0xffffffffu, corr, 8 * c);      // head 2c
+      const float corr_b = __shfl_sync(0xffffffffu, corr, 8 * c + 4);  // head 2c+1
+#pragma unroll
+      for (int mt = 0; mt < kKSteps; ++mt) {
+        o[mt][0] *= corr_a;
+        o[mt][1] *= corr_b;
+        o[mt][2] *= corr_a;
+        o[mt][3] *= corr_b;
+      }
+      m = m_new;
+    }
+
+#pragma unroll
+    for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+      const int i = stage * kInt2TilesPerStage + tt;
+      if (i >= warp_tiles) continue;
+      const uint8_t* tile = st + tt * Tile::kBytes;
+      float pv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
+        const float p = exp2f(s[tt][q] - m);  // 0 for masked tokens (s = -inf)
+        // Masked tokens may sit on never-written bytes: their scale/zero must not reach the sums (0·NaN).
+        const float2 vp = s[tt][q] == -INFINITY
+                              ? make_float2(0.f, 0.f)
+                              : half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+        l += p;
+        z_sum = fmaf(p, vp.y, z_sum);
+        pv[q] = p * vp.x;
+      }
+      const uint32_t pb0 = pack_half2(pv[0], pv[1]);  // PV k = 2c, 2c+1: tokens c, c+4
+      const uint32_t pb1 = pack_half2(pv[2], pv[3]);  // k = 2c+8, 2c+9: tokens 8+c, 12+c
+      // V code bytes of this lane's dims [g·d/8, (g+1)·d/8) for tokens c, c+4, 8+c, 12+c, paired by token.
+      uint32_t vw[4][(kVChunks + 1) / 2];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
+        const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
+        if constexpr (kVBytes == 2) {
+          vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
+        } else {
+          lds_words<kVBytes / 4>(src, vw[q]);
+        }
+      }
+#pragma unroll
+      for (int ch = 0; ch < kVChunks; ++ch) {
+        const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
+        const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens c | c+4
+        const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 8+c | 12+c
+        const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
+#pragma unroll
+        for (int e2 = 0; e2 < 4; ++e2) {
+          const int mt = 4 * ch + e2;  // rows g, g+8 of m-tile mt are lane dims 2mt, 2mt+1 = 8ch + 2e2 (+1)
+          mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
+                        code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
+        }
+      }
+    }
+    __syncwarp();  // the slot just read is refilled by the next iteration's issue_stage
+  }
+  cp_async_wait<0>();
+
+  // Warp totals of head g, then Oᵀ to dims: row g of m-tile mt is dim g·d/8 + 2mt (code field e = 2mt % 8),
+  // row g+8 is the next dim; columns are heads 2c, 2c+1, whose z_sum sits in lanes 8c and 8c+4.
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
+  z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
+  const float z_a = __shfl_sync(0xffffffffu, z_sum, 8 * c);
+  const float z_b = __shfl_sync(0xffffffffu, z_sum, 8 * c + 4);
+  __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
+  float* warp_acc = reinterpret_cast<float*>(smem);
+  if (stages > 0) {
+#pragma unroll
+    for (int mt = 0; mt < kKSteps; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float unscale = static_cast<float>(1 << (24 - 2 * code_pow4((2 * mt + r) % 8)));
+        const int dim = g * (kHeadDim / 8) + 2 * mt + r;
+        if (2 * c < group) warp_acc[(warp * kMaxGroup + 2 * c) * kHeadDim + dim] = fmaf(o[mt][2 * r], unscale, z_a);
+        if (2 * c + 1 < group)
+          warp_acc[(warp * kMaxGroup + 2 * c + 1) * kHeadDim + dim] = fmaf(o[mt][2 * r + 1], unscale, z_b);
+      }
+    }
+  }
+  if (c == 0) {
+    warp_max[warp][g] = m;
+    warp_sum_l[warp][g] = l;
+  }
+  __syncthreads();
+  write_block_partial<kHeadDim, kMaxGroup>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Window path: a token is handled by kLanesPerToken lanes, each owning kDimsPerLane consecutive rotated dims
+// (one or two 16-byte bf16 vectors). The key serves all query heads of the group from registers, which is why
+// kDimsPerLane drops to 8 for groups above 4. The virtual index v in [0, sink_count + recent_count) names the
+// window tokens in order; the splits share it evenly.
+
+template <int kHeadDim, int kDims>
+__device__ __forceinline__ void load_bf16_dims(const DecodeArgs& a, bool value, int b, int h, int t, int sub,
+                                               float (&out)[kDims]) {
+  const int logical_page = t / a.page_tokens;
+  const int offset = t - logical_page * a.page_tokens;
+  const int page = a.bf16_page_table[static_cast<size_t>(b) * a.max_pages + logical_page];
+  const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
+  const uint16_t* row = (value ? a.v_bf16_pool : a.k_bf16_pool) +
+                        fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes()) / 2 +
+                        static_cast<size_t>(offset) * kHeadDim + sub * kDims;
+#pragma unroll
+  for (int v = 0; v < kDims / 8; ++v) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + v);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      out[8 * v + 2 * w] = __uint_as_float(words[w] << 16);
+      out[8 * v + 2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+    }
+  }
+}
+
+template <int kHeadDim, int kMaxGroup>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_window_kernel(DecodeArgs a) {
+  constexpr int kDims = kMaxGroup <= 4 ? 16 : 8;
+  constexpr int kLanesPerToken = kHeadDim / kDims;
+  constexpr int kTokensPerWarp = 32 / kLanesPerToken;
+  static_assert(kLanesPerToken >= 1 && kLanesPerToken <= 32 && 32 % kLanesPerToken == 0);
+
+  __shared__ float warp_acc[kDecodeWarps * kMaxGroup * kHeadDim];
+  __shared__ float warp_max[kDecodeWarps][kMaxGroup];
+  __shared__ float warp_sum_l[kDecodeWarps][kMaxGroup];
+
+  const int split = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int sub = lane % kLanesPerToken;
   const int token_in_warp = lane / kLanesPerToken;
   const int group = a.group;
   const int len = a.seq_lens[b];
-
-  // Query heads h*group .. h*group+group-1, rotated once into the cache basis and pre-scaled.
-  for (int idx = tid; idx < kMaxGroup * kHeadDim; idx += blockDim.x) {
-    const int g = idx / kHeadDim;
-    const int i = idx - g * kHeadDim;
-    scratch[idx] = g < group ? bf16_bits_to_float(
-                                   a.q[(static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + i])
-                             : 0.f;
-  }
-  __syncthreads();
-  for (int j = tid; j < kHeadDim; j += blockDim.x) {
-    float acc[kMaxGroup];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) acc[g] = a.rotation_k ? 0.f : scratch[g * kHeadDim + j];
-    if (a.rotation_k) {
-      for (int i = 0; i < kHeadDim; ++i) {
-        const float r = __ldg(a.rotation_k + static_cast<size_t>(i) * kHeadDim + j);
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) acc[g] = fmaf(scratch[g * kHeadDim + i], r, acc[g]);
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) q_rot[g][j] = acc[g] * a.q_scale;
-  }
-  __syncthreads();
+  const WindowCounts wc = window_counts(a, len);
+  const int count = wc.sink_count + wc.recent_count;
+  const int recent_shift = len - wc.recent_count - wc.sink_count;  // v >= sink_count: t = v + recent_shift
 
   float q[kMaxGroup][kDims];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g)
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g < group) {
+      const float* src = a.q_rot + (static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + sub * kDims;
 #pragma unroll
-    for (int i = 0; i < kDims; ++i) q[g][i] = q_rot[g][sub * kDims + i];
+      for (int i = 0; i < kDims; ++i) q[g][i] = src[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) q[g][i] = 0.f;
+    }
+  }
 
-  // This split's token range: whole pages, the sequence's pages shared evenly among the splits.
-  const int pages = (len + a.page_tokens - 1) / a.page_tokens;
-  const int pages_per_split = (pages + a.splits - 1) / a.splits;
-  const int begin = min(len, split * pages_per_split * a.page_tokens);
-  const int end = min(len, begin + pages_per_split * a.page_tokens);
+  const int per_split = (count + a.window_splits - 1) / a.window_splits;
+  const int begin = min(count, split * per_split);
+  const int end = min(count, begin + per_split);
 
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][kDims];
 #pragma unroll
@@ -161,14 +630,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_split_kern
   }
 
   for (int base = begin + warp * kTokensPerWarp; base < end; base += kDecodeWarps * kTokensPerWarp) {
-    const int t = base + token_in_warp;
-    const bool valid = t < end;
+    const int v_index = base + token_in_warp;
+    const bool valid = v_index < end;
+    const int t = v_index < wc.sink_count ? v_index : v_index + recent_shift;
     float k[kDims], v[kDims];
 #pragma unroll
     for (int i = 0; i < kDims; ++i) k[i] = v[i] = 0.f;
     if (valid) {
-      load_cached_dims<kHeadDim, kDims>(a, false, b, h, t, len, sub, k);
-      load_cached_dims<kHeadDim, kDims>(a, true, b, h, t, len, sub, v);
+      load_bf16_dims<kHeadDim, kDims>(a, false, b, h, t, sub, k);
+      load_bf16_dims<kHeadDim, kDims>(a, true, b, h, t, sub, v);
     }
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
@@ -202,12 +672,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_split_kern
       for (int i = 0; i < kDims; ++i) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
     }
   }
-  __syncthreads();  // scratch switches from raw query to per-warp partials
   if (token_in_warp == 0) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g)
 #pragma unroll
-      for (int i = 0; i < kDims; ++i) scratch[(warp * kMaxGroup + g) * kHeadDim + sub * kDims + i] = acc[g][i];
+      for (int i = 0; i < kDims; ++i) warp_acc[(warp * kMaxGroup + g) * kHeadDim + sub * kDims + i] = acc[g][i];
   }
   if (lane == 0) {
 #pragma unroll
@@ -217,44 +686,44 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_split_kern
     }
   }
   __syncthreads();
-
-  for (int idx = tid; idx < group * kHeadDim; idx += blockDim.x) {
-    const int g = idx / kHeadDim;
-    const int j = idx - g * kHeadDim;
-    float block_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, warp_max[w][g]);
-    float sum_l = 0.f, value = 0.f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const float weight = warp_max[w][g] == -INFINITY ? 0.f : exp2f(warp_max[w][g] - block_max);
-      sum_l = fmaf(weight, warp_sum_l[w][g], sum_l);
-      value = fmaf(weight, scratch[(w * kMaxGroup + g) * kHeadDim + j], value);
-    }
-    const size_t partial = (static_cast<size_t>(b) * a.num_q_heads + h * group + g) * a.splits + split;
-    a.partial_acc[partial * kHeadDim + j] = value;
-    if (j == 0) {
-      a.partial_ml[2 * partial] = block_max;
-      a.partial_ml[2 * partial + 1] = sum_l;
-    }
-  }
+  write_block_partial<kHeadDim, kMaxGroup>(a, b, h, a.window_slot0 + split, warp_acc, warp_max, warp_sum_l);
 }
 
-// One block of kHeadDim threads per (sequence, query head).
+// ---------------------------------------------------------------------------------------------------------------
+// 4. Merge: one block of kHeadDim threads per (sequence, query head), slots in a fixed order. Every slot of the
+// used ranges was written this launch (an empty split writes max -inf, sum 0, acc 0), so the slot loop has no
+// data-dependent branch and its loads can all be in flight.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) decode_attention_merge_kernel(DecodeArgs a) {
   __shared__ float o_rot[kHeadDim];
+  __shared__ float warp_max[kHeadDim / 32];
   const int row = blockIdx.x;  // b * num_q_heads + hq
   const int j = threadIdx.x;
-  const float* ml = a.partial_ml + static_cast<size_t>(row) * a.splits * 2;
-  const float* acc = a.partial_acc + static_cast<size_t>(row) * a.splits * kHeadDim;
+  const float* ml = a.partial_ml + static_cast<size_t>(row) * a.slot_stride * 2;
+  const float* acc = a.partial_acc + static_cast<size_t>(row) * a.slot_stride * kHeadDim;
+  const int ranges[2][2] = {{0, a.int2_splits}, {a.window_slot0, a.window_slot0 + a.window_splits}};
   float global_max = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) global_max = fmaxf(global_max, ml[2 * s]);
+  for (int r = 0; r < 2; ++r)
+    for (int s = ranges[r][0] + j; s < ranges[r][1]; s += kHeadDim) global_max = fmaxf(global_max, ml[2 * s]);
+  global_max = fmaxf(global_max, __shfl_xor_sync(0xffffffffu, global_max, 16));
+  global_max = fmaxf(global_max, __shfl_xor_sync(0xffffffffu, global_max, 8));
+  global_max = fmaxf(global_max, __shfl_xor_sync(0xffffffffu, global_max, 4));
+  global_max = fmaxf(global_max, __shfl_xor_sync(0xffffffffu, global_max, 2));
+  global_max = fmaxf(global_max, __shfl_xor_sync(0xffffffffu, global_max, 1));
+  if ((j & 31) == 0) warp_max[j >> 5] = global_max;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kHeadDim / 32; ++w) global_max = fmaxf(global_max, warp_max[w]);
   float sum_l = 0.f, value = 0.f;
-  for (int s = 0; s < a.splits; ++s) {
-    const float weight = ml[2 * s] == -INFINITY ? 0.f : exp2f(ml[2 * s] - global_max);
-    sum_l = fmaf(weight, ml[2 * s + 1], sum_l);
-    value = fmaf(weight, acc[static_cast<size_t>(s) * kHeadDim + j], value);
+  if (global_max != -INFINITY) {  // else no split saw a token: the output is 0
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll 8
+      for (int s = ranges[r][0]; s < ranges[r][1]; ++s) {
+        const float weight = exp2f(ml[2 * s] - global_max);  // 0 for an empty split
+        sum_l = fmaf(weight, ml[2 * s + 1], sum_l);
+        value = fmaf(weight, acc[static_cast<size_t>(s) * kHeadDim + j], value);
+      }
+    }
   }
   o_rot[j] = sum_l > 0.f ? value / sum_l : 0.f;
   __syncthreads();

@@ -3,7 +3,8 @@
 // GQA, INT2 pages for the quantized middle of each sequence and bf16 pages for the sink / recent windows, all
 // stored in the rotated basis. The query is rotated once by R_k (q·k = (qR)·(kR) for orthogonal R), the output
 // is accumulated in the rotated V basis and rotated back once by R_vᵀ. Split-K over the sequence: partial
-// (max, sum, acc) per split, merged by a second kernel.
+// (max, sum, acc) per split, merged by a last kernel. The INT2 tokens run on tensor cores (decode_attention.cuh
+// explains the fragment layout), the bf16 window tokens on a separate small kernel.
 //
 // The bf16 baseline is the same kernel with every token in the bf16 window (sink_tokens >= every length).
 #include <cstddef>
@@ -41,11 +42,13 @@ struct DecodeAttentionParams {
   size_t workspace_bytes = 0;
 };
 
-// Splits chosen so that batch * num_kv_heads * splits blocks cover every SM a few times (batch 1 at 128K fills
-// the GPU), and no split is shorter than two pages.
+// Splits chosen so that batch * num_kv_heads * splits blocks fill the INT2 kernel's resident-block slots (four
+// per SM) once, without a partial second wave (batch 1 at 128K fills the GPU), and no split is shorter than two
+// pages.
 int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
                                     int32_t sm_count);
-// Workspace for `splits` splits (partial max, sum and head_dim accumulators per split and query head).
+// Workspace for `splits` splits: the rotated query, and partial max, sum and head_dim accumulators per split
+// and query head for the INT2 pass and the bf16-window pass each.
 size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits);
 
 // head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools,

@@ -23,18 +23,24 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
                                     int32_t sm_count) {
-  // Four blocks per SM (128 threads each) is what it takes to keep enough loads in flight to stream the cache.
+  // The INT2 kernel keeps four 128-thread blocks resident per SM (registers and its shared-memory ring), and
+  // every block of a launch has the same work. So the best grid is one that fills those slots once: a second,
+  // partial wave would leave most SMs idle for a whole block's time (9 splits x 64 blocks on 528 slots runs as
+  // two waves). Above one wave of (sequence, KV head) pairs, one split each.
   const int64_t base_blocks = std::max<int64_t>(1, static_cast<int64_t>(batch) * num_kv_heads);
-  const int64_t target = 4 * static_cast<int64_t>(std::max(sm_count, 1));
-  const int64_t wanted = (target + base_blocks - 1) / base_blocks;
+  const int64_t slots = 4 * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t wanted = slots / base_blocks;
   const int64_t min_split_tokens = 2 * static_cast<int64_t>(std::max(page_tokens, 1));
   const int64_t most = std::max<int64_t>(1, (static_cast<int64_t>(max_seq_len) + min_split_tokens - 1) / min_split_tokens);
   return static_cast<int32_t>(std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 256)));
 }
 
 size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits) {
-  const size_t partials = static_cast<size_t>(batch) * num_q_heads * static_cast<size_t>(std::max(splits, 1));
-  return partials * (2 + static_cast<size_t>(head_dim)) * sizeof(float);
+  // The rotated query, then per (sequence, query head) 2 * splits partial slots: the INT2 kernel's splits and
+  // the window kernel's (at most as many).
+  const size_t rows = static_cast<size_t>(batch) * num_q_heads;
+  const size_t slots = rows * 2 * static_cast<size_t>(std::max(splits, 1));
+  return (rows * static_cast<size_t>(head_dim) + slots * (2 + static_cast<size_t>(head_dim))) * sizeof(float);
 }
 
 Status decode_attention_can_implement(const DecodeAttentionParams& p) {

@@ -165,7 +165,10 @@ TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
   const int splits = kern::decode_attention_num_splits(1, 8, 131072, 64, 132);
   EXPECT_GE(8 * splits, 4 * 132);
   EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 100, 64, 132), 1);  // never shorter than two pages
-  EXPECT_EQ(kern::decode_attention_num_splits(64, 8, 131072, 64, 132), 2);
+  // One wave of 4 blocks per SM and no partial second wave: 64 x 8 = 512 pairs fit the 528 slots once.
+  EXPECT_EQ(kern::decode_attention_num_splits(64, 8, 131072, 64, 132), 1);
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 8, 32768, 64, 132), 8);   // 512 blocks, not 9 x 64 = 576
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32768, 64, 132), 2);  // 512 blocks, not 3 x 256 = 768
 }
 
 }  // namespace
