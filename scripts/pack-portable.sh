@@ -8,8 +8,11 @@ rm -rf "$out"; mkdir -p "$out/bin" "$out/lib"
 for exe in "$build"/bin/* "$build"/tests/test_*; do
   [ -f "$exe" ] && [ -x "$exe" ] && cp "$exe" "$out/bin/"
 done
-# Libraries whose soname or ABI differs between Debian 12 and Ubuntu 24.04 (or that are absent there).
-for lib in libtbb.so.12 libspdlog.so.1.10 libsentencepiece.so.0 libfmt.so.9; do
+# Libraries whose soname or ABI differs between Debian 12 and Ubuntu 24.04 (or that are absent there), copied only
+# when one of the packed binaries needs them.
+needed=$(for exe in "$out"/bin/*; do ldd "$exe" 2>/dev/null; done | awk '{print $1}' | sort -u)
+for lib in libtbb.so.12 libspdlog.so.1.10 libsentencepiece.so.0 libfmt.so.9 libutf8proc.so.2 libicuuc.so.72 libicudata.so.72; do
+  grep -qx "$lib" <<<"$needed" || continue
   p=$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')
   [ -n "$p" ] && cp -L "$p" "$out/lib/"
 done
