@@ -7,20 +7,20 @@
 //   4. BPE merges each word (priority queue by merge rank, then leftmost position; byte fallback; unk fusing);
 //   5. the post-processor adds BOS/EOS when add_special_tokens is set.
 // Regexes go through PCRE2 (UTF + UCP) because the patterns in tokenizer.json files use \p{L}, \p{N} and
-// look-ahead, which std::regex cannot express. Unicode normalization (NFC for Qwen2/Qwen3) goes through ICU.
-#include <unicode/uchar.h>
-#include <unicode/unorm2.h>
-#include <unicode/ustring.h>
-#include <unicode/utf8.h>
+// look-ahead, which std::regex cannot express. Unicode normalization (NFC for Qwen2/Qwen3) and general categories
+// come from utf8proc.
+#include <utf8proc.h>
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -32,6 +32,7 @@
 
 #include "formats/error.h"
 #include "formats/tokenizer.h"
+#include "formats/unicode_alphabetic.h"
 
 namespace oscar::fmt {
 namespace {
@@ -41,6 +42,9 @@ using json = nlohmann::json;
 // ---------------------------------------------------------------------------------------------------------------
 // UTF-8 helpers
 
+// A Unicode scalar value, or -1 where the text holds no valid character (invalid UTF-8, end of text).
+using CodePoint = utf8proc_int32_t;
+
 // Byte length of the UTF-8 sequence starting with `lead`; the caller has validated the text.
 size_t utf8_len(unsigned char lead) {
   if (lead < 0x80) return 1;
@@ -49,70 +53,113 @@ size_t utf8_len(unsigned char lead) {
   return 4;
 }
 
+struct DecodedChar {
+  CodePoint code_point;  // -1 for an invalid sequence
+  size_t length;         // bytes consumed; for an invalid sequence, its maximal subpart (at least 1)
+};
+
+// Decodes the character at `pos` (< s.size()). utf8proc_iterate only says *that* a sequence is invalid, but
+// from_utf8_lossy (and so the decoder's U+FFFD count) needs *how many* bytes one error spans: the maximal
+// subpart, i.e. the longest prefix of a well-formed sequence (Unicode 15, table 3-7 and section 3.9 U+FFFD
+// substitution). Hence the table walk: the lead byte fixes the allowed range of the second byte (which excludes
+// overlongs, surrogates and code points above U+10FFFF), all later bytes are plain continuations.
+DecodedChar decode_utf8(std::string_view s, size_t pos) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data()) + pos;
+  const size_t avail = s.size() - pos;
+  const unsigned lead = p[0];
+  if (lead < 0x80) return {static_cast<CodePoint>(lead), 1};
+  size_t need;
+  unsigned second_lo = 0x80, second_hi = 0xBF;
+  CodePoint c;
+  if (lead >= 0xC2 && lead <= 0xDF) {
+    need = 2, c = lead & 0x1F;
+  } else if (lead >= 0xE0 && lead <= 0xEF) {
+    need = 3, c = lead & 0x0F;
+    if (lead == 0xE0) second_lo = 0xA0;
+    if (lead == 0xED) second_hi = 0x9F;
+  } else if (lead >= 0xF0 && lead <= 0xF4) {
+    need = 4, c = lead & 0x07;
+    if (lead == 0xF0) second_lo = 0x90;
+    if (lead == 0xF4) second_hi = 0x8F;
+  } else {
+    return {-1, 1};
+  }
+  for (size_t k = 1; k < need; ++k) {
+    const bool ok = k < avail && p[k] >= (k == 1 ? second_lo : 0x80u) && p[k] <= (k == 1 ? second_hi : 0xBFu);
+    if (!ok) return {-1, k};
+    c = (c << 6) | (p[k] & 0x3F);
+  }
+  return {c, need};
+}
+
 // Returns the byte offset of the first invalid sequence, or npos when the text is valid UTF-8.
 size_t first_invalid_utf8(std::string_view s) {
-  int32_t i = 0;
-  const auto n = static_cast<int32_t>(s.size());
-  while (i < n) {
-    const int32_t start = i;
-    UChar32 c;
-    U8_NEXT(reinterpret_cast<const uint8_t*>(s.data()), i, n, c);
-    if (c < 0) return static_cast<size_t>(start);
+  for (size_t i = 0; i < s.size();) {
+    const DecodedChar d = decode_utf8(s, i);
+    if (d.code_point < 0) return i;
+    i += d.length;
   }
   return std::string_view::npos;
 }
 
-UChar32 decode_at(std::string_view s, size_t pos) {
-  int32_t i = static_cast<int32_t>(pos);
-  UChar32 c;
-  U8_NEXT(reinterpret_cast<const uint8_t*>(s.data()), i, static_cast<int32_t>(s.size()), c);
-  return c;
-}
+CodePoint decode_at(std::string_view s, size_t pos) { return decode_utf8(s, pos).code_point; }
 
-UChar32 last_char(std::string_view s) {
+CodePoint last_char(std::string_view s) {
   if (s.empty()) return -1;
-  int32_t i = static_cast<int32_t>(s.size());
-  UChar32 c;
-  U8_PREV(reinterpret_cast<const uint8_t*>(s.data()), 0, i, c);
-  return c;
+  size_t start = s.size() - 1;
+  while (start > 0 && s.size() - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+  const DecodedChar d = decode_utf8(s, start);
+  return start + d.length == s.size() ? d.code_point : -1;
 }
 
-void append_utf8(std::string& out, UChar32 c) {
-  char buf[4];
-  int32_t len = 0;
-  U8_APPEND_UNSAFE(reinterpret_cast<uint8_t*>(buf), len, c);
-  out.append(buf, static_cast<size_t>(len));
+void append_utf8(std::string& out, CodePoint c) {
+  utf8proc_uint8_t buf[4];
+  const utf8proc_ssize_t len = utf8proc_encode_char(c, buf);
+  out.append(reinterpret_cast<const char*>(buf), static_cast<size_t>(len));
 }
 
-// Rust's String::from_utf8_lossy: every maximal invalid subsequence becomes one U+FFFD. ICU's U8_NEXT consumes
-// exactly such a subsequence per error, so both agree.
+// Rust's String::from_utf8_lossy: every maximal invalid subsequence becomes one U+FFFD, exactly the unit
+// decode_utf8 reports per error.
 std::string utf8_lossy(std::string_view bytes) {
   std::string out;
   out.reserve(bytes.size());
-  int32_t i = 0;
-  const auto n = static_cast<int32_t>(bytes.size());
-  while (i < n) {
-    const int32_t start = i;
-    UChar32 c;
-    U8_NEXT(reinterpret_cast<const uint8_t*>(bytes.data()), i, n, c);
-    if (c < 0)
+  for (size_t i = 0; i < bytes.size();) {
+    const DecodedChar d = decode_utf8(bytes, i);
+    if (d.code_point < 0)
       out += "\xEF\xBF\xBD";
     else
-      out.append(bytes.data() + start, static_cast<size_t>(i - start));
+      out.append(bytes.substr(i, d.length));
+    i += d.length;
   }
   return out;
 }
 
-// Rust char::is_whitespace is the Unicode White_Space property.
-bool is_rust_whitespace(UChar32 c) { return c >= 0 && u_isUWhiteSpace(c); }
+// Rust char::is_whitespace is the Unicode White_Space property. utf8proc has no property lookup, but in Unicode
+// 15 White_Space is exactly the separators (Zs, Zl, Zp) plus the controls TAB..CR and NEL.
+bool is_rust_whitespace(CodePoint c) {
+  if (c < 0) return false;
+  if ((c >= 0x09 && c <= 0x0D) || c == 0x85) return true;
+  const utf8proc_category_t cat = utf8proc_category(c);
+  return cat == UTF8PROC_CATEGORY_ZS || cat == UTF8PROC_CATEGORY_ZL || cat == UTF8PROC_CATEGORY_ZP;
+}
 
 // Rust char::is_alphanumeric: Alphabetic or Numeric (Nd, Nl, No); tokenizers adds '_' for word boundaries.
-bool is_word_char(UChar32 c) {
+// Alphabetic is the letters (L*), Nl and the Other_Alphabetic marks, which only a table can supply.
+bool is_word_char(CodePoint c) {
   if (c < 0) return false;
   if (c == '_') return true;
-  if (u_hasBinaryProperty(c, UCHAR_ALPHABETIC)) return true;
-  const int8_t t = u_charType(c);
-  return t == U_DECIMAL_DIGIT_NUMBER || t == U_LETTER_NUMBER || t == U_OTHER_NUMBER;
+  switch (utf8proc_category(c)) {
+    case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT: case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_LO: case UTF8PROC_CATEGORY_ND: case UTF8PROC_CATEGORY_NL: case UTF8PROC_CATEGORY_NO:
+      return true;
+    default:
+      break;
+  }
+  const auto& marks = unicode::kAlphabeticNonLetterNonNumber;
+  const auto cp = static_cast<char32_t>(c);
+  const auto it = std::upper_bound(marks.begin(), marks.end(), cp,
+                                   [](char32_t value, const auto& range) { return value < range.first; });
+  return it != marks.begin() && cp <= std::prev(it)->second;
 }
 
 std::string replace_all(std::string_view s, std::string_view from, std::string_view to) {
@@ -137,7 +184,7 @@ std::string replace_all(std::string_view s, std::string_view from, std::string_v
 
 struct ByteLevelAlphabet {
   std::array<std::string, 256> byte_to_utf8;
-  std::unordered_map<UChar32, uint8_t> char_to_byte;
+  std::unordered_map<CodePoint, uint8_t> char_to_byte;
 
   ByteLevelAlphabet() {
     std::array<bool, 256> printable{};
@@ -146,7 +193,7 @@ struct ByteLevelAlphabet {
     for (int b = 0xAE; b <= 0xFF; ++b) printable[b] = true;
     int next_extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const UChar32 c = printable[b] ? b : 256 + next_extra++;
+      const CodePoint c = printable[b] ? b : 256 + next_extra++;
       append_utf8(byte_to_utf8[b], c);
       char_to_byte.emplace(c, static_cast<uint8_t>(b));
     }
@@ -384,12 +431,12 @@ class StripNormalizer final : public Normalizer {
   void apply(std::string& s) const override {
     size_t begin = 0, end = s.size();
     while (left_ && begin < end) {
-      const UChar32 c = decode_at(s, begin);
+      const CodePoint c = decode_at(s, begin);
       if (!is_rust_whitespace(c)) break;
       begin += utf8_len(static_cast<unsigned char>(s[begin]));
     }
     while (right_ && end > begin) {
-      const UChar32 c = last_char(std::string_view(s).substr(begin, end - begin));
+      const CodePoint c = last_char(std::string_view(s).substr(begin, end - begin));
       if (!is_rust_whitespace(c)) break;
       std::string tmp;
       append_utf8(tmp, c);
@@ -402,46 +449,54 @@ class StripNormalizer final : public Normalizer {
   bool left_, right_;
 };
 
-// NFC/NFD/NFKC/NFKD through ICU's normalizer; ASCII text is invariant under all four, which skips the UTF-16
-// round trip for most of the input.
+// NFC/NFD/NFKC/NFKD through utf8proc_map with the options utf8proc_NFC & co. use, minus their NULLTERM: the text
+// may hold NUL bytes, which must not end it. ASCII text is invariant under all four forms, which skips the copy
+// for most of the input.
 class UnicodeNormalizer final : public Normalizer {
  public:
   UnicodeNormalizer(const std::string& form, const std::string& where) {
-    UErrorCode status = U_ZERO_ERROR;
-    if (form == "NFC") norm_ = unorm2_getNFCInstance(&status);
-    else if (form == "NFD") norm_ = unorm2_getNFDInstance(&status);
-    else if (form == "NFKC") norm_ = unorm2_getNFKCInstance(&status);
-    else if (form == "NFKD") norm_ = unorm2_getNFKDInstance(&status);
-    if (U_FAILURE(status) || !norm_) throw Error(where, "ICU has no " + form + " normalizer");
+    int options = UTF8PROC_STABLE;
+    if (form == "NFC") options |= UTF8PROC_COMPOSE;
+    else if (form == "NFD") options |= UTF8PROC_DECOMPOSE;
+    else if (form == "NFKC") options |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
+    else if (form == "NFKD") options |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
+    else throw Error(where, "no Unicode normalization form " + form);
+    options_ = static_cast<utf8proc_option_t>(options);
   }
   void apply(std::string& s) const override {
     if (std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; })) return;
-    UErrorCode status = U_ZERO_ERROR;
-    std::u16string utf16(s.size(), u'\0');
-    int32_t len16 = 0;
-    u_strFromUTF8(utf16.data(), static_cast<int32_t>(utf16.size()), &len16, s.data(), static_cast<int32_t>(s.size()),
-                  &status);
-    if (U_FAILURE(status)) throw Error("tokenizer normalizer", "text is not valid UTF-8");
-    utf16.resize(static_cast<size_t>(len16));
-    if (unorm2_quickCheck(norm_, utf16.data(), len16, &status) == UNORM_YES && U_SUCCESS(status)) return;
-    status = U_ZERO_ERROR;
-    // Decomposition can grow text by up to 18x per code point (NFKD of U+FDFA); ask ICU for the size first.
-    int32_t needed = unorm2_normalize(norm_, utf16.data(), len16, nullptr, 0, &status);
-    status = U_ZERO_ERROR;
-    std::u16string normalized(static_cast<size_t>(needed), u'\0');
-    unorm2_normalize(norm_, utf16.data(), len16, normalized.data(), needed, &status);
-    if (U_FAILURE(status)) throw Error("tokenizer normalizer", std::string("ICU normalization failed: ") + u_errorName(status));
-    int32_t len8 = 0;
-    status = U_ZERO_ERROR;
-    u_strToUTF8(nullptr, 0, &len8, normalized.data(), needed, &status);
-    status = U_ZERO_ERROR;
-    std::string out(static_cast<size_t>(len8), '\0');
-    u_strToUTF8(out.data(), len8, nullptr, normalized.data(), needed, &status);
+    if (!(options_ & UTF8PROC_COMPOSE) || s.find(kHangulTBase) == std::string::npos) {
+      s = map(s);
+      return;
+    }
+    // utf8proc 2.8 composes an LV syllable with U+11A7 = TBase, deleting the U+11A7 (JuliaStrings/utf8proc#317,
+    // fixed upstream in 2025), although the first trailing consonant is U+11A8. U+11A7 is a starter that composes
+    // with nothing and no other character decomposes to it, so normalization never crosses it: normalizing the
+    // pieces between U+11A7s and keeping those verbatim is exact NFC/NFKC.
+    std::string out;
+    size_t begin = 0;
+    for (size_t hit; (hit = s.find(kHangulTBase, begin)) != std::string::npos; begin = hit + kHangulTBase.size()) {
+      out += map(std::string_view(s).substr(begin, hit - begin));
+      out += kHangulTBase;
+    }
+    out += map(std::string_view(s).substr(begin));
     s = std::move(out);
   }
 
  private:
-  const UNormalizer2* norm_ = nullptr;
+  static constexpr std::string_view kHangulTBase = "\xE1\x86\xA7";  // U+11A7
+
+  std::string map(std::string_view text) const {
+    if (text.empty()) return {};
+    utf8proc_uint8_t* normalized = nullptr;
+    const utf8proc_ssize_t len = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
+                                              static_cast<utf8proc_ssize_t>(text.size()), &normalized, options_);
+    const std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> owner(normalized, &std::free);
+    if (len < 0) throw Error("tokenizer normalizer", std::string("utf8proc: ") + utf8proc_errmsg(len));
+    return std::string(reinterpret_cast<const char*>(normalized), static_cast<size_t>(len));
+  }
+
+  utf8proc_option_t options_{};
 };
 
 std::unique_ptr<Normalizer> parse_normalizer(const json& j, const std::string& where) {
@@ -647,7 +702,7 @@ class ByteLevelDecoder final : public Decoder {
       std::string mapped;
       bool all_mapped = true;
       for (size_t i = 0; i < token.size();) {
-        const UChar32 c = decode_at(token, i);
+        const CodePoint c = decode_at(token, i);
         const auto it = alphabet.char_to_byte.find(c);
         if (it == alphabet.char_to_byte.end()) {
           all_mapped = false;
@@ -724,10 +779,10 @@ class FuseDecoder final : public Decoder {
 
 class StripDecoder final : public Decoder {
  public:
-  StripDecoder(UChar32 content, size_t start, size_t stop) : content_(content), start_(start), stop_(stop) {}
+  StripDecoder(CodePoint content, size_t start, size_t stop) : content_(content), start_(start), stop_(stop) {}
   std::vector<std::string> apply(std::vector<std::string> tokens) const override {
     for (auto& t : tokens) {
-      std::vector<std::pair<size_t, UChar32>> chars;  // (byte offset, code point)
+      std::vector<std::pair<size_t, CodePoint>> chars;  // (byte offset, code point)
       for (size_t i = 0; i < t.size(); i += utf8_len(static_cast<unsigned char>(t[i])))
         chars.emplace_back(i, decode_at(t, i));
       size_t start_cut = 0;
@@ -750,7 +805,7 @@ class StripDecoder final : public Decoder {
   }
 
  private:
-  UChar32 content_;
+  CodePoint content_;
   size_t start_, stop_;
 };
 
@@ -1119,7 +1174,7 @@ class AddedTokenMatcher {
       if (token.lstrip) {
         size_t new_start = start;
         while (new_start > 0) {
-          const UChar32 c = last_char(s.substr(0, new_start));
+          const CodePoint c = last_char(s.substr(0, new_start));
           if (!is_rust_whitespace(c)) break;
           std::string tmp;
           append_utf8(tmp, c);
@@ -1129,7 +1184,7 @@ class AddedTokenMatcher {
       }
       if (token.rstrip) {
         while (stop < s.size()) {
-          const UChar32 c = decode_at(s, stop);
+          const CodePoint c = decode_at(s, stop);
           if (!is_rust_whitespace(c)) break;
           stop += utf8_len(static_cast<unsigned char>(s[stop]));
         }

@@ -7,7 +7,7 @@ PKGS=(
   libeigen3-dev libopenblas-dev liblapacke-dev
   libhdf5-dev libcli11-dev libtbb-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev libfmt-dev libspdlog-dev libpcre2-dev libsentencepiece-dev libssl-dev libicu-dev
+  nlohmann-json3-dev libfmt-dev libspdlog-dev libpcre2-dev libsentencepiece-dev libssl-dev libutf8proc-dev
   python3 python3-numpy
 )
 missing=()
