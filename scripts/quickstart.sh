@@ -42,4 +42,22 @@ pick_model
 step "model info"           "$OSCAR" info --model "$MODEL"
 step "generate (CPU, greedy)" "$OSCAR" generate --model "$MODEL" --prompt "$PROMPT" --max-new-tokens 48
 
+# Calibration: on qwen3-tiny-trained its own training text; otherwise whatever text fixtures exist. Small sizes so
+# the CPU run takes about a minute; the GPU takes over when nvidia-smi sees one (and the build has CUDA).
+CALIB_DEVICE=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && "$OSCAR" --version | grep -q "CUDA kernels built"; then
+  CALIB_DEVICE=cuda
+fi
+CALIB_DATA=()
+for f in ../shared/fixtures/text/war-and-peace.txt ../shared/fixtures/text/tiny-shakespeare.txt; do
+  [ -f "$f" ] && CALIB_DATA+=("$f")
+done
+if [ ${#CALIB_DATA[@]} -eq 0 ]; then
+  printf 'quickstart: no calibration text under ../shared/fixtures/text; skipping calibrate\n'
+else
+  mkdir -p build/quickstart
+  step "calibrate ($CALIB_DEVICE)" "$OSCAR" calibrate --model "$MODEL" --data "${CALIB_DATA[@]}" \
+    --out build/quickstart/qwen3-tiny.oscar --num-seqs 24 --seq-len 512 --heldout-seqs 4 --device "$CALIB_DEVICE"
+fi
+
 printf '\nquickstart: done (model: %s)\n' "$MODEL"

@@ -27,6 +27,8 @@ void CpuForwardRunner::run_sequence(std::span<const int32_t> ids, model::Observe
 
 namespace {
 
+constexpr std::string_view kCheckpointMagic = "OSCARCKPT1\n";
+
 std::string read_file_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path.string(), "cannot open statistics checkpoint");
@@ -39,9 +41,46 @@ std::vector<float> to_float(const std::vector<double>& v) { return std::vector<f
 
 std::string format_ratio(float r) { return ::fmt::format("{:.6g}", r); }
 
+// What the statistics depend on: the checkpoint is only continued when all of it is unchanged. Options that act
+// after the statistics (clip tuning, per-head grouping) are left out on purpose, so they may change on --resume.
+std::string checkpoint_key(const fmt::ModelFingerprint& fp, const CalibrationData& data, ValueWeighting weighting) {
+  std::string text = ::fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}|{}\n", fp.architecture, fp.num_layers, fp.num_heads,
+                                   fp.num_kv_heads, fp.head_dim, fp.hidden_size, fp.vocab_size, fp.config_sha256,
+                                   fp.attention_sha256, value_weighting_name(weighting));
+  for (const auto& seq : data.sequences) {
+    text += ::fmt::format("{}:", seq.size());
+    text.append(reinterpret_cast<const char*>(seq.data()), seq.size() * sizeof(int32_t));
+  }
+  return fmt::sha256_hex(std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
+void save_checkpoint(const fs::path& path, const std::string& key, StatisticsCollector& stats) {
+  std::string bytes(kCheckpointMagic);
+  bytes += key;
+  bytes += '\n';
+  bytes += stats.serialize();
+  fmt::write_file_atomic(path, bytes);
+}
+
+StatisticsCollector load_checkpoint(const fs::path& path, const std::string& key, const StatisticsShape& shape,
+                                    ValueWeighting weighting) {
+  const std::string bytes = read_file_bytes(path);
+  const size_t header = kCheckpointMagic.size() + key.size() + 1;
+  if (bytes.size() < header || bytes.compare(0, kCheckpointMagic.size(), kCheckpointMagic) != 0)
+    throw Error(path.string(), "not an OSCAR calibration checkpoint (bad magic)");
+  if (bytes.compare(kCheckpointMagic.size(), key.size(), key) != 0 || bytes[header - 1] != '\n')
+    throw Error(path.string(), "checkpoint was made for another model, value weighting or calibration data "
+                               "(delete it or drop --resume)");
+  StatisticsCollector stats =
+      StatisticsCollector::deserialize(std::string_view(bytes).substr(header), path.string());
+  if (!(stats.shape() == shape) || stats.weighting() != weighting)
+    throw Error(path.string(), "checkpoint was made for another model shape or value weighting");
+  return stats;
+}
+
 // Runs every sequence not yet in `stats`, checkpointing as configured.
 void run_pass(ForwardRunner& runner, StatisticsCollector& stats, const CalibrationData& data,
-              const CalibrationOptions& opt, std::string_view stage) {
+              const CalibrationOptions& opt, const std::string& key, std::string_view stage) {
   const int64_t n = static_cast<int64_t>(data.sequences.size());
   int64_t since_checkpoint = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -51,11 +90,11 @@ void run_pass(ForwardRunner& runner, StatisticsCollector& stats, const Calibrati
     stats.finish_sequence();
     if (opt.progress) opt.progress(stage, stats.num_sequences(), n);
     if (!opt.checkpoint.empty() && opt.checkpoint_every > 0 && ++since_checkpoint == opt.checkpoint_every) {
-      fmt::write_file_atomic(opt.checkpoint, stats.serialize());
+      save_checkpoint(opt.checkpoint, key, stats);
       since_checkpoint = 0;
     }
   }
-  if (!opt.checkpoint.empty()) fmt::write_file_atomic(opt.checkpoint, stats.serialize());
+  if (!opt.checkpoint.empty()) save_checkpoint(opt.checkpoint, key, stats);
 }
 
 void check_sequences(const std::vector<std::vector<int32_t>>& seqs, const fmt::ModelConfig& cfg,
@@ -86,73 +125,107 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
   return kv;
 }
 
-CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
-                            const CalibrationData& data, const CalibrationOptions& opt) {
-  const fmt::ModelConfig& cfg = runner.config();
-  const int64_t d = cfg.head_dim, L = cfg.num_layers, Hkv = cfg.num_kv_heads;
+void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, const CalibrationOptions& opt) {
   opt.quant.validate("--kv-format");
-  if (opt.quant.head_dim != d)
-    throw Error("--kv-format", ::fmt::format("head_dim {} but the model's is {}", opt.quant.head_dim, d));
+  if (opt.quant.head_dim != cfg.head_dim)
+    throw Error("--kv-format", ::fmt::format("head_dim {} but the model's is {}", opt.quant.head_dim, cfg.head_dim));
   if (data.sequences.empty()) throw Error("calibration data", "no calibration sequences");
   check_sequences(data.sequences, cfg, "calibration");
   check_sequences(data.heldout, cfg, "held-out");
   if (opt.tune_clip) (void)opt.clip_grid.ratios();  // validates the grid before hours of forward passes
-  const StatisticsShape shape = StatisticsShape::from_config(cfg);
+  if (opt.checkpoint_every < 0) throw Error("--checkpoint-every", "must be >= 0");
+}
 
-  // ---- statistics
+StatisticsCollector collect_statistics(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
+                                       const CalibrationData& data, const CalibrationOptions& opt) {
+  const StatisticsShape shape = StatisticsShape::from_config(runner.config());
+  const std::string key = checkpoint_key(fingerprint, data, opt.value_weighting);
   StatisticsCollector stats(shape, opt.value_weighting);
-  if (opt.resume && !opt.checkpoint.empty() && fs::exists(opt.checkpoint)) {
-    stats = StatisticsCollector::deserialize(read_file_bytes(opt.checkpoint), opt.checkpoint.string());
-    if (!(stats.shape() == shape) || stats.weighting() != opt.value_weighting)
-      throw Error(opt.checkpoint.string(), "checkpoint was made for another model shape or value weighting");
-  }
+  if (opt.resume && !opt.checkpoint.empty() && fs::exists(opt.checkpoint))
+    stats = load_checkpoint(opt.checkpoint, key, shape, opt.value_weighting);
   if (stats.pass() == StatisticsCollector::Pass::Queries) {
-    run_pass(runner, stats, data, opt, "queries");
+    run_pass(runner, stats, data, opt, key, "queries");
     if (stats.needs_value_pass()) stats.start_value_pass();
   }
-  if (stats.pass() == StatisticsCollector::Pass::Values) run_pass(runner, stats, data, opt, "values");
+  if (stats.pass() == StatisticsCollector::Pass::Values) run_pass(runner, stats, data, opt, key, "values");
   if (stats.num_sequences() != static_cast<int64_t>(data.sequences.size()))
     throw Error(opt.checkpoint.string(), ::fmt::format("checkpoint holds {} sequences but the data has {}",
                                                        stats.num_sequences(), data.sequences.size()));
+  return stats;
+}
+
+CalibrationMoments group_moments(StatisticsCollector& stats, bool per_head) {
+  const StatisticsShape& shape = stats.shape();
+  CalibrationMoments m;
+  m.num_layers = shape.num_layers;
+  m.groups = per_head ? shape.num_kv_heads : 1;
+  m.head_dim = shape.head_dim;
+  for (int64_t l = 0; l < m.num_layers; ++l)
+    for (int64_t g = 0; g < m.groups; ++g) m.moments.push_back(per_head ? stats.head_moments(l, g) : stats.layer_moments(l));
+  return m;
+}
+
+CalibrationSpectra solve_spectra(const CalibrationMoments& moments) {
+  CalibrationSpectra s;
+  s.num_layers = moments.num_layers;
+  s.groups = moments.groups;
+  s.head_dim = moments.head_dim;
+  s.spectra.resize(moments.moments.size());
+  for (int64_t l = 0; l < moments.num_layers; ++l)
+    for (int64_t g = 0; g < moments.groups; ++g) {
+      const HeadMoments& m = moments.at(l, g);
+      const std::string where = ::fmt::format("layer {} group {}", l, g);
+      s.spectra[l * s.groups + g] = {symmetric_eigen(m.sigma_q, s.head_dim, where + " (Σ_Q)"),
+                                     symmetric_eigen(m.sigma_v, s.head_dim, where + " (Σ_V)")};
+    }
+  return s;
+}
+
+CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunner& heldout_runner,
+                                  const fmt::ModelFingerprint& fingerprint, const CalibrationData& data,
+                                  const CalibrationOptions& opt) {
+  const fmt::ModelConfig& cfg = heldout_runner.config();
+  const int64_t d = cfg.head_dim, L = cfg.num_layers, Hkv = cfg.num_kv_heads;
+  const int64_t groups = opt.per_head ? Hkv : 1;
+  if (spectra.num_layers != L || spectra.head_dim != d || spectra.groups != groups ||
+      static_cast<int64_t>(spectra.spectra.size()) != L * groups)
+    throw Error("assemble_bundle", ::fmt::format("spectra of {} layers x {} groups (head_dim {}) for a model of {} "
+                                                 "layers x {} groups (head_dim {})",
+                                                 spectra.num_layers, spectra.groups, spectra.head_dim, L, groups, d));
+  const StatisticsShape shape = StatisticsShape::from_config(cfg);
 
   // ---- rotations
   fmt::Bundle b;
   b.producer = std::string("oscar ") + OSCAR_VERSION_STRING;
   b.model = fingerprint;
   b.quant = opt.quant;
-  b.rotation_groups = opt.per_head ? Hkv : 1;
+  b.rotation_groups = groups;
   b.rotation_composition = oscar_composition_name(d);
-  const int64_t groups = b.rotation_groups;
   std::vector<CandidateRotations> candidates;
-  const bool pow2 = is_power_of_two(d);
+  std::vector<RotationKind> kinds;
   for (RotationKind kind : {RotationKind::None, RotationKind::Hadamard, RotationKind::Eigen, RotationKind::EigenHadamard}) {
-    if (kind == RotationKind::Hadamard && !pow2) continue;
+    if (kind == RotationKind::Hadamard && !is_power_of_two(d)) continue;
     CandidateRotations c;
     c.name = std::string(rotation_kind_name(kind));
     c.groups = groups;
     c.k.resize(L);
     c.v.resize(L);
     candidates.push_back(std::move(c));
+    kinds.push_back(kind);
   }
   CandidateRotations& oscar_rot = candidates.back();
   for (int64_t l = 0; l < L; ++l) {
     fmt::LayerCalibration layer;
     for (int64_t g = 0; g < groups; ++g) {
-      const HeadMoments m = opt.per_head ? stats.head_moments(l, g) : stats.layer_moments(l);
-      const std::string where = ::fmt::format("layer {} group {}", l, g);
-      const SymmetricEigen ek = symmetric_eigen(m.sigma_q, d, where + " (Σ_Q)");
-      const SymmetricEigen ev = symmetric_eigen(m.sigma_v, d, where + " (Σ_V)");
+      const SymmetricEigen& ek = spectra.at(l, g).k;
+      const SymmetricEigen& ev = spectra.at(l, g).v;
       layer.k_eigenvalues.insert(layer.k_eigenvalues.end(), ek.values.begin(), ek.values.end());
       layer.v_eigenvalues.insert(layer.v_eigenvalues.end(), ev.values.begin(), ev.values.end());
-      for (auto& c : candidates) {
-        const RotationKind kind = c.name == "none" ? RotationKind::None
-                                  : c.name == "hadamard" ? RotationKind::Hadamard
-                                  : c.name == "eigen"    ? RotationKind::Eigen
-                                                         : RotationKind::EigenHadamard;
-        const auto rk = to_float(build_rotation(kind, ek, d));
-        const auto rv = to_float(build_rotation(kind, ev, d));
-        c.k[l].insert(c.k[l].end(), rk.begin(), rk.end());
-        c.v[l].insert(c.v[l].end(), rv.begin(), rv.end());
+      for (size_t c = 0; c < candidates.size(); ++c) {
+        const auto rk = to_float(build_rotation(kinds[c], ek, d));
+        const auto rv = to_float(build_rotation(kinds[c], ev, d));
+        candidates[c].k[l].insert(candidates[c].k[l].end(), rk.begin(), rk.end());
+        candidates[c].v[l].insert(candidates[c].v[l].end(), rv.begin(), rv.end());
       }
     }
     layer.k_rotation = oscar_rot.k[l];
@@ -169,7 +242,7 @@ CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& 
     const int64_t n = static_cast<int64_t>(data.heldout.size());
     for (int64_t i = 0; i < n; ++i) {
       heldout.begin_sequence(i);
-      runner.run_sequence(data.heldout[i], heldout);
+      heldout_runner.run_sequence(data.heldout[i], heldout);
       if (opt.progress) opt.progress("heldout", i + 1, n);
     }
     const std::vector<HeldoutLayer> layers = heldout.finish();
@@ -212,8 +285,22 @@ CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& 
   p.num_heldout_sequences = static_cast<int64_t>(data.heldout.size());
   p.seed = opt.seed;
   p.options = options_as_text(opt);
+  for (const auto& [key, value] : opt.extra_provenance) {
+    for (const auto& [known, unused] : p.options)
+      if (known == key) throw Error("provenance", ::fmt::format("option \"{}\" is recorded twice", key));
+    p.options.emplace_back(key, value);
+  }
+  std::sort(p.options.begin(), p.options.end());
   fmt::validate_bundle(b, "calibrated bundle");
   return {std::move(b), std::move(report)};
+}
+
+CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
+                            const CalibrationData& data, const CalibrationOptions& opt) {
+  validate_inputs(runner.config(), data, opt);
+  StatisticsCollector stats = collect_statistics(runner, fingerprint, data, opt);
+  const CalibrationSpectra spectra = solve_spectra(group_moments(stats, opt.per_head));
+  return assemble_bundle(spectra, runner, fingerprint, data, opt);
 }
 
 fmt::ModelFingerprint model_fingerprint(const fs::path& model_dir) {

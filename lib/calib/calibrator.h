@@ -1,9 +1,15 @@
 #pragma once
-// calib::calibrate — the whole of `oscar calibrate` below the CLI:
-//   sequences ─► forward passes with a StatisticsCollector (two passes for the default "query" value weighting)
-//   ─► per layer eigen-decomposition of Σ_Q / Σ_V ─► OSCAR rotations (lib/calib/rotation.h)
-//   ─► held-out forward with a HeldoutCollector ─► error report (none / hadamard / eigen / oscar, ± clip)
-//   ─► per-layer clip tuning ─► fmt::Bundle (write it with fmt::write_bundle).
+// calib::calibrate — the whole of `oscar calibrate` below the CLI, as four separable stages:
+//   1. statistics   sequences ─► forward passes with a StatisticsCollector (two passes for the default "query"
+//                   value weighting), checkpointed for --resume                        collect_statistics()
+//                   ─► per (layer, rotation group) normalized moments Σ_Q / Σ_V          group_moments()
+//   2. spectra      eigen-decomposition of every Σ_Q / Σ_V (LAPACK here; cuSOLVER in runtime/gpu_calibration.h)
+//                                                                                       solve_spectra()
+//   3. rotations    OSCAR rotations (lib/calib/rotation.h) and the comparison candidates
+//   4. report       held-out forward with a HeldoutCollector ─► error report (none / hadamard / eigen / oscar, ± clip)
+//                   ─► per-layer clip tuning ─► fmt::Bundle (write it with fmt::write_bundle)  assemble_bundle()
+// The GPU path (runtime/gpu_calibration.h) replaces stages 1 and 2 and reuses 3 and 4 unchanged, so both devices
+// produce bundles through the same rotation, report and clip code.
 // The forward pass is behind ForwardRunner, so the GPU runtime plugs in by implementing run_sequence().
 //
 // Typical use (what apps/oscar's `calibrate` command does):
@@ -26,6 +32,7 @@
 #include "formats/bundle.h"
 #include "formats/model_config.h"
 #include "lib/calib/clip_tuner.h"
+#include "lib/calib/rotation.h"
 #include "lib/calib/statistics.h"
 #include "lib/model/cpu_model.h"
 #include "lib/model/observer.h"
@@ -73,6 +80,9 @@ struct CalibrationOptions {
   std::filesystem::path checkpoint;     // --checkpoint: statistics are saved here every checkpoint_every sequences
   int64_t checkpoint_every = 0;         // --checkpoint-every (0 = only at the end of each pass)
   bool resume = false;                  // --resume: start from `checkpoint` if it exists
+  // Further settings that shape the result (the CLI's --num-seqs, --seq-len, --device, ...), recorded in the
+  // bundle's provenance next to options_as_text(); keys must not collide with those.
+  std::vector<std::pair<std::string, std::string>> extra_provenance;
   // Called after every sequence: stage ("queries", "values", "heldout"), sequences done, total.
   std::function<void(std::string_view stage, int64_t done, int64_t total)> progress;
 };
@@ -83,9 +93,55 @@ struct CalibrationResult {
 };
 
 // Throws oscar::Error naming the option or sequence on invalid input (empty data, head_dim mismatch, a sequence
-// longer than the model's max_position_embeddings, a checkpoint of another model/weighting).
+// longer than the model's max_position_embeddings, a checkpoint of another model, data or options).
+// = validate_inputs + collect_statistics + group_moments + solve_spectra + assemble_bundle.
 CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
                             const CalibrationData& data, const CalibrationOptions& options);
+
+// The checks calibrate() makes before any forward pass (what a GPU run must also pass): the quantization spec and
+// its head_dim against the model's, non-empty data within max_position_embeddings, the clip grid.
+void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, const CalibrationOptions& options);
+
+// ---- stage 1: statistics
+// Runs every calibration sequence (both passes for QueryEnergy). With options.checkpoint set, the collector is
+// saved there every checkpoint_every sequences and at the end of each pass, behind a header keyed by the model
+// fingerprint, the calibration token ids and the result-shaping options; with options.resume a checkpoint whose key
+// matches is continued (sequences already folded are skipped, so the result is bit-identical to an uninterrupted
+// run), and one whose key differs is an oscar::Error naming the file.
+StatisticsCollector collect_statistics(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
+                                       const CalibrationData& data, const CalibrationOptions& options);
+
+// The normalized moments a rotation is computed from, one per (layer, rotation group): groups = num_kv_heads with
+// per_head, else 1 (the layer mean over its KV heads).
+struct CalibrationMoments {
+  int64_t num_layers = 0;
+  int64_t groups = 1;
+  int64_t head_dim = 0;
+  std::vector<HeadMoments> moments;  // [layer * groups + group]
+  const HeadMoments& at(int64_t layer, int64_t group) const { return moments[layer * groups + group]; }
+};
+CalibrationMoments group_moments(StatisticsCollector& stats, bool per_head);
+
+// ---- stage 2: spectra
+struct GroupSpectra {
+  SymmetricEigen k;  // of Σ_Q
+  SymmetricEigen v;  // of Σ_V
+};
+struct CalibrationSpectra {
+  int64_t num_layers = 0;
+  int64_t groups = 1;
+  int64_t head_dim = 0;
+  std::vector<GroupSpectra> spectra;  // [layer * groups + group]
+  const GroupSpectra& at(int64_t layer, int64_t group) const { return spectra[layer * groups + group]; }
+};
+// LAPACK dsyevd for every matrix (symmetric_eigen's sign convention).
+CalibrationSpectra solve_spectra(const CalibrationMoments& moments);
+
+// ---- stages 3 and 4: rotations, held-out error report, clip tuning, provenance
+// `heldout_runner` runs data.heldout (any device; unused when data.heldout is empty).
+CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunner& heldout_runner,
+                                  const fmt::ModelFingerprint& fingerprint, const CalibrationData& data,
+                                  const CalibrationOptions& options);
 
 // Fingerprint of a Hugging Face checkpoint directory: shapes from config.json, sha256 of config.json, and
 // fmt::sha256_tensors over every layer's q/k/v/o projection weights plus q/k/v biases and q/k norms when present.

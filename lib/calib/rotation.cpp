@@ -52,7 +52,12 @@ SymmetricEigen symmetric_eigen(std::span<const double> sigma, int64_t d, const s
   const lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', static_cast<lapack_int>(d), a.data(),
                                          static_cast<lapack_int>(d), w.data());
   if (info != 0) throw Error(where, ::fmt::format("LAPACK dsyevd failed (info = {})", info));
+  return eigen_from_ascending(w, a, d);
+}
 
+SymmetricEigen eigen_from_ascending(std::span<const double> w, std::span<const double> a, int64_t d) {
+  if (d <= 0 || static_cast<int64_t>(w.size()) != d || static_cast<int64_t>(a.size()) != d * d)
+    throw Error("eigen_from_ascending", ::fmt::format("expected {0} values and [{0}, {0}] vectors", d));
   SymmetricEigen out;
   out.dim = d;
   out.values.resize(static_cast<size_t>(d));

@@ -37,6 +37,12 @@ struct SymmetricEigen {
 // keep LAPACK's ascending order reversed. Throws oscar::Error(where, ...) when LAPACK fails or Σ is not finite.
 SymmetricEigen symmetric_eigen(std::span<const double> sigma, int64_t d, const std::string& where);
 
+// The sign and order convention above applied to a solver's raw output: `ascending_values` [d] and the matching
+// unit eigenvectors as the columns of a column-major [d, d] matrix (what LAPACK dsyevd and cuSOLVER syevd write),
+// so every eigensolver (CPU LAPACK, GPU cuSOLVER) yields the same SymmetricEigen for the same spectrum.
+SymmetricEigen eigen_from_ascending(std::span<const double> ascending_values,
+                                    std::span<const double> column_major_vectors, int64_t d);
+
 // The rotations the error report compares.
 enum class RotationKind {
   None,           // identity

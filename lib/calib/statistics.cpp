@@ -28,6 +28,12 @@ void accumulate_outer(std::span<const double> x, std::span<const double> w, int6
   });
 }
 
+int64_t count_non_finite(const float* x, int64_t n) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
+  return bad;
+}
+
 // Copies head `h` of a [heads, T, d] fp32 tensor to fp64 rows.
 void widen_head(const float* t, int64_t h, int64_t tokens, int64_t d, double* out) {
   const float* src = t + h * tokens * d;
@@ -196,6 +202,15 @@ void StatisticsCollector::on_attention_inputs(const model::AttentionInputs& in) 
                                      shape_.num_kv_heads, shape_.head_dim));
   const int64_t T = in.num_tokens, d = shape_.head_dim, group = shape_.num_heads / shape_.num_kv_heads;
   if (T <= 0) return;
+  // One overflowed activation would poison the whole layer's covariance (and every later sequence's sum), so a
+  // non-finite input stops the calibration here, naming the layer, rather than as an eigensolver failure later.
+  const int64_t bad = count_non_finite(in.q, shape_.num_heads * T * d) +
+                      count_non_finite(in.k, shape_.num_kv_heads * T * d) +
+                      count_non_finite(in.v, shape_.num_kv_heads * T * d);
+  if (bad > 0)
+    throw Error(where, ::fmt::format("{} non-finite (NaN/Inf) values in the attention inputs q/k/v of {} tokens at "
+                                     "position {}",
+                                     bad, T, in.pos0));
   const bool collect_queries = pass_ == Pass::Queries;
   const bool collect_values = weighting_ != ValueWeighting::QueryEnergy || pass_ == Pass::Values;
   scratch_.resize(static_cast<size_t>(std::max(group, int64_t{2}) * T * d));

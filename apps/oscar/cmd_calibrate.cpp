@@ -1,0 +1,358 @@
+// oscar calibrate: data → packed sequences → attention-aware statistics → rotations → held-out error report and
+// clip tuning → .oscar bundle (lib/calib/calibrator.h on the CPU, runtime/gpu_calibration.h with --device cuda).
+//
+// Held-out data: the packer shuffles the complete sequences of --data by --seed and keeps --num-seqs + --heldout-seqs
+// of them; the first --num-seqs calibrate, the last --heldout-seqs score the error report and tune the clip ratios.
+// They are disjoint sequences of the token stream (a document may straddle the cut between two of them).
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "apps/oscar/command.h"
+#include "apps/oscar/common.h"
+#include "datasets/pack.h"
+#include "formats/atomic_file.h"
+#include "formats/bundle.h"
+#include "formats/error.h"
+#include "formats/model_config.h"
+#include "lib/calib/calibrator.h"
+#ifdef OSCAR_HAVE_CUDA
+#include "runtime/gpu_calibration.h"
+#endif
+
+namespace oscar::app {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CalibrateCliOptions {
+  std::string model_dir;
+  std::vector<std::string> data;
+  std::string out;
+  int64_t num_seqs = 512;
+  int64_t seq_len = 2048;
+  int64_t heldout_seqs = 8;
+  int64_t heldout_tokens = 16384;
+  std::string device = "cpu";
+  uint64_t seed = 0;
+  bool per_head = false;
+  std::string value_weighting = "query";
+  float k_clip = 0.96f;
+  float v_clip = 0.92f;
+  bool tune_clip_flag = false;
+  bool no_clip_tuning = false;
+  float clip_min = 0.80f;
+  float clip_max = 1.00f;
+  float clip_step = 0.01f;
+  int64_t sink = 64;
+  int64_t recent = 256;
+  int64_t batch_tokens = 16384;
+  std::string checkpoint;
+  int64_t checkpoint_every = 32;
+  bool resume = false;
+  bool json = false;
+  // Set by CLI11 when the flag was given.
+  bool k_clip_given = false, v_clip_given = false;
+};
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "--:--";
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  return s >= 3600 ? ::fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+                   : ::fmt::format("{}:{:02}", s / 60, s % 60);
+}
+
+// Progress of the forward passes on stderr: a redrawn bar on a terminal, plain log lines (every 10 s and at the end
+// of each stage) otherwise, so CI logs and `2> file` stay readable.
+class ProgressReporter {
+ public:
+  explicit ProgressReporter(int64_t tokens_per_sequence)
+      : tokens_per_sequence_(tokens_per_sequence), tty_(::isatty(STDERR_FILENO) == 1) {}
+
+  void operator()(std::string_view stage, int64_t done, int64_t total) {
+    const auto now = std::chrono::steady_clock::now();
+    if (stage != stage_) {
+      finish_line();
+      // The first report comes after the first sequence: rates count from there.
+      stage_ = std::string(stage);
+      stage_start_ = now;
+      last_print_ = now;
+      first_done_ = done;
+    }
+    const double elapsed = std::chrono::duration<double>(now - stage_start_).count();
+    const double tokens = static_cast<double>(done - first_done_) * static_cast<double>(tokens_per_sequence_);
+    const double rate = elapsed > 0 ? tokens / elapsed : 0.0;
+    const double eta = done > first_done_
+                           ? elapsed * static_cast<double>(total - done) / static_cast<double>(done - first_done_)
+                           : NAN;
+    const bool last = done >= total;
+    if (tty_) {
+      constexpr int kWidth = 30;
+      const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
+      std::string bar(static_cast<size_t>(filled), '#');
+      bar.resize(kWidth, '.');
+      std::fprintf(stderr, "\r%-8s [%s] %3d%% %lld/%lld seqs  %.0f tok/s  ETA %s   ", stage_.c_str(), bar.c_str(),
+                   total > 0 ? static_cast<int>(100 * done / total) : 100, static_cast<long long>(done),
+                   static_cast<long long>(total), rate, format_duration(eta).c_str());
+      std::fflush(stderr);
+      open_line_ = true;
+      if (last) finish_line();
+    } else if (last || now - last_print_ >= std::chrono::seconds(10)) {
+      spdlog::info("{}: {}/{} sequences, {:.0f} tokens/s, elapsed {}, ETA {}", stage_, done, total, rate,
+                   format_duration(elapsed), format_duration(last ? 0.0 : eta));
+      last_print_ = now;
+    }
+  }
+
+  void finish_line() {
+    if (open_line_) std::fputc('\n', stderr);
+    open_line_ = false;
+  }
+
+ private:
+  int64_t tokens_per_sequence_;
+  bool tty_;
+  bool open_line_ = false;
+  std::string stage_;
+  int64_t first_done_ = 0;
+  std::chrono::steady_clock::time_point stage_start_, last_print_;
+};
+
+// The output must be creatable before hours of forward passes are spent: its directory exists and is writable.
+void check_writable_output(const fs::path& path, const std::string& flag) {
+  check_output_parent(path);
+  const fs::path parent = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  if (::access(parent.c_str(), W_OK) != 0)
+    throw Error(path.string(), ::fmt::format("cannot write {}: directory {} is not writable", flag, parent.string()));
+}
+
+int run_calibrate(const CalibrateCliOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  if (o.num_seqs < 1) throw Error("--num-seqs", "must be >= 1");
+  if (o.seq_len < 2) throw Error("--seq-len", "must be >= 2");
+  if (o.heldout_seqs < 0) throw Error("--heldout-seqs", "must be >= 0");
+  if (o.heldout_tokens < 1) throw Error("--heldout-tokens", "must be >= 1");
+  if (o.sink < 0) throw Error("--sink", "must be >= 0");
+  if (o.recent < 0) throw Error("--recent", "must be >= 0");
+  if (o.checkpoint_every < 0) throw Error("--checkpoint-every", "must be >= 0");
+  if (o.batch_tokens < 1) throw Error("--batch-tokens", "must be >= 1");
+  if (o.resume && o.checkpoint.empty()) throw Error("--resume", "needs --checkpoint FILE");
+  check_writable_output(o.out, "--out");
+  if (!o.checkpoint.empty()) check_writable_output(o.checkpoint, "--checkpoint");
+#ifndef OSCAR_HAVE_CUDA
+  if (o.device == "cuda") throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
+#endif
+  check_model_dir(o.model_dir);
+  const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(o.model_dir);
+  if (cfg.max_position_embeddings > 0 && o.seq_len > cfg.max_position_embeddings)
+    throw Error("--seq-len", ::fmt::format("{} exceeds the model's max_position_embeddings {}", o.seq_len,
+                                           cfg.max_position_embeddings));
+
+  // ---- data
+  const auto tok = load_tokenizer(o.model_dir);
+  data::PackOptions po;
+  po.seq_len = o.seq_len;
+  po.num_seqs = o.num_seqs + o.heldout_seqs;
+  po.shuffle = true;
+  po.seed = o.seed;
+  const data::PackedDataset packed = data::pack_dataset(o.data, tok.get(), data::SourceOptions{}, po);
+  const int64_t available = packed.num_seqs();
+  std::vector<std::string> warnings;
+  int64_t heldout = o.heldout_seqs, calibration = o.num_seqs;
+  if (available < o.num_seqs + o.heldout_seqs) {
+    // Calibration keeps at least three quarters of what there is; the report needs far fewer sequences.
+    heldout = std::min(o.heldout_seqs, available / 4);
+    calibration = available - heldout;
+    warnings.push_back(::fmt::format(
+        "--data holds only {} sequences of {} tokens (asked for {} + {} held-out): using {} for calibration and {} "
+        "held-out",
+        available, o.seq_len, o.num_seqs, o.heldout_seqs, calibration, heldout));
+    spdlog::warn("{}", warnings.back());
+  }
+  if (heldout == 0 && o.heldout_seqs > 0) {
+    warnings.push_back("no held-out sequences: no error report, clip ratios stay at --k-clip / --v-clip");
+    spdlog::warn("{}", warnings.back());
+  }
+  for (const std::string& w : packed.stats.warnings) spdlog::warn("{}", w);
+  calib::CalibrationData data;
+  data.seq_len = o.seq_len;
+  for (int64_t i = 0; i < calibration; ++i) {
+    const auto s = packed.sequence(i);
+    data.sequences.emplace_back(s.begin(), s.end());
+  }
+  for (int64_t i = available - heldout; i < available; ++i) {
+    const auto s = packed.sequence(i);
+    data.heldout.emplace_back(s.begin(), s.end());
+  }
+  for (const auto& f : packed.files) data.data_files.push_back({f.path, f.sha256});
+
+  // ---- options (every flag that shapes the result is recorded in the bundle)
+  calib::CalibrationOptions opt;
+  opt.value_weighting = calib::parse_value_weighting(o.value_weighting, "--value-weighting");
+  opt.per_head = o.per_head;
+  opt.quant = fmt::KvQuantSpec::int2_default(cfg.head_dim);
+  opt.quant.sink_tokens = o.sink;
+  opt.quant.recent_tokens = o.recent;
+  opt.quant.k.clip_ratio = o.k_clip;
+  opt.quant.v.clip_ratio = o.v_clip;
+  // Fixed ratios (--k-clip / --v-clip) mean no tuning unless --tune-clip asks for it explicitly; then they are the
+  // reference the tuned ratios are reported against.
+  opt.tune_clip = !o.no_clip_tuning && (o.tune_clip_flag || !(o.k_clip_given || o.v_clip_given));
+  opt.clip_grid = {o.clip_min, o.clip_max, o.clip_step};
+  opt.heldout_max_tokens = o.heldout_tokens;
+  opt.seed = o.seed;
+  opt.checkpoint = o.checkpoint;
+  opt.checkpoint_every = o.checkpoint_every;
+  opt.resume = o.resume;
+  std::string data_specs;
+  for (const auto& d : o.data) data_specs += (data_specs.empty() ? "" : " ") + d;
+  opt.extra_provenance = {
+      {"data", data_specs},
+      {"device", o.device},
+      {"heldout_seqs", std::to_string(o.heldout_seqs)},
+      {"k_clip", ::fmt::format("{:.6g}", o.k_clip)},
+      {"num_seqs", std::to_string(o.num_seqs)},
+      {"recent", std::to_string(o.recent)},
+      {"seq_len", std::to_string(o.seq_len)},
+      {"sink", std::to_string(o.sink)},
+      {"v_clip", ::fmt::format("{:.6g}", o.v_clip)},
+  };
+  if (o.device == "cuda") opt.extra_provenance.emplace_back("batch_tokens", std::to_string(o.batch_tokens));
+  auto progress = std::make_shared<ProgressReporter>(o.seq_len);
+  opt.progress = [progress](std::string_view stage, int64_t done, int64_t total) { (*progress)(stage, done, total); };
+
+  // ---- calibrate
+  spdlog::info("calibrating {} on {} sequences x {} tokens ({} held-out), device {}", o.model_dir,
+               data.sequences.size(), o.seq_len, data.heldout.size(), o.device);
+  const fmt::ModelFingerprint fingerprint = calib::model_fingerprint(o.model_dir);
+  calib::CalibrationResult result;
+  if (o.device == "cuda") {
+#ifdef OSCAR_HAVE_CUDA
+    auto model = rt::DeviceModel::load(o.model_dir);
+    rt::GpuCalibrationOptions gpu;
+    gpu.batch_tokens = o.batch_tokens;
+    result = rt::calibrate_on_device(*model, fingerprint, data, opt, gpu);
+#endif
+  } else {
+    auto model = load_model(o.model_dir);
+    calib::CpuForwardRunner runner(*model);
+    result = calib::calibrate(runner, fingerprint, data, opt);
+  }
+  progress->finish_line();
+  fmt::write_bundle(o.out, result.bundle);
+  // The bundle holds everything the checkpoint did; a later run with the same --checkpoint starts afresh.
+  if (!o.checkpoint.empty()) {
+    std::error_code ec;
+    fs::remove(o.checkpoint, ec);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const fmt::Bundle& b = result.bundle;
+  const int64_t passes = opt.value_weighting == calib::ValueWeighting::QueryEnergy ? 2 : 1;
+
+  if (o.json) {
+    nlohmann::json j;
+    j["out"] = o.out;
+    j["bundle_sha256"] = fmt::sha256_file(o.out);
+    j["model"] = o.model_dir;
+    j["device"] = o.device;
+    j["num_sequences"] = b.calibration.num_sequences;
+    j["num_tokens"] = b.calibration.num_tokens;
+    j["seq_len"] = b.calibration.seq_len;
+    j["heldout_sequences"] = b.calibration.num_heldout_sequences;
+    j["seconds"] = seconds;
+    j["statistics_tokens_per_second"] =
+        seconds > 0 ? static_cast<double>(passes * b.calibration.num_tokens) / seconds : 0.0;
+    j["rotation_groups"] = b.rotation_groups;
+    j["rotation_composition"] = b.rotation_composition;
+    j["value_weighting"] = o.value_weighting;
+    j["tune_clip"] = opt.tune_clip;
+    nlohmann::json layers = nlohmann::json::array();
+    for (size_t l = 0; l < b.layers.size(); ++l)
+      layers.push_back({{"layer", l}, {"k_clip", b.layers[l].k_clip_ratio}, {"v_clip", b.layers[l].v_clip_ratio}});
+    j["layers"] = layers;
+    nlohmann::json errors = nlohmann::json::object();
+    const int64_t L = b.errors.num_layers;
+    for (size_t r = 0; r < b.errors.rows.size(); ++r) {
+      double k = 0, v = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        k += b.errors.k_relative_error[r * L + l] / static_cast<double>(L);
+        v += b.errors.v_relative_error[r * L + l] / static_cast<double>(L);
+      }
+      errors[b.errors.rows[r]] = {{"k_relative_error", k}, {"v_relative_error", v}};
+    }
+    j["errors_mean_over_layers"] = errors;
+    j["warnings"] = warnings;
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    if (!result.report.empty()) std::fputs(result.report.c_str(), stdout);
+    std::printf("\nwrote %s (%zu layers, %lld sequences x %lld tokens, %lld held-out) in %s\n", o.out.c_str(),
+                b.layers.size(), static_cast<long long>(b.calibration.num_sequences),
+                static_cast<long long>(b.calibration.seq_len),
+                static_cast<long long>(b.calibration.num_heldout_sequences), format_duration(seconds).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+OSCAR_REGISTER_COMMAND(
+    "calibrate", "Attention-aware rotations and clip ratios for the INT2 KV cache: writes an .oscar bundle", 50,
+    [](CLI::App& sub) -> RunCommand {
+      auto o = std::make_shared<CalibrateCliOptions>();
+      add_model_option(sub, o->model_dir);
+      sub.add_option("--data", o->data, "calibration text/JSONL/token files, directories or globs")
+          ->required()
+          ->expected(1, -1);
+      sub.add_option("--out", o->out, "bundle to write (atomically), e.g. model.oscar")->required()->type_name("FILE");
+      sub.add_option("--num-seqs", o->num_seqs, "calibration sequences")->capture_default_str();
+      sub.add_option("--seq-len", o->seq_len, "tokens per sequence")->capture_default_str();
+      sub.add_option("--heldout-seqs", o->heldout_seqs,
+                     "further sequences (disjoint, the last packed ones) for the error report and clip tuning")
+          ->capture_default_str();
+      sub.add_option("--heldout-tokens", o->heldout_tokens, "held-out K/V samples kept per layer")
+          ->capture_default_str();
+      add_device_option(sub, o->device);
+      sub.add_option("--batch-tokens", o->batch_tokens, "--device cuda: tokens per packed forward")
+          ->capture_default_str();
+      sub.add_option("--seed", o->seed, "seed of the sequence shuffle")->capture_default_str();
+      sub.add_flag("--per-head", o->per_head, "one rotation per KV head instead of one per layer");
+      sub.add_option("--value-weighting", o->value_weighting, "Σ_V token weights: query, attention_mass, uniform")
+          ->check(CLI::IsMember({"query", "attention_mass", "uniform"}))
+          ->capture_default_str();
+      auto* k_clip = sub.add_option("--k-clip", o->k_clip, "fixed key clip ratio (implies --no-clip-tuning unless "
+                                                           "--tune-clip is given; then the reference)")
+                         ->capture_default_str();
+      auto* v_clip = sub.add_option("--v-clip", o->v_clip, "fixed value clip ratio (as --k-clip)")->capture_default_str();
+      auto* tune = sub.add_flag("--tune-clip", o->tune_clip_flag,
+                                "tune per-layer clip ratios on the held-out data (default)");
+      sub.add_flag("--no-clip-tuning", o->no_clip_tuning, "keep --k-clip / --v-clip for every layer")->excludes(tune);
+      sub.add_option("--clip-min", o->clip_min, "smallest clip ratio tried")->capture_default_str();
+      sub.add_option("--clip-max", o->clip_max, "largest clip ratio tried")->capture_default_str();
+      sub.add_option("--clip-step", o->clip_step, "clip grid step")->capture_default_str();
+      sub.add_option("--sink", o->sink, "first tokens kept in bf16 (recorded in the bundle)")->capture_default_str();
+      sub.add_option("--recent", o->recent, "most recent tokens kept in bf16 (recorded in the bundle)")
+          ->capture_default_str();
+      sub.add_option("--checkpoint", o->checkpoint, "statistics checkpoint file (removed after success)")
+          ->type_name("FILE");
+      sub.add_option("--checkpoint-every", o->checkpoint_every,
+                     "sequences between checkpoints (0: only at the end of each pass)")
+          ->capture_default_str();
+      sub.add_flag("--resume", o->resume, "continue from --checkpoint when it exists (same model, data, weighting)");
+      add_json_flag(sub, o->json);
+      return [o, k_clip, v_clip] {
+        o->k_clip_given = k_clip->count() > 0;
+        o->v_clip_given = v_clip->count() > 0;
+        return run_calibrate(*o);
+      };
+    });
+
+}  // namespace oscar::app
