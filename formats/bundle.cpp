@@ -249,6 +249,13 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
       w.dataset<double>(lg.get(), "v_eigenvalues", {groups, d}, l.v_eigenvalues);
       const float clips[2] = {l.k_clip_ratio, l.v_clip_ratio};
       w.dataset<float>(lg.get(), "clip_ratios", {2}, clips);
+      // 1.1: written only when the layer has its own layout, so a uniform bundle has the 1.0 objects.
+      for (const auto& [name, segs] : {std::pair{"k_segments", &l.k_segments}, std::pair{"v_segments", &l.v_segments}}) {
+        if (segs->empty()) continue;
+        std::vector<int32_t> flat;
+        for (const auto& s : *segs) flat.insert(flat.end(), {s.begin, s.end, s.bits});
+        w.dataset<int32_t>(lg.get(), name, {segs->size(), 3}, flat);
+      }
     }
   }
   {
@@ -453,6 +460,19 @@ Bundle read_all(const Reader& r, hid_t file) {
       auto clips = r.dataset<float>(lg.get(), lp, "clip_ratios", {2});
       l.k_clip_ratio = clips[0];
       l.v_clip_ratio = clips[1];
+      // 1.1 objects; absent in 1.0 files and in layers that use the global layout.
+      for (const auto& [name, segs] : {std::pair{"k_segments", &l.k_segments}, std::pair{"v_segments", &l.v_segments}}) {
+        if (H5Lexists(lg.get(), name, H5P_DEFAULT) <= 0) continue;
+        Handle ds(H5Dopen2(lg.get(), name, H5P_DEFAULT), H5Dclose);
+        if (!ds.valid()) r.fail(lp + "/" + name, "cannot open dataset");
+        Handle space(H5Dget_space(ds.get()), H5Sclose);
+        hsize_t dims[2] = {0, 0};
+        if (H5Sget_simple_extent_ndims(space.get()) != 2 ||
+            H5Sget_simple_extent_dims(space.get(), dims, nullptr) < 0 || dims[1] != 3 || dims[0] > 4096)
+          r.fail(lp + "/" + name, "expected shape [n, 3]");
+        auto flat = r.dataset<int32_t>(lg.get(), lp, name, {dims[0], 3});
+        for (hsize_t k = 0; k < dims[0]; ++k) segs->push_back({flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]});
+      }
       b.layers.push_back(std::move(l));
     }
   }
@@ -508,6 +528,18 @@ KvStorage parse_kv_storage(std::string_view name, const std::string& where) {
   throw Error(where, "unknown KV storage \"" + std::string(name) + "\" (bf16, int, fp8_e4m3)");
 }
 
+KvQuantSpec layer_spec(const Bundle& bundle, size_t layer) {
+  KvQuantSpec spec = bundle.quant;
+  if (layer >= bundle.layers.size())
+    throw Error("layer_spec", ::fmt::format("layer {} of a bundle with {} layers", layer, bundle.layers.size()));
+  const auto& l = bundle.layers[layer];
+  if (!l.k_segments.empty()) spec.k.segments = l.k_segments;
+  if (!l.v_segments.empty()) spec.v.segments = l.v_segments;
+  spec.k.clip_ratio = l.k_clip_ratio;
+  spec.v.clip_ratio = l.v_clip_ratio;
+  return spec;
+}
+
 void validate_bundle(const Bundle& b, const std::string& where) {
   if (b.format_major != kBundleFormatMajor)
     throw Error(where, ::fmt::format("format major {} is not {}", b.format_major, kBundleFormatMajor));
@@ -537,6 +569,7 @@ void validate_bundle(const Bundle& b, const std::string& where) {
       throw Error(lw, "non-finite rotation or eigenvalue");
     if (!(l.k_clip_ratio > 0.0f && l.k_clip_ratio <= 1.0f) || !(l.v_clip_ratio > 0.0f && l.v_clip_ratio <= 1.0f))
       throw Error(lw, ::fmt::format("clip ratios {} / {} outside (0, 1]", l.k_clip_ratio, l.v_clip_ratio));
+    if (!l.k_segments.empty() || !l.v_segments.empty()) layer_spec(b, i).validate(lw + " (segments)");
     check_orthogonal(l.k_rotation, g, d, lw + "/k_rotation");
     check_orthogonal(l.v_rotation, g, d, lw + "/v_rotation");
   }

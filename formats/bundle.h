@@ -21,7 +21,7 @@ namespace oscar::fmt {
 class TensorStore;
 
 inline constexpr int32_t kBundleFormatMajor = 1;
-inline constexpr int32_t kBundleFormatMinor = 0;
+inline constexpr int32_t kBundleFormatMinor = 1;  // 1.1: per-layer segment layouts
 
 // Identifies the checkpoint a bundle was calibrated on; `oscar eval` refuses a bundle whose fingerprint differs.
 struct ModelFingerprint {
@@ -65,6 +65,10 @@ struct LayerCalibration {
   std::vector<double> v_eigenvalues;  // [groups, head_dim] of Σ_V, descending
   float k_clip_ratio = 1.0f;
   float v_clip_ratio = 1.0f;
+  // Format 1.1: this layer's own segment layouts (the spectral method's per-layer bit allocation); empty = the
+  // bundle's quant.k / quant.v segments. layer_spec() resolves them.
+  std::vector<QuantSegment> k_segments;
+  std::vector<QuantSegment> v_segments;
   bool operator==(const LayerCalibration&) const = default;
 };
 
@@ -90,6 +94,9 @@ struct Bundle {
   std::vector<LayerCalibration> layers;
   ErrorReport errors;
 };
+
+// The spec layer `layer` is stored with: bundle.quant with the layer's own segments (when it has them) and clip ratios.
+KvQuantSpec layer_spec(const Bundle& bundle, size_t layer);
 
 // Writes atomically; throws oscar::Error naming `path` on any HDF5 failure or an inconsistent Bundle
 // (the same checks read_bundle applies).

@@ -27,6 +27,7 @@ struct QuantSegment {
   int32_t begin = 0;
   int32_t end = 0;
   int32_t bits = 2;  // 0 (dropped), 1, 2, 3, 4, 8
+  bool operator==(const QuantSegment&) const = default;
 };
 
 struct TensorQuantSpec {

@@ -103,6 +103,10 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
       const fmt::LayerCalibration& lc = bundle->layers[l];
       if (lc.k_rotation.size() != dd || lc.v_rotation.size() != dd)
         throw Error(where + ": layer " + std::to_string(l), "rotation is not [head_dim, head_dim]");
+      // Bundle 1.1 per-layer layouts (spectral bit allocation) would otherwise be silently read as whole-head INT2.
+      if (!lc.k_segments.empty() || !lc.v_segments.empty())
+        throw Error(where + ": layer " + std::to_string(l),
+                    "per-layer segment layouts (bundle format 1.1) are not supported by the INT2 decode kernel");
       f.k_rotation.push_back(lc.k_rotation);
       f.v_rotation.push_back(lc.v_rotation);
       f.k_clip_ratio.push_back(lc.k_clip_ratio);
