@@ -81,7 +81,7 @@ struct SequenceState {
 };
 
 struct Engine::Impl {
-  std::unique_ptr<DeviceModel> model;
+  std::shared_ptr<DeviceModel> model;  // shared by engines over one set of weights (Engine::load)
   fmt::ModelConfig cfg;
   DeviceWeights w;
   EngineOptions opt;
@@ -173,7 +173,7 @@ const KvCache& Engine::cache() const { return *impl_->cache; }
 DeviceModel& Engine::model() { return *impl_->model; }
 
 std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, const EngineOptions& options,
-                                     const fmt::Bundle* bundle) {
+                                     const fmt::Bundle* bundle, std::shared_ptr<DeviceModel> shared_model) {
   auto e = std::make_unique<Impl>();
   e->opt = options;
   e->cfg = fmt::ModelConfig::from_dir(model_dir);
@@ -203,7 +203,15 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   layout.recent_tokens = e->format.recent_tokens;
   const KvCachePlan plan = plan_kv_cache(layout, options.cache_budget_bytes, options.max_sequences, "--cache-budget");
 
-  e->model = DeviceModel::load(model_dir);
+  if (shared_model) {
+    const fmt::ModelConfig& m = shared_model->config();
+    if (m.num_layers != e->cfg.num_layers || m.hidden_size != e->cfg.hidden_size || m.head_dim != e->cfg.head_dim ||
+        m.num_kv_heads != e->cfg.num_kv_heads || m.vocab_size != e->cfg.vocab_size)
+      throw Error(model_dir.string(), "the shared DeviceModel was loaded from another checkpoint");
+    e->model = std::move(shared_model);
+  } else {
+    e->model = DeviceModel::load(model_dir);
+  }
   e->w = e->model->weights();
   e->stream = reinterpret_cast<cudaStream_t>(e->model->stream());
   e->gemm = std::make_unique<LtGemm>(size_t{32} << 20);

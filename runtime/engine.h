@@ -89,8 +89,12 @@ class Engine {
   // Loads the model (DeviceModel::load) and builds the cache. For CacheMode::Oscar the bundle comes from
   // `bundle` when given, else from options.bundle; either is refused unless its fingerprint matches the model
   // (calib::model_fingerprint of model_dir).
+  // `shared_model`, when given, is used instead of uploading the weights again, so several engines (one per cache
+  // format, as rt::evaluate_on_gpu runs them in lockstep) hold one copy of the weights; it must have been loaded
+  // from model_dir. The engines then share its stream, so they must be driven from one host thread.
   static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, const EngineOptions& options,
-                                      const fmt::Bundle* bundle = nullptr);
+                                      const fmt::Bundle* bundle = nullptr,
+                                      std::shared_ptr<DeviceModel> shared_model = nullptr);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;

@@ -1,5 +1,6 @@
-// oscar eval: accuracy of quantized KV caches against the BF16 cache, on the CPU reference model, with a simulated
-// decode-time cache (lib/eval/simulated_attention.h). Writes report.json / report.md / report.html into --out.
+// oscar eval: accuracy of quantized KV caches against the BF16 cache, on the CPU reference model with a simulated
+// decode-time cache (lib/eval/simulated_attention.h), or (--device cuda) through the GPU engine's decode step
+// (runtime/eval_gpu.h). Writes report.json / report.md / report.html into --out.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +19,9 @@
 #include "formats/error.h"
 #include "lib/calib/calibrator.h"
 #include "lib/eval/evaluator.h"
+#ifdef OSCAR_HAVE_CUDA
+#include "runtime/eval_gpu.h"
+#endif
 
 namespace oscar::app {
 namespace {
@@ -43,6 +47,10 @@ struct EvalCliOptions {
   bool strict = false;
   uint64_t seed = 0;
   bool timestamp = false;
+  // --device cuda only.
+  int64_t gpu_batch = 16;  // teacher-forced sequences and greedy prompts of a context in one batch
+  int64_t prefill_tokens = 1;
+  bool cpu_fallback = false;
 };
 
 std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
@@ -66,9 +74,10 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
 }
 
 int run_eval(const EvalCliOptions& o) {
-  if (o.device == "cuda")
-    throw Error("--device cuda", "GPU evaluation is not available yet (the CUDA runtime is not wired into eval); "
-                                 "use --device cpu");
+  const bool on_gpu = o.device == "cuda";
+#ifndef OSCAR_HAVE_CUDA
+  if (on_gpu) throw Error("--device cuda", "this build has no CUDA runtime (built without nvcc); use --device cpu");
+#endif
   if (o.num_seqs < 1) throw Error("--num-seqs", "must be >= 1");
   check_model_dir(o.model_dir);
   auto model = load_model(o.model_dir);
@@ -85,9 +94,12 @@ int run_eval(const EvalCliOptions& o) {
 
   eval::EvalOptions opt;
   opt.modes = o.modes.empty() ? std::vector<eval::CacheMode>{} : eval::parse_cache_modes(o.modes, "--modes");
+  // The default list on the GPU is what the engine implements (bf16, oscar, int2) unless --cpu-fallback.
+  const std::set<eval::CacheMode> engine_modes = {eval::CacheMode::BF16, eval::CacheMode::Oscar, eval::CacheMode::Int2};
   if (o.modes.empty())
     for (eval::CacheMode m : eval::kAllCacheModes)
-      if (m != eval::CacheMode::Oscar || bundle) opt.modes.push_back(m);
+      if ((m != eval::CacheMode::Oscar || bundle) && (!on_gpu || o.cpu_fallback || engine_modes.count(m)))
+        opt.modes.push_back(m);
   if (!bundle && std::find(opt.modes.begin(), opt.modes.end(), eval::CacheMode::Oscar) != opt.modes.end())
     throw Error("--modes", "the oscar mode needs a calibration bundle (--bundle FILE from `oscar calibrate`)");
   opt.mode_options.windows = {bundle ? bundle->quant.sink_tokens : 64, bundle ? bundle->quant.recent_tokens : 256};
@@ -173,7 +185,18 @@ int run_eval(const EvalCliOptions& o) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  eval::EvalReport report = eval::evaluate(*model, tok.get(), data, opt);
+  eval::EvalReport report;
+  if (on_gpu) {
+#ifdef OSCAR_HAVE_CUDA
+    rt::GpuEvalOptions gpu;
+    gpu.schedule.batch = o.gpu_batch;
+    gpu.schedule.prefill_tokens = o.prefill_tokens;
+    gpu.cpu_fallback = o.cpu_fallback;
+    report = rt::evaluate_on_gpu(o.model_dir, tok.get(), data, opt, gpu, model.get());
+#endif
+  } else {
+    report = eval::evaluate(*model, tok.get(), data, opt);
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.model = o.model_dir;
   report.bundle = o.bundle;
@@ -194,7 +217,10 @@ int run_eval(const EvalCliOptions& o) {
                      {"passkey", o.passkey ? ::fmt::format("depths {}%, {} trial(s)", o.passkey_depths, o.passkey_trials)
                                            : "off"},
                      {"seed", std::to_string(o.seed)},
-                     {"device", "cpu"}};
+                     {"device", on_gpu ? ::fmt::format("cuda (engine decode, batch {}, prefill {} token(s){})",
+                                                       o.gpu_batch, o.prefill_tokens,
+                                                       o.cpu_fallback ? ", CPU fallback" : "")
+                                       : "cpu"}};
   if (o.timestamp) {
     const std::time_t now = std::time(nullptr);
     char buf[32];
@@ -237,6 +263,13 @@ OSCAR_REGISTER_COMMAND(
           ->capture_default_str();
       sub.add_option("--passkey-trials", o->passkey_trials, "prompts per length and depth")->capture_default_str();
       add_device_option(sub, o->device);
+      sub.add_option("--gpu-batch", o->gpu_batch, "--device cuda: sequences decoded together per engine step")
+          ->capture_default_str();
+      sub.add_option("--prefill-tokens", o->prefill_tokens,
+                     "--device cuda: tokens prefilled before teacher-forced decoding (1 .. sink)")
+          ->capture_default_str();
+      sub.add_flag("--cpu-fallback", o->cpu_fallback,
+                   "--device cuda: run modes the GPU engine lacks (kivi2, hadamard2, int4, fp8) on the CPU");
       sub.add_option("--out", o->out, "output directory (created) for report.json, report.md, report.html")
           ->capture_default_str();
       sub.add_flag("--strict", o->strict, "refuse evaluation files that were part of the bundle's calibration data");

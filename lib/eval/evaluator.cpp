@@ -28,6 +28,40 @@ std::vector<int32_t> simulated_greedy(model::CpuModel& model, const CacheFormat&
   return model::generate(model, prompt, g).tokens;
 }
 
+ModeResult summarize_mode(const CacheFormat& format, int64_t context, int64_t sequences,
+                          std::span<const PositionMetrics> positions, CacheWindows windows,
+                          std::span<const int64_t> greedy_agreement, int64_t greedy_tokens) {
+  ModeResult r;
+  r.mode = std::string(format.name());
+  r.context = context;
+  r.sequences = sequences;
+  r.all = summarize(positions);
+  // Position t of a sequence sits at index s * (context - 1) + t of the concatenation.
+  const int64_t beyond_from = windows.sink + windows.recent;
+  std::vector<PositionMetrics> beyond;
+  const int64_t per_seq = context - 1;
+  for (size_t i = 0; i < positions.size(); ++i)
+    if (static_cast<int64_t>(i) % per_seq >= beyond_from) beyond.push_back(positions[i]);
+  r.beyond = summarize(beyond);
+  r.greedy_prompts = static_cast<int64_t>(greedy_agreement.size());
+  r.greedy_tokens = greedy_tokens;
+  if (!greedy_agreement.empty()) {
+    int64_t sum = 0;
+    for (int64_t a : greedy_agreement) {
+      sum += a;
+      r.greedy_full_matches += a == greedy_tokens ? 1 : 0;
+    }
+    r.greedy_mean_agreement = static_cast<double>(sum) / static_cast<double>(greedy_agreement.size());
+  }
+  r.footprint = kv_footprint(format, context);
+  return r;
+}
+
+uint64_t retrieval_prompt_seed(uint64_t seed, RetrievalTask task, int64_t length, size_t depth_index, int64_t trial) {
+  return seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(task == RetrievalTask::Needle) +
+         2 * (static_cast<uint64_t>(length) * 1000003ull + depth_index * 7919ull + static_cast<uint64_t>(trial));
+}
+
 EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, const std::vector<ContextSequences>& data,
                     const EvalOptions& o) {
   const fmt::ModelConfig& cfg = model.config();
@@ -42,7 +76,6 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
   if (o.retrieval && !tokenizer) throw Error("--passkey", "retrieval needs the model's tokenizer");
 
   const CacheWindows w = o.mode_options.windows;
-  const int64_t beyond_from = w.sink + w.recent;
   const int64_t vocab = cfg.vocab_size;
   EvalReport report;
 
@@ -86,31 +119,9 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
       }
     }
 
-    for (size_t mi = 0; mi < formats.size(); ++mi) {
-      ModeResult r;
-      r.mode = std::string(formats[mi]->name());
-      r.context = ctx.context;
-      r.sequences = static_cast<int64_t>(ctx.sequences.size());
-      r.all = summarize(per_mode[mi]);
-      // Position t of a sequence sits at index s * (context - 1) + t of the concatenation.
-      std::vector<PositionMetrics> beyond;
-      const int64_t per_seq = ctx.context - 1;
-      for (size_t i = 0; i < per_mode[mi].size(); ++i)
-        if (static_cast<int64_t>(i) % per_seq >= beyond_from) beyond.push_back(per_mode[mi][i]);
-      r.beyond = summarize(beyond);
-      r.greedy_prompts = static_cast<int64_t>(agreement[mi].size());
-      r.greedy_tokens = o.greedy_tokens;
-      if (!agreement[mi].empty()) {
-        int64_t sum = 0;
-        for (int64_t a : agreement[mi]) {
-          sum += a;
-          r.greedy_full_matches += a == o.greedy_tokens ? 1 : 0;
-        }
-        r.greedy_mean_agreement = static_cast<double>(sum) / static_cast<double>(agreement[mi].size());
-      }
-      r.footprint = kv_footprint(*formats[mi], ctx.context);
-      report.results.push_back(r);
-    }
+    for (size_t mi = 0; mi < formats.size(); ++mi)
+      report.results.push_back(summarize_mode(*formats[mi], ctx.context, static_cast<int64_t>(ctx.sequences.size()),
+                                              per_mode[mi], w, agreement[mi], o.greedy_tokens));
   }
 
   if (o.retrieval) {
@@ -129,8 +140,7 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
                          o.retrieval_depths[di], 0, 0};
           for (int64_t trial = 0; trial < o.retrieval_trials; ++trial) {
             // One key per (task, length, depth, trial), all derived from --seed.
-            const uint64_t seed = o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(task == RetrievalTask::Needle) +
-                                  2 * (static_cast<uint64_t>(length) * 1000003ull + di * 7919ull + trial);
+            const uint64_t seed = retrieval_prompt_seed(o.seed, task, length, di, trial);
             const RetrievalPrompt prompt =
                 make_retrieval_prompt(*tokenizer, task, length, o.retrieval_depths[di], seed);
             say(::fmt::format("{} length {} depth {:.0f}% trial {}", retrieval_task_name(task), length,

@@ -44,6 +44,20 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
 // Logits [ids.size(), vocab] of one teacher-forced forward with `format`'s simulated cache.
 std::vector<float> simulated_logits(model::CpuModel& model, const CacheFormat& format, std::span<const int32_t> ids);
 
+// The parts of evaluate() that other drivers of the same measurements share (rt::evaluate_on_gpu runs them on the
+// GPU engine), so both devices report identically defined numbers.
+//
+// One mode at one context: `positions` holds every sequence's compare_positions() output back to back (context - 1
+// per sequence); `beyond` keeps positions t >= windows.sink + windows.recent; `greedy_agreement` holds
+// tokens_until_divergence() per greedy prompt; the footprint is kv_footprint(format, context).
+ModeResult summarize_mode(const CacheFormat& format, int64_t context, int64_t sequences,
+                          std::span<const PositionMetrics> positions, CacheWindows windows,
+                          std::span<const int64_t> greedy_agreement, int64_t greedy_tokens);
+
+// The key seed of one retrieval prompt: a function of --seed, the task, the length, the depth's index and the
+// trial, so every mode (and every device) sees the same prompts.
+uint64_t retrieval_prompt_seed(uint64_t seed, RetrievalTask task, int64_t length, size_t depth_index, int64_t trial);
+
 // Greedy continuation of `prompt` (new_tokens tokens, EOS not special) with `format`'s simulated cache.
 std::vector<int32_t> simulated_greedy(model::CpuModel& model, const CacheFormat& format,
                                       std::span<const int32_t> prompt, int64_t new_tokens);

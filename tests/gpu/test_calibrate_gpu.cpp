@@ -240,6 +240,7 @@ struct ModelCase {
 void compare_with_cpu(const ModelCase& mc) {
   const fs::path dir = test::fixtures_dir() / mc.model;
   if (!fs::exists(dir / "config.json")) GTEST_SKIP() << "fixture not found: " << dir;
+  if (!fs::exists(test::fixtures_dir() / mc.text)) GTEST_SKIP() << "fixture not found: " << mc.text;
   const fs::path cpu_dir = bf16_copy(dir, test::temp_dir_for_test() / "bf16");
   const auto seqs = text_sequences(dir, test::fixtures_dir() / mc.text, mc.num_seqs + mc.heldout, mc.seq_len);
   ASSERT_EQ(static_cast<int64_t>(seqs.size()), mc.num_seqs + mc.heldout);

@@ -321,6 +321,7 @@ TEST(EngineBundle, RefusedForAnotherModelNamingBoth) {
 TEST(EngineBudget, PoolsStayWithinTheBudgetAndRunningOutIsAnError) {
   OSCAR_REQUIRE_GPU();
   OSCAR_REQUIRE_FIXTURE(kQwen3);
+  OSCAR_REQUIRE_FIXTURE("text/war-and-peace.txt");
   const fs::path dir = model_dir(kQwen3);
   // Qwen3-tiny: 6 layers x (K, V) x 2 KV heads = 24 page blocks. bf16 page 24 x 16 KiB = 393216 bytes, INT2 page
   // 24 x 2304 = 55296 bytes. Sink 4 + recent 16 need 3 bf16 pages per sequence; 1.5 MiB leaves 7 INT2 pages:
