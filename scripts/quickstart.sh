@@ -4,7 +4,7 @@
 # Default model: ../shared/fixtures/models/qwen3-tiny-trained (a small trained Qwen3, head_dim 128) when it is
 # there, else a synthetic checkpoint written by `oscar synth` into build/synth-model (random weights: the text it
 # generates is noise, but every stage runs).
-# Each stage is one `step` line below; later stages (calibrate, eval) are appended the same way.
+# Each stage is one `step` line below: install, build, info, generate, calibrate, eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +58,24 @@ else
   mkdir -p build/quickstart
   step "calibrate ($CALIB_DEVICE)" "$OSCAR" calibrate --model "$MODEL" --data "${CALIB_DATA[@]}" \
     --out build/quickstart/qwen3-tiny.oscar --num-seqs 24 --seq-len 512 --heldout-seqs 4 --device "$CALIB_DEVICE"
+fi
+
+# Eval: the accuracy gap against BF16 on held-out text the model never trained on (see the fixtures' PROVENANCE.md),
+# OSCAR next to the plain INT2 baseline at the same bytes. Small on the CPU; three contexts on a GPU.
+EVAL_DATA=()
+for f in ../shared/fixtures/text/python-docs-heldout.txt ../shared/fixtures/text/linux-docs-heldout.txt; do
+  [ -f "$f" ] && EVAL_DATA+=("$f")
+done
+if [ -f build/quickstart/qwen3-tiny.oscar ] && [ ${#EVAL_DATA[@]} -gt 0 ]; then
+  if [ "$CALIB_DEVICE" = cuda ]; then
+    EVAL_ARGS=(--modes bf16,oscar,int2 --context 1024,2048,4096 --num-seqs 8 --device cuda)
+  else
+    EVAL_ARGS=(--modes bf16,oscar,int2 --context 1024 --num-seqs 2 --greedy-prompts 1 --device cpu)
+  fi
+  step "eval ($CALIB_DEVICE)" "$OSCAR" eval --model "$MODEL" --bundle build/quickstart/qwen3-tiny.oscar \
+    --data "${EVAL_DATA[@]}" "${EVAL_ARGS[@]}" --out build/quickstart/eval
+else
+  printf 'quickstart: no bundle or no held-out text; skipping eval\n'
 fi
 
 printf '\nquickstart: done (model: %s)\n' "$MODEL"
