@@ -365,7 +365,8 @@ void to_f32_range(const TensorView& t, int64_t first, std::span<float> out) {
                                                   std::to_string(t.numel()) + " elements");
   switch (t.dtype) {
     case DType::F32:
-      std::memcpy(out.data(), t.data + first * 4, static_cast<size_t>(count) * 4);
+      // memcpy with the null data() of an empty span is undefined even for 0 bytes (found by fuzz_safetensors).
+      if (count > 0) std::memcpy(out.data(), t.data + first * 4, static_cast<size_t>(count) * 4);
       break;
     case DType::F64:
       for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(load_element<double>(t.data, first + i));
@@ -401,7 +402,7 @@ std::vector<uint16_t> to_bf16(const TensorView& t) {
   std::vector<uint16_t> out(static_cast<size_t>(n));
   switch (t.dtype) {
     case DType::BF16:
-      std::memcpy(out.data(), t.data, static_cast<size_t>(n) * 2);
+      if (n > 0) std::memcpy(out.data(), t.data, static_cast<size_t>(n) * 2);
       break;
     case DType::F32:
       for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(load_element<float>(t.data, i));

@@ -59,7 +59,8 @@ class ByteReader {
   void get_doubles(std::vector<double>& out, size_t n) {
     need(n * sizeof(double));
     out.resize(n);
-    std::memcpy(out.data(), bytes_.data() + pos_, n * sizeof(double));
+    // An empty vector's data() may be null, and memcpy(nullptr, p, 0) is still undefined (UBSan, sanitize.sh).
+    if (n > 0) std::memcpy(out.data(), bytes_.data() + pos_, n * sizeof(double));
     pos_ += n * sizeof(double);
   }
   void need(size_t n) const {

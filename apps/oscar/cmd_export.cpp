@@ -1,0 +1,235 @@
+// oscar export: publishes a bundle for consumers that do not read HDF5 (docs/serving.md).
+//   --format safetensors --out DIR              DIR/oscar_rotations.safetensors + DIR/manifest.json
+//   --format safetensors --fold-v --model M --out DIR2
+//                                               a copy of checkpoint M with R_v folded into v_proj / o_proj
+//   --format sglang-oscar --out DIR             DIR/manifest.json + raw little-endian tensors, turned into the
+//                                               serving .pt files by scripts/export/to_sglang_oscar.py
+// Every file is written atomically, and manifest.json last: a directory with a manifest is a complete export.
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <memory>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "apps/oscar/bundle_tools.h"
+#include "apps/oscar/command.h"
+#include "apps/oscar/common.h"
+#include "formats/atomic_file.h"
+#include "formats/bundle.h"
+#include "formats/error.h"
+#include "formats/safetensors.h"
+#include "oscar_version.h"
+
+namespace oscar::app {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ExportOptions {
+  std::string bundle;
+  std::string format;
+  std::string out;
+  std::string model_dir;
+  bool fold_v = false;
+};
+
+nlohmann::json tensor_spec_json(const fmt::TensorQuantSpec& t) {
+  nlohmann::json segs = nlohmann::json::array();
+  for (const auto& s : t.segments) segs.push_back({{"begin", s.begin}, {"end", s.end}, {"bits", s.bits}});
+  return {{"storage", std::string(fmt::kv_storage_name(t.storage))}, {"clip_ratio", t.clip_ratio}, {"segments", segs}};
+}
+
+nlohmann::json common_manifest(const fmt::Bundle& b, const std::string& bundle_path, const std::string& format) {
+  const auto& m = b.model;
+  nlohmann::json files = nlohmann::json::array();
+  for (const auto& f : b.calibration.data_files) files.push_back({{"path", f.path}, {"sha256", f.sha256}});
+  return {{"format", format},
+          {"format_version", 1},
+          {"producer", std::string("oscar ") + OSCAR_VERSION_STRING},
+          {"command", command_line()},
+          {"bundle", {{"path", bundle_path}, {"sha256", fmt::sha256_file(bundle_path)}, {"producer", b.producer}}},
+          {"model",
+           {{"architecture", m.architecture}, {"num_layers", m.num_layers}, {"num_heads", m.num_heads},
+            {"num_kv_heads", m.num_kv_heads}, {"head_dim", m.head_dim}, {"hidden_size", m.hidden_size},
+            {"vocab_size", m.vocab_size}, {"config_sha256", m.config_sha256},
+            {"attention_sha256", m.attention_sha256}}},
+          {"calibration",
+           {{"data_files", files}, {"num_sequences", b.calibration.num_sequences},
+            {"num_tokens", b.calibration.num_tokens}, {"seq_len", b.calibration.seq_len}}},
+          {"quant",
+           {{"head_dim", b.quant.head_dim}, {"sink_tokens", b.quant.sink_tokens},
+            {"recent_tokens", b.quant.recent_tokens}, {"k", tensor_spec_json(b.quant.k)},
+            {"v", tensor_spec_json(b.quant.v)}}},
+          {"num_layers", b.layers.size()},
+          {"head_dim", b.quant.head_dim},
+          {"rotation_groups", b.rotation_groups},
+          {"rotation_composition", b.rotation_composition},
+          {"convention", "a head vector x (row) is stored as y = x . R; R row-major [head_dim, head_dim], orthogonal"}};
+}
+
+template <typename T>
+std::span<const std::byte> bytes_of(const std::vector<T>& v) {
+  return std::as_bytes(std::span<const T>(v));
+}
+
+int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
+  const fs::path dir = o.out;
+  ensure_output_dir(dir, "--out");
+  const int64_t L = static_cast<int64_t>(b.layers.size()), g = b.rotation_groups, d = b.quant.head_dim;
+  std::vector<fmt::TensorToWrite> tensors;
+  std::deque<std::vector<int32_t>> owned_segments;  // stable addresses: tensors borrow these bytes
+  nlohmann::json listing = nlohmann::json::array();
+  auto add = [&](std::string name, fmt::DType dtype, std::vector<int64_t> shape, std::span<const std::byte> bytes,
+                 const std::string& meaning) {
+    listing.push_back({{"name", name}, {"dtype", std::string(fmt::dtype_name(dtype))}, {"shape", shape},
+                       {"meaning", meaning}});
+    tensors.push_back({std::move(name), dtype, std::move(shape), bytes});
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& layer = b.layers[static_cast<size_t>(l)];
+    const std::string p = ::fmt::format("layers.{}.", l);
+    add(p + "k_rotation", fmt::DType::F32, {g, d, d}, bytes_of(layer.k_rotation), "R_k per rotation group");
+    add(p + "v_rotation", fmt::DType::F32, {g, d, d}, bytes_of(layer.v_rotation), "R_v per rotation group");
+    add(p + "k_eigenvalues", fmt::DType::F64, {g, d}, bytes_of(layer.k_eigenvalues),
+        "eigenvalues of Sigma_Q, descending");
+    add(p + "v_eigenvalues", fmt::DType::F64, {g, d}, bytes_of(layer.v_eigenvalues),
+        "eigenvalues of Sigma_V, descending");
+    // Format 1.1: a layer's own segment layout overrides quant.{k,v}.segments.
+    for (auto [name, segs] : {std::pair{"k_segments", &layer.k_segments}, std::pair{"v_segments", &layer.v_segments}}) {
+      if (segs->empty()) continue;
+      auto& flat = owned_segments.emplace_back();
+      for (const auto& s : *segs) flat.insert(flat.end(), {s.begin, s.end, s.bits});
+      add(p + name, fmt::DType::I32, {static_cast<int64_t>(segs->size()), 3}, bytes_of(flat),
+          "this layer's own segments [begin, end, bits] (overrides quant.*.segments)");
+    }
+  }
+  std::vector<float> k_clip, v_clip;
+  for (const auto& layer : b.layers) k_clip.push_back(layer.k_clip_ratio), v_clip.push_back(layer.v_clip_ratio);
+  add("k_clip_ratio", fmt::DType::F32, {L}, bytes_of(k_clip), "per-layer K clip ratio (quantile of |y|)");
+  add("v_clip_ratio", fmt::DType::F32, {L}, bytes_of(v_clip), "per-layer V clip ratio");
+  std::vector<int32_t> k_seg, v_seg;
+  for (const auto& s : b.quant.k.segments) k_seg.insert(k_seg.end(), {s.begin, s.end, s.bits});
+  for (const auto& s : b.quant.v.segments) v_seg.insert(v_seg.end(), {s.begin, s.end, s.bits});
+  add("quant.k.segments", fmt::DType::I32, {static_cast<int64_t>(b.quant.k.segments.size()), 3}, bytes_of(k_seg),
+      "K segments: rows of [begin, end, bits] over the rotated dims");
+  add("quant.v.segments", fmt::DType::I32, {static_cast<int64_t>(b.quant.v.segments.size()), 3}, bytes_of(v_seg),
+      "V segments");
+
+  nlohmann::json manifest = common_manifest(b, o.bundle, "oscar-safetensors");
+  const fs::path weights = dir / "oscar_rotations.safetensors";
+  fmt::write_safetensors(weights, tensors,
+                         {{"format", "oscar-rotations"},
+                          {"format_version", "1"},
+                          {"rotation_composition", b.rotation_composition},
+                          {"model_attention_sha256", b.model.attention_sha256},
+                          {"quant", manifest["quant"].dump()}});
+  manifest["files"] = {{"oscar_rotations.safetensors", {{"sha256", fmt::sha256_file(weights)}}}};
+  manifest["tensors"] = listing;
+  fmt::write_file_atomic(dir / "manifest.json", manifest.dump(2) + "\n");
+  std::printf("exported %zu tensors to %s (manifest.json, oscar_rotations.safetensors)\n", tensors.size(),
+              dir.string().c_str());
+  return 0;
+}
+
+int export_fold_v(const fmt::Bundle& b, const ExportOptions& o) {
+  check_model_dir(o.model_dir);
+  const FoldReport r = fold_v_rotation(b, o.model_dir, o.out);
+  std::printf("wrote %s: %zu files, %lld tensors folded (v_proj rows by R_v^T, o_proj columns by R_v)\n",
+              o.out.c_str(), r.files_written.size(), static_cast<long long>(r.tensors_changed));
+  return 0;
+}
+
+// The published server (FutureMLS-Lab/OSCAR) takes one K and one V clip ratio and the bf16 windows as launch
+// settings; they are recorded so the converter can write them next to the .pt files.
+nlohmann::json server_settings(const fmt::Bundle& b) {
+  const auto int2_whole_head = [&](const fmt::TensorQuantSpec& t) {
+    return t.storage == fmt::KvStorage::Int && t.segments.size() == 1 && t.segments[0].bits == 2;
+  };
+  bool every_layer_int2 = true;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    const fmt::KvQuantSpec ls = fmt::layer_spec(b, l);
+    every_layer_int2 = every_layer_int2 && int2_whole_head(ls.k) && int2_whole_head(ls.v);
+  }
+  nlohmann::json s;
+  s["supported"] = every_layer_int2 && b.rotation_composition == "eigen*hadamard*bitrev" && b.rotation_groups == 1;
+  if (!s["supported"].get<bool>())
+    s["reason"] = "the published server serves INT2 whole-head K/V with one eigen*hadamard*bitrev rotation per layer";
+  s["env"] = {{"SGLANG_ENABLE_MIXED_KV_WINDOWS", "1"},
+              {"SGLANG_OSCAR_K_CLIP_RATIO", ::fmt::format("{}", b.quant.k.clip_ratio)},
+              {"SGLANG_OSCAR_V_CLIP_RATIO", ::fmt::format("{}", b.quant.v.clip_ratio)},
+              {"SGLANG_MIXED_KV_PREFIX_TOKENS", std::to_string(b.quant.sink_tokens)},
+              {"SGLANG_MIXED_KV_RECENT_TOKENS", std::to_string(b.quant.recent_tokens)},
+              {"SGLANG_MIXED_KV_HP_DTYPE", "bfloat16"}};
+  s["args"] = {"--kv-cache-dtype", "int2", "--kv-cache-quant-group-size", std::to_string(b.quant.head_dim)};
+  return s;
+}
+
+int export_sglang(const fmt::Bundle& b, const ExportOptions& o) {
+  const fs::path dir = o.out;
+  ensure_output_dir(dir, "--out");
+  const int64_t L = static_cast<int64_t>(b.layers.size()), g = b.rotation_groups, d = b.quant.head_dim;
+  std::vector<float> k_rot, v_rot, clips;
+  std::vector<double> k_eig, v_eig;
+  for (const auto& l : b.layers) {
+    k_rot.insert(k_rot.end(), l.k_rotation.begin(), l.k_rotation.end());
+    v_rot.insert(v_rot.end(), l.v_rotation.begin(), l.v_rotation.end());
+    k_eig.insert(k_eig.end(), l.k_eigenvalues.begin(), l.k_eigenvalues.end());
+    v_eig.insert(v_eig.end(), l.v_eigenvalues.begin(), l.v_eigenvalues.end());
+    clips.insert(clips.end(), {l.k_clip_ratio, l.v_clip_ratio});
+  }
+  nlohmann::json tensors = nlohmann::json::object();
+  auto raw = [&](const std::string& name, const std::string& dtype, std::vector<int64_t> shape,
+                 std::span<const std::byte> bytes) {
+    const std::string file = name + ".bin";
+    fmt::write_file_atomic(dir / file, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+    tensors[name] = {{"file", file}, {"dtype", dtype}, {"shape", shape}, {"sha256", fmt::sha256_hex(bytes)}};
+  };
+  raw("k_rotation", "float32", {L, g, d, d}, bytes_of(k_rot));
+  raw("v_rotation", "float32", {L, g, d, d}, bytes_of(v_rot));
+  raw("k_eigenvalues", "float64", {L, g, d}, bytes_of(k_eig));
+  raw("v_eigenvalues", "float64", {L, g, d}, bytes_of(v_eig));
+  raw("clip_ratios", "float32", {L, 2}, bytes_of(clips));
+
+  nlohmann::json manifest = common_manifest(b, o.bundle, "oscar-sglang-export");
+  manifest["byte_order"] = "little";
+  manifest["eigenvalue_order"] = "descending";
+  manifest["objectives"] = {{"k", "qqt"}, {"v", "sst"}};
+  manifest["tensors"] = tensors;
+  manifest["server"] = server_settings(b);
+  fmt::write_file_atomic(dir / "manifest.json", manifest.dump(2) + "\n");
+  if (!manifest["server"]["supported"].get<bool>())
+    spdlog::warn("{}", manifest["server"]["reason"].get<std::string>());
+  std::printf("exported %lld layers to %s; convert with: python3 scripts/export/to_sglang_oscar.py %s --out DIR\n",
+              static_cast<long long>(L), dir.string().c_str(), dir.string().c_str());
+  return 0;
+}
+
+int run_export(const ExportOptions& o) {
+  const fmt::Bundle b = fmt::read_bundle(o.bundle);
+  if (o.fold_v && o.format != "safetensors") throw Error("--fold-v", "only with --format safetensors");
+  if (!o.model_dir.empty() && !o.fold_v) throw Error("--model", "only used with --fold-v");
+  if (o.fold_v && o.model_dir.empty()) throw Error("--fold-v", "needs --model DIR (the checkpoint to fold)");
+  if (o.format == "sglang-oscar") return export_sglang(b, o);
+  return o.fold_v ? export_fold_v(b, o) : export_safetensors(b, o);
+}
+
+}  // namespace
+
+OSCAR_REGISTER_COMMAND(
+    "export", "Publish a .oscar bundle as safetensors (+ manifest), a V-folded checkpoint, or for SGLang", 63,
+    [](CLI::App& sub) -> RunCommand {
+      auto o = std::make_shared<ExportOptions>();
+      sub.add_option("FILE", o->bundle, ".oscar bundle")->required()->type_name("FILE");
+      sub.add_option("--format", o->format, "safetensors or sglang-oscar")
+          ->required()
+          ->check(CLI::IsMember({"safetensors", "sglang-oscar"}));
+      sub.add_option("--out", o->out, "output directory (created if absent)")->required()->type_name("DIR");
+      sub.add_flag("--fold-v", o->fold_v, "write a copy of --model with R_v folded into v_proj and o_proj");
+      sub.add_option("--model", o->model_dir, "checkpoint directory to fold (with --fold-v)")->type_name("DIR");
+      return [o] { return run_export(*o); };
+    });
+
+}  // namespace oscar::app
