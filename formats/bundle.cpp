@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <span>
 
@@ -273,7 +274,9 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
 
 class Reader {
  public:
-  explicit Reader(std::string file) : file_(std::move(file)) {}
+  // file_size bounds what a dataset may declare (bundles are uncompressed); the default disables the bound.
+  explicit Reader(std::string file, uintmax_t file_size = UINTMAX_MAX)
+      : file_(std::move(file)), file_size_(file_size) {}
 
   [[noreturn]] void fail(const std::string& object, const std::string& what) const {
     throw Error(object.empty() ? file_ : file_ + ":" + object, what);
@@ -302,6 +305,11 @@ class Reader {
     Handle space(H5Aget_space(a.get()), H5Sclose);
     const hssize_t n = H5Sget_simple_extent_npoints(space.get());
     if (n < 0 || width == 0) fail(path, "attribute " + name + " has an invalid shape");
+    // The element count and width come from the file: a forged header asked for a 1 GiB buffer (fuzz_bundle,
+    // fuzz/regressions/bundle/). Our string attributes are paths, names and options: kilobytes.
+    constexpr size_t kMaxStringAttrBytes = size_t{16} << 20;
+    if (width > kMaxStringAttrBytes || static_cast<size_t>(n) > kMaxStringAttrBytes / width)
+      fail(path, ::fmt::format("attribute {} is implausibly large ({} strings of {} bytes)", name, n, width));
     std::vector<char> buf(std::max<size_t>(1, static_cast<size_t>(n)) * width, '\0');
     Handle mem = Handle(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mem.get(), width);
@@ -350,8 +358,14 @@ class Reader {
     if (rank < 0 || H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr) < 0) fail(obj, "unreadable shape");
     if (dims != expected_dims) fail(obj, ::fmt::format("shape [{}] but expected [{}]", ::fmt::join(dims, ", "),
                                                        ::fmt::join(expected_dims, ", ")));
+    // Shapes come from the file: a forged one asked for a 48 GB buffer before any check (fuzz_bundle,
+    // fuzz/regressions/bundle/). Uncompressed data cannot be larger than the file holding it.
     hsize_t n = 1;
-    for (hsize_t d : dims) n *= d;
+    for (hsize_t d : dims) {
+      if (d != 0 && n > file_size_ / sizeof(T) / d)
+        fail(obj, ::fmt::format("shape [{}] declares more elements than the file can hold", ::fmt::join(dims, ", ")));
+      n *= d;
+    }
     std::vector<T> data(n);
     if (n > 0 && H5Dread(ds.get(), dataset_type<T>().mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) < 0)
       fail(obj, "cannot read dataset (file truncated or corrupt)");
@@ -363,6 +377,7 @@ class Reader {
 
  private:
   std::string file_;
+  uintmax_t file_size_ = UINTMAX_MAX;
 };
 
 TensorQuantSpec read_tensor_spec(const Reader& r, hid_t quant, const std::string& name) {
@@ -604,7 +619,7 @@ Bundle read_bundle(const fs::path& path) {
   if (H5Fis_hdf5(path.c_str()) <= 0) throw Error(where, "not an HDF5 bundle (bad signature, truncated or corrupt)");
   Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   if (!file.valid()) throw Error(where, "cannot open as HDF5 (truncated or corrupt file)");
-  Reader r(where);
+  Reader r(where, fs::file_size(path, ec));
   Bundle b = read_all(r, file.get());
   validate_bundle(b, where);
   return b;

@@ -2,15 +2,20 @@
 //   --format safetensors --out DIR              DIR/oscar_rotations.safetensors + DIR/manifest.json
 //   --format safetensors --fold-v --model M --out DIR2
 //                                               a copy of checkpoint M with R_v folded into v_proj / o_proj
+//   --format safetensors --golden-kv DUMP --out DIR
+//                                               also DIR/int2_golden.safetensors: the reference quantizer's records
+//                                               for the first --golden-tokens tokens of an `oscar forward --dump`
 //   --format sglang-oscar --out DIR             DIR/manifest.json + raw little-endian tensors, turned into the
 //                                               serving .pt files by scripts/export/to_sglang_oscar.py
 // Every file is written atomically, and manifest.json last: a directory with a manifest is a complete export.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -21,6 +26,7 @@
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "lib/calib/quantizer_ref.h"
 #include "oscar_version.h"
 
 namespace oscar::app {
@@ -34,6 +40,8 @@ struct ExportOptions {
   std::string out;
   std::string model_dir;
   bool fold_v = false;
+  std::string golden_kv;
+  int64_t golden_tokens = 64;
 };
 
 nlohmann::json tensor_spec_json(const fmt::TensorQuantSpec& t) {
@@ -73,6 +81,73 @@ nlohmann::json common_manifest(const fmt::Bundle& b, const std::string& bundle_p
 template <typename T>
 std::span<const std::byte> bytes_of(const std::vector<T>& v) {
   return std::as_bytes(std::span<const T>(v));
+}
+
+// Reference vectors for a serving team's own implementation of the write/read path (scripts/serving_example.py
+// checks itself against them): per layer and tensor, the first N tokens of a forward dump's post-RoPE K / V, the
+// record calib::HeadQuantizer writes for each (codes then fp16 params, formats/kv_layout.h), and its decode in
+// the rotated and the original basis. Every token is quantized here, sink/recent windows included: the windows
+// are a cache policy (bf16 rows), not part of the record format.
+nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, const fs::path& dir) {
+  if (o.golden_tokens <= 0) throw Error("--golden-tokens", "must be positive");
+  auto dump = fmt::SafetensorsFile::open(o.golden_kv);
+  const int64_t L = static_cast<int64_t>(b.layers.size()), d = b.quant.head_dim;
+  std::deque<std::vector<float>> floats;
+  std::deque<std::vector<uint8_t>> records;
+  std::vector<fmt::TensorToWrite> tensors;
+  int64_t heads = 0, tokens = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& layer = b.layers[static_cast<size_t>(l)];
+    const fmt::KvQuantSpec spec = fmt::layer_spec(b, static_cast<size_t>(l));
+    for (const char* kind : {"k", "v"}) {
+      const bool is_k = kind[0] == 'k';
+      const std::string name = ::fmt::format("layers.{}.{}", l, kind);
+      const fmt::TensorView* t = dump->find(name);
+      if (t == nullptr) throw Error(o.golden_kv + ":" + name, "tensor missing (expected an `oscar forward --dump`)");
+      if (t->shape.size() != 3 || t->shape[2] != d || (b.rotation_groups > 1 && t->shape[0] != b.rotation_groups))
+        throw Error(o.golden_kv + ":" + name,
+                    ::fmt::format("shape [{}] does not match [kv_heads, T, {}] of the bundle",
+                                  ::fmt::join(t->shape, ", "), d));
+      heads = t->shape[0];
+      tokens = std::min(o.golden_tokens, t->shape[1]);
+      const std::vector<float> all = fmt::to_f32(*t);
+      const fmt::TensorQuantSpec& ts = is_k ? spec.k : spec.v;
+      const calib::HeadQuantizer q(ts, d, name);
+      const float clip = is_k ? layer.k_clip_ratio : layer.v_clip_ratio;
+      const std::vector<float>& rot_all = is_k ? layer.k_rotation : layer.v_rotation;
+      auto& x = floats.emplace_back(static_cast<size_t>(heads * tokens * d));
+      auto& deq = floats.emplace_back(x.size());
+      auto& deq_rot = floats.emplace_back(x.size());
+      auto& rec = records.emplace_back(static_cast<size_t>(heads * tokens * q.record_bytes()));
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = b.rotation_groups == 1 ? 0 : h;
+        const std::span<const float> rot(rot_all.data() + g * d * d, static_cast<size_t>(d * d));
+        for (int64_t i = 0; i < tokens; ++i) {
+          const size_t row = static_cast<size_t>(h * tokens + i);
+          const std::span<const float> src(all.data() + (h * t->shape[1] + i) * d, static_cast<size_t>(d));
+          std::copy(src.begin(), src.end(), x.begin() + static_cast<std::ptrdiff_t>(row * d));
+          const std::span<uint8_t> r(rec.data() + row * q.record_bytes(), static_cast<size_t>(q.record_bytes()));
+          q.encode(src, rot, clip, r);
+          q.decode(r, rot, calib::Basis::Original, std::span<float>(deq.data() + row * d, static_cast<size_t>(d)));
+          q.decode(r, rot, calib::Basis::Rotated, std::span<float>(deq_rot.data() + row * d, static_cast<size_t>(d)));
+        }
+      }
+      tensors.push_back(fmt::f32_tensor(name + ".x", {heads, tokens, d}, x));
+      tensors.push_back({name + ".record", fmt::DType::U8, {heads, tokens, q.record_bytes()},
+                         std::as_bytes(std::span<const uint8_t>(rec))});
+      tensors.push_back(fmt::f32_tensor(name + ".dequant", {heads, tokens, d}, deq));
+      tensors.push_back(fmt::f32_tensor(name + ".dequant_rotated", {heads, tokens, d}, deq_rot));
+    }
+  }
+  const fs::path path = dir / "int2_golden.safetensors";
+  fmt::write_safetensors(path, tensors,
+                         {{"format", "oscar-int2-golden"},
+                          {"source", o.golden_kv},
+                          {"layout", "layers.L.{k,v}.x [kv_heads, T, d] f32 input (original basis); .record u8: "
+                                     "codes (LSB-first bitstream per segment) then fp16 (scale, zero) per segment; "
+                                     ".dequant / .dequant_rotated f32 decode in the original / rotated basis"}});
+  return {{"file", path.filename().string()}, {"sha256", fmt::sha256_file(path)}, {"source", o.golden_kv},
+          {"kv_heads", heads}, {"tokens", tokens}};
 }
 
 int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
@@ -128,6 +203,7 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
                           {"quant", manifest["quant"].dump()}});
   manifest["files"] = {{"oscar_rotations.safetensors", {{"sha256", fmt::sha256_file(weights)}}}};
   manifest["tensors"] = listing;
+  if (!o.golden_kv.empty()) manifest["golden"] = write_int2_golden(b, o, dir);
   fmt::write_file_atomic(dir / "manifest.json", manifest.dump(2) + "\n");
   std::printf("exported %zu tensors to %s (manifest.json, oscar_rotations.safetensors)\n", tensors.size(),
               dir.string().c_str());
@@ -212,6 +288,8 @@ int run_export(const ExportOptions& o) {
   if (o.fold_v && o.format != "safetensors") throw Error("--fold-v", "only with --format safetensors");
   if (!o.model_dir.empty() && !o.fold_v) throw Error("--model", "only used with --fold-v");
   if (o.fold_v && o.model_dir.empty()) throw Error("--fold-v", "needs --model DIR (the checkpoint to fold)");
+  if (!o.golden_kv.empty() && (o.fold_v || o.format != "safetensors"))
+    throw Error("--golden-kv", "only with --format safetensors (without --fold-v)");
   if (o.format == "sglang-oscar") return export_sglang(b, o);
   return o.fold_v ? export_fold_v(b, o) : export_safetensors(b, o);
 }
@@ -229,6 +307,11 @@ OSCAR_REGISTER_COMMAND(
       sub.add_option("--out", o->out, "output directory (created if absent)")->required()->type_name("DIR");
       sub.add_flag("--fold-v", o->fold_v, "write a copy of --model with R_v folded into v_proj and o_proj");
       sub.add_option("--model", o->model_dir, "checkpoint directory to fold (with --fold-v)")->type_name("DIR");
+      sub.add_option("--golden-kv", o->golden_kv,
+                     "an `oscar forward --dump` file: also write int2_golden.safetensors (reference records)")
+          ->type_name("FILE");
+      sub.add_option("--golden-tokens", o->golden_tokens, "tokens per layer and head in the golden file")
+          ->capture_default_str();
       return [o] { return run_export(*o); };
     });
 

@@ -93,5 +93,33 @@ TEST(FuzzRegressions, EmptyTensorConvertsToNothing) {
   to_f32_range(*z, 0, none);
 }
 
+// fuzz_bundle's find in the long run: a string attribute whose forged dataspace x width asked read_bundle for a
+// 1.1 GB buffer before any check (libFuzzer OOM). The reader now refuses string attributes over 16 MiB by name,
+// before allocating; without the fix this input allocates the buffer and fails later (or not at all).
+TEST(FuzzRegressions, ForgedStringAttributeSizeIsRefusedBeforeAllocating) {
+  const fs::path path = repo_root() / "fuzz/regressions/bundle/string_attr_forged_1gib_alloc.oscar";
+  if (!fs::exists(path)) GTEST_SKIP() << path;
+  try {
+    (void)read_bundle(path);
+    FAIL() << "read_bundle accepted " << path;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("implausibly large"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.where()).find(path.string()), std::string::npos) << e.where();
+  }
+}
+
+// The next find, same class: /quant/k/segments declaring [n, 3] with n from a forged dataspace, 48 GB before any
+// check. Reader::dataset now refuses shapes whose bytes exceed the file (bundles are uncompressed).
+TEST(FuzzRegressions, ForgedDatasetShapeIsRefusedBeforeAllocating) {
+  const fs::path path = repo_root() / "fuzz/regressions/bundle/dataset_forged_shape_48gb_alloc.oscar";
+  if (!fs::exists(path)) GTEST_SKIP() << path;
+  try {
+    (void)read_bundle(path);
+    FAIL() << "read_bundle accepted " << path;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("more elements than the file can hold"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace oscar::fmt

@@ -1,0 +1,71 @@
+# Script behind ctest InstallPackage.Consumer (tests/install/CMakeLists.txt). Any failed step is FATAL_ERROR,
+# which fails the test with the step's output.
+foreach(v BUILD_DIR SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER BUNDLE)
+  if(NOT DEFINED ${v})
+    message(FATAL_ERROR "run_install_test.cmake: -D${v}=... is required")
+  endif()
+endforeach()
+
+function(run_step name)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${name} failed (${rc}):\n${out}\n${err}")
+  endif()
+  set(STEP_OUTPUT "${out}" PARENT_SCOPE)
+endfunction()
+
+set(prefix ${WORK_DIR}/prefix)
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR}/scratch)
+
+run_step("cmake --install" ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix} --component dev)
+
+# The package must be relocatable: nothing installed may point back into the build or source tree.
+file(GLOB_RECURSE cmake_files ${prefix}/*.cmake)
+if(NOT cmake_files)
+  message(FATAL_ERROR "no package files under ${prefix}")
+endif()
+foreach(f ${cmake_files})
+  file(READ ${f} text)
+  foreach(tree ${BUILD_DIR} ${SOURCE_DIR})
+    string(FIND "${text}" "${tree}/" at)
+    if(NOT at EQUAL -1)
+      message(FATAL_ERROR "${f} refers to ${tree}: the installed package is not relocatable")
+    endif()
+  endforeach()
+endforeach()
+foreach(h formats/bundle.h formats/safetensors.h oscar_version.h)
+  if(NOT EXISTS ${prefix}/include/${h})
+    message(FATAL_ERROR "header ${h} was not installed")
+  endif()
+endforeach()
+
+set(launcher_arg "")
+if(CXX_LAUNCHER)
+  set(launcher_arg -DCMAKE_CXX_COMPILER_LAUNCHER=${CXX_LAUNCHER})
+endif()
+run_step("configure consumer" ${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/build
+  -G ${GENERATOR} -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_CXX_COMPILER=${CXX_COMPILER}
+  ${launcher_arg})
+run_step("build consumer" ${CMAKE_COMMAND} --build ${WORK_DIR}/build -j 2)
+
+run_step("read_bundle_consumer" ${WORK_DIR}/build/read_bundle_consumer ${BUNDLE} ${WORK_DIR}/scratch)
+message(STATUS "${STEP_OUTPUT}")
+# handmade_l2_d8.oscar: the hand-made 2-layer head_dim-8 bundle of tests/app/test_bundle_commands.cpp.
+foreach(expected "layers=2 head_dim=8" "layer 1: " "roundtrip: identical bytes")
+  string(FIND "${STEP_OUTPUT}" "${expected}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "read_bundle_consumer output lacks '${expected}':\n${STEP_OUTPUT}")
+  endif()
+endforeach()
+
+if(EXPECT_RUNTIME)
+  if(NOT EXISTS ${WORK_DIR}/build/plan_cache_consumer)
+    message(FATAL_ERROR "this build has CUDA, but the package did not provide oscar::runtime")
+  endif()
+  run_step("plan_cache_consumer" ${WORK_DIR}/build/plan_cache_consumer)
+  message(STATUS "${STEP_OUTPUT}")
+elseif(EXISTS ${WORK_DIR}/build/plan_cache_consumer)
+  message(FATAL_ERROR "CPU-only build, but the package provided oscar::runtime")
+endif()
+file(REMOVE_RECURSE ${WORK_DIR}/scratch)
