@@ -1,11 +1,17 @@
 // Prefill throughput of DeviceModel on random weights of a published shape:
-//   forward_bench --config bench/configs/qwen3-8b.json --batch 1 --seq 8192
-// Prints tokens/s and achieved TFLOP/s (dense GEMM FLOPs + causal attention FLOPs, the usual 2·M·N·K count).
+//   forward_bench --config bench/configs/qwen3-8b.json --batch 1 --seq 8192 [--attn-kernel v1,v2] [--profile]
+//                 [--gemm-peak]
+// Prints tokens/s and achieved TFLOP/s (dense GEMM FLOPs + causal attention FLOPs, the usual 2·M·N·K count) for each
+// attention kernel in the same process. --profile adds one more forward per kernel with cudaEvents between ops
+// (runtime/forward_profiler.h) and prints where the time goes (GEMMs / attention / the rest, per op, with GEMM and
+// attention TFLOP/s); --gemm-peak times a 8192³ bf16 cuBLASLt GEMM (same LtGemm, random data) as the reference peak.
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <map>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -13,6 +19,8 @@
 #include "formats/model_config.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
+#include "runtime/forward_profiler.h"
+#include "runtime/lt_gemm.h"
 
 namespace {
 
@@ -29,12 +37,57 @@ double prefill_flops(const fmt::ModelConfig& c, int64_t batch, int64_t seq, int6
          2.0 * static_cast<double>(logits_rows) * H * c.vocab_size;
 }
 
+__global__ void fill_random_bf16(uint16_t* out, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15;
+    x *= 0x2c1b3c6du;
+    x ^= x >> 12;
+    const float v = static_cast<float>(x >> 8) * (2.f / 16777216.f) - 1.f;  // uniform [-1, 1)
+    const uint32_t bits = __float_as_uint(v);
+    out[i] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+  }
+}
+
+// Median time of an n³ bf16 GEMM through the forward's LtGemm (bf16 out, fp32 accumulate) on random data.
+double measure_gemm_peak_tflops(int64_t n, int iters) {
+  rt::DeviceBuffer a(static_cast<size_t>(n * n) * 2, "peak A"), b(static_cast<size_t>(n * n) * 2, "peak B"),
+      c(static_cast<size_t>(n * n) * 2, "peak C");
+  fill_random_bf16<<<1024, 256>>>(a.as<uint16_t>(), n * n, 1u);
+  fill_random_bf16<<<1024, 256>>>(b.as<uint16_t>(), n * n, 2u);
+  rt::check_cuda(cudaGetLastError(), "peak fill");
+  rt::LtGemm gemm;
+  cudaStream_t stream = nullptr;
+  rt::check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+  const auto st = reinterpret_cast<kern::Stream>(stream);
+  for (int i = 0; i < 3; ++i)
+    gemm.xwt(a.as<uint16_t>(), n, n, b.as<uint16_t>(), n, c.data(), rt::GemmOut::BF16, 0.f, st, "gemm peak");
+  cudaEvent_t e0, e1;
+  rt::check_cuda(cudaEventCreate(&e0), "cudaEventCreate");
+  rt::check_cuda(cudaEventCreate(&e1), "cudaEventCreate");
+  std::vector<float> ms(static_cast<size_t>(iters));
+  for (float& t : ms) {
+    rt::check_cuda(cudaEventRecord(e0, stream), "cudaEventRecord");
+    gemm.xwt(a.as<uint16_t>(), n, n, b.as<uint16_t>(), n, c.data(), rt::GemmOut::BF16, 0.f, st, "gemm peak");
+    rt::check_cuda(cudaEventRecord(e1, stream), "cudaEventRecord");
+    rt::check_cuda(cudaEventSynchronize(e1), "cudaEventSynchronize");
+    rt::check_cuda(cudaEventElapsedTime(&t, e0, e1), "cudaEventElapsedTime");
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaStreamDestroy(stream);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * n * n * n / (ms[ms.size() / 2] * 1e-3) * 1e-12;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"OSCAR GPU prefill benchmark (random weights)"};
   std::string config_path;
   int64_t batch = 1, seq = 4096, seed = 0;
   int warmup = 2, iters = 5;
   std::string logits = "last";
+  std::vector<std::string> kernels = {"v2"};
+  bool profile = false, gemm_peak = false;
   app.add_option("--config", config_path, "HF config.json of the shape to benchmark")->required()->check(CLI::ExistingFile);
   app.add_option("--batch", batch, "sequences per forward")->check(CLI::PositiveNumber);
   app.add_option("--seq", seq, "tokens per sequence")->check(CLI::PositiveNumber);
@@ -43,6 +96,11 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"v1", "v2", "v2k32"}));
+  app.add_flag("--profile", profile, "one extra forward per kernel with per-op cudaEvents: time breakdown");
+  app.add_flag("--gemm-peak", gemm_peak, "time a 8192^3 bf16 cuBLASLt GEMM as the measured peak");
   CLI11_PARSE(app, argc, argv);
 
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_file(config_path);
@@ -69,31 +127,91 @@ int run(int argc, char** argv) {
   const int64_t logits_rows = opt.rows == rt::LogitsRows::All ? batch * seq : opt.rows == rt::LogitsRows::None ? 0 : batch;
 
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(model->stream());
-  for (int i = 0; i < warmup; ++i) model->forward(packed, opt);
-  rt::check_cuda(cudaStreamSynchronize(stream), "warmup");
+  const double tokens = static_cast<double>(batch * seq);
+  const double flops = prefill_flops(cfg, batch, seq, logits_rows);
+  std::printf("batch %lld x seq %lld (%lld tokens), logits %s, %.2f TFLOP per forward\n", (long long)batch,
+              (long long)seq, (long long)(batch * seq), logits.c_str(), flops * 1e-12);
 
-  std::vector<float> ms(static_cast<size_t>(iters));
+  // FLOPs per forward of each profiled op: GEMMs 2·M·N·K, attention as prefill_flops counts it.
+  const double L = static_cast<double>(cfg.num_layers), H = static_cast<double>(cfg.hidden_size),
+               I = static_cast<double>(cfg.intermediate_size), qd = static_cast<double>(cfg.q_dim()),
+               kvd = static_cast<double>(cfg.kv_dim());
+  const std::map<std::string, double> op_flops = {
+      {"qkv_proj", 2 * tokens * H * (qd + 2 * kvd) * L},
+      {"o_proj", 2 * tokens * qd * H * L},
+      {"gate_up_proj", 2 * tokens * H * 2 * I * L},
+      {"down_proj", 2 * tokens * I * H * L},
+      {"lm_head", 2.0 * logits_rows * H * cfg.vocab_size},
+      {"attention", prefill_flops(cfg, batch, seq, 0) - 2 * tokens * L * (H * (qd + 2 * kvd) + qd * H + 3 * I * H)}};
+  auto is_gemm = [](const std::string& op) { return op.size() > 5 && (op.ends_with("_proj") || op == "lm_head"); };
+
+  double peak_tflops = 0;
+  if (gemm_peak) {
+    peak_tflops = measure_gemm_peak_tflops(8192, 20);
+    std::printf("cuBLASLt bf16 GEMM 8192^3 (measured peak): %.1f TFLOP/s\n", peak_tflops);
+  }
+
   cudaEvent_t start, stop;
   rt::check_cuda(cudaEventCreate(&start), "cudaEventCreate");
   rt::check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
-  for (int i = 0; i < iters; ++i) {
-    rt::check_cuda(cudaEventRecord(start, stream), "cudaEventRecord");
+  for (const std::string& kname : kernels) {
+    opt.attention_kernel = kname == "v1"   ? kern::PrefillKernel::V1
+                           : kname == "v2" ? kern::PrefillKernel::V2
+                                           : kern::PrefillKernel::V2Keys32;
+    opt.profiler = nullptr;
+    for (int i = 0; i < warmup; ++i) model->forward(packed, opt);
+    rt::check_cuda(cudaStreamSynchronize(stream), "warmup");
+    std::vector<float> ms(static_cast<size_t>(iters));
+    for (int i = 0; i < iters; ++i) {
+      rt::check_cuda(cudaEventRecord(start, stream), "cudaEventRecord");
+      model->forward(packed, opt);
+      rt::check_cuda(cudaEventRecord(stop, stream), "cudaEventRecord");
+      rt::check_cuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      rt::check_cuda(cudaEventElapsedTime(&ms[i], start, stop), "cudaEventElapsedTime");
+    }
+    std::sort(ms.begin(), ms.end());
+    const double median_s = ms[ms.size() / 2] * 1e-3;
+    size_t free_b = 0, total_b = 0;
+    rt::check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    std::printf("attn %s: median %.2f ms (min %.2f, max %.2f) over %d iters, %.0f tokens/s, %.1f TFLOP/s, "
+                "device memory in use %.1f GiB\n",
+                kname.c_str(), median_s * 1e3, ms.front(), ms.back(), iters, tokens / median_s,
+                flops / median_s * 1e-12, static_cast<double>(total_b - free_b) / (1 << 30));
+
+    if (!profile) continue;
+    rt::ForwardProfiler prof;
+    opt.profiler = &prof;
     model->forward(packed, opt);
-    rt::check_cuda(cudaEventRecord(stop, stream), "cudaEventRecord");
-    rt::check_cuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    rt::check_cuda(cudaEventElapsedTime(&ms[i], start, stop), "cudaEventElapsedTime");
+    prof.collect();
+    opt.profiler = nullptr;
+    double total = 0, gemm_ms = 0, gemm_flops = 0, attn_ms = 0;
+    for (const auto& [op, t] : prof.totals_ms()) {
+      total += t;
+      if (is_gemm(op)) {
+        gemm_ms += t;
+        gemm_flops += op_flops.at(op);
+      }
+      if (op == "attention") attn_ms += t;
+    }
+    std::printf("  breakdown (attn %s, one profiled forward, %.2f ms in ops):\n", kname.c_str(), total);
+    std::printf("    %-14s %10s %7s %6s %9s\n", "op", "ms", "%", "calls", "TFLOP/s");
+    for (const auto& [op, t] : prof.totals_ms()) {
+      const auto f = op_flops.find(op);
+      if (f != op_flops.end() && f->second > 0)
+        std::printf("    %-14s %10.2f %6.1f%% %6ld %9.1f\n", op.c_str(), t, 100 * t / total, prof.calls().at(op),
+                    f->second / (t * 1e-3) * 1e-12);
+      else
+        std::printf("    %-14s %10.2f %6.1f%% %6ld %9s\n", op.c_str(), t, 100 * t / total, prof.calls().at(op), "-");
+    }
+    const double gemm_tflops = gemm_flops / (gemm_ms * 1e-3) * 1e-12;
+    std::printf("  GEMMs %.2f ms (%.1f%%) at %.1f TFLOP/s", gemm_ms, 100 * gemm_ms / total, gemm_tflops);
+    if (peak_tflops > 0) std::printf(" = %.1f%% of the measured peak", 100 * gemm_tflops / peak_tflops);
+    std::printf("; attention %.2f ms (%.1f%%) at %.1f TFLOP/s; the rest %.2f ms (%.1f%%)\n", attn_ms,
+                100 * attn_ms / total, op_flops.at("attention") / (attn_ms * 1e-3) * 1e-12, total - gemm_ms - attn_ms,
+                100 * (total - gemm_ms - attn_ms) / total);
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  const double median_s = ms[ms.size() / 2] * 1e-3;
-  const double tokens = static_cast<double>(batch * seq);
-  const double flops = prefill_flops(cfg, batch, seq, logits_rows);
-  std::printf("batch %lld x seq %lld (%lld tokens), logits %s: median %.2f ms (min %.2f, max %.2f) over %d iters\n",
-              (long long)batch, (long long)seq, (long long)(batch * seq), logits.c_str(), median_s * 1e3, ms.front(),
-              ms.back(), iters);
-  std::printf("prefill: %.0f tokens/s, %.1f TFLOP/s (%.2f TFLOP per forward)\n", tokens / median_s,
-              flops / median_s * 1e-12, flops * 1e-12);
   return 0;
 }
 

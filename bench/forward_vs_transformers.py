@@ -4,7 +4,8 @@
 For each (config, batch, seq) it times transformers' forward of a random-weight model of that config.json shape
 (bf16 weights on the GPU, attn_implementation="sdpa", logits of the last position only, CUDA-event timing of the
 median of --iters forwards after --warmup), frees it, then runs OSCAR's `forward_bench` on the same shape and prints
-both with the speedup. Both sides build random weights: throughput does not depend on the values.
+both with the speedup. OSCAR's peak is the device memory in use after its forwards (cudaMemGetInfo: weights,
+scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_memory_allocated. Both sides build random weights: throughput does not depend on the values.
 
   python3 bench/forward_vs_transformers.py --forward-bench build/bin/forward_bench \
       --case bench/configs/qwen3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:1x32768
@@ -48,13 +49,14 @@ def time_transformers(config_path, batch, seq, warmup, iters):
     return times[len(times) // 2], peak
 
 
-def time_oscar(binary, config_path, batch, seq, warmup, iters):
+def time_oscar(binary, config_path, batch, seq, warmup, iters, attn_kernel):
     out = subprocess.run([binary, "--config", config_path, "--batch", str(batch), "--seq", str(seq),
-                          "--warmup", str(warmup), "--iters", str(iters), "--logits", "last"],
+                          "--warmup", str(warmup), "--iters", str(iters), "--logits", "last",
+                          "--attn-kernel", attn_kernel],
                          check=True, capture_output=True, text=True).stdout
     median = float(re.search(r"median ([0-9.]+) ms", out).group(1))
     tflops = re.search(r"([0-9.]+) TFLOP/s", out)
-    peak = re.search(r"peak ([0-9.]+) GiB", out)
+    peak = re.search(r"memory in use ([0-9.]+) GiB", out)
     return median, float(tflops.group(1)) if tflops else float("nan"), float(peak.group(1)) if peak else float("nan"), out
 
 
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--attn-kernel", default="v2", help="OSCAR prefill attention kernel (forward_bench --attn-kernel)")
     args = ap.parse_args()
 
     rows = []
@@ -74,7 +77,7 @@ def main():
         t0 = time.time()
         hf_ms, hf_peak = time_transformers(config_path, batch, seq, args.warmup, args.iters)
         oscar_ms, oscar_tflops, oscar_peak, raw = time_oscar(args.forward_bench, config_path, batch, seq,
-                                                             args.warmup, args.iters)
+                                                             args.warmup, args.iters, args.attn_kernel)
         tokens = batch * seq
         row = dict(config=config_path, batch=batch, seq=seq, transformers_ms=hf_ms, oscar_ms=oscar_ms,
                    transformers_tok_s=tokens / hf_ms * 1e3, oscar_tok_s=tokens / oscar_ms * 1e3,

@@ -3,6 +3,7 @@
 
 #include "kernels/attention_prefill/attention_prefill.cuh"
 #include "kernels/attention_prefill/attention_prefill.h"
+#include "kernels/attention_prefill/attention_prefill_v2.cuh"
 
 namespace oscar::kern {
 
@@ -22,6 +23,36 @@ Status launch(const PrefillAttentionArgs& a, cudaStream_t stream) {
   detail::attention_prefill_kernel<kHeadDim><<<grid, detail::kPrefillThreads, kBytes, stream>>>(a, scale_log2);
   return detail::launch_status();
 }
+
+// Query heads per v2 block: the largest power of two <= 8 that divides the GQA group, so a block's heads share
+// one KV head and its token count (128 / pack) stays a multiple of the 16-row MMA tile.
+int v2_pack(const PrefillAttentionArgs& a) {
+  const int group = a.num_heads / a.num_kv_heads;
+  int pack = 8;
+  while (group % pack) pack /= 2;
+  return pack;
+}
+
+int64_t v2_blocks(const PrefillAttentionArgs& a) {
+  const int pack = v2_pack(a);
+  const int64_t tokens = detail::kV2BlockM / pack;
+  return (a.max_seqlen + tokens - 1) / tokens * (a.num_heads / pack) * int64_t{a.num_seqs};
+}
+
+template <int kHeadDim, int kBlockN = 64>
+Status launch_v2(const PrefillAttentionArgs& a, cudaStream_t stream) {
+  constexpr int kBytes = detail::PrefillV2Smem<kHeadDim, kBlockN>::kBytes;
+  if (cudaFuncSetAttribute(detail::attention_prefill_v2_kernel<kHeadDim, kBlockN>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) != cudaSuccess)
+    return Status::CudaError;
+  const int pack = v2_pack(a);
+  const int tokens = detail::kV2BlockM / pack;
+  const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
+  const float scale_log2 = a.scale * 1.4426950408889634f;
+  detail::attention_prefill_v2_kernel<kHeadDim, kBlockN><<<static_cast<unsigned>(v2_blocks(a)), detail::kV2Threads, kBytes,
+                                                  stream>>>(a, scale_log2, pack, num_q_tiles);
+  return detail::launch_status();
+}
 }  // namespace
 
 Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
@@ -34,7 +65,12 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
   if (a.q_row_stride < int64_t{a.num_heads} * a.head_dim || a.out_row_stride < int64_t{a.num_heads} * a.head_dim ||
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
+  if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
+      a.kernel != PrefillKernel::V2Keys32)
+    return Status::InvalidArgument;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
+  // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
+  if (a.kernel != PrefillKernel::V1 && v2_blocks(a) > 0x7fffffff) return Status::Unsupported;
   if (!a.q || !a.k || !a.v || !a.out || !a.cu_seqlens) return Status::InvalidArgument;
   // 16-byte cp.async copies of 8 bf16: every row start and head start must be 16-byte aligned.
   if (!aligned16(a.q) || !aligned16(a.k) || !aligned16(a.v) || !aligned16(a.out)) return Status::Misaligned;
@@ -49,9 +85,15 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
   const cudaStream_t s = detail::to_cuda(stream);
   // Dims are zero-padded to the instantiated width; three widths keep compile time down while covering the
   // tiny fixtures (8, 16), 64-dim heads and the 128-dim heads of every current 7-8B model.
-  if (a.head_dim <= 32) return launch<32>(a, s);
-  if (a.head_dim <= 64) return launch<64>(a, s);
-  return launch<128>(a, s);
+  if (a.kernel == PrefillKernel::V1) {
+    if (a.head_dim <= 32) return launch<32>(a, s);
+    if (a.head_dim <= 64) return launch<64>(a, s);
+    return launch<128>(a, s);
+  }
+  if (a.head_dim <= 32) return launch_v2<32>(a, s);
+  if (a.head_dim <= 64) return launch_v2<64>(a, s);
+  if (a.kernel == PrefillKernel::V2Keys32) return launch_v2<128, 32>(a, s);
+  return launch_v2<128>(a, s);
 }
 
 }  // namespace oscar::kern

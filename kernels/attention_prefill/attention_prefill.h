@@ -1,13 +1,19 @@
 #pragma once
 // Causal prefill attention over a packed batch of variable-length sequences (cu_seqlens), with GQA.
-// Flash-attention-2 structure: one block per (64-query tile, query head), K/V streamed in 64-key tiles through
-// shared memory with an online softmax, so memory is O(tile) at any length (32K tokens and beyond).
+// Flash-attention-2 structure, K/V streamed in 64-key tiles through shared memory with an online softmax, so memory
+// is O(tile) at any length (32K tokens and beyond). Two kernels compute the same function:
+//   v1: one block per (64-query tile, query head), 4 warps × 16 rows (attention_prefill.cuh).
+//   v2: one block per (128 rows = tokens × the query heads of one KV head), 4 warps × 32 rows, K/V tiles shared by
+//       the GQA group (attention_prefill_v2.cuh). The default.
 #include <cstdint>
 #include <span>
 
 #include "kernels/common/status.h"
 
 namespace oscar::kern {
+
+// Auto: the fastest measured (v2). V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32 };
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
 // Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.
@@ -22,6 +28,7 @@ struct PrefillAttentionArgs {
   int32_t max_seqlen = 0;  // max over sequences (sizes the grid; the host knows it)
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 0.f;  // softmax scale, normally 1/sqrt(head_dim)
+  PrefillKernel kernel = PrefillKernel::Auto;
 };
 
 // can_implement: head_dim % 8 == 0 and <= 128 (dims are zero-padded to 32/64/128 inside), num_heads a multiple

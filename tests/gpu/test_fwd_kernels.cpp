@@ -185,7 +185,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   const int64_t T = cu.back();
   const std::vector<uint16_t> q = to_bf16(randn(T * c.hq * c.d, 12, 2.f)), k = to_bf16(randn(T * c.hkv * c.d, 13, 2.f)),
                               v = to_bf16(randn(T * c.hkv * c.d, 14));
-  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(T * c.hq * c.d * 2);
+  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(std::max<int64_t>(T, 1) * c.hq * c.d * 2);
   PrefillAttentionArgs a;
   a.q = d_q.as<uint16_t>();
   a.k = d_k.as<uint16_t>();
@@ -200,8 +200,6 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   a.num_kv_heads = c.hkv;
   a.head_dim = c.d;
   a.scale = 1.f / std::sqrt(static_cast<float>(c.d));
-  ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
-  sync();
 
   const std::vector<float> q32 = widen(q), k32 = widen(k), v32 = widen(v);
   std::vector<float> ref(T * c.hq * c.d);
@@ -218,7 +216,17 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   r.head_dim = c.d;
   r.scale = a.scale;
   attention_prefill_ref(r);
-  EXPECT_LE(nmse(widen(to_host(d_out.as<uint16_t>(), ref.size())), ref), 1e-4);
+  for (const PrefillKernel kernel : {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32}) {
+    SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
+    // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
+    ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
+    a.kernel = kernel;
+    ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
+    sync();
+    const std::vector<float> got = widen(to_host(d_out.as<uint16_t>(), ref.size()));
+    EXPECT_LE(nmse(got, ref), 1e-4);
+    for (float x : got) ASSERT_TRUE(std::isfinite(x));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -230,7 +238,14 @@ INSTANTIATE_TEST_SUITE_P(
                       AttentionCase{32, 8, 128, {300, 77}},              // 8B-class GQA 4
                       AttentionCase{2, 1, 128, {4097}},                  // tiles past 4K
                       AttentionCase{6, 2, 40, {0, 50, 0, 33}},           // padded dims, empty sequences
-                      AttentionCase{4, 4, 96, {150}}));                  // 96 padded to 128
+                      AttentionCase{4, 4, 96, {150}},                    // 96 padded to 128
+                      // v2 head packing: group 8 (pack 8, 16 tokens per block), 3 (pack 1), 6 (pack 2), 2 (pack 2)
+                      AttentionCase{16, 2, 128, {33, 100, 17}},
+                      AttentionCase{6, 2, 64, {129, 31}},
+                      AttentionCase{12, 2, 32, {47, 200}},
+                      AttentionCase{4, 2, 8, {255, 1, 16}},
+                      AttentionCase{64, 8, 128, {97}},                   // 70B-class group 8
+                      AttentionCase{32, 8, 128, {2048, 1, 511}}));       // 8B shape, long + short varlen
 
 // 32K tokens: the whole reference is O(T²) and too slow on a CPU, so selected query rows are checked against a
 // direct softmax over their prefix.
@@ -255,31 +270,37 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.num_kv_heads = hkv;
   a.head_dim = d;
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
-  ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
-  sync();
-  const std::vector<float> out = widen(to_host(d_out.as<uint16_t>(), int64_t{T} * hq * d));
-  std::vector<float> got, ref;
-  for (const int32_t row : {0, 1, 63, 64, 4095, 20000, 32767})
-    for (int32_t h = 0; h < hq; ++h) {
-      std::vector<double> scores(row + 1);
-      double mx = -INFINITY;
-      for (int32_t j = 0; j <= row; ++j) {
-        double dot = 0;
-        for (int32_t i = 0; i < d; ++i)
-          dot += double{fmt::bf16_to_f32(q[(int64_t{row} * hq + h) * d + i])} * fmt::bf16_to_f32(k[int64_t{j} * d + i]);
-        scores[j] = dot * a.scale;
-        mx = std::max(mx, scores[j]);
+  for (const PrefillKernel kernel : {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32}) {
+    SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
+    a.kernel = kernel;
+    ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
+    ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
+    sync();
+    const std::vector<float> out = widen(to_host(d_out.as<uint16_t>(), int64_t{T} * hq * d));
+    for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    std::vector<float> got, ref;
+    for (const int32_t row : {0, 1, 31, 32, 63, 64, 4095, 20000, 32767})
+      for (int32_t h = 0; h < hq; ++h) {
+        std::vector<double> scores(row + 1);
+        double mx = -INFINITY;
+        for (int32_t j = 0; j <= row; ++j) {
+          double dot = 0;
+          for (int32_t i = 0; i < d; ++i)
+            dot += double{fmt::bf16_to_f32(q[(int64_t{row} * hq + h) * d + i])} * fmt::bf16_to_f32(k[int64_t{j} * d + i]);
+          scores[j] = dot * a.scale;
+          mx = std::max(mx, scores[j]);
+        }
+        double den = 0;
+        for (double& s : scores) den += (s = std::exp(s - mx));
+        for (int32_t i = 0; i < d; ++i) {
+          double acc = 0;
+          for (int32_t j = 0; j <= row; ++j) acc += scores[j] * fmt::bf16_to_f32(v[int64_t{j} * d + i]);
+          ref.push_back(static_cast<float>(acc / den));
+          got.push_back(out[(int64_t{row} * hq + h) * d + i]);
+        }
       }
-      double den = 0;
-      for (double& s : scores) den += (s = std::exp(s - mx));
-      for (int32_t i = 0; i < d; ++i) {
-        double acc = 0;
-        for (int32_t j = 0; j <= row; ++j) acc += scores[j] * fmt::bf16_to_f32(v[int64_t{j} * d + i]);
-        ref.push_back(static_cast<float>(acc / den));
-        got.push_back(out[(int64_t{row} * hq + h) * d + i]);
-      }
-    }
-  EXPECT_LE(nmse(got, ref), 1e-4);
+    EXPECT_LE(nmse(got, ref), 1e-4);
+  }
 }
 
 TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
@@ -299,6 +320,9 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported);
   a.head_dim = 12;  // not a multiple of 8
   EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported);
+  a.head_dim = 64;
+  a.kernel = static_cast<PrefillKernel>(17);  // no such kernel
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument);
 }
 
 }  // namespace

@@ -194,7 +194,50 @@ TEST(FwdGpuModel, TinyStoriesLlamaMatchesCpuModel) {
   const fs::path dir = test::fixtures_dir() / "models/tinystories-llama2c-280k-hf";
   const auto story = text_ids(dir, test::fixtures_dir() / "text/tinystories-sample.txt", 256);  // max positions
   ASSERT_EQ(story.size(), 256u);
-  compare_with_cpu(dir, {story, random_ids(100, 512, 1), std::vector<int32_t>(story.begin(), story.begin() + 7)});
+  // head_dim 8 puts this model's bf16 noise floor above the bounds: scripts/golden/bf16_rounding_probe.cpp
+  // (CPU emulation, story ids) gives mean |dlogit| 0.032 / top-1 0.992 for exactly our rounding points (0.022 from
+  // the bf16 q/k alone) and 0.043 / 0.981 for transformers' bf16 points. These limits hold the GPU to that floor
+  // (+10%); TinyStoriesLlamaWithinBf16NoiseFloor compares with transformers bf16 itself.
+  Limits limits;
+  limits.min_top1 = 0.985;
+  limits.max_mean_abs_logit_diff = 0.038;
+  limits.max_kv_nmse = 3e-4;
+  compare_with_cpu(dir, {story, random_ids(100, 512, 1), std::vector<int32_t>(story.begin(), story.begin() + 7)},
+                   limits);
+}
+
+// The accuracy bound is GPU bf16 vs transformers bf16. On this head_dim-8 model two bf16 forwards with
+// different rounding points differ by more than 0.02 mean |dlogit| (emulated: 0.05), so the check is that the GPU
+// is no further from the fp32 forward (same bf16 weights) than transformers bf16 (sdpa, CUDA) is: golden from
+// scripts/golden/make_tinystories_bf16_golden.py.
+TEST(FwdGpuModel, TinyStoriesLlamaWithinBf16NoiseFloor) {
+  OSCAR_REQUIRE_GPU();
+  OSCAR_REQUIRE_FIXTURE("models/tinystories-llama2c-280k-hf");
+  const fs::path golden_file = test::test_data_dir() / "golden-bf16/tinystories-llama2c-280k-hf.safetensors";
+  if (!fs::exists(golden_file)) GTEST_SKIP() << "no " << golden_file << " (scripts/golden/make_tinystories_bf16_golden.py)";
+  const fs::path dir = test::fixtures_dir() / "models/tinystories-llama2c-280k-hf";
+  const fmt::TensorStore golden = fmt::TensorStore::open(golden_file);
+  const std::vector<int32_t> ids = golden_input_ids(golden);
+  const std::vector<float> hf = fmt::to_f32(golden.get("logits_bf16"));
+  auto cpu = model::CpuModel::load(bf16_copy(dir, test::temp_dir_for_test() / dir.filename()));
+  auto gpu = DeviceModel::load(dir);
+  const int64_t vocab = gpu->config().vocab_size;
+  model::KvCache cache(cpu->config(), static_cast<int64_t>(ids.size()));
+  const std::vector<float> ref = cpu->forward(ids, cache);
+  PackedBatch batch;
+  batch.add_sequence(ids);
+  const std::vector<float> got = gpu->forward(batch).to_host();
+  ASSERT_EQ(hf.size(), ref.size());
+  Agreement gpu_ref, hf_ref, gpu_hf;
+  gpu_ref.add(got, ref, vocab);
+  hf_ref.add(hf, ref, vocab);
+  gpu_hf.add(got, hf, vocab);
+  std::cout << ids.size() << " tokens vs fp32: GPU top-1 " << gpu_ref.top1() << " mean |dlogit| "
+            << gpu_ref.mean_abs(vocab) << "; transformers bf16 top-1 " << hf_ref.top1() << " mean |dlogit| "
+            << hf_ref.mean_abs(vocab) << "; GPU vs transformers bf16: top-1 " << gpu_hf.top1() << " mean |dlogit| "
+            << gpu_hf.mean_abs(vocab) << "\n";
+  EXPECT_LE(gpu_ref.mean_abs(vocab), std::max(0.02, 1.1 * hf_ref.mean_abs(vocab)));
+  EXPECT_GE(gpu_ref.top1(), std::min(0.99, hf_ref.top1() - 0.005));
 }
 
 TEST(FwdGpuModel, Qwen3TinyMatchesCpuModel) {
