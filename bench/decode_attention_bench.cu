@@ -6,7 +6,8 @@
 // which is how a serving loop issues a decode step and measures GPU time only; --eager times plain back-to-back
 // calls, which at small sizes measures the host's launch rate (4 kernels per call) instead of the GPU.
 // --torch-results reads the table printed by bench/torch_sdpa_decode.py (same shapes, same device run) and adds
-// the speedup of the INT2 path over torch's bf16 SDPA.
+// the speedup of the INT2 path over torch's bf16 SDPA. The last two columns time the segmented (spectral) kernel on
+// layouts of the same bytes as INT2 (seg_us, and its ratio to int2_us; issue #10's goal is <= 1.10x).
 //   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -139,9 +140,9 @@ int main(int argc, char** argv) {
   const double d2d = measure_d2d_gbps();
   std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s, timing %s\n", prop.name, prop.multiProcessorCount, d2d,
               eager ? "eager launches" : "CUDA graph of the calls");
-  std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s\n", "model", "batch", "context",
-              "splits", "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup", "torch_us",
-              "vs_torch");
+  std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s | %8s %8s\n", "model", "batch",
+              "context", "splits", "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup",
+              "torch_us", "vs_torch", "seg_us", "seg/int2");
 
   const int d = 128, page = oscar::fmt::kKvPageTokens;
   const int64_t sink = 64, recent = 256;
@@ -254,6 +255,23 @@ int main(int argc, char** argv) {
         };
         const double int2_us = time_us(sink, recent);
         const double bf16_us = time_us(int64_t(1) << 40, 0);
+        // Segmented (spectral) pages at the same bytes as INT2 (36 per record: 28 code bytes + 2 pairs):
+        // K 32x4b + 48x2b + 48x0b, V 16x4b + 80x2b + 32x0b, read by decode_attention_seg.cuh. The same pools are
+        // refilled with these layouts' params offset (random codes, every pair (0.01, -0.02)).
+        static const oscar::fmt::QuantSegment k_segs[] = {{0, 32, 4}, {32, 80, 2}, {80, 128, 0}};
+        static const oscar::fmt::QuantSegment v_segs[] = {{0, 16, 4}, {16, 96, 2}, {96, 128, 0}};
+        const auto kg = oscar::fmt::segmented_page_geometry(k_segs, 3, d, page);
+        const auto vg = oscar::fmt::segmented_page_geometry(v_segs, 3, d, page);
+        if (kg.page_bytes() != g2.page_bytes() || vg.page_bytes() != g2.page_bytes()) {
+          std::fprintf(stderr, "segmented bench layouts are not INT2-sized\n");
+          return 1;
+        }
+        fill_int2<<<1024, 256>>>(k2, total_pages * m.kv_heads, kg.page_bytes(), kg.params_offset());
+        fill_int2<<<1024, 256>>>(v2, total_pages * m.kv_heads, vg.page_bytes(), vg.params_offset());
+        p.k_geometry = &kg;
+        p.v_geometry = &vg;
+        const double seg_us = time_us(sink, recent);
+        p.k_geometry = p.v_geometry = nullptr;
         const int64_t hp = std::min<int64_t>(ctx, sink + recent);
         const double per_head_int2 = double(ctx - hp) * 2 * (d / 4 + 4) + double(hp) * 2 * 2 * d;
         const double per_head_bf16 = double(ctx) * 2 * 2 * d;
@@ -267,9 +285,10 @@ int main(int argc, char** argv) {
                     bf16_gbps, 100 * bf16_gbps / d2d, bf16_us / int2_us);
         const auto torch_row = torch_us.find({m.name, batch, static_cast<long long>(ctx)});
         if (torch_row != torch_us.end())
-          std::printf(" | %9.1f %7.2fx\n", torch_row->second, torch_row->second / int2_us);
+          std::printf(" | %9.1f %7.2fx", torch_row->second, torch_row->second / int2_us);
         else
-          std::printf(" | %9s %8s\n", "-", "-");
+          std::printf(" | %9s %8s", "-", "-");
+        std::printf(" | %8.1f %7.2fx\n", seg_us, seg_us / int2_us);
         std::fflush(stdout);
         cudaFree(k2);
         cudaFree(v2);

@@ -102,4 +102,91 @@ struct RecordLayout {
   static RecordLayout from_spec(const TensorQuantSpec& spec, int64_t head_dim, const std::string& where);
 };
 
+
+// Pages of a segmented record (per-layer spectral layouts; whole-head INT2 is the one-segment case). SoA like
+// Int2PageGeometry, one level finer: the codes of segment s of every token of the page form one region
+// [page_tokens][seg_code_bytes[s]] (regions in segment order, region s at page_tokens * seg_code_offset[s]), then
+// [page_tokens][param_pairs] fp16 (scale, zero) pairs. Each token's bits inside a region are exactly the record's
+// bitstream for that segment (formats/kv_layout.h rules above), so a record is recovered by concatenating the
+// token's rows. Splitting by segment keeps every 16-dim block of a width-w segment on a 2w-byte boundary (a whole
+// aligned word for the decode kernel), which a token-major record row would not (a 1-bit segment shifts the rest
+// by 2 bytes). With one 2-bit segment over the head the bytes are identical to Int2PageGeometry.
+inline constexpr int32_t kMaxPageSegments = 16;
+
+struct SegmentedPageGeometry {
+  int32_t head_dim = 0;
+  int32_t page_tokens = kKvPageTokens;
+  int32_t num_segments = 0;
+  int32_t code_bytes = 0;   // codes of one record (all segments)
+  int32_t param_pairs = 0;  // (scale, zero) pairs of one record: segments with bits > 0
+  int32_t seg_begin[kMaxPageSegments] = {};
+  int32_t seg_end[kMaxPageSegments] = {};
+  int32_t seg_bits[kMaxPageSegments] = {};
+  int32_t seg_code_offset[kMaxPageSegments] = {};  // in the record; its region starts at page_tokens times this
+  int32_t seg_code_bytes[kMaxPageSegments] = {};
+  int32_t seg_param[kMaxPageSegments] = {};  // pair index, -1 for a 0-bit segment
+
+  OSCAR_HD constexpr int32_t record_bytes() const { return code_bytes + 4 * param_pairs; }
+  OSCAR_HD constexpr int32_t page_bytes() const { return page_tokens * record_bytes(); }
+  OSCAR_HD constexpr int32_t code_row_offset(int32_t s, int32_t token) const {
+    return page_tokens * seg_code_offset[s] + token * seg_code_bytes[s];
+  }
+  OSCAR_HD constexpr int32_t params_offset() const { return page_tokens * code_bytes; }
+  OSCAR_HD constexpr int32_t param_offset(int32_t token, int32_t pair) const {
+    return params_offset() + (token * param_pairs + pair) * 4;
+  }
+  // True when every segment starts and ends on a 16-dim boundary (what the decode kernel takes).
+  OSCAR_HD constexpr bool blocks_of_16() const {
+    for (int32_t s = 0; s < num_segments; ++s)
+      if (seg_begin[s] % 16 != 0 || seg_end[s] % 16 != 0) return false;
+    return true;
+  }
+};
+
+// Lays out `n` segments that tile [0, head_dim) (validated by the caller, e.g. RecordLayout::from_spec); returns
+// num_segments = 0 when n exceeds kMaxPageSegments.
+constexpr SegmentedPageGeometry segmented_page_geometry(const QuantSegment* segs, int32_t n, int32_t head_dim,
+                                                        int32_t page_tokens) {
+  SegmentedPageGeometry g;
+  g.head_dim = head_dim;
+  g.page_tokens = page_tokens;
+  if (n <= 0 || n > kMaxPageSegments) return g;
+  g.num_segments = n;
+  for (int32_t s = 0; s < n; ++s) {
+    g.seg_begin[s] = segs[s].begin;
+    g.seg_end[s] = segs[s].end;
+    g.seg_bits[s] = segs[s].bits;
+    g.seg_code_offset[s] = g.code_bytes;
+    g.seg_code_bytes[s] = packed_bytes(segs[s].end - segs[s].begin, segs[s].bits);
+    g.seg_param[s] = segs[s].bits > 0 ? g.param_pairs++ : -1;
+    g.code_bytes += g.seg_code_bytes[s];
+  }
+  return g;
+}
+
+inline SegmentedPageGeometry segmented_page_geometry(const std::vector<QuantSegment>& segs, int32_t head_dim,
+                                                     int32_t page_tokens) {
+  return segmented_page_geometry(segs.data(), static_cast<int32_t>(segs.size()), head_dim, page_tokens);
+}
+
+namespace detail {
+inline constexpr QuantSegment kInt2Whole128[] = {{0, 128, 2}};
+inline constexpr QuantSegment kSpectral128[] = {{0, 48, 4}, {48, 112, 2}, {112, 128, 0}};
+inline constexpr QuantSegment kOneBit64[] = {{0, 16, 1}, {16, 64, 4}};
+}  // namespace detail
+// One 2-bit segment over the head is byte-identical to the INT2 page.
+static_assert(segmented_page_geometry(detail::kInt2Whole128, 1, 128, 64).page_bytes() ==
+              Int2PageGeometry{128, 64}.page_bytes());
+static_assert(segmented_page_geometry(detail::kInt2Whole128, 1, 128, 64).param_offset(5, 0) ==
+              Int2PageGeometry{128, 64}.params_offset() + 5 * 4);
+static_assert(segmented_page_geometry(detail::kInt2Whole128, 1, 128, 64).code_row_offset(0, 7) ==
+              7 * Int2PageGeometry{128, 64}.code_row_bytes());
+// K 48x4b + 64x2b + 16x0b: 24 + 16 code bytes, two pairs = 48 bytes per record (3 bits per element).
+static_assert(segmented_page_geometry(detail::kSpectral128, 3, 128, 64).record_bytes() == 48);
+static_assert(segmented_page_geometry(detail::kSpectral128, 3, 128, 64).code_row_offset(1, 0) == 64 * 24);
+static_assert(segmented_page_geometry(detail::kSpectral128, 3, 128, 64).seg_param[2] == -1);
+// A 1-bit segment first: the 4-bit region still starts on a 32-byte boundary (64 tokens x 2 bytes).
+static_assert(segmented_page_geometry(detail::kOneBit64, 2, 64, 64).code_row_offset(1, 0) % 32 == 0);
+static_assert(segmented_page_geometry(detail::kOneBit64, 2, 64, 64).page_bytes() % 16 == 0);
+
 }  // namespace oscar::fmt

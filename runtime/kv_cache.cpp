@@ -45,9 +45,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-size_t KvCacheLayout::int2_page_bytes() const {
+size_t KvCacheLayout::quantized_page_bytes(int64_t layer, bool value) const {
+  const std::vector<int32_t>& per_layer = value ? v_page_bytes : k_page_bytes;
+  if (!per_layer.empty()) return static_cast<size_t>(per_layer.at(static_cast<size_t>(layer)));
   const fmt::Int2PageGeometry geo{static_cast<int32_t>(head_dim), static_cast<int32_t>(page_tokens)};
-  return static_cast<size_t>(num_layers * 2 * num_kv_heads) * static_cast<size_t>(geo.page_bytes());
+  return static_cast<size_t>(geo.page_bytes());
+}
+
+size_t KvCacheLayout::int2_page_bytes() const {
+  size_t bytes = 0;
+  for (int64_t l = 0; l < num_layers; ++l) bytes += quantized_page_bytes(l, false) + quantized_page_bytes(l, true);
+  return static_cast<size_t>(num_kv_heads) * bytes;
 }
 
 size_t KvCacheLayout::bf16_page_bytes() const {
@@ -66,6 +74,15 @@ void KvCacheLayout::validate(const std::string& where) const {
   if (head_dim % 16 != 0) throw Error(where, "cache head_dim must be a multiple of 16, got " + std::to_string(head_dim));
   if (quantized && (sink_tokens < 0 || recent_tokens < 0))
     throw Error(where, "sink and recent windows must be >= 0");
+  for (const std::vector<int32_t>* per_layer : {&k_page_bytes, &v_page_bytes}) {
+    if (per_layer->empty()) continue;
+    if (static_cast<int64_t>(per_layer->size()) != num_layers)
+      throw Error(where, "per-layer page bytes for " + std::to_string(per_layer->size()) + " layers, the cache has " +
+                             std::to_string(num_layers));
+    for (int32_t b : *per_layer)
+      if (b <= 0 || b % 16 != 0)
+        throw Error(where, "quantized page bytes " + std::to_string(b) + " must be a positive multiple of 16");
+  }
 }
 
 KvCachePlan plan_kv_cache(const KvCacheLayout& layout, size_t budget_bytes, int64_t max_sequences,

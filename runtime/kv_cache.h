@@ -61,7 +61,12 @@ struct KvCacheLayout {
   bool quantized = true;      // false: bf16 only, no INT2 pool, sink/recent unused
   int64_t sink_tokens = 64;
   int64_t recent_tokens = 256;
+  // Segmented (spectral) layers: bytes of one quantized page of one KV head per layer, K and V
+  // (fmt::SegmentedPageGeometry::page_bytes). Empty: every layer's quantized pages are Int2PageGeometry.
+  std::vector<int32_t> k_page_bytes, v_page_bytes;
 
+  // Bytes of one quantized page of one KV head of `layer`, K (value = false) or V.
+  size_t quantized_page_bytes(int64_t layer, bool value) const;
   // Bytes of one page id over all layers, K and V, all KV heads.
   size_t int2_page_bytes() const;
   size_t bf16_page_bytes() const;
@@ -157,7 +162,7 @@ class KvCache {
  private:
   KvPageTables tables_;
   DeviceBuffer int2_, bf16_;
-  size_t int2_pool_bytes_ = 0;  // one layer, one of K/V
+  std::vector<size_t> int2_pool_offset_;  // per layer x {K, V}: byte offset of its pool in int2_
   size_t bf16_pool_bytes_ = 0;
 };
 

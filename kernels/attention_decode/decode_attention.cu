@@ -1,5 +1,6 @@
 #include "kernels/attention_decode/decode_attention.cuh"
 #include "kernels/attention_decode/decode_attention.h"
+#include "kernels/attention_decode/decode_attention_seg.cuh"
 
 #include <algorithm>
 
@@ -12,6 +13,64 @@ int32_t window_split_count(const DecodeAttentionParams& p, int32_t splits, bool 
   if (!int2_active) return splits;  // bf16 baseline: the windows are the whole sequence
   const int64_t window = std::min<int64_t>(p.max_seq_len, p.sink_tokens + p.recent_tokens);
   return static_cast<int32_t>(std::clamp<int64_t>((window + 31) / 32, 1, splits));
+}
+
+// Per-block tables of a geometry already accepted by decode_attention_can_implement.
+detail::SegDecodeLayout seg_decode_layout(const fmt::SegmentedPageGeometry& g) {
+  detail::SegDecodeLayout L{};
+  L.page_bytes = g.page_bytes();
+  L.record_bytes = g.record_bytes();
+  L.param_pairs = g.param_pairs;
+  L.params_tile_off = 16 * g.code_bytes;
+  for (int32_t s = 0; s < g.num_segments; ++s) {
+    const int32_t bits = g.seg_bits[s];
+    if (bits > 0) {
+      L.region_rec_off[L.num_regions] = g.seg_code_offset[s];
+      L.region_row_bytes[L.num_regions] = g.seg_code_bytes[s];
+      ++L.num_regions;
+    }
+    for (int32_t blk = g.seg_begin[s] / 16; blk < g.seg_end[s] / 16; ++blk) {
+      L.blk_bits[blk] = static_cast<int8_t>(bits);
+      L.blk_param[blk] = static_cast<int8_t>(bits > 0 ? g.seg_param[s] : 0);
+      L.blk_first[blk] = blk == g.seg_begin[s] / 16;
+      L.blk_last[blk] = blk == g.seg_end[s] / 16 - 1;
+      L.blk_tile_off[blk] = static_cast<int16_t>(16 * g.seg_code_offset[s] + (16 * blk - g.seg_begin[s]) * bits / 8);
+      L.blk_row_bytes[blk] = static_cast<int16_t>(g.seg_code_bytes[s]);
+    }
+  }
+  L.region_rec_off[L.num_regions] = g.code_bytes;
+  L.region_row_bytes[L.num_regions] = 4 * g.param_pairs;
+  if (g.param_pairs > 0) ++L.num_regions;
+  return L;
+}
+
+template <int kHeadDim>
+Status launch_seg(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+  // The ring (3 stages x 4 tiles x 16 tokens of both records per warp) doubles as the per-warp partials.
+  const size_t ring = static_cast<size_t>(detail::kDecodeWarps) * detail::kInt2Stages * detail::kInt2TilesPerStage *
+                      16 * static_cast<size_t>(a.k_seg.record_bytes + a.v_seg.record_bytes);
+  const size_t partials = static_cast<size_t>(detail::kDecodeWarps) * 8 * kHeadDim * sizeof(float);
+  const size_t smem = std::max(ring, partials);
+  int device = 0, most = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return Status::CudaError;
+  if (smem > static_cast<size_t>(most) - 1024) return Status::Unsupported;
+  // The opt-in limit covers static + dynamic shared memory, so the dynamic ceiling is what the kernel's static
+  // arrays (softmax scratch) leave; asking for all of `most` makes cudaFuncSetAttribute fail.
+  static const cudaError_t opted_in = [&] {
+    cudaFuncAttributes attr{};
+    cudaError_t e = cudaFuncGetAttributes(&attr, detail::decode_attention_seg_kernel<kHeadDim>);
+    if (e != cudaSuccess) return e;
+    return cudaFuncSetAttribute(detail::decode_attention_seg_kernel<kHeadDim>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                most - static_cast<int>(attr.sharedSizeBytes));
+  }();
+  if (opted_in != cudaSuccess) return Status::CudaError;
+  const dim3 grid(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
+                  static_cast<unsigned>(batch));
+  detail::decode_attention_seg_kernel<kHeadDim><<<grid, detail::kDecodeWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError() == cudaSuccess ? Status::Ok : Status::CudaError;
 }
 
 template <int kHeadDim, int kMaxGroup>
@@ -27,14 +86,16 @@ void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t s
 }
 
 template <int kHeadDim>
-Status launch(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+Status launch(const detail::DecodeArgs& a, bool segmented, int batch, cudaStream_t stream) {
   // The group size is a runtime value; the template only bounds it so registers can hold every head's query.
   if (a.group <= 1) launch_group_kernels<kHeadDim, 1>(a, batch, stream);
   else if (a.group <= 2) launch_group_kernels<kHeadDim, 2>(a, batch, stream);
   else if (a.group <= 4) launch_group_kernels<kHeadDim, 4>(a, batch, stream);
   else launch_group_kernels<kHeadDim, 8>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
-  if (a.int2_splits > 0) {
+  if (a.int2_splits > 0 && segmented) {
+    if (Status st = launch_seg<kHeadDim>(a, batch, stream); st != Status::Ok) return st;
+  } else if (a.int2_splits > 0) {
     constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
     // Above 48 KiB of dynamic shared memory a kernel must opt in, once per process.
     static const cudaError_t opted_in = cudaFuncSetAttribute(
@@ -102,11 +163,16 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.partial_acc = a.partial_ml + rows * a.slot_stride * 2;
   a.out = p.out;
   a.out_bf16 = p.out_bf16;
+  const bool segmented = p.k_geometry != nullptr;
+  if (segmented) {
+    a.k_seg = seg_decode_layout(*p.k_geometry);
+    a.v_seg = seg_decode_layout(*p.v_geometry);
+  }
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
-    case 64: return launch<64>(a, p.batch, s);
-    case 128: return launch<128>(a, p.batch, s);
-    case 256: return launch<256>(a, p.batch, s);
+    case 64: return launch<64>(a, segmented, p.batch, s);
+    case 128: return launch<128>(a, segmented, p.batch, s);
+    case 256: return launch<256>(a, segmented, p.batch, s);
     default: return Status::Unsupported;
   }
 }

@@ -46,6 +46,25 @@ inline constexpr int kInt2TileTokens = 16;
 inline constexpr int kInt2TilesPerStage = 4;
 inline constexpr int kInt2Stages = 3;
 
+// Device view of one tensor's segmented page layout (formats/kv_layout.h SegmentedPageGeometry), precomputed per
+// 16-dim block on the host (decode_attention.cu); read by decode_attention_seg.cuh.
+inline constexpr int kSegMaxBlocks = 16;  // head_dim 256 / 16
+struct SegDecodeLayout {
+  int32_t page_bytes;
+  int32_t record_bytes;
+  int32_t param_pairs;
+  int32_t params_tile_off;  // 16 * code_bytes: the pairs in a 16-token tile
+  int32_t num_regions;      // code regions of segments with bits > 0, then the pairs
+  int32_t region_rec_off[fmt::kMaxPageSegments + 1];    // in the record (a region starts at page_tokens times it)
+  int32_t region_row_bytes[fmt::kMaxPageSegments + 1];
+  int8_t blk_bits[kSegMaxBlocks];
+  int8_t blk_param[kSegMaxBlocks];      // pair index of the block's segment
+  int8_t blk_first[kSegMaxBlocks];      // block starts its segment
+  int8_t blk_last[kSegMaxBlocks];       // block ends its segment
+  int16_t blk_tile_off[kSegMaxBlocks];  // token 0's word of the block in the tile
+  int16_t blk_row_bytes[kSegMaxBlocks];
+};
+
 struct DecodeArgs {
   int32_t num_q_heads;
   int32_t num_kv_heads;
@@ -74,6 +93,8 @@ struct DecodeArgs {
   float* partial_acc;   // [batch, num_q_heads, slot_stride, head_dim]: unnormalized rotated-basis output
   float* out;
   uint16_t* out_bf16;
+  SegDecodeLayout k_seg;  // segmented layers only (decode_attention_seg.cuh)
+  SegDecodeLayout v_seg;
 };
 
 // Tokens of sequence b that are read from bf16 pages: [0, sink_count) and [len - recent_count, len).

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "formats/kv_layout.h"
 #include "kernels/common/status.h"
 
 namespace oscar::kern {
@@ -30,6 +31,10 @@ struct DecodeAttentionParams {
   int64_t recent_tokens = 0;            // tokens t >= len - recent_tokens too; the rest from INT2 pages
   const uint8_t* k_int2_pool = nullptr;  // Int2PageGeometry pages, page p of KV head h at page_block_offset
   const uint8_t* v_int2_pool = nullptr;
+  // Segmented (spectral) layers: the pools above hold these geometries' pages instead of INT2 ones (host memory,
+  // read at launch). Both or neither; a tensor stored as plain INT2 passes its one-segment geometry.
+  const fmt::SegmentedPageGeometry* k_geometry = nullptr;
+  const fmt::SegmentedPageGeometry* v_geometry = nullptr;
   const uint16_t* k_bf16_pool = nullptr;  // Bf16PageGeometry pages
   const uint16_t* v_bf16_pool = nullptr;
   const int32_t* int2_page_table = nullptr;  // [batch, max_pages]: page id of logical page t / page_tokens
@@ -52,7 +57,9 @@ int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t
 size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits);
 
 // head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools,
-// page_tokens a positive multiple of 16, the pools and tables that the windows need present.
+// page_tokens a positive multiple of 16, the pools and tables that the windows need present. Geometries: both
+// given, of head_dim and page_tokens, segments on 16-dim boundaries with widths 0, 1, 2 or 4 (3 and 8 are not
+// implemented by the segmented kernel).
 Status decode_attention_can_implement(const DecodeAttentionParams& p);
 
 // Device pointers. `p.num_splits` 0 picks splits from the current device's SM count.

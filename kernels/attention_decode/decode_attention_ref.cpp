@@ -51,6 +51,22 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
   if (p.num_q_heads % p.num_kv_heads != 0) return Status::InvalidArgument;
   if (p.num_q_heads / p.num_kv_heads > 8) return Status::Unsupported;
   if (p.page_tokens % 16 != 0) return Status::Unsupported;
+  // Geometries are checked even for an empty batch: a layout the kernel cannot read is refused up front.
+  if (!p.k_geometry != !p.v_geometry) return Status::InvalidArgument;
+  for (const fmt::SegmentedPageGeometry* g : {p.k_geometry, p.v_geometry}) {
+    if (!g) continue;
+    if (g->head_dim != p.head_dim || g->page_tokens != p.page_tokens) return Status::InvalidArgument;
+    if (g->num_segments < 1 || g->num_segments > fmt::kMaxPageSegments) return Status::Unsupported;
+    if (!g->blocks_of_16()) return Status::Unsupported;
+    int32_t next = 0;
+    for (int32_t s = 0; s < g->num_segments; ++s) {
+      const int32_t bits = g->seg_bits[s];
+      if (g->seg_begin[s] != next || g->seg_end[s] <= next) return Status::InvalidArgument;
+      if (bits != 0 && bits != 1 && bits != 2 && bits != 4) return Status::Unsupported;
+      next = g->seg_end[s];
+    }
+    if (next != p.head_dim) return Status::InvalidArgument;
+  }
   if (p.batch == 0) return Status::Ok;
   if (!p.q || !p.seq_lens || (!p.out == !p.out_bf16)) return Status::InvalidArgument;
   const int64_t pages_needed = (static_cast<int64_t>(p.max_seq_len) + p.page_tokens - 1) / p.page_tokens;
@@ -82,8 +98,29 @@ void read_cached_head_ref(const DecodeAttentionParams& p, bool value, int32_t b,
     for (int32_t i = 0; i < d; ++i) out[i] = fmt::bf16_to_f32(row[i]);
     return;
   }
-  const fmt::Int2PageGeometry geo{d, p.page_tokens};
   const int32_t page = p.int2_page_table[static_cast<int64_t>(b) * p.max_pages + logical_page];
+  if (const fmt::SegmentedPageGeometry* g = value ? p.v_geometry : p.k_geometry) {
+    const uint8_t* block =
+        (value ? p.v_int2_pool : p.k_int2_pool) + fmt::page_block_offset(page, h, p.num_kv_heads, g->page_bytes());
+    std::vector<uint8_t> codes;
+    for (int32_t s = 0; s < g->num_segments; ++s) {
+      const int32_t n = g->seg_end[s] - g->seg_begin[s];
+      if (g->seg_bits[s] == 0) {
+        std::fill_n(out + g->seg_begin[s], n, 0.0f);
+        continue;
+      }
+      calib::IntParams params;
+      std::memcpy(&params.scale_f16, block + g->param_offset(offset, g->seg_param[s]), 2);
+      std::memcpy(&params.zero_f16, block + g->param_offset(offset, g->seg_param[s]) + 2, 2);
+      codes.assign(static_cast<size_t>(n), 0);
+      calib::unpack_codes(std::span<const uint8_t>(block + g->code_row_offset(s, offset),
+                                                   static_cast<size_t>(g->seg_code_bytes[s])),
+                          g->seg_bits[s], codes);
+      for (int32_t i = 0; i < n; ++i) out[g->seg_begin[s] + i] = calib::int_dequant(codes[static_cast<size_t>(i)], params);
+    }
+    return;
+  }
+  const fmt::Int2PageGeometry geo{d, p.page_tokens};
   const uint8_t* block = (value ? p.v_int2_pool : p.k_int2_pool) +
                          fmt::page_block_offset(page, h, p.num_kv_heads, geo.page_bytes());
   calib::IntParams params;

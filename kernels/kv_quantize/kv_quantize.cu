@@ -28,9 +28,11 @@ Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t strea
   const dim3 grid(static_cast<unsigned>(std::max<int64_t>(blocks, 1)));
   const dim3 block(detail::kKvWriteWarps * 32);
   if (mode == KvWriteMode::Int2)
-    detail::kv_write_kernel<kHeadDim, true><<<grid, block, 0, stream>>>(a);
+    detail::kv_write_kernel<kHeadDim, detail::kKvWriteInt2><<<grid, block, 0, stream>>>(a);
+  else if (mode == KvWriteMode::Segmented)
+    detail::kv_write_kernel<kHeadDim, detail::kKvWriteSeg><<<grid, block, 0, stream>>>(a);
   else
-    detail::kv_write_kernel<kHeadDim, false><<<grid, block, 0, stream>>>(a);
+    detail::kv_write_kernel<kHeadDim, detail::kKvWriteBf16><<<grid, block, 0, stream>>>(a);
   return detail::launch_status();
 }
 
@@ -39,9 +41,10 @@ Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t strea
 Status kv_write(const KvWriteParams& p, KvWriteMode mode, Stream stream) {
   if (Status s = kv_write_can_implement(p, mode); s != Status::Ok) return s;
   if (p.tokens == 0) return Status::Ok;
-  const detail::KvWriteArgs a{p.x,        p.tokens, p.token_stride, p.num_kv_heads,
-                              p.page_tokens, p.rotation, clip_rank(p.clip_ratio, p.head_dim),
-                              p.slots,    p.int2_pool, p.bf16_pool};
+  detail::KvWriteArgs a{p.x,        p.tokens, p.token_stride, p.num_kv_heads,
+                        p.page_tokens, p.rotation, clip_rank(p.clip_ratio, p.head_dim),
+                        p.slots,    p.int2_pool, p.bf16_pool, {}};
+  if (mode == KvWriteMode::Segmented) a.seg = *p.geometry;
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
     case 64: return launch<64>(a, mode, s);

@@ -66,12 +66,79 @@ struct KvWriteArgs {
   const int32_t* slots;
   uint8_t* int2_pool;
   uint16_t* bf16_pool;
+  fmt::SegmentedPageGeometry seg;  // kKvWriteSeg only (by value: it lives in the kernel's parameter bank)
 };
 
-template <int kHeadDim, bool kInt2>
+inline constexpr int kKvWriteBf16 = 0;
+inline constexpr int kKvWriteInt2 = 1;
+inline constexpr int kKvWriteSeg = 2;
+
+// Segmented record of one token (y already clipped): per segment the same min/max -> fp16 (scale, zero) -> codes
+// arithmetic as the INT2 path (calib::int_params / int_codes), codes staged per dim in shared memory, then each
+// lane packs whole bytes of the segment's bitstream (any width 1..8, so 3-bit fields crossing bytes are fine).
+template <int kPerLane>
+__device__ __forceinline__ void write_segmented_record(const fmt::SegmentedPageGeometry& G, const float (&v)[kPerLane],
+                                                       uint8_t* codes, uint8_t* block, int offset, int lane) {
+  for (int s = 0; s < G.num_segments; ++s) {
+    const int bits = G.seg_bits[s];
+    if (bits == 0) continue;
+    const int b = G.seg_begin[s], e = G.seg_end[s];
+    float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int dim = lane + 32 * k;
+      if (dim >= b && dim < e) {
+        lo = fminf(lo, v[k]);
+        hi = fmaxf(hi, v[k]);
+      }
+    }
+    lo = warp_min(lo);
+    hi = warp_max(hi);
+    const float levels = static_cast<float>((1 << bits) - 1);
+    const __half scale_h = __float2half_rn(__fdiv_rn(hi - lo, levels));
+    const __half zero_h = __float2half_rn(lo);
+    const float scale = __half2float(scale_h);
+    const float zero = __half2float(zero_h);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int dim = lane + 32 * k;
+      if (dim >= b && dim < e) {
+        uint32_t code = 0;
+        if (scale != 0.f) code = static_cast<uint32_t>(fminf(fmaxf(rintf(__fdiv_rn(v[k] - zero, scale)), 0.f), levels));
+        codes[dim] = static_cast<uint8_t>(code);
+      }
+    }
+    if (lane == 0) {
+      const uint32_t pair = static_cast<uint32_t>(__half_as_ushort(scale_h)) |
+                            (static_cast<uint32_t>(__half_as_ushort(zero_h)) << 16);
+      *reinterpret_cast<uint32_t*>(block + G.param_offset(offset, G.seg_param[s])) = pair;
+    }
+  }
+  __syncwarp();
+  for (int s = 0; s < G.num_segments; ++s) {
+    const int bits = G.seg_bits[s];
+    if (bits == 0) continue;
+    const int b = G.seg_begin[s], n = G.seg_end[s] - b;
+    uint8_t* row = block + G.code_row_offset(s, offset);
+    for (int byte = lane; byte < G.seg_code_bytes[s]; byte += 32) {
+      uint32_t value = 0;
+      const int first = (8 * byte) / bits, last = min(n - 1, (8 * byte + 7) / bits);
+      for (int j = first; j <= last; ++j) {
+        const int at = j * bits - 8 * byte;  // bit position of dim j's field relative to this byte
+        const uint32_t c = codes[b + j];
+        value |= at >= 0 ? c << at : c >> -at;
+      }
+      row[byte] = static_cast<uint8_t>(value);
+    }
+  }
+  __syncwarp();  // codes[] is reused by the next token
+}
+
+template <int kHeadDim, int kMode>
 __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArgs a) {
   constexpr int kPerLane = kHeadDim / 32;  // lane owns dims lane + 32 k
   __shared__ float xs[kKvWriteWarps][kKvWriteTokens][kHeadDim];
+  __shared__ uint8_t seg_codes[kMode == kKvWriteSeg ? kKvWriteWarps : 1][kHeadDim];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t groups = (a.tokens + kKvWriteTokens - 1) / kKvWriteTokens;
@@ -126,7 +193,7 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
       const int32_t page = slot / a.page_tokens;
       const int32_t offset = slot % a.page_tokens;
 
-      if constexpr (!kInt2) {
+      if constexpr (kMode == kKvWriteBf16) {
         const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
         uint16_t* dst = a.bf16_pool + fmt::page_block_offset(page, head, a.num_kv_heads, geo.page_bytes()) / 2 +
                         static_cast<size_t>(offset) * kHeadDim;
@@ -143,6 +210,11 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
           const float c = warp_select_nonneg(mag, a.clip_rank);
 #pragma unroll
           for (int k = 0; k < kPerLane; ++k) v[k] = fminf(fmaxf(v[k], -c), c);
+        }
+        if constexpr (kMode == kKvWriteSeg) {
+          uint8_t* block = a.int2_pool + fmt::page_block_offset(page, head, a.num_kv_heads, a.seg.page_bytes());
+          write_segmented_record<kPerLane>(a.seg, v, seg_codes[warp], block, offset, lane);
+          continue;
         }
         float lo = v[0], hi = v[0];
 #pragma unroll

@@ -5,11 +5,14 @@
 // rotation = null since they are already rotated). Codes are bit-identical to lib/calib/quantizer_ref.h.
 #include <cstdint>
 
+#include "formats/kv_layout.h"
 #include "kernels/common/status.h"
 
 namespace oscar::kern {
 
-enum class KvWriteMode { Int2, Bf16 };
+// Segmented: per-segment widths and (scale, zero) pairs of `geometry` (formats/kv_layout.h SegmentedPageGeometry),
+// the same clip over the whole head as Int2; codes bit-identical to calib::HeadQuantizer::encode.
+enum class KvWriteMode { Int2, Bf16, Segmented };
 
 struct KvWriteParams {
   const uint16_t* x = nullptr;  // bf16 bits, head vector of token t and KV head h at x[t * token_stride + h * head_dim]
@@ -21,12 +24,13 @@ struct KvWriteParams {
   const float* rotation = nullptr;  // [head_dim, head_dim] row-major fp32 (y = x · R), null = identity
   float clip_ratio = 1.0f;          // Int2 only; see quantizer_ref.h for the order statistic
   const int32_t* slots = nullptr;   // [tokens]: page * page_tokens + offset in page; negative = skip the token
-  uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages
+  uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages (Segmented: geometry's)
+  const fmt::SegmentedPageGeometry* geometry = nullptr;  // Segmented only; host memory, read at launch
   uint16_t* bf16_pool = nullptr;    // KvWriteMode::Bf16 destination: Bf16PageGeometry pages
 };
 
-// Checks what the kernel implements: head_dim in {64, 128, 256}, 16-byte aligned x rows and pools, INT2 only,
-// clip_ratio in (0, 1]. Host-only, touches no device memory.
+// Checks what the kernel implements: head_dim in {64, 128, 256}, 16-byte aligned x rows and pools, clip_ratio in
+// (0, 1]; Segmented: a geometry of head_dim and page_tokens with 1..16 segments of widths 0, 1, 2, 3, 4 or 8. Host-only, touches no device memory.
 Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode);
 
 // Device pointers. Launches on `stream`; returns the can_implement status or the launch status.

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -23,6 +24,17 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
   if (p.rotation) rotation = std::span<const float>(p.rotation, static_cast<size_t>(d) * d);
   std::vector<float> x(static_cast<size_t>(d)), y(static_cast<size_t>(d));
   std::vector<uint8_t> codes(static_cast<size_t>(d / 4));
+  // Segmented records come from the CPU reference quantizer itself, then are scattered into the page regions.
+  std::optional<calib::HeadQuantizer> seg_quantizer;
+  std::vector<uint8_t> record;
+  if (mode == KvWriteMode::Segmented) {
+    const fmt::SegmentedPageGeometry& g = *p.geometry;
+    fmt::TensorQuantSpec spec;
+    spec.storage = fmt::KvStorage::Int;
+    for (int32_t s = 0; s < g.num_segments; ++s) spec.segments.push_back({g.seg_begin[s], g.seg_end[s], g.seg_bits[s]});
+    seg_quantizer.emplace(spec, d, "kv_write_ref");
+    record.resize(static_cast<size_t>(seg_quantizer->record_bytes()));
+  }
   for (int64_t t = 0; t < p.tokens; ++t) {
     const int32_t slot = p.slots[t];
     if (slot < 0) continue;
@@ -37,6 +49,18 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
                         fmt::page_block_offset(page, h, p.num_kv_heads, bf16.page_bytes()) / 2 +
                         static_cast<size_t>(offset) * d;
         for (int32_t i = 0; i < d; ++i) dst[i] = fmt::f32_to_bf16(y[static_cast<size_t>(i)]);
+        continue;
+      }
+      if (mode == KvWriteMode::Segmented) {
+        const fmt::SegmentedPageGeometry& g = *p.geometry;
+        seg_quantizer->encode(x, rotation, p.clip_ratio, record);
+        uint8_t* block = p.int2_pool + fmt::page_block_offset(page, h, p.num_kv_heads, g.page_bytes());
+        for (int32_t s = 0; s < g.num_segments; ++s) {
+          std::memcpy(block + g.code_row_offset(s, offset), record.data() + g.seg_code_offset[s],
+                      static_cast<size_t>(g.seg_code_bytes[s]));
+          if (g.seg_param[s] >= 0)
+            std::memcpy(block + g.param_offset(offset, g.seg_param[s]), record.data() + g.code_bytes + 4 * g.seg_param[s], 4);
+        }
         continue;
       }
       calib::IntParams params;
@@ -60,7 +84,7 @@ Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
   if (p.token_stride < static_cast<int64_t>(p.num_kv_heads) * p.head_dim) return Status::InvalidArgument;
   if (p.tokens == 0) return Status::Ok;
   if (!p.x || !p.slots) return Status::InvalidArgument;
-  if (mode == KvWriteMode::Int2) {
+  if (mode == KvWriteMode::Int2 || mode == KvWriteMode::Segmented) {
     if (!p.int2_pool) return Status::InvalidArgument;
     if (!(p.clip_ratio > 0.0f && p.clip_ratio <= 1.0f)) return Status::InvalidArgument;
     // Code rows are written as uint32 words and (scale, zero) as one uint32.
@@ -68,6 +92,19 @@ Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
   } else {
     if (!p.bf16_pool) return Status::InvalidArgument;
     if (reinterpret_cast<uintptr_t>(p.bf16_pool) % 16 != 0) return Status::Misaligned;
+  }
+  if (mode == KvWriteMode::Segmented) {
+    const fmt::SegmentedPageGeometry* g = p.geometry;
+    if (!g || g->head_dim != p.head_dim || g->page_tokens != p.page_tokens) return Status::InvalidArgument;
+    if (g->num_segments < 1 || g->num_segments > fmt::kMaxPageSegments) return Status::Unsupported;
+    int32_t next = 0;
+    for (int32_t s = 0; s < g->num_segments; ++s) {
+      const int32_t bits = g->seg_bits[s];
+      if (g->seg_begin[s] != next || g->seg_end[s] <= next) return Status::InvalidArgument;
+      if (!(bits == 0 || (bits >= 1 && bits <= 4) || bits == 8)) return Status::Unsupported;
+      next = g->seg_end[s];
+    }
+    if (next != p.head_dim) return Status::InvalidArgument;
   }
   if (reinterpret_cast<uintptr_t>(p.x) % 2 != 0) return Status::Misaligned;
   return Status::Ok;

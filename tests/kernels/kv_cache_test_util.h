@@ -65,6 +65,9 @@ struct HostPagedCache {
   std::vector<uint8_t> k_int2, v_int2;
   std::vector<uint16_t> k_bf16, v_bf16;
   std::vector<int32_t> int2_table, bf16_table;
+  // Segmented pages (set both before build): the quantized pools hold these geometries' pages instead of INT2.
+  const fmt::SegmentedPageGeometry* k_geo = nullptr;
+  const fmt::SegmentedPageGeometry* v_geo = nullptr;
 
   void build(const std::vector<int32_t>& seq_lens, int32_t kv_heads, int32_t d, const std::vector<float>& rot_k,
              const std::vector<float>& rot_v, float clip_k, float clip_v, uint32_t seed) {
@@ -86,8 +89,10 @@ struct HostPagedCache {
     bf16_table.assign(perm_b.begin(), perm_b.end());
     const fmt::Int2PageGeometry int2{d, page_tokens};
     const fmt::Bf16PageGeometry bf16{d, page_tokens};
-    k_int2.assign(static_cast<size_t>(total_pages) * kv_heads * int2.page_bytes(), 0);
-    v_int2 = k_int2;
+    const auto k_page = k_geo ? k_geo->page_bytes() : int2.page_bytes();
+    const auto v_page = v_geo ? v_geo->page_bytes() : int2.page_bytes();
+    k_int2.assign(static_cast<size_t>(total_pages) * kv_heads * k_page, 0);
+    v_int2.assign(static_cast<size_t>(total_pages) * kv_heads * v_page, 0);
     k_bf16.assign(static_cast<size_t>(total_pages) * kv_heads * bf16.page_bytes() / 2, 0);
     v_bf16 = k_bf16;
     keys.clear();
@@ -102,8 +107,8 @@ struct HostPagedCache {
         int2_slots[static_cast<size_t>(t)] = int2_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
         bf16_slots[static_cast<size_t>(t)] = bf16_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
       }
-      write(keys[b], lens[b], rot_k, clip_k, int2_slots, bf16_slots, k_int2, k_bf16);
-      write(values[b], lens[b], rot_v, clip_v, int2_slots, bf16_slots, v_int2, v_bf16);
+      write(keys[b], lens[b], rot_k, clip_k, int2_slots, bf16_slots, k_int2, k_bf16, k_geo);
+      write(values[b], lens[b], rot_v, clip_v, int2_slots, bf16_slots, v_int2, v_bf16, v_geo);
     }
   }
 
@@ -124,6 +129,8 @@ struct HostPagedCache {
     p.int2_page_table = it;
     p.bf16_page_table = bt;
     p.max_pages = max_pages;
+    p.k_geometry = k_geo;
+    p.v_geometry = v_geo;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     return p;
   }
@@ -131,7 +138,8 @@ struct HostPagedCache {
  private:
   void write(const std::vector<uint16_t>& x, int32_t len, const std::vector<float>& rot, float clip,
              const std::vector<int32_t>& int2_slots, const std::vector<int32_t>& bf16_slots,
-             std::vector<uint8_t>& int2_pool, std::vector<uint16_t>& bf16_pool) const {
+             std::vector<uint8_t>& int2_pool, std::vector<uint16_t>& bf16_pool,
+             const fmt::SegmentedPageGeometry* geo) const {
     kern::KvWriteParams w;
     w.x = x.data();
     w.tokens = len;
@@ -144,7 +152,8 @@ struct HostPagedCache {
     w.int2_pool = int2_pool.data();
     w.bf16_pool = bf16_pool.data();
     w.slots = int2_slots.data();
-    kern::kv_write_ref(w, kern::KvWriteMode::Int2);
+    w.geometry = geo;
+    kern::kv_write_ref(w, geo ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2);
     w.slots = bf16_slots.data();
     kern::kv_write_ref(w, kern::KvWriteMode::Bf16);
   }

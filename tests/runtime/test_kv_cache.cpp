@@ -289,9 +289,33 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   fmt::Bundle per_head = bundle;
   per_head.rotation_groups = 2;
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &per_head, {}, {}, "w"), Error);
+  // Whole-head 4-bit K is a one-segment layout the segmented kernel reads (issue #10); 3 bits it does not.
   fmt::Bundle int4 = bundle;
   int4.quant.k.segments[0].bits = 4;
-  EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int4, {}, {}, "w"), Error);
+  const CacheFormat f4 = resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int4, {}, {}, "w");
+  EXPECT_TRUE(f4.segmented());
+  EXPECT_EQ(f4.k_segments[1], (std::vector<fmt::QuantSegment>{{0, 128, 4}}));
+  EXPECT_FALSE(oscar.segmented());
+  fmt::Bundle int3 = bundle;
+  int3.quant.k.segments[0].bits = 3;
+  EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int3, {}, {}, "w"), Error);
+  // Bundle 1.1 per-layer layouts: taken per layer; pages sized per layer; off-16 boundaries refused.
+  fmt::Bundle spectral = bundle;
+  spectral.layers[1].k_segments = {{0, 48, 4}, {48, 112, 2}, {112, 128, 0}};
+  spectral.layers[1].v_segments = {{0, 64, 2}, {64, 128, 1}};
+  const CacheFormat fs = resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &spectral, {}, {}, "w");
+  EXPECT_TRUE(fs.segmented());
+  EXPECT_EQ(fs.k_segments[0], bundle.quant.k.segments);
+  EXPECT_EQ(fs.k_segments[1], spectral.layers[1].k_segments);
+  const KvCacheLayout lay = cache_layout(config_with_head_dim(128), fs);
+  ASSERT_EQ(lay.k_page_bytes.size(), 2u);
+  EXPECT_EQ(lay.k_page_bytes[0], 2304);            // INT2: 64 x 36
+  EXPECT_EQ(lay.k_page_bytes[1], 64 * 48);         // 24 + 16 code bytes + 2 pairs
+  EXPECT_EQ(lay.v_page_bytes[1], 64 * (24 + 8));   // 16 + 8 code bytes + 2 pairs
+  EXPECT_EQ(lay.int2_page_bytes(), static_cast<size_t>(lay.num_kv_heads) * (2304 * 2 + 64 * 48 + 64 * 32));
+  fmt::Bundle off16 = spectral;
+  off16.layers[0].k_segments = {{0, 40, 4}, {40, 128, 2}};
+  EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &off16, {}, {}, "w"), Error);
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128, 3), CacheMode::Oscar, &bundle, {}, {}, "w"), Error);
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(64), CacheMode::Oscar, &bundle, {}, {}, "w"), Error);
 }
