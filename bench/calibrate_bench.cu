@@ -8,11 +8,20 @@
 //   eigendecomposition     cuSOLVER dsyevd of every layer's Σ_Q and Σ_V (2 × layers matrices, per-layer sharing)
 //   end to end             rt::calibrate_on_device (statistics + eigen + rotations + held-out report + clip tuning)
 // Token ids are random (uniform over the vocabulary, fixed seed): the cost does not depend on the text.
+//
+// --stream-layers (runtime/layer_stream.h; implied by --gpus N > 1): no resident model. Each layer's weights are
+// generated on the device when it is due, hidden states stay in pinned host memory, and the statistics are streamed
+// layer by layer. Prints time, tok/s, TFLOP/s (executed: full layers + the Σ_Q pass's QKV projections + causal
+// attention; and the 2·params·tokens-per-pass convention), peak device memory, host memory and how much of the
+// residual-stream traffic hid behind compute. A 70B shape on one H100:
+//   calibrate_bench --config bench/configs/llama3-70b.json --stream-layers --num-seqs 32 --seq-len 2048
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -22,6 +31,7 @@
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
 #include "runtime/gpu_calibration.h"
+#include "runtime/layer_stream.h"
 
 namespace {
 
@@ -30,13 +40,70 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// Peak resident set of this process (VmHWM), bytes.
+double host_peak_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
+  return 0;
+}
+
+int run_streamed(const fmt::ModelConfig& cfg, const calib::CalibrationData& data, calib::ValueWeighting w,
+                 int64_t batch_tokens, int gpus, uint64_t seed) {
+  rt::LayerStreamOptions o;
+  o.batch_tokens = batch_tokens;
+  o.devices.clear();
+  for (int g = 0; g < gpus; ++g) o.devices.push_back(g);
+  rt::LayerStreamReport rep;
+  const auto t0 = Clock::now();
+  auto stats = rt::streamed_statistics(rt::LayerSource::random(cfg, seed), data.sequences, w, o, &rep);
+  const double total_s = seconds_since(t0);
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim(),
+                L = cfg.num_layers;
+  const double qkv = static_cast<double>(H * (qd + 2 * kvd)), layer = qkv + static_cast<double>(H * qd + 3 * H * I);
+  const double T = static_cast<double>(rep.tokens), seq = static_cast<double>(data.seq_len);
+  const bool two = w == calib::ValueWeighting::QueryEnergy;
+  // Executed: L - 1 full layers (the last stops at its attention inputs), every layer's QKV once more for Σ_Q, and
+  // causal attention (QKᵀ and PV over half the sequence on average) in the full layers.
+  const double executed = 2 * T * ((L - 1) * layer + (two ? L : 1) * qkv) + 2 * T * seq * qd * (L - 1);
+  const double convention = 2 * T * (L * layer) * (two ? 2 : 1);
+  std::printf("streamed statistics (%d rank%s%s): %.2f s (%.2f s incl. setup)  %.0f tok/s\n", rep.ranks,
+              rep.ranks > 1 ? "s" : "", rep.nccl ? ", NCCL" : "", rep.seconds, total_s, T / rep.seconds);
+  std::printf("  TFLOP/s: %.1f executed (%.3g FLOP), %.1f by the 2*params*tokens*passes convention\n",
+              executed / rep.seconds / 1e12, executed, convention / rep.seconds / 1e12);
+  std::printf("  layers %lld, batches %lld, tokens %.0f, one layer's weights %.2f GB\n",
+              static_cast<long long>(rep.layers), static_cast<long long>(rep.batches), T, rep.layer_weight_bytes / 1e9);
+  std::printf("  peak device memory %.2f GB (per rank, above the pre-run baseline)\n", rep.peak_device_bytes / 1e9);
+  std::printf("  host: pinned hidden states %.2f GB, process peak RSS %.2f GB\n", rep.pinned_host_bytes / 1e9,
+              host_peak_bytes() / 1e9);
+  std::printf("  rank 0: compute busy %.2f s (%.1f%% of wall); H2D %.2f GB in %.2f s, D2H %.2f GB in %.2f s "
+              "(%.1f GB/s); weights %.2f s; exchange %.2f s\n",
+              rep.compute_busy_seconds, 100 * rep.compute_busy_seconds / rep.seconds, rep.h2d_bytes / 1e9 / rep.ranks,
+              rep.h2d_seconds, rep.d2h_bytes / 1e9 / rep.ranks, rep.d2h_seconds,
+              (rep.h2d_bytes + rep.d2h_bytes) / rep.ranks / 1e9 / std::max(rep.h2d_seconds + rep.d2h_seconds, 1e-9),
+              rep.weight_seconds, rep.exchange_seconds);
+  const double transfer = rep.h2d_seconds + rep.d2h_seconds;
+  const double exposed = std::max(0.0, rep.seconds - rep.compute_busy_seconds);
+  std::printf("  transfer overlap: %.2f s of copies, wall - compute = %.2f s not covered by compute (upper bound on "
+              "exposed copies + sync bubbles) -> at least %.1f%% of copy time hidden\n",
+              transfer, exposed, transfer > 0 ? 100 * std::max(0.0, 1 - exposed / transfer) : 100.0);
+  const calib::CalibrationMoments moments = stats->moments(false);
+  const auto te = Clock::now();
+  const calib::CalibrationSpectra spectra = rt::cusolver_spectra(moments);
+  std::printf("eigendecomposition:  %8.3f s  (%zu matrices)\n", seconds_since(te), 2 * moments.moments.size());
+  (void)spectra;
+  return 0;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"OSCAR GPU calibration benchmark (random weights)"};
   std::string config_path;
   int64_t num_seqs = 512, seq_len = 2048, heldout = 8, batch_tokens = 16384;
   uint64_t seed = 0;
   std::string weighting = "query";
-  bool skip_end_to_end = false;
+  bool skip_end_to_end = false, stream_layers = false;
+  int gpus = 1;
   app.add_option("--config", config_path, "HF config.json of the shape to benchmark")->required()->check(CLI::ExistingFile);
   app.add_option("--num-seqs", num_seqs, "calibration sequences")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--seq-len", seq_len, "tokens per sequence")->check(CLI::PositiveNumber)->capture_default_str();
@@ -48,6 +115,10 @@ int run(int argc, char** argv) {
       ->check(CLI::IsMember({"query", "uniform"}))->capture_default_str();
   app.add_option("--seed", seed, "seed of the random weights and ids")->capture_default_str();
   app.add_flag("--skip-end-to-end", skip_end_to_end, "only the forward / statistics / eigen timings");
+  app.add_flag("--stream-layers", stream_layers, "layer-streaming statistics (no resident model; random weights "
+                                                  "generated per layer)");
+  app.add_option("--gpus", gpus, "data-parallel ranks (devices 0..N-1); implies --stream-layers")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   fmt::ModelConfig cfg = fmt::ModelConfig::from_file(config_path);
@@ -61,6 +132,21 @@ int run(int argc, char** argv) {
   std::printf("data: %lld x %lld tokens (+%lld held-out), batch %lld tokens, weighting %s\n",
               static_cast<long long>(num_seqs), static_cast<long long>(seq_len), static_cast<long long>(heldout),
               static_cast<long long>(batch_tokens), weighting.c_str());
+
+  if (stream_layers || gpus > 1) {
+    calib::CalibrationData data;
+    data.seq_len = seq_len;
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(cfg.vocab_size - 1));
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      std::vector<int32_t> seq(static_cast<size_t>(seq_len));
+      for (int32_t& t : seq) t = id(rng);
+      data.sequences.push_back(std::move(seq));
+    }
+    std::printf("mode: layer streaming, %d GPU%s (held-out / clip tuning not timed here)\n", gpus, gpus > 1 ? "s" : "");
+    return run_streamed(cfg, data, calib::parse_value_weighting(weighting, "--value-weighting"), batch_tokens, gpus,
+                        seed);
+  }
 
   const auto t_init = Clock::now();
   auto model = rt::DeviceModel::random(cfg, seed);

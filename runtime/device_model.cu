@@ -13,6 +13,8 @@
 #include "kernels/norm/rmsnorm.h"
 #include "kernels/rope/rope_qkv.h"
 #include "lib/model/cpu_model.h"
+#include "runtime/decoder_layer.h"
+#include "runtime/forward_profiler.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
 #include "runtime/lt_gemm.h"
@@ -98,15 +100,23 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 // ---------------------------------------------------------------------------------------------------------------
 // Model state
 
-struct LayerWeights {
-  DeviceBuffer input_norm, post_attention_norm;  // bf16 [H]
-  DeviceBuffer q_norm, k_norm;                   // bf16 [d], Qwen3 only
-  DeviceBuffer qkv;                              // bf16 [q_dim + 2 kv_dim, H]: q_proj, k_proj, v_proj stacked
-  DeviceBuffer qkv_bias;                         // fp32 [q_dim + 2 kv_dim], empty without biases
-  DeviceBuffer o;                                // bf16 [H, q_dim]
-  DeviceBuffer gate_up;                          // bf16 [2 I, H]: gate_proj, up_proj stacked
-  DeviceBuffer down;                             // bf16 [H, I]
-};
+// bf16 [H] norms, [d] q/k norms (Qwen3 only), [q_dim + 2 kv_dim, H] qkv (q_proj, k_proj, v_proj stacked), fp32
+// qkv bias (empty without), [H, q_dim] o, [2 I, H] gate_up (gate_proj, up_proj stacked), [H, I] down.
+using LayerWeights = DeviceLayerBuffers;
+
+DeviceLayerWeights DeviceLayerBuffers::view() const {
+  auto bf16 = [](const DeviceBuffer& b) { return b.empty() ? nullptr : b.as<uint16_t>(); };
+  return {bf16(input_norm), bf16(post_attention_norm), bf16(q_norm), bf16(k_norm), bf16(qkv),
+          qkv_bias.empty() ? nullptr : qkv_bias.as<float>(), bf16(o), bf16(gate_up), bf16(down)};
+}
+
+size_t DeviceLayerBuffers::bytes() const {
+  size_t n = 0;
+  for (const DeviceBuffer* b : {&input_norm, &post_attention_norm, &q_norm, &k_norm, &qkv, &qkv_bias, &o, &gate_up,
+                                &down})
+    n += b->bytes();
+  return n;
+}
 
 // Per-forward scratch, grown to the largest batch seen and then reused.
 struct Scratch {
@@ -150,7 +160,9 @@ struct DeviceModel::Impl {
 
 namespace {
 
-void validate_config(const fmt::ModelConfig& c, const std::string& where) {
+}  // namespace
+
+void validate_device_config(const fmt::ModelConfig& c, const std::string& where) {
   if (c.hidden_size <= 0 || c.num_layers <= 0 || c.num_heads <= 0 || c.num_kv_heads <= 0 || c.head_dim <= 0 ||
       c.intermediate_size <= 0 || c.vocab_size <= 0)
     throw Error(where, "model dimensions must be positive");
@@ -162,6 +174,8 @@ void validate_config(const fmt::ModelConfig& c, const std::string& where) {
   if (c.sliding_window)
     throw Error(where + ": sliding_window", "sliding-window attention is not supported by the forward pass");
 }
+
+namespace {
 
 std::unique_ptr<DeviceModel::Impl> make_impl(const fmt::ModelConfig& cfg) {
   auto m = std::make_unique<DeviceModel::Impl>();
@@ -192,44 +206,115 @@ DeviceWeights DeviceModel::weights() const {
   w.lm_head = m.lm_head_weight();
   w.final_norm = bf16(m.final_norm);
   w.inv_freq = m.inv_freq.as<float>();
-  for (const LayerWeights& L : m.layers)
-    w.layers.push_back({bf16(L.input_norm), bf16(L.post_attention_norm), bf16(L.q_norm), bf16(L.k_norm), bf16(L.qkv),
-                        L.qkv_bias.empty() ? nullptr : L.qkv_bias.as<float>(), bf16(L.o), bf16(L.gate_up),
-                        bf16(L.down)});
+  for (const LayerWeights& L : m.layers) w.layers.push_back(L.view());
   return w;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Loading
 
+namespace {
+
+const fmt::TensorView& checked_view(const fmt::TensorStore& store, const std::string& name,
+                                    const std::vector<int64_t>& shape) {
+  const fmt::TensorView& t = store.get(name);
+  if (t.shape != shape)
+    throw Error(t.file.string() + ": tensor " + name,
+                "shape " + shape_str(t.shape) + " but config.json implies " + shape_str(shape));
+  if (!fmt::is_float(t.dtype))
+    throw Error(t.file.string() + ": tensor " + name, "dtype " + std::string(fmt::dtype_name(t.dtype)) +
+                                                          " is not a float type");
+  return t;
+}
+
+std::vector<uint16_t> bf16_of(const fmt::TensorStore& store, const std::string& name,
+                              const std::vector<int64_t>& shape) {
+  return fmt::to_bf16(checked_view(store, name, shape));
+}
+
+void append_bf16(std::vector<uint16_t>& dst, const fmt::TensorStore& store, const std::string& name,
+                 const std::vector<int64_t>& shape) {
+  const std::vector<uint16_t> bits = bf16_of(store, name, shape);
+  dst.insert(dst.end(), bits.begin(), bits.end());
+}
+
+void upload_async(DeviceBuffer& dst, const void* host, size_t bytes, const std::string& what, cudaStream_t st) {
+  if (bytes == 0) {
+    dst = DeviceBuffer();
+    return;
+  }
+  dst.ensure(bytes, what);
+  check_cuda(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, st), "upload " + what);
+}
+
+}  // namespace
+
+HostLayerWeights read_checkpoint_layer(const fmt::TensorStore& store, const fmt::ModelConfig& cfg, int64_t l) {
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
+  const std::string p = "model.layers." + std::to_string(l) + ".";
+  HostLayerWeights w;
+  w.input_norm = bf16_of(store, p + "input_layernorm.weight", {H});
+  w.post_attention_norm = bf16_of(store, p + "post_attention_layernorm.weight", {H});
+  if (cfg.qk_norm) {
+    w.q_norm = bf16_of(store, p + "self_attn.q_norm.weight", {cfg.head_dim});
+    w.k_norm = bf16_of(store, p + "self_attn.k_norm.weight", {cfg.head_dim});
+  }
+  w.qkv.reserve(static_cast<size_t>((qd + 2 * kvd) * H));
+  append_bf16(w.qkv, store, p + "self_attn.q_proj.weight", {qd, H});
+  append_bf16(w.qkv, store, p + "self_attn.k_proj.weight", {kvd, H});
+  append_bf16(w.qkv, store, p + "self_attn.v_proj.weight", {kvd, H});
+  // Same rule as the CPU reference: the tensors decide (Qwen2 carries biases whatever the config says), and a
+  // config that promises biases makes them mandatory.
+  const bool has_bias = cfg.attention_bias || store.contains(p + "self_attn.q_proj.bias");
+  if (has_bias) {
+    w.qkv_bias.reserve(static_cast<size_t>(qd + 2 * kvd));
+    for (const auto& [proj, n] : {std::pair{"q_proj", qd}, std::pair{"k_proj", kvd}, std::pair{"v_proj", kvd}}) {
+      const std::vector<float> b = fmt::to_f32(checked_view(store, p + "self_attn." + proj + ".bias", {n}));
+      w.qkv_bias.insert(w.qkv_bias.end(), b.begin(), b.end());
+    }
+  }
+  if (store.contains(p + "self_attn.o_proj.bias"))
+    throw Error(store.get(p + "self_attn.o_proj.bias").file.string() + ": tensor " + p + "self_attn.o_proj.bias",
+                "o_proj biases are not supported (neither is the CPU reference)");
+  w.o = bf16_of(store, p + "self_attn.o_proj.weight", {H, qd});
+  w.gate_up.reserve(static_cast<size_t>(2 * I * H));
+  append_bf16(w.gate_up, store, p + "mlp.gate_proj.weight", {I, H});
+  append_bf16(w.gate_up, store, p + "mlp.up_proj.weight", {I, H});
+  w.down = bf16_of(store, p + "mlp.down_proj.weight", {H, I});
+  return w;
+}
+
+std::vector<uint16_t> read_checkpoint_embedding(const fmt::TensorStore& store, const fmt::ModelConfig& cfg) {
+  return bf16_of(store, "model.embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size});
+}
+
+void upload_layer(const HostLayerWeights& w, DeviceLayerBuffers& out, Stream stream) {
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const auto up16 = [&](DeviceBuffer& dst, const std::vector<uint16_t>& src, const char* what) {
+    upload_async(dst, src.data(), src.size() * 2, what, st);
+  };
+  up16(out.input_norm, w.input_norm, "input_layernorm");
+  up16(out.post_attention_norm, w.post_attention_norm, "post_attention_layernorm");
+  up16(out.q_norm, w.q_norm, "q_norm");
+  up16(out.k_norm, w.k_norm, "k_norm");
+  up16(out.qkv, w.qkv, "qkv");
+  upload_async(out.qkv_bias, w.qkv_bias.data(), w.qkv_bias.size() * 4, "qkv bias", st);
+  up16(out.o, w.o, "o_proj");
+  up16(out.gate_up, w.gate_up, "gate_up");
+  up16(out.down, w.down, "down_proj");
+}
+
 std::unique_ptr<DeviceModel> DeviceModel::load(const std::filesystem::path& model_dir) {
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(model_dir);
-  validate_config(cfg, (model_dir / "config.json").string());
+  validate_device_config(cfg, (model_dir / "config.json").string());
   const fmt::TensorStore store = fmt::TensorStore::open(model_dir);
   auto m = make_impl(cfg);
-  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
-
-  auto view = [&](const std::string& name, const std::vector<int64_t>& shape) -> const fmt::TensorView& {
-    const fmt::TensorView& t = store.get(name);
-    if (t.shape != shape)
-      throw Error(t.file.string() + ": tensor " + name,
-                  "shape " + shape_str(t.shape) + " but config.json implies " + shape_str(shape));
-    if (!fmt::is_float(t.dtype))
-      throw Error(t.file.string() + ": tensor " + name, "dtype " + std::string(fmt::dtype_name(t.dtype)) +
-                                                            " is not a float type");
-    return t;
-  };
+  const int64_t H = cfg.hidden_size;
   // Converts on the host one tensor at a time (peak host memory: one tensor's bf16 copy), uploads into place.
-  auto put_bf16 = [&](DeviceBuffer& dst, size_t element_offset, const std::string& name,
-                      const std::vector<int64_t>& shape) {
-    const std::vector<uint16_t> bits = fmt::to_bf16(view(name, shape));
-    dst.upload(bits.data(), bits.size() * 2, element_offset * 2);
-  };
   auto bf16_tensor = [&](const std::string& name, const std::vector<int64_t>& shape) {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    DeviceBuffer b = m->alloc(static_cast<size_t>(n) * 2, name);
-    put_bf16(b, 0, name, shape);
+    const std::vector<uint16_t> bits = bf16_of(store, name, shape);
+    DeviceBuffer b = m->alloc(bits.size() * 2, name);
+    b.upload(bits.data(), bits.size() * 2);
     return b;
   };
 
@@ -237,79 +322,74 @@ std::unique_ptr<DeviceModel> DeviceModel::load(const std::filesystem::path& mode
   m->final_norm = bf16_tensor("model.norm.weight", {H});
   if (!cfg.tie_word_embeddings) m->lm_head = bf16_tensor("lm_head.weight", {cfg.vocab_size, H});
 
+  // One layer's host copy at a time (peak host memory: one layer in bf16).
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    LayerWeights& L = m->layers[l];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    L.input_norm = bf16_tensor(p + "input_layernorm.weight", {H});
-    L.post_attention_norm = bf16_tensor(p + "post_attention_layernorm.weight", {H});
-    if (cfg.qk_norm) {
-      L.q_norm = bf16_tensor(p + "self_attn.q_norm.weight", {cfg.head_dim});
-      L.k_norm = bf16_tensor(p + "self_attn.k_norm.weight", {cfg.head_dim});
-    }
-    L.qkv = m->alloc(static_cast<size_t>((qd + 2 * kvd) * H) * 2, p + "qkv");
-    put_bf16(L.qkv, 0, p + "self_attn.q_proj.weight", {qd, H});
-    put_bf16(L.qkv, static_cast<size_t>(qd * H), p + "self_attn.k_proj.weight", {kvd, H});
-    put_bf16(L.qkv, static_cast<size_t>((qd + kvd) * H), p + "self_attn.v_proj.weight", {kvd, H});
-    // Same rule as the CPU reference: the tensors decide (Qwen2 carries biases whatever the config says), and a
-    // config that promises biases makes them mandatory.
-    const bool has_bias = cfg.attention_bias || store.contains(p + "self_attn.q_proj.bias");
-    if (has_bias) {
-      std::vector<float> bias;
-      bias.reserve(static_cast<size_t>(qd + 2 * kvd));
-      for (const auto& [proj, n] : {std::pair{"q_proj", qd}, std::pair{"k_proj", kvd}, std::pair{"v_proj", kvd}}) {
-        const std::vector<float> b = fmt::to_f32(view(p + "self_attn." + proj + ".bias", {n}));
-        bias.insert(bias.end(), b.begin(), b.end());
-      }
-      L.qkv_bias = m->alloc(bias.size() * 4, p + "qkv bias");
-      L.qkv_bias.upload(bias.data(), bias.size() * 4);
-    }
-    if (store.contains(p + "self_attn.o_proj.bias"))
-      throw Error(store.get(p + "self_attn.o_proj.bias").file.string() + ": tensor " + p + "self_attn.o_proj.bias",
-                  "o_proj biases are not supported (neither is the CPU reference)");
-    L.o = bf16_tensor(p + "self_attn.o_proj.weight", {H, qd});
-    L.gate_up = m->alloc(static_cast<size_t>(2 * I * H) * 2, p + "gate_up");
-    put_bf16(L.gate_up, 0, p + "mlp.gate_proj.weight", {I, H});
-    put_bf16(L.gate_up, static_cast<size_t>(I * H), p + "mlp.up_proj.weight", {I, H});
-    L.down = bf16_tensor(p + "mlp.down_proj.weight", {H, I});
+    const HostLayerWeights host = read_checkpoint_layer(store, cfg, l);
+    upload_layer(host, m->layers[l], reinterpret_cast<Stream>(m->stream));
+    check_cuda(cudaStreamSynchronize(m->stream), "DeviceModel::load layer " + std::to_string(l));
+    m->weight_bytes += m->layers[l].bytes();
   }
   return std::unique_ptr<DeviceModel>(new DeviceModel(std::move(m)));
 }
 
-std::unique_ptr<DeviceModel> DeviceModel::random(const fmt::ModelConfig& cfg, uint64_t seed) {
-  validate_config(cfg, "DeviceModel::random config");
-  auto m = make_impl(cfg);
-  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
-  auto fill = [&](const std::string& name, int64_t n, bool as_bf16, float offset, float half_width) {
-    DeviceBuffer b = m->alloc(static_cast<size_t>(n) * (as_bf16 ? 2 : 4), name);
-    // Each tensor gets its own key: seed and name hashed together, elements counted from there.
-    const uint64_t key = fnv1a(name) * 0x9e3779b97f4a7c15ull ^ seed;
-    fill_uniform_kernel<<<1024, 256, 0, m->stream>>>(b.data(), as_bf16, n, key, offset, half_width);
-    check_cuda(cudaGetLastError(), "DeviceModel::random " + name);
-    return b;
-  };
-  // Uniform on [-a, a] has variance a²/3; a = sqrt(3 / fan_in) gives unit-variance outputs for unit inputs.
-  auto linear = [&](const std::string& name, int64_t out, int64_t in) {
-    return fill(name, out * in, true, 0.f, std::sqrt(3.f / static_cast<float>(in)));
-  };
-  auto norm = [&](const std::string& name, int64_t n) { return fill(name, n, true, 1.f, 0.1f); };
+namespace {
 
-  m->embed = fill("model.embed_tokens.weight", cfg.vocab_size * H, true, 0.f, 1.f);
-  m->final_norm = norm("model.norm.weight", H);
-  if (!cfg.tie_word_embeddings) m->lm_head = linear("lm_head.weight", cfg.vocab_size, H);
+// Each tensor gets its own key: seed and name hashed together, elements counted from there.
+void fill_random(DeviceBuffer& b, const std::string& name, int64_t n, bool as_bf16, float offset, float half_width,
+                 uint64_t seed, cudaStream_t st) {
+  b.ensure(static_cast<size_t>(n) * (as_bf16 ? 2 : 4), name);
+  const uint64_t key = fnv1a(name) * 0x9e3779b97f4a7c15ull ^ seed;
+  fill_uniform_kernel<<<1024, 256, 0, st>>>(b.data(), as_bf16, n, key, offset, half_width);
+  check_cuda(cudaGetLastError(), "DeviceModel::random " + name);
+}
+
+// Uniform on [-a, a] has variance a²/3; a = sqrt(3 / fan_in) gives unit-variance outputs for unit inputs.
+void fill_linear(DeviceBuffer& b, const std::string& name, int64_t out, int64_t in, uint64_t seed, cudaStream_t st) {
+  fill_random(b, name, out * in, true, 0.f, std::sqrt(3.f / static_cast<float>(in)), seed, st);
+}
+void fill_norm(DeviceBuffer& b, const std::string& name, int64_t n, uint64_t seed, cudaStream_t st) {
+  fill_random(b, name, n, true, 1.f, 0.1f, seed, st);
+}
+
+}  // namespace
+
+void generate_random_layer(const fmt::ModelConfig& cfg, uint64_t seed, int64_t l, DeviceLayerBuffers& L,
+                           Stream stream) {
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
+  const std::string p = "model.layers." + std::to_string(l) + ".";
+  fill_norm(L.input_norm, p + "input_layernorm.weight", H, seed, st);
+  fill_norm(L.post_attention_norm, p + "post_attention_layernorm.weight", H, seed, st);
+  if (cfg.qk_norm) {
+    fill_norm(L.q_norm, p + "self_attn.q_norm.weight", cfg.head_dim, seed, st);
+    fill_norm(L.k_norm, p + "self_attn.k_norm.weight", cfg.head_dim, seed, st);
+  }
+  fill_linear(L.qkv, p + "self_attn.qkv", qd + 2 * kvd, H, seed, st);
+  if (cfg.attention_bias) fill_random(L.qkv_bias, p + "self_attn.qkv_bias", qd + 2 * kvd, false, 0.f, 0.1f, seed, st);
+  fill_linear(L.o, p + "self_attn.o_proj.weight", H, qd, seed, st);
+  fill_linear(L.gate_up, p + "mlp.gate_up", 2 * I, H, seed, st);
+  fill_linear(L.down, p + "mlp.down_proj.weight", H, I, seed, st);
+}
+
+DeviceBuffer generate_random_embedding(const fmt::ModelConfig& cfg, uint64_t seed, Stream stream) {
+  DeviceBuffer b;
+  fill_random(b, "model.embed_tokens.weight", cfg.vocab_size * cfg.hidden_size, true, 0.f, 1.f, seed,
+              reinterpret_cast<cudaStream_t>(stream));
+  return b;
+}
+
+std::unique_ptr<DeviceModel> DeviceModel::random(const fmt::ModelConfig& cfg, uint64_t seed) {
+  validate_device_config(cfg, "DeviceModel::random config");
+  auto m = make_impl(cfg);
+  const Stream st = reinterpret_cast<Stream>(m->stream);
+  m->embed = generate_random_embedding(cfg, seed, st);
+  fill_norm(m->final_norm, "model.norm.weight", cfg.hidden_size, seed, m->stream);
+  if (!cfg.tie_word_embeddings)
+    fill_linear(m->lm_head, "lm_head.weight", cfg.vocab_size, cfg.hidden_size, seed, m->stream);
+  m->weight_bytes = m->embed.bytes() + m->final_norm.bytes() + m->lm_head.bytes();
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    LayerWeights& L = m->layers[l];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    L.input_norm = norm(p + "input_layernorm.weight", H);
-    L.post_attention_norm = norm(p + "post_attention_layernorm.weight", H);
-    if (cfg.qk_norm) {
-      L.q_norm = norm(p + "self_attn.q_norm.weight", cfg.head_dim);
-      L.k_norm = norm(p + "self_attn.k_norm.weight", cfg.head_dim);
-    }
-    L.qkv = linear(p + "self_attn.qkv", qd + 2 * kvd, H);
-    if (cfg.attention_bias) L.qkv_bias = fill(p + "self_attn.qkv_bias", qd + 2 * kvd, false, 0.f, 0.1f);
-    L.o = linear(p + "self_attn.o_proj.weight", H, qd);
-    L.gate_up = linear(p + "mlp.gate_up", 2 * I, H);
-    L.down = linear(p + "mlp.down_proj.weight", H, I);
+    generate_random_layer(cfg, seed, l, m->layers[l], st);
+    m->weight_bytes += m->layers[l].bytes();
   }
   check_cuda(cudaStreamSynchronize(m->stream), "DeviceModel::random");
   return std::unique_ptr<DeviceModel>(new DeviceModel(std::move(m)));
@@ -337,7 +417,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   const fmt::ModelConfig& c = m.cfg;
   const int64_t T = batch.num_tokens(), S = batch.num_sequences();
   const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim();
-  const int64_t d = c.head_dim, nqkv = qd + 2 * kvd;
+  const int64_t nqkv = qd + 2 * kvd;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const Stream st = reinterpret_cast<Stream>(m.stream);
 
@@ -401,86 +481,47 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   float* x = sc.x.as<float>();
   uint16_t* normed = sc.normed.as<uint16_t>();
   float* proj = sc.proj.as<float>();
+  if (opt.profiler) opt.profiler->mark(st, "embedding");
   check(kern::embedding_gather(d_ids, T, m.embed.as<uint16_t>(), c.vocab_size, H, x, st), "forward: embedding");
   check(kern::rmsnorm(x, T, H, m.layers[0].input_norm.as<uint16_t>(), eps, normed, st),
         "forward: layer 0 input_layernorm");
 
-  kern::RopeQkvShape rope_shape{T, c.num_heads, c.num_kv_heads, d, nqkv};
-  kern::PrefillAttentionArgs attn;
-  attn.q = sc.q.as<uint16_t>();
-  attn.k = sc.k.as<uint16_t>();
-  attn.v = sc.v.as<uint16_t>();
-  attn.out = sc.attn.as<uint16_t>();
-  attn.q_row_stride = qd;
-  attn.k_row_stride = kvd;
-  attn.v_row_stride = kvd;
-  attn.out_row_stride = qd;
-  attn.cu_seqlens = d_cu;
-  attn.num_seqs = static_cast<int32_t>(S);
-  attn.max_seqlen = batch.max_seqlen();
-  attn.num_heads = static_cast<int32_t>(c.num_heads);
-  attn.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
-  attn.head_dim = static_cast<int32_t>(d);
-  attn.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-
+  DecoderLayerIo io;
+  io.num_tokens = T;
+  io.num_sequences = S;
+  io.max_seqlen = batch.max_seqlen();
+  io.positions = d_pos;
+  io.cu_seqlens = d_cu;
+  io.x = x;
+  io.normed = normed;
+  io.qkv = sc.qkv.as<float>();
+  io.q = sc.q.as<uint16_t>();
+  io.k = sc.k.as<uint16_t>();
+  io.v = sc.v.as<uint16_t>();
+  io.attn = sc.attn.as<uint16_t>();
+  io.proj = proj;
+  io.gate_up = sc.gate_up.as<uint16_t>();
+  io.act = sc.act.as<uint16_t>();
+  io.attention_kernel = opt.attention_kernel;
+  io.profiler = opt.profiler;
+  if (opt.observer) {
+    io.obs_q = sc.obs_q.as<float>();
+    io.obs_k_pre = sc.obs_k_pre.as<float>();
+    io.obs_k = sc.obs_k.as<float>();
+    io.obs_v = sc.obs_v.as<float>();
+  }
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& L = m.layers[l];
-    const std::string where = "forward: layer " + std::to_string(l);
-    m.gemm->xwt(normed, T, H, L.qkv.as<uint16_t>(), nqkv, sc.qkv.data(), GemmOut::F32, 0.f, st, where + " qkv_proj");
-
-    kern::RopeQkvArgs ra;
-    ra.qkv = sc.qkv.as<float>();
-    ra.bias = L.qkv_bias.empty() ? nullptr : L.qkv_bias.as<float>();
-    ra.q_norm_weight = L.q_norm.empty() ? nullptr : L.q_norm.as<uint16_t>();
-    ra.k_norm_weight = L.k_norm.empty() ? nullptr : L.k_norm.as<uint16_t>();
-    ra.norm_eps = eps;
-    ra.positions = d_pos;
-    ra.inv_freq = m.inv_freq.as<float>();
-    ra.q_out = sc.q.as<uint16_t>();
-    ra.k_out = sc.k.as<uint16_t>();
-    ra.v_out = sc.v.as<uint16_t>();
-    if (opt.observer) {
-      ra.q_f32 = sc.obs_q.as<float>();
-      ra.k_pre_rope_f32 = sc.obs_k_pre.as<float>();
-      ra.k_f32 = sc.obs_k.as<float>();
-      ra.v_f32 = sc.obs_v.as<float>();
-    }
-    check(kern::rope_qkv(rope_shape, ra, st), where + " rope_qkv");
-
-    if (opt.observer) {
-      DeviceAttentionInputs in;
-      in.layer = l;
-      in.num_tokens = T;
-      in.num_sequences = S;
-      in.num_heads = c.num_heads;
-      in.num_kv_heads = c.num_kv_heads;
-      in.head_dim = d;
-      in.cu_seqlens = d_cu;
-      in.positions = d_pos;
-      in.q = ra.q_f32;
-      in.k_pre_rope = ra.k_pre_rope_f32;
-      in.k = ra.k_f32;
-      in.v = ra.v_f32;
-      in.stream = st;
-      opt.observer->on_attention_inputs(in);
-    }
-
-    check(kern::attention_prefill(attn, st), where + " attention_prefill");
-    m.gemm->xwt(sc.attn.as<uint16_t>(), T, qd, L.o.as<uint16_t>(), H, proj, GemmOut::F32, 0.f, st, where + " o_proj");
-    check(kern::add_rmsnorm(x, proj, T, H, L.post_attention_norm.as<uint16_t>(), eps, normed, st),
-          where + " post_attention_layernorm");
-    m.gemm->xwt(normed, T, H, L.gate_up.as<uint16_t>(), 2 * I, sc.gate_up.data(), GemmOut::BF16, 0.f, st,
-                where + " gate_up_proj");
-    check(kern::swiglu(sc.gate_up.as<uint16_t>(), T, I, sc.act.as<uint16_t>(), st), where + " swiglu");
-    m.gemm->xwt(sc.act.as<uint16_t>(), T, I, L.down.as<uint16_t>(), H, proj, GemmOut::F32, 0.f, st,
-                where + " down_proj");
-    // The residual add of this MLP is fused with the next norm: the next layer's input norm, or the final norm.
     const uint16_t* next_norm =
         l + 1 < c.num_layers ? m.layers[l + 1].input_norm.as<uint16_t>() : m.final_norm.as<uint16_t>();
-    check(kern::add_rmsnorm(x, proj, T, H, next_norm, eps, normed, st), where + " residual + next norm");
+    run_decoder_layer(c, *m.gemm, m.inv_freq.as<float>(), m.layers[l].view(), next_norm, l, io, opt.observer,
+                      LayerPart::Full, st);
   }
 
-  if (opt.rows == LogitsRows::None) return view;
+  if (opt.profiler) opt.profiler->mark(st, "lm_head");
+  if (opt.rows == LogitsRows::None) {
+    if (opt.profiler) opt.profiler->finish(st);
+    return view;
+  }
   const uint16_t* head_in = normed;
   int64_t rows = T;
   if (opt.rows == LogitsRows::LastPerSequence) {
@@ -495,6 +536,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   sc.logits.ensure(sz(rows * c.vocab_size, f32 ? 4 : 2), "logits");
   m.gemm->xwt(head_in, rows, H, m.lm_head_weight(), c.vocab_size, sc.logits.data(), f32 ? GemmOut::F32 : GemmOut::BF16,
               0.f, st, "forward: lm_head");
+  if (opt.profiler) opt.profiler->finish(st);
   view.data = sc.logits.data();
   view.rows = rows;
   return view;

@@ -11,14 +11,22 @@
 #include <filesystem>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "formats/model_config.h"
+#include "kernels/attention_prefill/attention_prefill.h"
 #include "kernels/common/status.h"
+#include "runtime/device_buffer.h"
+
+namespace oscar::fmt {
+class TensorStore;
+}
 
 namespace oscar::rt {
 
 using Stream = kern::Stream;
+class ForwardProfiler;  // runtime/forward_profiler.h
 
 // Token ids of several sequences, concatenated; cu_seqlens[s] .. cu_seqlens[s+1] are sequence s's tokens.
 struct PackedBatch {
@@ -64,6 +72,9 @@ struct DeviceForwardOptions {
   DeviceObserver* observer = nullptr;
   LogitsRows rows = LogitsRows::All;
   LogitsType type = LogitsType::F32;
+  // Benchmarks: which prefill attention kernel runs, and an optional per-op timer (runtime/forward_profiler.h).
+  kern::PrefillKernel attention_kernel = kern::PrefillKernel::Auto;
+  ForwardProfiler* profiler = nullptr;
 };
 
 // The logits of the last forward, on the device: [rows, vocab] row-major (rows = T, or one per non-empty
@@ -99,6 +110,37 @@ struct DeviceWeights {
   std::vector<DeviceLayerWeights> layers;
 };
 
+// One decoder layer's weights in owned device buffers (layouts as DeviceLayerWeights). A resident DeviceModel holds
+// one per layer; layer streaming (runtime/layer_stream.h) holds two and refills them with the hooks below.
+struct DeviceLayerBuffers {
+  DeviceBuffer input_norm, post_attention_norm, q_norm, k_norm, qkv, qkv_bias, o, gate_up, down;
+  DeviceLayerWeights view() const;
+  size_t bytes() const;
+};
+
+// The checks load() and random() apply to a configuration (dimensions, head_dim, no sliding window).
+void validate_device_config(const fmt::ModelConfig& cfg, const std::string& where);
+
+// Per-layer hooks for layer streaming. Each gives exactly the values DeviceModel::random / load put in a resident
+// model (random() and load() are built on them), so a streamed layer equals the resident one bit for bit.
+// Layer `layer` of DeviceModel::random(cfg, seed), generated on `stream` into `out` (buffers grown as needed).
+void generate_random_layer(const fmt::ModelConfig& cfg, uint64_t seed, int64_t layer, DeviceLayerBuffers& out,
+                           Stream stream);
+// random()'s bf16 [V, H] token embedding, generated on `stream`.
+DeviceBuffer generate_random_embedding(const fmt::ModelConfig& cfg, uint64_t seed, Stream stream);
+// Layer `layer` of a checkpoint converted on the host as load() converts it (bf16; fp32 biases). Every missing or
+// mis-shaped tensor is an oscar::Error naming the tensor and its file.
+struct HostLayerWeights {
+  std::vector<uint16_t> input_norm, post_attention_norm, q_norm, k_norm, qkv, o, gate_up, down;
+  std::vector<float> qkv_bias;  // empty without biases
+};
+HostLayerWeights read_checkpoint_layer(const fmt::TensorStore& store, const fmt::ModelConfig& cfg, int64_t layer);
+// load()'s bf16 [V, H] token embedding.
+std::vector<uint16_t> read_checkpoint_embedding(const fmt::TensorStore& store, const fmt::ModelConfig& cfg);
+// Enqueues the upload of `host` into `out` on `stream` (buffers grown as needed). Pageable host memory: the copy has
+// left `host` when the call returns.
+void upload_layer(const HostLayerWeights& host, DeviceLayerBuffers& out, Stream stream);
+
 class DeviceModel {
  public:
   // DIR/config.json and the safetensors checkpoint in DIR, uploaded as bf16 from bf16/fp16/fp32 tensors. Every
@@ -117,6 +159,14 @@ class DeviceModel {
   Stream stream() const;
   size_t weight_bytes() const;
   DeviceWeights weights() const;
+
+  // Folds a V rotation into layer `layer`'s resident weights (runtime/device_model_fold.cu): per KV head h the
+  // v_proj rows become R_gᵀ·W_v[h] and its bias b[h]·R_g, per query head j the o_proj columns W_o[:, j]·R_g (g: the
+  // rotation group of h, or of j's KV head), so forward() then yields v·R_v and the same outputs in exact
+  // arithmetic. `rotation` is host fp32 [groups, d, d] row-major (y = x·R), groups 1 or num_kv_heads. Computed in
+  // fp32 from the bf16 weights on stream() (fixed summation order: deterministic), rounded back to bf16 (RNE).
+  // Throws oscar::Error for a layer or rotation of the wrong size.
+  void fold_value_rotation(int64_t layer, std::span<const float> rotation, int64_t groups);
 
   // Prefill of a packed batch. Enqueues on stream() and returns without waiting (observers and
   // LogitsView::to_host synchronize as they need). Throws oscar::Error for an id outside the vocabulary or a

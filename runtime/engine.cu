@@ -91,6 +91,7 @@ struct Engine::Impl {
   cudaStream_t stream = nullptr;
   int sm_count = 0;
   std::vector<DeviceBuffer> k_rot, v_rot;  // per layer; empty = identity
+  std::vector<fmt::SegmentedPageGeometry> k_geo, v_geo;  // per layer when format.segmented(); else empty (INT2)
   std::map<int64_t, SequenceState> seqs;
 
   // Decode scratch, grown to the largest batch seen.
@@ -131,7 +132,10 @@ struct Engine::Impl {
         p.bf16_pool = nullptr;
         p.int2_pool = cache->int2_pool(layer, value);
         p.clip_ratio = (value ? format.v_clip_ratio : format.k_clip_ratio)[static_cast<size_t>(layer)];
-        check(kern::kv_write(p, kern::KvWriteMode::Int2, st), where + (value ? " V" : " K") + " INT2 write");
+        const bool seg = !k_geo.empty();
+        p.geometry = seg ? &(value ? v_geo : k_geo)[static_cast<size_t>(layer)] : nullptr;
+        check(kern::kv_write(p, seg ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2, st),
+              where + (value ? " V" : " K") + (seg ? " segmented write" : " INT2 write"));
       }
     }
   }
@@ -190,17 +194,22 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     check_bundle_matches(*bundle, calib::model_fingerprint(model_dir), bundle_where, model_dir.string());
   }
   e->format = resolve_cache_format(e->cfg, options.cache, bundle, options.sink_tokens, options.recent_tokens,
-                                   "--cache " + std::string(cache_mode_name(options.cache)));
+                                   "--cache " + std::string(cache_mode_name(options.cache)), options.hadamard_seed);
+  const bool fold_v = options.fold_v && std::any_of(e->format.v_rotation.begin(), e->format.v_rotation.end(),
+                                                    [](const std::vector<float>& r) { return !r.empty(); });
+  if (fold_v && shared_model)
+    throw Error("--fold-v", "folding R_v rewrites W_v and W_o, so the engine needs its own copy of the weights (not "
+                            "a DeviceModel shared with other engines)");
   if (options.max_sequences <= 0) throw Error("--max-sequences", "must be positive");
 
-  KvCacheLayout layout;
-  layout.num_layers = e->cfg.num_layers;
-  layout.num_kv_heads = e->cfg.num_kv_heads;
-  layout.head_dim = e->format.cache_head_dim;
-  layout.page_tokens = fmt::kKvPageTokens;
-  layout.quantized = e->format.quantized;
-  layout.sink_tokens = e->format.sink_tokens;
-  layout.recent_tokens = e->format.recent_tokens;
+  const KvCacheLayout layout = cache_layout(e->cfg, e->format);
+  if (e->format.quantized && e->format.segmented()) {
+    for (size_t l = 0; l < e->format.k_segments.size(); ++l) {
+      const auto d = static_cast<int32_t>(e->format.cache_head_dim);
+      e->k_geo.push_back(fmt::segmented_page_geometry(e->format.k_segments[l], d, fmt::kKvPageTokens));
+      e->v_geo.push_back(fmt::segmented_page_geometry(e->format.v_segments[l], d, fmt::kKvPageTokens));
+    }
+  }
   const KvCachePlan plan = plan_kv_cache(layout, options.cache_budget_bytes, options.max_sequences, "--cache-budget");
 
   if (shared_model) {
@@ -223,8 +232,11 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     const auto& rk = e->format.k_rotation[static_cast<size_t>(l)];
     const auto& rv = e->format.v_rotation[static_cast<size_t>(l)];
     e->k_rot.push_back(rk.empty() ? DeviceBuffer() : to_device(std::span<const float>(rk), "R_k"));
-    e->v_rot.push_back(rv.empty() ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
+    // Folded: the projection already yields v·R_v, so neither kv_write nor the decode kernel rotates V.
+    if (fold_v && !rv.empty()) e->model->fold_value_rotation(l, rv, 1);
+    e->v_rot.push_back(rv.empty() || fold_v ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
   }
+  e->format.v_rotation_folded = fold_v;
   return std::unique_ptr<Engine>(new Engine(std::move(e)));
 }
 
@@ -410,6 +422,8 @@ std::vector<Engine::StepToken> Engine::step() {
     ap.rotation_v = e.rotation(e.v_rot, l);
     ap.k_int2_pool = e.cache->int2_pool(l, false);
     ap.v_int2_pool = e.cache->int2_pool(l, true);
+    ap.k_geometry = e.k_geo.empty() ? nullptr : &e.k_geo[static_cast<size_t>(l)];
+    ap.v_geometry = e.v_geo.empty() ? nullptr : &e.v_geo[static_cast<size_t>(l)];
     ap.k_bf16_pool = e.cache->bf16_pool(l, false);
     ap.v_bf16_pool = e.cache->bf16_pool(l, true);
     check(kern::decode_attention(ap, st), lw + " decode_attention");

@@ -11,8 +11,14 @@
 //   free_sequence(id)     gives the sequence's pages back.
 //
 // Cache formats: bf16 (the baseline; every token bf16, no windows), int2 (per-token INT2, no rotation, no clip —
-// eval's "int2"), oscar (a calibration bundle's per-layer rotations and clip ratios; eval's "oscar"). The windows
-// default to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2) and can be overridden.
+// eval's "int2"), hadamard2 (eval's "hadamard2": a seeded random-sign Hadamard rotation per layer and tensor, no
+// clip), oscar (a calibration bundle's per-layer rotations and clip ratios; eval's "oscar"). The windows default
+// to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2, hadamard2) and can be overridden.
+//
+// fold_v (EngineOptions): R_v is folded into the weights at load (W_v ← per KV head R_vᵀ·W_v, its bias ← b·R_v,
+// W_o ← per query head W_o·R_v; DeviceModel::fold_value_rotation), so the projection already produces V in the
+// rotated basis: the cache stores it as is and the decode kernel runs with rotation_v = null. Exact in real
+// arithmetic; the folded weights are rounded to bf16 again (docs/runtime.md gives the effect on logits).
 //
 // Head dims the decode kernels do not implement (they take 64, 128, 256) are padded with zeros up to the next one
 // in the bf16 mode: zero dims add nothing to q·k and produce zero output dims, so the result is exact (the tiny
@@ -40,8 +46,8 @@ namespace oscar::rt {
 class DeviceModel;
 class KvCache;
 
-enum class CacheMode { Bf16, Int2, Oscar };
-std::string_view cache_mode_name(CacheMode mode);                            // "bf16", "int2", "oscar"
+enum class CacheMode { Bf16, Int2, Oscar, Hadamard2 };
+std::string_view cache_mode_name(CacheMode mode);  // "bf16", "int2", "oscar", "hadamard2"
 CacheMode parse_cache_mode(std::string_view name, const std::string& where);  // oscar::Error naming `where`
 
 // The resolved storage format of one engine: what is written, per layer.
@@ -54,19 +60,60 @@ struct CacheFormat {
   int64_t recent_tokens = 0;
   std::vector<std::vector<float>> k_rotation, v_rotation;  // per layer [d, d] row-major (y = x·R); empty = none
   std::vector<float> k_clip_ratio, v_clip_ratio;           // per layer; 1 = no clipping
+  // True when the engine folded v_rotation into W_v / W_o (EngineOptions::fold_v): V arrives rotated and neither
+  // the cache write nor the decode kernel applies R_v. v_rotation keeps the matrices for the record.
+  bool v_rotation_folded = false;
+  // Quantized modes, per layer: the segment layout of the K / V pages (one 2-bit segment over the head = INT2;
+  // bundle 1.1 per-layer spectral layouts otherwise, widths 0/1/2/4 on 16-dim boundaries).
+  std::vector<std::vector<fmt::QuantSegment>> k_segments, v_segments;
+  bool segmented() const;  // some layer stores anything but whole-head INT2
 };
+
+struct KvCacheLayout;
+// The cache shape of a format: quantized page bytes per layer when some layer is segmented.
+KvCacheLayout cache_layout(const fmt::ModelConfig& cfg, const CacheFormat& format);
 
 // The smallest head dim the decode kernels implement that holds `head_dim` (64, 128 or 256); throws
 // oscar::Error(where, ...) above 256.
 int64_t padded_cache_head_dim(int64_t head_dim, const std::string& where);
 
 // Builds the format for `mode`. oscar needs `bundle` (already checked against the model with
-// check_bundle_matches); its quantization must be what the kernels implement: INT2 storage over the whole head for
-// K and V, one rotation per layer (not per KV head). sink/recent override the windows when set.
+// check_bundle_matches); its quantization must be what the kernels implement: integer segments on 16-dim
+// boundaries of widths 0, 1, 2, 4 (whole-head INT2 or a per-layer spectral layout) for K and V, one rotation per
+// layer (not per KV head). sink/recent override the windows when set. hadamard2 takes
+// its rotations from `hadamard_seed` exactly as eval::CacheFormat does (eval::random_sign_hadamard, the same
+// per-layer seeds), so the engine and the CPU simulation store the same codes.
 // Every problem is an oscar::Error(where, ...).
 CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
                                  std::optional<int64_t> sink_tokens, std::optional<int64_t> recent_tokens,
-                                 const std::string& where);
+                                 const std::string& where, uint64_t hadamard_seed = 0);
+
+// KV-cache bytes of a format (`oscar info`), counted from the record layouts (fmt::RecordLayout: codes of every
+// segment + one fp16 scale/zero pair per segment), per layer so that bundle 1.1 per-layer layouts count right.
+struct KvFootprintRow {
+  int64_t context = 0;
+  double bf16_bytes = 0;    // every token bf16
+  double stored_bytes = 0;  // the format: first sink and last recent tokens bf16, the rest quantized records
+  // What rt::Engine's paged cache holds for one sequence of this length (KvPageTables): an INT2 page per logical
+  // page past the sink (quantize-on-write) plus the live bf16 sink/window pages, whole 64-token pages. -1 when the
+  // engine cannot run the format (layouts its kernels lack, head_dim outside 64/128/256 when quantized).
+  double engine_bytes = -1;
+};
+struct KvFootprint {
+  std::string mode;                 // "bf16", "int2", "hadamard2", "oscar"
+  int64_t sink_tokens = 0, recent_tokens = 0;  // 0 / 0 for bf16
+  double bf16_bytes_per_token = 0;   // K and V, all layers and KV heads
+  double quant_bytes_per_token = 0;  // K and V records of a quantized token (bf16 mode: = bf16_bytes_per_token)
+  double k_bits_per_element = 16, v_bits_per_element = 16;  // means over layers, fp16 scale/zero included
+  std::vector<int64_t> k_record_bytes, v_record_bytes;       // per layer, one token of one KV head
+  std::vector<std::string> k_layout, v_layout;               // per layer, e.g. "2b[0,128)" or "4b[0,32) 2b[32,128)"
+  std::vector<KvFootprintRow> rows;                          // one per context
+};
+// mode "bf16", "int2", "hadamard2" or "oscar" (needs `bundle`; its per-layer layouts are used as stored).
+// Windows: the bundle's (oscar) or the int2 defaults, unless overridden. oscar::Error(where, ...) on problems.
+KvFootprint kv_footprint(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
+                         std::span<const int64_t> contexts, std::optional<int64_t> sink_tokens,
+                         std::optional<int64_t> recent_tokens, const std::string& where);
 
 // Throws oscar::Error(bundle_where, ...) naming both models (architecture, shapes, config sha256, attention
 // weights sha256, whichever differ) when the bundle was calibrated on another checkpoint.
@@ -82,6 +129,8 @@ struct EngineOptions {
   int64_t max_sequences = 8;                    // live sequences at once; sizes the bf16 window pool
   model::SamplingOptions sampling;              // temperature 0 = greedy; sequence s samples with seed + s
   bool keep_logits = false;                     // keep each sequence's last logits row (last_logits())
+  bool fold_v = false;          // --fold-v: fold R_v into W_v / W_o at load (needs the engine's own DeviceModel)
+  uint64_t hadamard_seed = 0;   // hadamard2's random signs (eval's --seed)
 };
 
 class Engine {
@@ -91,7 +140,8 @@ class Engine {
   // (calib::model_fingerprint of model_dir).
   // `shared_model`, when given, is used instead of uploading the weights again, so several engines (one per cache
   // format, as rt::evaluate_on_gpu runs them in lockstep) hold one copy of the weights; it must have been loaded
-  // from model_dir. The engines then share its stream, so they must be driven from one host thread.
+  // from model_dir. The engines then share its stream, so they must be driven from one host thread. fold_v with a
+  // rotated V rewrites the weights, so it refuses a shared model.
   static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, const EngineOptions& options,
                                       const fmt::Bundle* bundle = nullptr,
                                       std::shared_ptr<DeviceModel> shared_model = nullptr);

@@ -60,7 +60,7 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
   // Every check that needs no device comes first.
   const ModeSplit split = split_engine_modes(options.modes);
   if (!split.cpu_only.empty() && !gpu.cpu_fallback)
-    throw Error("--modes", ::fmt::format("{} {} cpu only: the GPU engine implements bf16, int2 and oscar. Use "
+    throw Error("--modes", ::fmt::format("{} {} cpu only: the GPU engine implements bf16, int2, hadamard2 and oscar. Use "
                                          "--device cpu, or --cpu-fallback to run {} on the CPU simulation",
                                          mode_list(split.cpu_only), split.cpu_only.size() == 1 ? "is" : "are",
                                          split.cpu_only.size() == 1 ? "it" : "them"));
@@ -87,9 +87,11 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
     }
     eo.max_sequences = gpu.schedule.batch;
     eo.keep_logits = true;
+    eo.hadamard_seed = options.mode_options.seed;
+    eo.fold_v = gpu.fold_v;
     const CacheFormat f = resolve_cache_format(cfg, mode, mode == CacheMode::Oscar ? bundle : nullptr,
                                                eo.sink_tokens, eo.recent_tokens,
-                                               "--modes " + std::string(cache_mode_name(mode)));
+                                               "--modes " + std::string(cache_mode_name(mode)), eo.hadamard_seed);
     eo.cache_budget_bytes = gpu.cache_budget_bytes > 0
                                 ? gpu.cache_budget_bytes
                                 : eval_cache_budget_bytes(cfg, f, gpu.schedule.batch, std::max<int64_t>(max_tokens, 1));
@@ -111,12 +113,15 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
         mode_decoders.push_back(&reference);
         continue;
       }
-      owned.push_back(std::make_unique<EngineDecoder>(
-          Engine::load(model_dir, engine_options(em), em == CacheMode::Oscar ? bundle : nullptr, weights)));
+      // A folded engine rewrites its weights, so it loads its own copy instead of sharing `weights`.
+      const bool own_weights = gpu.fold_v && (em == CacheMode::Oscar || em == CacheMode::Hadamard2);
+      owned.push_back(std::make_unique<EngineDecoder>(Engine::load(
+          model_dir, engine_options(em), em == CacheMode::Oscar ? bundle : nullptr, own_weights ? nullptr : weights)));
       const CacheFormat& f = owned.back()->engine().cache_format();
-      say(::fmt::format("GPU engine {}: sink {}, recent {}, cache {:.1f} MiB", cache_mode_name(em), f.sink_tokens,
+      say(::fmt::format("GPU engine {}: sink {}, recent {}, cache {:.1f} MiB{}", cache_mode_name(em), f.sink_tokens,
                         f.recent_tokens,
-                        static_cast<double>(owned.back()->engine().cache().device_bytes()) / (1024.0 * 1024.0)));
+                        static_cast<double>(owned.back()->engine().cache().device_bytes()) / (1024.0 * 1024.0),
+                        f.v_rotation_folded ? ", R_v folded into W_v/W_o (own weights)" : ""));
       mode_decoders.push_back(owned.back().get());
     }
     eval::EvalOptions engine_opt = options;
@@ -132,7 +137,7 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
   eval::EvalReport merged = merge_reports(gpu_report, cpu_report, data, options);
   merged.warnings.insert(merged.warnings.begin(),
                          ::fmt::format("{} ran on the CPU simulation (--cpu-fallback; the GPU engine implements bf16, "
-                                       "int2 and oscar) and {} compared with the CPU's bf16 reference",
+                                       "int2, hadamard2 and oscar) and {} compared with the CPU's bf16 reference",
                                        mode_list(split.cpu_only), split.cpu_only.size() == 1 ? "is" : "are"));
   return merged;
 }

@@ -4,8 +4,8 @@
 // the engines: one DeviceModel (one copy of the weights) shared by a bf16 reference engine and one engine per
 // requested engine mode, all stepped in lockstep.
 //
-// Modes: the engine implements bf16, int2 and oscar (whole-head INT2, one rotation per layer). kivi2, hadamard2,
-// int4 and fp8 exist only in the CPU simulation: they are refused ("cpu only"), or with cpu_fallback run through
+// Modes: the engine implements bf16, int2, hadamard2 (the seed of options.mode_options.seed, as the CPU simulation)
+// and oscar (whole-head INT2, one rotation per layer). kivi2, int4 and fp8 exist only in the CPU simulation: they are refused ("cpu only"), or with cpu_fallback run through
 // eval::evaluate on the CPU model and merged into the report with a warning — those modes are then compared with
 // the CPU's bf16 reference, the engine modes with the engine's.
 //
@@ -25,6 +25,9 @@ struct GpuEvalOptions {
   bool cpu_fallback = false;       // --cpu-fallback: run CPU-only modes on the CPU simulation instead of refusing
   // Per engine; 0 = eval_cache_budget_bytes for schedule.batch sequences of the longest job.
   size_t cache_budget_bytes = 0;
+  // --fold-v: engines with a V rotation (oscar, hadamard2) fold it into W_v / W_o at load. Each such engine then
+  // holds its own copy of the weights (the bf16 reference keeps the unfolded ones).
+  bool fold_v = false;
 };
 
 // Evaluates options.modes on the GPU. options.mode_options.windows are the engines' sink/recent windows;

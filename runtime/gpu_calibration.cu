@@ -105,6 +105,7 @@ struct GpuStatisticsCollector::Impl {
   std::vector<double> n_q, n_v;         // per layer, per KV head (identical for every head)
   std::vector<double> frozen_q_sums;    // value pass: the query pass's Σ q qᵀ [L, Hkv, d, d] and its counts
   std::vector<double> frozen_n_q;
+  std::vector<char> layer_frozen;       // freeze_layer_queries, per layer
   DeviceBuffer frozen_sigma_q;          // fp32 [L, Hkv, d, d] Σ_Q for w_t
   DeviceBuffer non_finite;              // u64 [L]
   DeviceBuffer gram, ks, vw, w;         // per-call scratch
@@ -158,12 +159,15 @@ GpuStatisticsCollector::GpuStatisticsCollector(const calib::StatisticsShape& sha
   check_cuda(cudaMemset(m.non_finite.data(), 0, m.non_finite.bytes()), "GpuStatisticsCollector: memset");
   m.n_q.assign(static_cast<size_t>(L), 0.0);
   m.n_v.assign(static_cast<size_t>(L), 0.0);
+  m.layer_frozen.assign(static_cast<size_t>(L), 0);
 }
 
 GpuStatisticsCollector::~GpuStatisticsCollector() = default;
 
 bool GpuStatisticsCollector::needs_value_pass() const {
-  return impl_->weighting == calib::ValueWeighting::QueryEnergy && !impl_->value_pass;
+  const Impl& m = *impl_;
+  return m.weighting == calib::ValueWeighting::QueryEnergy && !m.value_pass &&
+         !std::all_of(m.layer_frozen.begin(), m.layer_frozen.end(), [](char f) { return f != 0; });
 }
 
 void GpuStatisticsCollector::on_attention_inputs(const DeviceAttentionInputs& in) {
@@ -188,8 +192,9 @@ void GpuStatisticsCollector::on_attention_inputs(const DeviceAttentionInputs& in
   check_launch(where + ": non-finite count");
 
   m.gram.ensure(bytes_of(H * dd, 4), "per-head Gram matrices");
-  const bool collect_queries = !m.value_pass;
-  const bool collect_values = m.weighting == calib::ValueWeighting::Uniform || m.value_pass;
+  const bool frozen = m.value_pass || m.layer_frozen[in.layer];
+  const bool collect_queries = !frozen;
+  const bool collect_values = m.weighting == calib::ValueWeighting::Uniform || frozen;
   if (collect_queries) {
     m.head_grams(in.q, in.q, H, T, m.gram.as<float>(), st, where + ": Σ q qᵀ");
     fold_groups_kernel<<<grid_for(Hkv * dd, 256), 256, 0, st>>>(m.gram.as<float>(), Hkv, group, dd,
@@ -244,8 +249,8 @@ void GpuStatisticsCollector::check_finite() {
 
 void GpuStatisticsCollector::start_value_pass() {
   Impl& m = *impl_;
-  if (!needs_value_pass()) throw Error("GpuStatisticsCollector", "start_value_pass() is only for the query pass of "
-                                                                 "\"query\" weighting");
+  if (!needs_value_pass() || std::any_of(m.layer_frozen.begin(), m.layer_frozen.end(), [](char f) { return f != 0; }))
+    throw Error("GpuStatisticsCollector", "start_value_pass() is only for the query pass of \"query\" weighting");
   check_cuda(cudaDeviceSynchronize(), "GpuStatisticsCollector: start_value_pass");
   m.frozen_q_sums.resize(static_cast<size_t>(m.sums_size()));
   m.sum_qq.download(m.frozen_q_sums.data(), m.frozen_q_sums.size() * sizeof(double));
@@ -261,6 +266,52 @@ void GpuStatisticsCollector::start_value_pass() {
   m.value_pass = true;
 }
 
+void GpuStatisticsCollector::freeze_layer_queries(int64_t layer) {
+  Impl& m = *impl_;
+  const std::string where = "GpuStatisticsCollector (layer " + S(layer) + ")";
+  if (m.weighting != calib::ValueWeighting::QueryEnergy || m.value_pass)
+    throw Error(where, "freeze_layer_queries() is only for the query pass of \"query\" weighting");
+  if (layer < 0 || layer >= m.shape.num_layers) throw Error(where, "no such layer");
+  if (m.layer_frozen[layer]) throw Error(where, "queries already frozen");
+  if (!(m.n_q[layer] > 0)) throw Error("GpuStatisticsCollector", "layer " + S(layer) + " saw no queries");
+  check_cuda(cudaDeviceSynchronize(), where + ": freeze_layer_queries");
+  const int64_t Hkv = m.shape.num_kv_heads, dd = m.dd(), n = Hkv * dd;
+  const size_t off = static_cast<size_t>(layer * n);
+  if (m.frozen_q_sums.empty()) {
+    m.frozen_q_sums.assign(static_cast<size_t>(m.sums_size()), 0.0);
+    m.frozen_n_q.assign(static_cast<size_t>(m.shape.num_layers), 0.0);
+    m.frozen_sigma_q.ensure(bytes_of(m.sums_size(), 4), "frozen Σ_Q");
+  }
+  m.sum_qq.download(m.frozen_q_sums.data() + off, bytes_of(n, 8), off * sizeof(double));
+  m.frozen_n_q[layer] = m.n_q[layer];
+  std::vector<float> sigma(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) sigma[i] = static_cast<float>(m.frozen_q_sums[off + i] / m.n_q[layer]);
+  m.frozen_sigma_q.upload(sigma.data(), bytes_of(n, 4), off * sizeof(float));
+  // The upload used the legacy stream; callers may continue on a non-blocking one.
+  check_cuda(cudaDeviceSynchronize(), where + ": freeze_layer_queries");
+  m.layer_frozen[layer] = 1;
+}
+
+GpuStatisticsCollector::LayerSums GpuStatisticsCollector::layer_sums(int64_t layer) {
+  Impl& m = *impl_;
+  if (layer < 0 || layer >= m.shape.num_layers) throw Error("GpuStatisticsCollector", "no layer " + S(layer));
+  const int64_t Hkv = m.shape.num_kv_heads, n = Hkv * m.dd();
+  LayerSums s;
+  s.qq = m.sum_qq.as<double>() + layer * n;
+  s.vv = m.sum_vv.as<double>() + layer * n;
+  s.w = m.sum_w.as<double>() + layer * Hkv;
+  s.matrix_elems = n;
+  s.heads = Hkv;
+  return s;
+}
+
+void GpuStatisticsCollector::set_layer_counts(int64_t layer, double query_vectors, double value_tokens) {
+  Impl& m = *impl_;
+  if (layer < 0 || layer >= m.shape.num_layers) throw Error("GpuStatisticsCollector", "no layer " + S(layer));
+  m.n_q[layer] = query_vectors;
+  m.n_v[layer] = value_tokens;
+}
+
 calib::HeadMoments GpuStatisticsCollector::head_moments(int64_t layer, int64_t kv_head) {
   Impl& m = *impl_;
   const calib::StatisticsShape& s = m.shape;
@@ -272,7 +323,8 @@ calib::HeadMoments GpuStatisticsCollector::head_moments(int64_t layer, int64_t k
   const size_t off = static_cast<size_t>((layer * s.num_kv_heads + kv_head) * dd);
   std::vector<double> qq(static_cast<size_t>(dd)), vv(static_cast<size_t>(dd));
   double wsum = 0;
-  if (m.value_pass) {
+  const bool frozen = m.value_pass || m.layer_frozen[layer];
+  if (frozen) {
     std::copy_n(m.frozen_q_sums.begin() + off, dd, qq.begin());
   } else {
     m.sum_qq.download(qq.data(), bytes_of(dd, 8), off * sizeof(double));
@@ -280,7 +332,7 @@ calib::HeadMoments GpuStatisticsCollector::head_moments(int64_t layer, int64_t k
   m.sum_vv.download(vv.data(), bytes_of(dd, 8), off * sizeof(double));
   m.sum_w.download(&wsum, sizeof(double), static_cast<size_t>(layer * s.num_kv_heads + kv_head) * sizeof(double));
   calib::HeadMoments out;
-  out.query_vectors = m.value_pass ? m.frozen_n_q[layer] : m.n_q[layer];
+  out.query_vectors = frozen ? m.frozen_n_q[layer] : m.n_q[layer];
   out.value_tokens = m.n_v[layer];
   out.value_weight = wsum;
   const std::string where = "GpuStatisticsCollector (layer " + S(layer) + ", kv head " + S(kv_head) + ")";
@@ -436,6 +488,10 @@ class HostRelay : public DeviceObserver {
 };
 
 }  // namespace
+
+std::unique_ptr<DeviceObserver> make_host_relay(model::Observer& target) {
+  return std::make_unique<HostRelay>(target);
+}
 
 void DeviceForwardRunner::run_sequence(std::span<const int32_t> ids, model::Observer& observer) {
   PackedBatch batch;

@@ -42,9 +42,27 @@ class GpuStatisticsCollector : public DeviceObserver {
   // values were non-finite (the statistics are then unusable).
   void check_finite();
 
+  // True while QueryEnergy still needs its second pass (neither start_value_pass() nor every layer frozen).
   bool needs_value_pass() const;
   // QueryEnergy: freezes Σ_Q from everything seen so far as the value weighting; feed the same sequences again.
   void start_value_pass();
+
+  // ---- layer streaming / data parallel (runtime/layer_stream.h)
+  // QueryEnergy, one layer at a time: freezes this layer's Σ_Q exactly as start_value_pass() does for all (same
+  // division, same fp32 rounding); from then on this layer's calls collect Σ_V only.
+  void freeze_layer_queries(int64_t layer);
+  // The device fp64 running sums of one layer (Σ q qᵀ [Hkv, d, d], Σ w v vᵀ [Hkv, d, d], Σ w [Hkv]), for the
+  // sharded reduction: zeroed before a batch they hold that batch's partial, and the ordered total is written back.
+  struct LayerSums {
+    double* qq = nullptr;
+    double* vv = nullptr;
+    double* w = nullptr;
+    int64_t matrix_elems = 0;  // Hkv · d · d
+    int64_t heads = 0;         // Hkv
+  };
+  LayerSums layer_sums(int64_t layer);
+  // Overwrites a layer's token counts (a shard saw only its own batches; the totals are known from the plan).
+  void set_layer_counts(int64_t layer, double query_vectors, double value_tokens);
 
   // Normalized moments, downloaded (waits for the device). Same definitions as calib::StatisticsCollector.
   calib::HeadMoments head_moments(int64_t layer, int64_t kv_head);
@@ -75,6 +93,10 @@ class DeviceForwardRunner : public calib::ForwardRunner {
  private:
   DeviceModel& model_;
 };
+
+// A DeviceObserver that copies each layer's q / k_pre_rope / k / v to the host, transposes them to
+// model::AttentionInputs' [heads, T, d] and hands them to `target` (what DeviceForwardRunner uses).
+std::unique_ptr<DeviceObserver> make_host_relay(model::Observer& target);
 
 struct GpuCalibrationOptions {
   // Whole sequences are packed into one forward until the next would exceed this many tokens (at least one per

@@ -41,6 +41,8 @@ struct GenerateCliOptions {
   int64_t sink = -1;  // -1: the bundle's (oscar) or the published default (int2)
   int64_t recent = -1;
   double cache_budget_mib = 1024;
+  bool fold_v = false;
+  uint64_t hadamard_seed = 0;
 };
 
 // Prints the decoded text incrementally. Decoding the whole sequence each step (not token by token) keeps
@@ -95,7 +97,12 @@ GenerationOutcome generate_on_engine(const GenerateCliOptions& o, const std::vec
   eo.cache_budget_bytes = static_cast<size_t>(o.cache_budget_mib * 1024.0 * 1024.0);
   eo.max_sequences = 1;
   eo.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
+  eo.fold_v = o.fold_v;
+  eo.hadamard_seed = o.hadamard_seed;
   auto engine = rt::Engine::load(o.model_dir, eo);
+  if (o.fold_v)
+    spdlog::info(engine->cache_format().v_rotation_folded ? "R_v folded into W_v / W_o"
+                                                          : "--fold-v: this cache format has no V rotation to fold");
   const rt::CacheFormat& f = engine->cache_format();
   if (f.quantized)
     spdlog::info("cache {}: INT2 pages {}, bf16 pages {}, sink {}, recent {}", rt::cache_mode_name(f.mode),
@@ -126,6 +133,7 @@ int run_generate(const GenerateCliOptions& o) {
   if (o.max_new_tokens < 0) throw Error("--max-new-tokens", "must be >= 0");
   if (o.device != "cuda" && (!o.bundle.empty() || !o.cache.empty()))
     throw Error(o.bundle.empty() ? "--cache" : "--bundle", "the quantized KV cache runs on the GPU engine: add --device cuda");
+  if (o.device != "cuda" && o.fold_v) throw Error("--fold-v", "folds R_v into the GPU engine's weights: add --device cuda");
   if (o.device == "cuda") {
 #ifndef OSCAR_HAVE_CUDA
     throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
@@ -221,9 +229,12 @@ OSCAR_REGISTER_COMMAND(
       sub.add_flag("--no-echo", o->no_echo, "print only the continuation, not the prompt");
       add_device_option(sub, o->device);
       sub.add_option("--bundle", o->bundle, "OSCAR calibration bundle (.oscar) for the INT2 cache (--device cuda)");
-      sub.add_option("--cache", o->cache, "KV cache format on --device cuda: bf16, int2 or oscar (default: oscar "
-                                          "with --bundle, else bf16)")
-          ->check(CLI::IsMember({"bf16", "int2", "oscar"}));
+      sub.add_option("--cache", o->cache, "KV cache format on --device cuda: bf16, int2, hadamard2 or oscar "
+                                          "(default: oscar with --bundle, else bf16)")
+          ->check(CLI::IsMember({"bf16", "int2", "hadamard2", "oscar"}));
+      sub.add_option("--hadamard-seed", o->hadamard_seed, "--cache hadamard2: seed of the random signs (as eval's --seed)")
+          ->capture_default_str();
+      sub.add_flag("--fold-v", o->fold_v, "--device cuda: fold R_v into W_v / W_o at load (no V rotation in the kernels)");
       sub.add_option("--sink", o->sink, "first tokens kept bf16 (INT2 caches; default: the bundle's, or 64)");
       sub.add_option("--recent", o->recent, "most recent tokens kept bf16 (INT2 caches; default: the bundle's, or 256)");
       sub.add_option("--cache-budget-mib", o->cache_budget_mib, "GPU memory for the KV cache pages, MiB")

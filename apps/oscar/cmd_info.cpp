@@ -1,6 +1,7 @@
 // oscar info: what a checkpoint is, how many parameters it holds, and what its KV cache costs in BF16 vs INT2.
 #include <map>
 #include <memory>
+#include <optional>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -8,10 +9,12 @@
 
 #include "apps/oscar/command.h"
 #include "apps/oscar/common.h"
+#include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/kv_quant_spec.h"
 #include "formats/model_config.h"
 #include "formats/safetensors.h"
+#include "runtime/engine.h"
 
 namespace oscar::app {
 namespace {
@@ -20,6 +23,8 @@ struct InfoOptions {
   std::string model_dir;
   std::string device = "cpu";
   bool json = false;
+  std::string bundle;      // --bundle: the oscar format's (per-layer) layouts and windows
+  std::string cache_mode;  // --cache-mode: bf16 | int2 | hadamard2 | oscar; empty: oscar with --bundle
 };
 
 // Context lengths the KV table reports: the usual serving points.
@@ -38,16 +43,76 @@ struct KvCost {
   }
 };
 
+// The summary line's INT2 numbers: rt::kv_footprint of the int2 format (records from fmt::RecordLayout).
 KvCost kv_cost(const fmt::ModelConfig& cfg, fmt::KvQuantSpec& spec_out) {
   spec_out = fmt::KvQuantSpec::int2_default(cfg.head_dim);
+  const rt::KvFootprint fp = rt::kv_footprint(cfg, rt::CacheMode::Int2, nullptr, {}, spec_out.sink_tokens,
+                                              spec_out.recent_tokens, "oscar info");
   KvCost c;
-  const double elements = static_cast<double>(cfg.num_layers * cfg.num_kv_heads * cfg.head_dim);  // per K or V
-  c.bf16_bytes_per_token = 2 * elements * 2;
-  c.k_bits = spec_out.k.bits_per_element(cfg.head_dim);
-  c.v_bits = spec_out.v.bits_per_element(cfg.head_dim);
-  c.int2_bytes_per_token = elements * (c.k_bits + c.v_bits) / 8;
+  c.bf16_bytes_per_token = fp.bf16_bytes_per_token;
+  c.k_bits = fp.k_bits_per_element;
+  c.v_bits = fp.v_bits_per_element;
+  c.int2_bytes_per_token = fp.quant_bytes_per_token;
   c.window_tokens = spec_out.sink_tokens + spec_out.recent_tokens;
   return c;
+}
+
+// Context lengths of the per-format table (--cache-mode / --bundle).
+constexpr int64_t kFootprintContexts[] = {1024, 4096, 32768, 131072};
+
+nlohmann::json footprint_json(const rt::KvFootprint& fp) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const rt::KvFootprintRow& r : fp.rows)
+    rows.push_back({{"context", r.context},
+                    {"bf16_bytes", r.bf16_bytes},
+                    {"stored_bytes", r.stored_bytes},
+                    {"stored_bytes_per_token", r.stored_bytes / static_cast<double>(r.context)},
+                    {"engine_bytes", r.engine_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.engine_bytes)}});
+  nlohmann::json layers = nlohmann::json::array();
+  for (size_t l = 0; l < fp.k_record_bytes.size(); ++l)
+    layers.push_back({{"layer", l},
+                      {"k_layout", fp.k_layout[l]},
+                      {"k_record_bytes", fp.k_record_bytes[l]},
+                      {"v_layout", fp.v_layout[l]},
+                      {"v_record_bytes", fp.v_record_bytes[l]}});
+  return {{"mode", fp.mode},
+          {"sink_tokens", fp.sink_tokens},
+          {"recent_tokens", fp.recent_tokens},
+          {"bf16_bytes_per_token", fp.bf16_bytes_per_token},
+          {"quantized_bytes_per_token", fp.quant_bytes_per_token},
+          {"k_bits_per_element", fp.k_bits_per_element},
+          {"v_bits_per_element", fp.v_bits_per_element},
+          {"layers", layers},
+          {"contexts", rows}};
+}
+
+std::string human_bytes(double b);
+
+std::string footprint_text(const rt::KvFootprint& fp) {
+  std::string out = ::fmt::format(
+      "\nKV cache format {}: {} per quantized token (K {:.3f} + V {:.3f} bits/element incl. fp16 scale+zero), "
+      "BF16 {}; sink {}, recent {}\n",
+      fp.mode, human_bytes(fp.quant_bytes_per_token), fp.k_bits_per_element, fp.v_bits_per_element,
+      human_bytes(fp.bf16_bytes_per_token), fp.sink_tokens, fp.recent_tokens);
+  out += ::fmt::format("{:>9}  {:>12}  {:>12}  {:>12}  {:>7}  {:>12}\n", "context", "BF16", fp.mode, "per token",
+                       "ratio", "engine pages");
+  for (const rt::KvFootprintRow& r : fp.rows)
+    out += ::fmt::format("{:>9}  {:>12}  {:>12}  {:>12}  {:>6.2f}x  {:>12}\n", r.context, human_bytes(r.bf16_bytes),
+                         human_bytes(r.stored_bytes), human_bytes(r.stored_bytes / static_cast<double>(r.context)),
+                         r.bf16_bytes / r.stored_bytes, r.engine_bytes < 0 ? "n/a" : human_bytes(r.engine_bytes));
+  out += "(windows and fp16 scale/zero included; engine pages: what the GPU engine's 64-token pages hold for one "
+         "sequence, INT2 copies of the window tokens included)\n";
+  bool uniform = true;
+  for (size_t l = 1; l < fp.k_layout.size(); ++l)
+    uniform = uniform && fp.k_layout[l] == fp.k_layout[0] && fp.v_layout[l] == fp.v_layout[0];
+  if (!uniform) {
+    out += ::fmt::format("per-layer layouts (bytes per token and KV head):\n{:>5}  {:<28} {:>5}  {:<28} {:>5}\n",
+                         "layer", "K", "B", "V", "B");
+    for (size_t l = 0; l < fp.k_layout.size(); ++l)
+      out += ::fmt::format("{:>5}  {:<28} {:>5}  {:<28} {:>5}\n", l, fp.k_layout[l], fp.k_record_bytes[l],
+                           fp.v_layout[l], fp.v_record_bytes[l]);
+  }
+  return out;
 }
 
 std::string human_bytes(double b) {
@@ -92,6 +157,17 @@ int run_info(const InfoOptions& o) {
 
   fmt::KvQuantSpec spec;
   const KvCost kv = kv_cost(cfg, spec);
+  std::optional<rt::KvFootprint> footprint;
+  if (!o.bundle.empty() || !o.cache_mode.empty()) {
+    const rt::CacheMode mode = o.cache_mode.empty() ? rt::CacheMode::Oscar : rt::parse_cache_mode(o.cache_mode, "--cache-mode");
+    if (!o.bundle.empty() && mode != rt::CacheMode::Oscar)
+      throw Error("--bundle", "a bundle describes the oscar format; drop --bundle or use --cache-mode oscar");
+    std::optional<fmt::Bundle> bundle;
+    if (!o.bundle.empty()) bundle = fmt::read_bundle(o.bundle);
+    if (mode == rt::CacheMode::Oscar && !bundle) throw Error("--cache-mode oscar", "needs --bundle FILE");
+    footprint = rt::kv_footprint(cfg, mode, bundle ? &*bundle : nullptr, kFootprintContexts, std::nullopt,
+                                 std::nullopt, o.bundle.empty() ? "--cache-mode" : o.bundle);
+  }
 
   if (o.json) {
     nlohmann::json j;
@@ -130,6 +206,7 @@ int run_info(const InfoOptions& o) {
                      {"sink_tokens", spec.sink_tokens},
                      {"recent_tokens", spec.recent_tokens},
                      {"contexts", contexts}};
+    if (footprint) j["kv_footprint"] = footprint_json(*footprint);
     std::puts(j.dump(2).c_str());
     return 0;
   }
@@ -165,6 +242,7 @@ int run_info(const InfoOptions& o) {
   for (int64_t c : kContexts)
     out += ::fmt::format("{:>9}  {:>12}  {:>12}  {:>6.2f}x\n", c, human_bytes(kv.bf16_bytes_per_token * c),
                          human_bytes(kv.int2_bytes(c)), kv.bf16_bytes_per_token * c / kv.int2_bytes(c));
+  if (footprint) out += footprint_text(*footprint);
   std::fputs(out.c_str(), stdout);
   return 0;
 }
@@ -178,6 +256,11 @@ OSCAR_REGISTER_COMMAND(
       add_model_option(sub, o->model_dir);
       add_device_option(sub, o->device);
       add_json_flag(sub, o->json);
+      sub.add_option("--bundle", o->bundle, ".oscar bundle: KV bytes of its format, per-layer layouts included");
+      sub.add_option("--cache-mode", o->cache_mode,
+                     "KV bytes per token and per context of one format: bf16, int2, hadamard2, oscar (needs "
+                     "--bundle; the default with --bundle)")
+          ->check(CLI::IsMember({"bf16", "int2", "hadamard2", "oscar"}));
       return [o] { return run_info(*o); };
     });
 

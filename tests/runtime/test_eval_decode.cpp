@@ -419,7 +419,8 @@ TEST(EvalGpuPlan, EngineModesAndCpuOnlyModes) {
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::BF16), CacheMode::Bf16);
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::Int2), CacheMode::Int2);
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::Oscar), CacheMode::Oscar);
-  for (auto m : {eval::CacheMode::Kivi2, eval::CacheMode::Hadamard2, eval::CacheMode::Int4, eval::CacheMode::Fp8})
+  EXPECT_EQ(engine_cache_mode(eval::CacheMode::Hadamard2), CacheMode::Hadamard2);
+  for (auto m : {eval::CacheMode::Kivi2, eval::CacheMode::Int4, eval::CacheMode::Fp8})
     EXPECT_FALSE(engine_cache_mode(m).has_value()) << eval::cache_mode_name(m);
   const ModeSplit split = split_engine_modes(eval::parse_cache_modes("kivi2,oscar,fp8,bf16,int2", "test"));
   EXPECT_EQ(split.engine,

@@ -1,0 +1,238 @@
+// Cost of quantize-on-write (kern::kv_write) for a whole prompt, next to the prefill of the same prompt:
+//   kv_write_bench --config bench/configs/qwen3-8b.json --seq 32768
+// Random weights (DeviceModel::random), random-sign Hadamard rotations (eval::random_sign_hadamard) and the
+// published clip ratios (K 0.96, V 0.92), so the rotation and the clip selection are both exercised.
+// Three numbers, one process, one device:
+//   1. prefill: DeviceModel::forward of the prompt, no observer (forward_bench's number);
+//   2. kv_write alone: the INT2 writes of every token past the sink, K and V, all layers, plus the bf16 writes of
+//      the sink and recent-window tokens — what rt::Engine's prefill launches — from bf16 inputs already in place;
+//      µs, GB/s (bf16 read + INT2 pages written), % of (1);
+//   3. the engine's whole prefill write path: forward with an observer that does what rt::Engine's prefill
+//      observer does (fp32 observer copies of Q/K/V inside rope_qkv, fp32 -> bf16 staging, then the writes of 2),
+//      minus (1); this includes the observer's fp32 copies, which the engine pays today.
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "formats/error.h"
+#include "formats/kv_layout.h"
+#include "formats/model_config.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/kv_quantize/kv_quantize.h"
+#include "lib/eval/cache_modes.h"
+#include "runtime/device_buffer.h"
+#include "runtime/device_model.h"
+
+namespace {
+
+using namespace oscar;
+
+void check(kern::Status s, const std::string& where) {
+  if (s != kern::Status::Ok) throw Error(where, "kernel refused: " + std::string(kern::status_name(s)));
+}
+
+__global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, uint16_t* __restrict__ dst) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = kern::detail::float_to_bf16_bits(src[i]);
+}
+
+__global__ void fill_bf16_kernel(uint16_t* out, int64_t n, uint32_t seed) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15;
+    x *= 0x2c1b3c6du;
+    x ^= x >> 12;
+    const float u = static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+    out[i] = kern::detail::float_to_bf16_bits(4.f * u - 2.f);
+  }
+}
+
+// Pools and slots of one prompt in the engine's layout: page p of the prompt is page id p in every pool.
+struct Cache {
+  fmt::ModelConfig cfg;
+  int64_t tokens = 0, sink = 64, recent = 256;
+  size_t int2_layer_bytes = 0, bf16_layer_bytes = 0;
+  rt::DeviceBuffer int2, bf16;   // [layer][K/V] pools
+  rt::DeviceBuffer slots;        // bf16 slots [T], int2 slots [T]
+  std::vector<rt::DeviceBuffer> rotations;  // per layer: K, V
+  rt::DeviceBuffer stage_k, stage_v;  // bf16 [T, Hkv, d]
+
+  Cache(const fmt::ModelConfig& c, int64_t T) : cfg(c), tokens(T) {
+    const int64_t pages = (T + fmt::kKvPageTokens - 1) / fmt::kKvPageTokens;
+    const int64_t d = c.head_dim, hkv = c.num_kv_heads;
+    int2_layer_bytes = static_cast<size_t>(pages * hkv) * fmt::Int2PageGeometry{static_cast<int32_t>(d), 64}.page_bytes();
+    bf16_layer_bytes = static_cast<size_t>(pages * hkv) * fmt::Bf16PageGeometry{static_cast<int32_t>(d), 64}.page_bytes();
+    int2 = rt::DeviceBuffer(int2_layer_bytes * 2 * c.num_layers, "INT2 pools");
+    // bf16 pages only hold the windows, but slot = token keeps the bench simple: allocate every page.
+    bf16 = rt::DeviceBuffer(bf16_layer_bytes * 2 * c.num_layers, "bf16 pools");
+    std::vector<int32_t> s(static_cast<size_t>(2 * T));
+    for (int64_t t = 0; t < T; ++t) {
+      const bool high = fmt::is_high_precision_token(t, T, sink, recent);
+      s[static_cast<size_t>(t)] = high ? static_cast<int32_t>(t) : -1;
+      s[static_cast<size_t>(T + t)] = t >= sink ? static_cast<int32_t>(t) : -1;
+    }
+    slots = rt::to_device(std::span<const int32_t>(s), "slots");
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      for (int v = 0; v < 2; ++v) {
+        const std::vector<float> r = eval::random_sign_hadamard(d, 1000003u + 2 * static_cast<uint64_t>(l) + v);
+        rotations.push_back(rt::to_device(std::span<const float>(r), "rotation"));
+      }
+    stage_k = rt::DeviceBuffer(static_cast<size_t>(T * hkv * d) * 2, "K staging");
+    stage_v = rt::DeviceBuffer(static_cast<size_t>(T * hkv * d) * 2, "V staging");
+  }
+
+  // What rt::Engine's write_layer launches for one layer: bf16 writes of the windows, INT2 writes of the rest.
+  void write_layer(int64_t layer, const uint16_t* k, const uint16_t* v, cudaStream_t stream) {
+    kern::KvWriteParams p;
+    p.tokens = tokens;
+    p.token_stride = cfg.num_kv_heads * cfg.head_dim;
+    p.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+    p.head_dim = static_cast<int32_t>(cfg.head_dim);
+    p.page_tokens = fmt::kKvPageTokens;
+    const auto st = reinterpret_cast<kern::Stream>(stream);
+    for (int value = 0; value < 2; ++value) {
+      p.x = value ? v : k;
+      p.rotation = rotations[static_cast<size_t>(2 * layer + value)].as<float>();
+      p.slots = slots.as<int32_t>();
+      p.bf16_pool = reinterpret_cast<uint16_t*>(bf16.as<uint8_t>() + (2 * layer + value) * bf16_layer_bytes);
+      p.int2_pool = nullptr;
+      check(kern::kv_write(p, kern::KvWriteMode::Bf16, st), "bf16 write");
+      p.slots = slots.as<int32_t>() + tokens;
+      p.bf16_pool = nullptr;
+      p.int2_pool = int2.as<uint8_t>() + (2 * layer + value) * int2_layer_bytes;
+      p.clip_ratio = value ? 0.92f : 0.96f;
+      check(kern::kv_write(p, kern::KvWriteMode::Int2, st), "INT2 write");
+    }
+  }
+};
+
+class EngineLikeWriter : public rt::DeviceObserver {
+ public:
+  explicit EngineLikeWriter(Cache& c) : c_(c) {}
+  void on_attention_inputs(const rt::DeviceAttentionInputs& in) override {
+    const auto st = reinterpret_cast<cudaStream_t>(in.stream);
+    const int64_t n = in.num_tokens * in.num_kv_heads * in.head_dim;
+    to_bf16_kernel<<<4096, 256, 0, st>>>(in.k, n, c_.stage_k.as<uint16_t>());
+    to_bf16_kernel<<<4096, 256, 0, st>>>(in.v, n, c_.stage_v.as<uint16_t>());
+    rt::check_cuda(cudaGetLastError(), "staging");
+    c_.write_layer(in.layer, c_.stage_k.as<uint16_t>(), c_.stage_v.as<uint16_t>(), st);
+  }
+
+ private:
+  Cache& c_;
+};
+
+template <class F>
+double median_ms(int warmup, int iters, cudaStream_t stream, F&& f) {
+  for (int i = 0; i < warmup; ++i) f();
+  rt::check_cuda(cudaStreamSynchronize(stream), "warmup");
+  cudaEvent_t a, b;
+  rt::check_cuda(cudaEventCreate(&a), "event");
+  rt::check_cuda(cudaEventCreate(&b), "event");
+  std::vector<float> ms(static_cast<size_t>(iters));
+  for (int i = 0; i < iters; ++i) {
+    rt::check_cuda(cudaEventRecord(a, stream), "event");
+    f();
+    rt::check_cuda(cudaEventRecord(b, stream), "event");
+    rt::check_cuda(cudaEventSynchronize(b), "event");
+    rt::check_cuda(cudaEventElapsedTime(&ms[static_cast<size_t>(i)], a, b), "event");
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"OSCAR quantize-on-write cost vs prefill (random weights)"};
+  std::string config_path = "bench/configs/qwen3-8b.json";
+  int64_t seq = 32768;
+  int warmup = 1, iters = 3, write_iters = 20;
+  uint64_t seed = 0;
+  bool skip_prefill = false;
+  app.add_option("--config", config_path, "HF config.json of the shape")->capture_default_str()->check(CLI::ExistingFile);
+  app.add_option("--seq", seq, "prompt tokens")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed forwards first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--iters", iters, "timed forwards")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--write-iters", write_iters, "timed kv_write passes")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--seed", seed, "seed of the random weights and ids")->capture_default_str();
+  app.add_flag("--skip-prefill", skip_prefill, "time kv_write alone (no model, no forward)");
+  CLI11_PARSE(app, argc, argv);
+
+  const fmt::ModelConfig cfg = fmt::ModelConfig::from_file(config_path);
+  cudaDeviceProp prop{};
+  rt::check_cuda(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  std::printf("device: %s (%d SMs)\nconfig: %s  layers %lld  KV heads %lld  head_dim %lld  prompt %lld tokens\n",
+              prop.name, prop.multiProcessorCount, config_path.c_str(), (long long)cfg.num_layers,
+              (long long)cfg.num_kv_heads, (long long)cfg.head_dim, (long long)seq);
+
+  std::unique_ptr<rt::DeviceModel> model;
+  if (!skip_prefill) model = rt::DeviceModel::random(cfg, seed);
+  cudaStream_t stream = nullptr;
+  if (model) stream = reinterpret_cast<cudaStream_t>(model->stream());
+  else rt::check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+
+  Cache cache(cfg, seq);
+  // (2) kv_write alone, from bf16 K/V already in place (one [T, Hkv, d] tensor each, reused for every layer).
+  const int64_t n = seq * cfg.num_kv_heads * cfg.head_dim;
+  fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_k.as<uint16_t>(), n, 1u);
+  fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_v.as<uint16_t>(), n, 2u);
+  rt::check_cuda(cudaGetLastError(), "fill");
+  const double write_ms = median_ms(2, write_iters, stream, [&] {
+    for (int64_t l = 0; l < cfg.num_layers; ++l)
+      cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream);
+  });
+  const int64_t quantized = std::max<int64_t>(seq - cache.sink, 0);
+  const int64_t windows = std::min<int64_t>(seq, cache.sink + cache.recent);
+  const double record = fmt::Int2PageGeometry{static_cast<int32_t>(cfg.head_dim), 64}.page_bytes() / 64.0;
+  const double per_head_tokens = static_cast<double>(cfg.num_layers * 2 * cfg.num_kv_heads);
+  // Bytes the writes must move: every INT2-written token read as bf16 and written as a record, plus the bf16
+  // window tokens read and written. (The bf16 pass reads only its slots' rows.)
+  const double bytes = per_head_tokens * (quantized * (cfg.head_dim * 2.0 + record) +
+                                          windows * (cfg.head_dim * 2.0 * 2.0));
+  std::printf("kv_write alone (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
+              "%.1f us, %.1f GB/s\n",
+              (long long)cfg.num_layers, (long long)quantized, (long long)windows, write_ms * 1e3,
+              bytes / (write_ms * 1e-3) * 1e-9);
+  if (skip_prefill) return 0;
+
+  // (1) prefill, (3) prefill with the engine's write path.
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(cfg.vocab_size - 1));
+  std::vector<int32_t> ids(static_cast<size_t>(seq));
+  for (int32_t& x : ids) x = id(rng);
+  rt::PackedBatch packed;
+  packed.add_sequence(ids);
+  rt::DeviceForwardOptions plain;
+  plain.rows = rt::LogitsRows::LastPerSequence;
+  const double prefill_ms = median_ms(warmup, iters, stream, [&] { model->forward(packed, plain); });
+  EngineLikeWriter writer(cache);
+  rt::DeviceForwardOptions observed = plain;
+  observed.observer = &writer;
+  const double with_writes_ms = median_ms(warmup, iters, stream, [&] { model->forward(packed, observed); });
+  std::printf("prefill (no cache writes): %.2f ms\n", prefill_ms);
+  std::printf("prefill + engine write path (observer fp32 copies, bf16 staging, kv_write): %.2f ms\n", with_writes_ms);
+  std::printf("RESULT kv_write %.1f us = %.2f%% of prefill | engine write path +%.1f us = %.2f%% of prefill "
+              "(goal < 2%%)\n",
+              write_ms * 1e3, 100.0 * write_ms / prefill_ms, (with_writes_ms - prefill_ms) * 1e3,
+              100.0 * (with_writes_ms - prefill_ms) / prefill_ms);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const oscar::Error& e) {
+    std::fprintf(stderr, "kv_write_bench: %s\n", e.what());
+    return 1;
+  }
+}
