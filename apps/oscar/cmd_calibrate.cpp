@@ -27,6 +27,7 @@
 #include "lib/calib/calibrator.h"
 #ifdef OSCAR_HAVE_CUDA
 #include "runtime/gpu_calibration.h"
+#include "runtime/layer_stream.h"
 #endif
 
 namespace oscar::app {
@@ -56,10 +57,29 @@ struct CalibrateCliOptions {
   int64_t sink = 64;
   int64_t recent = 256;
   int64_t batch_tokens = 16384;
+  int gpus = 1;                // --gpus: data-parallel ranks (one thread per device), implies --stream-layers
+  bool stream_layers = false;  // --stream-layers: one layer's weights on the device at a time
   std::string checkpoint;
   int64_t checkpoint_every = 32;
   bool resume = false;
   bool json = false;
+  // --method and its knobs (docs/method.md): spectral is the default; published = the one-rotation INT2 bundle.
+  std::string method = "spectral";
+  std::string rotation = "oscar";
+  double budget_bits = 2.28;
+  std::string k_weight = "auto";
+  std::vector<double> k_weight_grid = {1, 2, 4, 8};
+  // No 0-bit width by default: dropping the least important directions of the fit text hurt KL on other text
+  // (qwen3-tiny quickstart, python/linux docs: KL beyond the window 2.6e-2 with 0 allowed vs 7.1e-3 without;
+  // published 9.3e-3; docs/method.md). No 3-bit width either: the runtime's segmented decode kernel reads 1/2/4-bit
+  // segments (kernels/attention_decode/decode_attention_seg.cuh), and a default bundle must run there.
+  // `--widths 0,1,2,3,4` restores the bench's set (CPU eval only).
+  std::vector<int32_t> widths = {1, 2, 4};
+  bool cayley = false;
+  int64_t spectral_fit_tokens = 2048;
+  int64_t proxy_queries = 256;
+  std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
+  bool rotation_given = false;
   // Set by CLI11 when the flag was given.
   bool k_clip_given = false, v_clip_given = false;
 };
@@ -145,12 +165,20 @@ int run_calibrate(const CalibrateCliOptions& o) {
   if (o.recent < 0) throw Error("--recent", "must be >= 0");
   if (o.checkpoint_every < 0) throw Error("--checkpoint-every", "must be >= 0");
   if (o.batch_tokens < 1) throw Error("--batch-tokens", "must be >= 1");
+  if (o.gpus < 1) throw Error("--gpus", "must be >= 1");
+  if ((o.gpus > 1 || o.stream_layers) && o.device != "cuda")
+    throw Error(o.gpus > 1 ? "--gpus" : "--stream-layers", "needs --device cuda");
   if (o.resume && o.checkpoint.empty()) throw Error("--resume", "needs --checkpoint FILE");
   check_writable_output(o.out, "--out");
   if (!o.checkpoint.empty()) check_writable_output(o.checkpoint, "--checkpoint");
 #ifndef OSCAR_HAVE_CUDA
   if (o.device == "cuda") throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
 #endif
+  const calib::Method method = calib::parse_method(o.method, "--method");
+  if (method == calib::Method::Spectral && o.rotation_given)
+    throw Error("--rotation", "applies to --method published (spectral stores its own per-layer bases)");
+  if (method == calib::Method::Published && !o.spectral_flags_given.empty())
+    throw Error(o.spectral_flags_given.front(), "applies to --method spectral only");
   check_model_dir(o.model_dir);
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(o.model_dir);
   if (cfg.max_position_embeddings > 0 && o.seq_len > cfg.max_position_embeddings)
@@ -213,6 +241,26 @@ int run_calibrate(const CalibrateCliOptions& o) {
   opt.checkpoint = o.checkpoint;
   opt.checkpoint_every = o.checkpoint_every;
   opt.resume = o.resume;
+  opt.method = method;
+  opt.rotation = calib::parse_rotation_kind(o.rotation, "--rotation");
+  opt.spectral.spectral.budget_bits_per_element = o.budget_bits;
+  opt.spectral.spectral.widths = o.widths;
+  opt.spectral.spectral.optimize_rotation = o.cayley;
+  opt.spectral.k_weight_grid = o.k_weight_grid;
+  opt.spectral.fit_tokens = o.spectral_fit_tokens;
+  opt.spectral.proxy_queries = o.proxy_queries;
+  if (o.k_weight != "auto") {
+    size_t used = 0;
+    double w = 0;
+    try {
+      w = std::stod(o.k_weight, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != o.k_weight.size() || !(w > 0) || !std::isfinite(w))
+      throw Error("--k-weight", ::fmt::format("\"{}\" is neither auto nor a positive number", o.k_weight));
+    opt.spectral.k_weight = w;
+  }
   std::string data_specs;
   for (const auto& d : o.data) data_specs += (data_specs.empty() ? "" : " ") + d;
   opt.extra_provenance = {
@@ -237,10 +285,20 @@ int run_calibrate(const CalibrateCliOptions& o) {
   calib::CalibrationResult result;
   if (o.device == "cuda") {
 #ifdef OSCAR_HAVE_CUDA
-    auto model = rt::DeviceModel::load(o.model_dir);
-    rt::GpuCalibrationOptions gpu;
-    gpu.batch_tokens = o.batch_tokens;
-    result = rt::calibrate_on_device(*model, fingerprint, data, opt, gpu);
+    if (o.stream_layers || o.gpus > 1) {
+      // Not recorded in the bundle: streaming and the rank count do not change a bit of it (runtime/layer_stream.h).
+      rt::LayerStreamOptions so;
+      so.batch_tokens = o.batch_tokens;
+      so.devices.clear();
+      for (int g = 0; g < o.gpus; ++g) so.devices.push_back(g);
+      spdlog::info("layer streaming on {} GPU{}", o.gpus, o.gpus > 1 ? "s" : "");
+      result = rt::calibrate_streamed(rt::LayerSource::from_checkpoint(o.model_dir), fingerprint, data, opt, so);
+    } else {
+      auto model = rt::DeviceModel::load(o.model_dir);
+      rt::GpuCalibrationOptions gpu;
+      gpu.batch_tokens = o.batch_tokens;
+      result = rt::calibrate_on_device(*model, fingerprint, data, opt, gpu);
+    }
 #endif
   } else {
     auto model = load_model(o.model_dir);
@@ -264,6 +322,8 @@ int run_calibrate(const CalibrateCliOptions& o) {
     j["bundle_sha256"] = fmt::sha256_file(o.out);
     j["model"] = o.model_dir;
     j["device"] = o.device;
+    j["gpus"] = o.gpus;
+    j["stream_layers"] = o.stream_layers || o.gpus > 1;
     j["num_sequences"] = b.calibration.num_sequences;
     j["num_tokens"] = b.calibration.num_tokens;
     j["seq_len"] = b.calibration.seq_len;
@@ -275,6 +335,9 @@ int run_calibrate(const CalibrateCliOptions& o) {
     j["rotation_composition"] = b.rotation_composition;
     j["value_weighting"] = o.value_weighting;
     j["tune_clip"] = opt.tune_clip;
+    j["method"] = std::string(calib::method_name(opt.method));
+    for (const auto& [key, value] : b.calibration.options)
+      if (key == "k_weight" || key == "k_weight_proxy") j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
     for (size_t l = 0; l < b.layers.size(); ++l)
       layers.push_back({{"layer", l}, {"k_clip", b.layers[l].k_clip_ratio}, {"v_clip", b.layers[l].v_clip_ratio}});
@@ -323,6 +386,10 @@ OSCAR_REGISTER_COMMAND(
       add_device_option(sub, o->device);
       sub.add_option("--batch-tokens", o->batch_tokens, "--device cuda: tokens per packed forward")
           ->capture_default_str();
+      sub.add_flag("--stream-layers", o->stream_layers,
+                   "--device cuda: one layer's weights on the GPU at a time, hidden states in host memory (same bundle)");
+      sub.add_option("--gpus", o->gpus, "--device cuda: data-parallel GPUs 0..N-1, implies --stream-layers (same bundle)")
+          ->capture_default_str();
       sub.add_option("--seed", o->seed, "seed of the sequence shuffle")->capture_default_str();
       sub.add_flag("--per-head", o->per_head, "one rotation per KV head instead of one per layer");
       sub.add_option("--value-weighting", o->value_weighting, "Σ_V token weights: query, attention_mass, uniform")
@@ -347,10 +414,43 @@ OSCAR_REGISTER_COMMAND(
                      "sequences between checkpoints (0: only at the end of each pass)")
           ->capture_default_str();
       sub.add_flag("--resume", o->resume, "continue from --checkpoint when it exists (same model, data, weighting)");
+      sub.add_option("--method", o->method,
+                     "spectral: per-layer segment bit allocation in the attention-aware eigenbasis (bundle 1.1); "
+                     "published: one rotation per layer, uniform INT2")
+          ->capture_default_str();
+      auto* rotation = sub.add_option("--rotation", o->rotation,
+                                      "--method published: oscar (eigen*hadamard*bitrev), hadamard, eigen or none")
+                           ->capture_default_str();
+      std::vector<CLI::Option*> spectral_opts = {
+          sub.add_option("--budget-bits", o->budget_bits,
+                         "--method spectral: bits/element, mean of K and V, fp16 scale/zero included")
+              ->capture_default_str(),
+          sub.add_option("--k-weight", o->k_weight,
+                         "--method spectral: weight of the key error in the K/V split, or auto (chosen from "
+                         "--k-weight-grid on held-out calibration sequences)")
+              ->capture_default_str(),
+          sub.add_option("--k-weight-grid", o->k_weight_grid, "--method spectral: candidates for --k-weight auto")
+              ->delimiter(',')
+              ->capture_default_str(),
+          sub.add_option("--widths", o->widths, "--method spectral: allowed segment widths in bits (0 = dropped)")
+              ->delimiter(',')
+              ->capture_default_str(),
+          sub.add_flag("--cayley", o->cayley, "--method spectral: Cayley refinement of each rotation (slow)"),
+          sub.add_option("--spectral-fit-tokens", o->spectral_fit_tokens,
+                         "--method spectral: K/V samples per KV head the layouts are fitted on")
+              ->capture_default_str(),
+          sub.add_option("--proxy-queries", o->proxy_queries,
+                         "--method spectral: queries per selection sequence scored by the K/V weight proxy")
+              ->capture_default_str(),
+      };
       add_json_flag(sub, o->json);
-      return [o, k_clip, v_clip] {
+      return [o, k_clip, v_clip, rotation, spectral_opts] {
         o->k_clip_given = k_clip->count() > 0;
         o->v_clip_given = v_clip->count() > 0;
+        o->rotation_given = rotation->count() > 0;
+        o->spectral_flags_given.clear();
+        for (const CLI::Option* so : spectral_opts)
+          if (so->count() > 0) o->spectral_flags_given.push_back(so->get_name());
         return run_calibrate(*o);
       };
     });

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "formats/atomic_file.h"
@@ -11,6 +12,9 @@
 #include "formats/safetensors.h"
 #include "lib/calib/error_report.h"
 #include "lib/calib/rotation.h"
+#include "lib/calib/rotation_opt.h"
+#include "lib/calib/spectral.h"
+#include "lib/calib/spectral_calibration.h"
 #include "oscar_version.h"
 
 namespace oscar::calib {
@@ -108,7 +112,134 @@ void check_sequences(const std::vector<std::vector<int32_t>>& seqs, const fmt::M
   }
 }
 
+// Hands every attention input to two observers (the second may be null).
+struct TeeObserver : model::Observer {
+  TeeObserver(model::Observer* a, model::Observer* b) : first(a), second(b) {}
+  void on_attention_inputs(const model::AttentionInputs& in) override {
+    first->on_attention_inputs(in);
+    if (second) second->on_attention_inputs(in);
+  }
+  model::Observer* first;
+  model::Observer* second;
+};
+
+// --method spectral after the published report: fit + select (lib/calib/spectral_calibration.h), score every
+// candidate on all held-out samples (report rows "spectral" = the chosen one, "spectral(k_weight=W)"), replace the
+// bundle's layers by the chosen layouts (keeping the calibration eigenvalues), and return the report section.
+std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout, std::vector<HeldoutLayer> fit,
+                           std::vector<std::vector<AttentionSequence>> select, const fmt::ModelConfig& cfg,
+                           int64_t groups, const CalibrationOptions& opt, const std::string& published_row,
+                           std::vector<std::pair<std::string, std::string>>& provenance) {
+  const int64_t L = cfg.num_layers, d = cfg.head_dim;
+  SpectralCalibrationOptions so = opt.spectral;
+  so.spectral.align = spectral_align(d);
+  const SpectralCalibration sc = spectral_calibration(fit, select, cfg.num_heads, opt.quant, so);
+
+  // The published bundle's proxy on the same selection sequences: the number the choice is compared with.
+  double published_proxy = 0;
+  for (int64_t l = 0; l < L; ++l)
+    published_proxy += attention_output_error(select[l], cfg.num_heads, cfg.num_kv_heads, d,
+                                              layer_quantization(b.layers[l], b.quant, groups), opt.quant.sink_tokens,
+                                              opt.quant.recent_tokens, so.proxy_queries)
+                           .relative() /
+                       static_cast<double>(L);
+
+  // Held-out J_K / J_V of every candidate (same samples and held-out Σ_Q as the published rows).
+  const size_t C = sc.candidates.size();
+  std::vector<std::vector<double>> jk(C, std::vector<double>(L)), jv(C, std::vector<double>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    LayerSamples ls;
+    ls.base = heldout[l];
+    const ObjectiveSamples keys = key_objective_samples(ls, false, {}, 0);
+    const ObjectiveSamples values = value_objective_samples(ls, 0);
+    for (size_t c = 0; c < C; ++c) {
+      const LayerChoice& lc = sc.candidates[c].layers[l];
+      jk[c][l] = quantization_objective(keys, lc.k.rotation, lc.k.spec, lc.k.spec.clip_ratio);
+      jv[c][l] = quantization_objective(values, lc.v.rotation, lc.v.spec, lc.v.spec.clip_ratio);
+    }
+  }
+  auto add_row = [&](const std::string& name, size_t c) {
+    b.errors.rows.push_back(name);
+    b.errors.k_relative_error.insert(b.errors.k_relative_error.end(), jk[c].begin(), jk[c].end());
+    b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), jv[c].begin(), jv[c].end());
+  };
+  add_row("spectral", sc.chosen);
+  if (C > 1)
+    for (size_t c = 0; c < C; ++c) add_row(::fmt::format("spectral(k_weight={:.6g})", sc.candidates[c].k_weight), c);
+
+  const SpectralCandidate& best = sc.best();
+  for (int64_t l = 0; l < L; ++l) {
+    fmt::LayerCalibration lc = to_layer_calibration(best.layers[l], b.quant);
+    lc.k_eigenvalues = std::move(b.layers[l].k_eigenvalues);
+    lc.v_eigenvalues = std::move(b.layers[l].v_eigenvalues);
+    b.layers[l] = std::move(lc);
+  }
+  b.rotation_composition = "spectral";
+
+  std::string selection;
+  for (const auto& c : sc.candidates) selection += ::fmt::format("{}{:.6g}:{:.6g}", selection.empty() ? "" : ",", c.k_weight, c.proxy_mean);
+  provenance.emplace_back("k_weight", ::fmt::format("{:.6g}", best.k_weight));
+  provenance.emplace_back("k_weight_proxy", selection + ::fmt::format(",{}:{:.6g}", published_row, published_proxy));
+
+  const int64_t n_select = select.empty() ? 0 : static_cast<int64_t>(select[0].size());
+  std::string out = ::fmt::format(
+      "\nSpectral allocation (budget {:.6g} bits/element incl. scale/zero, widths {}): K/V weight chosen on {} held-out "
+      "calibration sequence(s) not used for fitting, by the relative attention-output error (mean over layers)\n\n"
+      "| k_weight | bits/elem K | bits/elem V | attention-output error (selection) | K rel. logit MSE | V rel. output "
+      "MSE |\n|---|---|---|---|---|---|\n",
+      so.spectral.budget_bits_per_element, join_numbers(std::span<const int32_t>(so.spectral.widths)), n_select);
+  for (size_t c = 0; c < C; ++c) {
+    double kb = 0, vb = 0, k = 0, v = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      kb += sc.candidates[c].layers[l].k.spec.bits_per_element(d) / static_cast<double>(L);
+      vb += sc.candidates[c].layers[l].v.spec.bits_per_element(d) / static_cast<double>(L);
+      k += jk[c][l] / static_cast<double>(L);
+      v += jv[c][l] / static_cast<double>(L);
+    }
+    out += ::fmt::format("| {:.6g}{} | {:.3f} | {:.3f} | {:.5f} | {:.4f} | {:.4f} |\n", sc.candidates[c].k_weight,
+                         c == sc.chosen ? " (chosen)" : "", kb, vb, sc.candidates[c].proxy_mean, k, v);
+  }
+  out += ::fmt::format("| published ({}) | {:.3f} | {:.3f} | {:.5f} | | |\n", published_row,
+                       opt.quant.k.bits_per_element(d), opt.quant.v.bits_per_element(d), published_proxy);
+  out += "\nPer-layer layouts (K | V, clip K/V):\n";
+  for (int64_t l = 0; l < L; ++l)
+    out += ::fmt::format("  layer {}: {} | {}  (clip {:.2f}/{:.2f})\n", l, best.layers[l].k.note,
+                         best.layers[l].v.note, best.layers[l].k.spec.clip_ratio, best.layers[l].v.spec.clip_ratio);
+  return out;
+}
+
 }  // namespace
+
+std::string_view method_name(Method m) { return m == Method::Spectral ? "spectral" : "published"; }
+
+Method parse_method(std::string_view name, const std::string& where) {
+  if (name == "published") return Method::Published;
+  if (name == "spectral") return Method::Spectral;
+  throw Error(where, ::fmt::format("unknown method \"{}\" (spectral, published)", name));
+}
+
+RotationKind parse_rotation_kind(std::string_view name, const std::string& where) {
+  for (RotationKind k : {RotationKind::EigenHadamard, RotationKind::Hadamard, RotationKind::Eigen, RotationKind::None})
+    if (name == rotation_kind_name(k)) return k;
+  throw Error(where, ::fmt::format("unknown rotation \"{}\" (oscar, hadamard, eigen, none)", name));
+}
+
+std::string rotation_composition_name(RotationKind kind, int64_t d) {
+  switch (kind) {
+    case RotationKind::EigenHadamard: return oscar_composition_name(d);
+    case RotationKind::Hadamard: return "hadamard";
+    case RotationKind::Eigen: return "eigen";
+    case RotationKind::None: return "none";
+  }
+  return "none";
+}
+
+// The spectral options with the alignment head_dim allows (16-dim segments, or one whole-head segment).
+static SpectralCalibrationOptions aligned_spectral(const SpectralCalibrationOptions& o, int64_t d) {
+  SpectralCalibrationOptions a = o;
+  a.spectral.align = spectral_align(d);
+  return a;
+}
 
 std::vector<std::pair<std::string, std::string>> options_as_text(const CalibrationOptions& o) {
   std::vector<std::pair<std::string, std::string>> kv = {
@@ -121,6 +252,23 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
       {"heldout_max_tokens", std::to_string(o.heldout_max_tokens)},
       {"seed", std::to_string(o.seed)},
   };
+  if (o.method == Method::Published && o.rotation != RotationKind::EigenHadamard)
+    kv.emplace_back("rotation", std::string(rotation_kind_name(o.rotation)));
+  if (o.method == Method::Spectral) {
+    const SpectralCalibrationOptions& s = o.spectral;
+    kv.emplace_back("method", "spectral");
+    kv.emplace_back("budget_bits", ::fmt::format("{:.6g}", s.spectral.budget_bits_per_element));
+    kv.emplace_back("widths", join_numbers(std::span<const int32_t>(s.spectral.widths)));
+    kv.emplace_back("cayley", s.spectral.optimize_rotation ? "true" : "false");
+    kv.emplace_back("spectral_fit_tokens", std::to_string(s.fit_tokens));
+    kv.emplace_back("proxy_queries", std::to_string(s.proxy_queries));
+    if (s.k_weight > 0) {
+      kv.emplace_back("k_weight_mode", "fixed");
+    } else {
+      kv.emplace_back("k_weight_mode", "auto");
+      kv.emplace_back("k_weight_grid", join_numbers(std::span<const double>(s.k_weight_grid)));
+    }
+  }
   std::sort(kv.begin(), kv.end());
   return kv;
 }
@@ -134,6 +282,16 @@ void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, c
   check_sequences(data.heldout, cfg, "held-out");
   if (opt.tune_clip) (void)opt.clip_grid.ratios();  // validates the grid before hours of forward passes
   if (opt.checkpoint_every < 0) throw Error("--checkpoint-every", "must be >= 0");
+  if (opt.method == Method::Published && opt.rotation == RotationKind::Hadamard && !is_power_of_two(cfg.head_dim))
+    throw Error("--rotation hadamard", ::fmt::format("needs a power-of-two head_dim, the model's is {}", cfg.head_dim));
+  if (opt.method == Method::Spectral) {
+    if (opt.per_head) throw Error("--per-head", "is not supported with --method spectral (one layout per layer)");
+    if (data.heldout.size() < 2)
+      throw Error("--heldout-seqs", ::fmt::format("--method spectral fits on held-out sequences and chooses --k-weight "
+                                                  "on others: needs at least 2, got {}",
+                                                  data.heldout.size()));
+    validate_spectral_options(aligned_spectral(opt.spectral, cfg.head_dim), cfg.head_dim);
+  }
 }
 
 StatisticsCollector collect_statistics(ForwardRunner& runner, const fmt::ModelFingerprint& fingerprint,
@@ -200,7 +358,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   b.model = fingerprint;
   b.quant = opt.quant;
   b.rotation_groups = groups;
-  b.rotation_composition = oscar_composition_name(d);
+  b.rotation_composition = rotation_composition_name(opt.rotation, d);
   std::vector<CandidateRotations> candidates;
   std::vector<RotationKind> kinds;
   for (RotationKind kind : {RotationKind::None, RotationKind::Hadamard, RotationKind::Eigen, RotationKind::EigenHadamard}) {
@@ -213,7 +371,11 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     candidates.push_back(std::move(c));
     kinds.push_back(kind);
   }
-  CandidateRotations& oscar_rot = candidates.back();
+  if (opt.rotation == RotationKind::Hadamard && !is_power_of_two(d))
+    throw Error("--rotation hadamard", ::fmt::format("needs a power-of-two head_dim, the model's is {}", d));
+  const size_t stored =
+      static_cast<size_t>(std::find(kinds.begin(), kinds.end(), opt.rotation) - kinds.begin());
+  const CandidateRotations& stored_rot = candidates[stored];
   for (int64_t l = 0; l < L; ++l) {
     fmt::LayerCalibration layer;
     for (int64_t g = 0; g < groups; ++g) {
@@ -228,8 +390,8 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
         candidates[c].v[l].insert(candidates[c].v[l].end(), rv.begin(), rv.end());
       }
     }
-    layer.k_rotation = oscar_rot.k[l];
-    layer.v_rotation = oscar_rot.v[l];
+    layer.k_rotation = stored_rot.k[l];
+    layer.v_rotation = stored_rot.v[l];
     layer.k_clip_ratio = opt.quant.k.clip_ratio;
     layer.v_clip_ratio = opt.quant.v.clip_ratio;
     b.layers.push_back(std::move(layer));
@@ -237,12 +399,33 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
 
   // ---- held-out error report and clip tuning
   std::string report;
+  std::vector<std::pair<std::string, std::string>> result_provenance;
+  const bool spectral = opt.method == Method::Spectral;
+  if (spectral && data.heldout.size() < 2)
+    throw Error("--heldout-seqs", "--method spectral needs at least 2 held-out sequences");
   if (!data.heldout.empty()) {
     HeldoutCollector heldout(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
     const int64_t n = static_cast<int64_t>(data.heldout.size());
+    // Spectral: the first n − n/4 held-out sequences fit the layouts, the rest choose the K/V weight, so the
+    // choice is scored on sequences the layouts were not fitted on. Every sequence also feeds the report.
+    const int64_t n_select = spectral ? std::max<int64_t>(1, n / 4) : 0, n_fit = n - n_select;
+    std::optional<HeldoutCollector> fit_collector;
+    std::optional<AttentionSequenceCollector> select_collector;
+    if (spectral) {
+      fit_collector.emplace(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
+      select_collector.emplace(shape);
+    }
     for (int64_t i = 0; i < n; ++i) {
       heldout.begin_sequence(i);
-      heldout_runner.run_sequence(data.heldout[i], heldout);
+      TeeObserver tee{&heldout, nullptr};
+      if (spectral && i < n_fit) {
+        fit_collector->begin_sequence(i);
+        tee.second = &*fit_collector;
+      } else if (spectral) {
+        select_collector->begin_sequence();
+        tee.second = &*select_collector;
+      }
+      heldout_runner.run_sequence(data.heldout[i], tee);
       if (opt.progress) opt.progress("heldout", i + 1, n);
     }
     const std::vector<HeldoutLayer> layers = heldout.finish();
@@ -251,7 +434,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       std::vector<double> k_tuned(L), v_tuned(L);
       double k_gain = 0, v_gain = 0;
       for (int64_t l = 0; l < L; ++l) {
-        RotatedHeldout rotated(layers[l], oscar_rot.k[l], oscar_rot.v[l], groups, opt.quant);
+        RotatedHeldout rotated(layers[l], stored_rot.k[l], stored_rot.v[l], groups, opt.quant);
         const ClipChoice c = tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
         b.layers[l].k_clip_ratio = c.k_ratio;
         b.layers[l].v_clip_ratio = c.v_ratio;
@@ -260,7 +443,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
         k_gain += c.k_error_reference > 0 ? 1.0 - c.k_error / c.k_error_reference : 0.0;
         v_gain += c.v_error_reference > 0 ? 1.0 - c.v_error / c.v_error_reference : 0.0;
       }
-      b.errors.rows.push_back("oscar+tuned_clip");
+      b.errors.rows.push_back(stored_rot.name + "+tuned_clip");
       b.errors.k_relative_error.insert(b.errors.k_relative_error.end(), k_tuned.begin(), k_tuned.end());
       b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), v_tuned.begin(), v_tuned.end());
       report = format_error_report(b.errors);
@@ -272,6 +455,9 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     } else {
       report = format_error_report(b.errors);
     }
+    if (spectral)
+      report += spectral_stage(b, layers, fit_collector->finish(), select_collector->finish(), cfg, groups, opt,
+                               stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), result_provenance);
   } else {
     b.errors.num_layers = L;
   }
@@ -285,6 +471,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   p.num_heldout_sequences = static_cast<int64_t>(data.heldout.size());
   p.seed = opt.seed;
   p.options = options_as_text(opt);
+  for (const auto& kv : result_provenance) p.options.push_back(kv);
   for (const auto& [key, value] : opt.extra_provenance) {
     for (const auto& [known, unused] : p.options)
       if (known == key) throw Error("provenance", ::fmt::format("option \"{}\" is recorded twice", key));

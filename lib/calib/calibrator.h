@@ -33,6 +33,7 @@
 #include "formats/model_config.h"
 #include "lib/calib/clip_tuner.h"
 #include "lib/calib/rotation.h"
+#include "lib/calib/spectral_calibration.h"
 #include "lib/calib/statistics.h"
 #include "lib/model/cpu_model.h"
 #include "lib/model/observer.h"
@@ -68,7 +69,27 @@ struct CalibrationData {
   int64_t seq_len = 0;                          // recorded
 };
 
+// What the bundle stores (docs/method.md): Published = one rotation per layer (--rotation) with uniform INT2 and
+// tuned clip ratios; Spectral = per-layer segment bit allocations in the attention-aware eigenbasis, fitted and
+// selected on the held-out calibration sequences (lib/calib/spectral_calibration.h).
+enum class Method : uint8_t { Published = 0, Spectral = 1 };
+std::string_view method_name(Method m);                               // "published", "spectral"
+Method parse_method(std::string_view name, const std::string& where);  // throws oscar::Error(where, ...)
+// "oscar", "hadamard", "eigen", "none" (rotation_kind_name's spellings).
+RotationKind parse_rotation_kind(std::string_view name, const std::string& where);
+// The bundle's rotation_composition for a published rotation at this head_dim.
+std::string rotation_composition_name(RotationKind kind, int64_t head_dim);
+
 struct CalibrationOptions {
+  // --method. The library default stays Published (today's bundles, byte for byte); the CLI defaults to Spectral.
+  Method method = Method::Published;
+  // --rotation (Published only): the rotation the bundle stores and the clip tuning uses. Non-default values are
+  // recorded in the provenance as "rotation"; the default (oscar) adds nothing, so bundles stay byte-identical.
+  RotationKind rotation = RotationKind::EigenHadamard;
+  // --budget-bits, --k-weight, --k-weight-grid, --widths, --cayley, --spectral-fit-tokens, --proxy-queries
+  // (Spectral only; recorded in the provenance). spectral.spectral.align is ignored: the calibrator always uses
+  // spectral_align(head_dim), so the layout grid is a function of the model only.
+  SpectralCalibrationOptions spectral;
   ValueWeighting value_weighting = ValueWeighting::QueryEnergy;  // --value-weighting query|attention_mass|uniform
   bool per_head = false;                // --per-head: one rotation per KV head instead of one per layer
   fmt::KvQuantSpec quant = fmt::KvQuantSpec::int2_default(128);  // head_dim must match the model; its clip ratios

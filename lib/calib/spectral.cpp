@@ -192,26 +192,35 @@ std::vector<double> ordered_value_basis(const ObjectiveSamples& values, std::vec
   return order_columns(eig.vectors, d, weights);
 }
 
-LayerChoice spectral_layer(const ObjectiveSamples& keys, const ObjectiveSamples& values,
-                           const SpectralOptions& opt) {
+SpectralLayerSearch::SpectralLayerSearch(const ObjectiveSamples& keys, const ObjectiveSamples& values,
+                                         const SpectralOptions& opt)
+    : keys_(keys), values_(values), opt_(opt) {
   const int64_t d = keys.dim;
   if (values.dim != d) throw Error("spectral_layer", "K and V samples differ in head_dim");
   std::vector<double> wk, wv;
-  const std::vector<double> rk = ordered_key_basis(keys, wk);
-  const std::vector<double> rv = ordered_value_basis(values, wv);
-
+  rk_ = ordered_key_basis(keys, wk);
+  rv_ = ordered_value_basis(values, wv);
   SegmentCostTable tk = opt.modeled_costs ? modeled_segment_costs(wk, opt.align, opt.widths)
-                                          : measure_segment_costs(keys, rk, opt.align, opt.widths, opt.segment_mix);
+                                          : measure_segment_costs(keys, rk_, opt.align, opt.widths, opt.segment_mix);
   SegmentCostTable tv = opt.modeled_costs ? modeled_segment_costs(wv, opt.align, opt.widths)
-                                          : measure_segment_costs(values, rv, opt.align, opt.widths, opt.segment_mix);
+                                          : measure_segment_costs(values, rv_, opt.align, opt.widths, opt.segment_mix);
   // Modelled costs are in the spectrum's units: their relative error divides by the total weight.
-  const double ek = opt.modeled_costs ? std::accumulate(wk.begin(), wk.end(), 0.0) : keys.energy;
-  const double ev = opt.modeled_costs ? std::accumulate(wv.begin(), wv.end(), 0.0) : values.energy;
-  const int64_t total = budget_bits(2.0 * opt.budget_bits_per_element, d);
-  const auto pk = optimal_plans(tk, total), pv = optimal_plans(tv, total);
-  const KvSplit split = choose_kv_split(pk, ek, pv, ev, total, opt.k_weight, opt.v_weight);
-  const SegmentPlan& plan_k = pk[split.k_bits];
-  const SegmentPlan& plan_v = pv[split.v_bits];
+  ek_ = opt.modeled_costs ? std::accumulate(wk.begin(), wk.end(), 0.0) : keys.energy;
+  ev_ = opt.modeled_costs ? std::accumulate(wv.begin(), wv.end(), 0.0) : values.energy;
+  total_ = budget_bits(2.0 * opt.budget_bits_per_element, d);
+  pk_ = optimal_plans(tk, total_);
+  pv_ = optimal_plans(tv, total_);
+}
+
+LayerChoice SpectralLayerSearch::choose(double k_weight, double v_weight) const {
+  const int64_t d = keys_.dim;
+  const SpectralOptions& opt = opt_;
+  const KvSplit split = choose_kv_split(pk_, ek_, pv_, ev_, total_, k_weight, v_weight);
+  if (!std::isfinite(split.objective))
+    throw Error("spectral_layer", ::fmt::format("no segment layout fits {} bits per K+V head vector pair at head_dim {}",
+                                                total_, d));
+  const SegmentPlan& plan_k = pk_[split.k_bits];
+  const SegmentPlan& plan_v = pv_[split.v_bits];
   // With modelled costs nothing was measured, so a mix is applied wherever the segment has bits (the formula
   // assumes the error spreads evenly over the segment, which is what the mix makes true).
   auto mixes = [&](const SegmentPlan& p) {
@@ -222,11 +231,16 @@ LayerChoice spectral_layer(const ObjectiveSamples& keys, const ObjectiveSamples&
   };
   const CayleyOptions* refine = opt.optimize_rotation ? &opt.cayley : nullptr;
   LayerChoice c;
-  c.k = finish_tensor(keys, int_spec(plan_k.segments), apply_segment_mixes(rk, d, plan_k.segments, mixes(plan_k)),
+  c.k = finish_tensor(keys_, int_spec(plan_k.segments), apply_segment_mixes(rk_, d, plan_k.segments, mixes(plan_k)),
                       opt.clip_grid, refine, segments_text(plan_k.segments));
-  c.v = finish_tensor(values, int_spec(plan_v.segments), apply_segment_mixes(rv, d, plan_v.segments, mixes(plan_v)),
+  c.v = finish_tensor(values_, int_spec(plan_v.segments), apply_segment_mixes(rv_, d, plan_v.segments, mixes(plan_v)),
                       opt.clip_grid, refine, segments_text(plan_v.segments));
   return c;
+}
+
+LayerChoice spectral_layer(const ObjectiveSamples& keys, const ObjectiveSamples& values,
+                           const SpectralOptions& opt) {
+  return SpectralLayerSearch(keys, values, opt).choose(opt.k_weight, opt.v_weight);
 }
 
 LayerChoice uniform_layer(const ObjectiveSamples& keys, const ObjectiveSamples& values, std::vector<double> k_rotation,

@@ -12,6 +12,7 @@
 
 #include "formats/bundle.h"
 #include "formats/kv_quant_spec.h"
+#include "lib/calib/bit_allocation.h"
 #include "lib/calib/error_report.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/rotation_opt.h"
@@ -66,9 +67,10 @@ struct SpectralOptions {
   double budget_bits_per_element = 2.28;  // mean over K and V of bits/element, metadata included
   int64_t align = 16;                     // segment boundaries on multiples of this
   std::vector<int32_t> widths = {0, 1, 2, 3, 4};
-  // objective = k_weight·J_K + v_weight·J_V. K is weighted 4× because on qwen3-tiny-trained the KL to BF16
-  // follows the key error far more than the value error (docs/results.md: weight 1 wins on J_K + J_V and loses on
-  // KL; weight 4 halves the KL of Hadamard INT2).
+  // objective = k_weight·J_K + v_weight·J_V. On qwen3-tiny-trained the KL to BF16 follows the key error far more
+  // than the value error (docs/results.md: weight 1 wins on J_K + J_V and loses on KL; 4 halves Hadamard's KL), but
+  // 4 was picked after looking at eval text: `oscar calibrate` selects it on calibration data instead
+  // (spectral_calibration.h); this default only serves spectral_layer() callers such as the ablation bench.
   double k_weight = 4.0, v_weight = 1.0;
   bool segment_mix = true;                // allow a Hadamard/DCT mix inside a segment
   bool modeled_costs = false;             // choose segments from the spectrum formula instead of measuring
@@ -88,6 +90,25 @@ std::vector<double> ordered_value_basis(const ObjectiveSamples& values, std::vec
 // The spectral allocation of one layer (fit samples only).
 LayerChoice spectral_layer(const ObjectiveSamples& keys, const ObjectiveSamples& values,
                            const SpectralOptions& options);
+
+// spectral_layer split in two: the bases, segment-cost tables and DP plans (the expensive part, independent of the
+// K/V weights) are made once, then choose() runs the K/V split and the clip tuning for any weights, so a grid of
+// k_weight candidates costs one measurement. choose(o.k_weight, o.v_weight) == spectral_layer(keys, values, o).
+// Holds references to the samples: they must outlive the search.
+class SpectralLayerSearch {
+ public:
+  SpectralLayerSearch(const ObjectiveSamples& keys, const ObjectiveSamples& values, const SpectralOptions& options);
+  LayerChoice choose(double k_weight, double v_weight) const;
+
+ private:
+  const ObjectiveSamples& keys_;
+  const ObjectiveSamples& values_;
+  SpectralOptions opt_;
+  std::vector<double> rk_, rv_;
+  double ek_ = 0, ev_ = 0;
+  int64_t total_ = 0;
+  std::vector<SegmentPlan> pk_, pv_;
+};
 
 // A uniform baseline: whole-head `bits` for K and V, the given rotations, per-tensor tuned clip on the fit samples;
 // optionally Cayley-refined (then the clip is re-tuned).

@@ -43,13 +43,15 @@ class CalibrateCli : public ::testing::Test {
     text_ = (fixtures_dir() / kText).string();
     dir_ = temp_dir_for_test();
   }
-  // A small calibration: 6 sequences of 64 tokens, 2 held-out, windows shrunk to fit the short sequences.
+  // A small calibration: 6 sequences of 64 tokens, 2 held-out, windows shrunk to fit the short sequences. The
+  // published method (the CLI's default, spectral, needs --budget-bits >= 5 at this head_dim 8; see
+  // test_calibrate_method_cli.cpp).
   // `extra` flags replace the defaults' values or are appended. Logs below warnings are off, so stderr holds only
   // warnings and the one error line.
   std::vector<std::string> args(const fs::path& out, std::vector<std::string> extra = {}) const {
     std::vector<std::string> a = {"calibrate", "--model", model_, "--data", text_, "--out", out.string(),
                                   "--num-seqs", "6", "--seq-len", "64", "--heldout-seqs", "2", "--sink", "16",
-                                  "--recent", "16", "--seed", "3", "--log-level", "warn"};
+                                  "--recent", "16", "--seed", "3", "--log-level", "warn", "--method", "published"};
     for (size_t i = 0; i < extra.size(); ++i) {
       const bool has_value = i + 1 < extra.size() && extra[i + 1].rfind("--", 0) != 0;
       const auto it = std::find(a.begin(), a.end(), extra[i]);

@@ -1,0 +1,242 @@
+#include "lib/calib/spectral_calibration.h"
+
+#include <fmt/format.h>
+#include <tbb/parallel_for.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "formats/error.h"
+#include "lib/calib/quantizer_ref.h"
+
+namespace oscar::calib {
+
+AttentionSequenceCollector::AttentionSequenceCollector(const StatisticsShape& shape)
+    : shape_(shape), layers_(static_cast<size_t>(shape.num_layers)) {}
+
+void AttentionSequenceCollector::begin_sequence() {
+  for (auto& l : layers_) l.emplace_back();
+}
+
+void AttentionSequenceCollector::on_attention_inputs(const model::AttentionInputs& in) {
+  if (in.layer < 0 || in.layer >= shape_.num_layers || in.num_heads != shape_.num_heads ||
+      in.num_kv_heads != shape_.num_kv_heads || in.head_dim != shape_.head_dim)
+    throw Error("AttentionSequenceCollector", ::fmt::format("attention inputs of layer {} do not match the model shape",
+                                                            in.layer));
+  auto& seqs = layers_[in.layer];
+  if (seqs.empty()) throw Error("AttentionSequenceCollector", "begin_sequence() was not called");
+  AttentionSequence& s = seqs.back();
+  if (in.pos0 != s.tokens)
+    throw Error("AttentionSequenceCollector",
+                ::fmt::format("layer {}: call at position {} but {} tokens were seen", in.layer, in.pos0, s.tokens));
+  const int64_t T = in.num_tokens, d = shape_.head_dim, n = s.tokens + T;
+  // Head-major storage: appending a call regroups what is there (sequences are delivered in one call normally).
+  auto append = [&](std::vector<float>& dst, const float* src, int64_t heads) {
+    std::vector<float> out(static_cast<size_t>(heads * n * d));
+    for (int64_t h = 0; h < heads; ++h) {
+      std::copy_n(dst.begin() + h * s.tokens * d, s.tokens * d, out.begin() + h * n * d);
+      std::copy_n(src + h * T * d, T * d, out.begin() + h * n * d + s.tokens * d);
+    }
+    dst = std::move(out);
+  };
+  append(s.q, in.q, shape_.num_heads);
+  append(s.k, in.k, shape_.num_kv_heads);
+  append(s.v, in.v, shape_.num_kv_heads);
+  s.tokens = n;
+}
+
+std::vector<std::vector<AttentionSequence>> AttentionSequenceCollector::finish() { return std::move(layers_); }
+
+LayerQuantization layer_quantization(const fmt::LayerCalibration& layer, const fmt::KvQuantSpec& global,
+                                     int64_t groups) {
+  LayerQuantization q;
+  q.k = global.k;
+  q.v = global.v;
+  if (!layer.k_segments.empty()) q.k.segments = layer.k_segments;
+  if (!layer.v_segments.empty()) q.v.segments = layer.v_segments;
+  q.k.clip_ratio = layer.k_clip_ratio;
+  q.v.clip_ratio = layer.v_clip_ratio;
+  q.k_rotation = layer.k_rotation;
+  q.v_rotation = layer.v_rotation;
+  q.groups = groups;
+  return q;
+}
+
+AttentionError attention_output_error(const std::vector<AttentionSequence>& sequences, int64_t num_heads,
+                                      int64_t num_kv_heads, int64_t d, const LayerQuantization& quant, int64_t sink,
+                                      int64_t recent, int64_t max_queries) {
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0)
+    throw Error("attention_output_error", ::fmt::format("{} heads over {} KV heads", num_heads, num_kv_heads));
+  const int64_t g = num_heads / num_kv_heads;
+  const HeadQuantizer kq(quant.k, d, "attention proxy (k)"), vq(quant.v, d, "attention proxy (v)");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  AttentionError total;
+  for (const AttentionSequence& s : sequences) {
+    const int64_t T = s.tokens, first = sink + recent;
+    if (T <= first) continue;
+    const int64_t readers = T - first;
+    const int64_t stride = max_queries > 0 ? std::max<int64_t>(1, (readers + max_queries - 1) / max_queries) : 1;
+    std::vector<int64_t> queries;
+    for (int64_t t = first; t < T; t += stride) queries.push_back(t);
+    // Per query head: error and energy, summed afterwards in head order (deterministic under parallelism).
+    std::vector<AttentionError> per_head(static_cast<size_t>(num_heads));
+    std::vector<float> kh(static_cast<size_t>(num_kv_heads * T * d)), vh(kh.size());
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const int64_t grp = quant.groups == 1 ? 0 : h;
+      const auto kr = std::span<const float>(quant.k_rotation).subspan(grp * d * d, d * d);
+      const auto vr = std::span<const float>(quant.v_rotation).subspan(grp * d * d, d * d);
+      kq.fake_quantize(std::span<const float>(s.k).subspan(h * T * d, T * d), T, kr, quant.k.clip_ratio,
+                       Basis::Original, std::span<float>(kh).subspan(h * T * d, T * d));
+      vq.fake_quantize(std::span<const float>(s.v).subspan(h * T * d, T * d), T, vr, quant.v.clip_ratio,
+                       Basis::Original, std::span<float>(vh).subspan(h * T * d, T * d));
+    }
+    tbb::parallel_for(int64_t{0}, num_heads, [&](int64_t i) {
+      const int64_t h = i / g;
+      const float* K = s.k.data() + h * T * d;
+      const float* V = s.v.data() + h * T * d;
+      const float* Kq = kh.data() + h * T * d;
+      const float* Vq = vh.data() + h * T * d;
+      std::vector<double> l(static_cast<size_t>(T)), lq(l.size()), o(static_cast<size_t>(d)), oq(o.size());
+      AttentionError acc;
+      for (int64_t sq : queries) {
+        const float* q = s.q.data() + (i * T + sq) * d;
+        const int64_t last_quantized = sq - recent;  // keys [sink, last_quantized] are read quantized
+        double m = -INFINITY, mq = -INFINITY;
+        for (int64_t t = 0; t <= sq; ++t) {
+          double a = 0, b = 0;
+          for (int64_t j = 0; j < d; ++j) a += static_cast<double>(q[j]) * K[t * d + j];
+          if (t >= sink && t <= last_quantized) {
+            for (int64_t j = 0; j < d; ++j) b += static_cast<double>(q[j]) * Kq[t * d + j];
+          } else {
+            b = a;
+          }
+          l[t] = a * scale;
+          lq[t] = b * scale;
+          m = std::max(m, l[t]);
+          mq = std::max(mq, lq[t]);
+        }
+        double z = 0, zq = 0;
+        for (int64_t t = 0; t <= sq; ++t) {
+          l[t] = std::exp(l[t] - m);
+          lq[t] = std::exp(lq[t] - mq);
+          z += l[t];
+          zq += lq[t];
+        }
+        std::fill(o.begin(), o.end(), 0.0);
+        std::fill(oq.begin(), oq.end(), 0.0);
+        for (int64_t t = 0; t <= sq; ++t) {
+          const float* vt = (t >= sink && t <= last_quantized) ? Vq + t * d : V + t * d;
+          const double p = l[t] / z, pq = lq[t] / zq;
+          for (int64_t j = 0; j < d; ++j) {
+            o[j] += p * V[t * d + j];
+            oq[j] += pq * vt[j];
+          }
+        }
+        for (int64_t j = 0; j < d; ++j) {
+          acc.error += (oq[j] - o[j]) * (oq[j] - o[j]);
+          acc.energy += o[j] * o[j];
+        }
+      }
+      per_head[i] = acc;
+    });
+    for (const auto& a : per_head) {
+      total.error += a.error;
+      total.energy += a.energy;
+    }
+  }
+  return total;
+}
+
+int64_t spectral_align(int64_t head_dim) { return head_dim % 16 == 0 ? 16 : head_dim; }
+
+void validate_spectral_options(const SpectralCalibrationOptions& o, int64_t d) {
+  const SpectralOptions& s = o.spectral;
+  if (!std::isfinite(s.budget_bits_per_element) || s.budget_bits_per_element <= 0)
+    throw Error("--budget-bits", ::fmt::format("must be a positive number, got {}", s.budget_bits_per_element));
+  if (s.widths.empty()) throw Error("--widths", "needs at least one width");
+  std::set<int32_t> seen;
+  int32_t min_positive = 0;
+  for (int32_t w : s.widths) {
+    if (w < 0 || w > 8) throw Error("--widths", ::fmt::format("width {} is outside 0..8", w));
+    if (!seen.insert(w).second) throw Error("--widths", ::fmt::format("width {} is listed twice", w));
+    if (w > 0 && (min_positive == 0 || w < min_positive)) min_positive = w;
+  }
+  if (min_positive == 0) throw Error("--widths", "needs a positive width (0 alone stores nothing)");
+  if (s.align <= 0 || d % s.align != 0)
+    throw Error("--widths", ::fmt::format("segment alignment {} does not divide head_dim {}", s.align, d));
+  const int64_t need = 2 * (s.align * min_positive + 32);
+  if (budget_bits(2.0 * s.budget_bits_per_element, d) < need)
+    throw Error("--budget-bits",
+                ::fmt::format("{} bits/element is below the smallest spectral layout at head_dim {} ({:.4g} bits/element: "
+                              "one {}-dim segment of {} bit(s) plus its fp16 scale and zero, for K and for V); use "
+                              "--method published or raise --budget-bits",
+                              s.budget_bits_per_element, d, static_cast<double>(need) / (2.0 * d), s.align,
+                              min_positive));
+  if (o.k_weight < 0 || !std::isfinite(o.k_weight))
+    throw Error("--k-weight", ::fmt::format("must be a positive number or auto, got {}", o.k_weight));
+  if (o.k_weight == 0) {
+    if (o.k_weight_grid.empty()) throw Error("--k-weight-grid", "needs at least one value");
+    for (double w : o.k_weight_grid)
+      if (!(w > 0) || !std::isfinite(w)) throw Error("--k-weight-grid", ::fmt::format("value {} is not positive", w));
+  }
+  if (o.fit_tokens < 1) throw Error("--spectral-fit-tokens", "must be >= 1");
+  if (o.proxy_queries < 1) throw Error("--proxy-queries", "must be >= 1");
+}
+
+SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
+                                         const std::vector<std::vector<AttentionSequence>>& select, int64_t num_heads,
+                                         const fmt::KvQuantSpec& windows, const SpectralCalibrationOptions& o) {
+  const int64_t L = static_cast<int64_t>(fit.size());
+  if (L == 0) throw Error("spectral_calibration", "no layers");
+  const int64_t d = fit[0].head_dim, Hkv = fit[0].num_kv_heads;
+  validate_spectral_options(o, d);
+  const std::vector<double> grid = o.k_weight > 0 ? std::vector<double>{o.k_weight} : o.k_weight_grid;
+  if (grid.size() > 1 && (static_cast<int64_t>(select.size()) != L || select[0].empty()))
+    throw Error("spectral_calibration", "choosing --k-weight needs selection sequences");
+  SpectralCalibration out;
+  out.candidates.resize(grid.size());
+  for (size_t c = 0; c < grid.size(); ++c) {
+    out.candidates[c].k_weight = grid[c];
+    out.candidates[c].layers.resize(static_cast<size_t>(L));
+    out.candidates[c].proxy.assign(static_cast<size_t>(L), 0.0);
+  }
+  fmt::KvQuantSpec global = windows;
+  for (int64_t l = 0; l < L; ++l) {
+    LayerSamples ls;
+    ls.base = fit[l];
+    const ObjectiveSamples keys = key_objective_samples(ls, false, {}, o.fit_tokens);
+    const ObjectiveSamples values = value_objective_samples(ls, o.fit_tokens);
+    const SpectralLayerSearch search(keys, values, o.spectral);
+    for (size_t c = 0; c < grid.size(); ++c) {
+      SpectralCandidate& cand = out.candidates[c];
+      cand.layers[l] = search.choose(grid[c], o.spectral.v_weight);
+      if (!select.empty() && !select[l].empty()) {
+        const fmt::LayerCalibration lc = to_layer_calibration(cand.layers[l], global);
+        cand.proxy[l] = attention_output_error(select[l], num_heads, Hkv, d, layer_quantization(lc, global, 1),
+                                               windows.sink_tokens, windows.recent_tokens, o.proxy_queries)
+                            .relative();
+      }
+    }
+  }
+  for (size_t c = 0; c < grid.size(); ++c) {
+    auto& cand = out.candidates[c];
+    for (double p : cand.proxy) cand.proxy_mean += p / static_cast<double>(L);
+    if (cand.proxy_mean < out.candidates[out.chosen].proxy_mean) out.chosen = c;
+  }
+  return out;
+}
+
+std::string join_numbers(std::span<const double> xs) {
+  std::string s;
+  for (double x : xs) s += (s.empty() ? "" : ",") + ::fmt::format("{:.6g}", x);
+  return s;
+}
+
+std::string join_numbers(std::span<const int32_t> xs) {
+  std::string s;
+  for (int32_t x : xs) s += (s.empty() ? "" : ",") + std::to_string(x);
+  return s;
+}
+
+}  // namespace oscar::calib

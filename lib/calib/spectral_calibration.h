@@ -1,0 +1,108 @@
+#pragma once
+// The spectral method inside `oscar calibrate --method spectral` (docs/method.md, "The spectral method in oscar
+// calibrate"): per-layer segment allocations fitted on held-out calibration samples (lib/calib/spectral.h), and the
+// K/V weight of the split chosen on OTHER held-out calibration sequences by an attention-output proxy — never on
+// evaluation text.
+//
+// Why a proxy beyond J_K + J_V: the relative key and value errors are in different units of harm (a logit error
+// goes through a softmax, a value error straight into the output), so their best weighting depends on the model
+// (docs/results.md: weight 1 loses in KL, 4 wins on qwen3-tiny-trained). The attention output of the layer is where
+// both meet: for a query s that reads the quantized cache,
+//     o_s = softmax(q_s Kᵀ/√d) V,   ô_s = the same with k̂_t, v̂_t for the tokens the cache stores quantized
+//     E = Σ_{heads, s} ‖ô_s − o_s‖² / Σ ‖o_s‖²     (per layer; the proxy is the mean over layers)
+// which weighs a key error by how much it moves the softmax and a value error by how much weight it is read with.
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "formats/bundle.h"
+#include "formats/kv_quant_spec.h"
+#include "lib/calib/spectral.h"
+#include "lib/calib/statistics.h"
+#include "lib/model/observer.h"
+
+namespace oscar::calib {
+
+// One whole sequence of one layer, as attention reads it (post-RoPE q and k).
+struct AttentionSequence {
+  int64_t tokens = 0;
+  std::vector<float> q;  // [num_heads, tokens, d]
+  std::vector<float> k;  // [num_kv_heads, tokens, d]
+  std::vector<float> v;  // [num_kv_heads, tokens, d]
+};
+
+// Keeps whole sequences (every layer); a runner may deliver one sequence in several calls (pos0 > 0).
+class AttentionSequenceCollector : public model::Observer {
+ public:
+  explicit AttentionSequenceCollector(const StatisticsShape& shape);
+  void begin_sequence();
+  void on_attention_inputs(const model::AttentionInputs& in) override;
+  // [layer][sequence]
+  std::vector<std::vector<AttentionSequence>> finish();
+
+ private:
+  StatisticsShape shape_;
+  std::vector<std::vector<AttentionSequence>> layers_;
+};
+
+// How one layer is stored: rotations [groups, d, d] (groups 1 or num_kv_heads), specs with their clip ratios.
+struct LayerQuantization {
+  fmt::TensorQuantSpec k, v;
+  std::vector<float> k_rotation, v_rotation;
+  int64_t groups = 1;
+};
+// From a bundle layer (its own segments and clip ratios over the bundle's global spec).
+LayerQuantization layer_quantization(const fmt::LayerCalibration& layer, const fmt::KvQuantSpec& global,
+                                     int64_t groups);
+
+// E above for one layer over `sequences`, the cache keeping tokens < sink and the query's last `recent` tokens
+// exact (eval's decode-cache rule: key t is quantized for query s iff sink <= t <= s − recent). Queries: positions
+// >= sink + recent (the ones that read quantized keys), every stride-th so at most max_queries per sequence.
+// Returns 0/0 = 0 when no query reads the quantized cache.
+struct AttentionError {
+  double error = 0;   // Σ ‖ô − o‖²
+  double energy = 0;  // Σ ‖o‖²
+  double relative() const { return energy > 0 ? error / energy : 0.0; }
+};
+AttentionError attention_output_error(const std::vector<AttentionSequence>& sequences, int64_t num_heads,
+                                      int64_t num_kv_heads, int64_t head_dim, const LayerQuantization& quant,
+                                      int64_t sink, int64_t recent, int64_t max_queries);
+
+struct SpectralCalibrationOptions {
+  SpectralOptions spectral;                        // budget, widths, Cayley; its k_weight is ignored (below)
+  double k_weight = 0;                             // > 0: fixed (--k-weight); 0: chosen from k_weight_grid
+  std::vector<double> k_weight_grid = {1, 2, 4, 8};
+  int64_t fit_tokens = 2048;                       // per KV head, strided subsample of the fit samples
+  int64_t proxy_queries = 256;                     // per selection sequence and layer
+};
+
+// The smallest head vector pair a spectral layout can store: K and V each one `align`-wide segment at the smallest
+// positive width, plus its fp16 scale and zero. A budget below it (e.g. 2.28 bits/element at head_dim 8, where the
+// metadata alone costs 4 bits/element) is an oscar::Error naming --budget-bits.
+int64_t spectral_align(int64_t head_dim);
+void validate_spectral_options(const SpectralCalibrationOptions& options, int64_t head_dim);
+
+struct SpectralCandidate {
+  double k_weight = 0;
+  std::vector<LayerChoice> layers;
+  std::vector<double> proxy;  // per layer relative attention-output error on the selection sequences
+  double proxy_mean = 0;
+};
+struct SpectralCalibration {
+  std::vector<SpectralCandidate> candidates;  // the grid in order (one entry when k_weight is fixed)
+  size_t chosen = 0;                          // least proxy_mean; ties to the earlier grid entry
+  const SpectralCandidate& best() const { return candidates[chosen]; }
+};
+// fit: per layer held-out samples of the fit sequences; select: [layer][sequence] of the selection sequences
+// (may be empty only with a fixed k_weight). windows: sink / recent of the cache.
+SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
+                                         const std::vector<std::vector<AttentionSequence>>& select,
+                                         int64_t num_heads, const fmt::KvQuantSpec& windows,
+                                         const SpectralCalibrationOptions& options);
+
+// "0,1,2,3,4" / "1,2,4,8" — how the lists are written in the bundle's provenance and parsed from the CLI.
+std::string join_numbers(std::span<const double> xs);
+std::string join_numbers(std::span<const int32_t> xs);
+
+}  // namespace oscar::calib

@@ -1,0 +1,163 @@
+// `oscar calibrate --method spectral|published` and `--rotation` on the CPU, on the real TinyStories llama2.c 280k
+// checkpoint (head_dim 8, so the spectral budget must be raised: its scale/zero metadata alone is 4 bits/element).
+// Flags must be recorded in the bundle, repeat runs must give the same bytes, and bad values must be one clear
+// error line naming the flag.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+
+#include "formats/bundle.h"
+#include "lib/calib/rotation.h"
+#include "run_oscar.h"
+#include "test_support.h"
+
+namespace oscar::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kModel = "models/tinystories-llama2c-280k-hf";
+constexpr const char* kText = "text/tinystories-sample.txt";
+
+class CalibrateMethodCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    OSCAR_REQUIRE_FIXTURE(kModel);
+    OSCAR_REQUIRE_FIXTURE(kText);
+    model_ = (fixtures_dir() / kModel).string();
+    text_ = (fixtures_dir() / kText).string();
+    dir_ = temp_dir_for_test();
+  }
+  std::vector<std::string> args(const fs::path& out, const std::vector<std::string>& extra) const {
+    std::vector<std::string> a = {"calibrate", "--model", model_, "--data", text_, "--out", out.string(),
+                                  "--num-seqs", "4", "--seq-len", "64", "--heldout-seqs", "3", "--sink", "16",
+                                  "--recent", "16", "--seed", "5", "--log-level", "warn"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+  static std::string option(const fmt::Bundle& b, const std::string& key) {
+    for (const auto& [k, v] : b.calibration.options)
+      if (k == key) return v;
+    return "(absent)";
+  }
+  std::string model_, text_;
+  fs::path dir_;
+};
+
+TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterministic) {
+  const std::vector<std::string> spectral = {"--budget-bits", "6", "--widths", "0,2,3,4", "--k-weight-grid", "1,4"};
+  const RunResult a = run_oscar(args(dir_ / "a.oscar", spectral));
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  const RunResult b = run_oscar(args(dir_ / "b.oscar", spectral));
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_EQ(slurp(dir_ / "a.oscar"), slurp(dir_ / "b.oscar"));
+  EXPECT_NE(a.out.find("Spectral allocation"), std::string::npos) << a.out;
+
+  const fmt::Bundle bundle = fmt::read_bundle(dir_ / "a.oscar");
+  EXPECT_EQ(bundle.rotation_composition, "spectral");
+  EXPECT_EQ(option(bundle, "method"), "spectral");
+  EXPECT_EQ(option(bundle, "budget_bits"), "6");
+  EXPECT_EQ(option(bundle, "widths"), "0,2,3,4");
+  EXPECT_EQ(option(bundle, "k_weight_mode"), "auto");
+  EXPECT_EQ(option(bundle, "k_weight_grid"), "1,4");
+  EXPECT_EQ(option(bundle, "cayley"), "false");
+  const std::string chosen = option(bundle, "k_weight");
+  EXPECT_TRUE(chosen == "1" || chosen == "4") << chosen;
+  EXPECT_NE(option(bundle, "k_weight_proxy").find(",oscar+tuned_clip:"), std::string::npos);  // the baseline
+  // Report rows: the chosen one and each candidate, next to the published rows.
+  for (const char* row : {"spectral", "spectral(k_weight=1)", "spectral(k_weight=4)", "oscar+tuned_clip"})
+    EXPECT_NE(std::find(bundle.errors.rows.begin(), bundle.errors.rows.end(), row), bundle.errors.rows.end()) << row;
+  const int64_t d = bundle.quant.head_dim;
+  for (size_t l = 0; l < bundle.layers.size(); ++l) {
+    const fmt::KvQuantSpec s = fmt::layer_spec(bundle, l);
+    s.validate("layer");  // segments tile [0, d)
+    for (const auto* t : {&s.k, &s.v})
+      for (const auto& seg : t->segments) {
+        EXPECT_NE(seg.bits, 1) << "width 1 was not allowed";
+      }
+    EXPECT_LE(0.5 * (s.k.bits_per_element(d) + s.v.bits_per_element(d)), 6.0 + 1e-12) << "layer " << l;
+    EXPECT_LT(calib::orthogonality_error(std::vector<double>(bundle.layers[l].k_rotation.begin(),
+                                                             bundle.layers[l].k_rotation.end()),
+                                         d),
+              1e-5);
+  }
+}
+
+TEST_F(CalibrateMethodCli, FixedKWeightAndJson) {
+  const RunResult r = run_oscar(args(dir_ / "f.oscar", {"--budget-bits", "6", "--k-weight", "2", "--json"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("method"), "spectral");
+  EXPECT_EQ(j.at("k_weight"), "2");
+  EXPECT_EQ(j.at("rotation_composition"), "spectral");
+  const fmt::Bundle b = fmt::read_bundle(dir_ / "f.oscar");
+  EXPECT_EQ(option(b, "k_weight_mode"), "fixed");
+  EXPECT_EQ(option(b, "k_weight_grid"), "(absent)");
+}
+
+TEST_F(CalibrateMethodCli, PublishedRotationsAreStoredAndRecorded) {
+  const RunResult o = run_oscar(args(dir_ / "o.oscar", {"--method", "published"}));
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  const fmt::Bundle ob = fmt::read_bundle(dir_ / "o.oscar");
+  EXPECT_EQ(ob.rotation_composition, "eigen*hadamard*bitrev");
+  // The default published bundle adds no provenance keys, so it stays byte-identical to earlier releases.
+  EXPECT_EQ(option(ob, "method"), "(absent)");
+  EXPECT_EQ(option(ob, "rotation"), "(absent)");
+
+  const int64_t d = 8;
+  const std::vector<double> h = calib::hadamard(d);
+  for (const auto& [name, composition] : std::vector<std::pair<std::string, std::string>>{
+           {"hadamard", "hadamard"}, {"none", "none"}, {"eigen", "eigen"}}) {
+    const fs::path out = dir_ / (name + ".oscar");
+    const RunResult r = run_oscar(args(out, {"--method", "published", "--rotation", name}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const fmt::Bundle b = fmt::read_bundle(out);
+    EXPECT_EQ(b.rotation_composition, composition);
+    EXPECT_EQ(option(b, "rotation"), name);
+    EXPECT_NE(std::find(b.errors.rows.begin(), b.errors.rows.end(), name + "+tuned_clip"), b.errors.rows.end());
+    // Same statistics: the eigenvalues equal the default bundle's; the rotation is the one asked for.
+    EXPECT_EQ(b.layers[0].k_eigenvalues, ob.layers[0].k_eigenvalues);
+    for (int64_t i = 0; i < d * d; ++i) {
+      const double want = name == "hadamard" ? h[i] : name == "none" ? (i / d == i % d ? 1.0 : 0.0) : NAN;
+      if (!std::isnan(want)) EXPECT_FLOAT_EQ(b.layers[0].k_rotation[i], static_cast<float>(want)) << name << " " << i;
+    }
+    if (name == "eigen") EXPECT_NE(b.layers[0].k_rotation, ob.layers[0].k_rotation);
+  }
+}
+
+TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
+  struct Case {
+    std::vector<std::string> extra;
+    std::string expect;  // substring of the error line
+  };
+  const std::vector<Case> cases = {
+      {{"--method", "magic"}, "--method"},
+      {{"--method", "published", "--rotation", "random"}, "--rotation"},
+      {{"--rotation", "hadamard"}, "--rotation"},                           // spectral has no --rotation
+      {{"--method", "published", "--budget-bits", "3"}, "--budget-bits"},  // spectral-only flag
+      {{}, "--budget-bits"},                                                // default 2.28 cannot fit head_dim 8
+      {{"--budget-bits", "6", "--k-weight", "-1"}, "--k-weight"},
+      {{"--budget-bits", "6", "--k-weight", "heavy"}, "--k-weight"},
+      {{"--budget-bits", "6", "--widths", "0,9"}, "--widths"},
+      {{"--budget-bits", "6", "--widths", "0"}, "--widths"},
+      {{"--budget-bits", "6", "--k-weight-grid", "1,0"}, "--k-weight-grid"},
+      {{"--budget-bits", "nan"}, "--budget-bits"},
+      {{"--budget-bits", "6", "--heldout-seqs", "1"}, "--heldout-seqs"},
+      {{"--budget-bits", "6", "--per-head"}, "--per-head"},
+  };
+  for (const Case& c : cases) {
+    const fs::path out = dir_ / "bad.oscar";
+    const RunResult r = run_oscar(args(out, c.extra));
+    std::string cmd;
+    for (const auto& x : c.extra) cmd += x + " ";
+    EXPECT_NE(r.exit_code, 0) << cmd;
+    EXPECT_NE(r.err.find(c.expect), std::string::npos) << cmd << ": " << r.err;
+    EXPECT_FALSE(fs::exists(out)) << cmd;
+  }
+}
+
+}  // namespace
+}  // namespace oscar::test
