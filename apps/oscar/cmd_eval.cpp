@@ -36,6 +36,8 @@ struct EvalCliOptions {
   int64_t sink = -1;    // -1: the bundle's spec, else 64
   int64_t recent = -1;  // -1: the bundle's spec, else 256
   bool no_windows = false;
+  int64_t kivi_residual = 128;  // KIVI's own bf16 residual; small models need it scaled with their context
+  std::string oscar_clip;       // "K,V": replaces the bundle's per-layer clip ratios (ablation); empty: the bundle's
   int64_t greedy_prompts = 2;
   int64_t greedy_tokens = 32;
   bool passkey = false;
@@ -51,6 +53,7 @@ struct EvalCliOptions {
   int64_t gpu_batch = 16;  // teacher-forced sequences and greedy prompts of a context in one batch
   int64_t prefill_tokens = 1;
   bool cpu_fallback = false;
+  bool fold_v = false;
 };
 
 std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
@@ -73,8 +76,27 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
   return values;
 }
 
+// "0.96,0.92" -> (0.96, 0.92), each in (0, 1].
+std::pair<float, float> parse_clip_pair(const std::string& text) {
+  const size_t comma = text.find(',');
+  auto one = [&](const std::string& item) {
+    double v = -1;
+    try {
+      size_t used = 0;
+      v = std::stod(item, &used);
+      if (used != item.size()) v = -1;
+    } catch (const std::exception&) {
+    }
+    if (!(v > 0 && v <= 1)) throw Error("--oscar-clip", ::fmt::format("'{}' is not a clip ratio in (0, 1]", item));
+    return static_cast<float>(v);
+  };
+  if (comma == std::string::npos) throw Error("--oscar-clip", ::fmt::format("'{}' is not K,V (e.g. 0.96,0.92)", text));
+  return {one(text.substr(0, comma)), one(text.substr(comma + 1))};
+}
+
 int run_eval(const EvalCliOptions& o) {
   const bool on_gpu = o.device == "cuda";
+  if (o.fold_v && !on_gpu) throw Error("--fold-v", "folds R_v into the GPU engine's weights: add --device cuda");
 #ifndef OSCAR_HAVE_CUDA
   if (on_gpu) throw Error("--device cuda", "this build has no CUDA runtime (built without nvcc); use --device cpu");
 #endif
@@ -91,11 +113,22 @@ int run_eval(const EvalCliOptions& o) {
       throw Error(o.bundle, ::fmt::format("calibrated on another checkpoint than {} (model fingerprint differs)",
                                           o.model_dir));
   }
+  if (!o.oscar_clip.empty()) {
+    if (!bundle) throw Error("--oscar-clip", "needs --bundle (it replaces the bundle's clip ratios)");
+    const auto [k, v] = parse_clip_pair(o.oscar_clip);
+    // The rotation does not depend on the clip ratios (calibration tunes them after the rotation), so one bundle
+    // per rotation serves the clip-off / published / tuned ablation on both devices.
+    for (auto& layer : bundle->layers) {
+      layer.k_clip_ratio = k;
+      layer.v_clip_ratio = v;
+    }
+  }
 
   eval::EvalOptions opt;
   opt.modes = o.modes.empty() ? std::vector<eval::CacheMode>{} : eval::parse_cache_modes(o.modes, "--modes");
   // The default list on the GPU is what the engine implements (bf16, oscar, int2) unless --cpu-fallback.
-  const std::set<eval::CacheMode> engine_modes = {eval::CacheMode::BF16, eval::CacheMode::Oscar, eval::CacheMode::Int2};
+  const std::set<eval::CacheMode> engine_modes = {eval::CacheMode::BF16, eval::CacheMode::Oscar, eval::CacheMode::Int2,
+                                                  eval::CacheMode::Hadamard2};
   if (o.modes.empty())
     for (eval::CacheMode m : eval::kAllCacheModes)
       if ((m != eval::CacheMode::Oscar || bundle) && (!on_gpu || o.cpu_fallback || engine_modes.count(m)))
@@ -106,6 +139,8 @@ int run_eval(const EvalCliOptions& o) {
   if (o.sink >= 0) opt.mode_options.windows.sink = o.sink;
   if (o.recent >= 0) opt.mode_options.windows.recent = o.recent;
   if (o.no_windows) opt.mode_options.windows = {0, 0};
+  if (o.kivi_residual < 0) throw Error("--kivi-residual", "must be >= 0");
+  opt.mode_options.kivi_residual = o.kivi_residual;
   opt.mode_options.seed = o.seed;
   opt.mode_options.bundle = bundle.get();
   opt.greedy_prompts = o.greedy_prompts;
@@ -192,6 +227,7 @@ int run_eval(const EvalCliOptions& o) {
     gpu.schedule.batch = o.gpu_batch;
     gpu.schedule.prefill_tokens = o.prefill_tokens;
     gpu.cpu_fallback = o.cpu_fallback;
+    gpu.fold_v = o.fold_v;
     report = rt::evaluate_on_gpu(o.model_dir, tok.get(), data, opt, gpu, model.get());
 #endif
   } else {
@@ -217,9 +253,12 @@ int run_eval(const EvalCliOptions& o) {
                      {"passkey", o.passkey ? ::fmt::format("depths {}%, {} trial(s)", o.passkey_depths, o.passkey_trials)
                                            : "off"},
                      {"seed", std::to_string(o.seed)},
-                     {"device", on_gpu ? ::fmt::format("cuda (engine decode, batch {}, prefill {} token(s){})",
+                     {"oscar_clip", o.oscar_clip.empty() ? "bundle" : o.oscar_clip + " (override)"},
+                     {"fold_v", o.fold_v ? "on" : "off"},
+                     {"device", on_gpu ? ::fmt::format("cuda (engine decode, batch {}, prefill {} token(s){}{})",
                                                        o.gpu_batch, o.prefill_tokens,
-                                                       o.cpu_fallback ? ", CPU fallback" : "")
+                                                       o.cpu_fallback ? ", CPU fallback" : "",
+                                                       o.fold_v ? ", R_v folded into W_v/W_o" : "")
                                        : "cpu"}};
   if (o.timestamp) {
     const std::time_t now = std::time(nullptr);
@@ -254,6 +293,11 @@ OSCAR_REGISTER_COMMAND(
       sub.add_option("--recent", o->recent, "most recent tokens kept in bf16 (default: the bundle's, else 256)");
       sub.add_flag("--no-windows", o->no_windows, "sink 0 and recent 0: every cached token quantized (KIVI keeps its "
                                                   "residual)");
+      sub.add_option("--kivi-residual", o->kivi_residual,
+                     "kivi2's bf16 residual window in tokens (KIVI: 128); kivi2 reads max(--recent, this)")
+          ->capture_default_str();
+      sub.add_option("--oscar-clip", o->oscar_clip,
+                     "K,V clip ratios replacing the bundle's per-layer ones in the oscar mode (ablation; 1,1 = off)");
       sub.add_option("--greedy-prompts", o->greedy_prompts, "prompts per context for greedy agreement (0: off)")
           ->capture_default_str();
       sub.add_option("--greedy-tokens", o->greedy_tokens, "greedy tokens per prompt")->capture_default_str();
@@ -269,7 +313,9 @@ OSCAR_REGISTER_COMMAND(
                      "--device cuda: tokens prefilled before teacher-forced decoding (1 .. sink)")
           ->capture_default_str();
       sub.add_flag("--cpu-fallback", o->cpu_fallback,
-                   "--device cuda: run modes the GPU engine lacks (kivi2, hadamard2, int4, fp8) on the CPU");
+                   "--device cuda: run modes the GPU engine lacks (kivi2, int4, fp8) on the CPU");
+      sub.add_flag("--fold-v", o->fold_v,
+                   "--device cuda: fold R_v into W_v/W_o at load for oscar/hadamard2 (own weight copy per engine)");
       sub.add_option("--out", o->out, "output directory (created) for report.json, report.md, report.html")
           ->capture_default_str();
       sub.add_flag("--strict", o->strict, "refuse evaluation files that were part of the bundle's calibration data");

@@ -160,7 +160,10 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
       break;
     }
     case CacheMode::Kivi2: {
-      const int64_t gt = opt.kivi_key_group_tokens, gc = opt.kivi_value_group_channels;
+      const int64_t gt = opt.kivi_key_group_tokens;
+      // A head narrower than KIVI's channel group (llama2.c's head_dim 8/16) is one group: KIVI's per-token values
+      // then degrade to plain per-token INT2 rather than refusing the model.
+      const int64_t gc = std::min(opt.kivi_value_group_channels, d);
       if (gt < 1) throw Error(mode_where, "KIVI key group must be >= 1 token");
       if (gc < 1 || d % gc != 0)
         throw Error(mode_where, ::fmt::format("KIVI value group of {} channels does not divide head_dim {}", gc, d));

@@ -67,7 +67,7 @@ struct ModeOptions {
   CacheWindows windows;
   uint64_t seed = 0;                     // hadamard2's random signs (one sign vector per layer, K and V apart)
   int64_t kivi_key_group_tokens = 32;    // KIVI group size along tokens for per-channel keys
-  int64_t kivi_value_group_channels = 32;  // KIVI group size along channels for per-token values
+  int64_t kivi_value_group_channels = 32;  // KIVI group size along channels for per-token values (capped at head_dim)
   int64_t kivi_residual = 128;           // KIVI's bf16 residual: kivi2's recent window is at least this
   const fmt::Bundle* bundle = nullptr;   // needed by oscar (not owned; must outlive the CacheFormat)
 };

@@ -133,7 +133,10 @@ RetrievalPrompt make_retrieval_prompt(const fmt::Tokenizer& tok, RetrievalTask t
     p.answer = std::to_string(10000 + rng() % 90000);
     intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.";
-    needle = ::fmt::format(" The pass key is {0}. Remember it. {0} is the pass key.", p.answer);
+    // The key sentence three times, worded exactly as the question ends: a small model retrieves by copying
+    // (induction), and one mention loses against the filler's hundreds of "... is green." (qwen3-tiny-trained in
+    // bf16 answers "green" to the single-mention "The pass key is 68142. Remember it. 68142 is the pass key.").
+    needle = ::fmt::format(" The pass key is {0}. The pass key is {0}. The pass key is {0}.", p.answer);
     question = " What is the pass key? The pass key is";
     filler_units.push_back(
         tok.encode(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.", false));

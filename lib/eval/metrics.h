@@ -47,7 +47,8 @@ double percentile_nearest_rank(std::vector<double> values, double q);
 int64_t tokens_until_divergence(std::span<const int32_t> a, std::span<const int32_t> b);
 
 // Long-context retrieval. Passkey: "There is an important info hidden inside a lot of irrelevant text..." with a
-// random 5-digit pass key in repeated filler text, ending with a question whose answer is the key. Needle: a
+// random 5-digit pass key (stated three times in a row) in repeated filler text, ending with a question whose answer
+// is the key. Needle: a
 // random 7-digit "special magic number" for a random city, in prose filler from a fixed list of sentences.
 enum class RetrievalTask { Passkey, Needle };
 std::string_view retrieval_task_name(RetrievalTask task);  // "passkey", "needle"

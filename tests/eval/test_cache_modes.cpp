@@ -1,9 +1,11 @@
 // Cache formats and the window/mask rule of the eval simulation.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
+#include "formats/bundle.h"
 #include "formats/dtype.h"
 #include "formats/error.h"
 #include "formats/kv_layout.h"
@@ -123,6 +125,75 @@ TEST(CacheModes, KiviKeysArePerChannelOverTokenGroups) {
   // Keys come in whole groups only.
   EXPECT_THROW(f->fake_quantize_keys(0, 0, std::span<const float>(x).first(3 * d), 3, std::span<float>(out).first(3 * d)),
                Error);
+}
+
+TEST(CacheModes, KiviOnAHeadNarrowerThanItsChannelGroupUsesTheWholeHead) {
+  // llama2.c checkpoints have head_dim 8 / 16 < KIVI's 32-channel value group: the head is one group, so kivi2's
+  // values are exactly per-token INT2 (bit for bit), and the cost is 2 + 32/8 bits.
+  const int64_t d = 8;
+  const auto kivi = CacheFormat::create(CacheMode::Kivi2, small_config(d), ModeOptions{});
+  const auto int2 = CacheFormat::create(CacheMode::Int2, small_config(d), ModeOptions{});
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<float> x(64 * d);
+  for (float& v : x) v = normal(rng);
+  std::vector<float> a(x.size()), b(x.size());
+  kivi->fake_quantize_values(1, 0, x, 64, a);
+  int2->fake_quantize_values(1, 0, x, 64, b);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(a[i], b[i]) << i;
+  double err = 0;
+  for (size_t i = 0; i < x.size(); ++i) err += std::fabs(a[i] - x[i]);
+  EXPECT_GT(err, 1.0);  // it did quantize
+  EXPECT_DOUBLE_EQ(kivi->element_cost().value_bits, 2.0 + 32.0 / 8);
+  // A group that fits but does not divide the head is still refused.
+  ModeOptions odd;
+  odd.kivi_value_group_channels = 3;
+  EXPECT_THROW(CacheFormat::create(CacheMode::Kivi2, small_config(d), odd), Error);
+}
+
+TEST(CacheModes, OscarWithoutRotationAndClipIsInt2AndClipOverridesTakeEffect) {
+  // The ablation's corner "rotation none, clip off" must be the int2 baseline bit for bit, and the per-layer clip
+  // ratios (what `oscar eval --oscar-clip` rewrites) must be what the oscar mode quantizes with.
+  const int64_t d = 32;
+  const auto cfg = small_config(d);
+  fmt::Bundle b;
+  b.quant = fmt::KvQuantSpec::int2_default(d);
+  b.layers.resize(static_cast<size_t>(cfg.num_layers));
+  for (auto& l : b.layers) {
+    l.k_rotation.assign(static_cast<size_t>(d * d), 0.f);
+    for (int64_t i = 0; i < d; ++i) l.k_rotation[static_cast<size_t>(i * d + i)] = 1.f;
+    l.v_rotation = l.k_rotation;
+    l.k_clip_ratio = l.v_clip_ratio = 1.0f;
+  }
+  ModeOptions opt;
+  opt.bundle = &b;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(50 * d);
+  for (float& v : x) v = normal(rng);
+  const auto int2 = CacheFormat::create(CacheMode::Int2, cfg, ModeOptions{});
+  std::vector<float> ref_k(x.size()), ref_v(x.size()), out(x.size());
+  int2->fake_quantize_keys(1, 1, x, 50, ref_k);
+  int2->fake_quantize_values(1, 1, x, 50, ref_v);
+  {
+    const auto oscar = CacheFormat::create(CacheMode::Oscar, cfg, opt);
+    oscar->fake_quantize_keys(1, 1, x, 50, out);
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(out[i], ref_k[i]) << i;
+    oscar->fake_quantize_values(1, 1, x, 50, out);
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(out[i], ref_v[i]) << i;
+  }
+  // Layer 1's key clip at 0.75 (the 24th largest |y| of 32): every token's largest elements are clipped.
+  b.layers[1].k_clip_ratio = 0.75f;
+  const auto clipped = CacheFormat::create(CacheMode::Oscar, cfg, opt);
+  clipped->fake_quantize_keys(1, 1, x, 50, out);
+  float max_ref = 0, max_out = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    max_ref = std::max(max_ref, std::fabs(ref_k[i]));
+    max_out = std::max(max_out, std::fabs(out[i]));
+  }
+  EXPECT_LT(max_out, 0.9f * max_ref);
+  clipped->fake_quantize_keys(0, 1, x, 50, out);  // layer 0 keeps clip 1
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(out[i], ref_k[i]) << i;
 }
 
 TEST(CacheModes, Int4IsCloserThanInt2AndFp8Closer) {
