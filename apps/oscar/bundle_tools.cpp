@@ -35,6 +35,10 @@ double rotation_orthogonality_error(std::span<const float> r, int64_t d) {
   return worst;
 }
 
+bool has_eigenbasis(const std::string& composition) {
+  return composition == "eigen" || composition == "eigen*hadamard*bitrev";
+}
+
 std::vector<double> eigenbasis_of_rotation(std::span<const float> r, int64_t d, const std::string& composition,
                                            const std::string& where) {
   const size_t n = static_cast<size_t>(d * d);

@@ -16,6 +16,9 @@ namespace oscar::app {
 // property as rows orthonormal, but this is the product the fold relies on).
 double rotation_orthogonality_error(std::span<const float> r, int64_t d);
 
+// Whether eigenbasis_of_rotation can recover the eigenvectors of a bundle with this composition ("hadamard",
+// "none" and "spectral" — an ordered basis with per-segment mixes — store no invertible eigenbasis).
+bool has_eigenbasis(const std::string& composition);
 // The eigenvectors (columns, eigenvalue descending) a stored rotation was built from, row-major [d, d].
 // "eigen": R itself. "eigen*hadamard*bitrev": R = U_asc·H·P_br (lib/calib/rotation.h) is inverted exactly:
 // column j of R is column d−1−br(j) of U_asc·H, and H·H = I. Throws oscar::Error(where) for other compositions.

@@ -4,6 +4,7 @@
 // field of the quantizer spec, rotation setup, fingerprint and calibration options. Exit 0 (a report, not a test).
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <memory>
 #include <numbers>
@@ -78,6 +79,10 @@ std::vector<Difference> setup_differences(const fmt::Bundle& a, const fmt::Bundl
 
 constexpr double kDegrees = 180.0 / std::numbers::pi;
 
+// The eigenspace angle is undefined (NaN) when a bundle stores no eigenbasis: null in JSON, "n/a" in text.
+nlohmann::json json_angle(double deg) { return std::isnan(deg) ? nlohmann::json(nullptr) : nlohmann::json(deg); }
+std::string text_angle(double deg) { return std::isnan(deg) ? std::string("n/a") : ::fmt::format("{:.4f}", deg); }
+
 int run_diff(const DiffOptions& o) {
   const fmt::Bundle a = fmt::read_bundle(o.a);
   const fmt::Bundle b = fmt::read_bundle(o.b);
@@ -104,6 +109,11 @@ int run_diff(const DiffOptions& o) {
           const std::vector<double> da(sa.begin(), sa.end()), db(sb.begin(), sb.end());
           columns = principal_angles(da, db, d, k).back() * kDegrees;
           const std::string where = ::fmt::format("layer {} group {}", l, g);
+          // Bundles without a recoverable eigenbasis (hadamard, none, spectral) compare by stored columns only.
+          if (!has_eigenbasis(a.rotation_composition) || !has_eigenbasis(b.rotation_composition)) {
+            eigen = std::numeric_limits<double>::quiet_NaN();
+            return;
+          }
           eigen = principal_angles(eigenbasis_of_rotation(sa, d, a.rotation_composition, o.a + ": " + where),
                                    eigenbasis_of_rotation(sb, d, b.rotation_composition, o.b + ": " + where), d, k)
                       .back() *
@@ -129,8 +139,8 @@ int run_diff(const DiffOptions& o) {
     nlohmann::json lj = nlohmann::json::array();
     for (const auto& r : rows)
       lj.push_back({{"layer", r.layer}, {"group", r.group},
-                    {"k_max_angle_columns_deg", r.k_columns}, {"k_max_angle_eigen_deg", r.k_eigen},
-                    {"v_max_angle_columns_deg", r.v_columns}, {"v_max_angle_eigen_deg", r.v_eigen},
+                    {"k_max_angle_columns_deg", r.k_columns}, {"k_max_angle_eigen_deg", json_angle(r.k_eigen)},
+                    {"v_max_angle_columns_deg", r.v_columns}, {"v_max_angle_eigen_deg", json_angle(r.v_eigen)},
                     {"k_clip", {r.k_clip_a, r.k_clip_b}}, {"v_clip", {r.v_clip_a, r.v_clip_b}}});
     j["layers"] = lj;
     std::puts(j.dump(2).c_str());
@@ -148,9 +158,9 @@ int run_diff(const DiffOptions& o) {
         "{:>5} {:>5}  {:>9} {:>9}  {:>9} {:>9}  {:>15}  {:>15}\n",
         k, d, "layer", "group", "K cols", "K eigen", "V cols", "V eigen", "K clip A/B", "V clip A/B");
     for (const auto& r : rows)
-      out += ::fmt::format("{:>5} {:>5}  {:>9.4f} {:>9.4f}  {:>9.4f} {:>9.4f}  {:>7.3f}/{:<7.3f}  {:>7.3f}/{:<7.3f}\n",
-                           r.layer, r.group, r.k_columns, r.k_eigen, r.v_columns, r.v_eigen, r.k_clip_a, r.k_clip_b,
-                           r.v_clip_a, r.v_clip_b);
+      out += ::fmt::format("{:>5} {:>5}  {:>9.4f} {:>9}  {:>9.4f} {:>9}  {:>7.3f}/{:<7.3f}  {:>7.3f}/{:<7.3f}\n",
+                           r.layer, r.group, r.k_columns, text_angle(r.k_eigen), r.v_columns, text_angle(r.v_eigen),
+                           r.k_clip_a, r.k_clip_b, r.v_clip_a, r.v_clip_b);
   }
   std::fputs(out.c_str(), stdout);
   return 0;

@@ -227,6 +227,28 @@ TEST_F(BundleCommands, DiffReportsSetupDifferences) {
   EXPECT_NE(r.out.find("not comparable"), std::string::npos) << r.out;
 }
 
+// A Hadamard-composed bundle (like hadamard, none and spectral ones) stores no eigenbasis: diff compares its stored
+// columns and reports the eigenspace angle as unavailable instead of refusing the pair.
+TEST_F(BundleCommands, DiffComparesColumnsOfBundlesWithoutAnEigenbasis) {
+  fmt::Bundle hadamard = shared_;
+  hadamard.rotation_composition = "hadamard";
+  const fs::path hp = dir_ / "hadamard.oscar";
+  fmt::write_bundle(hp, hadamard);
+  const RunResult j = run_oscar({"diff", (dir_ / "shared.oscar").string(), hp.string(), "--json", "--k", "3"});
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  const auto doc = nlohmann::json::parse(j.out);
+  ASSERT_EQ(doc["layers"].size(), 5u);
+  for (const auto& l : doc["layers"]) {
+    EXPECT_TRUE(l["k_max_angle_eigen_deg"].is_null());
+    EXPECT_TRUE(l["v_max_angle_eigen_deg"].is_null());
+    EXPECT_LT(l["k_max_angle_columns_deg"].get<double>(), 1e-9);  // same stored matrices
+  }
+  const RunResult t = run_oscar({"diff", (dir_ / "shared.oscar").string(), hp.string()});
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  EXPECT_NE(t.out.find("n/a"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("differs  rotation_composition"), std::string::npos) << t.out;
+}
+
 // Hand-made bundles with known geometry: B's layer-1 K eigenbasis turns the top eigenvector by θ towards the
 // (k+1)-th, so the leading-k eigenspaces meet at exactly θ; B's layer-0 V rotation mixes stored column 0 with
 // column k by φ, so the leading-k stored columns meet at exactly φ.
