@@ -1231,7 +1231,10 @@ class JsonTokenizer final : public Tokenizer {
     }
     if (!j.is_object()) throw Error(where, "top level is not a JSON object");
     if (!j.contains("model") || !j["model"].is_object()) throw Error(where, "no 'model' object");
-    const std::string model_type = j["model"].value("type", "");
+    const json& model_json = j["model"];
+    if (model_json.contains("type") && !model_json["type"].is_string())
+      throw Error(where, "'model.type' is not a string");
+    const std::string model_type = model_json.value("type", "");
     if (model_type != "BPE" && !(model_type.empty() && j["model"].contains("merges")))
       throw Error(where, "model type '" + model_type + "' is not supported (only BPE)");
 
