@@ -1244,7 +1244,7 @@ class JsonTokenizer final : public Tokenizer {
       if (j.contains("pre_tokenizer")) pre_tokenizer_ = parse_pre_tokenizer(j["pre_tokenizer"], where);
       if (j.contains("decoder")) decoder_ = parse_decoder(j["decoder"], where);
       if (j.contains("post_processor")) parse_post_processor(j["post_processor"], where, post_processor_);
-      if (j.contains("added_tokens") && !j["added_tokens"].is_null()) parse_added_tokens(j["added_tokens"]);
+      if (j.contains("added_tokens") && !j["added_tokens"].is_null()) parse_added_tokens(j["added_tokens"], where);
     } catch (const json::exception& e) {
       throw Error(where, std::string("unexpected structure: ") + e.what());
     }
@@ -1325,11 +1325,15 @@ class JsonTokenizer final : public Tokenizer {
   std::string kind() const override { return kind_; }
 
  private:
-  void parse_added_tokens(const json& list) {
+  void parse_added_tokens(const json& list, const std::string& where) {
     added_.reserve(list.size());  // matchers keep pointers into added_
     for (const auto& t : list) {
       AddedToken a;
-      a.id = t.at("id").get<int32_t>();
+      // get<int32_t>() of a float or an out-of-range integer is undefined behaviour, not an exception.
+      const json& id = t.at("id");
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
+        throw Error(where, "added_tokens: 'id' is not an integer in [0, 2^31)");
+      a.id = static_cast<int32_t>(id.get<int64_t>());
       a.content = t.at("content").get<std::string>();
       a.single_word = t.value("single_word", false);
       a.lstrip = t.value("lstrip", false);
