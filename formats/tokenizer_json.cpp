@@ -824,6 +824,14 @@ class MetaspaceDecoder final : public Decoder {
   PrependScheme scheme_;
 };
 
+// nlohmann's get<int32_t>() of a float or an out-of-range number is undefined behaviour, not an exception: integer
+// fields of tokenizer.json go through this, which throws a json type_error (turned into oscar::Error by callers).
+int32_t json_i32(const json& v) {
+  if (!v.is_number_integer() || v.get<int64_t>() < INT32_MIN || v.get<int64_t>() > INT32_MAX)
+    throw json::type_error::create(302, "expected a 32-bit integer", &v);
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
 std::unique_ptr<Decoder> parse_decoder(const json& j, const std::string& where) {
   if (j.is_null()) return nullptr;
   const std::string type = j.value("type", "");
@@ -840,8 +848,8 @@ std::unique_ptr<Decoder> parse_decoder(const json& j, const std::string& where) 
   if (type == "Fuse") return std::make_unique<FuseDecoder>();
   if (type == "Strip") {
     const auto content = j.at("content").get<std::string>();
-    return std::make_unique<StripDecoder>(content.empty() ? -1 : decode_at(content, 0), j.value("start", 0),
-                                          j.value("stop", 0));
+    return std::make_unique<StripDecoder>(content.empty() ? -1 : decode_at(content, 0), j.contains("start") ? json_i32(j["start"]) : 0,
+                                          j.contains("stop") ? json_i32(j["stop"]) : 0);
   }
   if (type == "Metaspace")
     return std::make_unique<MetaspaceDecoder>(metaspace_replacement(j), parse_prepend_scheme(j, where));
@@ -877,7 +885,7 @@ void parse_post_processor(const json& j, const std::string& where, PostProcessor
       } else if (item.contains("SpecialToken")) {
         const auto name = item["SpecialToken"].at("id").get<std::string>();
         if (!specials.contains(name)) throw Error(where, "post_processor template names unknown special token '" + name + "'");
-        for (const auto& id : specials[name].at("ids")) (seen_sequence ? pp.after : pp.before).push_back(id.get<int32_t>());
+        for (const auto& id : specials[name].at("ids")) (seen_sequence ? pp.after : pp.before).push_back(json_i32(id));
       } else {
         throw Error(where, "post_processor template item " + item.dump() + " is neither Sequence nor SpecialToken");
       }
@@ -885,8 +893,8 @@ void parse_post_processor(const json& j, const std::string& where, PostProcessor
     return;
   }
   if (type == "RobertaProcessing" || type == "BertProcessing") {
-    pp.before.push_back(j.at("cls").at(1).get<int32_t>());
-    pp.after.push_back(j.at("sep").at(1).get<int32_t>());
+    pp.before.push_back(json_i32(j.at("cls").at(1)));
+    pp.after.push_back(json_i32(j.at("sep").at(1)));
     return;
   }
   throw Error(where, "post_processor '" + type +
