@@ -117,6 +117,8 @@ int main(int argc, char** argv) {
   int64_t max_context = 131072;
   std::map<std::tuple<std::string, int, long long>, double> torch_us;
   bool eager = false;
+  int only_batch = 0;         // 0: every batch
+  long long only_context = 0; // 0: every context (a profiler run picks one shape)
   for (int i = 1; i < argc; i += 2) {
     if (!std::strcmp(argv[i], "--eager")) {
       eager = true;
@@ -129,6 +131,8 @@ int main(int argc, char** argv) {
     }
     if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--max-context")) max_context = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--batch")) only_batch = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--context")) only_context = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--torch-results")) torch_us = read_torch_results(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
@@ -149,7 +153,9 @@ int main(int argc, char** argv) {
   const Model models[] = {{"qwen3-8b", 32, 8}, {"llama3-70b", 64, 8}};
   for (const auto& m : models) {
     for (int batch : {1, 8, 32}) {
+      if (only_batch && batch != only_batch) continue;
       for (int64_t ctx = 4096; ctx <= max_context; ctx *= 2) {
+        if (only_context && ctx != only_context) continue;
         const int pages_per_seq = static_cast<int>((ctx + page - 1) / page);
         const size_t total_pages = size_t(batch) * pages_per_seq;
         const oscar::fmt::Int2PageGeometry g2{d, page};
