@@ -9,6 +9,7 @@
 // Regexes go through PCRE2 (UTF + UCP) because the patterns in tokenizer.json files use \p{L}, \p{N} and
 // look-ahead, which std::regex cannot express. Unicode normalization (NFC for Qwen2/Qwen3) and general categories
 // come from utf8proc.
+#include <fmt/format.h>
 #include <utf8proc.h>
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -1257,6 +1258,19 @@ class JsonTokenizer final : public Tokenizer {
       throw Error(where, std::string("unexpected structure: ") + e.what());
     }
 
+    // Ids index a dense table (id -> token), so a forged id like 2e9 would ask for tens of GB. Real files number
+    // their tokens 0..N-1 with at most small holes (Qwen3: 151643 vocab + 26 added, ids up to 151668), so ids
+    // beyond twice the defined count (+64K slack) are refused rather than allocated.
+    const int64_t defined = static_cast<int64_t>(model_->vocab().size() + added_.size());
+    const int64_t id_limit = 2 * defined + 65536;
+    auto check_id = [&](int32_t id, const std::string& token, const char* field) {
+      if (id >= id_limit)
+        throw Error(where, ::fmt::format("{} id {} of token '{}' is far beyond the {} tokens the file defines "
+                                         "(ids must be dense, at most {})",
+                                         field, id, token.substr(0, 64), defined, id_limit - 1));
+    };
+    for (const auto& [token, id] : model_->vocab()) check_id(id, token, "model.vocab");
+    for (const auto& t : added_) check_id(t.id, t.content, "added_tokens");
     for (const auto& [token, id] : model_->vocab()) set_token(id, token);
     for (const auto& t : added_) set_token(t.id, t.content);
     resolve_bos_eos(file);
