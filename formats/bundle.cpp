@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <span>
 
 #include "formats/atomic_file.h"
@@ -627,43 +628,122 @@ Bundle read_bundle(const fs::path& path) {
 
 namespace {
 
-struct ChecksumWalk {
-  uintmax_t file_size = 0;
-  std::vector<DatasetChecksum> out;
-};
-
-herr_t visit_dataset(hid_t root, const char* name, const H5L_info_t* info, void* data) {
-  auto& walk = *static_cast<ChecksumWalk*>(data);
-  if (info->type != H5L_TYPE_HARD) return 0;
-  Handle obj(H5Oopen(root, name, H5P_DEFAULT), H5Oclose);
-  if (!obj.valid() || H5Iget_type(obj.get()) != H5I_DATASET) return 0;
+DatasetChecksum checksum_dataset(hid_t obj, std::string object, uintmax_t file_size) {
   DatasetChecksum c;
-  c.object = std::string("/") + name;
-  Handle type(H5Dget_type(obj.get()), H5Tclose);
+  c.object = std::move(object);
+  Handle type(H5Dget_type(obj), H5Tclose);
   Handle native(type.valid() ? H5Tget_native_type(type.get(), H5T_DIR_ASCEND) : H5I_INVALID_HID, H5Tclose);
-  Handle space(H5Dget_space(obj.get()), H5Sclose);
+  Handle space(H5Dget_space(obj), H5Sclose);
   const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
   const size_t element = native.valid() ? H5Tget_size(native.get()) : 0;
   // Bundles are uncompressed, so a dataset larger than the file is a forged header, not data worth reading.
   if (n < 0 || element == 0) {
     c.problem = "unreadable type or shape";
-  } else if (static_cast<uintmax_t>(n) > (walk.file_size + 1) / element) {
+  } else if (static_cast<uintmax_t>(n) > (file_size + 1) / element) {
     c.problem = ::fmt::format("declares {} elements, more than the file can hold", n);
   } else {
     std::vector<std::byte> bytes(static_cast<size_t>(n) * element);
-    if (n > 0 && H5Dread(obj.get(), native.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
+    if (n > 0 && H5Dread(obj, native.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
       c.problem = "cannot read dataset (file truncated or corrupt)";
     else
       c.computed_sha256 = sha256_hex(bytes);
     try {
-      c.stored_sha256 = Reader(c.object).string_attr(obj.get(), c.object, "sha256");
+      c.stored_sha256 = Reader(c.object).string_attr(obj, c.object, "sha256");
     } catch (const Error& e) {
       if (c.problem.empty()) c.problem = e.detail();
     }
   }
-  walk.out.push_back(std::move(c));
-  return 0;
+  return c;
 }
+
+// Our own depth-first walk instead of H5Lvisit. libhdf5 1.10's H5Lvisit remembers only objects whose header counts
+// more than one link, so a damaged group whose symbol-table message names an ancestor's B-tree (a link cycle through
+// a group with link count 1; fuzz/regressions/bundle/h5lvisit_self_linked_group.oscar) is re-entered forever, each
+// level re-resolving an ever longer path: no callback cap ends that soon enough. Here every level is ours: each
+// group's links are listed by one H5Literate whose callback can stop it, and every group entered is remembered.
+// The order and the visiting rule (a group reached again through a second counted link is not re-entered) are
+// H5Lvisit's, so valid files list exactly the datasets they listed before.
+class ChecksumWalk {
+ public:
+  ChecksumWalk(std::string where, uintmax_t file_size) : where_(std::move(where)), file_size_(file_size) {
+    // A link costs at least a 16-byte record in the file (a symbol-table entry is 40, a link message 8 + name +
+    // address), so a group index yielding more links than that is iterating damaged metadata.
+    max_links_ = file_size_ / 16 + 16;
+  }
+
+  std::vector<DatasetChecksum> run(hid_t root) {
+    H5O_info_t info;
+    if (H5Oget_info2(root, &info, H5O_INFO_BASIC) < 0) fail("/", "cannot read the root group's header");
+    entered_.emplace(info.addr, "/");
+    walk_group(root, "", 0);
+    return std::move(out_);
+  }
+
+ private:
+  struct Listing {
+    ChecksumWalk* walk;
+    std::vector<std::string> links;  // hard links only, in name order
+    bool overflow = false;
+  };
+
+  // Bundles nest three deep (/layers/NNNNN/k_rotation); anything near this is not a bundle.
+  static constexpr int kMaxDepth = 32;
+
+  [[noreturn]] void fail(const std::string& object, const std::string& what) const {
+    throw Error(where_, ::fmt::format("cannot walk the HDF5 object tree at {}: {} (corrupt file)", object, what));
+  }
+
+  static herr_t list_link(hid_t, const char* name, const H5L_info_t* info, void* data) {
+    auto& l = *static_cast<Listing*>(data);
+    if (++l.walk->links_seen_ > l.walk->max_links_) {
+      l.overflow = true;
+      return 1;  // stops H5Literate even if a damaged B-tree would make it go round forever
+    }
+    if (info->type == H5L_TYPE_HARD) l.links.emplace_back(name);
+    return 0;
+  }
+
+  void walk_group(hid_t group, const std::string& path, int depth) {
+    const std::string shown = path.empty() ? "/" : path;
+    if (depth > kMaxDepth) fail(shown, ::fmt::format("groups nested deeper than {}", kMaxDepth));
+    Listing listing{this, {}, false};
+    hsize_t idx = 0;
+    const herr_t rc = H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, &idx, list_link, &listing);
+    if (listing.overflow)
+      fail(shown, ::fmt::format("the group indexes yield more than {} links, more than a file of {} bytes holds",
+                                max_links_, file_size_));
+    if (rc < 0) fail(shown, "cannot list the group's links");
+    for (const auto& name : listing.links) {
+      const std::string child = path + "/" + name;
+      // One path component, resolved in this group: never an n-deep path resolution from the root.
+      Handle obj(H5Oopen(group, name.c_str(), H5P_DEFAULT), H5Oclose);
+      if (!obj.valid()) fail(child, "cannot open the object");
+      const H5I_type_t kind = H5Iget_type(obj.get());
+      if (kind == H5I_DATASET) out_.push_back(checksum_dataset(obj.get(), child, file_size_));
+      if (kind != H5I_GROUP) continue;
+      H5O_info_t info;
+      if (H5Oget_info2(obj.get(), &info, H5O_INFO_BASIC) < 0) fail(child, "cannot read the group's header");
+      const auto seen = entered_.find(info.addr);
+      if (seen != entered_.end()) {
+        // A group with two counted links is legal HDF5 and H5Lvisit lists it once; with a count of one, the second
+        // way in is damage, and when it is an ancestor it is the cycle libhdf5 itself would follow forever.
+        if (info.rc > 1) continue;
+        const bool cycle = child.starts_with(seen->second == "/" ? "/" : seen->second + "/");
+        fail(child, cycle ? ::fmt::format("it links back to its ancestor {} (a cycle in the group index)", seen->second)
+                          : ::fmt::format("it is the group {} again, whose header counts one link", seen->second));
+      }
+      entered_.emplace(info.addr, child);
+      walk_group(obj.get(), child, depth + 1);
+    }
+  }
+
+  std::string where_;
+  uintmax_t file_size_ = 0;
+  uintmax_t max_links_ = 0;
+  uintmax_t links_seen_ = 0;
+  std::map<haddr_t, std::string> entered_;  // object address -> the path it was first entered by
+  std::vector<DatasetChecksum> out_;
+};
 
 }  // namespace
 
@@ -675,11 +755,10 @@ std::vector<DatasetChecksum> bundle_checksums(const fs::path& path) {
   if (H5Fis_hdf5(path.c_str()) <= 0) throw Error(where, "not an HDF5 bundle (bad signature, truncated or corrupt)");
   Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   if (!file.valid()) throw Error(where, "cannot open as HDF5 (truncated or corrupt file)");
-  ChecksumWalk walk;
-  walk.file_size = fs::file_size(path, ec);
-  if (H5Lvisit(file.get(), H5_INDEX_NAME, H5_ITER_INC, visit_dataset, &walk) < 0)
-    throw Error(where, "cannot walk the HDF5 object tree (corrupt file)");
-  return walk.out;
+  Handle root(H5Gopen2(file.get(), "/", H5P_DEFAULT), H5Gclose);
+  if (!root.valid())
+    throw Error(where, "cannot walk the HDF5 object tree at /: cannot open the root group (corrupt file)");
+  return ChecksumWalk(where, fs::file_size(path, ec)).run(root.get());
 }
 
 std::string sha256_tensors(const TensorStore& store, const std::vector<std::string>& names) {

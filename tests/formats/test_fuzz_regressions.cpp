@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <functional>
 #include <typeinfo>
@@ -118,6 +119,59 @@ TEST(FuzzRegressions, ForgedDatasetShapeIsRefusedBeforeAllocating) {
     FAIL() << "read_bundle accepted " << path;
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("more elements than the file can hold"), std::string::npos) << e.what();
+  }
+}
+
+// fuzz_bundle's libFuzzer timeout (h5lvisit_self_linked_group.oscar): the group /calibration (object header at 2744)
+// had its symbol-table message overwritten with the root's (B-tree 136, local heap 680), so it lists the root's five
+// links, calibration -> itself among them, while its header counts one link. libhdf5's H5Lvisit remembers only
+// objects counted twice and recursed forever, re-resolving an ever longer path (oscar verify hung). Our walk
+// (formats/bundle.cpp, ChecksumWalk) opens each object itself; on this input the header of /calibration does not
+// even open. group_stab_message_names_root.oscar is the same damage made cleanly (the seed bundle with only those 16
+// bytes changed): it opens, and the walk's memory of entered groups names the cycle. Both hung the old walk;
+// ctest's TIMEOUT on test_formats (tests/CMakeLists.txt) turns a regression into a failure, not a hung CI job.
+void expect_walk_refused(const fs::path& path, const std::string& detail) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    (void)bundle_checksums(path);
+    ADD_FAILURE() << "bundle_checksums accepted " << path;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.where(), path.string());
+    EXPECT_EQ(e.detail(), detail);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10)) << path;
+}
+
+TEST(FuzzRegressions, SelfLinkedGroupIsRefusedInsteadOfWalkedForever) {
+  const fs::path fuzzed = repo_root() / "fuzz/regressions/bundle/h5lvisit_self_linked_group.oscar";
+  const fs::path clean = repo_root() / "fuzz/regressions/bundle/group_stab_message_names_root.oscar";
+  if (!fs::exists(fuzzed) || !fs::exists(clean)) GTEST_SKIP() << fuzzed << ", " << clean;
+  expect_walk_refused(fuzzed,
+                      "cannot walk the HDF5 object tree at /calibration: cannot open the object (corrupt file)");
+  expect_walk_refused(clean,
+                      "cannot walk the HDF5 object tree at /calibration/calibration: it links back to its ancestor "
+                      "/calibration (a cycle in the group index) (corrupt file)");
+  EXPECT_THROW((void)read_bundle(fuzzed), Error);
+  // read_bundle looks every object up by name and never lists a group, so the cycle is invisible to it: the
+  // clean input reads (only verify's walk can see the damage).
+  EXPECT_NO_THROW((void)read_bundle(clean));
+}
+
+// fuzz_tokenizer (2026-12-05, third resumed run): an added token with id 2e9 made the id -> token table resize to
+// 2e9 strings (64 GB) before any check. Ids beyond 2 x the defined count (+64K) are now refused by name.
+TEST(FuzzRegressions, ForgedSparseTokenIdIsRefusedBeforeAllocating) {
+  const fs::path src = repo_root() / "fuzz/regressions/tokenizer/added_token_id_2e9_dense_table_alloc.json";
+  if (!fs::exists(src)) GTEST_SKIP() << src;
+  const fs::path path = test::temp_dir_for_test() / "tokenizer.json";
+  fs::copy_file(src, path, fs::copy_options::overwrite_existing);
+  try {
+    (void)Tokenizer::from_tokenizer_json(path);
+    FAIL() << "accepted " << src;
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("added_tokens id 2000000000"), std::string::npos) << what;
+    EXPECT_NE(what.find("ids must be dense"), std::string::npos) << what;
+    EXPECT_NE(std::string(e.where()).find("tokenizer.json"), std::string::npos) << e.where();
   }
 }
 
