@@ -129,11 +129,18 @@ struct TeeObserver : model::Observer {
 std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout, std::vector<HeldoutLayer> fit,
                            std::vector<std::vector<AttentionSequence>> select, const fmt::ModelConfig& cfg,
                            int64_t groups, const CalibrationOptions& opt, const std::string& published_row,
+                           const std::vector<std::vector<AttentionSequence>>& clip_sequences,
                            std::vector<std::pair<std::string, std::string>>& provenance) {
   const int64_t L = cfg.num_layers, d = cfg.head_dim;
   SpectralCalibrationOptions so = opt.spectral;
   so.spectral.align = spectral_align(d);
-  const SpectralCalibration sc = spectral_calibration(fit, select, cfg.num_heads, opt.quant, so);
+  so.tune_clip = opt.tune_clip;
+  so.clip_objective = opt.clip_objective;
+  so.clip_grid = opt.clip_grid;
+  so.k_reference = opt.quant.k.clip_ratio;
+  so.v_reference = opt.quant.v.clip_ratio;
+  so.clip_queries = opt.clip_queries;
+  const SpectralCalibration sc = spectral_calibration(fit, select, cfg.num_heads, opt.quant, so, clip_sequences);
 
   // The published bundle's proxy on the same selection sequences: the number the choice is compared with.
   double published_proxy = 0;
@@ -252,6 +259,10 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
       {"heldout_max_tokens", std::to_string(o.heldout_max_tokens)},
       {"seed", std::to_string(o.seed)},
   };
+  if (o.tune_clip) {
+    kv.emplace_back("clip_objective", std::string(clip_objective_name(o.clip_objective)));
+    if (o.clip_objective == ClipObjective::Attention) kv.emplace_back("clip_queries", std::to_string(o.clip_queries));
+  }
   if (o.method == Method::Published && o.rotation != RotationKind::EigenHadamard)
     kv.emplace_back("rotation", std::string(rotation_kind_name(o.rotation)));
   if (o.method == Method::Spectral) {
@@ -281,6 +292,7 @@ void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, c
   check_sequences(data.sequences, cfg, "calibration");
   check_sequences(data.heldout, cfg, "held-out");
   if (opt.tune_clip) (void)opt.clip_grid.ratios();  // validates the grid before hours of forward passes
+  if (opt.clip_queries < 1) throw Error("--clip-queries", "must be >= 1");
   if (opt.checkpoint_every < 0) throw Error("--checkpoint-every", "must be >= 0");
   if (opt.method == Method::Published && opt.rotation == RotationKind::Hadamard && !is_power_of_two(cfg.head_dim))
     throw Error("--rotation hadamard", ::fmt::format("needs a power-of-two head_dim, the model's is {}", cfg.head_dim));
@@ -415,6 +427,10 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       fit_collector.emplace(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
       select_collector.emplace(shape);
     }
+    // The attention clip objective reads whole held-out sequences; only the q rows it scores are kept.
+    const bool attention_clip = opt.tune_clip && opt.clip_objective == ClipObjective::Attention;
+    std::optional<AttentionSequenceCollector> clip_collector;
+    if (attention_clip) clip_collector.emplace(shape);
     for (int64_t i = 0; i < n; ++i) {
       heldout.begin_sequence(i);
       TeeObserver tee{&heldout, nullptr};
@@ -425,21 +441,39 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
         select_collector->begin_sequence();
         tee.second = &*select_collector;
       }
-      heldout_runner.run_sequence(data.heldout[i], tee);
+      TeeObserver outer{&tee, nullptr};
+      if (attention_clip) {
+        clip_collector->begin_sequence(scored_query_positions(static_cast<int64_t>(data.heldout[i].size()),
+                                                              opt.quant.sink_tokens, opt.quant.recent_tokens,
+                                                              opt.clip_queries));
+        outer.second = &*clip_collector;
+      }
+      heldout_runner.run_sequence(data.heldout[i], outer);
       if (opt.progress) opt.progress("heldout", i + 1, n);
     }
     const std::vector<HeldoutLayer> layers = heldout.finish();
+    const std::vector<std::vector<AttentionSequence>> clip_sequences =
+        attention_clip ? clip_collector->finish() : std::vector<std::vector<AttentionSequence>>{};
     b.errors = build_error_report(layers, candidates, opt.quant);
     if (opt.tune_clip) {
       std::vector<double> k_tuned(L), v_tuned(L);
       double k_gain = 0, v_gain = 0;
       for (int64_t l = 0; l < L; ++l) {
         RotatedHeldout rotated(layers[l], stored_rot.k[l], stored_rot.v[l], groups, opt.quant);
-        const ClipChoice c = tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+        ClipChoice c;
+        if (attention_clip) {
+          const AttentionClipScorer scorer(clip_sequences[l], cfg.num_heads, cfg.num_kv_heads, d, stored_rot.k[l],
+                                           stored_rot.v[l], groups, opt.quant.k, opt.quant.v, opt.quant.sink_tokens,
+                                           opt.quant.recent_tokens, opt.clip_queries);
+          c = tune_clip(scorer, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+        } else {
+          c = tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+        }
         b.layers[l].k_clip_ratio = c.k_ratio;
         b.layers[l].v_clip_ratio = c.v_ratio;
-        k_tuned[l] = c.k_error;
-        v_tuned[l] = c.v_error;
+        // The report row stays in the error report's units whatever the objective.
+        k_tuned[l] = attention_clip ? rotated.key_error(c.k_ratio) : c.k_error;
+        v_tuned[l] = attention_clip ? rotated.value_error(c.v_ratio) : c.v_error;
         k_gain += c.k_error_reference > 0 ? 1.0 - c.k_error / c.k_error_reference : 0.0;
         v_gain += c.v_error_reference > 0 ? 1.0 - c.v_error / c.v_error_reference : 0.0;
       }
@@ -448,16 +482,23 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), v_tuned.begin(), v_tuned.end());
       report = format_error_report(b.errors);
       report += ::fmt::format(
-          "\nPer-layer clip tuning vs the reference ratios K {} / V {}: relative error lower by {:.2f}% (K) and "
+          "\nPer-layer clip tuning ({} objective) vs the reference ratios K {} / V {}: {} lower by {:.2f}% (K) and "
           "{:.2f}% (V), mean over layers.\n",
-          format_ratio(opt.quant.k.clip_ratio), format_ratio(opt.quant.v.clip_ratio), 100.0 * k_gain / L,
+          clip_objective_name(opt.clip_objective), format_ratio(opt.quant.k.clip_ratio),
+          format_ratio(opt.quant.v.clip_ratio),
+          attention_clip ? "relative attention-output error" : "relative error", 100.0 * k_gain / L,
           100.0 * v_gain / L);
+      std::string ratios;
+      for (int64_t l = 0; l < L; ++l)
+        ratios += ::fmt::format("{}{:.2f}/{:.2f}", l == 0 ? "" : " ", b.layers[l].k_clip_ratio, b.layers[l].v_clip_ratio);
+      report += "Tuned clip ratios K/V per layer: " + ratios + "\n";
     } else {
       report = format_error_report(b.errors);
     }
     if (spectral)
       report += spectral_stage(b, layers, fit_collector->finish(), select_collector->finish(), cfg, groups, opt,
-                               stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), result_provenance);
+                               stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), clip_sequences,
+                               result_provenance);
   } else {
     b.errors.num_layers = L;
   }

@@ -94,8 +94,15 @@ struct CalibrationOptions {
   bool per_head = false;                // --per-head: one rotation per KV head instead of one per layer
   fmt::KvQuantSpec quant = fmt::KvQuantSpec::int2_default(128);  // head_dim must match the model; its clip ratios
                                                                  // are the reference (published 0.96 / 0.92)
-  bool tune_clip = true;                // --no-clip-tuning keeps the spec's ratios for every layer
+  // --tune-clip / --no-clip-tuning. The library keeps tuning on with the logit_mse objective (its bundles as
+  // before); the CLI defaults to fixed ratios: on qwen3-tiny-trained they beat logit_mse-tuned ones in KL and tie
+  // with attention-tuned ones (docs/results.md, "Clip objective vs KL (cliptune)").
+  bool tune_clip = true;
   ClipGrid clip_grid;                   // --clip-min / --clip-max / --clip-step
+  // --clip-objective: what the tuned ratios minimize (clip_tuner.h). attention = the layer's attention output on
+  // whole held-out sequences through the cache windows; logit_mse = the error report's metric.
+  ClipObjective clip_objective = ClipObjective::LogitMse;
+  int64_t clip_queries = 128;           // --clip-queries: queries per held-out sequence the attention objective scores
   int64_t heldout_max_tokens = 16384;   // --heldout-tokens: K/V samples kept per layer
   uint64_t seed = 0;                    // --seed: recorded (sequence sampling happens before calibrate())
   std::filesystem::path checkpoint;     // --checkpoint: statistics are saved here every checkpoint_every sequences

@@ -15,8 +15,27 @@ namespace oscar::calib {
 AttentionSequenceCollector::AttentionSequenceCollector(const StatisticsShape& shape)
     : shape_(shape), layers_(static_cast<size_t>(shape.num_layers)) {}
 
+std::vector<int64_t> scored_query_positions(int64_t tokens, int64_t sink, int64_t recent, int64_t max_queries) {
+  std::vector<int64_t> out;
+  const int64_t first = sink + recent;
+  if (tokens <= first) return out;
+  const int64_t readers = tokens - first;
+  const int64_t stride = max_queries > 0 ? std::max<int64_t>(1, (readers + max_queries - 1) / max_queries) : 1;
+  for (int64_t t = first; t < tokens; t += stride) out.push_back(t);
+  return out;
+}
+
 void AttentionSequenceCollector::begin_sequence() {
   for (auto& l : layers_) l.emplace_back();
+}
+
+void AttentionSequenceCollector::begin_sequence(std::vector<int64_t> query_positions) {
+  if (!std::is_sorted(query_positions.begin(), query_positions.end()))
+    throw Error("AttentionSequenceCollector", "query positions must be ascending");
+  for (auto& l : layers_) {
+    l.emplace_back();
+    l.back().query_positions = query_positions;
+  }
 }
 
 void AttentionSequenceCollector::on_attention_inputs(const model::AttentionInputs& in) {
@@ -40,7 +59,18 @@ void AttentionSequenceCollector::on_attention_inputs(const model::AttentionInput
     }
     dst = std::move(out);
   };
-  append(s.q, in.q, shape_.num_heads);
+  if (s.query_positions.empty()) {
+    append(s.q, in.q, shape_.num_heads);
+  } else {
+    // Rows of this call among the kept positions; q stays head-major over the kept rows.
+    const auto lo = std::lower_bound(s.query_positions.begin(), s.query_positions.end(), in.pos0);
+    const auto hi = std::lower_bound(s.query_positions.begin(), s.query_positions.end(), in.pos0 + T);
+    const int64_t before = lo - s.query_positions.begin(), add = hi - lo, total = static_cast<int64_t>(s.query_positions.size());
+    if (s.q.empty()) s.q.assign(static_cast<size_t>(shape_.num_heads * total * d), 0.0f);
+    for (int64_t h = 0; h < shape_.num_heads; ++h)
+      for (int64_t r = 0; r < add; ++r)
+        std::copy_n(in.q + (h * T + (lo[r] - in.pos0)) * d, d, s.q.begin() + (h * total + before + r) * d);
+  }
   append(s.k, in.k, shape_.num_kv_heads);
   append(s.v, in.v, shape_.num_kv_heads);
   s.tokens = n;
@@ -74,6 +104,8 @@ AttentionError attention_output_error(const std::vector<AttentionSequence>& sequ
   AttentionError total;
   for (const AttentionSequence& s : sequences) {
     const int64_t T = s.tokens, first = sink + recent;
+    if (!s.query_positions.empty())
+      throw Error("attention_output_error", "needs sequences with every query kept (begin_sequence())");
     if (T <= first) continue;
     const int64_t readers = T - first;
     const int64_t stride = max_queries > 0 ? std::max<int64_t>(1, (readers + max_queries - 1) / max_queries) : 1;
@@ -186,7 +218,8 @@ void validate_spectral_options(const SpectralCalibrationOptions& o, int64_t d) {
 
 SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
                                          const std::vector<std::vector<AttentionSequence>>& select, int64_t num_heads,
-                                         const fmt::KvQuantSpec& windows, const SpectralCalibrationOptions& o) {
+                                         const fmt::KvQuantSpec& windows, const SpectralCalibrationOptions& o,
+                                         const std::vector<std::vector<AttentionSequence>>& clip) {
   const int64_t L = static_cast<int64_t>(fit.size());
   if (L == 0) throw Error("spectral_calibration", "no layers");
   const int64_t d = fit[0].head_dim, Hkv = fit[0].num_kv_heads;
@@ -208,9 +241,53 @@ SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
     const ObjectiveSamples keys = key_objective_samples(ls, false, {}, o.fit_tokens);
     const ObjectiveSamples values = value_objective_samples(ls, o.fit_tokens);
     const SpectralLayerSearch search(keys, values, o.spectral);
+    // Candidates often share a K or V layout (same basis, segments): its attention-tuned ratio is computed once.
+    std::vector<std::pair<const TensorChoice*, float>> k_done, v_done;
+    auto same = [](const TensorChoice& a, const TensorChoice& b) {
+      return a.spec.segments == b.spec.segments && a.rotation == b.rotation;
+    };
     for (size_t c = 0; c < grid.size(); ++c) {
       SpectralCandidate& cand = out.candidates[c];
       cand.layers[l] = search.choose(grid[c], o.spectral.v_weight);
+      LayerChoice& lc = cand.layers[l];
+      if (!o.tune_clip) {
+        lc.k.spec.clip_ratio = o.k_reference;
+        lc.v.spec.clip_ratio = o.v_reference;
+      } else if (o.clip_objective == ClipObjective::Attention) {
+        if (static_cast<int64_t>(clip.size()) != L)
+          throw Error("spectral_calibration", "the attention clip objective needs held-out sequences of every layer");
+        float kr = -1, vr = -1;
+        for (const auto& [t, r] : k_done)
+          if (same(*t, lc.k)) kr = r;
+        for (const auto& [t, r] : v_done)
+          if (same(*t, lc.v)) vr = r;
+        if (kr < 0 || vr < 0) {
+          const std::vector<float> rk(lc.k.rotation.begin(), lc.k.rotation.end());
+          const std::vector<float> rv(lc.v.rotation.begin(), lc.v.rotation.end());
+          const AttentionClipScorer scorer(clip[l], num_heads, Hkv, d, rk, rv, 1, lc.k.spec, lc.v.spec,
+                                           windows.sink_tokens, windows.recent_tokens, o.clip_queries);
+          const std::vector<float> ratios = o.clip_grid.ratios();
+          // Only the tensor(s) not already known are scored (ties to the larger ratio, as tune_clip).
+          auto search_ratio = [&](bool key) {
+            float best = 1.0f;
+            double best_err = INFINITY;
+            for (auto it = ratios.rbegin(); it != ratios.rend(); ++it) {
+              const double e = key ? scorer.key_error(*it) : scorer.value_error(*it);
+              if (e < best_err) {
+                best_err = e;
+                best = *it;
+              }
+            }
+            return best;
+          };
+          if (kr < 0) kr = search_ratio(true);
+          if (vr < 0) vr = search_ratio(false);
+        }
+        lc.k.spec.clip_ratio = kr;
+        lc.v.spec.clip_ratio = vr;
+        k_done.emplace_back(&lc.k, kr);
+        v_done.emplace_back(&lc.v, vr);
+      }
       if (!select.empty() && !select[l].empty()) {
         const fmt::LayerCalibration lc = to_layer_calibration(cand.layers[l], global);
         cand.proxy[l] = attention_output_error(select[l], num_heads, Hkv, d, layer_quantization(lc, global, 1),

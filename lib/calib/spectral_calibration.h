@@ -18,6 +18,7 @@
 
 #include "formats/bundle.h"
 #include "formats/kv_quant_spec.h"
+#include "lib/calib/clip_tuner.h"
 #include "lib/calib/spectral.h"
 #include "lib/calib/statistics.h"
 #include "lib/model/observer.h"
@@ -27,16 +28,25 @@ namespace oscar::calib {
 // One whole sequence of one layer, as attention reads it (post-RoPE q and k).
 struct AttentionSequence {
   int64_t tokens = 0;
-  std::vector<float> q;  // [num_heads, tokens, d]
+  std::vector<float> q;  // [num_heads, tokens, d], or [num_heads, query_positions.size(), d] when those are set
   std::vector<float> k;  // [num_kv_heads, tokens, d]
   std::vector<float> v;  // [num_kv_heads, tokens, d]
+  std::vector<int64_t> query_positions;  // empty: q holds every position; else the positions of q's rows, ascending
 };
+
+// The queries an attention proxy scores in a sequence of `tokens`: positions >= sink + recent (the ones that read
+// quantized keys), every stride-th so at most max_queries remain.
+std::vector<int64_t> scored_query_positions(int64_t tokens, int64_t sink, int64_t recent, int64_t max_queries);
 
 // Keeps whole sequences (every layer); a runner may deliver one sequence in several calls (pos0 > 0).
 class AttentionSequenceCollector : public model::Observer {
  public:
   explicit AttentionSequenceCollector(const StatisticsShape& shape);
+  // Every position's q is kept.
   void begin_sequence();
+  // Only the q rows at `query_positions` (ascending) are kept: what a proxy that scores those queries needs, at a
+  // fraction of the memory (K/V stay whole, every query reads them).
+  void begin_sequence(std::vector<int64_t> query_positions);
   void on_attention_inputs(const model::AttentionInputs& in) override;
   // [layer][sequence]
   std::vector<std::vector<AttentionSequence>> finish();
@@ -75,6 +85,15 @@ struct SpectralCalibrationOptions {
   std::vector<double> k_weight_grid = {1, 2, 4, 8};
   int64_t fit_tokens = 2048;                       // per KV head, strided subsample of the fit samples
   int64_t proxy_queries = 256;                     // per selection sequence and layer
+  // Each candidate layer's K/V clip ratios (--no-clip-tuning, --clip-objective, --clip-min/max/step):
+  //   tune_clip false        the reference ratios (--k-clip / --v-clip) for every layer
+  //   LogitMse               SpectralOptions::clip_grid minimizing J on the fit samples (the layout search's own)
+  //   Attention              clip_grid minimizing the attention objective (clip_tuner.h) on `clip_sequences`
+  bool tune_clip = true;
+  ClipObjective clip_objective = ClipObjective::LogitMse;
+  ClipGrid clip_grid;
+  float k_reference = 0.96f, v_reference = 0.92f;
+  int64_t clip_queries = 128;
 };
 
 // The smallest head vector pair a spectral layout can store: K and V each one `align`-wide segment at the smallest
@@ -96,10 +115,13 @@ struct SpectralCalibration {
 };
 // fit: per layer held-out samples of the fit sequences; select: [layer][sequence] of the selection sequences
 // (may be empty only with a fixed k_weight). windows: sink / recent of the cache.
+// clip: [layer][sequence] held-out sequences for the attention clip objective (only read with tune_clip and
+// ClipObjective::Attention; their kept query rows must be scored_query_positions(.., clip_queries)).
 SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
                                          const std::vector<std::vector<AttentionSequence>>& select,
                                          int64_t num_heads, const fmt::KvQuantSpec& windows,
-                                         const SpectralCalibrationOptions& options);
+                                         const SpectralCalibrationOptions& options,
+                                         const std::vector<std::vector<AttentionSequence>>& clip = {});
 
 // "0,1,2,3,4" / "1,2,4,8" — how the lists are written in the bundle's provenance and parsed from the CLI.
 std::string join_numbers(std::span<const double> xs);

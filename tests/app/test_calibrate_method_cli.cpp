@@ -66,9 +66,10 @@ TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterminist
   EXPECT_EQ(option(bundle, "cayley"), "false");
   const std::string chosen = option(bundle, "k_weight");
   EXPECT_TRUE(chosen == "1" || chosen == "4") << chosen;
-  EXPECT_NE(option(bundle, "k_weight_proxy").find(",oscar+tuned_clip:"), std::string::npos);  // the baseline
+  // The baseline: the published bundle at the default fixed clip ratios.
+  EXPECT_NE(option(bundle, "k_weight_proxy").find(",oscar+clip:"), std::string::npos);
   // Report rows: the chosen one and each candidate, next to the published rows.
-  for (const char* row : {"spectral", "spectral(k_weight=1)", "spectral(k_weight=4)", "oscar+tuned_clip"})
+  for (const char* row : {"spectral", "spectral(k_weight=1)", "spectral(k_weight=4)", "oscar+clip"})
     EXPECT_NE(std::find(bundle.errors.rows.begin(), bundle.errors.rows.end(), row), bundle.errors.rows.end()) << row;
   const int64_t d = bundle.quant.head_dim;
   for (size_t l = 0; l < bundle.layers.size(); ++l) {
@@ -117,7 +118,7 @@ TEST_F(CalibrateMethodCli, PublishedRotationsAreStoredAndRecorded) {
     const fmt::Bundle b = fmt::read_bundle(out);
     EXPECT_EQ(b.rotation_composition, composition);
     EXPECT_EQ(option(b, "rotation"), name);
-    EXPECT_NE(std::find(b.errors.rows.begin(), b.errors.rows.end(), name + "+tuned_clip"), b.errors.rows.end());
+    EXPECT_NE(std::find(b.errors.rows.begin(), b.errors.rows.end(), name + "+clip"), b.errors.rows.end());
     // Same statistics: the eigenvalues equal the default bundle's; the rotation is the one asked for.
     EXPECT_EQ(b.layers[0].k_eigenvalues, ob.layers[0].k_eigenvalues);
     for (int64_t i = 0; i < d * d; ++i) {
