@@ -10,16 +10,5 @@ PKGS=(
   nlohmann-json3-dev libfmt-dev libspdlog-dev libpcre2-dev libsentencepiece-dev libssl-dev libutf8proc-dev
   python3 python3-numpy
 )
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#PKGS[@]} packages present"
-  exit 0
-fi
-echo "install-deps: installing ${missing[*]}"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+source "$(dirname "$0")/apt-packages.sh"
+install_debian_packages install-deps "${PKGS[@]}"
