@@ -19,12 +19,9 @@ std::vector<float> identity(int64_t d) {
   return r;
 }
 
-// One KV head read by `heads` query heads. Every query leans on coordinate 0; every `period`-th key carries a large
-// coordinate 0 (the tokens attention goes to), the others are isotropic noise. So clipping the largest |k| of a token
-// cuts exactly the coordinate the attended keys are attended for, while it shrinks the INT2 range of every other key.
-AttentionSequence outlier_sequence(int64_t heads, int64_t tokens, int64_t d, int64_t period, float outlier,
-                                   float query_lean, uint64_t seed) {
-  std::mt19937_64 rng(seed);
+// A sequence of `tokens` keys/values of one KV head (filled by the caller) read by `heads` query heads that all
+// lean on coordinate 0 (plus noise), so the keys that carry a large coordinate 0 are the ones attention goes to.
+AttentionSequence leaning_queries(int64_t heads, int64_t tokens, int64_t d, float query_lean, std::mt19937_64& rng) {
   std::normal_distribution<float> n01(0.0f, 1.0f);
   AttentionSequence s;
   s.tokens = tokens;
@@ -34,6 +31,17 @@ AttentionSequence outlier_sequence(int64_t heads, int64_t tokens, int64_t d, int
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t c = 0; c < d; ++c) s.q[(h * tokens + t) * d + c] = (c == 0 ? query_lean : 0.0f) + 0.5f * n01(rng);
+  return s;
+}
+
+// One KV head read by `heads` query heads. Every query leans on coordinate 0; every `period`-th key carries a large
+// coordinate 0 (the tokens attention goes to), the others are isotropic noise. So clipping the largest |k| of a token
+// cuts exactly the coordinate the attended keys are attended for, while it shrinks the INT2 range of every other key.
+AttentionSequence outlier_sequence(int64_t heads, int64_t tokens, int64_t d, int64_t period, float outlier,
+                                   float query_lean, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  AttentionSequence s = leaning_queries(heads, tokens, d, query_lean, rng);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < d; ++c) {
       s.k[t * d + c] = n01(rng) + (c == 0 && t % period == 0 ? outlier : 0.0f);
@@ -130,14 +138,7 @@ AttentionSequence spiky_sequence(int64_t heads, int64_t tokens, int64_t d, int64
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.0f, 1.0f);
   std::uniform_int_distribution<int64_t> coord(1, d - 1);
-  AttentionSequence s;
-  s.tokens = tokens;
-  s.q.resize(static_cast<size_t>(heads * tokens * d));
-  s.k.resize(static_cast<size_t>(tokens * d));
-  s.v.resize(s.k.size());
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t c = 0; c < d; ++c) s.q[(h * tokens + t) * d + c] = (c == 0 ? query_lean : 0.0f) + 0.5f * n01(rng);
+  AttentionSequence s = leaning_queries(heads, tokens, d, query_lean, rng);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t c = 0; c < d; ++c) {
       s.k[t * d + c] = 0.3f * n01(rng);
