@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <set>
 
@@ -56,13 +57,33 @@ struct EvalCliOptions {
   bool fold_v = false;
 };
 
-std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
-  std::vector<int64_t> values;
+// "a,b,,c" -> {"a", "b", "", "c"}: empty items are kept so the caller's check names them.
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> parts;
   size_t start = 0;
   while (start <= text.size()) {
     size_t end = text.find(',', start);
     if (end == std::string::npos) end = text.size();
-    const std::string item = text.substr(start, end - start);
+    parts.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return parts;
+}
+
+// The whole of `item` as a decimal number, NaN when it is not one (so every range check rejects it).
+double parse_decimal(const std::string& item) {
+  try {
+    size_t used = 0;
+    const double v = std::stod(item, &used);
+    if (used == item.size()) return v;
+  } catch (const std::exception&) {
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
+  std::vector<int64_t> values;
+  for (const std::string& item : split_commas(text)) {
     try {
       size_t used = 0;
       const long long v = std::stoll(item, &used);
@@ -71,7 +92,6 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
     } catch (const std::exception&) {
       throw Error(flag, ::fmt::format("'{}' is not a positive integer", item));
     }
-    start = end + 1;
   }
   return values;
 }
@@ -80,13 +100,7 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
 std::pair<float, float> parse_clip_pair(const std::string& text) {
   const size_t comma = text.find(',');
   auto one = [&](const std::string& item) {
-    double v = -1;
-    try {
-      size_t used = 0;
-      v = std::stod(item, &used);
-      if (used != item.size()) v = -1;
-    } catch (const std::exception&) {
-    }
+    const double v = parse_decimal(item);
     if (!(v > 0 && v <= 1)) throw Error("--oscar-clip", ::fmt::format("'{}' is not a clip ratio in (0, 1]", item));
     return static_cast<float>(v);
   };
@@ -157,24 +171,8 @@ int run_eval(const EvalCliOptions& o) {
     opt.retrieval = true;
     opt.retrieval_lengths = o.passkey_lengths.empty() ? contexts : parse_int_list(o.passkey_lengths, "--passkey-lengths");
     opt.retrieval_depths.clear();
-    for (const std::string& item : [&] {
-           std::vector<std::string> parts;
-           size_t start = 0;
-           while (start <= o.passkey_depths.size()) {
-             size_t end = o.passkey_depths.find(',', start);
-             if (end == std::string::npos) end = o.passkey_depths.size();
-             parts.push_back(o.passkey_depths.substr(start, end - start));
-             start = end + 1;
-           }
-           return parts;
-         }()) {
-      double v = -1;
-      try {
-        size_t used = 0;
-        v = std::stod(item, &used);
-        if (used != item.size()) v = -1;
-      } catch (const std::exception&) {
-      }
+    for (const std::string& item : split_commas(o.passkey_depths)) {
+      const double v = parse_decimal(item);
       if (!(v >= 0 && v <= 100)) throw Error("--passkey-depths", ::fmt::format("'{}' is not a percentage in [0, 100]", item));
       opt.retrieval_depths.push_back(v / 100.0);
     }

@@ -247,6 +247,33 @@ TEST(CliErrors, BadIdsAndCudaDevice) {
   EXPECT_NE(r.err.find("nope.txt"), std::string::npos) << r.err;
 }
 
+// `oscar eval`'s comma lists (--context, --passkey-lengths: positive integers; --passkey-depths: percentages) fail on
+// the first bad item, naming the flag and the item, before any evaluation runs.
+TEST(CliErrors, EvalListItemsAreNamed) {
+  OSCAR_REQUIRE_FIXTURE(kTiny);
+  OSCAR_REQUIRE_FIXTURE("text/tinystories-sample.txt");
+  const auto out = temp_dir_for_test() / "eval";
+  const std::vector<std::string> base = {"eval", "--model", model(kTiny), "--data",
+                                         (fixtures_dir() / "text/tinystories-sample.txt").string(), "--modes", "bf16",
+                                         "--num-seqs", "1", "--greedy-prompts", "0", "--out", out.string()};
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--context", "64,,128"}, "--context: '' is not a positive integer"},
+      {{"--context", "64", "--passkey", "--passkey-lengths", "64,0"}, "--passkey-lengths: '0' is not a positive integer"},
+      {{"--context", "64", "--passkey", "--passkey-depths", "50,x"}, "--passkey-depths: 'x' is not a percentage"},
+      {{"--context", "64", "--passkey", "--passkey-depths", "50,100.5"}, "--passkey-depths: '100.5' is not a percentage"},
+      {{"--context", "64", "--passkey", "--passkey-depths", "25,50%"}, "--passkey-depths: '50%' is not a percentage"},
+  };
+  for (const auto& [extra, message] : cases) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const RunResult r = run_oscar(args);
+    EXPECT_EQ(r.exit_code, 1) << message;
+    EXPECT_TRUE(is_one_error_line(r.err)) << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out / "report.json")) << message;
+  }
+}
+
 TEST(CliSynth, DeterministicLoadableCheckpoints) {
   const auto dir = temp_dir_for_test();
   for (const char* arch : {"qwen3", "llama"}) {
