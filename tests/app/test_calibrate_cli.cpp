@@ -23,6 +23,7 @@
 #include "formats/bundle.h"
 #include "formats/tokenizer.h"
 #include "lib/calib/calibrator.h"
+#include "calibrate_cli_fixture.h"
 #include "run_oscar.h"
 #include "test_support.h"
 
@@ -31,41 +32,19 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr const char* kModel = "models/tinystories-llama2c-280k-hf";
-constexpr const char* kText = "text/tinystories-sample.txt";
-
-class CalibrateCli : public ::testing::Test {
+class CalibrateCli : public TinyStoriesCalibrateCli {
  protected:
-  void SetUp() override {
-    OSCAR_REQUIRE_FIXTURE(kModel);
-    OSCAR_REQUIRE_FIXTURE(kText);
-    model_ = (fixtures_dir() / kModel).string();
-    text_ = (fixtures_dir() / kText).string();
-    dir_ = temp_dir_for_test();
-  }
   // A small calibration: 6 sequences of 64 tokens, 2 held-out, windows shrunk to fit the short sequences. The
   // published method (the CLI's default, spectral, needs --budget-bits >= 5 at this head_dim 8; see
   // test_calibrate_method_cli.cpp).
   // `extra` flags replace the defaults' values or are appended. Logs below warnings are off, so stderr holds only
   // warnings and the one error line.
   std::vector<std::string> args(const fs::path& out, std::vector<std::string> extra = {}) const {
-    std::vector<std::string> a = {"calibrate", "--model", model_, "--data", text_, "--out", out.string(),
-                                  "--num-seqs", "6", "--seq-len", "64", "--heldout-seqs", "2", "--sink", "16",
-                                  "--recent", "16", "--seed", "3", "--log-level", "warn", "--method", "published"};
-    for (size_t i = 0; i < extra.size(); ++i) {
-      const bool has_value = i + 1 < extra.size() && extra[i + 1].rfind("--", 0) != 0;
-      const auto it = std::find(a.begin(), a.end(), extra[i]);
-      if (it != a.end() && has_value) {
-        *(it + 1) = extra[++i];
-        continue;
-      }
-      a.push_back(extra[i]);
-      if (has_value) a.push_back(extra[++i]);
-    }
-    return a;
+    return calibrate_args(out,
+                          {"--num-seqs", "6", "--seq-len", "64", "--heldout-seqs", "2", "--sink", "16", "--recent",
+                           "16", "--seed", "3", "--log-level", "warn", "--method", "published"},
+                          extra);
   }
-  std::string model_, text_;
-  fs::path dir_;
 };
 
 TEST_F(CalibrateCli, BundleMatchesTheLibraryOnThePackedSplitAndIsDeterministic) {

@@ -11,6 +11,7 @@
 
 #include "formats/bundle.h"
 #include "lib/calib/rotation.h"
+#include "calibrate_cli_fixture.h"
 #include "run_oscar.h"
 #include "test_support.h"
 
@@ -19,32 +20,19 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr const char* kModel = "models/tinystories-llama2c-280k-hf";
-constexpr const char* kText = "text/tinystories-sample.txt";
-
-class CalibrateMethodCli : public ::testing::Test {
+class CalibrateMethodCli : public TinyStoriesCalibrateCli {
  protected:
-  void SetUp() override {
-    OSCAR_REQUIRE_FIXTURE(kModel);
-    OSCAR_REQUIRE_FIXTURE(kText);
-    model_ = (fixtures_dir() / kModel).string();
-    text_ = (fixtures_dir() / kText).string();
-    dir_ = temp_dir_for_test();
-  }
   std::vector<std::string> args(const fs::path& out, const std::vector<std::string>& extra) const {
-    std::vector<std::string> a = {"calibrate", "--model", model_, "--data", text_, "--out", out.string(),
-                                  "--num-seqs", "4", "--seq-len", "64", "--heldout-seqs", "3", "--sink", "16",
-                                  "--recent", "16", "--seed", "5", "--log-level", "warn"};
-    a.insert(a.end(), extra.begin(), extra.end());
-    return a;
+    return calibrate_args(out,
+                          {"--num-seqs", "4", "--seq-len", "64", "--heldout-seqs", "3", "--sink", "16", "--recent",
+                           "16", "--seed", "5", "--log-level", "warn"},
+                          extra);
   }
   static std::string option(const fmt::Bundle& b, const std::string& key) {
     for (const auto& [k, v] : b.calibration.options)
       if (k == key) return v;
     return "(absent)";
   }
-  std::string model_, text_;
-  fs::path dir_;
 };
 
 TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterministic) {
