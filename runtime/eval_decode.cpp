@@ -325,14 +325,8 @@ int64_t max_eval_cache_tokens(const std::vector<eval::ContextSequences>& data, c
 size_t eval_cache_budget_bytes(const fmt::ModelConfig& cfg, const CacheFormat& format, int64_t batch,
                                int64_t max_tokens) {
   if (batch < 1) throw Error("--gpu-batch", "must be >= 1");
-  KvCacheLayout layout;
-  layout.num_layers = cfg.num_layers;
-  layout.num_kv_heads = cfg.num_kv_heads;
-  layout.head_dim = format.cache_head_dim;
-  layout.page_tokens = fmt::kKvPageTokens;
-  layout.quantized = format.quantized;
-  layout.sink_tokens = format.sink_tokens;
-  layout.recent_tokens = format.recent_tokens;
+  // The engine's own layout (engine_format.cpp), so per-layer segmented page sizes are budgeted as allocated.
+  const KvCacheLayout layout = cache_layout(cfg, format);
   layout.validate("eval cache");
   const auto pages = static_cast<size_t>(std::max<int64_t>(ceil_div(max_tokens, layout.page_tokens), 1));
   const auto B = static_cast<size_t>(batch);

@@ -384,20 +384,24 @@ bool grows_to(const KvCacheLayout& layout, size_t budget, int64_t batch, int64_t
 
 TEST(EvalCacheBudget, HoldsTheBatchAtTheLongestJobAndNoMore) {
   const fmt::ModelConfig cfg = qwen3_tiny_shape();
-  for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
+  const size_t int2_page = cache_layout(cfg, resolve_cache_format(cfg, CacheMode::Int2, nullptr, 16, 64, "test"))
+                               .int2_page_bytes();
+  // Variant 2: INT2 pages re-laid per layer as K [0,64)@4 [64,128)@2, V [0,32)@4 [32,128)@2 (spectral-style
+  // segments, larger pages than INT2): the budget must follow the engine's per-layer page sizes.
+  for (const int variant : {0, 1, 2}) {
+    const CacheMode mode = variant == 0 ? CacheMode::Bf16 : CacheMode::Int2;
     for (const auto& [sink, recent] : std::vector<std::pair<int64_t, int64_t>>{{16, 64}, {4, 100}, {0, 0}}) {
-      const CacheFormat f = resolve_cache_format(cfg, mode, nullptr, sink, recent, "test");
-      KvCacheLayout layout;
-      layout.num_layers = cfg.num_layers;
-      layout.num_kv_heads = cfg.num_kv_heads;
-      layout.head_dim = f.cache_head_dim;
-      layout.page_tokens = fmt::kKvPageTokens;
-      layout.quantized = f.quantized;
-      layout.sink_tokens = f.sink_tokens;
-      layout.recent_tokens = f.recent_tokens;
+      CacheFormat f = resolve_cache_format(cfg, mode, nullptr, sink, recent, "test");
+      if (variant == 2) {
+        f.k_segments.assign(static_cast<size_t>(cfg.num_layers), {{0, 64, 4}, {64, 128, 2}});
+        f.v_segments.assign(static_cast<size_t>(cfg.num_layers), {{0, 32, 4}, {32, 128, 2}});
+        ASSERT_TRUE(f.segmented());
+      }
+      const KvCacheLayout layout = cache_layout(cfg, f);
+      if (variant == 2) ASSERT_GT(layout.int2_page_bytes(), int2_page);
       for (const int64_t batch : {1, 3}) {
         for (const int64_t tokens : {1, 64, 65, 700}) {
-          SCOPED_TRACE(::testing::Message() << cache_mode_name(mode) << " sink " << sink << " recent " << recent
+          SCOPED_TRACE(::testing::Message() << cache_mode_name(mode) << (variant == 2 ? " segmented" : "") << " sink " << sink << " recent " << recent
                                             << " batch " << batch << " tokens " << tokens);
           const size_t budget = eval_cache_budget_bytes(cfg, f, batch, tokens);
           EXPECT_TRUE(grows_to(layout, budget, batch, tokens));
