@@ -217,20 +217,6 @@ fs::path bf16_copy(const fs::path& src, const fs::path& dst) {
   return dst;
 }
 
-// Consecutive sequences of `len` tokens from the text (no BOS: the text stream, as the packer would cut it).
-std::vector<std::vector<int32_t>> text_sequences(const fs::path& model_dir, const fs::path& text, int64_t count,
-                                                 int64_t len) {
-  std::ifstream in(text, std::ios::binary);
-  std::string bytes(static_cast<size_t>(count * len * 8), '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  bytes.resize(static_cast<size_t>(in.gcount()));
-  const std::vector<int32_t> ids = fmt::Tokenizer::load(model_dir)->encode(bytes, false);
-  std::vector<std::vector<int32_t>> out;
-  for (int64_t s = 0; s < count && (s + 1) * len <= static_cast<int64_t>(ids.size()); ++s)
-    out.emplace_back(ids.begin() + s * len, ids.begin() + (s + 1) * len);
-  return out;
-}
-
 struct ModelCase {
   const char* model;
   const char* text;
@@ -242,7 +228,8 @@ void compare_with_cpu(const ModelCase& mc) {
   if (!fs::exists(dir / "config.json")) GTEST_SKIP() << "fixture not found: " << dir;
   if (!fs::exists(test::fixtures_dir() / mc.text)) GTEST_SKIP() << "fixture not found: " << mc.text;
   const fs::path cpu_dir = bf16_copy(dir, test::temp_dir_for_test() / "bf16");
-  const auto seqs = text_sequences(dir, test::fixtures_dir() / mc.text, mc.num_seqs + mc.heldout, mc.seq_len);
+  const auto seqs =
+      test::fwd::text_sequences(dir, test::fixtures_dir() / mc.text, mc.num_seqs + mc.heldout, mc.seq_len);
   ASSERT_EQ(static_cast<int64_t>(seqs.size()), mc.num_seqs + mc.heldout);
   calib::CalibrationData data;
   data.seq_len = mc.seq_len;

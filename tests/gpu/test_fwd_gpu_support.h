@@ -1,14 +1,18 @@
 #pragma once
-// Helpers shared by the forward-pass GPU tests (test_fwd_*): device presence, bf16 round trips, error metrics.
+// Helpers shared by the GPU tests: device presence, bf16 round trips, error metrics, fixture token sequences.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "formats/dtype.h"
+#include "formats/tokenizer.h"
 
 namespace oscar::test::fwd {
 
@@ -49,6 +53,22 @@ inline std::vector<float> widen(const std::vector<uint16_t>& b) {
 }
 // The value a bf16 kernel actually sees: x rounded to bf16 and widened back.
 inline std::vector<float> bf16_round(const std::vector<float>& v) { return widen(to_bf16(v)); }
+
+// Consecutive sequences of `len` tokens from the text (no BOS: the text stream, as the packer would cut it); fewer
+// than `count` when the text is short.
+inline std::vector<std::vector<int32_t>> text_sequences(const std::filesystem::path& model_dir,
+                                                        const std::filesystem::path& text, int64_t count,
+                                                        int64_t len) {
+  std::ifstream in(text, std::ios::binary);
+  std::string bytes(static_cast<size_t>(count * len * 8), '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  bytes.resize(static_cast<size_t>(in.gcount()));
+  const std::vector<int32_t> ids = fmt::Tokenizer::load(model_dir)->encode(bytes, false);
+  std::vector<std::vector<int32_t>> out;
+  for (int64_t s = 0; s < count && (s + 1) * len <= static_cast<int64_t>(ids.size()); ++s)
+    out.emplace_back(ids.begin() + s * len, ids.begin() + (s + 1) * len);
+  return out;
+}
 
 }  // namespace oscar::test::fwd
 

@@ -148,20 +148,6 @@ TEST(LayerStream, PeakDeviceMemoryDoesNotGrowWithDepth) {
   EXPECT_LE(peak[1], peak[0] + sums_growth) << "streamed peak grows with depth";
 }
 
-// Consecutive sequences of `len` tokens from a fixture text.
-std::vector<std::vector<int32_t>> text_sequences(const fs::path& model_dir, const fs::path& text, int64_t count,
-                                                 int64_t len) {
-  std::ifstream in(text, std::ios::binary);
-  std::string bytes(static_cast<size_t>(count * len * 8), '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  bytes.resize(static_cast<size_t>(in.gcount()));
-  const std::vector<int32_t> ids = fmt::Tokenizer::load(model_dir)->encode(bytes, false);
-  std::vector<std::vector<int32_t>> out;
-  for (int64_t s = 0; s < count && (s + 1) * len <= static_cast<int64_t>(ids.size()); ++s)
-    out.emplace_back(ids.begin() + s * len, ids.begin() + (s + 1) * len);
-  return out;
-}
-
 std::string file_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -173,7 +159,7 @@ TEST(LayerStream, Qwen3TinyStreamedAndShardedBundlesAreByteIdentical) {
   const fs::path text = test::fixtures_dir() / "text/war-and-peace.txt";
   if (!fs::exists(dir / "config.json") || !fs::exists(text)) GTEST_SKIP() << "fixture not found: " << dir;
   const int64_t n = 8, len = 256, heldout = 2, batch_tokens = 3 * len;
-  const auto seqs = text_sequences(dir, text, n + heldout, len);
+  const auto seqs = test::fwd::text_sequences(dir, text, n + heldout, len);
   ASSERT_EQ(static_cast<int64_t>(seqs.size()), n + heldout);
   calib::CalibrationData data;
   data.seq_len = len;
