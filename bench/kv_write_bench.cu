@@ -10,6 +10,8 @@
 //   3. the engine's whole prefill write path: forward with an observer that does what rt::Engine's prefill
 //      observer does (fp32 observer copies of Q/K/V inside rope_qkv, fp32 -> bf16 staging, then the writes of 2),
 //      minus (1); this includes the observer's fp32 copies, which the engine pays today.
+// (2) is printed for each INT2 implementation of kernels/kv_quantize/kv_write_variants.h (--impl), next to the
+// cost of ONE INT2 call (one layer's K or V; issue #6's budget is <= 0.5 ms of the 1.86 s prefill / 72 calls).
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -24,6 +26,7 @@
 #include "formats/model_config.h"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/kv_quantize/kv_quantize.h"
+#include "kernels/kv_quantize/kv_write_variants.h"
 #include "lib/eval/cache_modes.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
@@ -89,7 +92,8 @@ struct Cache {
   }
 
   // What rt::Engine's write_layer launches for one layer: bf16 writes of the windows, INT2 writes of the rest.
-  void write_layer(int64_t layer, const uint16_t* k, const uint16_t* v, cudaStream_t stream) {
+  void write_layer(int64_t layer, const uint16_t* k, const uint16_t* v, cudaStream_t stream,
+                   kern::KvWriteInt2Impl impl = kern::KvWriteInt2Impl::Tiled, bool int2_only = false) {
     kern::KvWriteParams p;
     p.tokens = tokens;
     p.token_stride = cfg.num_kv_heads * cfg.head_dim;
@@ -103,12 +107,12 @@ struct Cache {
       p.slots = slots.as<int32_t>();
       p.bf16_pool = reinterpret_cast<uint16_t*>(bf16.as<uint8_t>() + (2 * layer + value) * bf16_layer_bytes);
       p.int2_pool = nullptr;
-      check(kern::kv_write(p, kern::KvWriteMode::Bf16, st), "bf16 write");
+      if (!int2_only) check(kern::kv_write(p, kern::KvWriteMode::Bf16, st), "bf16 write");
       p.slots = slots.as<int32_t>() + tokens;
       p.bf16_pool = nullptr;
       p.int2_pool = int2.as<uint8_t>() + (2 * layer + value) * int2_layer_bytes;
       p.clip_ratio = value ? 0.92f : 0.96f;
-      check(kern::kv_write(p, kern::KvWriteMode::Int2, st), "INT2 write");
+      check(kern::kv_write_int2_impl(p, impl, st), "INT2 write");
     }
   }
 };
@@ -157,6 +161,7 @@ int run(int argc, char** argv) {
   int warmup = 1, iters = 3, write_iters = 20;
   uint64_t seed = 0;
   bool skip_prefill = false;
+  std::string impl_name = "all";
   app.add_option("--config", config_path, "HF config.json of the shape")->capture_default_str()->check(CLI::ExistingFile);
   app.add_option("--seq", seq, "prompt tokens")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed forwards first")->capture_default_str()->check(CLI::NonNegativeNumber);
@@ -164,6 +169,9 @@ int run(int argc, char** argv) {
   app.add_option("--write-iters", write_iters, "timed kv_write passes")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "seed of the random weights and ids")->capture_default_str();
   app.add_flag("--skip-prefill", skip_prefill, "time kv_write alone (no model, no forward)");
+  app.add_option("--impl", impl_name, "INT2 implementation(s) timed in (2): tiled (what kv_write runs), radix, legacy, all")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tiled", "radix", "legacy", "all"}));
   CLI11_PARSE(app, argc, argv);
 
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_file(config_path);
@@ -185,10 +193,6 @@ int run(int argc, char** argv) {
   fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_k.as<uint16_t>(), n, 1u);
   fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_v.as<uint16_t>(), n, 2u);
   rt::check_cuda(cudaGetLastError(), "fill");
-  const double write_ms = median_ms(2, write_iters, stream, [&] {
-    for (int64_t l = 0; l < cfg.num_layers; ++l)
-      cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream);
-  });
   const int64_t quantized = std::max<int64_t>(seq - cache.sink, 0);
   const int64_t windows = std::min<int64_t>(seq, cache.sink + cache.recent);
   const double record = fmt::Int2PageGeometry{static_cast<int32_t>(cfg.head_dim), 64}.page_bytes() / 64.0;
@@ -197,10 +201,30 @@ int run(int argc, char** argv) {
   // window tokens read and written. (The bf16 pass reads only its slots' rows.)
   const double bytes = per_head_tokens * (quantized * (cfg.head_dim * 2.0 + record) +
                                           windows * (cfg.head_dim * 2.0 * 2.0));
-  std::printf("kv_write alone (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
-              "%.1f us, %.1f GB/s\n",
-              (long long)cfg.num_layers, (long long)quantized, (long long)windows, write_ms * 1e3,
-              bytes / (write_ms * 1e-3) * 1e-9);
+  struct Impl {
+    const char* name;
+    kern::KvWriteInt2Impl impl;
+  };
+  const Impl impls[] = {{"tiled", kern::KvWriteInt2Impl::Tiled},
+                        {"radix", kern::KvWriteInt2Impl::TiledRadix},
+                        {"legacy", kern::KvWriteInt2Impl::Legacy}};
+  double write_ms = 0;  // the tiled one (kv_write's), for (3)
+  for (const Impl& im : impls) {
+    if (impl_name != "all" && impl_name != im.name) continue;
+    const double ms = median_ms(2, write_iters, stream, [&] {
+      for (int64_t l = 0; l < cfg.num_layers; ++l)
+        cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl);
+    });
+    // One layer's K and V INT2 calls alone (no bf16 pass), averaged: the per-call budget of issue #6.
+    const double int2_ms = median_ms(2, write_iters, stream, [&] {
+      cache.write_layer(0, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, true);
+    });
+    if (im.impl == kern::KvWriteInt2Impl::Tiled || impl_name == im.name) write_ms = ms;
+    std::printf("kv_write alone [%s] (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
+                "%.1f us, %.1f GB/s | one INT2 call (K/V mean): %.1f us\n",
+                im.name, (long long)cfg.num_layers, (long long)quantized, (long long)windows, ms * 1e3,
+                bytes / (ms * 1e-3) * 1e-9, int2_ms * 1e3 / 2.0);
+  }
   if (skip_prefill) return 0;
 
   // (1) prefill, (3) prefill with the engine's write path.

@@ -39,7 +39,7 @@ int64_t padded_cache_head_dim(int64_t head_dim, const std::string& where) {
 namespace {
 
 // What the GPU cache stores: integer segments on 16-dim boundaries with widths the decode kernels read (whole-head
-// INT2, or a segmented layout of {0, 1, 2, 4}-bit segments). Everything else is eval-only.
+// INT2, or a segmented layout of {0, 1, 2, 3, 4}-bit segments). Everything else is eval-only.
 void require_kernel_layout(const fmt::TensorQuantSpec& t, const std::vector<fmt::QuantSegment>& segs,
                            int64_t head_dim, const std::string& where) {
   if (t.storage != fmt::KvStorage::Int)
@@ -55,10 +55,10 @@ void require_kernel_layout(const fmt::TensorQuantSpec& t, const std::vector<fmt:
     if (s.begin % 16 != 0 || s.end % 16 != 0)
       throw Error(where, "segment [" + std::to_string(s.begin) + ", " + std::to_string(s.end) +
                              ") is not on 16-dim boundaries, which the decode kernel needs (`oscar eval` only)");
-    if (s.bits != 0 && s.bits != 1 && s.bits != 2 && s.bits != 4)
+    if (s.bits < 0 || s.bits > 4)
       throw Error(where, "segment [" + std::to_string(s.begin) + ", " + std::to_string(s.end) + ") has " +
                              std::to_string(s.bits) +
-                             " bits; the decode kernel reads widths 0, 1, 2 and 4 (3 and 8 are `oscar eval` only)");
+                             " bits; the decode kernel reads widths 0 to 4 (8 is `oscar eval` only)");
     next = s.end;
   }
   if (next != head_dim)

@@ -73,10 +73,10 @@ struct CalibrateCliOptions {
   std::vector<double> k_weight_grid = {1, 2, 4, 8};
   // No 0-bit width by default: dropping the least important directions of the fit text hurt KL on other text
   // (qwen3-tiny quickstart, python/linux docs: KL beyond the window 2.6e-2 with 0 allowed vs 7.1e-3 without;
-  // published 9.3e-3; docs/method.md). No 3-bit width either: the runtime's segmented decode kernel reads 1/2/4-bit
-  // segments (kernels/attention_decode/decode_attention_seg.cuh), and a default bundle must run there.
-  // `--widths 0,1,2,3,4` restores the bench's set (CPU eval only).
-  std::vector<int32_t> widths = {1, 2, 4};
+  // published 9.3e-3; docs/method.md). 3 bits is in: the runtime's segmented decode kernel reads 1/2/3/4-bit
+  // segments (kernels/attention_decode/decode_attention_seg.cuh), and at a 2.28-bit budget 1/2/4 alone leave room
+  // for one segment per head only. `--widths 0,1,2,3,4` restores the bench's set.
+  std::vector<int32_t> widths = {1, 2, 3, 4};
   bool cayley = false;
   int64_t spectral_fit_tokens = 2048;
   int64_t proxy_queries = 256;

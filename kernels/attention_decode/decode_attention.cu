@@ -15,6 +15,8 @@ int32_t window_split_count(const DecodeAttentionParams& p, int32_t splits, bool 
   return static_cast<int32_t>(std::clamp<int64_t>((window + 31) / 32, 1, splits));
 }
 
+bool seg_whole_int2(const fmt::SegmentedPageGeometry& g) { return g.num_segments == 1 && g.seg_bits[0] == 2; }
+
 // Per-block tables of a geometry already accepted by decode_attention_can_implement.
 detail::SegDecodeLayout seg_decode_layout(const fmt::SegmentedPageGeometry& g) {
   detail::SegDecodeLayout L{};
@@ -44,6 +46,40 @@ detail::SegDecodeLayout seg_decode_layout(const fmt::SegmentedPageGeometry& g) {
   return L;
 }
 
+// One instantiation of the segmented kernel (kKCode = kVCode = 0: the generic one, tables read at run time).
+template <int kHeadDim, uint64_t kKCode, uint64_t kVCode>
+Status launch_seg_kernel(const detail::DecodeArgs& a, int batch, cudaStream_t stream, size_t smem, int most) {
+  // The opt-in limit covers static + dynamic shared memory, so the dynamic ceiling is what the kernel's static
+  // arrays (softmax scratch) leave; asking for all of `most` makes cudaFuncSetAttribute fail.
+  static const cudaError_t opted_in = [&] {
+    cudaFuncAttributes attr{};
+    cudaError_t e = cudaFuncGetAttributes(&attr, detail::decode_attention_seg_kernel<kHeadDim, kKCode, kVCode>);
+    if (e != cudaSuccess) return e;
+    return cudaFuncSetAttribute(detail::decode_attention_seg_kernel<kHeadDim, kKCode, kVCode>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                most - static_cast<int>(attr.sharedSizeBytes));
+  }();
+  if (opted_in != cudaSuccess) return Status::CudaError;
+  const dim3 grid(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
+                  static_cast<unsigned>(batch));
+  detail::decode_attention_seg_kernel<kHeadDim, kKCode, kVCode><<<grid, detail::kDecodeWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError() == cudaSuccess ? Status::Ok : Status::CudaError;
+}
+
+// The compiled (K, V) layout pair that matches, else the generic kernel (detail::kSegCompiledLayouts128).
+template <int kHeadDim, int kIndex = 0>
+Status launch_seg_dispatch(const detail::DecodeArgs& a, int batch, cudaStream_t stream, size_t smem, int most,
+                           uint64_t k_code, uint64_t v_code) {
+  if constexpr (kHeadDim == 128 && kIndex < detail::kSegCompiledLayouts128Count) {
+    constexpr detail::SegLayoutPair kPair = detail::kSegCompiledLayouts128[kIndex];
+    if (k_code == kPair.k && v_code == kPair.v)
+      return launch_seg_kernel<kHeadDim, kPair.k, kPair.v>(a, batch, stream, smem, most);
+    return launch_seg_dispatch<kHeadDim, kIndex + 1>(a, batch, stream, smem, most, k_code, v_code);
+  } else {
+    return launch_seg_kernel<kHeadDim, 0, 0>(a, batch, stream, smem, most);
+  }
+}
+
 template <int kHeadDim>
 Status launch_seg(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   // The ring (3 stages x 4 tiles x 16 tokens of both records per warp) doubles as the per-warp partials.
@@ -56,28 +92,54 @@ Status launch_seg(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
       cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return Status::CudaError;
   if (smem > static_cast<size_t>(most) - 1024) return Status::Unsupported;
-  // The opt-in limit covers static + dynamic shared memory, so the dynamic ceiling is what the kernel's static
-  // arrays (softmax scratch) leave; asking for all of `most` makes cudaFuncSetAttribute fail.
-  static const cudaError_t opted_in = [&] {
-    cudaFuncAttributes attr{};
-    cudaError_t e = cudaFuncGetAttributes(&attr, detail::decode_attention_seg_kernel<kHeadDim>);
-    if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(detail::decode_attention_seg_kernel<kHeadDim>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                most - static_cast<int>(attr.sharedSizeBytes));
-  }();
+  return launch_seg_dispatch<kHeadDim>(a, batch, stream, smem, most, detail::seg_layout_code(a.k_seg, kHeadDim / 16),
+                                       detail::seg_layout_code(a.v_seg, kHeadDim / 16));
+}
+
+template <int kHeadDim, int kMaxGroup>
+void launch_rotate_q(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+  detail::decode_rotate_q_kernel<kHeadDim, kMaxGroup>
+      <<<dim3(kHeadDim / detail::kRotateColumns, static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(batch)),
+         detail::kRotateSlices * 32, 0, stream>>>(a);
+}
+
+template <int kHeadDim>
+void launch_rotate_q_any_group(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+  if (a.group <= 1) launch_rotate_q<kHeadDim, 1>(a, batch, stream);
+  else if (a.group <= 2) launch_rotate_q<kHeadDim, 2>(a, batch, stream);
+  else if (a.group <= 4) launch_rotate_q<kHeadDim, 4>(a, batch, stream);
+  else launch_rotate_q<kHeadDim, 8>(a, batch, stream);
+}
+
+// Fused variant: rotate_q, then the INT2 kernel with window share and last-block merge, launched as a
+// programmatic dependent of rotate_q (it streams its first tiles while rotate_q finishes).
+template <int kHeadDim>
+Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
+  launch_rotate_q_any_group<kHeadDim>(a, batch, stream);
+  if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
+  constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
+  static const cudaError_t opted_in = cudaFuncSetAttribute(
+      detail::decode_attention_int2_kernel<kHeadDim, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (opted_in != cudaSuccess) return Status::CudaError;
-  const dim3 grid(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
-                  static_cast<unsigned>(batch));
-  detail::decode_attention_seg_kernel<kHeadDim><<<grid, detail::kDecodeWarps * 32, smem, stream>>>(a);
-  return cudaGetLastError() == cudaSuccess ? Status::Ok : Status::CudaError;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
+                     static_cast<unsigned>(batch));
+  cfg.blockDim = dim3(detail::kDecodeWarps * 32);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaLaunchKernelEx(&cfg, detail::decode_attention_int2_kernel<kHeadDim, true>, a) != cudaSuccess)
+    return Status::CudaError;
+  return detail::launch_status();
 }
 
 template <int kHeadDim, int kMaxGroup>
 void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
-  detail::decode_rotate_q_kernel<kHeadDim, kMaxGroup>
-      <<<dim3(kHeadDim / detail::kRotateColumns, static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(batch)),
-         detail::kRotateSlices * 32, 0, stream>>>(a);
+  launch_rotate_q<kHeadDim, kMaxGroup>(a, batch, stream);
   if (a.window_splits > 0) {
     const dim3 grid(static_cast<unsigned>(a.window_splits), static_cast<unsigned>(a.num_kv_heads),
                     static_cast<unsigned>(batch));
@@ -86,7 +148,8 @@ void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t s
 }
 
 template <int kHeadDim>
-Status launch(const detail::DecodeArgs& a, bool segmented, int batch, cudaStream_t stream) {
+Status launch(const detail::DecodeArgs& a, bool segmented, bool fused, int batch, cudaStream_t stream) {
+  if (fused) return launch_fused<kHeadDim>(a, batch, stream);
   // The group size is a runtime value; the template only bounds it so registers can hold every head's query.
   if (a.group <= 1) launch_group_kernels<kHeadDim, 1>(a, batch, stream);
   else if (a.group <= 2) launch_group_kernels<kHeadDim, 2>(a, batch, stream);
@@ -99,11 +162,11 @@ Status launch(const detail::DecodeArgs& a, bool segmented, int batch, cudaStream
     constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
     // Above 48 KiB of dynamic shared memory a kernel must opt in, once per process.
     static const cudaError_t opted_in = cudaFuncSetAttribute(
-        detail::decode_attention_int2_kernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        detail::decode_attention_int2_kernel<kHeadDim, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (opted_in != cudaSuccess) return Status::CudaError;
     const dim3 grid(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
                     static_cast<unsigned>(batch));
-    detail::decode_attention_int2_kernel<kHeadDim><<<grid, detail::kDecodeWarps * 32, kSmem, stream>>>(a);
+    detail::decode_attention_int2_kernel<kHeadDim, false><<<grid, detail::kDecodeWarps * 32, kSmem, stream>>>(a);
     if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
   }
   detail::decode_attention_merge_kernel<kHeadDim>
@@ -154,8 +217,15 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.int2_page_table = p.int2_page_table;
   a.bf16_page_table = p.bf16_page_table;
   a.max_pages = p.max_pages;
+  // A segmented layer whose K and V are both one 2-bit segment has byte-identical INT2 pages: the INT2 kernel reads
+  // them (an engine with any spectral layer passes geometries for every layer).
+  const bool segmented =
+      p.k_geometry != nullptr && !(seg_whole_int2(*p.k_geometry) && seg_whole_int2(*p.v_geometry));
+  // Fused needs INT2 blocks to carry the window; all-window calls (bf16 baseline, short prompts) and segmented
+  // layers run the separate kernels.
+  const bool fused = p.variant == DecodeAttentionVariant::Fused && int2_active && !segmented;
   a.int2_splits = int2_active ? splits : 0;
-  a.window_splits = window_active ? window_split_count(p, splits, int2_active) : 0;
+  a.window_splits = window_active && !fused ? window_split_count(p, splits, int2_active) : 0;
   a.slot_stride = 2 * splits;
   a.window_slot0 = splits;
   a.q_rot = ws;
@@ -163,16 +233,16 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.partial_acc = a.partial_ml + rows * a.slot_stride * 2;
   a.out = p.out;
   a.out_bf16 = p.out_bf16;
-  const bool segmented = p.k_geometry != nullptr;
+  a.tickets = reinterpret_cast<unsigned int*>(a.partial_acc + rows * a.slot_stride * static_cast<size_t>(p.head_dim));
   if (segmented) {
     a.k_seg = seg_decode_layout(*p.k_geometry);
     a.v_seg = seg_decode_layout(*p.v_geometry);
   }
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
-    case 64: return launch<64>(a, segmented, p.batch, s);
-    case 128: return launch<128>(a, segmented, p.batch, s);
-    case 256: return launch<256>(a, segmented, p.batch, s);
+    case 64: return launch<64>(a, segmented, fused, p.batch, s);
+    case 128: return launch<128>(a, segmented, fused, p.batch, s);
+    case 256: return launch<256>(a, segmented, fused, p.batch, s);
     default: return Status::Unsupported;
   }
 }

@@ -9,6 +9,9 @@
 //  3. window split kernel: the bf16 sink / recent tokens (or every token in the bf16 baseline), one token per
 //     kLanesPerToken lanes with fp32 FMAs; these are at most sink + recent + a page of tokens per sequence.
 //  4. merge: combines the partial (max, sum, acc) of every split of both paths and applies R_vᵀ.
+// That is the Separate variant (segmented layers, all-bf16 calls). The default Fused variant launches only 1 and
+// 2: decode_attention_int2_kernel<d, true> also does 3 (each split block takes a share of the window tokens) and
+// 4 (in the last split block of each sequence and KV head to finish); see "Fused variant" below.
 //
 // INT2 path. A 2-bit KV token costs 72 bytes (d = 128, K and V) and 2·d·group multiply-adds; at group 8 and
 // HBM speed that is ~80 TFMA/s, beyond the fp32 FMA units, so both products run on tensor cores:
@@ -95,7 +98,28 @@ struct DecodeArgs {
   uint16_t* out_bf16;
   SegDecodeLayout k_seg;  // segmented layers only (decode_attention_seg.cuh)
   SegDecodeLayout v_seg;
+  unsigned int* tickets;  // [batch, num_kv_heads]: split blocks done (fused INT2 kernel), zeroed by rotate_q
 };
+
+__device__ __forceinline__ float warp_max_reduce(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Programmatic dependent launch (sm_90): the fused INT2 kernel is launched while rotate_q still runs, streams its
+// first K/V tiles (inputs written before rotate_q started) and waits here only before reading q_rot/tickets.
+// Both are no-ops for a kernel launched without the programmatic-serialization attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 // Tokens of sequence b that are read from bf16 pages: [0, sink_count) and [len - recent_count, len).
 struct WindowCounts {
@@ -123,6 +147,11 @@ __global__ void __launch_bounds__(kRotateSlices * 32) decode_rotate_q_kernel(Dec
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int group = a.group;
+  // The dependent (fused INT2) grid may launch once every block of this one has passed this point, i.e. has
+  // started, so it cannot take SM slots this grid still needs; its griddepcontrol.wait still waits for this
+  // grid's completion and sees every write below.
+  pdl_launch_dependents();
+  if (blockIdx.x == 0 && threadIdx.x == 0 && a.tickets) a.tickets[static_cast<size_t>(b) * a.num_kv_heads + h] = 0u;
   for (int idx = threadIdx.x; idx < kMaxGroup * kHeadDim; idx += blockDim.x) {
     const int g = idx / kHeadDim;
     const int i = idx - g * kHeadDim;
@@ -166,7 +195,7 @@ __global__ void __launch_bounds__(kRotateSlices * 32) decode_rotate_q_kernel(Dec
 
 // Block epilogue shared by both split kernels: combines kDecodeWarps per-warp partials (max, sum, acc over the
 // warp's tokens, stored in shared memory) into the block's slot of the workspace.
-template <int kHeadDim, int kMaxGroup>
+template <int kHeadDim, int kMaxGroup, int kWarps = kDecodeWarps>
 __device__ __forceinline__ void write_block_partial(const DecodeArgs& a, int b, int h, int slot, const float* warp_acc,
                                                     const float (*warp_max)[kMaxGroup],
                                                     const float (*warp_sum_l)[kMaxGroup]) {
@@ -176,10 +205,10 @@ __device__ __forceinline__ void write_block_partial(const DecodeArgs& a, int b, 
     const int j = idx - g * kHeadDim;
     float block_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, warp_max[w][g]);
+    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w][g]);
     float sum_l = 0.f, value = 0.f;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       if (warp_max[w][g] == -INFINITY) continue;  // a warp without tokens: its accumulators were never written
       const float weight = exp2f(warp_max[w][g] - block_max);
       sum_l = fmaf(weight, warp_sum_l[w][g], sum_l);
@@ -270,7 +299,309 @@ __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
   return __half22float2(h);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused variant (DecodeAttentionVariant::Fused): the INT2 kernel's blocks also take the bf16 window tokens and the
+// last block of each (sequence, KV head) merges the splits. Both run after the INT2 tiles, in the freed ring:
+//   [per-warp partials: kDecodeWarps INT2 warps + 1 window "warp"] [q: 8 x d fp32] [p: 8 x chunk fp32]
+//   [page ids: chunk] [K rows: chunk x d bf16] [V rows: chunk x d bf16]
+// The window is a block-wide two-pass softmax per chunk of kWinChunk tokens (scores to shared memory, then each
+// thread owns (head, dim) outputs and sums p·v over the chunk), so it holds a few registers, not a d-wide query
+// and accumulator per head; its rows arrive with one round of cp.async per chunk.
+inline constexpr int kWinChunk = 48;
 template <int kHeadDim>
+struct FusedSmem {
+  static constexpr int kMaxGroup = 8;
+  static constexpr int kPartWarps = kDecodeWarps + 1;
+  static constexpr int kAcc = 0;
+  static constexpr int kQ = kAcc + kPartWarps * kMaxGroup * kHeadDim * 4;
+  static constexpr int kP = kQ + kMaxGroup * kHeadDim * 4;
+  static constexpr int kPages = kP + kMaxGroup * kWinChunk * 4;
+  static constexpr int kKRows = kPages + kWinChunk * 4;
+  static constexpr int kVRows = kKRows + kWinChunk * kHeadDim * 2;
+  static constexpr int kBytes = kVRows + kWinChunk * kHeadDim * 2;
+  static_assert(kKRows % 16 == 0 && kVRows % 16 == 0);
+  static_assert(kBytes <= Int2TileSmem<kHeadDim>::kBlockBytes, "the fused window/merge scratch must fit the ring");
+};
+
+// Outputs (head g, dim j) owned by a thread of a 128-thread block when it walks all kMaxGroup x kHeadDim of them:
+// r-th output is head out_head(r), dim out_dim(r). Heads vary slowest so a warp shares one head (broadcast reads).
+template <int kHeadDim>
+struct BlockOutputs {
+  static constexpr int kThreads = kDecodeWarps * 32;
+  static constexpr int kCount = 8 * kHeadDim / kThreads;         // 4, 8, 16
+  static constexpr int kDimsPer = kHeadDim >= kThreads ? kHeadDim / kThreads : 1;
+  __device__ static int head(int r, int tid) {
+    if constexpr (kHeadDim >= kThreads) return r / kDimsPer;
+    else return r * (kThreads / kHeadDim) + tid / kHeadDim;
+  }
+  __device__ static int dim(int r, int tid) {
+    if constexpr (kHeadDim >= kThreads) return tid + kThreads * (r % kDimsPer);
+    else return tid % kHeadDim;
+  }
+};
+
+// The block's share of sequence b's window tokens (virtual index v in [0, sink_count + recent_count)) into
+// partial slot kDecodeWarps of the shared partials. Block-uniform control flow (barriers inside).
+template <int kHeadDim>
+__device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_t* smem, int b, int h, int split,
+                                                     int len, const WindowCounts& wc, int win_page0,
+                                                     float (*warp_max)[8], float (*warp_sum_l)[8]) {
+  using L = FusedSmem<kHeadDim>;
+  using Out = BlockOutputs<kHeadDim>;
+  constexpr int kMaxGroup = 8;
+  constexpr int kThreads = kDecodeWarps * 32;
+  constexpr int kRowChunks = kHeadDim * 2 / 16;  // 16-byte pieces of a bf16 row
+  constexpr int kSubDims = kHeadDim / 8;         // dims per lane in the score pass (8 lanes per token)
+  __shared__ float win_m[kMaxGroup], win_l[kMaxGroup], win_corr[kMaxGroup];
+  float* acc_s = reinterpret_cast<float*>(smem + L::kAcc) + kDecodeWarps * kMaxGroup * kHeadDim;
+  float* q_s = reinterpret_cast<float*>(smem + L::kQ);
+  float* p_s = reinterpret_cast<float*>(smem + L::kP);
+  int* page_s = reinterpret_cast<int*>(smem + L::kPages);
+  uint16_t* k_rows = reinterpret_cast<uint16_t*>(smem + L::kKRows);
+  uint16_t* v_rows = reinterpret_cast<uint16_t*>(smem + L::kVRows);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int group = a.group;
+  const int count = wc.sink_count + wc.recent_count;
+  const int recent_shift = len - wc.recent_count - wc.sink_count;
+  const int per = (count + a.int2_splits - 1) / a.int2_splits;
+  const int wbeg = min(count, split * per);
+  const int wend = min(count, wbeg + per);
+  const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
+  const size_t table_row = static_cast<size_t>(b) * a.max_pages;
+
+  for (int idx = tid; idx < group * kHeadDim; idx += kThreads)
+    q_s[idx] = a.q_rot[(static_cast<size_t>(b) * a.num_q_heads + h * group) * kHeadDim + idx];
+  if (tid < kMaxGroup) {
+    win_m[tid] = -INFINITY;
+    win_l[tid] = 0.f;
+  }
+  float acc[Out::kCount];
+#pragma unroll
+  for (int r = 0; r < Out::kCount; ++r) acc[r] = 0.f;
+
+  for (int c0 = wbeg; c0 < wend; c0 += kWinChunk) {
+    const int n = min(kWinChunk, wend - c0);
+    if (tid < n) {
+      const int v = c0 + tid;
+      const int t = v < wc.sink_count ? v : v + recent_shift;
+      page_s[tid] = c0 == wbeg ? win_page0 : a.bf16_page_table[table_row + t / a.page_tokens];
+    }
+    __syncthreads();
+    for (int item = tid; item < n * 2 * kRowChunks; item += kThreads) {
+      const int tok = item / (2 * kRowChunks);
+      const int rem = item - tok * 2 * kRowChunks;
+      const bool value = rem >= kRowChunks;
+      const int piece = value ? rem - kRowChunks : rem;
+      const int v = c0 + tok;
+      const int t = v < wc.sink_count ? v : v + recent_shift;
+      const int offset = t - (t / a.page_tokens) * a.page_tokens;
+      const uint16_t* src = (value ? a.v_bf16_pool : a.k_bf16_pool) +
+                            fmt::page_block_offset(page_s[tok], h, a.num_kv_heads, geo.page_bytes()) / 2 +
+                            static_cast<size_t>(offset) * kHeadDim + piece * 8;
+      cp_async16((value ? v_rows : k_rows) + tok * kHeadDim + piece * 8, src);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Scores (log2 domain: q_rot is pre-scaled): 8 lanes per token, kSubDims dims each.
+    {
+      const int sub = lane & 7;
+      const unsigned mask = 0xffu << (lane & 24);
+      for (int tok = tid >> 3; tok < n; tok += kThreads / 8) {
+        float k[kSubDims];
+#pragma unroll
+        for (int v8 = 0; v8 < kSubDims / 8; ++v8) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(k_rows + tok * kHeadDim + sub * kSubDims + 8 * v8);
+          const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            k[8 * v8 + 2 * w] = __uint_as_float(words[w] << 16);
+            k[8 * v8 + 2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+          if (g >= group) break;
+          const float* qg = q_s + g * kHeadDim + sub * kSubDims;
+          float dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < kSubDims; ++i) dot = fmaf(qg[i], k[i], dot);
+          dot += __shfl_xor_sync(mask, dot, 1);
+          dot += __shfl_xor_sync(mask, dot, 2);
+          dot += __shfl_xor_sync(mask, dot, 4);
+          if (sub == 0) p_s[g * kWinChunk + tok] = dot;
+        }
+      }
+    }
+    __syncthreads();
+    // Per head: chunk max, running max/sum, p = exp2(s - max) in place. A warp per head.
+    for (int g = warp; g < group; g += kDecodeWarps) {
+      static_assert(kWinChunk <= 64);
+      float* pg = p_s + g * kWinChunk;
+      const float x0 = lane < n ? pg[lane] : -INFINITY;
+      const float x1 = lane + 32 < n ? pg[lane + 32] : -INFINITY;
+      const float chunk_max = warp_max_reduce(fmaxf(x0, x1));
+      const float m_old = win_m[g];
+      const float m_new = fmaxf(m_old, chunk_max);  // finite: the chunk has a token
+      const float corr = exp2f(m_old - m_new);      // 0 on the first chunk
+      const float p0 = lane < n ? exp2f(x0 - m_new) : 0.f;
+      const float p1 = lane + 32 < n ? exp2f(x1 - m_new) : 0.f;
+      if (lane < n) pg[lane] = p0;
+      if (lane + 32 < n) pg[lane + 32] = p1;
+      const float chunk_sum = warp_sum(p0 + p1);
+      __syncwarp();
+      if (lane == 0) {
+        win_l[g] = fmaf(win_l[g], corr, chunk_sum);
+        win_m[g] = m_new;
+        win_corr[g] = corr;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < Out::kCount; ++r) {
+      const int g = Out::head(r, tid);
+      if (g < group) acc[r] *= win_corr[g];
+    }
+    for (int tok = 0; tok < n; ++tok) {
+#pragma unroll
+      for (int r = 0; r < Out::kCount; ++r) {
+        const int g = Out::head(r, tid);
+        if (g >= group) continue;
+        const float v = __uint_as_float(static_cast<uint32_t>(v_rows[tok * kHeadDim + Out::dim(r, tid)]) << 16);
+        acc[r] = fmaf(p_s[g * kWinChunk + tok], v, acc[r]);
+      }
+    }
+    __syncthreads();  // the next chunk overwrites the rows, the page ids and p
+  }
+
+#pragma unroll
+  for (int r = 0; r < Out::kCount; ++r) {
+    const int g = Out::head(r, tid);
+    if (g < group) acc_s[g * kHeadDim + Out::dim(r, tid)] = acc[r];
+  }
+  __syncthreads();  // win_m / win_l of the last chunk (or their initial values when the share is empty)
+  if (tid < kMaxGroup) {
+    warp_max[kDecodeWarps][tid] = win_m[tid];  // -inf: no window token in this block, the slot is skipped
+    warp_sum_l[kDecodeWarps][tid] = win_l[tid];
+  }
+}
+
+// Merge of all split partials of (b, h) by the block that finished last, in split order (the arrival order does
+// not enter the arithmetic, so the output bits are the same every run), then R_vᵀ. Reads other blocks' stores, so
+// the loads go to L2 (__ldcg), never a stale L1 line. This block's latency is the tail of the whole call, so the
+// loads are batched: split weights for a chunk of splits go to shared memory in one parallel pass, then each
+// thread loads kU splits' accumulators for all its outputs before it does any arithmetic (at batch 1 there are
+// ~66 splits: ~17 L2 round trips instead of one per split and output).
+inline constexpr int kMergeChunk = 256;
+template <int kHeadDim>
+__device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, int b, int h) {
+  using Out = BlockOutputs<kHeadDim>;
+  constexpr int kMaxGroup = 8;
+  constexpr int kThreads = kDecodeWarps * 32;
+  constexpr int kU = Out::kCount <= 4 ? 8 : 4;  // splits per batch of loads (kU x kCount registers)
+  __shared__ float head_max[kMaxGroup];
+  float* o_rot = reinterpret_cast<float*>(smem);  // [kMaxGroup][kHeadDim]
+  float* w_s = o_rot + kMaxGroup * kHeadDim;      // [kMaxGroup][kMergeChunk]: exp2(m_s - max)
+  float* l_s = w_s + kMaxGroup * kMergeChunk;     // [kMaxGroup][kMergeChunk]: l_s
+  static_assert((2 * kMergeChunk + kHeadDim) * kMaxGroup * 4 <= Int2TileSmem<kHeadDim>::kBlockBytes);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int group = a.group;
+  const int splits = a.int2_splits;
+  const size_t row0 = static_cast<size_t>(b) * a.num_q_heads + static_cast<size_t>(h) * group;
+  for (int g = warp; g < group; g += kDecodeWarps) {
+    const float* ml = a.partial_ml + (row0 + g) * a.slot_stride * 2;
+    float mx = -INFINITY;
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+    mx = warp_max_reduce(mx);
+    if (lane == 0) head_max[g] = mx;
+  }
+  float sum_l[Out::kCount], value[Out::kCount];
+#pragma unroll
+  for (int r = 0; r < Out::kCount; ++r) sum_l[r] = value[r] = 0.f;
+  for (int c0 = 0; c0 < splits; c0 += kMergeChunk) {
+    const int n = min(kMergeChunk, splits - c0);
+    __syncthreads();  // head_max (first chunk); the previous chunk's weights are consumed
+    for (int idx = tid; idx < group * n; idx += kThreads) {
+      const int g = idx / n;
+      const int s = idx - g * n;
+      const float2 ml = __ldcg(reinterpret_cast<const float2*>(a.partial_ml) + (row0 + g) * a.slot_stride + c0 + s);
+      // A head no split saw a token for (max -inf) gets weight 0 everywhere: output 0. An empty split: 0.
+      w_s[g * kMergeChunk + s] = head_max[g] == -INFINITY ? 0.f : exp2f(ml.x - head_max[g]);
+      l_s[g * kMergeChunk + s] = ml.y;
+    }
+    __syncthreads();
+    for (int s0 = 0; s0 < n; s0 += kU) {
+      float av[kU][Out::kCount];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int r = 0; r < Out::kCount; ++r) {
+          const int g = Out::head(r, tid);
+          av[u][r] = g < group && s0 + u < n
+                         ? __ldcg(a.partial_acc + ((row0 + g) * a.slot_stride + c0 + s0 + u) * kHeadDim +
+                                  Out::dim(r, tid))
+                         : 0.f;
+        }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (s0 + u >= n) break;
+#pragma unroll
+        for (int r = 0; r < Out::kCount; ++r) {
+          const int g = Out::head(r, tid);
+          if (g >= group) continue;
+          const float w = w_s[g * kMergeChunk + s0 + u];
+          sum_l[r] = fmaf(w, l_s[g * kMergeChunk + s0 + u], sum_l[r]);
+          value[r] = fmaf(w, av[u][r], value[r]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Out::kCount; ++r) {
+    const int g = Out::head(r, tid);
+    if (g < group) o_rot[g * kHeadDim + Out::dim(r, tid)] = sum_l[r] > 0.f ? value[r] / sum_l[r] : 0.f;
+  }
+  __syncthreads();
+  for (int j = tid; j < kHeadDim; j += kThreads) {
+    float x[kMaxGroup];
+    if (!a.rotation_v) {
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) x[g] = o_rot[g * kHeadDim + j];
+    } else {
+      // x_j = Σ_i y_i R[j][i], i ascending: thread j walks row j of R_v (float4, L1-cached), y broadcast.
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) x[g] = 0.f;
+      const float4* row = reinterpret_cast<const float4*>(a.rotation_v + static_cast<size_t>(j) * kHeadDim);
+#pragma unroll 8
+      for (int i4 = 0; i4 < kHeadDim / 4; ++i4) {
+        const float4 rv = __ldg(row + i4);
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+          if (g >= group) break;
+          const float4 y = *reinterpret_cast<const float4*>(o_rot + g * kHeadDim + 4 * i4);
+          x[g] = fmaf(y.x, rv.x, x[g]);
+          x[g] = fmaf(y.y, rv.y, x[g]);
+          x[g] = fmaf(y.z, rv.z, x[g]);
+          x[g] = fmaf(y.w, rv.w, x[g]);
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= group) break;
+      const size_t o = (row0 + g) * kHeadDim + j;
+      if (a.out) a.out[o] = x[g];
+      else a.out_bf16[o] = float_to_bf16_bits(x[g]);
+    }
+  }
+}
+
+template <int kHeadDim, bool kFused = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     decode_attention_int2_kernel(DecodeArgs a) {
   using Tile = Int2TileSmem<kHeadDim>;
@@ -279,9 +610,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   constexpr int kVBytes = kHeadDim / 32;   // V code bytes per lane and token (lane owns d/8 dims)
   constexpr int kVChunks = kHeadDim / 64;  // 16-bit (8-dim) V chunks per lane and token
   constexpr int kMaxGroup = 8;
+  constexpr int kPartWarps = kDecodeWarps + (kFused ? 1 : 0);  // + the window's partial
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ float warp_max[kDecodeWarps][kMaxGroup];
-  __shared__ float warp_sum_l[kDecodeWarps][kMaxGroup];
+  __shared__ float warp_max[kPartWarps][kMaxGroup];
+  __shared__ float warp_sum_l[kPartWarps][kMaxGroup];
 
   const int split = blockIdx.x;
   const int h = blockIdx.y;
@@ -354,6 +686,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
 #pragma unroll
   for (int s = 0; s < kInt2Stages - 1; ++s) issue_stage(s, load_stage_pages(s));
   int pages_ahead = load_stage_pages(kInt2Stages - 1);
+
+  // The window share's first page ids, loaded now so that their round trip hides behind the INT2 tiles.
+  int win_page0 = 0;
+  if constexpr (kFused) {
+    const int count = wc.sink_count + wc.recent_count;
+    const int per = (count + a.int2_splits - 1) / a.int2_splits;
+    const int wbeg = min(count, split * per);
+    const int v = wbeg + static_cast<int>(threadIdx.x);
+    if (static_cast<int>(threadIdx.x) < kWinChunk && v < min(count, wbeg + per)) {
+      const int t = v < wc.sink_count ? v : len - wc.recent_count + (v - wc.sink_count);
+      win_page0 = a.bf16_page_table[table_row + t / a.page_tokens];
+    }
+    pdl_wait();  // q_rot and the tickets come from rotate_q
+  }
 
   // Q fragments (A operand of S = Q·Kᵀ) of head g, for the dims this lane's k-columns stand for: in k-step ks,
   // columns 2c, 2c+1 are dims base+e, base+8+e and columns 2c+8, 2c+9 are base+e+1, base+9+e with
@@ -568,8 +914,30 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     warp_max[warp][g] = m;
     warp_sum_l[warp][g] = l;
   }
+  if constexpr (kFused) fused_window_partial<kHeadDim>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
   __syncthreads();
-  write_block_partial<kHeadDim, kMaxGroup>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
+  write_block_partial<kHeadDim, kMaxGroup, kPartWarps>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
+  if constexpr (kFused) {
+    // Split-K ticket: every thread's partial stores are made device-visible before thread 0 takes a ticket, so
+    // the block that draws the last one sees all splits' partials. Thread 0 also fences after the barrier and
+    // before its atomic (release) and after drawing the last ticket (acquire): the order cooperative groups' grid
+    // sync uses, which the PTX memory model guarantees; fences only in the storing / loading threads, on the far
+    // side of the barrier from the atomic, are not a release / acquire pattern of the atomic.
+    __shared__ bool is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const bool last = atomicAdd(a.tickets + static_cast<size_t>(b) * a.num_kv_heads + h, 1u) ==
+                        static_cast<unsigned>(a.int2_splits - 1);
+      if (last) __threadfence();
+      is_last = last;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    fused_merge<kHeadDim>(a, smem, b, h);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

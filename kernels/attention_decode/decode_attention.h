@@ -3,8 +3,9 @@
 // GQA, INT2 pages for the quantized middle of each sequence and bf16 pages for the sink / recent windows, all
 // stored in the rotated basis. The query is rotated once by R_k (q·k = (qR)·(kR) for orthogonal R), the output
 // is accumulated in the rotated V basis and rotated back once by R_vᵀ. Split-K over the sequence: partial
-// (max, sum, acc) per split, merged by a last kernel. The INT2 tokens run on tensor cores (decode_attention.cuh
-// explains the fragment layout), the bf16 window tokens on a separate small kernel.
+// (max, sum, acc) per split, merged by the last-arriving split block (DecodeAttentionVariant::Fused) or a last
+// kernel. The INT2 tokens run on tensor cores (decode_attention.cuh explains the fragment layout); the bf16 window
+// tokens inside the INT2 split blocks (Fused) or on a separate small kernel.
 //
 // The bf16 baseline is the same kernel with every token in the bf16 window (sink_tokens >= every length).
 #include <cstddef>
@@ -14,6 +15,14 @@
 #include "kernels/common/status.h"
 
 namespace oscar::kern {
+
+// How the INT2 launch is organized (the segmented kernel and the all-bf16 baseline always use Separate).
+//  * Fused: q rotation, then ONE INT2 kernel chained to it with programmatic dependent launch: each split block
+//    also takes an even share of the bf16 sink/recent tokens (staged into its shared ring after its INT2 tiles),
+//    and the last block of each (sequence, KV head) to finish, found with an atomic ticket, merges all splits in
+//    split order and applies R_vᵀ. Two dependent kernels instead of four.
+//  * Separate: the four kernels (rotate_q, window, INT2, merge), kept for the segmented layers and for comparison.
+enum class DecodeAttentionVariant : int32_t { Fused = 0, Separate = 1 };
 
 struct DecodeAttentionParams {
   int32_t batch = 0;
@@ -45,6 +54,7 @@ struct DecodeAttentionParams {
   int32_t num_splits = 0;                    // 0 = decode_attention_num_splits()
   void* workspace = nullptr;                 // decode_attention_workspace_bytes() bytes of device memory
   size_t workspace_bytes = 0;
+  DecodeAttentionVariant variant = DecodeAttentionVariant::Fused;
 };
 
 // Splits chosen so that batch * num_kv_heads * splits blocks fill the INT2 kernel's resident-block slots (four
@@ -52,14 +62,15 @@ struct DecodeAttentionParams {
 // pages.
 int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
                                     int32_t sm_count);
-// Workspace for `splits` splits: the rotated query, and partial max, sum and head_dim accumulators per split
-// and query head for the INT2 pass and the bf16-window pass each.
+// Workspace for `splits` splits: the rotated query, partial max, sum and head_dim accumulators per split and
+// query head for the INT2 pass and the bf16-window pass each, and one arrival ticket per (sequence, KV head) for
+// the fused variant (zeroed by the q-rotation kernel of every call, so the workspace needs no clearing).
 size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits);
 
-// head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools,
+// head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools and R_v,
 // page_tokens a positive multiple of 16, the pools and tables that the windows need present. Geometries: both
-// given, of head_dim and page_tokens, segments on 16-dim boundaries with widths 0, 1, 2 or 4 (3 and 8 are not
-// implemented by the segmented kernel).
+// given, of head_dim and page_tokens, segments on 16-dim boundaries with widths 0 to 4 (8 is not implemented by
+// the segmented kernel).
 Status decode_attention_can_implement(const DecodeAttentionParams& p);
 
 // Device pointers. `p.num_splits` 0 picks splits from the current device's SM count.

@@ -40,12 +40,15 @@ size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int3
   // the window kernel's (at most as many).
   const size_t rows = static_cast<size_t>(batch) * num_q_heads;
   const size_t slots = rows * 2 * static_cast<size_t>(std::max(splits, 1));
-  return (rows * static_cast<size_t>(head_dim) + slots * (2 + static_cast<size_t>(head_dim))) * sizeof(float);
+  // + one 32-bit arrival ticket per row (at least one per (sequence, KV head)).
+  return (rows * static_cast<size_t>(head_dim) + slots * (2 + static_cast<size_t>(head_dim)) + rows) * sizeof(float);
 }
 
 Status decode_attention_can_implement(const DecodeAttentionParams& p) {
   if (p.batch < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.page_tokens <= 0 || p.max_seq_len < 0 ||
       p.sink_tokens < 0 || p.recent_tokens < 0 || p.num_splits < 0)
+    return Status::InvalidArgument;
+  if (p.variant != DecodeAttentionVariant::Fused && p.variant != DecodeAttentionVariant::Separate)
     return Status::InvalidArgument;
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
   if (p.num_q_heads % p.num_kv_heads != 0) return Status::InvalidArgument;
@@ -62,7 +65,7 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
     for (int32_t s = 0; s < g->num_segments; ++s) {
       const int32_t bits = g->seg_bits[s];
       if (g->seg_begin[s] != next || g->seg_end[s] <= next) return Status::InvalidArgument;
-      if (bits != 0 && bits != 1 && bits != 2 && bits != 4) return Status::Unsupported;
+      if (bits < 0 || bits > 4) return Status::Unsupported;  // 8-bit segments: no unpack in the segmented kernel
       next = g->seg_end[s];
     }
     if (next != p.head_dim) return Status::InvalidArgument;
@@ -81,6 +84,8 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
     if (!p.k_bf16_pool || !p.v_bf16_pool || !p.bf16_page_table) return Status::InvalidArgument;
     if (!aligned16(p.k_bf16_pool) || !aligned16(p.v_bf16_pool)) return Status::Misaligned;
   }
+  // The fused merge reads rows of R_v as float4.
+  if (p.rotation_v && !aligned16(p.rotation_v)) return Status::Misaligned;
   return Status::Ok;
 }
 

@@ -4,6 +4,7 @@
 #include "kernels/attention_prefill/attention_prefill.cuh"
 #include "kernels/attention_prefill/attention_prefill.h"
 #include "kernels/attention_prefill/attention_prefill_v2.cuh"
+#include "kernels/attention_prefill/attention_prefill_v3.cuh"
 
 namespace oscar::kern {
 
@@ -39,18 +40,20 @@ int64_t v2_blocks(const PrefillAttentionArgs& a) {
   return (a.max_seqlen + tokens - 1) / tokens * (a.num_heads / pack) * int64_t{a.num_seqs};
 }
 
-template <int kHeadDim, int kBlockN = 64>
+// v2 and v3 share the grid, the block size and the shared-memory layout; only the kernel body differs.
+template <int kHeadDim, int kBlockN = 64, bool kV3 = false>
 Status launch_v2(const PrefillAttentionArgs& a, cudaStream_t stream) {
   constexpr int kBytes = detail::PrefillV2Smem<kHeadDim, kBlockN>::kBytes;
-  if (cudaFuncSetAttribute(detail::attention_prefill_v2_kernel<kHeadDim, kBlockN>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) != cudaSuccess)
+  auto kernel = detail::attention_prefill_v2_kernel<kHeadDim, kBlockN>;
+  if constexpr (kV3) kernel = detail::attention_prefill_v3_kernel<kHeadDim, kBlockN>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) != cudaSuccess)
     return Status::CudaError;
   const int pack = v2_pack(a);
   const int tokens = detail::kV2BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v2_kernel<kHeadDim, kBlockN><<<static_cast<unsigned>(v2_blocks(a)), detail::kV2Threads, kBytes,
-                                                  stream>>>(a, scale_log2, pack, num_q_tiles);
+  kernel<<<static_cast<unsigned>(v2_blocks(a)), detail::kV2Threads, kBytes, stream>>>(a, scale_log2, pack,
+                                                                                      num_q_tiles);
   return detail::launch_status();
 }
 }  // namespace
@@ -66,7 +69,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
-      a.kernel != PrefillKernel::V2Keys32)
+      a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3)
     return Status::InvalidArgument;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
@@ -89,6 +92,11 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
     if (a.head_dim <= 32) return launch<32>(a, s);
     if (a.head_dim <= 64) return launch<64>(a, s);
     return launch<128>(a, s);
+  }
+  if (a.kernel == PrefillKernel::V3) {
+    if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
+    if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);
+    return launch_v2<128, 64, true>(a, s);
   }
   if (a.head_dim <= 32) return launch_v2<32>(a, s);
   if (a.head_dim <= 64) return launch_v2<64>(a, s);

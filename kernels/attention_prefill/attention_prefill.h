@@ -1,10 +1,12 @@
 #pragma once
 // Causal prefill attention over a packed batch of variable-length sequences (cu_seqlens), with GQA.
 // Flash-attention-2 structure, K/V streamed in 64-key tiles through shared memory with an online softmax, so memory
-// is O(tile) at any length (32K tokens and beyond). Two kernels compute the same function:
+// is O(tile) at any length (32K tokens and beyond). Three kernels compute the same function:
 //   v1: one block per (64-query tile, query head), 4 warps × 16 rows (attention_prefill.cuh).
 //   v2: one block per (128 rows = tokens × the query heads of one KV head), 4 warps × 32 rows, K/V tiles shared by
 //       the GQA group (attention_prefill_v2.cuh). The default.
+//   v3: v2's tiling without v2's register spills, K and V waited for separately (attention_prefill_v3.cuh);
+//       bit-identical output to v2.
 #include <cstdint>
 #include <span>
 
@@ -13,7 +15,9 @@
 namespace oscar::kern {
 
 // Auto: the fastest measured (v2). V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32 };
+// V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
+// (attention_prefill_v3.cuh); same numerics as v2.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3 };
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
 // Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.

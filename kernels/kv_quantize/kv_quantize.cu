@@ -3,6 +3,8 @@
 
 #include "kernels/kv_quantize/kv_quantize.cuh"
 #include "kernels/kv_quantize/kv_quantize.h"
+#include "kernels/kv_quantize/kv_write_int2.cuh"
+#include "kernels/kv_quantize/kv_write_variants.h"
 
 namespace oscar::kern {
 namespace {
@@ -14,8 +16,33 @@ int32_t clip_rank(float clip_ratio, int32_t head_dim) {
   return static_cast<int32_t>(std::clamp<int64_t>(idx, 0, head_dim - 1));
 }
 
+// INT2 through the tiled kernel (kv_write_int2.cuh): one persistent block of up to 16 warps per SM, since R (64 KiB
+// at d = 128) is staged in shared memory once per block.
+template <int kHeadDim, int kSelect>
+Status launch_int2_tiled(const detail::KvWriteArgs& a, cudaStream_t stream) {
+  using S = detail::Int2TileShape<kHeadDim>;
+  const int64_t items = (a.tokens + S::kTokens - 1) / S::kTokens * a.num_kv_heads;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return Status::CudaError;
+  const int warps = static_cast<int>(std::min<int64_t>(detail::kInt2MaxWarps, items));
+  const int64_t blocks = std::min<int64_t>((items + warps - 1) / warps, sms);
+  const bool rotate = a.rotation != nullptr;
+  const size_t smem = detail::int2_smem_bytes<kHeadDim>(rotate, warps);
+  const auto kernel = rotate ? detail::kv_write_int2_kernel<kHeadDim, true, kSelect>
+                             : detail::kv_write_int2_kernel<kHeadDim, false, kSelect>;
+  // Above 48 KiB needs the opt-in; cheap, and per device, so set it on every launch rather than cache it.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(detail::int2_smem_bytes<kHeadDim>(true, detail::kInt2MaxWarps))) !=
+      cudaSuccess)
+    return Status::CudaError;
+  kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), warps * 32, smem, stream>>>(a);
+  return detail::launch_status();
+}
+
 template <int kHeadDim>
-Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t stream) {
+Status launch_legacy(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t stream) {
   const int64_t groups = (a.tokens + detail::kKvWriteTokens - 1) / detail::kKvWriteTokens;
   const int64_t warps_needed = groups * a.num_kv_heads;
   int device = 0, sms = 0;
@@ -36,9 +63,14 @@ Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t strea
   return detail::launch_status();
 }
 
-}  // namespace
+template <int kHeadDim>
+Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, KvWriteInt2Impl impl, cudaStream_t stream) {
+  if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::Tiled) return launch_int2_tiled<kHeadDim, 0>(a, stream);
+  if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::TiledRadix) return launch_int2_tiled<kHeadDim, 1>(a, stream);
+  return launch_legacy<kHeadDim>(a, mode, stream);
+}
 
-Status kv_write(const KvWriteParams& p, KvWriteMode mode, Stream stream) {
+Status dispatch(const KvWriteParams& p, KvWriteMode mode, KvWriteInt2Impl impl, Stream stream) {
   if (Status s = kv_write_can_implement(p, mode); s != Status::Ok) return s;
   if (p.tokens == 0) return Status::Ok;
   detail::KvWriteArgs a{p.x,        p.tokens, p.token_stride, p.num_kv_heads,
@@ -47,11 +79,21 @@ Status kv_write(const KvWriteParams& p, KvWriteMode mode, Stream stream) {
   if (mode == KvWriteMode::Segmented) a.seg = *p.geometry;
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
-    case 64: return launch<64>(a, mode, s);
-    case 128: return launch<128>(a, mode, s);
-    case 256: return launch<256>(a, mode, s);
+    case 64: return launch<64>(a, mode, impl, s);
+    case 128: return launch<128>(a, mode, impl, s);
+    case 256: return launch<256>(a, mode, impl, s);
     default: return Status::Unsupported;
   }
+}
+
+}  // namespace
+
+Status kv_write(const KvWriteParams& p, KvWriteMode mode, Stream stream) {
+  return dispatch(p, mode, KvWriteInt2Impl::Tiled, stream);
+}
+
+Status kv_write_int2_impl(const KvWriteParams& p, KvWriteInt2Impl impl, Stream stream) {
+  return dispatch(p, KvWriteMode::Int2, impl, stream);
 }
 
 }  // namespace oscar::kern

@@ -1,6 +1,8 @@
 #pragma once
 // Device code of kv_write (kv_quantize.h). One warp owns kTokens tokens of one KV head: rotation, clip, min/max,
 // fp16 parameters, codes and packing all stay in registers; nothing crosses warps, so there is no __syncthreads.
+// kv_write runs Bf16 and Segmented here; Int2 goes through kv_write_int2.cuh (the Int2 instantiation below stays
+// as KvWriteInt2Impl::Legacy, the bench's baseline).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -148,6 +150,12 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kKvWriteWarps + warp; item < items; item += stride) {
     const int head = static_cast<int>(item % a.num_kv_heads);
     const int64_t t0 = (item / a.num_kv_heads) * kKvWriteTokens;
+    // Skip groups with nothing to store before rotating them: the engine's bf16 pass covers every prompt token
+    // but stores only the sink/recent windows (a few hundred of 32K).
+    bool any_slot = false;
+#pragma unroll
+    for (int t = 0; t < kKvWriteTokens; ++t) any_slot |= t0 + t < a.tokens && a.slots[t0 + t] >= 0;
+    if (!any_slot) continue;  // warp-uniform: every lane read the same slots
 
     __syncwarp();
 #pragma unroll

@@ -37,6 +37,11 @@ struct RopeQkvArgs {
   float* v_f32 = nullptr;           // [T, Hkv, d]
 };
 
+// can_implement: head_dim even and <= 256, qkv_row_stride covering every head slot, the required pointers set and
+// q/k norm weights given together. Any such shape runs; the 16-byte vector kernel is taken when d/2 is a multiple
+// of 8 with a power-of-two lane group (d = 16, 32, 64, 128, 256), the row stride a multiple of 4 and every pointer
+// 16-byte aligned, the one-warp-per-head scalar kernel otherwise.
+Status rope_qkv_can_implement(const RopeQkvShape& shape, const RopeQkvArgs& args);
 Status rope_qkv(const RopeQkvShape& shape, const RopeQkvArgs& args, Stream stream);
 
 // CPU reference with host pointers and fp32 everywhere: the same math, outputs [T, H, d] fp32 (no bf16 rounding).

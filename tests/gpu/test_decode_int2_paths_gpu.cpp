@@ -2,7 +2,10 @@
 // shapes the fast path special-cases: head_dim 64/128/256, GQA groups 1..8, page sizes that are not 64, windows
 // that cut tiles and pages in the middle, explicit split counts (including more splits than tiles), a query
 // with outlier channels (the per-head fp16 scaling of q), and a long sequence (thousands of online-softmax
-// rescales across stages). NMSE <= 1e-5 against the double-precision reference. Skips without a CUDA device.
+// rescales across stages). Every case runs both launch variants (Fused: window share + last-block merge inside
+// the INT2 kernel; Separate: window and merge kernels): NMSE <= 1e-5 against the double-precision reference,
+// bit-identical output on a second call, and the two variants within 1e-9 of each other (the same sums in a
+// different order). Skips without a CUDA device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -80,40 +83,6 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
   DeviceArray<float> dout(n_out);
   DeviceArray<uint16_t> dout_bf16(n_out);
 
-  auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
-  p.num_q_heads = tc.q_heads;
-  p.q = dq.ptr;
-  p.rotation_k = drk.ptr;
-  p.rotation_v = drv.ptr;
-  p.sink_tokens = tc.sink;
-  p.recent_tokens = tc.recent;
-  if (tc.bf16_out) p.out_bf16 = dout_bf16.ptr;
-  else p.out = dout.ptr;
-  p.num_splits = tc.splits;
-  int sms = 0;
-  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
-  const int splits = tc.splits ? tc.splits
-                               : kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
-  const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, splits);
-  DeviceArray<uint8_t> workspace(ws);
-  p.workspace = workspace.ptr;
-  p.workspace_bytes = ws;
-  ASSERT_EQ(kern::decode_attention(p, nullptr), kern::Status::Ok);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<float> got(n_out);
-  if (tc.bf16_out) {
-    const auto bits = dout_bf16.download();
-    for (size_t i = 0; i < n_out; ++i) got[i] = fmt::bf16_to_f32(bits[i]);
-  } else {
-    got = dout.download();
-  }
-  // Twice, to catch state that leaks between launches (the workspace is not cleared).
-  ASSERT_EQ(kern::decode_attention(p, nullptr), kern::Status::Ok);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  if (!tc.bf16_out) {
-    EXPECT_EQ(dout.download(), got) << "not deterministic";
-  }
-
   auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
                          cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
   hp.num_q_heads = tc.q_heads;
@@ -126,10 +95,71 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
   hp.out = want_f.data();
   kern::decode_attention_ref(hp);
   const std::vector<double> want(want_f.begin(), want_f.end());
-  const double err = test::nmse(got, want);
-  RecordProperty("nmse", std::to_string(err));
-  std::printf("  nmse %.3g\n", err);
-  EXPECT_LE(err, 1e-5);
+
+  // A created stream, as the engine uses: the fused kernel's programmatic dependent launch (its reads before
+  // griddepcontrol.wait overlapping rotate_q) is then in play, which the legacy default stream may not allow.
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  struct StreamGuard {
+    cudaStream_t s;
+    ~StreamGuard() { cudaStreamDestroy(s); }
+  } stream_guard{stream};
+  std::vector<float> by_variant[2];
+  for (auto variant : {kern::DecodeAttentionVariant::Fused, kern::DecodeAttentionVariant::Separate}) {
+    SCOPED_TRACE(variant == kern::DecodeAttentionVariant::Fused ? "fused" : "separate");
+    auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
+    p.variant = variant;
+    p.num_q_heads = tc.q_heads;
+    p.q = dq.ptr;
+    p.rotation_k = drk.ptr;
+    p.rotation_v = drv.ptr;
+    p.sink_tokens = tc.sink;
+    p.recent_tokens = tc.recent;
+    if (tc.bf16_out) p.out_bf16 = dout_bf16.ptr;
+    else p.out = dout.ptr;
+    p.num_splits = tc.splits;
+    int sms = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+    const int splits = tc.splits ? tc.splits
+                                 : kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
+    const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, splits);
+    DeviceArray<uint8_t> workspace(ws);
+    // Garbage everywhere, arrival tickets included: the kernels must not rely on a cleared workspace.
+    ASSERT_EQ(cudaMemset(workspace.ptr, 0xff, ws), cudaSuccess);
+    p.workspace = workspace.ptr;
+    p.workspace_bytes = ws;
+    ASSERT_EQ(kern::decode_attention(p, stream), kern::Status::Ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> got(n_out);
+    if (tc.bf16_out) {
+      const auto bits = dout_bf16.download();
+      for (size_t i = 0; i < n_out; ++i) got[i] = fmt::bf16_to_f32(bits[i]);
+    } else {
+      got = dout.download();
+    }
+    // Twice, to catch state that leaks between launches (the workspace, tickets included, is not cleared).
+    ASSERT_EQ(kern::decode_attention(p, stream), kern::Status::Ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (tc.bf16_out) {
+      std::vector<float> again(n_out);
+      const auto bits = dout_bf16.download();
+      for (size_t i = 0; i < n_out; ++i) again[i] = fmt::bf16_to_f32(bits[i]);
+      EXPECT_EQ(again, got) << "not deterministic";
+    } else {
+      EXPECT_EQ(dout.download(), got) << "not deterministic";
+    }
+
+    const double err = test::nmse(got, want);
+    const bool fused = variant == kern::DecodeAttentionVariant::Fused;
+    RecordProperty(fused ? "nmse_fused" : "nmse_separate", std::to_string(err));
+    std::printf("  %s nmse %.3g\n", fused ? "fused" : "separate", err);
+    EXPECT_LE(err, 1e-5);
+    by_variant[fused ? 0 : 1] = got;
+  }
+  const std::vector<double> separate(by_variant[1].begin(), by_variant[1].end());
+  const double between = test::nmse(by_variant[0], separate);
+  std::printf("  fused vs separate nmse %.3g\n", between);
+  EXPECT_LE(between, tc.bf16_out ? 1e-4 : 1e-9);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -154,7 +184,15 @@ INSTANTIATE_TEST_SUITE_P(
         Int2PathCase{{3000}, 128, 64, 8, 64, 64, 256, 0, 200.0f, false},
         Int2PathCase{{3000}, 128, 32, 8, 64, 64, 256, 0, 3.0f, true},
         // long: ~500 stages per split of online softmax
-        Int2PathCase{{8192, 6000}, 128, 32, 4, 64, 64, 256, 3, 3.0f, false}),
+        Int2PathCase{{8192, 6000}, 128, 32, 4, 64, 64, 256, 3, 3.0f, false},
+        // sequences that end inside the windows (no INT2 token: 50, 320 = sink + recent) next to ones with a few
+        // (321, 400) in one batch; more splits than some sequences have tiles or window tokens
+        Int2PathCase{{2000, 50, 320, 321, 400}, 128, 32, 8, 64, 64, 256, 0, 3.0f, false},
+        Int2PathCase{{2000, 50, 320, 321, 400}, 64, 16, 4, 64, 64, 256, 33, 3.0f, true},
+        // window shares longer than one 48-token chunk of the fused window pass (320 / 3 splits), head_dim 256
+        Int2PathCase{{5000, 700}, 256, 8, 1, 64, 64, 256, 3, 3.0f, false},
+        // every block's window share is 1-2 tokens: 60 splits over a sink-only window
+        Int2PathCase{{4000, 3000}, 128, 32, 8, 16, 100, 0, 60, 3.0f, false}),
     case_name);
 
 }  // namespace

@@ -52,7 +52,9 @@ TEST(FwdGpuEmbedding, GatherIsExact) {
 
 TEST(FwdGpuRmsNorm, PlainAndResidualVariantsMatchRef) {
   OSCAR_REQUIRE_GPU();
-  for (const int64_t n : {64, 1000, 4096}) {
+  // Vector kernel at 1, 2, 4 and 8 float4s per thread (64/1000, 2048, 4096, 8192), scalar for n % 4 != 0 (1001)
+  // and n > 8192 (10240).
+  for (const int64_t n : {64, 1000, 1001, 2048, 4096, 5120, 8192, 10240}) {
     const int64_t rows = 37;
     const std::vector<float> x = randn(rows * n, 2, 4.f), delta = randn(rows * n, 3);
     const std::vector<uint16_t> w = to_bf16(randn(n, 4));
@@ -107,14 +109,20 @@ struct RopeCase {
   int64_t hq, hkv, d;
   bool qk_norm, bias;
   int32_t pos0;
+  int64_t pad = 0;  // extra row-stride elements on top of 8
 };
 
 TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
   OSCAR_REQUIRE_GPU();
+  // Vector path (d/2 a multiple of 8, 16-byte rows: d = 16, 32, 64, 128, 256) and the scalar fallback (d = 8, 96,
+  // or a row stride that breaks 16-byte alignment, pad 1).
   for (const RopeCase c : {RopeCase{4, 2, 128, true, false, 31000}, RopeCase{8, 4, 8, false, true, 0},
-                           RopeCase{32, 8, 128, false, false, 5}, RopeCase{6, 6, 64, true, true, 1000}}) {
+                           RopeCase{32, 8, 128, false, false, 5}, RopeCase{6, 6, 64, true, true, 1000},
+                           RopeCase{4, 2, 128, true, true, 7, 1}, RopeCase{2, 1, 256, true, true, 32000},
+                           RopeCase{4, 1, 16, true, false, 3}, RopeCase{3, 1, 96, true, true, 11},
+                           RopeCase{8, 8, 32, false, true, 65000}}) {
     const int64_t T = 45, slots = c.hq + 2 * c.hkv;
-    const RopeQkvShape s{T, c.hq, c.hkv, c.d, slots * c.d + 8};  // padded rows: the stride is honoured
+    const RopeQkvShape s{T, c.hq, c.hkv, c.d, slots * c.d + 8 + c.pad};  // padded rows: the stride is honoured
     const std::vector<float> qkv = randn(T * s.qkv_row_stride, 8, 2.f), bias = randn(slots * c.d, 9);
     const std::vector<uint16_t> qn = to_bf16(randn(c.d, 10)), kn = to_bf16(randn(c.d, 11));
     std::vector<int32_t> pos(T);
@@ -159,7 +167,7 @@ TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
     r.k_out = rk.data();
     r.v_out = rv.data();
     rope_qkv_ref(s, r);
-    const std::string what = "d=" + std::to_string(c.d);
+    const std::string what = "d=" + std::to_string(c.d) + " pad=" + std::to_string(c.pad);
     EXPECT_LE(nmse(to_host(q32.as<float>(), nq), rq), 1e-5) << what;
     EXPECT_LE(nmse(to_host(kpre32.as<float>(), nk), rkpre), 1e-5) << what;
     EXPECT_LE(nmse(to_host(k32.as<float>(), nk), rk), 1e-5) << what;
@@ -168,6 +176,77 @@ TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
     EXPECT_LE(nmse(widen(to_host(k.as<uint16_t>(), nk)), rk), 1e-4) << what;
     EXPECT_LE(nmse(widen(to_host(v.as<uint16_t>(), nk)), rv), 1e-4) << what;
   }
+}
+
+// Without the q/k norm both rope paths do the same per-element arithmetic with the same cos/sin values, so the
+// vector kernel (16-byte rows) must reproduce the scalar one (row stride + 1 forces it) bit for bit.
+TEST(FwdGpuRope, VectorPathEqualsScalarPathBitForBit) {
+  OSCAR_REQUIRE_GPU();
+  const int64_t T = 70, hq = 32, hkv = 8, d = 128, slots = hq + 2 * hkv, width = slots * d;
+  std::vector<float> dense = randn(T * width, 20, 2.f);
+  // Some exact -0 inputs: without a bias both paths must still agree on the sign of zero (bf16 bits differ).
+  for (int64_t i = 0; i < T * width; i += 61) dense[i] = -0.f;
+  const std::vector<float> bias = randn(width, 21);
+  std::vector<int32_t> pos(T);
+  for (int64_t t = 0; t < T; ++t) pos[t] = static_cast<int32_t>(t * 113 + 9);
+  fmt::ModelConfig cfg;
+  cfg.head_dim = d;
+  cfg.rope.theta = 5e5;
+  const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
+  DeviceBuffer d_bias = dev(bias), d_pos = dev(pos), d_inv = dev(inv_freq);
+  for (const bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "bias" : "no bias");
+    std::vector<std::vector<uint16_t>> q_bits, k_bits, v_bits;
+    std::vector<std::vector<float>> k32s;
+    for (const int64_t stride : {width, width + 1}) {
+      std::vector<float> qkv(T * stride, 0.f);
+      for (int64_t t = 0; t < T; ++t) std::copy_n(dense.begin() + t * width, width, qkv.begin() + t * stride);
+      DeviceBuffer d_qkv = dev(qkv), q(T * hq * d * 2), k(T * hkv * d * 2), v(T * hkv * d * 2), k32(T * hkv * d * 4);
+      RopeQkvArgs a;
+      a.qkv = d_qkv.as<float>();
+      a.bias = with_bias ? d_bias.as<float>() : nullptr;
+      a.positions = d_pos.as<int32_t>();
+      a.inv_freq = d_inv.as<float>();
+      a.q_out = q.as<uint16_t>();
+      a.k_out = k.as<uint16_t>();
+      a.v_out = v.as<uint16_t>();
+      a.k_f32 = k32.as<float>();
+      ASSERT_EQ(rope_qkv(RopeQkvShape{T, hq, hkv, d, stride}, a, nullptr), Status::Ok);
+      sync();
+      q_bits.push_back(to_host(q.as<uint16_t>(), T * hq * d));
+      k_bits.push_back(to_host(k.as<uint16_t>(), T * hkv * d));
+      v_bits.push_back(to_host(v.as<uint16_t>(), T * hkv * d));
+      k32s.push_back(to_host(k32.as<float>(), T * hkv * d));
+    }
+    EXPECT_TRUE(q_bits[0] == q_bits[1]);
+    EXPECT_TRUE(k_bits[0] == k_bits[1]);
+    EXPECT_TRUE(v_bits[0] == v_bits[1]);
+    EXPECT_TRUE(k32s[0] == k32s[1]);
+  }
+}
+
+TEST(FwdGpuRopeChecks, CanImplementRefusesWhatTheKernelCannotDo) {
+  RopeQkvShape s{4, 8, 2, 128, 12 * 128};
+  RopeQkvArgs a;
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);  // no pointers
+  std::vector<float> dummy(16);  // host memory: only the checks run, nothing is launched
+  std::vector<int32_t> pos(4);
+  std::vector<uint16_t> w(128);
+  a.qkv = a.inv_freq = dummy.data();
+  a.positions = pos.data();
+  a.q_out = a.k_out = a.v_out = w.data();
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Ok);
+  a.q_norm_weight = w.data();  // k norm missing
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);
+  a.k_norm_weight = w.data();
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Ok);
+  s.qkv_row_stride = 12 * 128 - 1;  // rows narrower than the head slots
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);
+  s.qkv_row_stride = 12 * 512;
+  s.head_dim = 512;
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Unsupported);
+  s.head_dim = 127;
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Unsupported);
 }
 
 struct AttentionCase {
@@ -216,16 +295,24 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   r.head_dim = c.d;
   r.scale = a.scale;
   attention_prefill_ref(r);
-  for (const PrefillKernel kernel : {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32}) {
+  std::vector<uint16_t> v2_bits;
+  for (const PrefillKernel kernel :
+       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3}) {
     SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     a.kernel = kernel;
     ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok);
     sync();
-    const std::vector<float> got = widen(to_host(d_out.as<uint16_t>(), ref.size()));
+    const std::vector<uint16_t> bits = to_host(d_out.as<uint16_t>(), ref.size());
+    const std::vector<float> got = widen(bits);
     EXPECT_LE(nmse(got, ref), 1e-4);
     for (float x : got) ASSERT_TRUE(std::isfinite(x));
+    if (kernel == PrefillKernel::V2) v2_bits = bits;
+    // v3 reorders only loads, barriers and independent MMAs; every accumulator sees v2's sequence of operations.
+    if (kernel == PrefillKernel::V3) {
+      EXPECT_TRUE(bits == v2_bits) << "v3 must be bit-identical to v2";
+    }
   }
 }
 
@@ -270,7 +357,8 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.num_kv_heads = hkv;
   a.head_dim = d;
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
-  for (const PrefillKernel kernel : {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32}) {
+  for (const PrefillKernel kernel :
+       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3}) {
     SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);

@@ -2,10 +2,11 @@
 //  * kv_write in KvWriteMode::Segmented against kv_write_ref, bit-exact pools, layouts with every width 0..4 and
 //    8, 3-bit fields across bytes, segments off 16-dim boundaries, head_dim 64/128/256, with and without clip;
 //  * decode_attention over segmented pages (decode_attention_seg.cuh) against the double-precision
-//    decode_attention_ref: several layouts incl. 0-bit and 1-bit segments, head_dim 64/128/256, groups 1/4/8,
+//    decode_attention_ref: several layouts incl. 0-, 1- and 3-bit segments (compiled layouts and the generic kernel),
+//    head_dim 64/128/256, groups 1/2/4/8,
 //    windows that cut tiles, forced split counts; NMSE <= 1e-5 like the INT2 path tests;
 //  * rt::Engine on qwen3-tiny-trained with a spectral bundle made here (calib::calibrate, Method::Spectral, widths
-//    {0, 1, 2, 4}): greedy agreement with the bf16 engine on the first tokens, and logits close to the CPU
+//    {0, 1, 2, 3, 4}): greedy agreement with the bf16 engine on the first tokens, and logits close to the CPU
 //    simulation of the same bundle (eval::simulated_logits).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -121,7 +122,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(SegWriteCase{128, {{0, 48, 4}, {48, 112, 2}, {112, 128, 0}}},
                       SegWriteCase{128, {{0, 16, 4}, {16, 48, 3}, {48, 96, 2}, {96, 112, 1}, {112, 128, 0}}},
                       SegWriteCase{64, {{0, 40, 3}, {40, 64, 8}}},
-                      SegWriteCase{256, {{0, 32, 4}, {32, 160, 2}, {160, 224, 1}, {224, 256, 0}}}));
+                      SegWriteCase{256, {{0, 32, 4}, {32, 160, 2}, {160, 224, 1}, {224, 256, 0}}},
+                      // the 3-bit layouts the decode kernel reads (16-dim blocks, odd block counts)
+                      SegWriteCase{128, {{0, 48, 3}, {48, 128, 1}}},
+                      SegWriteCase{128, {{0, 16, 1}, {16, 64, 3}, {64, 128, 2}}},
+                      SegWriteCase{256, {{0, 48, 4}, {48, 96, 3}, {96, 256, 2}}}));
 
 // ---- decode ------------------------------------------------------------------------------------------------------
 
@@ -209,6 +214,30 @@ INSTANTIATE_TEST_SUITE_P(
                                     8, 2, 4, 16, 0},
                       SegDecodeCase{128, kK128, kV128, {6000}, 8, 1, 64, 256, 0}));  // many rescales
 
+// 3-bit segments. The first three pairs have compiled kernels (decode_attention_seg.cuh kSegCompiledLayouts128: the
+// calibrator's qwen3-tiny pick K 48x3b + 80x1b | V INT2, whose V takes the INT2-fragment path, and the two bench
+// layouts); the fourth (one 2-bit segment for K and V) is routed to the INT2 kernel; the others run the generic
+// kernel. 3-bit regions of odd block counts put token rows at 2 mod 4 bytes (the unaligned reads).
+const Segs kK3b1b{{0, 48, 3}, {48, 128, 1}};
+const Segs kV3b{{0, 32, 3}, {32, 96, 2}, {96, 128, 0}};
+const Segs kBenchK{{0, 32, 4}, {32, 80, 2}, {80, 128, 0}};
+const Segs kBenchV{{0, 16, 4}, {16, 96, 2}, {96, 128, 0}};
+const Segs kMix5{{0, 16, 4}, {16, 48, 3}, {48, 96, 2}, {96, 112, 1}, {112, 128, 0}};
+INSTANTIATE_TEST_SUITE_P(
+    ThreeBit, SegDecodeGpu,
+    ::testing::Values(SegDecodeCase{128, kK3b1b, kInt2_128, {1500}, 4, 2, 64, 256, 0},          // compiled, group 2
+                      SegDecodeCase{128, kK3b1b, kV3b, {700, 33, 1200}, 16, 2, 5, 37, 0},        // compiled, group 8
+                      SegDecodeCase{128, kBenchK, kBenchV, {2000}, 8, 2, 16, 40, 3},            // compiled, group 4
+                      SegDecodeCase{128, kInt2_128, kInt2_128, {900, 64}, 8, 8, 4, 16, 0},      // INT2 kernel, group 1
+                      SegDecodeCase{128, kMix5, {{0, 48, 3}, {48, 80, 4}, {80, 128, 1}}, {700, 33, 1200}, 8, 2, 16,
+                                    40, 0},                                                     // generic 4/3/2/1/0
+                      SegDecodeCase{128, {{0, 16, 1}, {16, 64, 3}, {64, 128, 2}}, {{0, 80, 3}, {80, 128, 2}}, {1000},
+                                    8, 2, 0, 0, 3},                                             // generic, no windows
+                      SegDecodeCase{64, {{0, 16, 3}, {16, 64, 2}}, {{0, 48, 3}, {48, 64, 1}}, {900}, 8, 1, 4, 16, 0},
+                      SegDecodeCase{256, {{0, 48, 4}, {48, 96, 3}, {96, 256, 2}}, {{0, 80, 3}, {80, 256, 1}}, {800}, 4,
+                                    4, 4, 16, 0},                                               // d 256, group 1
+                      SegDecodeCase{128, kMix5, kV3b, {6000}, 8, 1, 64, 256, 0}));              // many rescales
+
 // ---- engine ------------------------------------------------------------------------------------------------------
 
 namespace fs = std::filesystem;
@@ -242,8 +271,9 @@ TEST(EngineSpectral, GreedyAgreesWithBf16AndLogitsTrackTheCpuSimulation) {
   opt.method = calib::Method::Spectral;
   opt.quant = fmt::KvQuantSpec::int2_default(cpu->config().head_dim);
   // With 1/2/4-bit widths the 2.28-bit budget leaves room for one segment only (each adds 32 bits of scale/zero
-  // per token) and the calibrator picks whole-head INT2; allowing 0-bit segments gives real multi-segment layouts.
-  opt.spectral.spectral.widths = {0, 1, 2, 4};
+  // per token) and the calibrator picks whole-head INT2; allowing 0-bit segments gives real multi-segment layouts,
+  // and 3 bits lets them use the 3-bit unpack.
+  opt.spectral.spectral.widths = {0, 1, 2, 3, 4};
   opt.spectral.k_weight = 4.0;
   opt.spectral.fit_tokens = 512;
   fmt::Bundle bundle = calib::calibrate(runner, calib::model_fingerprint(dir), data, opt).bundle;

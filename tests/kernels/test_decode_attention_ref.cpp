@@ -160,6 +160,49 @@ TEST(DecodeRef, RejectsUnsupportedShapes) {
   EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);
 }
 
+TEST(DecodeRef, LaunchVariantAndWorkspace) {
+  kern::DecodeAttentionParams p;
+  p.batch = 0;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  EXPECT_EQ(p.variant, kern::DecodeAttentionVariant::Fused);  // the default the engine runs
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Ok);
+  p.variant = kern::DecodeAttentionVariant::Separate;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Ok);
+  p.variant = static_cast<kern::DecodeAttentionVariant>(7);
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::InvalidArgument);
+  // batch 2 x 32 heads, d 128, 3 splits: q_rot 64x128, 64 x 6 slots x (2 + 128), 64 tickets; 4 bytes each.
+  EXPECT_EQ(kern::decode_attention_workspace_bytes(2, 32, 128, 3), size_t{4} * (64 * 128 + 64 * 6 * 130 + 64));
+}
+
+TEST(DecodeRef, RejectsMisalignedValueRotation) {
+  // The fused merge reads R_v rows as float4: an R_v off a 16-byte boundary is refused, not read misaligned.
+  alignas(16) static float rotation[2 * 128 * 128 + 4] = {};
+  alignas(16) static uint16_t q[8 * 128] = {}, pool[2 * 64 * 128] = {};
+  alignas(16) static float out[8 * 128] = {};
+  const int32_t len = 64, table = 0;
+  kern::DecodeAttentionParams p;
+  p.batch = 1;
+  p.num_q_heads = 8;
+  p.num_kv_heads = 8;
+  p.q = q;
+  p.seq_lens = &len;
+  p.max_seq_len = len;
+  p.sink_tokens = len;  // every token bf16: no INT2 pools needed
+  p.k_bf16_pool = pool;
+  p.v_bf16_pool = pool + 64 * 128;
+  p.bf16_page_table = &table;
+  p.max_pages = 1;
+  p.out = out;
+  p.rotation_v = rotation;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Ok);
+  p.rotation_v = rotation + 1;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Misaligned);
+  p.rotation_k = rotation + 1;  // R_k is read one float at a time
+  p.rotation_v = rotation + 4;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Ok);
+}
+
 TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
   // 132 SMs (H100 SXM), Qwen3-8B (8 KV heads), 128K tokens: at least 4 blocks per SM.
   const int splits = kern::decode_attention_num_splits(1, 8, 131072, 64, 132);

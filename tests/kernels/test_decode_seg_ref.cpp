@@ -212,12 +212,16 @@ const Segs kV128{{0, 16, 4}, {16, 80, 2}, {80, 112, 1}, {112, 128, 0}};
 INSTANTIATE_TEST_SUITE_P(Cases, DecodeSegRef,
                          ::testing::Values(SegDecodeCase{128, kK128, kV128, {300}, 8, 2, 16, 32},
                                            SegDecodeCase{128, kV128, kK128, {300, 17, 130}, 4, 1, 4, 40},
-                                           SegDecodeCase{64, {{0, 16, 1}, {16, 64, 4}}, {{0, 64, 2}}, {200}, 8, 1, 0, 0}));
+                                           SegDecodeCase{64, {{0, 16, 1}, {16, 64, 4}}, {{0, 64, 2}}, {200}, 8, 1, 0, 0},
+                                           // 3-bit segments (what the GPU kernel's 3-bit unpack is checked against)
+                                           SegDecodeCase{128, {{0, 48, 3}, {48, 128, 1}},
+                                                         {{0, 32, 3}, {32, 96, 2}, {96, 128, 0}}, {300}, 8, 2, 16, 32}));
 
 TEST(DecodeSegRef, CanImplementRefusesWhatTheKernelDoesNotRead) {
   const int d = 128;
   const auto ok = fmt::segmented_page_geometry(kK128, d, 64);
   const auto three = fmt::segmented_page_geometry(Segs{{0, 64, 3}, {64, 128, 2}}, d, 64);
+  const auto eight = fmt::segmented_page_geometry(Segs{{0, 64, 8}, {64, 128, 2}}, d, 64);
   const auto off16 = fmt::segmented_page_geometry(Segs{{0, 40, 4}, {40, 128, 2}}, d, 64);
   const auto d64 = fmt::segmented_page_geometry(Segs{{0, 64, 2}}, 64, 64);
   kern::DecodeAttentionParams p;
@@ -231,7 +235,9 @@ TEST(DecodeSegRef, CanImplementRefusesWhatTheKernelDoesNotRead) {
   p.v_geometry = nullptr;
   EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::InvalidArgument);  // both or neither
   p.v_geometry = &three;
-  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);  // 3-bit
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Ok);  // 3-bit: read since the 3-bit unpack
+  p.v_geometry = &eight;
+  EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);  // 8-bit
   p.v_geometry = &off16;
   EXPECT_EQ(kern::decode_attention_can_implement(p), kern::Status::Unsupported);  // not 16-aligned
   p.v_geometry = &d64;

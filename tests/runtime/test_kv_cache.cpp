@@ -289,7 +289,7 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   fmt::Bundle per_head = bundle;
   per_head.rotation_groups = 2;
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &per_head, {}, {}, "w"), Error);
-  // Whole-head 4-bit K is a one-segment layout the segmented kernel reads (issue #10); 3 bits it does not.
+  // Whole-head 4-bit and 3-bit K are one-segment layouts the segmented kernel reads (issue #10); 8 bits it does not.
   fmt::Bundle int4 = bundle;
   int4.quant.k.segments[0].bits = 4;
   const CacheFormat f4 = resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int4, {}, {}, "w");
@@ -298,7 +298,11 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   EXPECT_FALSE(oscar.segmented());
   fmt::Bundle int3 = bundle;
   int3.quant.k.segments[0].bits = 3;
-  EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int3, {}, {}, "w"), Error);
+  const CacheFormat f3 = resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int3, {}, {}, "w");
+  EXPECT_EQ(f3.k_segments[1], (std::vector<fmt::QuantSegment>{{0, 128, 3}}));
+  fmt::Bundle int8 = bundle;
+  int8.quant.k.segments[0].bits = 8;
+  EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &int8, {}, {}, "w"), Error);
   // Bundle 1.1 per-layer layouts: taken per layer; pages sized per layer; off-16 boundaries refused.
   fmt::Bundle spectral = bundle;
   spectral.layers[1].k_segments = {{0, 48, 4}, {48, 112, 2}, {112, 128, 0}};
