@@ -22,8 +22,11 @@ namespace {
 constexpr int kSegmentsPerBlock = 8;  // each R element loaded once serves this many weight slices
 
 // Segment s = a·b_count + b has d bf16 elements at w[a·stride_a + b·stride_b + i·stride_i], i < d. It is
-// replaced by seg·R_g, g = (group_on_a ? a : b) / group_div when groups > 1, else 0. fp32 accumulation in i
-// order, one RNE rounding to bf16. In place: a block reads its segments into shared memory before writing.
+// replaced by seg·R_g, g = (group_on_a ? a : b) / group_div when groups > 1, else 0. In place: a block reads its
+// segments into shared memory before writing. fp64 accumulation: a bf16 × fp32 product is exact in fp64, so the
+// folded weight (fp64 -> fp32 -> bf16 RNE, as the test and torch round) matches the fp64 product except within
+// ~1e-14 of a rounding midpoint. fp32 accumulation was 2-4 bf16 ulp off where the sum cancels heavily (first H100
+// run of FoldValueRotation); the fold runs once at load, so fp64's lower rate costs nothing that matters.
 __global__ void fold_segments_kernel(uint16_t* __restrict__ w, int d, int64_t segments, int64_t b_count,
                                      int64_t stride_a, int64_t stride_b, int64_t stride_i,
                                      const float* __restrict__ rotation, int64_t groups, bool group_on_a,
@@ -46,19 +49,21 @@ __global__ void fold_segments_kernel(uint16_t* __restrict__ w, int d, int64_t se
       if (j < d) seg[k * d + j] = kern::detail::bf16_bits_to_float(w[base[k] + j * stride_i]);
     __syncthreads();
     if (j < d) {
-      float acc[kSegmentsPerBlock];
-      for (int k = 0; k < kSegmentsPerBlock; ++k) acc[k] = 0.f;
+      double acc[kSegmentsPerBlock];
+      for (int k = 0; k < kSegmentsPerBlock; ++k) acc[k] = 0.0;
       const bool one_group = groups == 1;
       for (int i = 0; i < d; ++i) {
         if (one_group) {
-          const float r = rotation[static_cast<int64_t>(i) * d + j];
-          for (int k = 0; k < kSegmentsPerBlock; ++k) acc[k] = fmaf(seg[k * d + i], r, acc[k]);
+          const double r = rotation[static_cast<int64_t>(i) * d + j];
+          for (int k = 0; k < kSegmentsPerBlock; ++k) acc[k] = fma(static_cast<double>(seg[k * d + i]), r, acc[k]);
         } else {
           for (int k = 0; k < kSegmentsPerBlock; ++k)
-            acc[k] = fmaf(seg[k * d + i], rotation[(group[k] * d + i) * d + j], acc[k]);
+            acc[k] = fma(static_cast<double>(seg[k * d + i]),
+                         static_cast<double>(rotation[(group[k] * d + i) * d + j]), acc[k]);
         }
       }
-      for (int k = 0; k < count; ++k) w[base[k] + j * stride_i] = kern::detail::float_to_bf16_bits(acc[k]);
+      for (int k = 0; k < count; ++k)
+        w[base[k] + j * stride_i] = kern::detail::float_to_bf16_bits(static_cast<float>(acc[k]));
     }
   }
 }
