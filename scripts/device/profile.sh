@@ -15,7 +15,7 @@ prof() {  # name kernel-regex cmd...
   timeout 150 $NCU $SECT -k regex:"$k" -c 1 --launch-skip 1 "$@" > $OUT/ncu_$name.txt 2>&1
   echo "ncu $name rc=$?"; grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible" $OUT/ncu_$name.txt | head -12
 }
-if [ -n "$NCU" ] && [ "$what" != sanitize ]; then
+if [ -n "$NCU" ] && { [ "$what" = ncu ] || [ "$what" = all ]; }; then
   DB="$BIN/bin/decode_attention_bench --eager --iters 2 --max-context 32768"
   prof int2_b8_32k 'decode_attention_int2_kernel' $DB --batch 8 --context 32768
   prof int2_b1_32k 'decode_attention_int2_kernel' $DB --batch 1 --context 32768

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# gpusuite (issue #8 and the merge gate for GPU work): the whole GPU test binary once, every test including the
+# parameterized suites (Shapes/..., Groups/..., ...) that per-area filters like "FoldValueRotation*" miss, then
+# compute-sanitizer memcheck of the suites named in the argument (comma-separated gtest suite names; none = skip).
+# Expected GPU time: ~3 min for the suite; memcheck of one Eval suite ~2-4 min (its CPU simulation is not slowed).
+# Needs: $BIN (bin/ + lib/ from scripts/device/pack.sh), fixtures at /work/shared/fixtures, $OUT, cwd = repo.
+# Look for: gpusuite_test_gpu.log "[  PASSED  ]" and no FAILED; gpusuite_memcheck.txt "ERROR SUMMARY: 0 errors" and
+#   rc=0 per suite (rc=124: the suite ran past MEMCHECK_SUITE_S, default 280 s).
+set -uo pipefail
+[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
+: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
+export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$OUT"
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+start=$SECONDS
+timeout 300 "$BIN/bin/test_gpu" > "$OUT/gpusuite_test_gpu.log" 2>&1
+echo "test_gpu rc=$? $((SECONDS - start))s"
+grep -E "^\[  (PASSED|FAILED|SKIPPED) |tests? ran|FAILED TEST" "$OUT/gpusuite_test_gpu.log" | head -20
+: > "$OUT/gpusuite_memcheck.txt"
+for s in ${1//,/ }; do
+  [ -n "$CS" ] || { echo "no compute-sanitizer" | tee -a "$OUT/gpusuite_memcheck.txt"; break; }
+  start=$SECONDS
+  log=$OUT/memcheck_${s//\//_}.log
+  timeout "${MEMCHECK_SUITE_S:-280}" "$CS" --tool memcheck --error-exitcode 3 --print-limit 20 "$BIN/bin/test_gpu" \
+    --gtest_filter="$s.*" > "$log" 2>&1
+  rc=$?
+  echo "$s rc=$rc $((SECONDS - start))s $(grep -E 'ERROR SUMMARY' "$log" | tail -1) $(grep -cE '^\[       OK' "$log") ok" |
+    tee -a "$OUT/gpusuite_memcheck.txt"
+done
