@@ -11,9 +11,10 @@
 //   free_sequence(id)     gives the sequence's pages back.
 //
 // Cache formats: bf16 (the baseline; every token bf16, no windows), int2 (per-token INT2, no rotation, no clip —
-// eval's "int2"), hadamard2 (eval's "hadamard2": a seeded random-sign Hadamard rotation per layer and tensor, no
+// eval's "int2"), int4 (eval's "int4": per-token INT4, no rotation, no clip; one 4-bit segment through the segmented
+// kernels), hadamard2 (eval's "hadamard2": a seeded random-sign Hadamard rotation per layer and tensor, no
 // clip), oscar (a calibration bundle's per-layer rotations and clip ratios; eval's "oscar"). The windows default
-// to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2, hadamard2) and can be overridden.
+// to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2, int4, hadamard2) and can be overridden.
 //
 // fold_v (EngineOptions): R_v is folded into the weights at load (W_v ← per KV head R_vᵀ·W_v, its bias ← b·R_v,
 // W_o ← per query head W_o·R_v; DeviceModel::fold_value_rotation), so the projection already produces V in the
@@ -46,8 +47,8 @@ namespace oscar::rt {
 class DeviceModel;
 class KvCache;
 
-enum class CacheMode { Bf16, Int2, Oscar, Hadamard2 };
-std::string_view cache_mode_name(CacheMode mode);  // "bf16", "int2", "oscar", "hadamard2"
+enum class CacheMode { Bf16, Int2, Oscar, Hadamard2, Int4 };
+std::string_view cache_mode_name(CacheMode mode);  // "bf16", "int2", "oscar", "hadamard2", "int4"
 CacheMode parse_cache_mode(std::string_view name, const std::string& where);  // oscar::Error naming `where`
 
 // The resolved storage format of one engine: what is written, per layer.

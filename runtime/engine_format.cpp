@@ -20,14 +20,16 @@ std::string_view cache_mode_name(CacheMode mode) {
     case CacheMode::Int2: return "int2";
     case CacheMode::Oscar: return "oscar";
     case CacheMode::Hadamard2: return "hadamard2";
+    case CacheMode::Int4: return "int4";
   }
   return "unknown";
 }
 
 CacheMode parse_cache_mode(std::string_view name, const std::string& where) {
-  for (CacheMode m : {CacheMode::Bf16, CacheMode::Int2, CacheMode::Oscar, CacheMode::Hadamard2})
+  for (CacheMode m : {CacheMode::Bf16, CacheMode::Int2, CacheMode::Oscar, CacheMode::Hadamard2, CacheMode::Int4})
     if (name == cache_mode_name(m)) return m;
-  throw Error(where, "unknown cache format '" + std::string(name) + "' (expected bf16, int2, hadamard2 or oscar)");
+  throw Error(where,
+              "unknown cache format '" + std::string(name) + "' (expected bf16, int2, int4, hadamard2 or oscar)");
 }
 
 int64_t padded_cache_head_dim(int64_t head_dim, const std::string& where) {
@@ -137,9 +139,13 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
   f.quantized = true;
   fmt::KvQuantSpec spec = fmt::KvQuantSpec::int2_default(cfg.head_dim);
   const std::vector<fmt::QuantSegment> int2_whole{{0, static_cast<int32_t>(cfg.head_dim), 2}};
-  if (mode == CacheMode::Int2) {
-    f.k_segments.assign(L, int2_whole);
-    f.v_segments.assign(L, int2_whole);
+  if (mode == CacheMode::Int2 || mode == CacheMode::Int4) {
+    // int4 is eval's per-token INT4 baseline: one 4-bit segment over the head, stored and read by the segmented
+    // path (a compiled kernel at head_dim 128) — the codes eval::CacheFormat's int4 writes, so the engine and the
+    // CPU simulation agree.
+    const std::vector<fmt::QuantSegment> int4_whole{{0, static_cast<int32_t>(cfg.head_dim), 4}};
+    f.k_segments.assign(L, mode == CacheMode::Int2 ? int2_whole : int4_whole);
+    f.v_segments.assign(L, mode == CacheMode::Int2 ? int2_whole : int4_whole);
     f.k_rotation.assign(L, {});
     f.v_rotation.assign(L, {});
     f.k_clip_ratio.assign(L, 1.f);
@@ -231,6 +237,7 @@ KvFootprint kv_footprint(const fmt::ModelConfig& cfg, CacheMode mode, const fmt:
                                      bundle->quant.head_dim, bundle->layers.size(), d, L));
   const fmt::KvQuantSpec base = mode == CacheMode::Oscar ? bundle->quant
                                 : mode == CacheMode::Bf16 ? fmt::KvQuantSpec::uniform(d, 16)
+                                : mode == CacheMode::Int4 ? fmt::KvQuantSpec::uniform(d, 4)
                                                           : fmt::KvQuantSpec::uniform(d, 2);
   if (mode != CacheMode::Bf16) {
     const fmt::KvQuantSpec windows = mode == CacheMode::Oscar ? bundle->quant : fmt::KvQuantSpec::int2_default(d);

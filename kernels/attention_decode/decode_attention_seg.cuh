@@ -92,10 +92,12 @@ inline uint64_t seg_layout_code(const SegDecodeLayout& L, int blocks) {
 // The (K, V) layouts at head_dim 128 with a compiled kernel; any other pair runs the generic one. Each entry is a
 // full kernel instantiation (compile time, binary size), so the list holds what is run: the layout the spectral
 // calibrator picks with widths 1/2/3/4 (qwen3-tiny-trained layer 1: K 48x3b + 80x1b, V INT2) and the
-// decode_attention_bench layouts (36 bytes per record like INT2). Whole-head INT2 K and V (the other layers of
-// such a bundle) never get here: decode_attention() sends them to the INT2 kernel.
+// decode_attention_bench layouts (36 bytes per record like INT2), and whole-head INT4 K and V (the int4 baseline
+// cache of `oscar eval --device cuda`). Whole-head INT2 K and V (the other layers of such a bundle) never get here:
+// decode_attention() sends them to the INT2 kernel.
 namespace seg_layouts {
 inline constexpr fmt::QuantSegment kInt2[] = {{0, 128, 2}};
+inline constexpr fmt::QuantSegment kInt4[] = {{0, 128, 4}};
 inline constexpr fmt::QuantSegment kK3b1b[] = {{0, 48, 3}, {48, 128, 1}};
 inline constexpr fmt::QuantSegment kBenchK[] = {{0, 32, 4}, {32, 80, 2}, {80, 128, 0}};
 inline constexpr fmt::QuantSegment kBenchV[] = {{0, 16, 4}, {16, 96, 2}, {96, 128, 0}};
@@ -108,6 +110,7 @@ inline constexpr SegLayoutPair kSegCompiledLayouts128[] = {
     {seg_layout_code(seg_layouts::kK3b1b, 2), seg_layout_code(seg_layouts::kInt2, 1)},
     {seg_layout_code(seg_layouts::kBenchK, 3), seg_layout_code(seg_layouts::kBenchV, 3)},
     {seg_layout_code(seg_layouts::kK3b1b, 2), seg_layout_code(seg_layouts::kBenchV3b, 3)},
+    {seg_layout_code(seg_layouts::kInt4, 1), seg_layout_code(seg_layouts::kInt4, 1)},
 };
 inline constexpr int kSegCompiledLayouts128Count =
     static_cast<int>(sizeof(kSegCompiledLayouts128) / sizeof(kSegCompiledLayouts128[0]));

@@ -238,6 +238,17 @@ INSTANTIATE_TEST_SUITE_P(
                                     4, 4, 16, 0},                                               // d 256, group 1
                       SegDecodeCase{128, kMix5, kV3b, {6000}, 8, 1, 64, 256, 0}));              // many rescales
 
+// Whole-head INT4 K and V: the engine's int4 baseline cache. d 128 has a compiled kernel (kSegCompiledLayouts128);
+// 64 and 256 run the generic one.
+const Segs kInt4_128{{0, 128, 4}};
+INSTANTIATE_TEST_SUITE_P(
+    Int4, SegDecodeGpu,
+    ::testing::Values(SegDecodeCase{128, kInt4_128, kInt4_128, {1500}, 32, 8, 64, 256, 0},       // Qwen3-8B group 4
+                      SegDecodeCase{128, kInt4_128, kInt4_128, {700, 33, 1200}, 8, 8, 5, 37, 0},  // group 1, batch 3
+                      SegDecodeCase{128, kInt4_128, kInt4_128, {6000}, 16, 2, 0, 0, 3},           // no windows
+                      SegDecodeCase{64, {{0, 64, 4}}, {{0, 64, 4}}, {900}, 8, 2, 4, 16, 0},
+                      SegDecodeCase{256, {{0, 256, 4}}, {{0, 256, 4}}, {800}, 4, 1, 4, 16, 0}));
+
 // ---- engine ------------------------------------------------------------------------------------------------------
 
 namespace fs = std::filesystem;

@@ -398,7 +398,9 @@ TEST(EvalCacheBudget, HoldsTheBatchAtTheLongestJobAndNoMore) {
         ASSERT_TRUE(f.segmented());
       }
       const KvCacheLayout layout = cache_layout(cfg, f);
-      if (variant == 2) ASSERT_GT(layout.int2_page_bytes(), int2_page);
+      if (variant == 2) {
+        ASSERT_GT(layout.int2_page_bytes(), int2_page);
+      }
       for (const int64_t batch : {1, 3}) {
         for (const int64_t tokens : {1, 64, 65, 700}) {
           SCOPED_TRACE(::testing::Message() << cache_mode_name(mode) << (variant == 2 ? " segmented" : "") << " sink " << sink << " recent " << recent
@@ -424,11 +426,12 @@ TEST(EvalGpuPlan, EngineModesAndCpuOnlyModes) {
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::Int2), CacheMode::Int2);
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::Oscar), CacheMode::Oscar);
   EXPECT_EQ(engine_cache_mode(eval::CacheMode::Hadamard2), CacheMode::Hadamard2);
-  for (auto m : {eval::CacheMode::Kivi2, eval::CacheMode::Int4, eval::CacheMode::Fp8})
+  EXPECT_EQ(engine_cache_mode(eval::CacheMode::Int4), CacheMode::Int4);
+  for (auto m : {eval::CacheMode::Kivi2, eval::CacheMode::Fp8})
     EXPECT_FALSE(engine_cache_mode(m).has_value()) << eval::cache_mode_name(m);
-  const ModeSplit split = split_engine_modes(eval::parse_cache_modes("kivi2,oscar,fp8,bf16,int2", "test"));
-  EXPECT_EQ(split.engine,
-            (std::vector<eval::CacheMode>{eval::CacheMode::Oscar, eval::CacheMode::BF16, eval::CacheMode::Int2}));
+  const ModeSplit split = split_engine_modes(eval::parse_cache_modes("kivi2,oscar,fp8,bf16,int4,int2", "test"));
+  EXPECT_EQ(split.engine, (std::vector<eval::CacheMode>{eval::CacheMode::Oscar, eval::CacheMode::BF16,
+                                                        eval::CacheMode::Int4, eval::CacheMode::Int2}));
   EXPECT_EQ(split.cpu_only, (std::vector<eval::CacheMode>{eval::CacheMode::Kivi2, eval::CacheMode::Fp8}));
 }
 

@@ -276,6 +276,30 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   EXPECT_EQ(int2.recent_tokens, 100);
   EXPECT_TRUE(int2.k_rotation[1].empty());
   EXPECT_EQ(int2.k_clip_ratio[1], 1.f);  // the int2 baseline does not clip
+  EXPECT_FALSE(int2.segmented());
+
+  // int4: eval's per-token INT4 baseline, one 4-bit segment per head through the segmented pages; no rotation, no
+  // clip, int2's windows. Its page is 64 tokens x (64 code bytes + one fp16 scale/zero pair).
+  EXPECT_EQ(parse_cache_mode("int4", "--cache"), CacheMode::Int4);
+  EXPECT_EQ(cache_mode_name(CacheMode::Int4), "int4");
+  EXPECT_THROW(resolve_cache_format(config_with_head_dim(8), CacheMode::Int4, nullptr, {}, {}, "w"), Error);
+  const CacheFormat int4_mode = resolve_cache_format(config_with_head_dim(128), CacheMode::Int4, nullptr, {}, {}, "w");
+  EXPECT_TRUE(int4_mode.quantized);
+  EXPECT_TRUE(int4_mode.segmented());
+  EXPECT_EQ(int4_mode.sink_tokens, fmt::KvQuantSpec::int2_default(128).sink_tokens);
+  EXPECT_EQ(int4_mode.recent_tokens, fmt::KvQuantSpec::int2_default(128).recent_tokens);
+  for (size_t l = 0; l < 2; ++l) {
+    EXPECT_EQ(int4_mode.k_segments[l], (std::vector<fmt::QuantSegment>{{0, 128, 4}}));
+    EXPECT_EQ(int4_mode.v_segments[l], (std::vector<fmt::QuantSegment>{{0, 128, 4}}));
+    EXPECT_TRUE(int4_mode.k_rotation[l].empty());
+    EXPECT_TRUE(int4_mode.v_rotation[l].empty());
+    EXPECT_EQ(int4_mode.k_clip_ratio[l], 1.f);
+    EXPECT_EQ(int4_mode.v_clip_ratio[l], 1.f);
+  }
+  const KvCacheLayout int4_layout = cache_layout(config_with_head_dim(128), int4_mode);
+  ASSERT_EQ(int4_layout.k_page_bytes.size(), 2u);
+  EXPECT_EQ(int4_layout.k_page_bytes[1], 64 * (64 + 4));
+  EXPECT_EQ(int4_layout.v_page_bytes[0], 64 * (64 + 4));
 
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, nullptr, {}, {}, "w"), Error);
   const fmt::Bundle bundle = identity_bundle(128, 2);

@@ -154,6 +154,21 @@ TEST(KvFootprint, Qwen3_8BShapeBf16AndInt2MatchHandCountedBytes) {
   EXPECT_EQ(had.rows[2].stored_bytes, int2.rows[2].stored_bytes);  // a rotation costs no bytes
   EXPECT_EQ(had.rows[2].engine_bytes, int2.rows[2].engine_bytes);
 
+  // int4: 64 code bytes + fp16 scale/zero = 68 B per record; 4.25 bits/element; its pages follow the INT2 page
+  // accounting with 68-byte records.
+  const double kInt4PerToken = 2.0 * kL * kKv * (kD / 2 + 4);
+  const double kInt4Page = 2.0 * kL * kKv * 64 * (kD / 2 + 4);
+  const KvFootprint int4 = kv_footprint(cfg, CacheMode::Int4, nullptr, contexts, {}, {}, "t");
+  EXPECT_EQ(int4.mode, "int4");
+  EXPECT_EQ(int4.sink_tokens, 64);
+  EXPECT_EQ(int4.recent_tokens, 256);
+  EXPECT_EQ(int4.quant_bytes_per_token, kInt4PerToken);
+  EXPECT_DOUBLE_EQ(int4.v_bits_per_element, 4.25);
+  EXPECT_EQ(int4.k_record_bytes.at(5), 68);
+  EXPECT_EQ(int4.k_layout.at(0), "4b[0,128)");
+  EXPECT_EQ(int4.rows[1].stored_bytes, 320 * kBf16PerToken + 704 * kInt4PerToken);
+  EXPECT_EQ(int4.rows[2].engine_bytes, 511 * kInt4Page + 5 * kBf16Page);
+
   // Window overrides.
   const KvFootprint nowin = kv_footprint(cfg, CacheMode::Int2, nullptr, contexts, 0, 0, "t");
   EXPECT_EQ(nowin.rows[1].stored_bytes, 1024 * kInt2PerToken);
