@@ -201,6 +201,34 @@ int run_inspect(const InspectOptions& o) {
       const fmt::KvQuantSpec ls = fmt::layer_spec(b, l);
       out += ::fmt::format("layer {} segments: K {} | V {}\n", l, segments_text(ls.k), segments_text(ls.v));
     }
+  // --method spectral's per-layer choice (provenance "layer_choice" / "layer_proxy": "name=p0/p1/..;name=...").
+  std::string choice, proxies;
+  for (const auto& [k, v] : c.options) {
+    if (k == "layer_choice") choice = v;
+    if (k == "layer_proxy") proxies = v;
+  }
+  if (!choice.empty()) {
+    auto split = [](std::string_view text, char sep) {
+      std::vector<std::string> parts;
+      for (size_t start = 0; start <= text.size();) {
+        const size_t end = std::min(text.find(sep, start), text.size());
+        parts.emplace_back(text.substr(start, end - start));
+        start = end + 1;
+      }
+      return parts;
+    };
+    const auto chosen = split(choice, ',');
+    std::vector<std::pair<std::string, std::vector<std::string>>> per;
+    for (const std::string& item : split(proxies, ';'))
+      if (const size_t eq = item.find('='); eq != std::string::npos)
+        per.emplace_back(item.substr(0, eq), split(std::string_view(item).substr(eq + 1), '/'));
+    for (size_t l = 0; l < chosen.size(); ++l) {
+      std::string p;
+      for (const auto& [name, values] : per)
+        if (l < values.size()) p += ::fmt::format("{}{} {}", p.empty() ? "" : ", ", name, values[l]);
+      out += ::fmt::format("layer {} stored as {} (selection proxy: {})\n", l, chosen[l], p);
+    }
+  }
   std::fputs(out.c_str(), stdout);
   return 0;
 }

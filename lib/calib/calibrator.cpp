@@ -123,13 +123,21 @@ struct TeeObserver : model::Observer {
   model::Observer* second;
 };
 
-// --method spectral after the published report: fit + select (lib/calib/spectral_calibration.h), score every
-// candidate on all held-out samples (report rows "spectral" = the chosen one, "spectral(k_weight=W)"), replace the
-// bundle's layers by the chosen layouts (keeping the calibration eigenvalues), and return the report section.
+// The whole-head INT2 layers the spectral stage may store instead of its layout (LayerCandidate).
+struct WholeHeadCandidates {
+  std::vector<fmt::LayerCalibration> published;  // the published stage's layers (rotation, clip, eigenvalues)
+  std::vector<fmt::LayerCalibration> hadamard;    // empty when not asked for or head_dim is not 2^k
+};
+
+// --method spectral after the published report: fit + select (lib/calib/spectral_calibration.h), per layer the
+// least-proxy candidate among the spectral layout and the whole-head ones (--candidates), score every candidate on
+// all held-out samples (report rows "spectral" = what is stored, "spectral(k_weight=W)"), replace the bundle's
+// layers by the chosen ones (keeping the calibration eigenvalues), and return the report section.
 std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout, std::vector<HeldoutLayer> fit,
                            std::vector<std::vector<AttentionSequence>> select, const fmt::ModelConfig& cfg,
                            int64_t groups, const CalibrationOptions& opt, const std::string& published_row,
                            const std::vector<std::vector<AttentionSequence>>& clip_sequences,
+                           const WholeHeadCandidates& whole,
                            std::vector<std::pair<std::string, std::string>>& provenance) {
   const int64_t L = cfg.num_layers, d = cfg.head_dim;
   SpectralCalibrationOptions so = opt.spectral;
@@ -144,12 +152,51 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
 
   // The published bundle's proxy on the same selection sequences: the number the choice is compared with.
   double published_proxy = 0;
-  for (int64_t l = 0; l < L; ++l)
-    published_proxy += attention_output_error(select[l], cfg.num_heads, cfg.num_kv_heads, d,
-                                              layer_quantization(b.layers[l], b.quant, groups), opt.quant.sink_tokens,
-                                              opt.quant.recent_tokens, so.proxy_queries)
-                           .relative() /
-                       static_cast<double>(L);
+  std::vector<double> published_layer_proxy(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    published_layer_proxy[l] = attention_output_error(select[l], cfg.num_heads, cfg.num_kv_heads, d,
+                                                      layer_quantization(b.layers[l], b.quant, groups),
+                                                      opt.quant.sink_tokens, opt.quant.recent_tokens, so.proxy_queries)
+                                   .relative();
+    published_proxy += published_layer_proxy[l] / static_cast<double>(L);
+  }
+
+  // Per-layer candidates (only when asked for: with {spectral} alone the bundle is what it was before).
+  const SpectralCandidate& best = sc.best();
+  const bool per_layer = so.layer_candidates.size() > 1;
+  std::vector<std::vector<fmt::LayerCalibration>> cand_layers;
+  std::vector<std::vector<double>> cand_proxy;
+  std::vector<LayerCandidate> cand_kinds;
+  std::vector<std::string> skipped;
+  const double whole_head_bits = 0.5 * (opt.quant.k.bits_per_element(d) + opt.quant.v.bits_per_element(d));
+  for (LayerCandidate c : per_layer ? so.layer_candidates : std::vector<LayerCandidate>{}) {
+    if (c == LayerCandidate::Spectral) {
+      cand_kinds.push_back(c);
+      cand_layers.emplace_back();
+      for (int64_t l = 0; l < L; ++l) cand_layers.back().push_back(to_layer_calibration(best.layers[l], b.quant));
+      cand_proxy.push_back(best.proxy);
+      continue;
+    }
+    if (whole_head_bits > so.spectral.budget_bits_per_element + 1e-12) {
+      skipped.push_back(::fmt::format("{} (whole-head INT2 costs {:.4g} bits/element, above --budget-bits {:.6g})",
+                                      layer_candidate_name(c), whole_head_bits, so.spectral.budget_bits_per_element));
+      continue;
+    }
+    if (c == LayerCandidate::Hadamard && whole.hadamard.empty()) {
+      skipped.push_back(::fmt::format("hadamard (head_dim {} is not a power of two)", d));
+      continue;
+    }
+    cand_kinds.push_back(c);
+    cand_layers.push_back(c == LayerCandidate::Published ? whole.published : whole.hadamard);
+    cand_proxy.push_back(c == LayerCandidate::Published ? published_layer_proxy : std::vector<double>{});
+  }
+  std::optional<LayerSelection> layer_sel;
+  if (per_layer)
+    layer_sel = select_layer_candidates(cand_kinds, cand_layers, cand_proxy, select, cfg.num_heads, b.quant,
+                                        so.proxy_queries, so.whole_head_tolerance);
+  auto stored_kind = [&](int64_t l) {
+    return layer_sel ? layer_sel->chosen_kind(static_cast<size_t>(l)) : LayerCandidate::Spectral;
+  };
 
   // Held-out J_K / J_V of every candidate (same samples and held-out Σ_Q as the published rows).
   const size_t C = sc.candidates.size();
@@ -165,28 +212,45 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
       jv[c][l] = quantization_objective(values, lc.v.rotation, lc.v.spec, lc.v.spec.clip_ratio);
     }
   }
-  auto add_row = [&](const std::string& name, size_t c) {
+  auto add_row = [&](const std::string& name, const std::vector<double>& k, const std::vector<double>& v) {
     b.errors.rows.push_back(name);
-    b.errors.k_relative_error.insert(b.errors.k_relative_error.end(), jk[c].begin(), jk[c].end());
-    b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), jv[c].begin(), jv[c].end());
+    b.errors.k_relative_error.insert(b.errors.k_relative_error.end(), k.begin(), k.end());
+    b.errors.v_relative_error.insert(b.errors.v_relative_error.end(), v.begin(), v.end());
   };
-  add_row("spectral", sc.chosen);
-  if (C > 1)
-    for (size_t c = 0; c < C; ++c) add_row(::fmt::format("spectral(k_weight={:.6g})", sc.candidates[c].k_weight), c);
-
-  const SpectralCandidate& best = sc.best();
+  // What is stored: the chosen layout, or a whole-head layer scored by the published rows' metric.
+  std::vector<double> stored_k = jk[sc.chosen], stored_v = jv[sc.chosen];
+  std::vector<fmt::LayerCalibration> stored(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
-    fmt::LayerCalibration lc = to_layer_calibration(best.layers[l], b.quant);
-    lc.k_eigenvalues = std::move(b.layers[l].k_eigenvalues);
-    lc.v_eigenvalues = std::move(b.layers[l].v_eigenvalues);
-    b.layers[l] = std::move(lc);
+    const LayerCandidate kind = stored_kind(l);
+    if (kind == LayerCandidate::Spectral) {
+      stored[l] = to_layer_calibration(best.layers[l], b.quant);
+      stored[l].k_eigenvalues = b.layers[l].k_eigenvalues;
+      stored[l].v_eigenvalues = b.layers[l].v_eigenvalues;
+      continue;
+    }
+    stored[l] = kind == LayerCandidate::Published ? whole.published[l] : whole.hadamard[l];
+    const RotatedHeldout rotated(heldout[l], stored[l].k_rotation, stored[l].v_rotation, 1, b.quant);
+    stored_k[l] = rotated.key_error(stored[l].k_clip_ratio);
+    stored_v[l] = rotated.value_error(stored[l].v_clip_ratio);
   }
+  add_row("spectral", stored_k, stored_v);
+  if (C > 1)
+    for (size_t c = 0; c < C; ++c)
+      add_row(::fmt::format("spectral(k_weight={:.6g})", sc.candidates[c].k_weight), jk[c], jv[c]);
+  else if (stored_k != jk[sc.chosen] || stored_v != jv[sc.chosen])
+    add_row(::fmt::format("spectral(k_weight={:.6g})", best.k_weight), jk[sc.chosen], jv[sc.chosen]);
+
+  for (int64_t l = 0; l < L; ++l) b.layers[l] = std::move(stored[l]);
   b.rotation_composition = "spectral";
 
   std::string selection;
   for (const auto& c : sc.candidates) selection += ::fmt::format("{}{:.6g}:{:.6g}", selection.empty() ? "" : ",", c.k_weight, c.proxy_mean);
   provenance.emplace_back("k_weight", ::fmt::format("{:.6g}", best.k_weight));
   provenance.emplace_back("k_weight_proxy", selection + ::fmt::format(",{}:{:.6g}", published_row, published_proxy));
+  if (per_layer) {
+    provenance.emplace_back("layer_choice", layer_choice_text(*layer_sel));
+    provenance.emplace_back("layer_proxy", layer_proxy_text(*layer_sel));
+  }
 
   const int64_t n_select = select.empty() ? 0 : static_cast<int64_t>(select[0].size());
   std::string out = ::fmt::format(
@@ -208,10 +272,45 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
   }
   out += ::fmt::format("| published ({}) | {:.3f} | {:.3f} | {:.5f} | | |\n", published_row,
                        opt.quant.k.bits_per_element(d), opt.quant.v.bits_per_element(d), published_proxy);
+  if (per_layer) {
+    const LayerSelection& ls = *layer_sel;
+    out += ::fmt::format(
+        "\nPer-layer candidates: attention-output error on the selection sequences; the least wins, a whole-head "
+        "INT2 one when within {:.6g}% of it (--whole-head-tolerance)\n\n| layer |",
+        100.0 * so.whole_head_tolerance);
+    for (LayerCandidate c : ls.candidates) out += ::fmt::format(" {} |", layer_candidate_name(c));
+    out += " stored |\n|---|";
+    for (size_t c = 0; c < ls.candidates.size(); ++c) out += "---|";
+    out += "---|\n";
+    std::vector<double> mean(ls.candidates.size(), 0.0);
+    double stored_mean = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      out += ::fmt::format("| {} |", l);
+      for (size_t c = 0; c < ls.candidates.size(); ++c) {
+        out += ::fmt::format(" {:.4g}{} |", ls.proxy[c][l], ls.whole_head[c][l] ? "" : " (seg)");
+        mean[c] += ls.proxy[c][l] / static_cast<double>(L);
+      }
+      stored_mean += ls.proxy[ls.chosen[l]][l] / static_cast<double>(L);
+      out += ::fmt::format(" {} |\n", layer_candidate_name(ls.chosen_kind(l)));
+    }
+    out += "| mean |";
+    for (double m : mean) out += ::fmt::format(" {:.4g} |", m);
+    out += ::fmt::format(" {:.4g} |\n", stored_mean);
+    for (const std::string& sk : skipped) out += "Not a candidate: " + sk + "\n";
+    out += "(seg) = segmented layout, not whole-head INT2.\n";
+  }
   out += "\nPer-layer layouts (K | V, clip K/V):\n";
-  for (int64_t l = 0; l < L; ++l)
-    out += ::fmt::format("  layer {}: {} | {}  (clip {:.2f}/{:.2f})\n", l, best.layers[l].k.note,
-                         best.layers[l].v.note, best.layers[l].k.spec.clip_ratio, best.layers[l].v.spec.clip_ratio);
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerCandidate kind = stored_kind(l);
+    if (kind == LayerCandidate::Spectral)
+      out += ::fmt::format("  layer {}: {} | {}  (clip {:.2f}/{:.2f})\n", l, best.layers[l].k.note,
+                           best.layers[l].v.note, best.layers[l].k.spec.clip_ratio, best.layers[l].v.spec.clip_ratio);
+    else
+      out += ::fmt::format("  layer {}: whole-head INT2, {} rotation  (clip {:.2f}/{:.2f})\n", l,
+                           kind == LayerCandidate::Published ? published_row.substr(0, published_row.find('+'))
+                                                             : std::string("hadamard"),
+                           b.layers[l].k_clip_ratio, b.layers[l].v_clip_ratio);
+  }
   return out;
 }
 
@@ -268,6 +367,11 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
   if (o.method == Method::Spectral) {
     const SpectralCalibrationOptions& s = o.spectral;
     kv.emplace_back("method", "spectral");
+    // Recorded only when the per-layer choice is on, so spectral-only bundles keep their earlier bytes.
+    if (s.layer_candidates.size() > 1) {
+      kv.emplace_back("candidates", join_layer_candidates(s.layer_candidates));
+      kv.emplace_back("whole_head_tolerance", ::fmt::format("{:.6g}", s.whole_head_tolerance));
+    }
     kv.emplace_back("budget_bits", ::fmt::format("{:.6g}", s.spectral.budget_bits_per_element));
     kv.emplace_back("widths", join_numbers(std::span<const int32_t>(s.spectral.widths)));
     kv.emplace_back("cayley", s.spectral.optimize_rotation ? "true" : "false");
@@ -455,20 +559,23 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     const std::vector<std::vector<AttentionSequence>> clip_sequences =
         attention_clip ? clip_collector->finish() : std::vector<std::vector<AttentionSequence>>{};
     b.errors = build_error_report(layers, candidates, opt.quant);
+    // One layer's clip choice for a whole-head rotation, by the run's objective (also used for the spectral
+    // method's hadamard candidate, so it is tuned exactly as the stored rotation is).
+    auto tune_layer = [&](int64_t l, const CandidateRotations& rot, const RotatedHeldout& rotated) {
+      if (attention_clip) {
+        const AttentionClipScorer scorer(clip_sequences[l], cfg.num_heads, cfg.num_kv_heads, d, rot.k[l], rot.v[l],
+                                         groups, opt.quant.k, opt.quant.v, opt.quant.sink_tokens,
+                                         opt.quant.recent_tokens, opt.clip_queries);
+        return tune_clip(scorer, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+      }
+      return tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
+    };
     if (opt.tune_clip) {
       std::vector<double> k_tuned(L), v_tuned(L);
       double k_gain = 0, v_gain = 0;
       for (int64_t l = 0; l < L; ++l) {
         RotatedHeldout rotated(layers[l], stored_rot.k[l], stored_rot.v[l], groups, opt.quant);
-        ClipChoice c;
-        if (attention_clip) {
-          const AttentionClipScorer scorer(clip_sequences[l], cfg.num_heads, cfg.num_kv_heads, d, stored_rot.k[l],
-                                           stored_rot.v[l], groups, opt.quant.k, opt.quant.v, opt.quant.sink_tokens,
-                                           opt.quant.recent_tokens, opt.clip_queries);
-          c = tune_clip(scorer, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
-        } else {
-          c = tune_clip(rotated, opt.clip_grid, opt.quant.k.clip_ratio, opt.quant.v.clip_ratio);
-        }
+        const ClipChoice c = tune_layer(l, stored_rot, rotated);
         b.layers[l].k_clip_ratio = c.k_ratio;
         b.layers[l].v_clip_ratio = c.v_ratio;
         // The report row stays in the error report's units whatever the objective.
@@ -495,10 +602,35 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     } else {
       report = format_error_report(b.errors);
     }
-    if (spectral)
+    if (spectral) {
+      // The whole-head candidates of the per-layer choice (spectral_calibration.h, LayerCandidate): the published
+      // layers as they stand, and the Hadamard rotation at the same clip rule.
+      WholeHeadCandidates whole;
+      whole.published = b.layers;
+      const auto& lc = opt.spectral.layer_candidates;
+      if (std::find(lc.begin(), lc.end(), LayerCandidate::Hadamard) != lc.end() && is_power_of_two(d)) {
+        const CandidateRotations& h =
+            candidates[std::find(kinds.begin(), kinds.end(), RotationKind::Hadamard) - kinds.begin()];
+        for (int64_t l = 0; l < L; ++l) {
+          fmt::LayerCalibration layer;
+          layer.k_rotation = h.k[l];
+          layer.v_rotation = h.v[l];
+          layer.k_eigenvalues = b.layers[l].k_eigenvalues;
+          layer.v_eigenvalues = b.layers[l].v_eigenvalues;
+          layer.k_clip_ratio = opt.quant.k.clip_ratio;
+          layer.v_clip_ratio = opt.quant.v.clip_ratio;
+          if (opt.tune_clip) {
+            const ClipChoice c = tune_layer(l, h, RotatedHeldout(layers[l], h.k[l], h.v[l], groups, opt.quant));
+            layer.k_clip_ratio = c.k_ratio;
+            layer.v_clip_ratio = c.v_ratio;
+          }
+          whole.hadamard.push_back(std::move(layer));
+        }
+      }
       report += spectral_stage(b, layers, fit_collector->finish(), select_collector->finish(), cfg, groups, opt,
-                               stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), clip_sequences,
+                               stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), clip_sequences, whole,
                                result_provenance);
+    }
   } else {
     b.errors.num_layers = L;
   }

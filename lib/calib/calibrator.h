@@ -86,7 +86,8 @@ struct CalibrationOptions {
   // --rotation (Published only): the rotation the bundle stores and the clip tuning uses. Non-default values are
   // recorded in the provenance as "rotation"; the default (oscar) adds nothing, so bundles stay byte-identical.
   RotationKind rotation = RotationKind::EigenHadamard;
-  // --budget-bits, --k-weight, --k-weight-grid, --widths, --cayley, --spectral-fit-tokens, --proxy-queries
+  // --budget-bits, --k-weight, --k-weight-grid, --widths, --cayley, --spectral-fit-tokens, --proxy-queries,
+  // --candidates, --whole-head-tolerance
   // (Spectral only; recorded in the provenance). spectral.spectral.align is ignored: the calibrator always uses
   // spectral_align(head_dim), so the layout grid is a function of the model only.
   SpectralCalibrationOptions spectral;

@@ -212,6 +212,16 @@ void validate_spectral_options(const SpectralCalibrationOptions& o, int64_t d) {
     for (double w : o.k_weight_grid)
       if (!(w > 0) || !std::isfinite(w)) throw Error("--k-weight-grid", ::fmt::format("value {} is not positive", w));
   }
+  if (o.layer_candidates.empty()) throw Error("--candidates", "needs at least one candidate");
+  for (size_t i = 0; i < o.layer_candidates.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (o.layer_candidates[i] == o.layer_candidates[j])
+        throw Error("--candidates", ::fmt::format("{} is listed twice", layer_candidate_name(o.layer_candidates[i])));
+  if (std::find(o.layer_candidates.begin(), o.layer_candidates.end(), LayerCandidate::Spectral) ==
+      o.layer_candidates.end())
+    throw Error("--candidates", "must include spectral (use --method published for whole-head INT2 only)");
+  if (!std::isfinite(o.whole_head_tolerance) || o.whole_head_tolerance < 0)
+    throw Error("--whole-head-tolerance", ::fmt::format("must be a number >= 0, got {}", o.whole_head_tolerance));
   if (o.fit_tokens < 1) throw Error("--spectral-fit-tokens", "must be >= 1");
   if (o.proxy_queries < 1) throw Error("--proxy-queries", "must be >= 1");
 }
@@ -300,6 +310,128 @@ SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
     auto& cand = out.candidates[c];
     for (double p : cand.proxy) cand.proxy_mean += p / static_cast<double>(L);
     if (cand.proxy_mean < out.candidates[out.chosen].proxy_mean) out.chosen = c;
+  }
+  return out;
+}
+
+std::string_view layer_candidate_name(LayerCandidate c) {
+  switch (c) {
+    case LayerCandidate::Spectral: return "spectral";
+    case LayerCandidate::Published: return "published";
+    case LayerCandidate::Hadamard: return "hadamard";
+  }
+  return "spectral";
+}
+
+std::vector<LayerCandidate> parse_layer_candidates(std::string_view csv, const std::string& where) {
+  std::vector<LayerCandidate> out;
+  size_t start = 0;
+  while (start <= csv.size()) {
+    const size_t end = std::min(csv.find(',', start), csv.size());
+    const std::string_view item = csv.substr(start, end - start);
+    bool known = false;
+    for (LayerCandidate c : {LayerCandidate::Spectral, LayerCandidate::Published, LayerCandidate::Hadamard})
+      if (item == layer_candidate_name(c)) {
+        if (std::find(out.begin(), out.end(), c) != out.end())
+          throw Error(where, ::fmt::format("{} is listed twice", item));
+        out.push_back(c);
+        known = true;
+      }
+    if (!known)
+      throw Error(where, ::fmt::format("unknown candidate \"{}\" (spectral, published, hadamard)", item));
+    start = end + 1;
+  }
+  return out;
+}
+
+std::string join_layer_candidates(std::span<const LayerCandidate> cs) {
+  std::string s;
+  for (LayerCandidate c : cs) s += (s.empty() ? "" : ",") + std::string(layer_candidate_name(c));
+  return s;
+}
+
+bool whole_head_int2(const fmt::KvQuantSpec& spec) {
+  for (const fmt::TensorQuantSpec* t : {&spec.k, &spec.v})
+    if (t->storage != fmt::KvStorage::Int || t->segments.size() != 1 || t->segments[0].begin != 0 ||
+        t->segments[0].end != spec.head_dim || t->segments[0].bits != 2)
+      return false;
+  return true;
+}
+
+size_t choose_layer_candidate(std::span<const double> proxy, std::span<const char> whole_head, double tolerance) {
+  if (proxy.empty() || proxy.size() != whole_head.size())
+    throw Error("choose_layer_candidate", ::fmt::format("{} proxies for {} candidates", proxy.size(), whole_head.size()));
+  size_t best = 0;
+  for (size_t c = 1; c < proxy.size(); ++c)
+    if (proxy[c] < proxy[best]) best = c;
+  if (whole_head[best]) return best;
+  size_t wh = proxy.size();
+  for (size_t c = 0; c < proxy.size(); ++c)
+    if (whole_head[c] && (wh == proxy.size() || proxy[c] < proxy[wh])) wh = c;
+  return wh < proxy.size() && proxy[wh] <= (1.0 + tolerance) * proxy[best] ? wh : best;
+}
+
+LayerSelection select_layer_candidates(const std::vector<LayerCandidate>& candidates,
+                                       const std::vector<std::vector<fmt::LayerCalibration>>& layers,
+                                       const std::vector<std::vector<double>>& proxy_of,
+                                       const std::vector<std::vector<AttentionSequence>>& select, int64_t num_heads,
+                                       const fmt::KvQuantSpec& global, int64_t proxy_queries, double tolerance) {
+  const size_t C = candidates.size();
+  if (C == 0 || layers.size() != C || proxy_of.size() != C)
+    throw Error("select_layer_candidates", ::fmt::format("{} candidates, {} layer sets, {} proxy sets", C,
+                                                         layers.size(), proxy_of.size()));
+  const size_t L = layers[0].size();
+  if (select.size() != L)
+    throw Error("select_layer_candidates", ::fmt::format("{} layers but selection sequences of {}", L, select.size()));
+  LayerSelection out;
+  out.candidates = candidates;
+  out.proxy.assign(C, std::vector<double>(L, 0.0));
+  out.whole_head.assign(C, std::vector<char>(L, 0));
+  out.chosen.assign(L, 0);
+  const int64_t d = global.head_dim;
+  for (size_t c = 0; c < C; ++c) {
+    if (layers[c].size() != L)
+      throw Error("select_layer_candidates", ::fmt::format("candidate {} has {} layers, expected {}",
+                                                           layer_candidate_name(candidates[c]), layers[c].size(), L));
+    if (!proxy_of[c].empty() && proxy_of[c].size() != L)
+      throw Error("select_layer_candidates", "known proxies do not cover every layer");
+  }
+  for (size_t l = 0; l < L; ++l) {
+    if (select[l].empty()) throw Error("select_layer_candidates", "choosing a layer's candidate needs selection sequences");
+    const int64_t Hkv = static_cast<int64_t>(select[l][0].k.size()) / std::max<int64_t>(1, select[l][0].tokens * d);
+    std::vector<double> p(C);
+    std::vector<char> wh(C);
+    for (size_t c = 0; c < C; ++c) {
+      const fmt::LayerCalibration& lc = layers[c][l];
+      const LayerQuantization q = layer_quantization(lc, global, 1);
+      fmt::KvQuantSpec spec = global;
+      spec.k = q.k;
+      spec.v = q.v;
+      wh[c] = whole_head_int2(spec) ? 1 : 0;
+      p[c] = !proxy_of[c].empty() ? proxy_of[c][l]
+                                  : attention_output_error(select[l], num_heads, Hkv, d, q, global.sink_tokens,
+                                                           global.recent_tokens, proxy_queries)
+                                        .relative();
+      out.proxy[c][l] = p[c];
+      out.whole_head[c][l] = wh[c];
+    }
+    out.chosen[l] = choose_layer_candidate(p, wh, tolerance);
+  }
+  return out;
+}
+
+std::string layer_choice_text(const LayerSelection& s) {
+  std::string out;
+  for (size_t l = 0; l < s.chosen.size(); ++l)
+    out += (l ? "," : "") + std::string(layer_candidate_name(s.chosen_kind(l)));
+  return out;
+}
+
+std::string layer_proxy_text(const LayerSelection& s) {
+  std::string out;
+  for (size_t c = 0; c < s.candidates.size(); ++c) {
+    out += ::fmt::format("{}{}=", c ? ";" : "", layer_candidate_name(s.candidates[c]));
+    for (size_t l = 0; l < s.proxy[c].size(); ++l) out += ::fmt::format("{}{:.6g}", l ? "/" : "", s.proxy[c][l]);
   }
   return out;
 }

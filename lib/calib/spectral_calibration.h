@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "formats/bundle.h"
@@ -79,8 +80,35 @@ AttentionError attention_output_error(const std::vector<AttentionSequence>& sequ
                                       int64_t num_kv_heads, int64_t head_dim, const LayerQuantization& quant,
                                       int64_t sink, int64_t recent, int64_t max_queries);
 
+// What a layer of a spectral bundle may be stored as (issue #10; docs/method.md, "Per-layer candidates"):
+//   Spectral   the segmented layout of spectral_calibration() (the chosen k_weight)
+//   Published  whole-head INT2 with the published stage's rotation of that layer (--rotation, default oscar:
+//              eigen x Hadamard x bit-reversal) and its clip ratios
+//   Hadamard   whole-head INT2 with the Sylvester Hadamard rotation (the calibrator's --rotation hadamard; no random
+//              signs, so nothing to seed) at the same clip (fixed, or tuned by the same objective)
+// Whole-head candidates exist because on qwen3-tiny-trained a single 2-bit segment in a mixing basis beat every
+// spectral layout in KL on held-out docs text, and whole-head INT2 layers decode 2-3.5x faster on the H100.
+enum class LayerCandidate : uint8_t { Spectral = 0, Published = 1, Hadamard = 2 };
+std::string_view layer_candidate_name(LayerCandidate c);  // "spectral", "published", "hadamard"
+// "spectral,published,hadamard" (any order, no repeats, must include spectral); errors name `where`.
+std::vector<LayerCandidate> parse_layer_candidates(std::string_view csv, const std::string& where);
+std::string join_layer_candidates(std::span<const LayerCandidate> cs);
+
+// Both tensors one 2-bit segment over the whole head in integer storage: the runtime's INT2 fast path.
+bool whole_head_int2(const fmt::KvQuantSpec& layer_spec);
+
+// The per-layer rule: the least proxy wins (ties to the earlier candidate); when that one is not whole-head INT2,
+// the whole-head candidate with the least proxy replaces it if its proxy is <= (1 + tolerance) x the least.
+// With tolerance 0 this is the plain argmin.
+size_t choose_layer_candidate(std::span<const double> proxy, std::span<const char> whole_head, double tolerance);
+
 struct SpectralCalibrationOptions {
   SpectralOptions spectral;                        // budget, widths, Cayley; its k_weight is ignored (below)
+  // --candidates / --whole-head-tolerance. The library keeps {Spectral} (its bundles byte-identical to before);
+  // the CLI defaults to all three. Tolerance: relative proxy margin a whole-head layer may lose by and still be
+  // chosen over a segmented one (docs/results.md, "Per-layer candidates", for how the default was chosen).
+  std::vector<LayerCandidate> layer_candidates = {LayerCandidate::Spectral};
+  double whole_head_tolerance = 0.02;
   double k_weight = 0;                             // > 0: fixed (--k-weight); 0: chosen from k_weight_grid
   std::vector<double> k_weight_grid = {1, 2, 4, 8};
   int64_t fit_tokens = 2048;                       // per KV head, strided subsample of the fit samples
@@ -122,6 +150,26 @@ SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
                                          int64_t num_heads, const fmt::KvQuantSpec& windows,
                                          const SpectralCalibrationOptions& options,
                                          const std::vector<std::vector<AttentionSequence>>& clip = {});
+
+// The per-layer choice among LayerCandidates, scored by attention_output_error on the selection sequences.
+struct LayerSelection {
+  std::vector<LayerCandidate> candidates;      // those scored, in the order given (unavailable ones left out)
+  std::vector<std::string> skipped;            // "hadamard (head_dim 12 is not a power of two)", ...
+  std::vector<std::vector<double>> proxy;      // [candidate][layer] relative attention-output error
+  std::vector<std::vector<char>> whole_head;   // [candidate][layer]
+  std::vector<size_t> chosen;                  // [layer] index into candidates
+  LayerCandidate chosen_kind(size_t layer) const { return candidates[chosen[layer]]; }
+};
+// layers[c][l]: candidate c's bundle layer l (over `global`, rotation groups 1). proxy_of[c]: when non-empty, the
+// already known per-layer proxy of candidate c (the spectral candidate's, from spectral_calibration()).
+LayerSelection select_layer_candidates(const std::vector<LayerCandidate>& candidates,
+                                       const std::vector<std::vector<fmt::LayerCalibration>>& layers,
+                                       const std::vector<std::vector<double>>& proxy_of,
+                                       const std::vector<std::vector<AttentionSequence>>& select, int64_t num_heads,
+                                       const fmt::KvQuantSpec& global, int64_t proxy_queries, double tolerance);
+// Provenance text: "published,spectral,..." (one per layer) and "spectral=a/b/..;published=../..;hadamard=.."
+std::string layer_choice_text(const LayerSelection& s);
+std::string layer_proxy_text(const LayerSelection& s);
 
 // "0,1,2,3,4" / "1,2,4,8" — how the lists are written in the bundle's provenance and parsed from the CLI.
 std::string join_numbers(std::span<const double> xs);

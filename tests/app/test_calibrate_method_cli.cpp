@@ -52,6 +52,13 @@ TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterminist
   EXPECT_EQ(option(bundle, "k_weight_mode"), "auto");
   EXPECT_EQ(option(bundle, "k_weight_grid"), "1,4");
   EXPECT_EQ(option(bundle, "cayley"), "false");
+  // The per-layer choice (issue #10) is on by default and recorded with each candidate's proxy.
+  EXPECT_EQ(option(bundle, "candidates"), "spectral,hadamard");
+  EXPECT_EQ(option(bundle, "whole_head_tolerance"), "0.02");
+  const std::string choice = option(bundle, "layer_choice");
+  EXPECT_EQ(std::count(choice.begin(), choice.end(), ',') + 1, static_cast<long>(bundle.layers.size())) << choice;
+  EXPECT_EQ(option(bundle, "layer_proxy").rfind("spectral=", 0), 0u) << option(bundle, "layer_proxy");
+  EXPECT_NE(a.out.find("Per-layer candidates"), std::string::npos) << a.out;
   const std::string chosen = option(bundle, "k_weight");
   EXPECT_TRUE(chosen == "1" || chosen == "4") << chosen;
   // The baseline: the published bundle at the default fixed clip ratios.
@@ -73,6 +80,34 @@ TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterminist
                                          d),
               1e-5);
   }
+}
+
+TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
+  // --candidates spectral: no per-layer choice, nothing new in the provenance (the bundle of before this flag).
+  const RunResult s = run_oscar(args(dir_ / "s.oscar", {"--budget-bits", "6", "--candidates", "spectral"}));
+  ASSERT_EQ(s.exit_code, 0) << s.err;
+  const fmt::Bundle sb = fmt::read_bundle(dir_ / "s.oscar");
+  for (const char* key : {"candidates", "whole_head_tolerance", "layer_choice", "layer_proxy"})
+    EXPECT_EQ(option(sb, key), "(absent)") << key;
+  EXPECT_EQ(s.out.find("Per-layer candidates"), std::string::npos);
+
+  const RunResult j = run_oscar(args(dir_ / "j.oscar", {"--budget-bits", "6", "--whole-head-tolerance", "0.5",
+                                                         "--candidates", "published,spectral", "--json"}));
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  const nlohmann::json js = nlohmann::json::parse(j.out);
+  const fmt::Bundle jb = fmt::read_bundle(dir_ / "j.oscar");
+  EXPECT_EQ(js.at("layer_choice"), option(jb, "layer_choice"));
+  EXPECT_EQ(option(jb, "candidates"), "published,spectral");
+  EXPECT_EQ(option(jb, "whole_head_tolerance"), "0.5");
+  const std::string proxy = js.at("layer_proxy");
+  EXPECT_EQ(proxy.rfind("published=", 0), 0u) << proxy;  // scored in the order given
+  EXPECT_NE(proxy.find(";spectral="), std::string::npos) << proxy;
+  EXPECT_EQ(proxy.find("hadamard"), std::string::npos) << proxy;
+
+  const RunResult i = run_oscar({"inspect", (dir_ / "j.oscar").string()});
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_NE(i.out.find("layer_choice = " + option(jb, "layer_choice")), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("stored as"), std::string::npos) << i.out;
 }
 
 TEST_F(CalibrateMethodCli, FixedKWeightAndJson) {
@@ -136,6 +171,10 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
       {{"--budget-bits", "nan"}, "--budget-bits"},
       {{"--budget-bits", "6", "--heldout-seqs", "1"}, "--heldout-seqs"},
       {{"--budget-bits", "6", "--per-head"}, "--per-head"},
+      {{"--budget-bits", "6", "--candidates", "published,hadamard"}, "--candidates"},
+      {{"--budget-bits", "6", "--candidates", "spectral,magic"}, "--candidates"},
+      {{"--budget-bits", "6", "--whole-head-tolerance", "-1"}, "--whole-head-tolerance"},
+      {{"--method", "published", "--candidates", "spectral"}, "--candidates"},
   };
   for (const Case& c : cases) {
     const fs::path out = dir_ / "bad.oscar";
