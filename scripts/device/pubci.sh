@@ -32,10 +32,11 @@ python3 -c "import sys, torch, numpy; print('python', sys.version.split()[0], 't
 HAVE_H5PY=0
 if python3 -c "import h5py; print('h5py', h5py.__version__)"; then HAVE_H5PY=1; else echo "h5py: not installed"; fi
 
-step "calibrate two bundles on the CPU: published (uniform INT2, what the server serves) and spectral (segments)"
+step "calibrate two bundles on the CPU: published (uniform INT2, what the server serves) and spectral (segments; --candidates spectral keeps the segmented layouts the per-layer choice could replace)"
 for method in published spectral; do
   "$OSCAR" calibrate --model "$MODEL" --data "$FX/text/tiny-shakespeare.txt" --out "$W/$method.oscar" --device cpu \
-    --method $method --num-seqs 4 --seq-len 256 --heldout-seqs 2 --sink 16 --recent 32 | tail -2 || fail "calibrate $method"
+    --method $method --num-seqs 4 --seq-len 256 --heldout-seqs 2 --sink 16 --recent 32 \
+    $([ $method = spectral ] && echo --candidates spectral) | tail -2 || fail "calibrate $method"
   "$OSCAR" verify "$W/$method.oscar" --model "$MODEL" | tail -1 || fail "verify $method"
 done
 
