@@ -201,11 +201,14 @@ int run_inspect(const InspectOptions& o) {
       const fmt::KvQuantSpec ls = fmt::layer_spec(b, l);
       out += ::fmt::format("layer {} segments: K {} | V {}\n", l, segments_text(ls.k), segments_text(ls.v));
     }
-  // --method spectral's per-layer choice (provenance "layer_choice" / "layer_proxy": "name=p0/p1/..;name=...").
-  std::string choice, proxies;
+  // --method spectral's per-layer choice (provenance "layer_choice" / "layer_proxy" / "layer_kl":
+  // "name=p0/p1/..;name=..."; "candidate_metric" absent = proxy, as in bundles made before the option).
+  std::string choice, proxies, kls, metric = "proxy";
   for (const auto& [k, v] : c.options) {
     if (k == "layer_choice") choice = v;
     if (k == "layer_proxy") proxies = v;
+    if (k == "layer_kl") kls = v;
+    if (k == "candidate_metric") metric = v;
   }
   if (!choice.empty()) {
     auto split = [](std::string_view text, char sep) {
@@ -218,15 +221,25 @@ int run_inspect(const InspectOptions& o) {
       return parts;
     };
     const auto chosen = split(choice, ',');
-    std::vector<std::pair<std::string, std::vector<std::string>>> per;
-    for (const std::string& item : split(proxies, ';'))
-      if (const size_t eq = item.find('='); eq != std::string::npos)
-        per.emplace_back(item.substr(0, eq), split(std::string_view(item).substr(eq + 1), '/'));
-    for (size_t l = 0; l < chosen.size(); ++l) {
+    auto per_layer = [&](const std::string& text) {
+      std::vector<std::pair<std::string, std::vector<std::string>>> per;
+      for (const std::string& item : split(text, ';'))
+        if (const size_t eq = item.find('='); eq != std::string::npos)
+          per.emplace_back(item.substr(0, eq), split(std::string_view(item).substr(eq + 1), '/'));
+      return per;
+    };
+    const auto per_proxy = per_layer(proxies), per_kl = per_layer(kls);
+    auto row = [](const auto& per, size_t l) {
       std::string p;
       for (const auto& [name, values] : per)
         if (l < values.size()) p += ::fmt::format("{}{} {}", p.empty() ? "" : ", ", name, values[l]);
-      out += ::fmt::format("layer {} stored as {} (selection proxy: {})\n", l, chosen[l], p);
+      return p;
+    };
+    out += ::fmt::format("per-layer candidates chosen by: {}\n", metric);
+    for (size_t l = 0; l < chosen.size(); ++l) {
+      out += ::fmt::format("layer {} stored as {} (selection proxy: {}", l, chosen[l], row(per_proxy, l));
+      if (!per_kl.empty()) out += ::fmt::format("; selection KL: {}", row(per_kl, l));
+      out += ")\n";
     }
   }
   std::fputs(out.c_str(), stdout);

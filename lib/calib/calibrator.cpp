@@ -11,6 +11,7 @@
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "lib/calib/error_report.h"
+#include "lib/calib/kl_selection.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/rotation_opt.h"
 #include "lib/calib/spectral.h"
@@ -138,6 +139,7 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
                            int64_t groups, const CalibrationOptions& opt, const std::string& published_row,
                            const std::vector<std::vector<AttentionSequence>>& clip_sequences,
                            const WholeHeadCandidates& whole,
+                           const std::vector<std::vector<int32_t>>& select_ids,
                            std::vector<std::pair<std::string, std::string>>& provenance) {
   const int64_t L = cfg.num_layers, d = cfg.head_dim;
   SpectralCalibrationOptions so = opt.spectral;
@@ -194,6 +196,19 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
   if (per_layer)
     layer_sel = select_layer_candidates(cand_kinds, cand_layers, cand_proxy, select, cfg.num_heads, b.quant,
                                         so.proxy_queries, so.whole_head_tolerance);
+  // --candidate-metric kl: the proxy's choice is the start of one KL coordinate pass (kl_selection.h).
+  std::optional<BeyondWindowKl> kl_scorer;
+  if (per_layer && so.candidate_metric == CandidateMetric::Kl) {
+    std::vector<std::vector<int32_t>> seqs;
+    for (const auto& ids : select_ids) {
+      if (so.kl_seqs > 0 && static_cast<int64_t>(seqs.size()) == so.kl_seqs) break;
+      const size_t n = so.kl_tokens > 0 ? std::min(ids.size(), static_cast<size_t>(so.kl_tokens)) : ids.size();
+      seqs.emplace_back(ids.begin(), ids.begin() + static_cast<ptrdiff_t>(n));
+    }
+    kl_scorer.emplace(*so.kl_model, std::move(seqs), opt.quant.sink_tokens, opt.quant.recent_tokens,
+                      so.kl_tokens > 0 ? "--kl-tokens" : "--candidate-metric kl");
+    choose_layers_by_kl(*layer_sel, cand_layers, b, *kl_scorer, so.whole_head_tolerance);
+  }
   auto stored_kind = [&](int64_t l) {
     return layer_sel ? layer_sel->chosen_kind(static_cast<size_t>(l)) : LayerCandidate::Spectral;
   };
@@ -250,6 +265,10 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
   if (per_layer) {
     provenance.emplace_back("layer_choice", layer_choice_text(*layer_sel));
     provenance.emplace_back("layer_proxy", layer_proxy_text(*layer_sel));
+    if (kl_scorer) {
+      provenance.emplace_back("layer_kl", layer_kl_text(*layer_sel));
+      provenance.emplace_back("kl_positions", std::to_string(kl_scorer->positions()));
+    }
   }
 
   const int64_t n_select = select.empty() ? 0 : static_cast<int64_t>(select[0].size());
@@ -298,6 +317,23 @@ std::string spectral_stage(fmt::Bundle& b, const std::vector<HeldoutLayer>& held
     out += ::fmt::format(" {:.4g} |\n", stored_mean);
     for (const std::string& sk : skipped) out += "Not a candidate: " + sk + "\n";
     out += "(seg) = segmented layout, not whole-head INT2.\n";
+    if (kl_scorer) {
+      out += ::fmt::format(
+          "\nPer-layer candidates by KL (--candidate-metric kl): KL(bf16 || cache) beyond the windows on {} selection "
+          "sequence(s), {} positions; layers visited 0..{} from the proxy's choice, each candidate scored with every "
+          "other layer at its current choice\n\n| layer |",
+          kl_scorer->sequences(), kl_scorer->positions(), L - 1);
+      for (LayerCandidate c : ls.candidates) out += ::fmt::format(" {} |", layer_candidate_name(c));
+      out += " stored |\n|---|";
+      for (size_t c = 0; c < ls.candidates.size(); ++c) out += "---|";
+      out += "---|\n";
+      for (int64_t l = 0; l < L; ++l) {
+        out += ::fmt::format("| {} |", l);
+        for (size_t c = 0; c < ls.candidates.size(); ++c) out += ::fmt::format(" {:.4e} |", ls.kl[c][l]);
+        out += ::fmt::format(" {} |\n", layer_candidate_name(ls.chosen_kind(l)));
+      }
+      out += ::fmt::format("KL of the proxy's choice {:.4e}, of the stored choice {:.4e}.\n", ls.kl_start, ls.kl_final);
+    }
   }
   out += "\nPer-layer layouts (K | V, clip K/V):\n";
   for (int64_t l = 0; l < L; ++l) {
@@ -371,6 +407,12 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
     if (s.layer_candidates.size() > 1) {
       kv.emplace_back("candidates", join_layer_candidates(s.layer_candidates));
       kv.emplace_back("whole_head_tolerance", ::fmt::format("{:.6g}", s.whole_head_tolerance));
+      // Only kl is recorded: a bundle without the key was chosen by the proxy, as every bundle before the option.
+      if (s.candidate_metric == CandidateMetric::Kl) {
+        kv.emplace_back("candidate_metric", std::string(candidate_metric_name(s.candidate_metric)));
+        kv.emplace_back("kl_seqs", std::to_string(s.kl_seqs));
+        kv.emplace_back("kl_tokens", std::to_string(s.kl_tokens));
+      }
     }
     kv.emplace_back("budget_bits", ::fmt::format("{:.6g}", s.spectral.budget_bits_per_element));
     kv.emplace_back("widths", join_numbers(std::span<const int32_t>(s.spectral.widths)));
@@ -629,6 +671,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       }
       report += spectral_stage(b, layers, fit_collector->finish(), select_collector->finish(), cfg, groups, opt,
                                stored_rot.name + (opt.tune_clip ? "+tuned_clip" : "+clip"), clip_sequences, whole,
+                               std::vector<std::vector<int32_t>>(data.heldout.begin() + n_fit, data.heldout.end()),
                                result_provenance);
     }
   } else {

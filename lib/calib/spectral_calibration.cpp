@@ -223,6 +223,10 @@ void validate_spectral_options(const SpectralCalibrationOptions& o, int64_t d) {
   if (!std::isfinite(o.whole_head_tolerance) || o.whole_head_tolerance < 0)
     throw Error("--whole-head-tolerance", ::fmt::format("must be a number >= 0, got {}", o.whole_head_tolerance));
   if (o.fit_tokens < 1) throw Error("--spectral-fit-tokens", "must be >= 1");
+  if (o.kl_seqs < 0) throw Error("--kl-seqs", ::fmt::format("must be >= 0 (0 = every selection sequence), got {}", o.kl_seqs));
+  if (o.kl_tokens < 0) throw Error("--kl-tokens", ::fmt::format("must be >= 0 (0 = whole sequences), got {}", o.kl_tokens));
+  if (o.candidate_metric == CandidateMetric::Kl && o.layer_candidates.size() > 1 && !o.kl_model)
+    throw Error("--candidate-metric kl", "needs the CPU reference model (SpectralCalibrationOptions::kl_model)");
   if (o.proxy_queries < 1) throw Error("--proxy-queries", "must be >= 1");
 }
 
@@ -312,6 +316,14 @@ SpectralCalibration spectral_calibration(const std::vector<HeldoutLayer>& fit,
     if (cand.proxy_mean < out.candidates[out.chosen].proxy_mean) out.chosen = c;
   }
   return out;
+}
+
+std::string_view candidate_metric_name(CandidateMetric m) { return m == CandidateMetric::Kl ? "kl" : "proxy"; }
+
+CandidateMetric parse_candidate_metric(std::string_view name, const std::string& where) {
+  if (name == "proxy") return CandidateMetric::Proxy;
+  if (name == "kl") return CandidateMetric::Kl;
+  throw Error(where, ::fmt::format("unknown metric \"{}\" (proxy, kl)", name));
 }
 
 std::string_view layer_candidate_name(LayerCandidate c) {
@@ -432,6 +444,16 @@ std::string layer_proxy_text(const LayerSelection& s) {
   for (size_t c = 0; c < s.candidates.size(); ++c) {
     out += ::fmt::format("{}{}=", c ? ";" : "", layer_candidate_name(s.candidates[c]));
     for (size_t l = 0; l < s.proxy[c].size(); ++l) out += ::fmt::format("{}{:.6g}", l ? "/" : "", s.proxy[c][l]);
+  }
+  return out;
+}
+
+std::string layer_kl_text(const LayerSelection& s) {
+  std::string out;
+  if (s.metric != CandidateMetric::Kl) return out;
+  for (size_t c = 0; c < s.candidates.size(); ++c) {
+    out += ::fmt::format("{}{}=", c ? ";" : "", layer_candidate_name(s.candidates[c]));
+    for (size_t l = 0; l < s.kl[c].size(); ++l) out += ::fmt::format("{}{:.6g}", l ? "/" : "", s.kl[c][l]);
   }
   return out;
 }

@@ -22,6 +22,7 @@
 #include "lib/calib/clip_tuner.h"
 #include "lib/calib/spectral.h"
 #include "lib/calib/statistics.h"
+#include "lib/model/cpu_model.h"
 #include "lib/model/observer.h"
 
 namespace oscar::calib {
@@ -102,6 +103,17 @@ bool whole_head_int2(const fmt::KvQuantSpec& layer_spec);
 // With tolerance 0 this is the plain argmin.
 size_t choose_layer_candidate(std::span<const double> proxy, std::span<const char> whole_head, double tolerance);
 
+// What the per-layer choice minimizes (--candidate-metric):
+//   Proxy  E above, per layer, on the selection sequences (no forward pass beyond the held-out one)
+//   Kl     KL(BF16 || simulated quantized cache) of the model's next-token distribution at the selection sequences'
+//          positions beyond the bf16 windows, i.e. `oscar eval`'s "KL beyond the window" on those sequences, with one
+//          layer as the candidate and every other layer at its current choice (lib/calib/kl_selection.h)
+// Kl exists because E is per-layer: on qwen3-tiny-trained its 3.6% preference for the published rotation in layer 4
+// cost 1.14x KL on held-out docs text (docs/results.md, "Per-layer candidates").
+enum class CandidateMetric : uint8_t { Proxy = 0, Kl = 1 };
+std::string_view candidate_metric_name(CandidateMetric m);  // "proxy", "kl"
+CandidateMetric parse_candidate_metric(std::string_view name, const std::string& where);
+
 struct SpectralCalibrationOptions {
   SpectralOptions spectral;                        // budget, widths, Cayley; its k_weight is ignored (below)
   // --candidates / --whole-head-tolerance. The library keeps {Spectral} (its bundles byte-identical to before);
@@ -109,6 +121,15 @@ struct SpectralCalibrationOptions {
   // chosen over a segmented one (docs/results.md, "Per-layer candidates", for how the default was chosen).
   std::vector<LayerCandidate> layer_candidates = {LayerCandidate::Spectral};
   double whole_head_tolerance = 0.02;
+  // --candidate-metric, --kl-seqs, --kl-tokens (read only with more than one candidate). The library keeps Proxy
+  // (its bundles byte-identical to before). kl_seqs: the first N selection sequences (0 = all); kl_tokens: the first
+  // T tokens of each (0 = all), which must reach beyond sink + recent.
+  CandidateMetric candidate_metric = CandidateMetric::Proxy;
+  int64_t kl_seqs = 0;
+  int64_t kl_tokens = 0;
+  // The model the Kl forwards run on (not owned; required for Kl). Always the CPU reference forward, whatever device
+  // ran the statistics, so the numbers are the ones `oscar eval --device cpu` reports.
+  model::CpuModel* kl_model = nullptr;
   double k_weight = 0;                             // > 0: fixed (--k-weight); 0: chosen from k_weight_grid
   std::vector<double> k_weight_grid = {1, 2, 4, 8};
   int64_t fit_tokens = 2048;                       // per KV head, strided subsample of the fit samples
@@ -158,6 +179,12 @@ struct LayerSelection {
   std::vector<std::vector<double>> proxy;      // [candidate][layer] relative attention-output error
   std::vector<std::vector<char>> whole_head;   // [candidate][layer]
   std::vector<size_t> chosen;                  // [layer] index into candidates
+  // Set by choose_layers_by_kl: the metric the choice used and, for Kl, [candidate][layer] the KL beyond the window
+  // of the bundle with layer l as candidate c and every other layer at its choice when layer l was visited.
+  CandidateMetric metric = CandidateMetric::Proxy;
+  std::vector<std::vector<double>> kl;
+  double kl_start = 0;  // KL of the starting assignment (the proxy's choice)
+  double kl_final = 0;  // KL of the chosen assignment
   LayerCandidate chosen_kind(size_t layer) const { return candidates[chosen[layer]]; }
 };
 // layers[c][l]: candidate c's bundle layer l (over `global`, rotation groups 1). proxy_of[c]: when non-empty, the
@@ -170,6 +197,8 @@ LayerSelection select_layer_candidates(const std::vector<LayerCandidate>& candid
 // Provenance text: "published,spectral,..." (one per layer) and "spectral=a/b/..;published=../..;hadamard=.."
 std::string layer_choice_text(const LayerSelection& s);
 std::string layer_proxy_text(const LayerSelection& s);
+// "spectral=a/b/..;hadamard=.." of s.kl (empty when the metric is Proxy).
+std::string layer_kl_text(const LayerSelection& s);
 
 // "0,1,2,3,4" / "1,2,4,8" — how the lists are written in the bundle's provenance and parsed from the CLI.
 std::string join_numbers(std::span<const double> xs);

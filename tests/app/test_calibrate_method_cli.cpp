@@ -110,6 +110,36 @@ TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
   EXPECT_NE(i.out.find("stored as"), std::string::npos) << i.out;
 }
 
+// --candidate-metric kl: recorded (the metric and each candidate's KL per layer) in the bundle, --json and inspect;
+// the default metric records nothing new.
+TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
+  const RunResult r = run_oscar(args(dir_ / "kl.oscar", {"--budget-bits", "6", "--candidate-metric", "kl",
+                                                          "--kl-tokens", "48", "--json"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json js = nlohmann::json::parse(r.out);
+  const fmt::Bundle b = fmt::read_bundle(dir_ / "kl.oscar");
+  EXPECT_EQ(option(b, "candidate_metric"), "kl");
+  EXPECT_EQ(option(b, "kl_tokens"), "48");
+  EXPECT_EQ(option(b, "kl_positions"), "15");  // one selection sequence, positions 32..46
+  EXPECT_EQ(js.at("candidate_metric"), "kl");
+  EXPECT_EQ(js.at("layer_choice"), option(b, "layer_choice"));
+  const std::string kl = js.at("layer_kl");
+  EXPECT_EQ(kl, option(b, "layer_kl"));
+  EXPECT_EQ(kl.rfind("spectral=", 0), 0u) << kl;
+  EXPECT_NE(kl.find(";hadamard="), std::string::npos) << kl;
+  const RunResult i = run_oscar({"inspect", (dir_ / "kl.oscar").string()});
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_NE(i.out.find("per-layer candidates chosen by: kl"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("selection KL: spectral "), std::string::npos) << i.out;
+
+  const RunResult t = run_oscar(args(dir_ / "t.oscar", {"--budget-bits", "6"}));
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  const RunResult ti = run_oscar({"inspect", (dir_ / "t.oscar").string()});
+  ASSERT_EQ(ti.exit_code, 0) << ti.err;
+  EXPECT_NE(ti.out.find("per-layer candidates chosen by: proxy"), std::string::npos) << ti.out;
+  EXPECT_EQ(ti.out.find("selection KL"), std::string::npos) << ti.out;
+}
+
 TEST_F(CalibrateMethodCli, FixedKWeightAndJson) {
   const RunResult r = run_oscar(args(dir_ / "f.oscar", {"--budget-bits", "6", "--k-weight", "2", "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -175,6 +205,11 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
       {{"--budget-bits", "6", "--candidates", "spectral,magic"}, "--candidates"},
       {{"--budget-bits", "6", "--whole-head-tolerance", "-1"}, "--whole-head-tolerance"},
       {{"--method", "published", "--candidates", "spectral"}, "--candidates"},
+      {{"--budget-bits", "6", "--candidate-metric", "ppl"}, "--candidate-metric"},
+      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-seqs", "-1"}, "--kl-seqs"},
+      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "-5"}, "--kl-tokens"},
+      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},  // none beyond 16+16
+      {{"--method", "published", "--candidate-metric", "kl"}, "--candidate-metric"},
   };
   for (const Case& c : cases) {
     const fs::path out = dir_ / "bad.oscar";

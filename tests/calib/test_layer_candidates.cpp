@@ -18,7 +18,9 @@
 #include "lib/calib/calibrator.h"
 #include "lib/calib/clip_tuner.h"
 #include "lib/calib/rotation.h"
+#include "lib/calib/kl_selection.h"
 #include "lib/calib/spectral_calibration.h"
+#include "lib/eval/evaluator.h"
 #include "test_support.h"
 
 namespace oscar::calib {
@@ -89,6 +91,28 @@ TEST(LayerCandidateRule, ParseAndValidateNameTheFlag) {
   fails(t, "--whole-head-tolerance");
   t.whole_head_tolerance = NAN;
   fails(t, "--whole-head-tolerance");
+  // --candidate-metric and its bounds.
+  EXPECT_EQ(parse_candidate_metric("kl", "--candidate-metric"), CandidateMetric::Kl);
+  EXPECT_EQ(parse_candidate_metric("proxy", "--candidate-metric"), CandidateMetric::Proxy);
+  for (const char* bad : {"", "KL", "kl,proxy", "ppl"}) {
+    try {
+      parse_candidate_metric(bad, "--candidate-metric");
+      ADD_FAILURE() << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.where(), "--candidate-metric") << bad;
+    }
+  }
+  SpectralCalibrationOptions k = o;
+  k.kl_seqs = -1;
+  fails(k, "--kl-seqs");
+  k = o;
+  k.kl_tokens = -1;
+  fails(k, "--kl-tokens");
+  k = o;
+  k.candidate_metric = CandidateMetric::Kl;
+  EXPECT_NO_THROW(validate_spectral_options(k, 128));  // one candidate: nothing to choose, no model needed
+  k.layer_candidates = {LayerCandidate::Spectral, LayerCandidate::Hadamard};
+  fails(k, "--candidate-metric kl");  // no model to run the KL forwards on
 }
 
 constexpr const char* kModel = "models/tinystories-llama2c-280k-hf";
@@ -327,6 +351,122 @@ TEST_F(LayerCandidates, SpectralAloneIsTheOldBundleAndTheChoiceIsDeterministic) 
   const fmt::Bundle p = calibrate(runner, fp_, data_, all).bundle;
   EXPECT_EQ(option(p, "layer_proxy").find("hadamard"), std::string::npos);
   EXPECT_EQ(option(p, "candidates"), "spectral,published");
+}
+
+// "spectral=a/b;hadamard=c/d" -> per name; the starting point of the KL pass is the proxy's choice.
+// --candidate-metric kl: every recorded KL is `oscar eval`'s "KL beyond the window" (eval::evaluate, oscar mode) of the
+// bundle with that layer as that candidate and the other layers at their choice when the layer was visited
+// (0 .. L-1, starting from the proxy's argmin); each layer stores the argmin; the stored bundle's KL is the last one.
+TEST_F(LayerCandidates, KlChoiceIsTheArgminOfIndependentlyRecomputedEvalKl) {
+  CpuForwardRunner runner(*model_);
+  CalibrationOptions kl = opt_;
+  kl.spectral.layer_candidates = {LayerCandidate::Spectral, LayerCandidate::Published, LayerCandidate::Hadamard};
+  kl.spectral.whole_head_tolerance = 0;
+  kl.spectral.candidate_metric = CandidateMetric::Kl;
+  kl.spectral.kl_model = model_.get();
+  const fmt::Bundle b = calibrate(runner, fp_, data_, kl).bundle;
+  fmt::validate_bundle(b, "kl");
+  EXPECT_EQ(option(b, "candidate_metric"), "kl");
+  EXPECT_EQ(option(b, "kl_seqs"), "0");
+  EXPECT_EQ(option(b, "kl_tokens"), "0");
+  EXPECT_EQ(option(b, "kl_positions"), "31");  // one 64-token selection sequence, positions 32..62
+  const auto proxy = parse_proxy(option(b, "layer_proxy"));
+  const auto klv = parse_proxy(option(b, "layer_kl"));
+  const auto choice = split(option(b, "layer_choice"));
+  const size_t L = b.layers.size();
+  ASSERT_EQ(choice.size(), L);
+  const std::vector<std::string> names = {"spectral", "published", "hadamard"};
+  for (const auto& n : names) ASSERT_EQ(klv.count(n), 1u) << n;
+
+  // The candidates' layers, built independently (as in StoresTheArgminOfIndependentlyRecomputedProxies).
+  const fmt::Bundle spectral = calibrate(runner, fp_, data_, opt_).bundle;
+  CalibrationOptions pub = opt_;
+  pub.method = Method::Published;
+  const fmt::Bundle published = calibrate(runner, fp_, data_, pub).bundle;
+  const std::vector<double> h = hadamard(8);
+  fmt::LayerCalibration had;
+  had.k_rotation.assign(h.begin(), h.end());
+  had.v_rotation = had.k_rotation;
+  had.k_clip_ratio = 0.96f;
+  had.v_clip_ratio = 0.92f;
+  auto candidate = [&](size_t c, size_t l) {
+    fmt::LayerCalibration x = c == 0 ? spectral.layers[l] : c == 1 ? published.layers[l] : had;
+    x.k_eigenvalues.clear();
+    x.v_eigenvalues.clear();
+    return x;
+  };
+  // `oscar eval`'s number for a bundle on the selection sequence (the last held-out one).
+  auto eval_kl = [&](const fmt::Bundle& bundle) {
+    eval::EvalOptions eo;
+    eo.modes = {eval::CacheMode::Oscar};
+    eo.mode_options.windows = {16, 16};
+    eo.mode_options.bundle = &bundle;
+    eo.greedy_prompts = 0;
+    const eval::EvalReport r = eval::evaluate(*model_, nullptr, {{kSeqLen, {data_.heldout.back()}}}, eo);
+    EXPECT_EQ(r.results.at(0).beyond.positions, 31);
+    return r.results.at(0).beyond.kl_mean;
+  };
+  fmt::Bundle cur = spectral;  // quant and windows; the layers are set below
+  cur.layers.clear();
+  for (size_t l = 0; l < L; ++l) {  // the start: the proxy's argmin per layer (ties to the earlier candidate)
+    size_t best = 0;
+    for (size_t c = 1; c < 3; ++c)
+      if (proxy.at(names[c])[l] < proxy.at(names[best])[l]) best = c;
+    cur.layers.push_back(candidate(best, l));
+  }
+  int moved = 0;
+  for (size_t l = 0; l < L; ++l) {
+    std::vector<double> k(3);
+    for (size_t c = 0; c < 3; ++c) {
+      fmt::Bundle x = cur;
+      x.layers[l] = candidate(c, l);
+      k[c] = eval_kl(x);
+      EXPECT_NEAR(klv.at(names[c])[l], k[c], 1e-5 * k[c]) << names[c] << " layer " << l;
+    }
+    const size_t argmin = static_cast<size_t>(std::min_element(k.begin(), k.end()) - k.begin());
+    EXPECT_EQ(choice[l], names[argmin]) << "layer " << l << ": " << k[0] << " " << k[1] << " " << k[2];
+    moved += cur.layers[l] != candidate(argmin, l);
+    cur.layers[l] = candidate(argmin, l);
+    EXPECT_EQ(b.layers[l].k_rotation, cur.layers[l].k_rotation) << "layer " << l;
+    EXPECT_EQ(b.layers[l].k_segments, cur.layers[l].k_segments) << "layer " << l;
+    EXPECT_EQ(b.layers[l].v_segments, cur.layers[l].v_segments) << "layer " << l;
+    EXPECT_EQ(b.layers[l].k_clip_ratio, cur.layers[l].k_clip_ratio) << "layer " << l;
+  }
+  // The stored bundle is the last assignment scored, and what eval says of it.
+  const double stored = eval_kl(b);
+  EXPECT_NEAR(stored, klv.at(choice[L - 1])[L - 1], 1e-5 * stored);
+  // On this checkpoint KL and the proxy disagree somewhere; a pass that moved nothing would not test the metric.
+  EXPECT_GT(moved, 0);
+}
+
+// Proxy mode writes the same bytes whatever the KL-only options say, records nothing about the metric, and kl is
+// deterministic; a --kl-tokens that leaves no position beyond the windows is an error naming the flag.
+TEST_F(LayerCandidates, ProxyModeUnchangedKlDeterministicAndBounded) {
+  CpuForwardRunner runner(*model_);
+  CalibrationOptions p = opt_;
+  p.spectral.layer_candidates = {LayerCandidate::Spectral, LayerCandidate::Hadamard};
+  const fmt::Bundle base = calibrate(runner, fp_, data_, p).bundle;
+  CalibrationOptions p2 = p;
+  p2.spectral.kl_seqs = 3;
+  p2.spectral.kl_tokens = 40;
+  p2.spectral.kl_model = model_.get();
+  EXPECT_EQ(bytes(base, "p.oscar"), bytes(calibrate(runner, fp_, data_, p2).bundle, "p2.oscar"));
+  for (const char* key : {"candidate_metric", "kl_seqs", "kl_tokens", "layer_kl", "kl_positions"})
+    EXPECT_EQ(option(base, key), "(absent)") << key;
+
+  CalibrationOptions k = p2;
+  k.spectral.candidate_metric = CandidateMetric::Kl;
+  const fmt::Bundle a = calibrate(runner, fp_, data_, k).bundle;
+  EXPECT_EQ(bytes(a, "k1.oscar"), bytes(calibrate(runner, fp_, data_, k).bundle, "k2.oscar"));
+  EXPECT_EQ(option(a, "kl_tokens"), "40");
+  EXPECT_EQ(option(a, "kl_positions"), "7");  // positions 32..38 of the first 40 tokens
+  k.spectral.kl_tokens = 33;                   // sink 16 + recent 16 + 1: no scored position left
+  try {
+    calibrate(runner, fp_, data_, k);
+    ADD_FAILURE() << "kl_tokens 33";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.where(), "--kl-tokens");
+  }
 }
 
 }  // namespace
