@@ -12,6 +12,9 @@
 // int2_us is the default launch (DecodeAttentionVariant::Fused: q rotation + one INT2 kernel that also takes the
 // window tokens and merges in its last block); the final two columns time the Separate variant (rotate_q, window,
 // INT2, merge kernels) in the same run: sep_us and sep/int2 (> 1 means the fused launch is faster).
+// fp8_us / int4_us time the eval baselines on the same windows: FP8 e4m3 pages (quant_storage = Fp8E4M3, 8 bits +
+// one fp16 scale per head vector, its own CUDA-core split kernel) and INT4 pages (the segmented kernel with one 4-bit
+// segment over the head, a compiled layout); each with its ratio to int2_us. Bytes are accounted as for int2_us.
 //   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,6 +57,17 @@ __global__ void fill_bf16(uint16_t* p, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     const float v = (static_cast<float>(hash32(i) & 0xffff) / 65536.0f - 0.5f) * 4.0f;
     p[i] = static_cast<uint16_t>(__float_as_uint(v) >> 16);
+  }
+}
+
+// Random e4m3 codes without the NaN patterns (exponent field <= 14); every fp16 scale 0.01.
+__global__ void fill_fp8(uint8_t* pool, size_t blocks, int page_bytes, int scales_offset) {
+  const size_t n = blocks * page_bytes;
+  const uint16_t scale = __half_as_ushort(__float2half(0.01f));
+  const uint32_t scales = static_cast<uint32_t>(scale) | (static_cast<uint32_t>(scale) << 16);
+  for (size_t i = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) * 4; i < n; i += size_t(gridDim.x) * blockDim.x * 4) {
+    const size_t in_page = i % page_bytes;
+    *reinterpret_cast<uint32_t*>(pool + i) = in_page >= static_cast<size_t>(scales_offset) ? scales : hash32(i) & 0x77777777u;
   }
 }
 
@@ -149,10 +163,10 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s, timing %s\n", prop.name, prop.multiProcessorCount, d2d,
               eager ? "eager launches" : "CUDA graph of the calls");
   std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s | %8s %7s | %8s %7s | %8s %7s | "
-              "%8s %7s | %8s %8s\n",
+              "%8s %7s | %8s %8s | %8s %7s | %8s %7s\n",
               "model", "batch", "context", "splits", "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup",
               "torch_us", "vs_torch", "segA_us", "/int2", "seg3b_us", "/int2", "segcal_us", "/int2", "seggen_us",
-              "/int2", "sep_us", "sep/int2");
+              "/int2", "sep_us", "sep/int2", "fp8_us", "/int2", "int4_us", "/int2");
 
   const int d = 128, page = oscar::fmt::kKvPageTokens;
   const int64_t sink = 64, recent = 256;
@@ -168,19 +182,26 @@ int main(int argc, char** argv) {
         const oscar::fmt::Bf16PageGeometry gb{d, page};
         const size_t int2_bytes = total_pages * m.kv_heads * g2.page_bytes();
         const size_t bf16_bytes = total_pages * m.kv_heads * gb.page_bytes();
+        // One pair of pools for the wider baselines: FP8 pages, and INT4 pages (smaller) in the same allocation.
+        const oscar::fmt::Fp8PageGeometry g8{d, page};
+        static const oscar::fmt::QuantSegment kInt4Whole[] = {{0, d, 4}};
+        const auto g4 = oscar::fmt::segmented_page_geometry(kInt4Whole, 1, d, page);
+        const size_t wide_bytes = total_pages * m.kv_heads * std::max(g8.page_bytes(), g4.page_bytes());
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
-        if (2 * (int2_bytes + bf16_bytes) + (size_t(1) << 30) > free_b) {
+        if (2 * (int2_bytes + bf16_bytes + wide_bytes) + (size_t(1) << 30) > free_b) {
           std::printf("%-12s %5d %7lld  (skipped: needs %.1f GiB)\n", m.name, batch, (long long)ctx,
-                      2.0 * (int2_bytes + bf16_bytes) / (1 << 30));
+                      2.0 * (int2_bytes + bf16_bytes + wide_bytes) / (1 << 30));
           continue;
         }
-        uint8_t *k2, *v2;
+        uint8_t *k2, *v2, *kw, *vw;
         uint16_t *kb, *vb, *q;
         int32_t *table, *lens;
         float* out;
         CHECK_CUDA(cudaMalloc(&k2, int2_bytes));
         CHECK_CUDA(cudaMalloc(&v2, int2_bytes));
+        CHECK_CUDA(cudaMalloc(&kw, wide_bytes));
+        CHECK_CUDA(cudaMalloc(&vw, wide_bytes));
         CHECK_CUDA(cudaMalloc(&kb, bf16_bytes));
         CHECK_CUDA(cudaMalloc(&vb, bf16_bytes));
         CHECK_CUDA(cudaMalloc(&q, size_t(batch) * m.q_heads * d * 2));
@@ -305,6 +326,24 @@ int main(int argc, char** argv) {
           seg_us[r] = time_us(sink, recent);
           p.k_geometry = p.v_geometry = nullptr;
         }
+        // FP8 and INT4 baselines: no rotation (the eval baselines have none), the quantized pools swapped for wide.
+        p.k_int2_pool = kw;
+        p.v_int2_pool = vw;
+        p.rotation_k = p.rotation_v = nullptr;
+        fill_fp8<<<1024, 256>>>(kw, total_pages * m.kv_heads, g8.page_bytes(), g8.scales_offset());
+        fill_fp8<<<1024, 256>>>(vw, total_pages * m.kv_heads, g8.page_bytes(), g8.scales_offset());
+        p.quant_storage = oscar::fmt::KvStorage::Fp8E4M3;
+        const double fp8_us = time_us(sink, recent);
+        p.quant_storage = oscar::fmt::KvStorage::Int;
+        fill_int2<<<1024, 256>>>(kw, total_pages * m.kv_heads, g4.page_bytes(), g4.params_offset());
+        fill_int2<<<1024, 256>>>(vw, total_pages * m.kv_heads, g4.page_bytes(), g4.params_offset());
+        p.k_geometry = p.v_geometry = &g4;
+        const double int4_us = time_us(sink, recent);
+        p.k_geometry = p.v_geometry = nullptr;
+        p.k_int2_pool = k2;
+        p.v_int2_pool = v2;
+        p.rotation_k = p.rotation_v = drot;
+
         const int64_t hp = std::min<int64_t>(ctx, sink + recent);
         const double per_head_int2 = double(ctx - hp) * 2 * (d / 4 + 4) + double(hp) * 2 * 2 * d;
         const double per_head_bf16 = double(ctx) * 2 * 2 * d;
@@ -322,10 +361,20 @@ int main(int argc, char** argv) {
         else
           std::printf(" | %9s %8s", "-", "-");
         for (int r = 0; r < 4; ++r) std::printf(" | %8.1f %6.2fx", seg_us[r], seg_us[r] / int2_us);
-        std::printf(" | %8.1f %7.2fx\n", sep_us, sep_us / int2_us);
+        std::printf(" | %8.1f %7.2fx", sep_us, sep_us / int2_us);
+        // Bytes as int2_us counts them (quantized records + bf16 windows + q/out); printed in the summary below.
+        const double per_head_fp8 = double(ctx - hp) * 2 * (d + 2) + double(hp) * 2 * 2 * d;
+        const double per_head_int4 = double(ctx - hp) * 2 * (d / 2 + 4) + double(hp) * 2 * 2 * d;
+        const double fp8_gbps = (double(batch) * m.kv_heads * per_head_fp8 + io) / (fp8_us * 1e-6) / 1e9;
+        const double int4_gbps = (double(batch) * m.kv_heads * per_head_int4 + io) / (int4_us * 1e-6) / 1e9;
+        std::printf(" | %8.1f %6.2fx | %8.1f %6.2fx   (fp8 %.0f GB/s %.0f%%, int4 %.0f GB/s %.0f%%)\n", fp8_us,
+                    fp8_us / int2_us, int4_us, int4_us / int2_us, fp8_gbps, 100 * fp8_gbps / d2d, int4_gbps,
+                    100 * int4_gbps / d2d);
         std::fflush(stdout);
         cudaFree(k2);
         cudaFree(v2);
+        cudaFree(kw);
+        cudaFree(vw);
         cudaFree(kb);
         cudaFree(vb);
         cudaFree(q);

@@ -66,6 +66,20 @@ struct Bf16PageGeometry {
   OSCAR_HD constexpr int32_t page_bytes() const { return page_tokens * head_dim * 2; }
 };
 
+// One page of one KV head in FP8 (KvStorage::Fp8E4M3, the eval baseline): [page_tokens][d] e4m3 code rows, then
+// [page_tokens] fp16 scales (value = e4m3(code) * scale). SoA like Int2PageGeometry: a d-byte row is a whole
+// number of 16-byte vectors, and the scale array starts on a 16-byte boundary (page_tokens * d, d % 16 == 0).
+struct Fp8PageGeometry {
+  int32_t head_dim = 128;
+  int32_t page_tokens = kKvPageTokens;
+  OSCAR_HD constexpr int32_t code_row_bytes() const { return head_dim; }
+  OSCAR_HD constexpr int32_t scales_offset() const { return page_tokens * head_dim; }
+  OSCAR_HD constexpr int32_t page_bytes() const { return scales_offset() + page_tokens * 2; }
+};
+static_assert(Fp8PageGeometry{128, 64}.page_bytes() == 8320, "8.125 bits per element at head_dim 128");
+static_assert(Fp8PageGeometry{64, 64}.scales_offset() % 16 == 0 && Fp8PageGeometry{64, 16}.page_bytes() % 16 == 0);
+static_assert(Fp8PageGeometry{256, 64}.page_bytes() % 16 == 0, "pages keep 16-byte alignment of the pool");
+
 // Pools hold pages of all KV heads of a layer: page p of KV head h starts at (p * num_kv_heads + h) * page_bytes,
 // so the heads of one logical page are adjacent and one page id serves every head (one page table per sequence).
 OSCAR_HD constexpr size_t page_block_offset(int32_t page, int32_t kv_head, int32_t num_kv_heads, int32_t page_bytes) {

@@ -134,8 +134,11 @@ struct Engine::Impl {
         p.clip_ratio = (value ? format.v_clip_ratio : format.k_clip_ratio)[static_cast<size_t>(layer)];
         const bool seg = !k_geo.empty();
         p.geometry = seg ? &(value ? v_geo : k_geo)[static_cast<size_t>(layer)] : nullptr;
-        check(kern::kv_write(p, seg ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2, st),
-              where + (value ? " V" : " K") + (seg ? " segmented write" : " INT2 write"));
+        const kern::KvWriteMode mode = format.fp8() ? kern::KvWriteMode::Fp8
+                                       : seg        ? kern::KvWriteMode::Segmented
+                                                    : kern::KvWriteMode::Int2;
+        check(kern::kv_write(p, mode, st), where + (value ? " V" : " K") +
+                                               (format.fp8() ? " FP8 write" : seg ? " segmented write" : " INT2 write"));
       }
     }
   }
@@ -424,6 +427,7 @@ std::vector<Engine::StepToken> Engine::step() {
     ap.v_int2_pool = e.cache->int2_pool(l, true);
     ap.k_geometry = e.k_geo.empty() ? nullptr : &e.k_geo[static_cast<size_t>(l)];
     ap.v_geometry = e.v_geo.empty() ? nullptr : &e.v_geo[static_cast<size_t>(l)];
+    ap.quant_storage = e.format.quant_storage;
     ap.k_bf16_pool = e.cache->bf16_pool(l, false);
     ap.v_bf16_pool = e.cache->bf16_pool(l, true);
     check(kern::decode_attention(ap, st), lw + " decode_attention");

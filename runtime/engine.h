@@ -12,9 +12,10 @@
 //
 // Cache formats: bf16 (the baseline; every token bf16, no windows), int2 (per-token INT2, no rotation, no clip —
 // eval's "int2"), int4 (eval's "int4": per-token INT4, no rotation, no clip; one 4-bit segment through the segmented
-// kernels), hadamard2 (eval's "hadamard2": a seeded random-sign Hadamard rotation per layer and tensor, no
+// kernels), fp8 (eval's "fp8": e4m3 codes + one fp16 scale per head vector, fmt::Fp8PageGeometry pages, no rotation,
+// no clip), hadamard2 (eval's "hadamard2": a seeded random-sign Hadamard rotation per layer and tensor, no
 // clip), oscar (a calibration bundle's per-layer rotations and clip ratios; eval's "oscar"). The windows default
-// to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2, int4, hadamard2) and can be overridden.
+// to the bundle's (oscar) or fmt::KvQuantSpec::int2_default's (int2, int4, fp8, hadamard2) and can be overridden.
 //
 // fold_v (EngineOptions): R_v is folded into the weights at load (W_v ← per KV head R_vᵀ·W_v, its bias ← b·R_v,
 // W_o ← per query head W_o·R_v; DeviceModel::fold_value_rotation), so the projection already produces V in the
@@ -47,8 +48,9 @@ namespace oscar::rt {
 class DeviceModel;
 class KvCache;
 
-enum class CacheMode { Bf16, Int2, Oscar, Hadamard2, Int4 };
-std::string_view cache_mode_name(CacheMode mode);  // "bf16", "int2", "oscar", "hadamard2", "int4"
+enum class CacheMode { Bf16, Int2, Oscar, Hadamard2, Int4, Fp8 };
+// "bf16", "int2", "oscar", "hadamard2", "int4", "fp8"
+std::string_view cache_mode_name(CacheMode mode);
 CacheMode parse_cache_mode(std::string_view name, const std::string& where);  // oscar::Error naming `where`
 
 // The resolved storage format of one engine: what is written, per layer.
@@ -67,7 +69,11 @@ struct CacheFormat {
   // Quantized modes, per layer: the segment layout of the K / V pages (one 2-bit segment over the head = INT2;
   // bundle 1.1 per-layer spectral layouts otherwise, widths 0/1/2/4 on 16-dim boundaries).
   std::vector<std::vector<fmt::QuantSegment>> k_segments, v_segments;
-  bool segmented() const;  // some layer stores anything but whole-head INT2
+  // What the quantized pages hold: Int (the segments above) or Fp8E4M3 (fp8 mode: fmt::Fp8PageGeometry pages; the
+  // segments then read {0, d, 8} for the record).
+  fmt::KvStorage quant_storage = fmt::KvStorage::Int;
+  bool fp8() const { return quant_storage == fmt::KvStorage::Fp8E4M3; }
+  bool segmented() const;  // some layer stores integer segments other than whole-head INT2
 };
 
 struct KvCacheLayout;

@@ -21,15 +21,17 @@ std::string_view cache_mode_name(CacheMode mode) {
     case CacheMode::Oscar: return "oscar";
     case CacheMode::Hadamard2: return "hadamard2";
     case CacheMode::Int4: return "int4";
+    case CacheMode::Fp8: return "fp8";
   }
   return "unknown";
 }
 
 CacheMode parse_cache_mode(std::string_view name, const std::string& where) {
-  for (CacheMode m : {CacheMode::Bf16, CacheMode::Int2, CacheMode::Oscar, CacheMode::Hadamard2, CacheMode::Int4})
+  for (CacheMode m :
+       {CacheMode::Bf16, CacheMode::Int2, CacheMode::Oscar, CacheMode::Hadamard2, CacheMode::Int4, CacheMode::Fp8})
     if (name == cache_mode_name(m)) return m;
-  throw Error(where,
-              "unknown cache format '" + std::string(name) + "' (expected bf16, int2, int4, hadamard2 or oscar)");
+  throw Error(where, "unknown cache format '" + std::string(name) +
+                         "' (expected bf16, int2, int4, fp8, hadamard2 or oscar)");
 }
 
 int64_t padded_cache_head_dim(int64_t head_dim, const std::string& where) {
@@ -82,7 +84,11 @@ KvCacheLayout cache_layout(const fmt::ModelConfig& cfg, const CacheFormat& f) {
   layout.quantized = f.quantized;
   layout.sink_tokens = f.sink_tokens;
   layout.recent_tokens = f.recent_tokens;
-  if (f.quantized && f.segmented()) {
+  if (f.quantized && f.fp8()) {
+    const fmt::Fp8PageGeometry g{static_cast<int32_t>(f.cache_head_dim), static_cast<int32_t>(fmt::kKvPageTokens)};
+    layout.k_page_bytes.assign(f.k_segments.size(), g.page_bytes());
+    layout.v_page_bytes.assign(f.v_segments.size(), g.page_bytes());
+  } else if (f.quantized && f.segmented()) {
     for (size_t l = 0; l < f.k_segments.size(); ++l) {
       const auto d = static_cast<int32_t>(f.cache_head_dim);
       layout.k_page_bytes.push_back(fmt::segmented_page_geometry(f.k_segments[l], d, fmt::kKvPageTokens).page_bytes());
@@ -93,6 +99,7 @@ KvCacheLayout cache_layout(const fmt::ModelConfig& cfg, const CacheFormat& f) {
 }
 
 bool CacheFormat::segmented() const {
+  if (fp8()) return false;
   for (size_t l = 0; l < k_segments.size(); ++l)
     if (!whole_head_int2(k_segments[l], cache_head_dim) || !whole_head_int2(v_segments[l], cache_head_dim)) return true;
   return false;
@@ -146,6 +153,15 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
     const std::vector<fmt::QuantSegment> int4_whole{{0, static_cast<int32_t>(cfg.head_dim), 4}};
     f.k_segments.assign(L, mode == CacheMode::Int2 ? int2_whole : int4_whole);
     f.v_segments.assign(L, mode == CacheMode::Int2 ? int2_whole : int4_whole);
+    f.k_rotation.assign(L, {});
+    f.v_rotation.assign(L, {});
+    f.k_clip_ratio.assign(L, 1.f);
+    f.v_clip_ratio.assign(L, 1.f);
+  } else if (mode == CacheMode::Fp8) {
+    f.quant_storage = fmt::KvStorage::Fp8E4M3;
+    const std::vector<fmt::QuantSegment> fp8_whole{{0, static_cast<int32_t>(cfg.head_dim), 8}};
+    f.k_segments.assign(L, fp8_whole);
+    f.v_segments.assign(L, fp8_whole);
     f.k_rotation.assign(L, {});
     f.v_rotation.assign(L, {});
     f.k_clip_ratio.assign(L, 1.f);
@@ -235,10 +251,16 @@ KvFootprint kv_footprint(const fmt::ModelConfig& cfg, CacheMode mode, const fmt:
   if (mode == CacheMode::Oscar && (bundle->quant.head_dim != d || static_cast<int64_t>(bundle->layers.size()) != L))
     throw Error(where, ::fmt::format("bundle is for head_dim {} and {} layers, the model has {} and {}",
                                      bundle->quant.head_dim, bundle->layers.size(), d, L));
-  const fmt::KvQuantSpec base = mode == CacheMode::Oscar ? bundle->quant
+  fmt::KvQuantSpec base = mode == CacheMode::Oscar ? bundle->quant
                                 : mode == CacheMode::Bf16 ? fmt::KvQuantSpec::uniform(d, 16)
                                 : mode == CacheMode::Int4 ? fmt::KvQuantSpec::uniform(d, 4)
                                                           : fmt::KvQuantSpec::uniform(d, 2);
+  if (mode == CacheMode::Fp8) {
+    base.k.storage = fmt::KvStorage::Fp8E4M3;  // one segment [0, d) says how wide the head is
+    base.k.segments = {fmt::QuantSegment{0, static_cast<int32_t>(d), 8}};
+    base.k.clip_ratio = 1.0f;
+    base.v = base.k;
+  }
   if (mode != CacheMode::Bf16) {
     const fmt::KvQuantSpec windows = mode == CacheMode::Oscar ? bundle->quant : fmt::KvQuantSpec::int2_default(d);
     fp.sink_tokens = sink_tokens.value_or(windows.sink_tokens);

@@ -295,8 +295,8 @@ std::optional<CacheMode> engine_cache_mode(eval::CacheMode mode) {
     case eval::CacheMode::Oscar: return CacheMode::Oscar;
     case eval::CacheMode::Hadamard2: return CacheMode::Hadamard2;
     case eval::CacheMode::Int4: return CacheMode::Int4;
-    case eval::CacheMode::Kivi2:
-    case eval::CacheMode::Fp8: return std::nullopt;
+    case eval::CacheMode::Fp8: return CacheMode::Fp8;
+    case eval::CacheMode::Kivi2: return std::nullopt;
   }
   return std::nullopt;
 }

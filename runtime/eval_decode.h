@@ -97,7 +97,7 @@ eval::EvalReport evaluate_with_decoders(const fmt::ModelConfig& cfg, const fmt::
 // ---- GPU planning (host parts of runtime/eval_gpu.h)
 
 // The engine cache format of an eval mode, or nullopt for the modes only the CPU simulation implements
-// (kivi2, fp8).
+// (kivi2).
 std::optional<CacheMode> engine_cache_mode(eval::CacheMode mode);
 
 struct ModeSplit {

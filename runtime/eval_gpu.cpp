@@ -60,8 +60,8 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
   // Every check that needs no device comes first.
   const ModeSplit split = split_engine_modes(options.modes);
   if (!split.cpu_only.empty() && !gpu.cpu_fallback)
-    throw Error("--modes", ::fmt::format("{} {} cpu only: the GPU engine implements bf16, int2, int4, hadamard2 and "
-                                         "oscar. Use --device cpu, or --cpu-fallback to run {} on the CPU simulation",
+    throw Error("--modes", ::fmt::format("{} {} cpu only: the GPU engine implements bf16, int2, int4, fp8, hadamard2 "
+                                         "and oscar. Use --device cpu, or --cpu-fallback to run {} on the CPU simulation",
                                          mode_list(split.cpu_only), split.cpu_only.size() == 1 ? "is" : "are",
                                          split.cpu_only.size() == 1 ? "it" : "them"));
   if (!split.cpu_only.empty() && !cpu_model)
@@ -137,7 +137,7 @@ eval::EvalReport evaluate_on_gpu(const std::filesystem::path& model_dir, const f
   eval::EvalReport merged = merge_reports(gpu_report, cpu_report, data, options);
   merged.warnings.insert(merged.warnings.begin(),
                          ::fmt::format("{} ran on the CPU simulation (--cpu-fallback; the GPU engine implements bf16, "
-                                       "int2, int4, hadamard2 and oscar) and {} compared with the CPU's bf16 reference",
+                                       "int2, int4, fp8, hadamard2 and oscar) and {} compared with the CPU's bf16 reference",
                                        mode_list(split.cpu_only), split.cpu_only.size() == 1 ? "is" : "are"));
   return merged;
 }

@@ -4,10 +4,10 @@
 // the engines: one DeviceModel (one copy of the weights) shared by a bf16 reference engine and one engine per
 // requested engine mode, all stepped in lockstep.
 //
-// Modes: the engine implements bf16, int2, int4 (one 4-bit segment per head, through the segmented kernels),
-// hadamard2 (the seed of options.mode_options.seed, as the CPU simulation) and oscar (one rotation per layer,
-// whole-head INT2 or per-layer spectral segments). kivi2 and fp8 exist only in the CPU simulation: they are
-// refused ("cpu only"), or with cpu_fallback run through
+// Modes: the engine implements bf16, int2, int4 (one 4-bit segment per head, through the segmented kernels), fp8
+// (e4m3 pages), hadamard2 (the seed of options.mode_options.seed, as the CPU simulation) and oscar (one rotation per
+// layer, whole-head INT2 or per-layer spectral segments). kivi2 (per-channel key groups over tokens, a different
+// cache) exists only in the CPU simulation: it is refused ("cpu only"), or with cpu_fallback run through
 // eval::evaluate on the CPU model and merged into the report with a warning — those modes are then compared with
 // the CPU's bf16 reference, the engine modes with the engine's.
 //

@@ -311,7 +311,7 @@ OSCAR_REGISTER_COMMAND(
                      "--device cuda: tokens prefilled before teacher-forced decoding (1 .. sink)")
           ->capture_default_str();
       sub.add_flag("--cpu-fallback", o->cpu_fallback,
-                   "--device cuda: run modes the GPU engine lacks (kivi2, fp8) on the CPU");
+                   "--device cuda: run modes the GPU engine lacks (kivi2) on the CPU");
       sub.add_flag("--fold-v", o->fold_v,
                    "--device cuda: fold R_v into W_v/W_o at load for oscar/hadamard2 (own weight copy per engine)");
       sub.add_option("--out", o->out, "output directory (created) for report.json, report.md, report.html")

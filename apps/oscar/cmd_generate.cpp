@@ -1,5 +1,5 @@
 // oscar generate: text continuation streamed to stdout as tokens are produced, on the CPU reference model or
-// (--device cuda) on the GPU engine with a bf16, INT2, INT4, Hadamard INT2 or OSCAR (--bundle) paged KV cache.
+// (--device cuda) on the GPU engine with a bf16, INT2, INT4, FP8, Hadamard INT2 or OSCAR (--bundle) paged KV cache.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -37,7 +37,7 @@ struct GenerateCliOptions {
   bool json = false;
   // --device cuda only: the engine's cache.
   std::string bundle;
-  std::string cache;  // bf16 | int2 | int4 | hadamard2 | oscar; empty: oscar with --bundle, else bf16
+  std::string cache;  // bf16 | int2 | int4 | fp8 | hadamard2 | oscar; empty: oscar with --bundle, else bf16
   int64_t sink = -1;  // -1: the bundle's (oscar) or the published default (int2)
   int64_t recent = -1;
   double cache_budget_mib = 1024;
@@ -229,9 +229,9 @@ OSCAR_REGISTER_COMMAND(
       sub.add_flag("--no-echo", o->no_echo, "print only the continuation, not the prompt");
       add_device_option(sub, o->device);
       sub.add_option("--bundle", o->bundle, "OSCAR calibration bundle (.oscar) for the INT2 cache (--device cuda)");
-      sub.add_option("--cache", o->cache, "KV cache format on --device cuda: bf16, int2, int4, hadamard2 or oscar "
+      sub.add_option("--cache", o->cache, "KV cache format on --device cuda: bf16, int2, int4, fp8, hadamard2 or oscar "
                                           "(default: oscar with --bundle, else bf16)")
-          ->check(CLI::IsMember({"bf16", "int2", "hadamard2", "oscar"}));
+          ->check(CLI::IsMember({"bf16", "int2", "int4", "fp8", "hadamard2", "oscar"}));
       sub.add_option("--hadamard-seed", o->hadamard_seed, "--cache hadamard2: seed of the random signs (as eval's --seed)")
           ->capture_default_str();
       sub.add_flag("--fold-v", o->fold_v, "--device cuda: fold R_v into W_v / W_o at load (no V rotation in the kernels)");

@@ -24,7 +24,7 @@ struct InfoOptions {
   std::string device = "cpu";
   bool json = false;
   std::string bundle;      // --bundle: the oscar format's (per-layer) layouts and windows
-  std::string cache_mode;  // --cache-mode: bf16 | int2 | int4 | hadamard2 | oscar; empty: oscar with --bundle
+  std::string cache_mode;  // --cache-mode: bf16 | int2 | int4 | fp8 | hadamard2 | oscar; empty: oscar with --bundle
 };
 
 // Context lengths the KV table reports: the usual serving points.
@@ -258,9 +258,9 @@ OSCAR_REGISTER_COMMAND(
       add_json_flag(sub, o->json);
       sub.add_option("--bundle", o->bundle, ".oscar bundle: KV bytes of its format, per-layer layouts included");
       sub.add_option("--cache-mode", o->cache_mode,
-                     "KV bytes per token and per context of one format: bf16, int2, int4, hadamard2, oscar (needs "
+                     "KV bytes per token and per context of one format: bf16, int2, int4, fp8, hadamard2, oscar (needs "
                      "--bundle; the default with --bundle)")
-          ->check(CLI::IsMember({"bf16", "int2", "hadamard2", "oscar"}));
+          ->check(CLI::IsMember({"bf16", "int2", "int4", "fp8", "hadamard2", "oscar"}));
       return [o] { return run_info(*o); };
     });
 

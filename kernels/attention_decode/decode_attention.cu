@@ -1,5 +1,6 @@
 #include "kernels/attention_decode/decode_attention.cuh"
 #include "kernels/attention_decode/decode_attention.h"
+#include "kernels/attention_decode/decode_attention_fp8.cuh"
 #include "kernels/attention_decode/decode_attention_seg.cuh"
 
 #include <algorithm>
@@ -148,7 +149,7 @@ void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t s
 }
 
 template <int kHeadDim>
-Status launch(const detail::DecodeArgs& a, bool segmented, bool fused, int batch, cudaStream_t stream) {
+Status launch(const detail::DecodeArgs& a, bool segmented, bool fp8, bool fused, int batch, cudaStream_t stream) {
   if (fused) return launch_fused<kHeadDim>(a, batch, stream);
   // The group size is a runtime value; the template only bounds it so registers can hold every head's query.
   if (a.group <= 1) launch_group_kernels<kHeadDim, 1>(a, batch, stream);
@@ -156,7 +157,10 @@ Status launch(const detail::DecodeArgs& a, bool segmented, bool fused, int batch
   else if (a.group <= 4) launch_group_kernels<kHeadDim, 4>(a, batch, stream);
   else launch_group_kernels<kHeadDim, 8>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
-  if (a.int2_splits > 0 && segmented) {
+  if (a.int2_splits > 0 && fp8) {
+    detail::launch_decode_attention_fp8<kHeadDim>(a, batch, stream);
+    if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
+  } else if (a.int2_splits > 0 && segmented) {
     if (Status st = launch_seg<kHeadDim>(a, batch, stream); st != Status::Ok) return st;
   } else if (a.int2_splits > 0) {
     constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
@@ -221,9 +225,10 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   // them (an engine with any spectral layer passes geometries for every layer).
   const bool segmented =
       p.k_geometry != nullptr && !(seg_whole_int2(*p.k_geometry) && seg_whole_int2(*p.v_geometry));
-  // Fused needs INT2 blocks to carry the window; all-window calls (bf16 baseline, short prompts) and segmented
-  // layers run the separate kernels.
-  const bool fused = p.variant == DecodeAttentionVariant::Fused && int2_active && !segmented;
+  // Fused needs INT2 blocks to carry the window; all-window calls (bf16 baseline, short prompts), segmented and
+  // FP8 layers run the separate kernels.
+  const bool fp8 = p.quant_storage == fmt::KvStorage::Fp8E4M3;
+  const bool fused = p.variant == DecodeAttentionVariant::Fused && int2_active && !segmented && !fp8;
   a.int2_splits = int2_active ? splits : 0;
   a.window_splits = window_active && !fused ? window_split_count(p, splits, int2_active) : 0;
   a.slot_stride = 2 * splits;
@@ -240,9 +245,9 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   }
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
-    case 64: return launch<64>(a, segmented, fused, p.batch, s);
-    case 128: return launch<128>(a, segmented, fused, p.batch, s);
-    case 256: return launch<256>(a, segmented, fused, p.batch, s);
+    case 64: return launch<64>(a, segmented, fp8, fused, p.batch, s);
+    case 128: return launch<128>(a, segmented, fp8, fused, p.batch, s);
+    case 256: return launch<256>(a, segmented, fp8, fused, p.batch, s);
     default: return Status::Unsupported;
   }
 }

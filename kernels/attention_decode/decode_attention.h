@@ -7,7 +7,9 @@
 // kernel. The INT2 tokens run on tensor cores (decode_attention.cuh explains the fragment layout); the bf16 window
 // tokens inside the INT2 split blocks (Fused) or on a separate small kernel.
 //
-// The bf16 baseline is the same kernel with every token in the bf16 window (sink_tokens >= every length).
+// The bf16 baseline is the same kernel with every token in the bf16 window (sink_tokens >= every length). The FP8
+// baseline (quant_storage = Fp8E4M3) reads fmt::Fp8PageGeometry pages from the quantized pools instead of INT2 ones,
+// on its own CUDA-core split kernel (decode_attention_fp8.cuh) inside the Separate variant.
 #include <cstddef>
 #include <cstdint>
 
@@ -40,6 +42,9 @@ struct DecodeAttentionParams {
   int64_t recent_tokens = 0;            // tokens t >= len - recent_tokens too; the rest from INT2 pages
   const uint8_t* k_int2_pool = nullptr;  // Int2PageGeometry pages, page p of KV head h at page_block_offset
   const uint8_t* v_int2_pool = nullptr;
+  // What the quantized pools hold: Int (INT2 pages, or the geometries' below) or Fp8E4M3 (Fp8PageGeometry pages,
+  // no geometries; always runs the Separate variant). BF16 is not a pool format: use sink_tokens >= every length.
+  fmt::KvStorage quant_storage = fmt::KvStorage::Int;
   // Segmented (spectral) layers: the pools above hold these geometries' pages instead of INT2 ones (host memory,
   // read at launch). Both or neither; a tensor stored as plain INT2 passes its one-segment geometry.
   const fmt::SegmentedPageGeometry* k_geometry = nullptr;
@@ -70,7 +75,7 @@ size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int3
 // head_dim in {64, 128, 256}, group size 1..8, num_q_heads % num_kv_heads == 0, 16-byte aligned pools and R_v,
 // page_tokens a positive multiple of 16, the pools and tables that the windows need present. Geometries: both
 // given, of head_dim and page_tokens, segments on 16-dim boundaries with widths 0 to 4 (8 is not implemented by
-// the segmented kernel).
+// the segmented kernel). Fp8E4M3: no geometries.
 Status decode_attention_can_implement(const DecodeAttentionParams& p);
 
 // Device pointers. `p.num_splits` 0 picks splits from the current device's SM count.

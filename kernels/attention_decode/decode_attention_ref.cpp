@@ -56,6 +56,9 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
   if (p.page_tokens % 16 != 0) return Status::Unsupported;
   // Geometries are checked even for an empty batch: a layout the kernel cannot read is refused up front.
   if (!p.k_geometry != !p.v_geometry) return Status::InvalidArgument;
+  if (p.quant_storage != fmt::KvStorage::Int && p.quant_storage != fmt::KvStorage::Fp8E4M3)
+    return Status::InvalidArgument;
+  if (p.quant_storage == fmt::KvStorage::Fp8E4M3 && p.k_geometry) return Status::InvalidArgument;
   for (const fmt::SegmentedPageGeometry* g : {p.k_geometry, p.v_geometry}) {
     if (!g) continue;
     if (g->head_dim != p.head_dim || g->page_tokens != p.page_tokens) return Status::InvalidArgument;
@@ -104,6 +107,17 @@ void read_cached_head_ref(const DecodeAttentionParams& p, bool value, int32_t b,
     return;
   }
   const int32_t page = p.int2_page_table[static_cast<int64_t>(b) * p.max_pages + logical_page];
+  if (p.quant_storage == fmt::KvStorage::Fp8E4M3) {
+    const fmt::Fp8PageGeometry geo{d, p.page_tokens};
+    const uint8_t* block = (value ? p.v_int2_pool : p.k_int2_pool) +
+                           fmt::page_block_offset(page, h, p.num_kv_heads, geo.page_bytes());
+    uint16_t scale_f16;
+    std::memcpy(&scale_f16, block + geo.scales_offset() + static_cast<size_t>(offset) * 2, 2);
+    const float scale = fmt::f16_to_f32(scale_f16);
+    const uint8_t* row = block + static_cast<size_t>(offset) * geo.code_row_bytes();
+    for (int32_t i = 0; i < d; ++i) out[i] = calib::e4m3_to_f32(row[i]) * scale;  // HeadQuantizer::decode's product
+    return;
+  }
   if (const fmt::SegmentedPageGeometry* g = value ? p.v_geometry : p.k_geometry) {
     const uint8_t* block =
         (value ? p.v_int2_pool : p.k_int2_pool) + fmt::page_block_offset(page, h, p.num_kv_heads, g->page_bytes());

@@ -3,6 +3,7 @@
 
 #include "kernels/kv_quantize/kv_quantize.cuh"
 #include "kernels/kv_quantize/kv_quantize.h"
+#include "kernels/kv_quantize/kv_write_fp8.cuh"
 #include "kernels/kv_quantize/kv_write_int2.cuh"
 #include "kernels/kv_quantize/kv_write_variants.h"
 
@@ -73,6 +74,7 @@ Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, KvWriteInt2Impl im
 Status dispatch(const KvWriteParams& p, KvWriteMode mode, KvWriteInt2Impl impl, Stream stream) {
   if (Status s = kv_write_can_implement(p, mode); s != Status::Ok) return s;
   if (p.tokens == 0) return Status::Ok;
+  if (mode == KvWriteMode::Fp8) return detail::launch_kv_write_fp8(p, detail::to_cuda(stream));
   detail::KvWriteArgs a{p.x,        p.tokens, p.token_stride, p.num_kv_heads,
                         p.page_tokens, p.rotation, clip_rank(p.clip_ratio, p.head_dim),
                         p.slots,    p.int2_pool, p.bf16_pool, {}};

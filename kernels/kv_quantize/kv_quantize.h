@@ -12,10 +12,13 @@ namespace oscar::kern {
 
 // Segmented: per-segment widths and (scale, zero) pairs of `geometry` (formats/kv_layout.h SegmentedPageGeometry),
 // the same clip over the whole head as Int2; codes bit-identical to calib::HeadQuantizer::encode.
-enum class KvWriteMode { Int2, Bf16, Segmented };
+// Fp8: the eval baseline KvStorage::Fp8E4M3 (no rotation, no clip): e4m3 codes + one fp16 scale per head vector into
+// fmt::Fp8PageGeometry pages of int2_pool, bit-identical to HeadQuantizer::encode of that spec (kv_write_fp8.cuh).
+enum class KvWriteMode { Int2, Bf16, Segmented, Fp8 };
 
 struct KvWriteParams {
   const uint16_t* x = nullptr;  // bf16 bits, head vector of token t and KV head h at x[t * token_stride + h * head_dim]
+  const float* x_f32 = nullptr;  // KvWriteMode::Fp8 only: fp32 rows instead of x (same indexing; exactly one of both)
   int64_t tokens = 0;
   int64_t token_stride = 0;     // elements between tokens (>= num_kv_heads * head_dim; lets x be a slice of QKV)
   int32_t num_kv_heads = 0;
@@ -24,13 +27,16 @@ struct KvWriteParams {
   const float* rotation = nullptr;  // [head_dim, head_dim] row-major fp32 (y = x · R), null = identity
   float clip_ratio = 1.0f;          // Int2 only; see quantizer_ref.h for the order statistic
   const int32_t* slots = nullptr;   // [tokens]: page * page_tokens + offset in page; negative = skip the token
-  uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages (Segmented: geometry's)
+  uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages (Segmented: geometry's,
+                                    // Fp8: Fp8PageGeometry's)
   const fmt::SegmentedPageGeometry* geometry = nullptr;  // Segmented only; host memory, read at launch
   uint16_t* bf16_pool = nullptr;    // KvWriteMode::Bf16 destination: Bf16PageGeometry pages
 };
 
 // Checks what the kernel implements: head_dim in {64, 128, 256}, 16-byte aligned x rows and pools, clip_ratio in
-// (0, 1]; Segmented: a geometry of head_dim and page_tokens with 1..16 segments of widths 0, 1, 2, 3, 4 or 8. Host-only, touches no device memory.
+// (0, 1]; Segmented: a geometry of head_dim and page_tokens with 1..16 segments of widths 0, 1, 2, 3, 4 or 8; Fp8: no
+// rotation and clip_ratio 1 (Unsupported otherwise: the baseline has neither), x or x_f32. Host-only, touches no
+// device memory.
 Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode);
 
 // Device pointers. Launches on `stream`; returns the can_implement status or the launch status.

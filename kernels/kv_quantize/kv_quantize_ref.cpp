@@ -27,6 +27,14 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
   // Segmented records come from the CPU reference quantizer itself, then are scattered into the page regions.
   std::optional<calib::HeadQuantizer> seg_quantizer;
   std::vector<uint8_t> record;
+  if (mode == KvWriteMode::Fp8) {
+    fmt::TensorQuantSpec spec;
+    spec.storage = fmt::KvStorage::Fp8E4M3;
+    spec.segments = {{0, d, 8}};
+    seg_quantizer.emplace(spec, d, "kv_write_ref");
+    record.resize(static_cast<size_t>(seg_quantizer->record_bytes()));
+  }
+  const fmt::Fp8PageGeometry fp8{d, p.page_tokens};
   if (mode == KvWriteMode::Segmented) {
     const fmt::SegmentedPageGeometry& g = *p.geometry;
     fmt::TensorQuantSpec spec;
@@ -41,8 +49,17 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
     const int32_t page = slot / p.page_tokens;
     const int32_t offset = slot % p.page_tokens;
     for (int32_t h = 0; h < p.num_kv_heads; ++h) {
-      const uint16_t* src = p.x + t * p.token_stride + static_cast<int64_t>(h) * d;
-      for (int32_t i = 0; i < d; ++i) x[static_cast<size_t>(i)] = fmt::bf16_to_f32(src[i]);
+      const int64_t row = t * p.token_stride + static_cast<int64_t>(h) * d;
+      for (int32_t i = 0; i < d; ++i)
+        x[static_cast<size_t>(i)] = p.x_f32 ? p.x_f32[row + i] : fmt::bf16_to_f32(p.x[row + i]);
+      if (mode == KvWriteMode::Fp8) {
+        // The record is d codes then the fp16 scale; the page keeps codes and scales in separate arrays.
+        seg_quantizer->encode(x, {}, 1.0f, record);
+        uint8_t* block = p.int2_pool + fmt::page_block_offset(page, h, p.num_kv_heads, fp8.page_bytes());
+        std::memcpy(block + static_cast<size_t>(offset) * fp8.code_row_bytes(), record.data(), static_cast<size_t>(d));
+        std::memcpy(block + fp8.scales_offset() + static_cast<size_t>(offset) * 2, record.data() + d, 2);
+        continue;
+      }
       if (mode == KvWriteMode::Bf16) {
         calib::rotate(x, rotation, y);
         uint16_t* dst = p.bf16_pool +
@@ -83,7 +100,15 @@ Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
   if (p.token_stride < static_cast<int64_t>(p.num_kv_heads) * p.head_dim) return Status::InvalidArgument;
   if (p.tokens == 0) return Status::Ok;
-  if (!p.x || !p.slots) return Status::InvalidArgument;
+  if (mode == KvWriteMode::Fp8) {
+    if (!p.x == !p.x_f32 || !p.slots || !p.int2_pool) return Status::InvalidArgument;
+    if (p.rotation || p.clip_ratio != 1.0f) return Status::Unsupported;
+    if (reinterpret_cast<uintptr_t>(p.int2_pool) % 16 != 0) return Status::Misaligned;
+    if (reinterpret_cast<uintptr_t>(p.x) % 2 != 0 || reinterpret_cast<uintptr_t>(p.x_f32) % 4 != 0)
+      return Status::Misaligned;
+    return Status::Ok;
+  }
+  if (!p.x || !p.slots || p.x_f32) return Status::InvalidArgument;
   if (mode == KvWriteMode::Int2 || mode == KvWriteMode::Segmented) {
     if (!p.int2_pool) return Status::InvalidArgument;
     if (!(p.clip_ratio > 0.0f && p.clip_ratio <= 1.0f)) return Status::InvalidArgument;

@@ -48,15 +48,15 @@ TEST(EvalDeviceCli, CpuFallbackRunsCpuOnlyModesAndSaysSo) {
   OSCAR_REQUIRE_FIXTURE(kText);
   const auto out = temp_dir_for_test() / "out";
   auto args = eval_args(out);
-  args.insert(args.end(), {"--modes", "fp8", "--cpu-fallback"});  // nothing left for the engine: no device needed
+  args.insert(args.end(), {"--modes", "kivi2", "--cpu-fallback"});  // nothing left for the engine: no device needed
   const RunResult r = run_oscar(args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto report = nlohmann::json::parse(slurp(out / "report.json"));
   ASSERT_EQ(report["results"].size(), 1u);
-  EXPECT_EQ(report["results"][0]["mode"], "fp8");
+  EXPECT_EQ(report["results"][0]["mode"], "kivi2");
   EXPECT_EQ(report["results"][0]["all_positions"]["positions"], 191);
   bool warned = false;
-  for (const auto& w : report["warnings"]) warned |= w.get<std::string>().find("fp8 ran on the CPU simulation") == 0;
+  for (const auto& w : report["warnings"]) warned |= w.get<std::string>().find("kivi2 ran on the CPU simulation") == 0;
   EXPECT_TRUE(warned) << report["warnings"].dump();
   bool device = false;
   for (const auto& [key, value] : report["settings"].items())

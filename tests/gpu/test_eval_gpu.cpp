@@ -133,16 +133,17 @@ double relative(double a, double b) { return std::abs(a - b) / std::abs(b); }
 
 TEST_F(EvalGpu, EngineMetricsMatchTheCpuSimulation) {
   const auto data = heldout(*tok_, 768, 2);
-  // int4 runs through the segmented pages (one 4-bit segment per head): the baseline eval compares against.
-  const eval::EvalOptions opt = options("bf16,int2,oscar,int4");
+  // The baselines eval compares against: int4 through the segmented pages (one 4-bit segment per head), fp8 through
+  // its own pages and split kernel.
+  const eval::EvalOptions opt = options("bf16,int2,oscar,int4,fp8");
   const eval::EvalReport cpu = eval::evaluate(*cpu_, tok_, data, opt);
   GpuEvalOptions gpu;
   gpu.schedule = {2, 1};
   const eval::EvalReport dev = evaluate_on_gpu(*dir_, tok_, data, opt, gpu);
 
-  ASSERT_EQ(cpu.results.size(), 4u);
-  ASSERT_EQ(dev.results.size(), 4u);
-  for (size_t i = 0; i < 4; ++i) {
+  ASSERT_EQ(cpu.results.size(), 5u);
+  ASSERT_EQ(dev.results.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) {
     const eval::ModeResult &c = cpu.results[i], &g = dev.results[i];
     print("cpu", c);
     print("cuda", g);
@@ -162,15 +163,18 @@ TEST_F(EvalGpu, EngineMetricsMatchTheCpuSimulation) {
       EXPECT_EQ(g.greedy_mean_agreement, 16.0);
     } else {
       EXPECT_GT(g.beyond.kl_mean, 0.0);
-      // int4's KL is ~10x smaller than int2's, so the engine's bf16 activations vs the simulation's fp32 weigh more.
-      EXPECT_LT(relative(g.beyond.kl_mean, c.beyond.kl_mean), c.mode == "int4" ? 0.35 : 0.20);
+      // int4's and fp8's KL are far smaller than int2's, so the engine's bf16 activations vs the simulation's fp32
+      // weigh more.
+      EXPECT_LT(relative(g.beyond.kl_mean, c.beyond.kl_mean), c.mode == "int4" || c.mode == "fp8" ? 0.35 : 0.20);
     }
   }
-  // Results come in the order of --modes: bf16, int2, oscar, int4.
+  // Results come in the order of --modes: bf16, int2, oscar, int4, fp8.
   EXPECT_LT(cpu.results[2].beyond.kl_mean, cpu.results[1].beyond.kl_mean) << "CPU: oscar vs int2";
   EXPECT_LT(dev.results[2].beyond.kl_mean, dev.results[1].beyond.kl_mean) << "GPU: oscar vs int2";
   EXPECT_LT(cpu.results[3].beyond.kl_mean, 0.5 * cpu.results[2].beyond.kl_mean) << "CPU: int4 vs oscar";
   EXPECT_LT(dev.results[3].beyond.kl_mean, 0.5 * dev.results[2].beyond.kl_mean) << "GPU: int4 vs oscar";
+  EXPECT_LT(cpu.results[4].beyond.kl_mean, 0.5 * cpu.results[2].beyond.kl_mean) << "CPU: fp8 vs oscar";
+  EXPECT_LT(dev.results[4].beyond.kl_mean, 0.5 * dev.results[2].beyond.kl_mean) << "GPU: fp8 vs oscar";
 }
 
 TEST_F(EvalGpu, SinkLongPrefillAndAnotherBatchGiveTheSameNumbers) {

@@ -68,6 +68,8 @@ struct HostPagedCache {
   // Segmented pages (set both before build): the quantized pools hold these geometries' pages instead of INT2.
   const fmt::SegmentedPageGeometry* k_geo = nullptr;
   const fmt::SegmentedPageGeometry* v_geo = nullptr;
+  // FP8 pages (fmt::Fp8PageGeometry, KvWriteMode::Fp8) in the quantized pools instead; needs empty rotations.
+  bool fp8 = false;
 
   void build(const std::vector<int32_t>& seq_lens, int32_t kv_heads, int32_t d, const std::vector<float>& rot_k,
              const std::vector<float>& rot_v, float clip_k, float clip_v, uint32_t seed) {
@@ -89,8 +91,9 @@ struct HostPagedCache {
     bf16_table.assign(perm_b.begin(), perm_b.end());
     const fmt::Int2PageGeometry int2{d, page_tokens};
     const fmt::Bf16PageGeometry bf16{d, page_tokens};
-    const auto k_page = k_geo ? k_geo->page_bytes() : int2.page_bytes();
-    const auto v_page = v_geo ? v_geo->page_bytes() : int2.page_bytes();
+    const fmt::Fp8PageGeometry fp8_geo{d, page_tokens};
+    const auto k_page = fp8 ? fp8_geo.page_bytes() : k_geo ? k_geo->page_bytes() : int2.page_bytes();
+    const auto v_page = fp8 ? fp8_geo.page_bytes() : v_geo ? v_geo->page_bytes() : int2.page_bytes();
     k_int2.assign(static_cast<size_t>(total_pages) * kv_heads * k_page, 0);
     v_int2.assign(static_cast<size_t>(total_pages) * kv_heads * v_page, 0);
     k_bf16.assign(static_cast<size_t>(total_pages) * kv_heads * bf16.page_bytes() / 2, 0);
@@ -131,6 +134,7 @@ struct HostPagedCache {
     p.max_pages = max_pages;
     p.k_geometry = k_geo;
     p.v_geometry = v_geo;
+    if (fp8) p.quant_storage = fmt::KvStorage::Fp8E4M3;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     return p;
   }
@@ -153,7 +157,13 @@ struct HostPagedCache {
     w.bf16_pool = bf16_pool.data();
     w.slots = int2_slots.data();
     w.geometry = geo;
-    kern::kv_write_ref(w, geo ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2);
+    if (fp8) {
+      w.rotation = nullptr;  // KvWriteMode::Fp8 takes none; build() is only called with empty ones for fp8
+      w.clip_ratio = 1.0f;
+    }
+    kern::kv_write_ref(w, fp8 ? kern::KvWriteMode::Fp8 : geo ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2);
+    w.rotation = rot.empty() ? nullptr : rot.data();
+    w.clip_ratio = clip;
     w.slots = bf16_slots.data();
     kern::kv_write_ref(w, kern::KvWriteMode::Bf16);
   }

@@ -301,6 +301,23 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   EXPECT_EQ(int4_layout.k_page_bytes[1], 64 * (64 + 4));
   EXPECT_EQ(int4_layout.v_page_bytes[0], 64 * (64 + 4));
 
+  // fp8: eval's e4m3 baseline; fmt::Fp8PageGeometry pages (64 x 128 code bytes + 64 fp16 scales), not segmented.
+  EXPECT_EQ(parse_cache_mode("fp8", "--cache"), CacheMode::Fp8);
+  EXPECT_EQ(cache_mode_name(CacheMode::Fp8), "fp8");
+  const CacheFormat fp8 = resolve_cache_format(config_with_head_dim(128), CacheMode::Fp8, nullptr, {}, 100, "w");
+  EXPECT_TRUE(fp8.quantized);
+  EXPECT_TRUE(fp8.fp8());
+  EXPECT_FALSE(fp8.segmented());
+  EXPECT_FALSE(int4_mode.fp8());
+  EXPECT_EQ(fp8.recent_tokens, 100);
+  EXPECT_TRUE(fp8.k_rotation[0].empty());
+  EXPECT_EQ(fp8.v_clip_ratio[1], 1.f);
+  const KvCacheLayout fp8_layout = cache_layout(config_with_head_dim(128), fp8);
+  EXPECT_EQ(fp8_layout.k_page_bytes, (std::vector<int32_t>{8320, 8320}));
+  EXPECT_EQ(fp8_layout.v_page_bytes, (std::vector<int32_t>{8320, 8320}));
+  EXPECT_EQ(fp8_layout.int2_page_bytes(), static_cast<size_t>(fp8_layout.num_kv_heads) * 4 * 8320);
+  EXPECT_THROW(resolve_cache_format(config_with_head_dim(8), CacheMode::Fp8, nullptr, {}, {}, "w"), Error);
+
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, nullptr, {}, {}, "w"), Error);
   const fmt::Bundle bundle = identity_bundle(128, 2);
   const CacheFormat oscar = resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &bundle, {}, {}, "w");

@@ -169,6 +169,17 @@ TEST(KvFootprint, Qwen3_8BShapeBf16AndInt2MatchHandCountedBytes) {
   EXPECT_EQ(int4.rows[1].stored_bytes, 320 * kBf16PerToken + 704 * kInt4PerToken);
   EXPECT_EQ(int4.rows[2].engine_bytes, 511 * kInt4Page + 5 * kBf16Page);
 
+  // fp8: 128 e4m3 bytes + one fp16 scale = 130 B per record, 8.125 bits/element.
+  const double kFp8PerToken = 2.0 * kL * kKv * (kD + 2);
+  const double kFp8Page = 2.0 * kL * kKv * 64 * (kD + 2);
+  const KvFootprint fp8 = kv_footprint(cfg, CacheMode::Fp8, nullptr, contexts, {}, {}, "t");
+  EXPECT_EQ(fp8.mode, "fp8");
+  EXPECT_EQ(fp8.quant_bytes_per_token, kFp8PerToken);
+  EXPECT_DOUBLE_EQ(fp8.k_bits_per_element, 8.125);
+  EXPECT_EQ(fp8.k_layout.at(0), "fp8");
+  EXPECT_EQ(fp8.rows[1].stored_bytes, 320 * kBf16PerToken + 704 * kFp8PerToken);
+  EXPECT_EQ(fp8.rows[2].engine_bytes, 511 * kFp8Page + 5 * kBf16Page);
+
   // Window overrides.
   const KvFootprint nowin = kv_footprint(cfg, CacheMode::Int2, nullptr, contexts, 0, 0, "t");
   EXPECT_EQ(nowin.rows[1].stored_bytes, 1024 * kInt2PerToken);
