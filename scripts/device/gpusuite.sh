@@ -3,6 +3,8 @@
 # parameterized suites (Shapes/..., Groups/..., ...) that per-area filters like "FoldValueRotation*" miss, then
 # compute-sanitizer memcheck of the suites named in the argument (comma-separated gtest suite names; none = skip).
 # Expected GPU time: ~3 min for the suite; memcheck of one Eval suite ~2-4 min (its CPU simulation is not slowed).
+# Pack from the main checkout: tests find fixtures at <source dir>/../shared/fixtures, so a build made in another
+# checkout skips every fixture test on the device (the 2026-12-05 third run did).
 # Needs: $BIN (bin/ + lib/ from scripts/device/pack.sh), fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: gpusuite_test_gpu.log "[  PASSED  ]" and no FAILED; gpusuite_memcheck.txt "ERROR SUMMARY: 0 errors" and
 #   rc=0 per suite (rc=124: the suite ran past MEMCHECK_SUITE_S, default 280 s).
