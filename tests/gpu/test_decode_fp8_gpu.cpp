@@ -20,35 +20,15 @@
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
 #include "lib/calib/quantizer_ref.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar {
 namespace {
 
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+using test::gpu::have_gpu;
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t count = 0;
-  explicit DeviceBuffer(size_t n) : count(n) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-    EXPECT_EQ(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  std::vector<T> download() const {
-    std::vector<T> host(count);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
+using test::gpu::DeviceBuffer;
 
 // Head vectors that reach every branch of the Fp8E4M3 rule (quantizer_ref.h step 4), one kind per row (row % 8).
 std::vector<float> fp8_rows(int d, int rows, uint32_t seed) {
@@ -90,7 +70,7 @@ std::vector<float> fp8_rows(int d, int rows, uint32_t seed) {
 class KvWriteFp8Gpu : public ::testing::TestWithParam<int> {};
 
 TEST_P(KvWriteFp8Gpu, BitExactAgainstReferenceAndHeadQuantizer) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 3, tokens = 333, pages = 8, page_tokens = 64;
   const int stride = heads * d + 8;  // a slice of a wider buffer (as K in the fused QKV output)
   const auto rows = fp8_rows(d, tokens * heads, 90 + d);
@@ -192,7 +172,7 @@ std::string case_name(const ::testing::TestParamInfo<Fp8DecodeCase>& info) {
 class DecodeFp8Gpu : public ::testing::TestWithParam<Fp8DecodeCase> {};
 
 TEST_P(DecodeFp8Gpu, MatchesDoubleReference) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const auto& dc = GetParam();
   const int d = dc.d;
   test::HostPagedCache c;
@@ -274,7 +254,7 @@ INSTANTIATE_TEST_SUITE_P(
     case_name);
 
 TEST(DecodeFp8GpuCheck, RejectsGeometriesWithFp8) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const fmt::QuantSegment seg[] = {{0, 128, 2}};
   const auto geo = fmt::segmented_page_geometry(seg, 1, 128, 64);
   kern::DecodeAttentionParams p;

@@ -18,15 +18,13 @@
 #include "../kernels/kv_cache_test_util.h"
 #include "kernels/attention_decode/decode_attention.h"
 #include "kernels/attention_decode/decode_attention_ref.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar {
 namespace {
 
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using test::gpu::have_gpu;
 
 template <typename T>
 struct DeviceArray {
@@ -67,7 +65,7 @@ std::string case_name(const ::testing::TestParamInfo<Int2PathCase>& info) {
 class DecodeInt2Paths : public ::testing::TestWithParam<Int2PathCase> {};
 
 TEST_P(DecodeInt2Paths, MatchesReference) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto& tc = GetParam();
   const int d = tc.head_dim;
   const auto rk = test::random_rotation(d, 61), rv = test::random_rotation(d, 62);

@@ -27,6 +27,7 @@
 #include "lib/eval/evaluator.h"
 #include "lib/model/cpu_model.h"
 #include "runtime/eval_gpu.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar::rt {
@@ -39,10 +40,7 @@ const char* const kPythonDocs = "text/python-docs-heldout.txt";
 const char* const kLinuxDocs = "text/linux-docs-heldout.txt";
 const char* const kCalibrationText = "text/wikitext-2-raw-test.txt";
 
-bool have_gpu() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
+using test::gpu::have_gpu;
 
 std::vector<eval::ContextSequences> heldout(const fmt::Tokenizer& tok, int64_t context, int64_t num_seqs) {
   data::PackOptions po;

@@ -12,40 +12,20 @@
 #include "kernels/attention_decode/decode_attention_ref.h"
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar {
 namespace {
 
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+using test::gpu::have_gpu;
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t count = 0;
-  explicit DeviceBuffer(size_t n) : count(n) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-    EXPECT_EQ(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  std::vector<T> download() const {
-    std::vector<T> host(count);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
+using test::gpu::DeviceBuffer;
 
 class KvWriteGpu : public ::testing::TestWithParam<int> {};
 
 TEST_P(KvWriteGpu, BitExactAgainstReferenceIncludingOutliers) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 3, tokens = 333, pages = 8, page_tokens = 64;
   const auto rot = test::random_rotation(d, 40 + d);
   auto x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 41, 50.0f);
@@ -109,7 +89,7 @@ struct GpuDecodeCase {
 class DecodeGpu : public ::testing::TestWithParam<GpuDecodeCase> {};
 
 TEST_P(DecodeGpu, MatchesReference) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const auto& dc = GetParam();
   const int d = 128;
   const auto rk = test::random_rotation(d, 51), rv = test::random_rotation(d, 52);

@@ -20,35 +20,16 @@
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
 #include "kernels/kv_quantize/kv_write_variants.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar {
 namespace {
 
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+using test::gpu::have_gpu;
 
 template <typename T>
-struct Dev {
-  T* ptr = nullptr;
-  size_t count = 0;
-  explicit Dev(const std::vector<T>& host) : count(host.size()) {
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(ptr, host.data(), count * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~Dev() { cudaFree(ptr); }
-  std::vector<T> download() const {
-    std::vector<T> host(count);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-};
+using Dev = test::gpu::DeviceBuffer<T>;
 
 struct Case {
   int d = 128, heads = 3, tokens = 0;
@@ -120,7 +101,7 @@ const float kRatios[] = {1.0f, 0.999f, 0.96f, 0.92f, 0.8f, 0.5f, 0.01f};
 class KvWriteInt2Gpu : public ::testing::TestWithParam<int> {};
 
 TEST_P(KvWriteInt2Gpu, StressVectorsBitExactForEveryImplAndClipPosition) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const int d = GetParam();
   const auto perm = test::signed_permutation(d, 70 + d);
   const auto orth = test::random_rotation(d, 80 + d);
@@ -151,7 +132,7 @@ TEST_P(KvWriteInt2Gpu, StressVectorsBitExactForEveryImplAndClipPosition) {
 // The three implementations on ordinary data (Gaussian with channel outliers, random orthogonal R): the legacy
 // kernel is the bench's baseline, so it must still produce the same cache.
 TEST_P(KvWriteInt2Gpu, AllImplementationsAgreeOnGaussianKeys) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 8, tokens = 517;
   const auto rot = test::random_rotation(d, 90 + d);
   Case c;
@@ -174,7 +155,7 @@ TEST_P(KvWriteInt2Gpu, AllImplementationsAgreeOnGaussianKeys) {
 // A NaN in one head vector: the record of that (token, head) is unspecified, everything else is bit-exact and the
 // launch succeeds. The reference gets the same x with that vector zeroed (its select is undefined on NaN).
 TEST_P(KvWriteInt2Gpu, NanTouchesOnlyItsOwnRecord) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 2, tokens = 40;
   const auto rot = test::random_rotation(d, 95 + d);
   Case c;

@@ -30,6 +30,7 @@
 #include "runtime/device_model.h"
 #include "runtime/engine.h"
 #include "runtime/eval_gpu.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar::rt {
@@ -39,13 +40,7 @@ namespace fs = std::filesystem;
 
 const char* const kQwen3 = "models/qwen3-tiny-trained";
 
-bool have_gpu() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+using test::gpu::have_gpu;
 
 std::vector<uint16_t> download_bf16(const uint16_t* p, size_t n) {
   std::vector<uint16_t> h(n);
@@ -88,7 +83,7 @@ int bf16_ulps(uint16_t got, double want) {
 class FoldValueRotation : public ::testing::TestWithParam<int> {};
 
 TEST_P(FoldValueRotation, FoldedWeightsAreTheFp64ProductWithinOneBf16Rounding) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   const bool per_head = GetParam() == 1;
   fmt::ModelConfig cfg;
   cfg.hidden_size = 256;
@@ -219,7 +214,7 @@ double top1_agreement(const std::vector<std::vector<float>>& a, const std::vecto
 }
 
 TEST(EngineFoldV, LogitsCloseToTheUnfoldedEngineAndSharedWeightsRefused) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   OSCAR_REQUIRE_FIXTURE(kQwen3);
   OSCAR_REQUIRE_FIXTURE("text/tinystories-sample.txt");
   const fs::path dir = test::fixtures_dir() / kQwen3;
@@ -293,7 +288,7 @@ std::vector<eval::ContextSequences> heldout(const fmt::Tokenizer& tok, int64_t c
 double relative(double a, double b) { return std::abs(a - b) / std::abs(b); }
 
 TEST(EvalGpuHadamard2, EngineMetricsMatchTheCpuSimulationAlsoFolded) {
-  REQUIRE_GPU();
+  OSCAR_REQUIRE_DEVICE();
   OSCAR_REQUIRE_FIXTURE(kQwen3);
   OSCAR_REQUIRE_FIXTURE("text/python-docs-heldout.txt");
   OSCAR_REQUIRE_FIXTURE("text/linux-docs-heldout.txt");

@@ -32,6 +32,7 @@
 #include "lib/model/generate.h"
 #include "runtime/engine.h"
 #include "test_fwd_gpu_support.h"
+#include "gpu_test_buffer.h"
 #include "test_support.h"
 
 namespace oscar {
@@ -39,28 +40,10 @@ namespace {
 
 using Segs = std::vector<fmt::QuantSegment>;
 
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using test::gpu::have_gpu;
 
 template <typename T>
-struct Dev {
-  T* ptr = nullptr;
-  size_t count = 0;
-  explicit Dev(const std::vector<T>& host) : count(host.size()) {
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(ptr, host.data(), count * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~Dev() { cudaFree(ptr); }
-  std::vector<T> download() const {
-    std::vector<T> host(count);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-};
+using Dev = test::gpu::DeviceBuffer<T>;
 
 // ---- kv_write ----------------------------------------------------------------------------------------------------
 
@@ -72,7 +55,7 @@ struct SegWriteCase {
 class SegKvWriteGpu : public ::testing::TestWithParam<SegWriteCase> {};
 
 TEST_P(SegKvWriteGpu, BitExactWithTheReference) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const int d = GetParam().d, heads = 3, tokens = 150, page_tokens = 64, pages = 5;
   const auto geo = fmt::segmented_page_geometry(GetParam().segs, d, page_tokens);
   const auto x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 21);
@@ -142,7 +125,7 @@ struct SegDecodeCase {
 class SegDecodeGpu : public ::testing::TestWithParam<SegDecodeCase> {};
 
 TEST_P(SegDecodeGpu, MatchesReference) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto& tc = GetParam();
   const int d = tc.d;
   const auto rk = test::random_rotation(d, 61), rv = test::random_rotation(d, 62);
