@@ -16,22 +16,11 @@
 set -u
 BIN=${BIN:?set BIN}
 OUT=${OUT:?set OUT}
-FIX=/work/shared/fixtures
-[ -d "$FIX" ] || FIX=../shared/fixtures
-MODEL=$FIX/models/qwen3-tiny-trained
-OSCAR="env LD_LIBRARY_PATH=$BIN/lib $BIN/bin/oscar"
-CAL_DATA=("$FIX/text/war-and-peace.txt" "$FIX/text/tiny-shakespeare.txt" "$FIX/text/code-llamacpp-mit.txt")
-EVAL_DATA=("$FIX/text/python-docs-heldout.txt" "$FIX/text/linux-docs-heldout.txt")
+source "$(dirname "$0")/calib_common.sh"  # FIX, MODEL, OSCAR, CAL_DATA, EVAL_DATA, calib()
 COMMON=(--model "$MODEL" --data "${CAL_DATA[@]}" --num-seqs 64 --seq-len 1024 --heldout-seqs 8 --json)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 
-calib() {  # name, extra flags...
-  local name=$1; shift
-  local t0=$SECONDS
-  $OSCAR calibrate "${COMMON[@]}" --out "$OUT/$name.oscar" "$@" > "$OUT/calib_$name.json" 2> "$OUT/calib_$name.log"
-  echo "calibrate $name rc=$? $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-}
 evalb() {  # name
   local name=$1
   [ -f "$OUT/$name.oscar" ] || return
