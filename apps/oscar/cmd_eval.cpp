@@ -140,12 +140,18 @@ int run_eval(const EvalCliOptions& o) {
 
   eval::EvalOptions opt;
   opt.modes = o.modes.empty() ? std::vector<eval::CacheMode>{} : eval::parse_cache_modes(o.modes, "--modes");
-  // The default list on the GPU is what the engine implements (bf16, oscar, int2) unless --cpu-fallback.
-  const std::set<eval::CacheMode> engine_modes = {eval::CacheMode::BF16, eval::CacheMode::Oscar, eval::CacheMode::Int2,
-                                                  eval::CacheMode::Hadamard2};
+  // The default list on the GPU is what the engine implements (every mode but kivi2) unless --cpu-fallback.
+  auto engine_implements = [](eval::CacheMode m) {
+#ifdef OSCAR_HAVE_CUDA
+    return rt::engine_cache_mode(m).has_value();
+#else
+    (void)m;
+    return false;  // no engine in a CPU build (and no --device cuda to ask for one)
+#endif
+  };
   if (o.modes.empty())
     for (eval::CacheMode m : eval::kAllCacheModes)
-      if ((m != eval::CacheMode::Oscar || bundle) && (!on_gpu || o.cpu_fallback || engine_modes.count(m)))
+      if ((m != eval::CacheMode::Oscar || bundle) && (!on_gpu || o.cpu_fallback || engine_implements(m)))
         opt.modes.push_back(m);
   if (!bundle && std::find(opt.modes.begin(), opt.modes.end(), eval::CacheMode::Oscar) != opt.modes.end())
     throw Error("--modes", "the oscar mode needs a calibration bundle (--bundle FILE from `oscar calibrate`)");
