@@ -180,6 +180,26 @@ class LayerCandidates : public ::testing::Test {
     return slurp(p);
   }
 
+  // The three candidates of a layer, built independently of the per-layer choice: the spectral-only bundle, the
+  // published bundle, and whole-head Sylvester Hadamard at the fixed clips.
+  struct Candidates {
+    fmt::Bundle spectral, published;
+    fmt::LayerCalibration hadamard;
+  };
+  Candidates independent_candidates(CpuForwardRunner& runner) const {
+    Candidates c;
+    c.spectral = calibrate(runner, fp_, data_, opt_).bundle;
+    CalibrationOptions pub = opt_;
+    pub.method = Method::Published;
+    c.published = calibrate(runner, fp_, data_, pub).bundle;
+    const std::vector<double> h = hadamard(8);
+    c.hadamard.k_rotation.assign(h.begin(), h.end());
+    c.hadamard.v_rotation = c.hadamard.k_rotation;
+    c.hadamard.k_clip_ratio = 0.96f;
+    c.hadamard.v_clip_ratio = 0.92f;
+    return c;
+  }
+
   fs::path dir_;
   std::unique_ptr<model::CpuModel> model_;
   CalibrationData data_;
@@ -202,17 +222,9 @@ TEST_F(LayerCandidates, StoresTheArgminOfIndependentlyRecomputedProxies) {
   ASSERT_EQ(choice.size(), L);
   for (const char* c : {"spectral", "published", "hadamard"}) ASSERT_EQ(proxy.count(c), 1u) << c;
 
-  // The candidates, built independently: the spectral-only bundle, the published bundle, Sylvester Hadamard.
-  const fmt::Bundle spectral = calibrate(runner, fp_, data_, opt_).bundle;
-  CalibrationOptions pub = opt_;
-  pub.method = Method::Published;
-  const fmt::Bundle published = calibrate(runner, fp_, data_, pub).bundle;
-  const std::vector<double> h = hadamard(8);
-  fmt::LayerCalibration had;
-  had.k_rotation.assign(h.begin(), h.end());
-  had.v_rotation = had.k_rotation;
-  had.k_clip_ratio = 0.96f;
-  had.v_clip_ratio = 0.92f;
+  const Candidates cands = independent_candidates(runner);
+  const fmt::Bundle &spectral = cands.spectral, &published = cands.published;
+  const fmt::LayerCalibration& had = cands.hadamard;
 
   // The selection sequence is the last held-out one; its proxy recomputed here from the candidates' layers.
   AttentionSequenceCollector collector(StatisticsShape::from_config(model_->config()));
@@ -378,17 +390,9 @@ TEST_F(LayerCandidates, KlChoiceIsTheArgminOfIndependentlyRecomputedEvalKl) {
   const std::vector<std::string> names = {"spectral", "published", "hadamard"};
   for (const auto& n : names) ASSERT_EQ(klv.count(n), 1u) << n;
 
-  // The candidates' layers, built independently (as in StoresTheArgminOfIndependentlyRecomputedProxies).
-  const fmt::Bundle spectral = calibrate(runner, fp_, data_, opt_).bundle;
-  CalibrationOptions pub = opt_;
-  pub.method = Method::Published;
-  const fmt::Bundle published = calibrate(runner, fp_, data_, pub).bundle;
-  const std::vector<double> h = hadamard(8);
-  fmt::LayerCalibration had;
-  had.k_rotation.assign(h.begin(), h.end());
-  had.v_rotation = had.k_rotation;
-  had.k_clip_ratio = 0.96f;
-  had.v_clip_ratio = 0.92f;
+  const Candidates cands = independent_candidates(runner);
+  const fmt::Bundle &spectral = cands.spectral, &published = cands.published;
+  const fmt::LayerCalibration& had = cands.hadamard;
   auto candidate = [&](size_t c, size_t l) {
     fmt::LayerCalibration x = c == 0 ? spectral.layers[l] : c == 1 ? published.layers[l] : had;
     x.k_eigenvalues.clear();

@@ -2,6 +2,7 @@
 // of a half (evaluated with ldexp), GCC's _Float16 conversions, and hand-derived bf16 bit patterns.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -11,17 +12,6 @@
 
 namespace oscar::fmt {
 namespace {
-
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // The value of a half from its fields, straight from the IEEE-754 definition.
 double half_value_by_definition(uint16_t h) {
@@ -85,17 +75,17 @@ TEST(DType, F32ToF16MatchesCompilerFloat16OnEdgesAndRandomFloats) {
   std::mt19937 rng(1234);
   std::uniform_int_distribution<uint32_t> any_bits;
   for (int i = 0; i < 200000; ++i) {
-    float f = float_of(any_bits(rng));
+    float f = std::bit_cast<float>(any_bits(rng));
     if (!std::isnan(f)) cases.push_back(f);
   }
   // Floats around the half range, where rounding decisions actually happen.
   std::uniform_int_distribution<uint32_t> near_half(0x33000000u - 4096, 0x47800000u + 4096);
-  for (int i = 0; i < 400000; ++i) cases.push_back(float_of(near_half(rng) | (i & 1 ? 0x80000000u : 0)));
+  for (int i = 0; i < 400000; ++i) cases.push_back(std::bit_cast<float>(near_half(rng) | (i & 1 ? 0x80000000u : 0)));
   for (float f : cases) {
     const _Float16 reference = static_cast<_Float16>(f);
     uint16_t ref_bits;
     std::memcpy(&ref_bits, &reference, 2);
-    ASSERT_EQ(f32_to_f16(f), ref_bits) << "f32 bits 0x" << std::hex << bits_of(f);
+    ASSERT_EQ(f32_to_f16(f), ref_bits) << "f32 bits 0x" << std::hex << std::bit_cast<uint32_t>(f);
   }
   EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00);           // the tie above the largest half rounds to inf
   EXPECT_EQ(f32_to_f16(2.9802322e-08f), 0x0000);     // 2^-25 ties to even zero
@@ -118,10 +108,10 @@ TEST(DType, F32ToF16TiesBetweenEveryPairOfAdjacentHalvesGoToEven) {
 }
 
 TEST(DType, F32ToF16KeepsNan) {
-  EXPECT_EQ(f32_to_f16(float_of(0x7fc00000u)), 0x7e00);
-  EXPECT_EQ(f32_to_f16(float_of(0xffc00000u)), 0xfe00);
+  EXPECT_EQ(f32_to_f16(std::bit_cast<float>(0x7fc00000u)), 0x7e00);
+  EXPECT_EQ(f32_to_f16(std::bit_cast<float>(0xffc00000u)), 0xfe00);
   // A payload only in the low 13 bits must not collapse to inf.
-  const uint16_t h = f32_to_f16(float_of(0x7f800001u));
+  const uint16_t h = f32_to_f16(std::bit_cast<float>(0x7f800001u));
   EXPECT_EQ(h & 0x7c00, 0x7c00);
   EXPECT_NE(h & 0x03ff, 0);
 }
@@ -150,9 +140,9 @@ TEST(DType, Bf16RoundToNearestEven) {
       {0x40490fdbu, 0x4049},  // pi -> 3.140625
       {0x3dcccccdu, 0x3dcd},  // 0.1 -> 0.10009765625 (torch.tensor(0.1).bfloat16() gives the same bits)
   };
-  for (const Case& c : cases) EXPECT_EQ(f32_to_bf16(float_of(c.f32)), c.bf16) << std::hex << c.f32;
-  EXPECT_EQ(f32_to_bf16(float_of(0x7fc00000u)), 0x7fc0);
-  EXPECT_EQ(f32_to_bf16(float_of(0x7f800001u)), 0x7fc0);  // signalling NaN becomes a quiet NaN, not inf
+  for (const Case& c : cases) EXPECT_EQ(f32_to_bf16(std::bit_cast<float>(c.f32)), c.bf16) << std::hex << c.f32;
+  EXPECT_EQ(f32_to_bf16(std::bit_cast<float>(0x7fc00000u)), 0x7fc0);
+  EXPECT_EQ(f32_to_bf16(std::bit_cast<float>(0x7f800001u)), 0x7fc0);  // signalling NaN becomes a quiet NaN, not inf
   for (uint32_t b = 0; b <= 0xffff; ++b) {
     const float f = bf16_to_f32(static_cast<uint16_t>(b));
     if (std::isnan(f)) continue;

@@ -169,4 +169,43 @@ struct HostPagedCache {
   }
 };
 
+// Head vectors that reach every branch of the Fp8E4M3 rule (quantizer_ref.h step 4), one kind per row (row % 8);
+// shared by the FP8 ref test and the FP8 GPU tests.
+inline std::vector<float> fp8_special_rows(int d, int rows, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  std::vector<float> x(static_cast<size_t>(rows) * d);
+  for (int r = 0; r < rows; ++r) {
+    float* row = x.data() + static_cast<size_t>(r) * d;
+    for (int i = 0; i < d; ++i) row[i] = n01(rng) * (i % 37 == 5 ? 20.0f : 1.0f);
+    switch (r % 8) {
+      case 1: std::fill_n(row, d, 0.0f); break;  // scale 0, every code 0
+      case 2:  // scale 1 exactly; midpoints between 3-bit mantissas in binades 2^-6 .. 2^2 (ties to even), ±448
+        for (int i = 0; i < d; ++i)
+          row[i] = (1.0f + (2 * (i % 8) + 1) / 16.0f) * std::ldexp(i % 2 ? 1.0f : -1.0f, i % 9 - 6);
+        row[0] = 448.0f;
+        row[1] = -448.0f;
+        break;
+      case 3:  // scale 1; whole and half subnormal quanta, 7.5 quanta rounding up into 2^-6
+        for (int i = 0; i < d; ++i)
+          row[i] = (static_cast<float>(i % 11) + (i % 3 == 0 ? 0.5f : 0.0f)) * 0x1p-9f * (i % 2 ? 1.0f : -1.0f);
+        row[d - 1] = -448.0f;
+        break;
+      case 4:  // amax / 448 is an fp16 subnormal
+        for (int i = 0; i < d; ++i) row[i] *= 1e-4f;
+        break;
+      case 5:  // f16(amax / 448) rounds down: amax / scale > 448 saturates
+        for (int i = 0; i < d; ++i) row[i] = std::ldexp(n01(rng), 3);
+        row[7] = 1000.3f;
+        break;
+      case 6:  // a single positive outlier with everything else tiny
+        for (int i = 0; i < d; ++i) row[i] = 1e-3f * n01(rng);
+        row[d / 2] = 3000.0f;
+        break;
+      default: break;
+    }
+  }
+  return x;
+}
+
 }  // namespace oscar::test

@@ -3,8 +3,8 @@
 // kv_write_ref in KvWriteMode::Fp8 and the decode reference's page reads against calib::HeadQuantizer.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -20,16 +20,6 @@
 namespace oscar {
 namespace {
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 TEST(Fp8PageGeometry, Sizes) {
   constexpr fmt::Fp8PageGeometry g{128, 64};
@@ -51,11 +41,11 @@ TEST(Fp8PageGeometry, Sizes) {
 TEST(Fp8E4m3, IntegerRuleMatchesReferenceOnEveryBoundary) {
   int64_t checked = 0, mismatches = 0;
   auto check = [&](uint32_t u) {
-    const uint8_t want = calib::f32_to_e4m3(float_of(u));
+    const uint8_t want = calib::f32_to_e4m3(std::bit_cast<float>(u));
     const uint8_t got = kern::e4m3_from_f32_bits(u);
     ++checked;
     if (got != want && ++mismatches <= 10)
-      ADD_FAILURE() << std::hexfloat << float_of(u) << " (0x" << std::hex << u << "): got 0x" << int(got)
+      ADD_FAILURE() << std::hexfloat << std::bit_cast<float>(u) << " (0x" << std::hex << u << "): got 0x" << int(got)
                     << " want 0x" << int(want);
   };
   // Every exponent and sign, the top 12 mantissa bits exhaustively, and low bits that put the value exactly on,
@@ -73,18 +63,19 @@ TEST(Fp8E4m3, IntegerRuleMatchesReferenceOnEveryBoundary) {
                   -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
                   -std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(),
                   std::numeric_limits<float>::max()})
-    check(bits_of(f));
+    check(std::bit_cast<uint32_t>(f));
   EXPECT_EQ(mismatches, 0) << "of " << checked;
   EXPECT_GT(checked, 12000000);
   // Spot values of the format itself (OCP e4m3fn), independent of both implementations.
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(448.0f)), 0x7e);
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(-1000.0f)), 0xfe);
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(1.0f)), 0x38);
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(1.0625f)), 0x38);     // tie between 1 and 1.125: even mantissa
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(1.1875f)), 0x3a);     // tie between 1.125 and 1.25: even (1.25)
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(0x1.8p-9f)), 0x02);   // 1.5 quanta: even (2)
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(0x1.ep-7f)), 0x08);   // 7.5 quanta rounds up to 2^-6
-  EXPECT_EQ(kern::e4m3_from_f32_bits(bits_of(-0x1p-11f)), 0x80);   // signed zero
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(448.0f)), 0x7e);
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(-1000.0f)), 0xfe);
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(1.0f)), 0x38);
+  // ties between 1 and 1.125 and between 1.125 and 1.25 go to the even mantissa
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(1.0625f)), 0x38);
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(1.1875f)), 0x3a);
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(0x1.8p-9f)), 0x02);   // 1.5 quanta: even (2)
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(0x1.ep-7f)), 0x08);   // 7.5 quanta rounds up to 2^-6
+  EXPECT_EQ(kern::e4m3_from_f32_bits(std::bit_cast<uint32_t>(-0x1p-11f)), 0x80);   // signed zero
 }
 
 TEST(Fp8E4m3, F16FieldTrickIsExactForEveryCode) {
@@ -92,46 +83,14 @@ TEST(Fp8E4m3, F16FieldTrickIsExactForEveryCode) {
     if ((c & 0x7f) == 0x7f) continue;  // NaN codes: never written
     const float got = fmt::f16_to_f32(kern::e4m3_to_f16_bits_scaled(static_cast<uint8_t>(c))) * kern::kE4m3F16Unscale;
     const float want = calib::e4m3_to_f32(static_cast<uint8_t>(c));
-    EXPECT_EQ(bits_of(got), bits_of(want)) << "code 0x" << std::hex << c;
+    EXPECT_EQ(std::bit_cast<uint32_t>(got), std::bit_cast<uint32_t>(want)) << "code 0x" << std::hex << c;
   }
-}
-
-// Rows exercising every branch of the rule: Gaussian with outliers, all zero (scale 0), ties (amax = 448 * 2^k
-// makes the scale a power of two and x / scale lands on e4m3 midpoints), subnormal codes next to a large value,
-// an fp16-subnormal scale, ±amax.
-std::vector<float> special_rows(int d, int rows, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n01;
-  std::vector<float> x(static_cast<size_t>(rows) * d);
-  for (int r = 0; r < rows; ++r) {
-    float* row = x.data() + static_cast<size_t>(r) * d;
-    for (int i = 0; i < d; ++i) row[i] = n01(rng) * (i % 37 == 5 ? 20.0f : 1.0f);
-    switch (r % 6) {
-      case 1: std::fill_n(row, d, 0.0f); break;
-      case 2:
-        // Midpoints between neighbouring 3-bit mantissas in binades 2^-6 .. 2^2 (scale = 1).
-        for (int i = 0; i < d; ++i) row[i] = (1.0f + (2 * (i % 8) + 1) / 16.0f) * std::ldexp(1.0f, i % 9 - 6);
-        row[0] = 448.0f;
-        row[1] = -448.0f;
-        break;
-      case 3:
-        // Whole and half subnormal quanta (0 .. 10.5): exact codes and ties, 7.5 rounding up into 2^-6.
-        for (int i = 0; i < d; ++i) row[i] = (static_cast<float>(i % 11) + (i % 3 == 0 ? 0.5f : 0.0f)) * 0x1p-9f * (i % 2 ? 1.0f : -1.0f);
-        row[d - 1] = 448.0f;  // scale 1: the others are subnormal codes and their ties
-        break;
-      case 4:
-        for (int i = 0; i < d; ++i) row[i] *= 1e-4f;  // amax / 448 below fp16's normal range
-        break;
-      default: break;
-    }
-  }
-  return x;
 }
 
 TEST(Fp8KvWriteRef, PagesRoundTripThroughHeadQuantizer) {
   for (int d : {64, 128, 256}) {
     const int heads = 2, tokens = 48, page_tokens = 16, pages = 4;
-    const auto xf = special_rows(d, tokens * heads, 7 + d);
+    const auto xf = test::fp8_special_rows(d, tokens * heads, 7 + d);
     std::vector<uint16_t> xb(xf.size());
     for (size_t i = 0; i < xf.size(); ++i) xb[i] = fmt::f32_to_bf16(xf[i]);
     std::vector<int32_t> slots(static_cast<size_t>(tokens));
@@ -191,10 +150,12 @@ TEST(Fp8KvWriteRef, PagesRoundTripThroughHeadQuantizer) {
           hq.decode(record, {}, calib::Basis::Rotated, want);
           kern::read_cached_head_ref(p, false, 0, h, slot, got.data());
           for (int i = 0; i < d; ++i)
-            ASSERT_EQ(bits_of(got[static_cast<size_t>(i)]), bits_of(want[static_cast<size_t>(i)])) << "dim " << i;
+            ASSERT_EQ(std::bit_cast<uint32_t>(got[static_cast<size_t>(i)]),
+                      std::bit_cast<uint32_t>(want[static_cast<size_t>(i)]))
+                << "dim " << i;
         }
       }
-      EXPECT_EQ(zero_scales, tokens * heads / 6) << "the all-zero rows (every 6th) and only those";
+      EXPECT_EQ(zero_scales, tokens * heads / 8) << "the all-zero rows (fp8_special_rows: every 8th) and only those";
     }
   }
 }
