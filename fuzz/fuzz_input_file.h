@@ -2,7 +2,11 @@
 // The parsers read files (safetensors is mmapped), so each input is written to one per-process scratch file.
 // Contract under test: every rejection is an oscar::Error. Any other exception escapes LLVMFuzzerTestOneInput and
 // aborts, which libFuzzer reports as a crash, exactly like a memory error.
+#include <signal.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
 
 #include <cstdint>
 #include <filesystem>
@@ -26,6 +30,15 @@ inline std::filesystem::path scratch_path(const std::string& name) {
     std::error_code ec;
     const auto base = std::filesystem::is_directory("/dev/shm", ec) ? std::filesystem::path("/dev/shm")
                                                                     : std::filesystem::temp_directory_path();
+    // A fuzzer that is killed or leaves through _Exit (libFuzzer's timeout and signal paths) skips ScratchDir's
+    // destructor: ~550 such directories had piled up in /dev/shm on the dev machine. Those of processes that no
+    // longer exist are removed here.
+    for (const auto& entry : std::filesystem::directory_iterator(base, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("oscar-fuzz-", 0) != 0) continue;
+      const long pid = std::strtol(name.c_str() + 11, nullptr, 10);
+      if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
+    }
     auto d = base / ("oscar-fuzz-" + std::to_string(::getpid()));
     std::filesystem::create_directories(d);
     return d;

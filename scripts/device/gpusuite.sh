@@ -18,14 +18,4 @@ start=$SECONDS
 timeout 300 "$BIN/bin/test_gpu" > "$OUT/gpusuite_test_gpu.log" 2>&1
 echo "test_gpu rc=$? $((SECONDS - start))s"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |tests? ran|FAILED TEST" "$OUT/gpusuite_test_gpu.log" | head -20
-: > "$OUT/gpusuite_memcheck.txt"
-for s in ${1//,/ }; do
-  [ -n "$CS" ] || { echo "no compute-sanitizer" | tee -a "$OUT/gpusuite_memcheck.txt"; break; }
-  start=$SECONDS
-  log=$OUT/memcheck_${s//\//_}.log
-  timeout "${MEMCHECK_SUITE_S:-280}" "$CS" --tool memcheck --error-exitcode 3 --print-limit 20 "$BIN/bin/test_gpu" \
-    --gtest_filter="$s.*" > "$log" 2>&1
-  rc=$?
-  echo "$s rc=$rc $((SECONDS - start))s $(grep -E 'ERROR SUMMARY' "$log" | tail -1) $(grep -cE '^\[       OK' "$log") ok" |
-    tee -a "$OUT/gpusuite_memcheck.txt"
-done
+bash scripts/device/memcheck.sh "${1:-}"
