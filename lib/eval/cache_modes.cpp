@@ -123,6 +123,7 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
   f->num_layers_ = layers;
   f->num_kv_heads_ = cfg.num_kv_heads;
   f->windows_ = opt.windows;
+  f->rounding_hook_ = opt.rounding_hook;
 
   auto per_token = [&](const fmt::TensorQuantSpec& ks, const fmt::TensorQuantSpec& vs) {
     f->k_ = std::make_unique<TensorCodec>(ks, d, layers, mode_where + " keys");
@@ -221,6 +222,10 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
                                 int64_t tokens, std::span<float> out) const {
   if (layer < 0 || layer >= num_layers_ || kv_head < 0 || kv_head >= num_kv_heads_)
     throw Error(std::string(name()), ::fmt::format("layer {} / KV head {} out of range", layer, kv_head));
+  if (rounding_hook_ && rounding_hook_(&codec == k_.get(), layer, kv_head, x, tokens,
+                                       codec.rotation(layer, kv_head, head_dim_),
+                                       codec.clip_ratios[static_cast<size_t>(layer)], out))
+    return;
   codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),
                                 codec.clip_ratios[static_cast<size_t>(layer)], calib::Basis::Original, out);
 }

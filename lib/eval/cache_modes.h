@@ -17,6 +17,7 @@
 // recent window is at least its residual (KIVI's residual is part of the method, and stays with --no-windows).
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -70,6 +71,12 @@ struct ModeOptions {
   int64_t kivi_value_group_channels = 32;  // KIVI group size along channels for per-token values (capped at head_dim)
   int64_t kivi_residual = 128;           // KIVI's bf16 residual: kivi2's recent window is at least this
   const fmt::Bundle* bundle = nullptr;   // needed by oscar (not owned; must outlive the CacheFormat)
+  // Optional: replaces how the per-token modes choose a head vector's codes (experiments such as error-feedback
+  // rounding, lib/calib/error_feedback.h, that keep the storage format). Called with the mode's own rotation and
+  // clip ratio of (layer, kv_head); returns false to fall back to the mode's quantizer. Not used by kivi2 keys.
+  std::function<bool(bool keys, int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
+                     std::span<const float> rotation, float clip_ratio, std::span<float> out)>
+      rounding_hook;
 };
 
 // How many bits one quantized element costs, scale/zero included (bf16 window tokens are accounted separately).
@@ -120,6 +127,7 @@ class CacheFormat {
   bool keys_per_channel_ = false;  // kivi2
   ElementCost cost_;
   std::unique_ptr<TensorCodec> k_, v_;
+  decltype(ModeOptions::rounding_hook) rounding_hook_;
 };
 
 // What every mode does to high-precision (window) tokens: round to bf16, round to nearest even.

@@ -1,0 +1,120 @@
+#include "lib/calib/error_feedback.h"
+
+#include <Eigen/Dense>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "formats/error.h"
+
+namespace oscar::calib {
+namespace {
+
+using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+}  // namespace
+
+bool ErrorFeedbackTable::diagonal() const {
+  for (int64_t k = 0; k < dim; ++k)
+    for (int64_t m = k + 1; m < dim; ++m)
+      if (u[static_cast<size_t>(k * dim + m)] != 0.0) return false;
+  return true;
+}
+
+ErrorFeedbackTable error_feedback_table(std::span<const double> metric, int64_t d, const ErrorFeedbackOptions& options,
+                                        const std::string& where) {
+  if (d <= 0 || static_cast<int64_t>(metric.size()) != d * d)
+    throw Error(where, ::fmt::format("metric has {} values, expected {}x{}", metric.size(), d, d));
+  for (double v : metric)
+    if (!std::isfinite(v)) throw Error(where, "metric is not finite");
+  if (!(options.damp >= 0.0)) throw Error(where, ::fmt::format("damp {} must be >= 0", options.damp));
+  RowMatD h = Eigen::Map<const RowMatD>(metric.data(), d, d);
+  h = 0.5 * (h + h.transpose()).eval();
+  const double mean_diag = h.diagonal().mean();
+  if (!(mean_diag > 0.0)) throw Error(where, ::fmt::format("metric has diagonal mean {} (must be > 0)", mean_diag));
+  h.diagonal().array() += options.damp * mean_diag;
+
+  ErrorFeedbackTable t;
+  t.dim = d;
+  t.feedback_clip_error = options.feedback_clip_error;
+  t.order.resize(static_cast<size_t>(d));
+  std::iota(t.order.begin(), t.order.end(), 0);
+  if (options.act_order)
+    // stable: equal diagonals (e.g. a scaled identity) keep the natural order, so a diagonal M stays plain RTN order
+    std::stable_sort(t.order.begin(), t.order.end(), [&](int32_t a, int32_t b) { return h(a, a) > h(b, b); });
+  RowMatD hp(d, d);
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) hp(i, j) = h(t.order[i], t.order[j]);
+
+  const Eigen::LLT<RowMatD> llt_h(hp);
+  if (llt_h.info() != Eigen::Success)
+    throw Error(where, "metric + damping is not positive definite (raise the damping)");
+  const RowMatD hinv = llt_h.solve(RowMatD::Identity(d, d));
+  const Eigen::LLT<RowMatD> llt_inv(0.5 * (hinv + hinv.transpose()));
+  if (llt_inv.info() != Eigen::Success) throw Error(where, "Cholesky factorization of H^-1 failed");
+  const RowMatD u = llt_inv.matrixU();  // H⁻¹ = UᵀU, U upper
+  t.u.assign(static_cast<size_t>(d * d), 0.0);
+  for (int64_t k = 0; k < d; ++k)
+    for (int64_t m = k; m < d; ++m) t.u[static_cast<size_t>(k * d + m)] = u(k, m);
+  return t;
+}
+
+std::vector<double> metric_in_basis(std::span<const double> metric, std::span<const double> rotation, int64_t d) {
+  if (static_cast<int64_t>(metric.size()) != d * d)
+    throw Error("metric_in_basis", ::fmt::format("metric has {} values, expected {}x{}", metric.size(), d, d));
+  if (rotation.empty()) return std::vector<double>(metric.begin(), metric.end());
+  if (static_cast<int64_t>(rotation.size()) != d * d)
+    throw Error("metric_in_basis", ::fmt::format("rotation has {} values, expected {}x{}", rotation.size(), d, d));
+  const Eigen::Map<const RowMatD> m(metric.data(), d, d), r(rotation.data(), d, d);
+  const RowMatD out = r.transpose() * m * r;
+  return std::vector<double>(out.data(), out.data() + d * d);
+}
+
+IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32_t bits,
+                               const ErrorFeedbackTable& table, std::span<uint8_t> codes) {
+  const int64_t d = table.dim;
+  if (static_cast<int64_t>(y.size()) != d || static_cast<int64_t>(codes.size()) != d)
+    throw Error("error_feedback_codes", ::fmt::format("vector has {} values, table is for head_dim {}", y.size(), d));
+  std::vector<float> clipped(y.begin(), y.end());
+  clip_in_place(clipped, clip_ratio);
+  const IntParams p = int_params(clipped, bits);
+  // Feedback runs in double: the running target accumulates up to d corrections.
+  std::vector<double> w(static_cast<size_t>(d));
+  const std::vector<float>& target = table.feedback_clip_error ? std::vector<float>(y.begin(), y.end()) : clipped;
+  for (int64_t i = 0; i < d; ++i) w[i] = target[i];
+  for (int64_t k = 0; k < d; ++k) {
+    const int32_t i = table.order[static_cast<size_t>(k)];
+    // The element rounds with the reference quantizer's own arithmetic (fp32 rint, clamp), so with no feedback the
+    // code is bit-identical to RTN.
+    const float wi = static_cast<float>(w[i]);
+    int_codes(std::span<const float>(&wi, 1), bits, p, codes.subspan(static_cast<size_t>(i), 1));
+    const double* urow = table.u.data() + k * d;
+    const double err = (w[i] - static_cast<double>(int_dequant(codes[i], p))) / urow[k];
+    for (int64_t m = k + 1; m < d; ++m) {
+      const double c = urow[m];
+      if (c != 0.0) w[table.order[static_cast<size_t>(m)]] -= err * c;
+    }
+  }
+  return p;
+}
+
+void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::span<const float> rotation,
+                                  float clip_ratio, int32_t bits, const ErrorFeedbackTable& table,
+                                  std::span<float> out) {
+  const auto d = static_cast<size_t>(table.dim);
+  if (x.size() != static_cast<size_t>(rows) * d || out.size() != x.size())
+    throw Error("error_feedback_fake_quantize", ::fmt::format("expected {} x {} values", rows, d));
+  std::vector<float> row(d), y(d), deq(d);
+  std::vector<uint8_t> codes(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(r * d), d, row.begin());  // x and out may alias
+    rotate(row, rotation, y);
+    const IntParams p = error_feedback_codes(y, clip_ratio, bits, table, codes);
+    for (size_t i = 0; i < d; ++i) deq[i] = int_dequant(codes[i], p);
+    unrotate(deq, rotation, out.subspan(static_cast<size_t>(r) * d, d));
+  }
+}
+
+}  // namespace oscar::calib

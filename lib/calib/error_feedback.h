@@ -1,0 +1,66 @@
+#pragma once
+// Error-feedback (GPTQ/OBQ-style) rounding of one head vector in an error metric M (issue #10; docs/method.md,
+// "Error-feedback rounding"). The storage format is exactly the reference quantizer's (quantizer_ref.h): same
+// rotation, same per-token clip, same fp16 scale/zero from the clipped min/max, same 2-bit codes and dequantizer —
+// only WHICH code each element gets changes, so a decode kernel reads the result unchanged.
+//
+// Why: the error that matters for a key is the logit error q·e, i.e. the cost eᵀ M_K e with M_K = E[q qᵀ]; for a
+// value it is the o_proj output error, eᵀ W_oᵀ W_o e. Round-to-nearest minimizes ‖e‖², which is the right cost
+// only when M is diagonal in the storage basis. With a non-diagonal M, rounding coordinate i and pushing its error
+// (through the Cholesky factor of M⁻¹) onto the coordinates not yet rounded lets later roundings cancel it along
+// the directions M weighs most — noise shaping. Scale and zero are NOT recomputed (the decode reads them), so
+// coordinates near the range ends cannot absorb feedback: the codes clamp to [0, 2^bits − 1].
+//
+// Precomputation (once per layer / KV head / tensor): H = M + damp · mean(diag M) · I, an order (descending
+// diag H: "act order", or the natural order), U = the upper Cholesky factor of H⁻¹ in that order (H⁻¹ = UᵀU).
+// Per token, on the clipped rotated vector y with params p = int_params(y) (the RTN parameters):
+//   w = y (or the unclipped rotated vector, option feedback_clip_error);
+//   for i in order: code_i = RTN code of w_i (int_codes on one element); err = (w_i − dequant(code_i)) / U_ii;
+//                   w_j −= err · U_ij for every j after i in the order.
+// With a diagonal M, U is diagonal and the codes are bit-identical to int_codes (tests/calib/test_error_feedback).
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lib/calib/quantizer_ref.h"
+
+namespace oscar::calib {
+
+struct ErrorFeedbackOptions {
+  double damp = 0.01;        // relative to mean(diag M); keeps H⁻¹ well conditioned (GPTQ's percdamp)
+  bool act_order = true;     // round the coordinates M weighs most first (they get no feedback, all others do)
+  // Feed back the clipping error of clipped coordinates too (target = unclipped rotated vector): the clipped
+  // outlier's loss is then partly recovered by its neighbours. Off = target is the clipped vector (the RTN target).
+  bool feedback_clip_error = false;
+};
+
+// The per-(layer, KV head, tensor) table a cache writer needs: order + U (what a bundle would store).
+struct ErrorFeedbackTable {
+  int64_t dim = 0;
+  std::vector<int32_t> order;  // [d] coordinate rounded at step k
+  std::vector<double> u;       // [d, d] row-major, upper triangular, in `order` coordinates: u[k*d + m], m >= k
+  bool feedback_clip_error = false;
+  bool diagonal() const;       // no off-diagonal term: the rounding is plain RTN
+};
+
+// metric: [d, d] row-major symmetric positive semi-definite, in the STORAGE (rotated) basis. Throws
+// oscar::Error(where, ...) on a non-finite metric, a non-positive diagonal mean or a failed factorization.
+ErrorFeedbackTable error_feedback_table(std::span<const double> metric, int64_t d, const ErrorFeedbackOptions& options,
+                                        const std::string& where);
+
+// M in the storage basis of rotation R (row-major [d, d]; empty = identity): Rᵀ M R (y = x R, so e_x = e_y Rᵀ).
+std::vector<double> metric_in_basis(std::span<const double> metric, std::span<const double> rotation, int64_t d);
+
+// Codes of one rotated vector y (d floats, NOT yet clipped) for a whole-head segment of `bits`: clips a copy of y
+// with clip_ratio exactly as the reference quantizer, takes the RTN params of the clipped vector, then rounds with
+// feedback. codes.size() == d; returns the params (bit-identical to quantize_int2's for bits 2).
+IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32_t bits,
+                               const ErrorFeedbackTable& table, std::span<uint8_t> codes);
+
+// Quantize-dequantize `rows` head vectors x [rows, d] (original basis) with rotation (row-major float [d, d] or
+// empty), whole-head `bits`, clip and table; out in the original basis (x and out may alias).
+void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::span<const float> rotation,
+                                  float clip_ratio, int32_t bits, const ErrorFeedbackTable& table, std::span<float> out);
+
+}  // namespace oscar::calib
