@@ -117,4 +117,45 @@ void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::s
   }
 }
 
+void stored_error_feedback(const ErrorFeedbackTable& table, std::span<int32_t> order, std::span<float> weights) {
+  const int64_t d = table.dim;
+  if (static_cast<int64_t>(order.size()) != d || static_cast<int64_t>(weights.size()) != d * d)
+    throw Error("stored_error_feedback", ::fmt::format("outputs hold {} / {} values, expected {} / {}", order.size(),
+                                                       weights.size(), d, d * d));
+  std::copy(table.order.begin(), table.order.end(), order.begin());
+  std::fill(weights.begin(), weights.end(), 0.f);
+  for (int64_t k = 0; k < d; ++k) {
+    const double diag = table.u[static_cast<size_t>(k * d + k)];
+    for (int64_t m = k + 1; m < d; ++m)
+      weights[static_cast<size_t>(k * d + m)] = static_cast<float>(table.u[static_cast<size_t>(k * d + m)] / diag);
+  }
+}
+
+IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio, int32_t bits,
+                                      std::span<const int32_t> order, std::span<const float> weights,
+                                      bool clip_feedback, std::span<uint8_t> codes) {
+  const auto d = static_cast<int64_t>(y.size());
+  if (static_cast<int64_t>(order.size()) != d || static_cast<int64_t>(weights.size()) != d * d ||
+      static_cast<int64_t>(codes.size()) != d)
+    throw Error("error_feedback_codes_stored",
+                ::fmt::format("vector of {} values, order of {}, weights of {}, codes of {}", d, order.size(),
+                              weights.size(), codes.size()));
+  std::vector<float> clipped(y.begin(), y.end());
+  clip_in_place(clipped, clip_ratio);
+  const IntParams p = int_params(clipped, bits);
+  std::vector<float> w = clip_feedback ? std::vector<float>(y.begin(), y.end()) : clipped;
+  for (int64_t k = 0; k < d; ++k) {
+    const int32_t i = order[static_cast<size_t>(k)];
+    if (i < 0 || i >= d) throw Error("error_feedback_codes_stored", ::fmt::format("order[{}] = {} is not in [0, {})", k, i, d));
+    int_codes(std::span<const float>(&w[static_cast<size_t>(i)], 1), bits, p, codes.subspan(static_cast<size_t>(i), 1));
+    const float e = w[static_cast<size_t>(i)] - int_dequant(codes[static_cast<size_t>(i)], p);
+    const float* row = weights.data() + k * d;
+    for (int64_t m = k + 1; m < d; ++m) {
+      float& target = w[static_cast<size_t>(order[static_cast<size_t>(m)])];
+      target = std::fmaf(-e, row[m], target);
+    }
+  }
+  return p;
+}
+
 }  // namespace oscar::calib

@@ -63,4 +63,20 @@ IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32
 void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::span<const float> rotation,
                                   float clip_ratio, int32_t bits, const ErrorFeedbackTable& table, std::span<float> out);
 
+// ---------------------------------------------------------------------------------------------------------------
+// The stored form (bundle format 1.2, fmt::LayerCalibration::*_ef_order / *_ef_weights) and the rounding every
+// cache writer runs from it: the engine's kv_write kernel, its CPU reference and eval's simulated cache. fp32 and
+// one fixed operation order, so the GPU writer can match the CPU bit for bit:
+//   weights[k*d + m] = U[k][m] / U[k][k] for m > k (zero otherwise), U in `order` coordinates as above;
+//   w = target (unclipped rotated vector with clip_feedback, else the clipped one), fp32;
+//   for k = 0..d-1: i = order[k]; code_i = int_codes of w[i] with the RTN params of the clipped vector;
+//                   e = w[i] - int_dequant(code_i); for m = k+1..d-1 ascending: w[order[m]] = fmaf(-e, weights[k*d+m], w[order[m]]).
+void stored_error_feedback(const ErrorFeedbackTable& table, std::span<int32_t> order, std::span<float> weights);
+
+// Codes of one rotated, not yet clipped vector y (d floats) from a stored table (order [d], weights [d, d]).
+// Returns the RTN params of the clipped vector (what the record stores). Throws oscar::Error on size mismatches.
+IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio, int32_t bits,
+                                      std::span<const int32_t> order, std::span<const float> weights,
+                                      bool clip_feedback, std::span<uint8_t> codes);
+
 }  // namespace oscar::calib

@@ -121,6 +121,69 @@ TEST(ErrorFeedback, AnisotropicMetricBeatsRtn) {
   }
 }
 
+// The stored fp32 form (bundle 1.2; what the cache writers run) keeps the gain of the double-precision rounding:
+// same anisotropic metric as above, metric error within 2 % of the double version's, and a diagonal metric still
+// gives RTN's codes exactly.
+TEST(ErrorFeedback, StoredFp32FormMatchesTheDoubleRounding) {
+  const int64_t d = 128, n = 1000;
+  std::mt19937_64 rng(11);
+  const RowMatD q = random_orthogonal(d, rng);
+  Eigen::VectorXd lambda(d);
+  for (int64_t i = 0; i < d; ++i) lambda(i) = std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(d - 1));
+  const RowMatD m = q * lambda.asDiagonal() * q.transpose();
+  std::vector<double> mv(m.data(), m.data() + d * d);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  std::vector<float> y(static_cast<size_t>(n * d));
+  for (float& v : y) v = n01(rng);
+  for (const bool clip_feedback : {false, true}) {
+    ErrorFeedbackOptions o;
+    o.damp = 0.1;
+    o.feedback_clip_error = clip_feedback;
+    const auto table = error_feedback_table(mv, d, o, "test");
+    std::vector<int32_t> order(d);
+    std::vector<float> weights(static_cast<size_t>(d * d));
+    stored_error_feedback(table, order, weights);
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t j = 0; j <= k; ++j) ASSERT_EQ(weights[k * d + j], 0.f) << "not strictly upper triangular";
+    double ef_double = 0, ef_stored = 0;
+    std::vector<uint8_t> codes(d);
+    std::vector<float> yhat(d);
+    for (int64_t t = 0; t < n; ++t) {
+      std::span<const float> yt(y.data() + t * d, d);
+      const IntParams pd = error_feedback_codes(yt, 0.96f, 2, table, codes);
+      for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes[i], pd);
+      ef_double += metric_error(yt, yhat, m);
+      const IntParams ps = error_feedback_codes_stored(yt, 0.96f, 2, order, weights, clip_feedback, codes);
+      ASSERT_EQ(ps.scale_f16, pd.scale_f16);
+      ASSERT_EQ(ps.zero_f16, pd.zero_f16);
+      for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes[i], ps);
+      ef_stored += metric_error(yt, yhat, m);
+    }
+    EXPECT_NEAR(ef_stored / ef_double, 1.0, 0.02) << "clip feedback " << clip_feedback;
+  }
+  // Diagonal metric: zero weights, RTN codes.
+  std::vector<double> diag(static_cast<size_t>(d * d), 0.0);
+  for (int64_t i = 0; i < d; ++i) diag[i * d + i] = 1.0 + static_cast<double>(i);
+  const auto table = error_feedback_table(diag, d, ErrorFeedbackOptions{}, "test");
+  std::vector<int32_t> order(d);
+  std::vector<float> weights(static_cast<size_t>(d * d));
+  stored_error_feedback(table, order, weights);
+  std::vector<uint8_t> codes(d), rtn(d);
+  std::vector<float> clipped(d);
+  for (int64_t t = 0; t < 100; ++t) {
+    std::span<const float> yt(y.data() + t * d, d);
+    std::copy(yt.begin(), yt.end(), clipped.begin());
+    clip_in_place(clipped, 0.96f);
+    int_codes(clipped, 2, int_params(clipped, 2), rtn);
+    error_feedback_codes_stored(yt, 0.96f, 2, order, weights, true, codes);
+    ASSERT_EQ(codes, rtn) << "token " << t;
+  }
+  std::vector<int32_t> bad_order = order;
+  bad_order[5] = static_cast<int32_t>(d);
+  EXPECT_THROW(error_feedback_codes_stored(std::span<const float>(y.data(), d), 0.96f, 2, bad_order, weights, true, codes),
+               oscar::Error);
+}
+
 // EF codes in a record are read by HeadQuantizer::decode (the reference of the decode kernels) into exactly the
 // vector error_feedback_fake_quantize returns: same layout, same params, same dequantizer.
 TEST(ErrorFeedback, CodesDecodeWithTheStandardRecord) {
