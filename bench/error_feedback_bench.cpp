@@ -23,6 +23,7 @@
 #include "formats/error.h"
 #include "formats/tokenizer.h"
 #include "lib/calib/calibrator.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/error_feedback.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/rotation_opt.h"
@@ -217,16 +218,12 @@ int main(int argc, char** argv) {
         throw Error(name, ::fmt::format("has {} values, expected {}x{}", w.size(), hidden, cols));
       const Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> wm(w.data(), hidden,
                                                                                                         cols);
+      // Σ W_gᵀW_g is what `oscar calibrate --error-feedback kv` stores (lib/calib/ef_calibration.h).
+      wo_sum[l] = calib::value_output_metric(w, hidden, cfg.num_heads, Hkv, d, name);
       for (int64_t h = 0; h < Hkv; ++h) {
-        RowMatD s = RowMatD::Zero(d, d);
         Eigen::MatrixXd sum = Eigen::MatrixXd::Zero(hidden, d);
-        for (int64_t g = h * G; g < (h + 1) * G; ++g) {
-          const Eigen::MatrixXd wg = wm.block(0, g * d, hidden, d).cast<double>();
-          s += wg.transpose() * wg;
-          sum += wg;
-        }
+        for (int64_t g = h * G; g < (h + 1) * G; ++g) sum += wm.block(0, g * d, hidden, d).cast<double>();
         const RowMatD c = sum.transpose() * sum;
-        wo_sum[l].insert(wo_sum[l].end(), s.data(), s.data() + d * d);
         wo_coh[l].insert(wo_coh[l].end(), c.data(), c.data() + d * d);
       }
     }

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <map>
 #include <span>
+#include <tuple>
 
 #include "formats/atomic_file.h"
 #include "formats/error.h"
@@ -189,8 +190,10 @@ void write_tensor_spec(Writer& w, hid_t quant, const std::string& name, const Te
 
 void write_all(Writer& w, hid_t file, const Bundle& b) {
   w.scalar_attr(file, "format_major", b.format_major);
-  w.scalar_attr(file, "format_minor", b.format_minor);
+  w.scalar_attr(file, "format_minor", required_format_minor(b));
   w.string_attr(file, "producer", b.producer);
+  // 1.2: only with tables, so a bundle without them keeps the 1.1 bytes.
+  if (has_error_feedback(b)) w.scalar_attr(file, "ef_clip_feedback", static_cast<int32_t>(b.ef_clip_feedback ? 1 : 0));
 
   {
     Handle g = w.group(file, "model");
@@ -257,6 +260,16 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
         std::vector<int32_t> flat;
         for (const auto& s : *segs) flat.insert(flat.end(), {s.begin, s.end, s.bits});
         w.dataset<int32_t>(lg.get(), name, {segs->size(), 3}, flat);
+      }
+      // 1.2: error-feedback tables, per tensor and only where present.
+      const hsize_t kv = static_cast<hsize_t>(b.model.num_kv_heads);
+      if (!l.k_ef_order.empty()) {
+        w.dataset<int32_t>(lg.get(), "k_ef_order", {kv, d}, l.k_ef_order);
+        w.dataset<float>(lg.get(), "k_ef_weights", {kv, d, d}, l.k_ef_weights);
+      }
+      if (!l.v_ef_order.empty()) {
+        w.dataset<int32_t>(lg.get(), "v_ef_order", {kv, d}, l.v_ef_order);
+        w.dataset<float>(lg.get(), "v_ef_weights", {kv, d, d}, l.v_ef_weights);
       }
     }
   }
@@ -409,6 +422,11 @@ Bundle read_all(const Reader& r, hid_t file) {
                              b.format_major, b.format_minor, kBundleFormatMajor));
   if (b.format_major < 1) r.fail("", ::fmt::format("invalid bundle format major version {}", b.format_major));
   b.producer = r.string_attr(file, "/", "producer");
+  if (H5Aexists(file, "ef_clip_feedback") > 0) {
+    const int32_t cf = r.scalar_attr<int32_t>(file, "/", "ef_clip_feedback");
+    if (cf != 0 && cf != 1) r.fail("", ::fmt::format("attribute ef_clip_feedback is {} (must be 0 or 1)", cf));
+    b.ef_clip_feedback = cf == 1;
+  }
 
   {
     Handle g = r.group(file, "/", "model");
@@ -489,6 +507,22 @@ Bundle read_all(const Reader& r, hid_t file) {
         auto flat = r.dataset<int32_t>(lg.get(), lp, name, {dims[0], 3});
         for (hsize_t k = 0; k < dims[0]; ++k) segs->push_back({flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]});
       }
+      // 1.2 objects: a table is its order and its weights; one without the other is damage.
+      if (b.model.num_kv_heads < 1 || b.model.num_kv_heads > 4096)
+        r.fail("/model", ::fmt::format("implausible num_kv_heads {}", b.model.num_kv_heads));
+      const hsize_t kv = static_cast<hsize_t>(b.model.num_kv_heads);
+      for (const auto& [order_name, weights_name, order, weights] :
+           {std::tuple{"k_ef_order", "k_ef_weights", &l.k_ef_order, &l.k_ef_weights},
+            std::tuple{"v_ef_order", "v_ef_weights", &l.v_ef_order, &l.v_ef_weights}}) {
+        const bool has_order = H5Lexists(lg.get(), order_name, H5P_DEFAULT) > 0;
+        const bool has_weights = H5Lexists(lg.get(), weights_name, H5P_DEFAULT) > 0;
+        if (!has_order && !has_weights) continue;
+        if (!has_order || !has_weights)
+          r.fail(lp + "/" + (has_order ? order_name : weights_name),
+                 ::fmt::format("error-feedback table without its {}", has_order ? weights_name : order_name));
+        *order = r.dataset<int32_t>(lg.get(), lp, order_name, {kv, d});
+        *weights = r.dataset<float>(lg.get(), lp, weights_name, {kv, d, d});
+      }
       b.layers.push_back(std::move(l));
     }
   }
@@ -526,7 +560,53 @@ void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, co
   }
 }
 
+// A 1.2 table (lib/calib/error_feedback.h's stored form) must be exactly what the writers can run: a permutation per
+// KV head, finite weights that only feed later steps, and a tensor stored as one whole-head INT2 segment (the
+// rounding reads one (scale, zero) per token; segmented layouts keep round-to-nearest).
+void check_error_feedback(const std::vector<int32_t>& order, const std::vector<float>& weights,
+                          const TensorQuantSpec& spec, int64_t kv_heads, int64_t d, const std::string& order_where,
+                          const std::string& weights_where) {
+  if (order.empty() && weights.empty()) return;
+  if (order.empty() || weights.empty())
+    throw Error(order.empty() ? order_where : weights_where,
+                order.empty() ? "error-feedback weights without an order" : "error-feedback order without weights");
+  if (static_cast<int64_t>(order.size()) != kv_heads * d)
+    throw Error(order_where, ::fmt::format("must hold [{}, {}] values, has {}", kv_heads, d, order.size()));
+  if (static_cast<int64_t>(weights.size()) != kv_heads * d * d)
+    throw Error(weights_where, ::fmt::format("must hold [{}, {}, {}] values, has {}", kv_heads, d, d, weights.size()));
+  if (spec.storage != KvStorage::Int || spec.segments.size() != 1 || spec.segments[0].begin != 0 ||
+      spec.segments[0].end != d || spec.segments[0].bits != 2)
+    throw Error(order_where, "error-feedback tables need a whole-head INT2 tensor (one segment [0, head_dim) of 2 bits)");
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    std::vector<char> seen(static_cast<size_t>(d), 0);
+    for (int64_t k = 0; k < d; ++k) {
+      const int32_t i = order[static_cast<size_t>(h * d + k)];
+      if (i < 0 || i >= d || seen[static_cast<size_t>(i)])
+        throw Error(order_where, ::fmt::format("KV head {}: not a permutation of 0..{} (entry {} is {})", h, d - 1, k, i));
+      seen[static_cast<size_t>(i)] = 1;
+    }
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t m = 0; m < d; ++m) {
+        const float x = weights[static_cast<size_t>((h * d + k) * d + m)];
+        if (!std::isfinite(x))
+          throw Error(weights_where, ::fmt::format("KV head {}: non-finite weight at [{}, {}]", h, k, m));
+        if (m <= k && x != 0.0f)
+          throw Error(weights_where,
+                      ::fmt::format("KV head {}: not strictly upper triangular ([{}, {}] = {})", h, k, m, x));
+      }
+  }
+}
+
 }  // namespace
+
+bool has_error_feedback(const Bundle& bundle) {
+  for (const auto& l : bundle.layers)
+    if (!l.k_ef_order.empty() || !l.v_ef_order.empty() || !l.k_ef_weights.empty() || !l.v_ef_weights.empty())
+      return true;
+  return false;
+}
+
+int32_t required_format_minor(const Bundle& bundle) { return has_error_feedback(bundle) ? 2 : 1; }
 
 std::string_view kv_storage_name(KvStorage s) {
   switch (s) {
@@ -588,6 +668,11 @@ void validate_bundle(const Bundle& b, const std::string& where) {
     if (!l.k_segments.empty() || !l.v_segments.empty()) layer_spec(b, i).validate(lw + " (segments)");
     check_orthogonal(l.k_rotation, g, d, lw + "/k_rotation");
     check_orthogonal(l.v_rotation, g, d, lw + "/v_rotation");
+    const KvQuantSpec spec = layer_spec(b, i);
+    check_error_feedback(l.k_ef_order, l.k_ef_weights, spec.k, m.num_kv_heads, d, lw + "/k_ef_order",
+                         lw + "/k_ef_weights");
+    check_error_feedback(l.v_ef_order, l.v_ef_weights, spec.v, m.num_kv_heads, d, lw + "/v_ef_order",
+                         lw + "/v_ef_weights");
   }
   const auto& e = b.errors;
   const size_t cells = e.rows.size() * static_cast<size_t>(std::max<int64_t>(e.num_layers, 0));

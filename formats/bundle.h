@@ -21,7 +21,7 @@ namespace oscar::fmt {
 class TensorStore;
 
 inline constexpr int32_t kBundleFormatMajor = 1;
-inline constexpr int32_t kBundleFormatMinor = 1;  // 1.1: per-layer segment layouts
+inline constexpr int32_t kBundleFormatMinor = 2;  // 1.1: per-layer segment layouts; 1.2: error-feedback tables
 
 // Identifies the checkpoint a bundle was calibrated on; `oscar eval` refuses a bundle whose fingerprint differs.
 struct ModelFingerprint {
@@ -69,6 +69,17 @@ struct LayerCalibration {
   // bundle's quant.k / quant.v segments. layer_spec() resolves them.
   std::vector<QuantSegment> k_segments;
   std::vector<QuantSegment> v_segments;
+  // Format 1.2: error-feedback rounding tables (docs/method.md, "Error-feedback rounding"); empty = round to
+  // nearest. Only for a whole-head INT2 tensor. Per KV head h (num_kv_heads of them, also with a shared rotation,
+  // because the metric is per KV head), in the storage (rotated) basis:
+  //   *_ef_order[h, k]: the coordinate rounded at step k (a permutation of 0..d-1);
+  //   *_ef_weights[h, k, m]: for m > k, U[k][m] / U[k][k] with U the upper Cholesky factor (in that order) of
+  //   (M + damp·mean(diag M)·I)⁻¹; zero for m <= k. A writer rounds step k's coordinate, then subtracts
+  //   (target − dequantized) · weights[k][m] from every later step m's target (fmaf, fp32, m ascending).
+  std::vector<int32_t> k_ef_order;   // [num_kv_heads, head_dim]
+  std::vector<float> k_ef_weights;   // [num_kv_heads, head_dim, head_dim] row-major, strictly upper triangular
+  std::vector<int32_t> v_ef_order;
+  std::vector<float> v_ef_weights;
   bool operator==(const LayerCalibration&) const = default;
 };
 
@@ -84,7 +95,9 @@ struct ErrorReport {
 
 struct Bundle {
   int32_t format_major = kBundleFormatMajor;
-  int32_t format_minor = kBundleFormatMinor;
+  // What the file says when read. write_bundle writes the minor the content needs (required_format_minor), so a
+  // bundle without error-feedback tables stays a byte-identical 1.1 file.
+  int32_t format_minor = 1;
   std::string producer;  // "oscar 0.1.0"
   ModelFingerprint model;
   CalibrationProvenance calibration;
@@ -93,7 +106,15 @@ struct Bundle {
   std::string rotation_composition;  // "eigen*hadamard*bitrev" (OSCAR), or "eigen" when head_dim is not 2^k
   std::vector<LayerCalibration> layers;
   ErrorReport errors;
+  // Format 1.2: with error-feedback tables, whether the rounding target is the unclipped rotated vector (the
+  // clipping error is fed back too) or the clipped one. Meaningless without tables.
+  bool ef_clip_feedback = true;
 };
+
+// True when any layer carries error-feedback tables (format 1.2).
+bool has_error_feedback(const Bundle& bundle);
+// 2 with error-feedback tables, else 1 (what write_bundle writes as format_minor).
+int32_t required_format_minor(const Bundle& bundle);
 
 // The spec layer `layer` is stored with: bundle.quant with the layer's own segments (when it has them) and clip ratios.
 KvQuantSpec layer_spec(const Bundle& bundle, size_t layer);

@@ -188,6 +188,13 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
     if (bundle->layers.size() != L)
       throw Error(where, "bundle has " + std::to_string(bundle->layers.size()) + " layers, the model " +
                              std::to_string(L));
+    // Bundle 1.2 error-feedback tables change which code each token gets; this engine's INT2 writer rounds to
+    // nearest, so running such a bundle here would quietly measure a different cache than the bundle describes.
+    if (fmt::has_error_feedback(*bundle))
+      throw Error(where, "bundle has error-feedback tables (format 1.2, `oscar calibrate --error-feedback k|kv`), "
+                         "which this engine's INT2 writer does not apply yet (its EF writer is on branch "
+                         "gpu-pending, not yet run on a GPU); evaluate it with --device cpu, or calibrate with "
+                         "--error-feedback off");
     const size_t dd = static_cast<size_t>(cfg.head_dim * cfg.head_dim);
     for (size_t l = 0; l < L; ++l) {
       const fmt::LayerCalibration& lc = bundle->layers[l];

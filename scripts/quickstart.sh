@@ -44,7 +44,7 @@ step "generate (CPU, greedy)" "$OSCAR" generate --model "$MODEL" --prompt "$PROM
 
 # Calibration: varied text (fiction, code, encyclopedic prose) — the rotations generalize with the variety of their
 # calibration text (docs/method.md: on the held-out docs below KL>win 5.20e-3 with all four, 6.10e-3 with the two
-# fiction files alone). Small sizes so the CPU run takes about a minute; the GPU takes over when nvidia-smi sees one
+# fiction files alone; both without error feedback). Small sizes so the CPU run takes about a minute; the GPU takes over when nvidia-smi sees one
 # (and the build has CUDA).
 CALIB_DEVICE=cpu
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && "$OSCAR" --version | grep -q "CUDA kernels built"; then
@@ -58,8 +58,13 @@ if [ ${#CALIB_DATA[@]} -eq 0 ]; then
   printf 'quickstart: no calibration text under ../shared/fixtures/text; skipping calibrate\n'
 else
   mkdir -p build/quickstart
+  # Error-feedback rounding tables (issue #10: KL beyond the window 4.49e-3 instead of 5.20e-3 here) where the eval
+  # below applies them: on the CPU. The engine's EF writer has not run on a GPU yet, and the engine refuses them.
+  EF_ARGS=()
+  [ "$CALIB_DEVICE" = cpu ] && EF_ARGS=(--error-feedback kv)
   step "calibrate ($CALIB_DEVICE)" "$OSCAR" calibrate --model "$MODEL" --data "${CALIB_DATA[@]}" \
-    --out build/quickstart/qwen3-tiny.oscar --num-seqs 24 --seq-len 512 --heldout-seqs 4 --device "$CALIB_DEVICE"
+    --out build/quickstart/qwen3-tiny.oscar --num-seqs 24 --seq-len 512 --heldout-seqs 4 --device "$CALIB_DEVICE" \
+    "${EF_ARGS[@]}"
 fi
 
 # Eval: the accuracy gap against BF16 on held-out text the model never trained on (see the fixtures' PROVENANCE.md),

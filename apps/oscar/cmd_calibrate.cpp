@@ -25,6 +25,7 @@
 #include "formats/error.h"
 #include "formats/model_config.h"
 #include "lib/calib/calibrator.h"
+#include "formats/safetensors.h"
 #ifdef OSCAR_HAVE_CUDA
 #include "runtime/gpu_calibration.h"
 #include "runtime/layer_stream.h"
@@ -93,6 +94,14 @@ struct CalibrateCliOptions {
   std::string candidate_metric = "proxy";
   int64_t kl_seqs = 0;
   int64_t kl_tokens = 0;
+  // Error-feedback rounding tables (bundle 1.2, issue #10; lib/calib/ef_calibration.h), every method. damp 0.1 with
+  // clip feedback from docs/results.md, "Error-feedback tables in the bundle": kv lowered KL beyond the window on
+  // held-out docs and fiction for every rotation tried (CPU simulated cache). Off by default until the engine's EF
+  // writer has run on a GPU (branch gpu-pending): this engine refuses bundles with tables rather than round them to
+  // nearest behind the user's back.
+  std::string error_feedback = "off";
+  double ef_damp = 0.1;
+  std::string ef_clip_feedback = "on";
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
   bool rotation_given = false;
   // Set by CLI11 when the flag was given.
@@ -294,6 +303,15 @@ int run_calibrate(const CalibrateCliOptions& o) {
       throw Error("--k-weight", ::fmt::format("\"{}\" is neither auto nor a positive number", o.k_weight));
     opt.spectral.k_weight = w;
   }
+  opt.error_feedback.mode = calib::parse_error_feedback_mode(o.error_feedback, "--error-feedback");
+  if (!(o.ef_damp >= 0) || !std::isfinite(o.ef_damp))
+    throw Error("--ef-damp", ::fmt::format("{} must be a finite number >= 0", o.ef_damp));
+  if (o.ef_clip_feedback != "on" && o.ef_clip_feedback != "off")
+    throw Error("--ef-clip-feedback", ::fmt::format("'{}' is neither on nor off", o.ef_clip_feedback));
+  opt.error_feedback.damp = o.ef_damp;
+  opt.error_feedback.clip_feedback = o.ef_clip_feedback == "on";
+  if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
+    opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;
   for (const auto& d : o.data) data_specs += (data_specs.empty() ? "" : " ") + d;
   opt.extra_provenance = {
@@ -370,7 +388,8 @@ int run_calibrate(const CalibrateCliOptions& o) {
     j["method"] = std::string(calib::method_name(opt.method));
     for (const auto& [key, value] : b.calibration.options)
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
-          key == "candidate_metric" || key == "layer_kl")
+          key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
+          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
     for (size_t l = 0; l < b.layers.size(); ++l)
@@ -508,6 +527,16 @@ OSCAR_REGISTER_COMMAND(
                          "must exceed --sink + --recent)")
               ->capture_default_str(),
       };
+      sub.add_option("--error-feedback", o->error_feedback,
+                     "error-feedback rounding tables for whole-head INT2 tensors (bundle 1.2): off, k (keys, metric "
+                     "Σ_Q) or kv (also values, metric Σ W_oᵀW_o of the group's o_proj columns); any --method")
+          ->capture_default_str();
+      sub.add_option("--ef-damp", o->ef_damp, "error feedback: damping relative to the metric's mean diagonal")
+          ->capture_default_str();
+      sub.add_option("--ef-clip-feedback", o->ef_clip_feedback,
+                     "error feedback: on = the clipping error of clipped coordinates is fed back too, off = the "
+                     "target is the clipped vector")
+          ->capture_default_str();
       add_json_flag(sub, o->json);
       return [o, k_clip, v_clip, rotation, spectral_opts] {
         o->k_clip_given = k_clip->count() > 0;

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <tuple>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -180,7 +181,21 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
       add(p + name, fmt::DType::I32, {static_cast<int64_t>(segs->size()), 3}, bytes_of(flat),
           "this layer's own segments [begin, end, bits] (overrides quant.*.segments)");
     }
+    // Format 1.2: error-feedback tables (docs/format.md has the rounding loop a writer must run with them).
+    const int64_t kv = b.model.num_kv_heads;
+    for (auto [name, order, weights] :
+         {std::tuple{"k", &layer.k_ef_order, &layer.k_ef_weights}, std::tuple{"v", &layer.v_ef_order, &layer.v_ef_weights}}) {
+      if (order->empty()) continue;
+      add(p + name + "_ef_order", fmt::DType::I32, {kv, d}, bytes_of(*order),
+          "error-feedback rounding order per KV head (a permutation of 0..d-1)");
+      add(p + name + "_ef_weights", fmt::DType::F32, {kv, d, d}, bytes_of(*weights),
+          "error-feedback weights per KV head, strictly upper triangular");
+    }
   }
+  const std::vector<int32_t> ef_clip_feedback = {b.ef_clip_feedback ? 1 : 0};
+  if (fmt::has_error_feedback(b))
+    add("ef_clip_feedback", fmt::DType::I32, {1}, bytes_of(ef_clip_feedback),
+        "1: the error-feedback target is the unclipped rotated vector, 0: the clipped one");
   std::vector<float> k_clip, v_clip;
   for (const auto& layer : b.layers) k_clip.push_back(layer.k_clip_ratio), v_clip.push_back(layer.v_clip_ratio);
   add("k_clip_ratio", fmt::DType::F32, {L}, bytes_of(k_clip), "per-layer K clip ratio (quantile of |y|)");

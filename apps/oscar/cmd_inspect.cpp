@@ -73,9 +73,19 @@ int run_inspect(const InspectOptions& o) {
   const double bf16_bytes_per_token = static_cast<double>(b.layers.size()) * layer_elements * 4;
   const double rotation_bytes = static_cast<double>(b.layers.size()) * 2.0 * static_cast<double>(g * d * d) * 4.0;
 
+  // Format 1.2: which tensors round with error feedback (the rest round to nearest).
+  std::string ef_k, ef_v;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    if (!b.layers[l].k_ef_order.empty()) ef_k += (ef_k.empty() ? "" : ",") + std::to_string(l);
+    if (!b.layers[l].v_ef_order.empty()) ef_v += (ef_v.empty() ? "" : ",") + std::to_string(l);
+  }
+  const bool has_ef = fmt::has_error_feedback(b);
+
   if (o.json) {
     nlohmann::json j;
     j["file"] = o.bundle;
+    if (has_ef)
+      j["error_feedback"] = {{"k_layers", ef_k}, {"v_layers", ef_v}, {"clip_feedback", b.ef_clip_feedback}};
     j["sha256"] = file_sha;
     j["format"] = ::fmt::format("{}.{}", b.format_major, b.format_minor);
     j["producer"] = b.producer;
@@ -164,6 +174,9 @@ int run_inspect(const InspectOptions& o) {
   line("windows", ::fmt::format("first {} and last {} tokens kept bf16", b.quant.sink_tokens, b.quant.recent_tokens));
   line("rotations", ::fmt::format("{} ({} per layer)", b.rotation_composition,
                                   g == 1 ? std::string("one shared") : ::fmt::format("{}, one per KV head", g)));
+  if (has_ef)
+    line("error feedback", ::fmt::format("K layers [{}], V layers [{}], clip feedback {} (other tensors: RTN)",
+                                         ef_k, ef_v, b.ef_clip_feedback ? "on" : "off"));
   line("sizes", ::fmt::format("file {}, rotations {}; KV cache {}/token vs bf16 {}/token", human_bytes(file_bytes),
                               human_bytes(rotation_bytes), human_bytes(kv_bytes_per_token),
                               human_bytes(bf16_bytes_per_token)));

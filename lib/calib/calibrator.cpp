@@ -426,6 +426,12 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
       kv.emplace_back("k_weight_grid", join_numbers(std::span<const double>(s.k_weight_grid)));
     }
   }
+  // Only when on: bundles without tables keep their earlier bytes.
+  if (o.error_feedback.mode != ErrorFeedbackMode::Off) {
+    kv.emplace_back("error_feedback", std::string(error_feedback_mode_name(o.error_feedback.mode)));
+    kv.emplace_back("ef_damp", ::fmt::format("{:.6g}", o.error_feedback.damp));
+    kv.emplace_back("ef_clip_feedback", o.error_feedback.clip_feedback ? "on" : "off");
+  }
   std::sort(kv.begin(), kv.end());
   return kv;
 }
@@ -479,6 +485,17 @@ CalibrationMoments group_moments(StatisticsCollector& stats, bool per_head) {
   for (int64_t l = 0; l < m.num_layers; ++l)
     for (int64_t g = 0; g < m.groups; ++g) m.moments.push_back(per_head ? stats.head_moments(l, g) : stats.layer_moments(l));
   return m;
+}
+
+std::vector<std::vector<double>> head_sigma_q(StatisticsCollector& stats) {
+  const StatisticsShape& s = stats.shape();
+  std::vector<std::vector<double>> out(static_cast<size_t>(s.num_layers));
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    for (int64_t h = 0; h < s.num_kv_heads; ++h) {
+      const HeadMoments m = stats.head_moments(l, h);
+      out[l].insert(out[l].end(), m.sigma_q.begin(), m.sigma_q.end());
+    }
+  return out;
 }
 
 CalibrationSpectra solve_spectra(const CalibrationMoments& moments) {
@@ -561,6 +578,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   const bool spectral = opt.method == Method::Spectral;
   if (spectral && data.heldout.size() < 2)
     throw Error("--heldout-seqs", "--method spectral needs at least 2 held-out sequences");
+  std::vector<std::vector<double>> heldout_sigma_q;  // error feedback's key metric when spectra has none
   if (!data.heldout.empty()) {
     HeldoutCollector heldout(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
     const int64_t n = static_cast<int64_t>(data.heldout.size());
@@ -598,6 +616,8 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       if (opt.progress) opt.progress("heldout", i + 1, n);
     }
     const std::vector<HeldoutLayer> layers = heldout.finish();
+    if (opt.error_feedback.mode != ErrorFeedbackMode::Off && spectra.head_sigma_q.empty())
+      for (const HeldoutLayer& hl : layers) heldout_sigma_q.push_back(hl.sigma_q);
     const std::vector<std::vector<AttentionSequence>> clip_sequences =
         attention_clip ? clip_collector->finish() : std::vector<std::vector<AttentionSequence>>{};
     b.errors = build_error_report(layers, candidates, opt.quant);
@@ -678,6 +698,23 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     b.errors.num_layers = L;
   }
 
+  // ---- error-feedback tables (format 1.2), on the final layouts: segmented layers keep RTN
+  if (opt.error_feedback.mode != ErrorFeedbackMode::Off) {
+    const bool calibration_sigma = !spectra.head_sigma_q.empty();
+    if (!calibration_sigma && heldout_sigma_q.empty())
+      throw Error("--error-feedback", "needs the per-KV-head query moments: this device's statistics do not provide "
+                                      "them, and there are no held-out sequences to take them from");
+    const int64_t tables = add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q,
+                                                     opt.error_feedback);
+    result_provenance.emplace_back("ef_key_metric", calibration_sigma ? "sigma_q" : "heldout_sigma_q");
+    result_provenance.emplace_back("ef_tables", std::to_string(tables));
+    report += ::fmt::format("\nError-feedback rounding ({}, damp {:.6g}, clip feedback {}): tables for {} of {} "
+                            "layer tensors (whole-head INT2 only)\n",
+                            error_feedback_mode_name(opt.error_feedback.mode), opt.error_feedback.damp,
+                            opt.error_feedback.clip_feedback ? "on" : "off", tables,
+                            opt.error_feedback.mode == ErrorFeedbackMode::KV ? 2 * L : L);
+  }
+
   // ---- provenance
   auto& p = b.calibration;
   p.data_files = data.data_files;
@@ -702,7 +739,8 @@ CalibrationResult calibrate(ForwardRunner& runner, const fmt::ModelFingerprint& 
                             const CalibrationData& data, const CalibrationOptions& opt) {
   validate_inputs(runner.config(), data, opt);
   StatisticsCollector stats = collect_statistics(runner, fingerprint, data, opt);
-  const CalibrationSpectra spectra = solve_spectra(group_moments(stats, opt.per_head));
+  CalibrationSpectra spectra = solve_spectra(group_moments(stats, opt.per_head));
+  if (opt.error_feedback.mode != ErrorFeedbackMode::Off) spectra.head_sigma_q = head_sigma_q(stats);
   return assemble_bundle(spectra, runner, fingerprint, data, opt);
 }
 

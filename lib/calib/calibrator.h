@@ -32,6 +32,7 @@
 #include "formats/bundle.h"
 #include "formats/model_config.h"
 #include "lib/calib/clip_tuner.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/spectral_calibration.h"
 #include "lib/calib/statistics.h"
@@ -91,6 +92,9 @@ struct CalibrationOptions {
   // (Spectral only; recorded in the provenance). spectral.spectral.align is ignored: the calibrator always uses
   // spectral_align(head_dim), so the layout grid is a function of the model only.
   SpectralCalibrationOptions spectral;
+  // --error-feedback / --ef-damp / --ef-clip-feedback (lib/calib/ef_calibration.h): tables for every whole-head INT2
+  // tensor of the final bundle (format 1.2). Off in the library (bundles as before); recorded only when on.
+  ErrorFeedbackCalibration error_feedback;
   ValueWeighting value_weighting = ValueWeighting::QueryEnergy;  // --value-weighting query|attention_mass|uniform
   bool per_head = false;                // --per-head: one rotation per KV head instead of one per layer
   fmt::KvQuantSpec quant = fmt::KvQuantSpec::int2_default(128);  // head_dim must match the model; its clip ratios
@@ -161,10 +165,15 @@ struct CalibrationSpectra {
   int64_t groups = 1;
   int64_t head_dim = 0;
   std::vector<GroupSpectra> spectra;  // [layer * groups + group]
+  // Optional, for error feedback: Σ_Q of every KV head, [layer][num_kv_heads · d · d] (head_sigma_q()). Empty: the
+  // key metric falls back to the held-out sequences' Σ_Q (what the GPU path has on the host), recorded in the bundle.
+  std::vector<std::vector<double>> head_sigma_q;
   const GroupSpectra& at(int64_t layer, int64_t group) const { return spectra[layer * groups + group]; }
 };
 // LAPACK dsyevd for every matrix (symmetric_eigen's sign convention).
 CalibrationSpectra solve_spectra(const CalibrationMoments& moments);
+// Σ_Q per layer and KV head from the statistics, [layer][num_kv_heads · d · d] (CalibrationSpectra::head_sigma_q).
+std::vector<std::vector<double>> head_sigma_q(StatisticsCollector& stats);
 
 // ---- stages 3 and 4: rotations, held-out error report, clip tuning, provenance
 // `heldout_runner` runs data.heldout (any device; unused when data.heldout is empty).

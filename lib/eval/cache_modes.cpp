@@ -7,6 +7,7 @@
 
 #include "formats/dtype.h"
 #include "formats/error.h"
+#include "lib/calib/error_feedback.h"
 #include "lib/calib/rotation.h"
 
 namespace oscar::eval {
@@ -94,6 +95,14 @@ struct CacheFormat::TensorCodec {
   std::vector<float> clip_ratios;  // per layer
   // Bundle format 1.1: layers with their own segment layout (spectral bit allocation); null = `quantizer`.
   std::vector<std::unique_ptr<calib::HeadQuantizer>> layer_quantizers;
+  // Bundle format 1.2: per-layer error-feedback tables ([kv_heads, d] / [kv_heads, d, d]; empty = RTN).
+  std::vector<std::vector<int32_t>> ef_order;
+  std::vector<std::vector<float>> ef_weights;
+  bool ef_clip_feedback = true;
+  bool has_ef(int64_t layer) const {
+    const auto l = static_cast<size_t>(layer);
+    return l < ef_order.size() && !ef_order[l].empty();
+  }
   const calib::HeadQuantizer& for_layer(int64_t layer) const {
     const auto l = static_cast<size_t>(layer);
     return l < layer_quantizers.size() && layer_quantizers[l] ? *layer_quantizers[l] : quantizer;
@@ -212,6 +221,17 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
         v_bits += ls.v.bits_per_element(d);
       }
       if (layers > 0) f->cost_ = {k_bits / static_cast<double>(layers), v_bits / static_cast<double>(layers)};
+      // Error-feedback tables change which code a token gets, not the format (same bits, same decode).
+      if (fmt::has_error_feedback(b)) {
+        for (TensorCodec* c : {f->k_.get(), f->v_.get()}) c->ef_clip_feedback = b.ef_clip_feedback;
+        for (int64_t l = 0; l < layers; ++l) {
+          const auto& lc = b.layers[static_cast<size_t>(l)];
+          f->k_->ef_order.push_back(lc.k_ef_order);
+          f->k_->ef_weights.push_back(lc.k_ef_weights);
+          f->v_->ef_order.push_back(lc.v_ef_order);
+          f->v_->ef_weights.push_back(lc.v_ef_weights);
+        }
+      }
       break;
     }
   }
@@ -226,6 +246,32 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
                                        codec.rotation(layer, kv_head, head_dim_),
                                        codec.clip_ratios[static_cast<size_t>(layer)], out))
     return;
+  if (codec.has_ef(layer)) {
+    // The rounding every cache writer runs from the stored table (calib::error_feedback_codes_stored): rotate,
+    // clip, RTN scale/zero, codes with feedback, dequantize, rotate back.
+    const int64_t d = head_dim_;
+    const auto l = static_cast<size_t>(layer);
+    const auto h = static_cast<size_t>(kv_head);
+    const std::span<const int32_t> order =
+        std::span<const int32_t>(codec.ef_order[l]).subspan(h * static_cast<size_t>(d), static_cast<size_t>(d));
+    const std::span<const float> weights = std::span<const float>(codec.ef_weights[l])
+                                               .subspan(h * static_cast<size_t>(d * d), static_cast<size_t>(d * d));
+    const std::span<const float> rotation = codec.rotation(layer, kv_head, d);
+    const float clip = codec.clip_ratios[l];
+    if (static_cast<int64_t>(x.size()) != tokens * d || out.size() != x.size())
+      throw Error(std::string(name()), ::fmt::format("expected {} x {} values", tokens, d));
+    std::vector<float> row(static_cast<size_t>(d)), y(static_cast<size_t>(d)), deq(static_cast<size_t>(d));
+    std::vector<uint8_t> codes(static_cast<size_t>(d));
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::copy_n(x.begin() + t * d, d, row.begin());  // x and out may alias
+      calib::rotate(row, rotation, y);
+      const calib::IntParams p =
+          calib::error_feedback_codes_stored(y, clip, 2, order, weights, codec.ef_clip_feedback, codes);
+      for (int64_t i = 0; i < d; ++i) deq[i] = calib::int_dequant(codes[i], p);
+      calib::unrotate(deq, rotation, out.subspan(static_cast<size_t>(t * d), static_cast<size_t>(d)));
+    }
+    return;
+  }
   codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),
                                 codec.clip_ratios[static_cast<size_t>(layer)], calib::Basis::Original, out);
 }

@@ -5,6 +5,7 @@
 //
 //   bf16       K/V rounded to bf16 (the baseline every other mode is compared with)
 //   oscar      the bundle's per-layer R_k / R_v and clip ratios, per-token asymmetric INT2 (fp16 scale/zero)
+//              (bundle 1.2: codes chosen by the bundle's error-feedback tables, calib::error_feedback_codes_stored)
 //   int2       per-token asymmetric INT2 over the whole head, no rotation, no clipping
 //   hadamard2  y = x · D·H (D: seeded random ±1 signs, H: normalized Sylvester Hadamard) + per-token INT2, no clip
 //   kivi2      KIVI: K per channel over groups of 32 tokens, V per token in groups of 32 channels, both INT2 with

@@ -1,0 +1,120 @@
+#include "lib/calib/ef_calibration.h"
+
+#include <Eigen/Dense>
+#include <fmt/format.h>
+
+#include "formats/error.h"
+#include "formats/safetensors.h"
+#include "lib/calib/error_feedback.h"
+
+namespace oscar::calib {
+
+std::string_view error_feedback_mode_name(ErrorFeedbackMode m) {
+  switch (m) {
+    case ErrorFeedbackMode::Off: return "off";
+    case ErrorFeedbackMode::K: return "k";
+    case ErrorFeedbackMode::KV: return "kv";
+  }
+  return "?";
+}
+
+ErrorFeedbackMode parse_error_feedback_mode(std::string_view name, const std::string& where) {
+  for (ErrorFeedbackMode m : {ErrorFeedbackMode::Off, ErrorFeedbackMode::K, ErrorFeedbackMode::KV})
+    if (error_feedback_mode_name(m) == name) return m;
+  throw Error(where, ::fmt::format("unknown error-feedback mode '{}' (off, k, kv)", name));
+}
+
+std::vector<double> value_output_metric(std::span<const float> o_proj, int64_t hidden, int64_t num_heads,
+                                        int64_t num_kv_heads, int64_t d, const std::string& where) {
+  const int64_t cols = num_heads * d;
+  if (hidden <= 0 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 ||
+      static_cast<int64_t>(o_proj.size()) != hidden * cols)
+    throw Error(where, ::fmt::format("o_proj has {} values, expected [{}, {} heads x {}] with {} KV heads",
+                                     o_proj.size(), hidden, num_heads, d, num_kv_heads));
+  using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Map<const RowMatF> w(o_proj.data(), hidden, cols);
+  const int64_t group = num_heads / num_kv_heads;
+  std::vector<double> out;
+  out.reserve(static_cast<size_t>(num_kv_heads * d * d));
+  for (int64_t h = 0; h < num_kv_heads; ++h) {
+    RowMatD s = RowMatD::Zero(d, d);
+    // Heads in order: the sum is deterministic.
+    for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+      const Eigen::MatrixXd wg = w.block(0, g * d, hidden, d).cast<double>();
+      s += wg.transpose() * wg;
+    }
+    out.insert(out.end(), s.data(), s.data() + d * d);
+  }
+  return out;
+}
+
+std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& weights, const fmt::ModelConfig& cfg) {
+  std::vector<std::vector<double>> out;
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    const std::string name = ::fmt::format("model.layers.{}.self_attn.o_proj.weight", l);
+    const std::vector<float> w = fmt::to_f32(weights.get(name));
+    out.push_back(value_output_metric(w, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, name));
+  }
+  return out;
+}
+
+bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys) {
+  const fmt::KvQuantSpec spec = fmt::layer_spec(bundle, layer);
+  const fmt::TensorQuantSpec& t = keys ? spec.k : spec.v;
+  return t.storage == fmt::KvStorage::Int && t.segments.size() == 1 && t.segments[0].begin == 0 &&
+         t.segments[0].end == bundle.quant.head_dim && t.segments[0].bits == 2;
+}
+
+int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<double>>& key_metrics,
+                                  const ErrorFeedbackCalibration& opt) {
+  if (opt.mode == ErrorFeedbackMode::Off) return 0;
+  const int64_t d = b.quant.head_dim, hkv = b.model.num_kv_heads, L = static_cast<int64_t>(b.layers.size());
+  const bool values = opt.mode == ErrorFeedbackMode::KV;
+  const auto check_metrics = [&](const std::vector<std::vector<double>>& m, const char* what) {
+    if (static_cast<int64_t>(m.size()) != L)
+      throw Error("--error-feedback", ::fmt::format("{} metrics for {} layers, the bundle has {}", what, m.size(), L));
+    for (const auto& x : m)
+      if (static_cast<int64_t>(x.size()) != hkv * d * d)
+        throw Error("--error-feedback", ::fmt::format("a {} metric holds {} values, expected [{}, {}, {}]", what,
+                                                      x.size(), hkv, d, d));
+  };
+  check_metrics(key_metrics, "key");
+  if (values) check_metrics(opt.value_metrics, "value");
+  ErrorFeedbackOptions eo;
+  eo.damp = opt.damp;
+  eo.act_order = true;
+  eo.feedback_clip_error = opt.clip_feedback;
+  int64_t tables = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    fmt::LayerCalibration& layer = b.layers[static_cast<size_t>(l)];
+    for (const bool keys : {true, false}) {
+      if (!keys && !values) continue;
+      if (!whole_head_int2(b, static_cast<size_t>(l), keys)) continue;
+      const std::vector<float>& rot = keys ? layer.k_rotation : layer.v_rotation;
+      const std::vector<double>& metric = (keys ? key_metrics : opt.value_metrics)[static_cast<size_t>(l)];
+      std::vector<int32_t>& order = keys ? layer.k_ef_order : layer.v_ef_order;
+      std::vector<float>& weights = keys ? layer.k_ef_weights : layer.v_ef_weights;
+      order.assign(static_cast<size_t>(hkv * d), 0);
+      weights.assign(static_cast<size_t>(hkv * d * d), 0.0f);
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int64_t g = b.rotation_groups == 1 ? 0 : h;
+        const std::vector<double> r(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d);
+        const std::string where = ::fmt::format("layer {} KV head {} {} error-feedback metric", l, h, keys ? "K" : "V");
+        const ErrorFeedbackTable t = error_feedback_table(
+            metric_in_basis(std::span<const double>(metric).subspan(static_cast<size_t>(h * d * d),
+                                                                    static_cast<size_t>(d * d)),
+                            r, d),
+            d, eo, where);
+        stored_error_feedback(t, std::span<int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
+                              std::span<float>(weights).subspan(static_cast<size_t>(h * d * d),
+                                                                static_cast<size_t>(d * d)));
+      }
+      ++tables;
+    }
+  }
+  b.ef_clip_feedback = opt.clip_feedback;
+  return tables;
+}
+
+}  // namespace oscar::calib

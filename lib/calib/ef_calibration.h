@@ -1,0 +1,54 @@
+#pragma once
+// Error-feedback tables for a calibrated bundle (bundle format 1.2, issue #10; docs/method.md "Error-feedback
+// rounding"): `oscar calibrate --error-feedback k|kv` turns each whole-head INT2 tensor's error metric into the
+// stored table (order + fp32 weights) every cache writer rounds with (lib/calib/error_feedback.h).
+//   keys    M_K[h] = Σ_Q of KV head h's query group (post-RoPE queries, the calibrator's statistics)
+//   values  M_V[h] = Σ_{g ∈ G(h)} W_gᵀ W_g, W_g = the o_proj columns [hidden, d] of query head g: the layer output
+//           error of a value error e read by head g is W_g e (cross-head terms and attention weights ignored)
+// Both are moved into the storage basis of the layer's rotation (Rᵀ M R, per KV head) before the factorization.
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "formats/bundle.h"
+#include "formats/model_config.h"
+
+namespace oscar::fmt {
+class TensorStore;
+}
+
+namespace oscar::calib {
+
+enum class ErrorFeedbackMode : uint8_t { Off = 0, K = 1, KV = 2 };
+std::string_view error_feedback_mode_name(ErrorFeedbackMode m);                          // "off", "k", "kv"
+ErrorFeedbackMode parse_error_feedback_mode(std::string_view name, const std::string& where);  // throws oscar::Error
+
+// --error-feedback, --ef-damp, --ef-clip-feedback. The library default is Off (bundles byte-identical to before);
+// the CLI's default is kv, damp 0.1, clip feedback on (docs/results.md, "Error-feedback tables in the bundle").
+struct ErrorFeedbackCalibration {
+  ErrorFeedbackMode mode = ErrorFeedbackMode::Off;
+  double damp = 0.1;          // relative to mean(diag M)
+  bool clip_feedback = true;  // target = the unclipped rotated vector (the clipping error is fed back too)
+  // Per layer [num_kv_heads, d, d] M_V in the ORIGINAL value basis (value_output_metrics); required for kv.
+  std::vector<std::vector<double>> value_metrics;
+};
+
+// M_V of one layer from its o_proj weight [hidden, num_heads · d] (row-major fp32): [num_kv_heads, d, d] fp64.
+// Throws oscar::Error(where, ...) on a shape mismatch.
+std::vector<double> value_output_metric(std::span<const float> o_proj, int64_t hidden, int64_t num_heads,
+                                        int64_t num_kv_heads, int64_t d, const std::string& where);
+// M_V of every layer from a checkpoint (model.layers.{l}.self_attn.o_proj.weight).
+std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& weights, const fmt::ModelConfig& cfg);
+
+// Adds tables to every whole-head INT2 tensor of `bundle` (K for k, K and V for kv) from per-layer metrics in the
+// original basis: key_metrics[l] and value_metrics[l] are [num_kv_heads, d, d]. Segmented tensors keep RTN.
+// Sets bundle.ef_clip_feedback. Returns how many (layer, tensor) pairs got a table. Deterministic.
+int64_t add_error_feedback_tables(fmt::Bundle& bundle, const std::vector<std::vector<double>>& key_metrics,
+                                  const ErrorFeedbackCalibration& options);
+
+// Whether the layer's K (keys) or V tensor is stored as one whole-head INT2 segment (what a table needs).
+bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys);
+
+}  // namespace oscar::calib

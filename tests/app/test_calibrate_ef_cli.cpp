@@ -1,0 +1,130 @@
+// `oscar calibrate --error-feedback off|k|kv --ef-damp --ef-clip-feedback` (bundle 1.2) on the CPU, on the real
+// TinyStories llama2.c 280k checkpoint: the tables land on every whole-head INT2 tensor, the flags are recorded,
+// repeat runs give the same bytes, off writes a 1.1 bundle without any new key, and bad values are clear errors.
+#include <gtest/gtest.h>
+
+#include "calibrate_cli_fixture.h"
+#include "formats/bundle.h"
+#include "lib/calib/ef_calibration.h"
+#include "run_oscar.h"
+#include "test_support.h"
+
+namespace oscar::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CalibrateEfCli : public TinyStoriesCalibrateCli {
+ protected:
+  std::vector<std::string> args(const fs::path& out, const std::vector<std::string>& extra) const {
+    return calibrate_args(out,
+                          {"--method", "published", "--num-seqs", "4", "--seq-len", "64", "--heldout-seqs", "3",
+                           "--sink", "16", "--recent", "16", "--seed", "5", "--log-level", "warn"},
+                          extra);
+  }
+  static std::string option(const fmt::Bundle& b, const std::string& key) {
+    for (const auto& [k, v] : b.calibration.options)
+      if (k == key) return v;
+    return "(absent)";
+  }
+};
+
+TEST_F(CalibrateEfCli, KvIsRecordedAndByteDeterministic) {
+  const RunResult a = run_oscar(args(dir_ / "a.oscar", {"--error-feedback", "kv"}));
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  const RunResult b = run_oscar(args(dir_ / "b.oscar", {"--error-feedback", "kv"}));
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_EQ(slurp(dir_ / "a.oscar"), slurp(dir_ / "b.oscar"));
+  EXPECT_NE(a.out.find("Error-feedback rounding (kv, damp 0.1, clip feedback on)"), std::string::npos) << a.out;
+
+  const fmt::Bundle bundle = fmt::read_bundle(dir_ / "a.oscar");
+  EXPECT_EQ(bundle.format_minor, 2);
+  EXPECT_TRUE(bundle.ef_clip_feedback);
+  EXPECT_EQ(option(bundle, "error_feedback"), "kv");
+  EXPECT_EQ(option(bundle, "ef_damp"), "0.1");
+  EXPECT_EQ(option(bundle, "ef_clip_feedback"), "on");
+  EXPECT_EQ(option(bundle, "ef_key_metric"), "sigma_q");  // the calibration statistics, not the held-out ones
+  EXPECT_EQ(option(bundle, "ef_tables"), std::to_string(2 * bundle.layers.size()));
+  const int64_t d = bundle.quant.head_dim, kv = bundle.model.num_kv_heads;
+  for (const auto& l : bundle.layers) {
+    ASSERT_EQ(l.k_ef_order.size(), static_cast<size_t>(kv * d));
+    ASSERT_EQ(l.v_ef_weights.size(), static_cast<size_t>(kv * d * d));
+    double off = 0;
+    for (float w : l.k_ef_weights) off += std::abs(w);
+    EXPECT_GT(off, 0.0) << "keys got a diagonal table: Σ_Q in the stored basis is not diagonal";
+  }
+  // inspect names the tables; export carries them.
+  const RunResult ins = run_oscar({"inspect", (dir_ / "a.oscar").string()});
+  ASSERT_EQ(ins.exit_code, 0) << ins.err;
+  EXPECT_NE(ins.out.find("format          1.2"), std::string::npos) << ins.out;
+  EXPECT_NE(ins.out.find("error feedback  K layers [0,1,2,3,4], V layers [0,1,2,3,4], clip feedback on"), std::string::npos)
+      << ins.out;
+  const RunResult ex = run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "safetensors", "--out",
+                                  (dir_ / "exp").string()});
+  ASSERT_EQ(ex.exit_code, 0) << ex.err;
+  const std::string manifest = slurp(dir_ / "exp" / "manifest.json");
+  for (const char* name : {"\"layers.1.k_ef_order\"", "\"layers.1.v_ef_weights\"", "\"ef_clip_feedback\""})
+    EXPECT_NE(manifest.find(name), std::string::npos) << name;
+}
+
+// The default is off (until the engine's EF writer is verified on a GPU): a 1.1 bundle without tables.
+TEST_F(CalibrateEfCli, DefaultIsOffA11BundleAndKOnlyHasNoValueTables) {
+  const RunResult off = run_oscar(args(dir_ / "off.oscar", {}));
+  ASSERT_EQ(off.exit_code, 0) << off.err;
+  const fmt::Bundle ob = fmt::read_bundle(dir_ / "off.oscar");
+  EXPECT_EQ(ob.format_minor, 1);
+  EXPECT_FALSE(fmt::has_error_feedback(ob));
+  for (const char* key : {"error_feedback", "ef_damp", "ef_clip_feedback", "ef_key_metric", "ef_tables"})
+    EXPECT_EQ(option(ob, key), "(absent)") << key;
+
+  const RunResult k = run_oscar(args(dir_ / "k.oscar", {"--error-feedback", "k", "--ef-damp", "0.01",
+                                                         "--ef-clip-feedback", "off"}));
+  ASSERT_EQ(k.exit_code, 0) << k.err;
+  const fmt::Bundle kb = fmt::read_bundle(dir_ / "k.oscar");
+  EXPECT_EQ(kb.format_minor, 2);
+  EXPECT_FALSE(kb.ef_clip_feedback);
+  EXPECT_EQ(option(kb, "error_feedback"), "k");
+  EXPECT_EQ(option(kb, "ef_damp"), "0.01");
+  EXPECT_EQ(option(kb, "ef_clip_feedback"), "off");
+  for (size_t l = 0; l < kb.layers.size(); ++l) {
+    EXPECT_FALSE(kb.layers[l].k_ef_order.empty());
+    EXPECT_TRUE(kb.layers[l].v_ef_order.empty());
+    // Everything but the tables and the provenance equals the RTN bundle: tables never change the layout.
+    EXPECT_EQ(kb.layers[l].k_rotation, ob.layers[l].k_rotation);
+    EXPECT_EQ(kb.layers[l].k_clip_ratio, ob.layers[l].k_clip_ratio);
+  }
+}
+
+TEST_F(CalibrateEfCli, SegmentedLayersKeepRtn) {
+  // head_dim 8 with a 6-bit budget: the spectral layouts are segmented, so those tensors get no table.
+  const RunResult r = run_oscar(args(dir_ / "s.oscar", {"--method", "spectral", "--budget-bits", "6", "--widths",
+                                                         "2,3,4", "--candidates", "spectral", "--error-feedback",
+                                                         "kv"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const fmt::Bundle b = fmt::read_bundle(dir_ / "s.oscar");
+  int64_t tables = 0;
+  for (size_t l = 0; l < b.layers.size(); ++l)
+    for (const bool keys : {true, false}) {
+      const bool has = !(keys ? b.layers[l].k_ef_order : b.layers[l].v_ef_order).empty();
+      EXPECT_EQ(has, calib::whole_head_int2(b, l, keys)) << "layer " << l << (keys ? " K" : " V");
+      tables += has;
+    }
+  EXPECT_EQ(option(b, "ef_tables"), std::to_string(tables));
+}
+
+TEST_F(CalibrateEfCli, BadValuesAreClearErrors) {
+  for (const auto& [extra, flag] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--error-feedback", "v"}, "--error-feedback"},
+           {{"--ef-damp", "-1"}, "--ef-damp"},
+           {{"--ef-damp", "nan"}, "--ef-damp"},
+           {{"--ef-clip-feedback", "yes"}, "--ef-clip-feedback"}}) {
+    const fs::path out = dir_ / "bad.oscar";
+    const RunResult r = run_oscar(args(out, extra));
+    EXPECT_NE(r.exit_code, 0) << extra[0];
+    EXPECT_NE(r.err.find(flag), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out));
+  }
+}
+
+}  // namespace
+}  // namespace oscar::test

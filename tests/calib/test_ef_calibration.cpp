@@ -1,0 +1,152 @@
+// lib/calib/ef_calibration.h: the value metric M_V = Σ_g W_gᵀW_g against a plain triple loop, and the tables
+// add_error_feedback_tables stores against the stored_error_feedback of the table built directly from Rᵀ M R.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "formats/error.h"
+#include "lib/calib/ef_calibration.h"
+#include "lib/calib/error_feedback.h"
+#include "lib/calib/rotation.h"
+
+namespace oscar::calib {
+namespace {
+
+std::vector<double> random_spd(int64_t d, std::mt19937& rng) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  std::vector<double> a(d * d), m(d * d, 0.0);
+  for (auto& x : a) x = n(rng);
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = 0; k < d; ++k) m[i * d + j] += a[i * d + k] * a[j * d + k];
+  return m;
+}
+
+TEST(EfCalibration, ValueMetricIsSumOfGroupOProjGram) {
+  const int64_t hidden = 12, heads = 4, kv = 2, d = 4;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> w(hidden * heads * d);
+  for (auto& x : w) x = u(rng);
+  const std::vector<double> m = value_output_metric(w, hidden, heads, kv, d, "o_proj");
+  ASSERT_EQ(m.size(), static_cast<size_t>(kv * d * d));
+  for (int64_t h = 0; h < kv; ++h)
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        double want = 0;
+        for (int64_t g = h * 2; g < h * 2 + 2; ++g)
+          for (int64_t r = 0; r < hidden; ++r)
+            want += double(w[r * heads * d + g * d + i]) * double(w[r * heads * d + g * d + j]);
+        EXPECT_NEAR(m[(h * d + i) * d + j], want, 1e-9 * (1 + std::abs(want))) << h << " " << i << " " << j;
+      }
+  EXPECT_THROW(value_output_metric(std::span<const float>(w).first(w.size() - 1), hidden, heads, kv, d, "o_proj"),
+               Error);
+  EXPECT_THROW(value_output_metric(w, hidden, heads, 3, d, "o_proj"), Error);
+}
+
+TEST(EfCalibration, ModeNames) {
+  EXPECT_EQ(parse_error_feedback_mode("kv", "--error-feedback"), ErrorFeedbackMode::KV);
+  EXPECT_EQ(parse_error_feedback_mode("k", "--error-feedback"), ErrorFeedbackMode::K);
+  EXPECT_EQ(parse_error_feedback_mode("off", "--error-feedback"), ErrorFeedbackMode::Off);
+  try {
+    parse_error_feedback_mode("on", "--error-feedback");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.where(), "--error-feedback");
+  }
+}
+
+fmt::Bundle bundle_for(int64_t d, int64_t kv, int64_t groups, int64_t layers) {
+  fmt::Bundle b;
+  b.model = {"Qwen3ForCausalLM", layers, 2 * kv, kv, d, 64, 512, std::string(64, 'a'), std::string(64, 'b')};
+  b.quant = fmt::KvQuantSpec::int2_default(d);
+  b.rotation_groups = groups;
+  std::mt19937 rng(7);
+  for (int64_t l = 0; l < layers; ++l) {
+    fmt::LayerCalibration layer;
+    for (int64_t g = 0; g < groups; ++g) {
+      // An orthogonal rotation that is not the identity (eigenvectors of a random SPD matrix).
+      const SymmetricEigen e = symmetric_eigen(random_spd(d, rng), d, "test");
+      layer.k_rotation.insert(layer.k_rotation.end(), e.vectors.begin(), e.vectors.end());
+      const auto h = hadamard(d);
+      layer.v_rotation.insert(layer.v_rotation.end(), h.begin(), h.end());
+    }
+    layer.k_eigenvalues.assign(groups * d, 1.0);
+    layer.v_eigenvalues.assign(groups * d, 1.0);
+    layer.k_clip_ratio = 0.96f;
+    layer.v_clip_ratio = 0.92f;
+    b.layers.push_back(std::move(layer));
+  }
+  b.errors.num_layers = layers;
+  return b;
+}
+
+TEST(EfCalibration, TablesAreTheStoredFormOfRtMR) {
+  const int64_t d = 8, kv = 2, L = 3;
+  std::mt19937 rng(11);
+  std::vector<std::vector<double>> km(L), vm(L);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t h = 0; h < kv; ++h) {
+      const auto a = random_spd(d, rng), b = random_spd(d, rng);
+      km[l].insert(km[l].end(), a.begin(), a.end());
+      vm[l].insert(vm[l].end(), b.begin(), b.end());
+    }
+  for (int64_t groups : {int64_t{1}, kv}) {
+    fmt::Bundle b = bundle_for(d, kv, groups, L);
+    b.layers[2].k_segments = {{0, 4, 3}, {4, 8, 1}};  // segmented keys keep RTN
+    ErrorFeedbackCalibration opt;
+    opt.mode = ErrorFeedbackMode::KV;
+    opt.damp = 0.1;
+    opt.clip_feedback = false;
+    opt.value_metrics = vm;
+    fmt::Bundle again = b;
+    EXPECT_EQ(add_error_feedback_tables(b, km, opt), 2 * L - 1);
+    EXPECT_FALSE(b.ef_clip_feedback);
+    EXPECT_TRUE(b.layers[2].k_ef_order.empty());
+    EXPECT_FALSE(b.layers[2].v_ef_order.empty());
+    fmt::validate_bundle(b, "ef bundle");
+    for (int64_t l = 0; l < 2; ++l)
+      for (int64_t h = 0; h < kv; ++h) {
+        const int64_t g = groups == 1 ? 0 : h;
+        const auto& lc = b.layers[l];
+        const std::vector<double> r(lc.k_rotation.begin() + g * d * d, lc.k_rotation.begin() + (g + 1) * d * d);
+        const ErrorFeedbackTable t = error_feedback_table(
+            metric_in_basis(std::span<const double>(km[l]).subspan(h * d * d, d * d), r, d), d, {0.1, true, false}, "t");
+        std::vector<int32_t> order(d);
+        std::vector<float> w(d * d);
+        stored_error_feedback(t, order, w);
+        EXPECT_EQ(std::vector<int32_t>(lc.k_ef_order.begin() + h * d, lc.k_ef_order.begin() + (h + 1) * d), order);
+        EXPECT_EQ(std::vector<float>(lc.k_ef_weights.begin() + h * d * d, lc.k_ef_weights.begin() + (h + 1) * d * d), w);
+        // A non-identity rotation of a non-diagonal metric: real feedback weights.
+        double off = 0;
+        for (float x : w) off += std::abs(x);
+        EXPECT_GT(off, 0.1);
+      }
+    // Deterministic: same inputs, same tables.
+    EXPECT_EQ(add_error_feedback_tables(again, km, opt), 2 * L - 1);
+    EXPECT_EQ(again.layers, b.layers);
+    // Keys only.
+    fmt::Bundle konly = bundle_for(d, kv, groups, L);
+    opt.mode = ErrorFeedbackMode::K;
+    EXPECT_EQ(add_error_feedback_tables(konly, km, opt), L);
+    for (const auto& l : konly.layers) EXPECT_TRUE(l.v_ef_order.empty());
+    // Off adds nothing.
+    fmt::Bundle off = bundle_for(d, kv, groups, L);
+    opt.mode = ErrorFeedbackMode::Off;
+    EXPECT_EQ(add_error_feedback_tables(off, km, opt), 0);
+    EXPECT_FALSE(fmt::has_error_feedback(off));
+  }
+  // Metrics of the wrong shape are an error naming the flag.
+  fmt::Bundle b = bundle_for(d, kv, 1, L);
+  ErrorFeedbackCalibration opt;
+  opt.mode = ErrorFeedbackMode::KV;
+  try {
+    add_error_feedback_tables(b, km, opt);  // no value metrics
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.where(), "--error-feedback");
+  }
+}
+
+}  // namespace
+}  // namespace oscar::calib
