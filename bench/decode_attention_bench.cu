@@ -11,7 +11,9 @@
 // see the seg block below), each with its ratio to int2_us (issue #10's goal is <= 1.10x).
 // int2_us is the default launch (DecodeAttentionVariant::Fused: q rotation + one INT2 kernel that also takes the
 // window tokens and merges in its last block); the final two columns time the Separate variant (rotate_q, window,
-// INT2, merge kernels) in the same run: sep_us and sep/int2 (> 1 means the fused launch is faster).
+// INT2, merge kernels) in the same run: sep_us and sep/int2 (> 1 means the fused launch is faster); wide_us and
+// wide/int2 time the fused launch with the heads-as-rows score layout (DecodeAttentionVariant::FusedWide), which
+// groups <= 4 no longer use by default (> 1 means the transposed layout is faster).
 // fp8_us / int4_us time the eval baselines on the same windows: FP8 e4m3 pages (quant_storage = Fp8E4M3, 8 bits +
 // one fp16 scale per head vector, its own CUDA-core split kernel) and INT4 pages (the segmented kernel with one 4-bit
 // segment over the head, a compiled layout); each with its ratio to int2_us. Bytes are accounted as for int2_us.
@@ -163,10 +165,10 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s, timing %s\n", prop.name, prop.multiProcessorCount, d2d,
               eager ? "eager launches" : "CUDA graph of the calls");
   std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s | %8s %7s | %8s %7s | %8s %7s | "
-              "%8s %7s | %8s %8s | %8s %7s | %8s %7s\n",
+              "%8s %7s | %8s %8s | %8s %7s | %8s %7s | %8s %9s\n",
               "model", "batch", "context", "splits", "int2_us", "int2_MB", "GB/s", "%d2d", "bf16_us", "GB/s", "%d2d", "speedup",
               "torch_us", "vs_torch", "segA_us", "/int2", "seg3b_us", "/int2", "segcal_us", "/int2", "seggen_us",
-              "/int2", "sep_us", "sep/int2", "fp8_us", "/int2", "int4_us", "/int2");
+              "/int2", "sep_us", "sep/int2", "fp8_us", "/int2", "int4_us", "/int2", "wide_us", "wide/int2");
 
   const int d = 128, page = oscar::fmt::kKvPageTokens;
   const int64_t sink = 64, recent = 256;
@@ -290,6 +292,8 @@ int main(int argc, char** argv) {
         };
         const double int2_us = time_us(sink, recent);
         const double sep_us = time_us(sink, recent, oscar::kern::DecodeAttentionVariant::Separate);
+        // At groups <= 4 the default fused launch computes scores transposed; FusedWide is the heads-as-rows layout.
+        const double wide_us = time_us(sink, recent, oscar::kern::DecodeAttentionVariant::FusedWide);
         const double bf16_us = time_us(int64_t(1) << 40, 0);
         // Segmented (spectral) pages at the same bytes as INT2 (36 per record), each layout K | V timed on the same
         // pools refilled with its params offset (random codes, every pair (0.01, -0.02)):
@@ -367,9 +371,9 @@ int main(int argc, char** argv) {
         const double per_head_int4 = double(ctx - hp) * 2 * (d / 2 + 4) + double(hp) * 2 * 2 * d;
         const double fp8_gbps = (double(batch) * m.kv_heads * per_head_fp8 + io) / (fp8_us * 1e-6) / 1e9;
         const double int4_gbps = (double(batch) * m.kv_heads * per_head_int4 + io) / (int4_us * 1e-6) / 1e9;
-        std::printf(" | %8.1f %6.2fx | %8.1f %6.2fx   (fp8 %.0f GB/s %.0f%%, int4 %.0f GB/s %.0f%%)\n", fp8_us,
-                    fp8_us / int2_us, int4_us, int4_us / int2_us, fp8_gbps, 100 * fp8_gbps / d2d, int4_gbps,
-                    100 * int4_gbps / d2d);
+        std::printf(" | %8.1f %6.2fx | %8.1f %6.2fx | %8.1f %8.2fx   (fp8 %.0f GB/s %.0f%%, int4 %.0f GB/s %.0f%%)\n",
+                    fp8_us, fp8_us / int2_us, int4_us, int4_us / int2_us, wide_us, wide_us / int2_us, fp8_gbps,
+                    100 * fp8_gbps / d2d, int4_gbps, 100 * int4_gbps / d2d);
         std::fflush(stdout);
         cudaFree(k2);
         cudaFree(v2);

@@ -12,6 +12,9 @@
 //      minus (1); this includes the observer's fp32 copies, which the engine pays today.
 // (2) is printed for each INT2 implementation of kernels/kv_quantize/kv_write_variants.h (--impl), next to the
 // cost of ONE INT2 call (one layer's K or V; issue #6's budget is <= 0.5 ms of the 1.86 s prefill / 72 calls).
+// "ef" is the error-feedback writer (issue #10; kv_write_int2_ef.cuh) with one table per KV head made by
+// calib::error_feedback_table from a random correlated metric, shared by all layers (the cost does not depend on
+// the table's values), clip feedback on (the bundle default).
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -27,6 +30,7 @@
 #include "kernels/common/device_utils.cuh"
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_write_variants.h"
+#include "lib/calib/error_feedback.h"
 #include "lib/eval/cache_modes.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
@@ -66,6 +70,7 @@ struct Cache {
   rt::DeviceBuffer slots;        // bf16 slots [T], int2 slots [T]
   std::vector<rt::DeviceBuffer> rotations;  // per layer: K, V
   rt::DeviceBuffer stage_k, stage_v;  // bf16 [T, Hkv, d]
+  rt::DeviceBuffer ef_order, ef_weights;  // [Hkv, d], [Hkv, d, d]: one table set for every layer and K/V
 
   Cache(const fmt::ModelConfig& c, int64_t T) : cfg(c), tokens(T) {
     const int64_t pages = (T + fmt::kKvPageTokens - 1) / fmt::kKvPageTokens;
@@ -87,13 +92,34 @@ struct Cache {
         const std::vector<float> r = eval::random_sign_hadamard(d, 1000003u + 2 * static_cast<uint64_t>(l) + v);
         rotations.push_back(rt::to_device(std::span<const float>(r), "rotation"));
       }
+    std::vector<int32_t> order(static_cast<size_t>(hkv * d));
+    std::vector<float> weights(static_cast<size_t>(hkv * d * d));
+    std::mt19937 rng(7);
+    std::normal_distribution<double> n01;
+    for (int64_t h = 0; h < hkv; ++h) {
+      // M = G Gᵀ / d: a dense, correlated metric, so every weight row is non-zero as with real statistics.
+      std::vector<double> g(static_cast<size_t>(d * d)), m(static_cast<size_t>(d * d));
+      for (double& v : g) v = n01(rng);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) {
+          double acc = 0;
+          for (int64_t k = 0; k < d; ++k) acc += g[static_cast<size_t>(i * d + k)] * g[static_cast<size_t>(j * d + k)];
+          m[static_cast<size_t>(i * d + j)] = acc / static_cast<double>(d);
+        }
+      const calib::ErrorFeedbackTable t = calib::error_feedback_table(m, d, {}, "kv_write_bench");
+      calib::stored_error_feedback(t, std::span<int32_t>(order.data() + h * d, static_cast<size_t>(d)),
+                                   std::span<float>(weights.data() + h * d * d, static_cast<size_t>(d * d)));
+    }
+    ef_order = rt::to_device(std::span<const int32_t>(order), "EF order");
+    ef_weights = rt::to_device(std::span<const float>(weights), "EF weights");
     stage_k = rt::DeviceBuffer(static_cast<size_t>(T * hkv * d) * 2, "K staging");
     stage_v = rt::DeviceBuffer(static_cast<size_t>(T * hkv * d) * 2, "V staging");
   }
 
   // What rt::Engine's write_layer launches for one layer: bf16 writes of the windows, INT2 writes of the rest.
   void write_layer(int64_t layer, const uint16_t* k, const uint16_t* v, cudaStream_t stream,
-                   kern::KvWriteInt2Impl impl = kern::KvWriteInt2Impl::Tiled, bool int2_only = false) {
+                   kern::KvWriteInt2Impl impl = kern::KvWriteInt2Impl::Tiled, bool int2_only = false,
+                   bool ef = false) {
     kern::KvWriteParams p;
     p.tokens = tokens;
     p.token_stride = cfg.num_kv_heads * cfg.head_dim;
@@ -112,7 +138,10 @@ struct Cache {
       p.bf16_pool = nullptr;
       p.int2_pool = int2.as<uint8_t>() + (2 * layer + value) * int2_layer_bytes;
       p.clip_ratio = value ? 0.92f : 0.96f;
-      check(kern::kv_write_int2_impl(p, impl, st), "INT2 write");
+      p.ef_order = ef ? ef_order.as<int32_t>() : nullptr;
+      p.ef_weights = ef ? ef_weights.as<float>() : nullptr;
+      p.ef_clip_feedback = true;
+      check(ef ? kern::kv_write(p, kern::KvWriteMode::Int2, st) : kern::kv_write_int2_impl(p, impl, st), "INT2 write");
     }
   }
 };
@@ -169,9 +198,11 @@ int run(int argc, char** argv) {
   app.add_option("--write-iters", write_iters, "timed kv_write passes")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "seed of the random weights and ids")->capture_default_str();
   app.add_flag("--skip-prefill", skip_prefill, "time kv_write alone (no model, no forward)");
-  app.add_option("--impl", impl_name, "INT2 implementation(s) timed in (2): tiled (what kv_write runs), radix, legacy, all")
+  app.add_option("--impl", impl_name,
+                 "INT2 implementation(s) timed in (2): tiled (what kv_write runs), radix, legacy, ef (error-feedback "
+                 "rounding), all")
       ->capture_default_str()
-      ->check(CLI::IsMember({"tiled", "radix", "legacy", "all"}));
+      ->check(CLI::IsMember({"tiled", "radix", "legacy", "ef", "all"}));
   CLI11_PARSE(app, argc, argv);
 
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_file(config_path);
@@ -204,27 +235,36 @@ int run(int argc, char** argv) {
   struct Impl {
     const char* name;
     kern::KvWriteInt2Impl impl;
+    bool ef = false;
   };
   const Impl impls[] = {{"tiled", kern::KvWriteInt2Impl::Tiled},
                         {"radix", kern::KvWriteInt2Impl::TiledRadix},
-                        {"legacy", kern::KvWriteInt2Impl::Legacy}};
+                        {"legacy", kern::KvWriteInt2Impl::Legacy},
+                        {"ef", kern::KvWriteInt2Impl::Tiled, true}};
   double write_ms = 0;  // the tiled one (kv_write's), for (3)
+  double ef_ms = -1, tiled_ms = -1;
   for (const Impl& im : impls) {
     if (impl_name != "all" && impl_name != im.name) continue;
     const double ms = median_ms(2, write_iters, stream, [&] {
       for (int64_t l = 0; l < cfg.num_layers; ++l)
-        cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl);
+        cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, false,
+                          im.ef);
     });
     // One layer's K and V INT2 calls alone (no bf16 pass), averaged: the per-call budget of issue #6.
     const double int2_ms = median_ms(2, write_iters, stream, [&] {
-      cache.write_layer(0, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, true);
+      cache.write_layer(0, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, true, im.ef);
     });
-    if (im.impl == kern::KvWriteInt2Impl::Tiled || impl_name == im.name) write_ms = ms;
+    if ((im.impl == kern::KvWriteInt2Impl::Tiled && !im.ef) || impl_name == im.name) write_ms = ms;
+    if (im.ef) ef_ms = ms;
+    else if (im.impl == kern::KvWriteInt2Impl::Tiled) tiled_ms = ms;
     std::printf("kv_write alone [%s] (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
                 "%.1f us, %.1f GB/s | one INT2 call (K/V mean): %.1f us\n",
                 im.name, (long long)cfg.num_layers, (long long)quantized, (long long)windows, ms * 1e3,
                 bytes / (ms * 1e-3) * 1e-9, int2_ms * 1e3 / 2.0);
   }
+  if (ef_ms > 0 && tiled_ms > 0)
+    std::printf("RESULT ef/tiled kv_write = %.2fx (%.1f us vs %.1f us)\n", ef_ms / tiled_ms, ef_ms * 1e3,
+                tiled_ms * 1e3);
   if (skip_prefill) return 0;
 
   // (1) prefill, (3) prefill with the engine's write path.
@@ -247,6 +287,8 @@ int run(int argc, char** argv) {
               "(goal < 2%%)\n",
               write_ms * 1e3, 100.0 * write_ms / prefill_ms, (with_writes_ms - prefill_ms) * 1e3,
               100.0 * (with_writes_ms - prefill_ms) / prefill_ms);
+  if (ef_ms > 0)
+    std::printf("RESULT kv_write ef %.1f us = %.2f%% of prefill\n", ef_ms * 1e3, 100.0 * ef_ms / prefill_ms);
   return 0;
 }
 

@@ -91,6 +91,8 @@ struct Engine::Impl {
   cudaStream_t stream = nullptr;
   int sm_count = 0;
   std::vector<DeviceBuffer> k_rot, v_rot;  // per layer; empty = identity
+  // Error-feedback tables per layer (CacheFormat::k_ef_order ...), uploaded once at load; empty = RTN.
+  std::vector<DeviceBuffer> k_ef_order, k_ef_weights, v_ef_order, v_ef_weights;
   std::vector<fmt::SegmentedPageGeometry> k_geo, v_geo;  // per layer when format.segmented(); else empty (INT2)
   std::map<int64_t, SequenceState> seqs;
 
@@ -107,6 +109,10 @@ struct Engine::Impl {
   bool padded() const { return format.cache_head_dim != cfg.head_dim; }
   const float* rotation(const std::vector<DeviceBuffer>& r, int64_t layer) const {
     return r[static_cast<size_t>(layer)].empty() ? nullptr : r[static_cast<size_t>(layer)].as<float>();
+  }
+
+  const DeviceBuffer* ef_table(const std::vector<DeviceBuffer>& t, int64_t layer) const {
+    return t.empty() || t[static_cast<size_t>(layer)].empty() ? nullptr : &t[static_cast<size_t>(layer)];
   }
 
   // Writes `tokens` new head vectors of one layer into the cache: x_k / x_v bf16 [tokens, Hkv, D] (token stride
@@ -132,6 +138,12 @@ struct Engine::Impl {
         p.bf16_pool = nullptr;
         p.int2_pool = cache->int2_pool(layer, value);
         p.clip_ratio = (value ? format.v_clip_ratio : format.k_clip_ratio)[static_cast<size_t>(layer)];
+        // Same tables for the prefill and every decode step; window tokens are quantized on write too
+        // (runtime/kv_cache.h), so no later flush needs them.
+        const DeviceBuffer* order = ef_table(value ? v_ef_order : k_ef_order, layer);
+        p.ef_order = order ? order->as<int32_t>() : nullptr;
+        p.ef_weights = order ? ef_table(value ? v_ef_weights : k_ef_weights, layer)->as<float>() : nullptr;
+        p.ef_clip_feedback = format.ef_clip_feedback;
         const bool seg = !k_geo.empty();
         p.geometry = seg ? &(value ? v_geo : k_geo)[static_cast<size_t>(layer)] : nullptr;
         const kern::KvWriteMode mode = format.fp8() ? kern::KvWriteMode::Fp8
@@ -240,6 +252,18 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     e->v_rot.push_back(rv.empty() || fold_v ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
   }
   e->format.v_rotation_folded = fold_v;
+  if (e->format.error_feedback()) {
+    // V tables are in the rotated basis, which is also what a folded projection yields, so folding keeps them.
+    const auto upload = [](const auto& host, const char* what) {
+      return host.empty() ? DeviceBuffer() : to_device(std::span(host), what);
+    };
+    for (size_t l = 0; l < static_cast<size_t>(e->cfg.num_layers); ++l) {
+      e->k_ef_order.push_back(upload(e->format.k_ef_order[l], "K error-feedback order"));
+      e->k_ef_weights.push_back(upload(e->format.k_ef_weights[l], "K error-feedback weights"));
+      e->v_ef_order.push_back(upload(e->format.v_ef_order[l], "V error-feedback order"));
+      e->v_ef_weights.push_back(upload(e->format.v_ef_weights[l], "V error-feedback weights"));
+    }
+  }
   return std::unique_ptr<Engine>(new Engine(std::move(e)));
 }
 

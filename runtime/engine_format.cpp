@@ -1,6 +1,7 @@
 // Host half of rt::Engine (runtime/engine.h): cache-mode names, format resolution, bundle/model matching.
 // Plain C++ so CPU-only builds and tests/runtime exercise it.
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include <fmt/format.h>
@@ -123,6 +124,42 @@ void check_bundle_matches(const fmt::Bundle& bundle, const fmt::ModelFingerprint
                                 describe(model) + "; calibrate this checkpoint (oscar calibrate) first");
 }
 
+namespace {
+
+// The kernel reads the tables unchecked (a bad order index is an out-of-bounds access), so everything is checked here.
+void check_ef_table(const std::vector<int32_t>& order, const std::vector<float>& weights,
+                    const std::vector<fmt::QuantSegment>& segments, const fmt::ModelConfig& cfg,
+                    const std::string& where) {
+  if (order.empty() && weights.empty()) return;
+  const int64_t d = cfg.head_dim, heads = cfg.num_kv_heads;
+  if (segments.size() != 1 || segments[0].begin != 0 || segments[0].end != d || segments[0].bits != 2)
+    throw Error(where, "tables are only defined for a whole-head INT2 tensor");
+  if (static_cast<int64_t>(order.size()) != heads * d || static_cast<int64_t>(weights.size()) != heads * d * d)
+    throw Error(where, ::fmt::format("order has {} values and weights {}, expected [{}, {}] and [{}, {}, {}]",
+                                     order.size(), weights.size(), heads, d, heads, d, d));
+  for (int64_t h = 0; h < heads; ++h) {
+    std::vector<uint8_t> seen(static_cast<size_t>(d), 0);
+    for (int64_t k = 0; k < d; ++k) {
+      const int32_t c = order[static_cast<size_t>(h * d + k)];
+      if (c < 0 || c >= d || seen[static_cast<size_t>(c)])
+        throw Error(where, ::fmt::format("order of KV head {} is not a permutation of 0..{} (step {}: {})", h, d - 1,
+                                         k, c));
+      seen[static_cast<size_t>(c)] = 1;
+    }
+  }
+  for (float w : weights)
+    if (!std::isfinite(w)) throw Error(where, "weights are not finite");
+}
+
+}  // namespace
+
+bool CacheFormat::error_feedback() const {
+  for (const auto* v : {&k_ef_order, &v_ef_order})
+    for (const auto& o : *v)
+      if (!o.empty()) return true;
+  return false;
+}
+
 CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
                                  std::optional<int64_t> sink_tokens, std::optional<int64_t> recent_tokens,
                                  const std::string& where, uint64_t hadamard_seed) {
@@ -188,13 +225,6 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
     if (bundle->layers.size() != L)
       throw Error(where, "bundle has " + std::to_string(bundle->layers.size()) + " layers, the model " +
                              std::to_string(L));
-    // Bundle 1.2 error-feedback tables change which code each token gets; this engine's INT2 writer rounds to
-    // nearest, so running such a bundle here would quietly measure a different cache than the bundle describes.
-    if (fmt::has_error_feedback(*bundle))
-      throw Error(where, "bundle has error-feedback tables (format 1.2, `oscar calibrate --error-feedback k|kv`), "
-                         "which this engine's INT2 writer does not apply yet (its EF writer is on branch "
-                         "gpu-pending, not yet run on a GPU); evaluate it with --device cpu, or calibrate with "
-                         "--error-feedback off");
     const size_t dd = static_cast<size_t>(cfg.head_dim * cfg.head_dim);
     for (size_t l = 0; l < L; ++l) {
       const fmt::LayerCalibration& lc = bundle->layers[l];
@@ -210,7 +240,17 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
       f.v_rotation.push_back(lc.v_rotation);
       f.k_clip_ratio.push_back(lc.k_clip_ratio);
       f.v_clip_ratio.push_back(lc.v_clip_ratio);
+      f.k_ef_order.push_back(lc.k_ef_order);
+      f.k_ef_weights.push_back(lc.k_ef_weights);
+      f.v_ef_order.push_back(lc.v_ef_order);
+      f.v_ef_weights.push_back(lc.v_ef_weights);
+      check_ef_table(f.k_ef_order.back(), f.k_ef_weights.back(), f.k_segments.back(), cfg, lw + " K error feedback");
+      check_ef_table(f.v_ef_order.back(), f.v_ef_weights.back(), f.v_segments.back(), cfg, lw + " V error feedback");
     }
+    f.ef_clip_feedback = bundle->ef_clip_feedback;
+    if (f.error_feedback() && f.segmented())
+      throw Error(where, "error-feedback tables together with per-layer spectral layouts: the engine's segmented "
+                         "writer has no error-feedback rounding (whole-head INT2 bundles only)");
   }
   f.sink_tokens = sink_tokens.value_or(spec.sink_tokens);
   f.recent_tokens = recent_tokens.value_or(spec.recent_tokens);

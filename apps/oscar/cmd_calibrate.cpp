@@ -94,12 +94,10 @@ struct CalibrateCliOptions {
   std::string candidate_metric = "proxy";
   int64_t kl_seqs = 0;
   int64_t kl_tokens = 0;
-  // Error-feedback rounding tables (bundle 1.2, issue #10; lib/calib/ef_calibration.h), every method. damp 0.1 with
-  // clip feedback from docs/results.md, "Error-feedback tables in the bundle": kv lowered KL beyond the window on
-  // held-out docs and fiction for every rotation tried (CPU simulated cache). Off by default until the engine's EF
-  // writer has run on a GPU (branch gpu-pending): this engine refuses bundles with tables rather than round them to
-  // nearest behind the user's back.
-  std::string error_feedback = "off";
+  // Error-feedback rounding tables (bundle 1.2, issue #10; lib/calib/ef_calibration.h), every method. Defaults from
+  // docs/results.md, "Error-feedback tables in the bundle": kv with clip feedback at damp 0.1 lowered KL beyond the
+  // window on held-out docs and fiction for every rotation tried.
+  std::string error_feedback = "kv";
   double ef_damp = 0.1;
   std::string ef_clip_feedback = "on";
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line

@@ -114,13 +114,14 @@ void launch_rotate_q_any_group(const detail::DecodeArgs& a, int batch, cudaStrea
 
 // Fused variant: rotate_q, then the INT2 kernel with window share and last-block merge, launched as a
 // programmatic dependent of rotate_q (it streams its first tiles while rotate_q finishes).
-template <int kHeadDim>
+template <int kHeadDim, bool kNarrow>
 Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   launch_rotate_q_any_group<kHeadDim>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
   constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
-  static const cudaError_t opted_in = cudaFuncSetAttribute(
-      detail::decode_attention_int2_kernel<kHeadDim, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  constexpr auto kernel = detail::decode_attention_int2_kernel<kHeadDim, true, kNarrow>;
+  static const cudaError_t opted_in =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (opted_in != cudaSuccess) return Status::CudaError;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
@@ -133,7 +134,7 @@ Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream)
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (cudaLaunchKernelEx(&cfg, detail::decode_attention_int2_kernel<kHeadDim, true>, a) != cudaSuccess)
+  if (cudaLaunchKernelEx(&cfg, kernel, a) != cudaSuccess)
     return Status::CudaError;
   return detail::launch_status();
 }
@@ -149,8 +150,12 @@ void launch_group_kernels(const detail::DecodeArgs& a, int batch, cudaStream_t s
 }
 
 template <int kHeadDim>
-Status launch(const detail::DecodeArgs& a, bool segmented, bool fp8, bool fused, int batch, cudaStream_t stream) {
-  if (fused) return launch_fused<kHeadDim>(a, batch, stream);
+Status launch(const detail::DecodeArgs& a, bool segmented, bool fp8, bool fused, bool wide, int batch,
+              cudaStream_t stream) {
+  if (fused) {
+    if (a.group <= 4 && !wide) return launch_fused<kHeadDim, true>(a, batch, stream);
+    return launch_fused<kHeadDim, false>(a, batch, stream);
+  }
   // The group size is a runtime value; the template only bounds it so registers can hold every head's query.
   if (a.group <= 1) launch_group_kernels<kHeadDim, 1>(a, batch, stream);
   else if (a.group <= 2) launch_group_kernels<kHeadDim, 2>(a, batch, stream);
@@ -207,6 +212,7 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.num_kv_heads = p.num_kv_heads;
   a.group = p.num_q_heads / p.num_kv_heads;
   a.page_tokens = p.page_tokens;
+  a.page_magic = static_cast<uint32_t>((uint64_t{1} << 32) / static_cast<uint64_t>(p.page_tokens) + 1);
   a.q = p.q;
   a.rotation_k = p.rotation_k;
   a.rotation_v = p.rotation_v;
@@ -228,7 +234,8 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   // Fused needs INT2 blocks to carry the window; all-window calls (bf16 baseline, short prompts), segmented and
   // FP8 layers run the separate kernels.
   const bool fp8 = p.quant_storage == fmt::KvStorage::Fp8E4M3;
-  const bool fused = p.variant == DecodeAttentionVariant::Fused && int2_active && !segmented && !fp8;
+  const bool fused = p.variant != DecodeAttentionVariant::Separate && int2_active && !segmented && !fp8;
+  const bool wide = p.variant == DecodeAttentionVariant::FusedWide;
   a.int2_splits = int2_active ? splits : 0;
   a.window_splits = window_active && !fused ? window_split_count(p, splits, int2_active) : 0;
   a.slot_stride = 2 * splits;
@@ -245,9 +252,9 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   }
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
-    case 64: return launch<64>(a, segmented, fp8, fused, p.batch, s);
-    case 128: return launch<128>(a, segmented, fp8, fused, p.batch, s);
-    case 256: return launch<256>(a, segmented, fp8, fused, p.batch, s);
+    case 64: return launch<64>(a, segmented, fp8, fused, wide, p.batch, s);
+    case 128: return launch<128>(a, segmented, fp8, fused, wide, p.batch, s);
+    case 256: return launch<256>(a, segmented, fp8, fused, wide, p.batch, s);
     default: return Status::Unsupported;
   }
 }

@@ -73,6 +73,7 @@ struct DecodeArgs {
   int32_t num_kv_heads;
   int32_t group;
   int32_t page_tokens;
+  uint32_t page_magic;  // floor(2^32 / page_tokens) + 1, for page_index()
   const uint16_t* q;
   const float* rotation_k;
   const float* rotation_v;
@@ -100,6 +101,15 @@ struct DecodeArgs {
   SegDecodeLayout v_seg;
   unsigned int* tickets;  // [batch, num_kv_heads]: split blocks done (fused INT2 kernel), zeroed by rotate_q
 };
+
+// floor(t / page_tokens) without an integer division: a runtime divisor costs ~20 instructions, and the INT2 loop
+// needs two page indices per 16-token tile. umulhi(t, floor(2^32/d) + 1) over-estimates by at most one for any
+// t < 2^32 (the error is t·(m - 2^32/d)/2^32 < 1), which the one multiply-compare corrects.
+__device__ __forceinline__ int page_index(const DecodeArgs& a, int t) {
+  uint32_t q = __umulhi(static_cast<uint32_t>(t), a.page_magic);
+  if (q * static_cast<uint32_t>(a.page_tokens) > static_cast<uint32_t>(t)) --q;
+  return static_cast<int>(q);
+}
 
 __device__ __forceinline__ float warp_max_reduce(float x) {
 #pragma unroll
@@ -219,6 +229,40 @@ __device__ __forceinline__ void write_block_partial(const DecodeArgs& a, int b, 
     if (j == 0) {
       a.partial_ml[2 * partial] = block_max;
       a.partial_ml[2 * partial + 1] = sum_l;
+    }
+  }
+}
+
+// Warp epilogue of the CUDA-core split kernels (window, FP8), where a token is spread over kLanesPerToken lanes
+// and lane `sub` owns kDims dims: sums the warp's token slots (lanes with the same `sub`; m is already
+// warp-uniform) and stores the warp's partial for write_block_partial.
+template <int kHeadDim, int kMaxGroup, int kLanesPerToken, int kDims>
+__device__ __forceinline__ void store_warp_partial(const float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                                   float (&acc)[kMaxGroup][kDims], float* warp_acc,
+                                                   float (*warp_max)[kMaxGroup], float (*warp_sum_l)[kMaxGroup]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int sub = lane % kLanesPerToken;
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+#pragma unroll
+    for (int o = kLanesPerToken; o < 32; o <<= 1) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+    }
+  }
+  if (lane < kLanesPerToken) {  // token slot 0
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) warp_acc[(warp * kMaxGroup + g) * kHeadDim + sub * kDims + i] = acc[g][i];
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      warp_max[warp][g] = m[g];
+      warp_sum_l[warp][g] = l[g];
     }
   }
 }
@@ -386,7 +430,7 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
     if (tid < n) {
       const int v = c0 + tid;
       const int t = v < wc.sink_count ? v : v + recent_shift;
-      page_s[tid] = c0 == wbeg ? win_page0 : a.bf16_page_table[table_row + t / a.page_tokens];
+      page_s[tid] = c0 == wbeg ? win_page0 : a.bf16_page_table[table_row + page_index(a, t)];
     }
     __syncthreads();
     for (int item = tid; item < n * 2 * kRowChunks; item += kThreads) {
@@ -396,7 +440,7 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
       const int piece = value ? rem - kRowChunks : rem;
       const int v = c0 + tok;
       const int t = v < wc.sink_count ? v : v + recent_shift;
-      const int offset = t - (t / a.page_tokens) * a.page_tokens;
+      const int offset = t - page_index(a, t) * a.page_tokens;
       const uint16_t* src = (value ? a.v_bf16_pool : a.k_bf16_pool) +
                             fmt::page_block_offset(page_s[tok], h, a.num_kv_heads, geo.page_bytes()) / 2 +
                             static_cast<size_t>(offset) * kHeadDim + piece * 8;
@@ -601,9 +645,24 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
   }
 }
 
-template <int kHeadDim, bool kFused = false>
+// 8x8 b16 matrix transpose across the warp (sm_75+): the fragment "lane holds row lane/4, columns 2(lane%4) and
+// +1" becomes the same fragment of the transpose.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// kNarrow (groups of at most 4 query heads, fused launch only): S is computed transposed, Sᵀ = K·Qᵀ, with the 16
+// tokens of a tile as MMA rows and 8 columns = the group's (up to 4) heads' fp16 hi parts, then their lo parts.
+// The default layout puts heads on the 16 rows (8 hi + 8 lo), so at group <= 4 half its rows are empty and a
+// tile costs 16 score MMAs; transposed it costs 8, and the query operand (B) takes 2 registers per k-step instead
+// of 4. The price: the hi and lo columns sit in lanes c and c^2 (one shuffle each), and P, which leaves the score
+// MMA as (token rows, head columns), is moved into the value MMA's B layout (tokens as k) with movmatrix.trans.
+template <int kHeadDim, bool kFused = false, bool kNarrow = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     decode_attention_int2_kernel(DecodeArgs a) {
+  static_assert(!kNarrow || kFused, "the narrow layout is instantiated for the fused launch only");
   using Tile = Int2TileSmem<kHeadDim>;
   constexpr int kKSteps = kHeadDim / 16;   // k-steps of Q·Kᵀ = m-tiles of Vᵀ·Pᵀ
   constexpr int kKWords = kHeadDim / 64;   // 32-bit K code words per lane and token (lane owns d/4 dims)
@@ -652,7 +711,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     const int i = stage * kInt2TilesPerStage + lane;
     if (lane >= kInt2TilesPerStage || i >= warp_tiles) return 0;
     const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-    return a.int2_page_table[table_row + t0 / a.page_tokens];
+    return a.int2_page_table[table_row + page_index(a, t0)];
   };
   auto issue_stage = [&](int stage, int stage_pages) {
     if (stage < stages) {
@@ -663,8 +722,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const int i = stage * kInt2TilesPerStage + tt;
         if (i >= warp_tiles) break;
         const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-        const int logical_page = t0 / a.page_tokens;
-        const int offset = t0 - logical_page * a.page_tokens;
+        const int offset = t0 - page_index(a, t0) * a.page_tokens;
         const size_t block_offset = fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes());
         const uint8_t* k_block = a.k_int2_pool + block_offset;
         const uint8_t* v_block = a.v_int2_pool + block_offset;
@@ -704,14 +762,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // Q fragments (A operand of S = Q·Kᵀ) of head g, for the dims this lane's k-columns stand for: in k-step ks,
   // columns 2c, 2c+1 are dims base+e, base+8+e and columns 2c+8, 2c+9 are base+e+1, base+9+e with
   // base = c·d/4 + 16·(ks/4), e = 2·(ks%4) (the K code word layout, see code_pair).
-  uint32_t qa[kKSteps][4];
+  // Narrow: lane (g, c) holds the B operand (k rows 2c, 2c+1 | 2c+8, 2c+9 of column g) of Sᵀ = K·Qᵀ for the same
+  // dims; column g is head g & 3, its hi part for g < 4 and its lo part for g >= 4.
+  constexpr int kQRegs = kNarrow ? 2 : 4;
+  uint32_t qa[kKSteps][kQRegs];
   float q_sum = 0.f, dot_scale = 1.f;
+  const int q_head = kNarrow ? (g & 3) : g;
   {
     float qv[kHeadDim / 4];
     float q_max = 0.f;
-    if (g < group) {
+    if (q_head < group) {
       const float4* src = reinterpret_cast<const float4*>(
-          a.q_rot + (static_cast<size_t>(b) * a.num_q_heads + h * group + g) * kHeadDim + c * (kHeadDim / 4));
+          a.q_rot + (static_cast<size_t>(b) * a.num_q_heads + h * group + q_head) * kHeadDim + c * (kHeadDim / 4));
 #pragma unroll
       for (int i = 0; i < kHeadDim / 16; ++i) {
         const float4 v = src[i];
@@ -753,10 +815,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         hi[i] = __float2half_rn(x[i]);
         lo_part[i] = __float2half_rn(x[i] - __half2float(hi[i]));
       }
-      qa[ks][0] = pack_half2(__half2float(hi[0]), __half2float(hi[1]));          // row g, cols 2c, 2c+1
-      qa[ks][1] = pack_half2(__half2float(lo_part[0]), __half2float(lo_part[1]));  // row g+8
-      qa[ks][2] = pack_half2(__half2float(hi[2]), __half2float(hi[3]));          // row g, cols 2c+8, 2c+9
-      qa[ks][3] = pack_half2(__half2float(lo_part[2]), __half2float(lo_part[3]));
+      if constexpr (kNarrow) {
+        float part[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[i] = __half2float(g < 4 ? hi[i] : lo_part[i]);
+        qa[ks][0] = pack_half2(part[0], part[1]);  // k rows 2c, 2c+1 of column g
+        qa[ks][1] = pack_half2(part[2], part[3]);  // k rows 2c+8, 2c+9
+      } else {
+        qa[ks][0] = pack_half2(__half2float(hi[0]), __half2float(hi[1]));          // row g, cols 2c, 2c+1
+        qa[ks][1] = pack_half2(__half2float(lo_part[0]), __half2float(lo_part[1]));  // row g+8
+        qa[ks][2] = pack_half2(__half2float(hi[2]), __half2float(hi[3]));          // row g, cols 2c+8, 2c+9
+        qa[ks][3] = pack_half2(__half2float(lo_part[2]), __half2float(lo_part[3]));
+      }
     }
   }
 
@@ -765,154 +835,312 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   for (int mt = 0; mt < kKSteps; ++mt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[mt][i] = 0.f;
-  float m = -INFINITY, l = 0.f, z_sum = 0.f;  // head g, over this lane's tokens (m is the head's, warp-wide)
+  float* warp_acc = reinterpret_cast<float*>(smem);  // the ring, once every warp is done with it
+  if constexpr (kNarrow) {
+    // Narrow layout. Lane (g, c) holds Sᵀ rows (tokens) g and g+8 of a tile, columns 2c, 2c+1: heads
+    // head_a = 2c & 3, head_b = head_a + 1 (lanes c >= 2 hold the same heads after the hi + lo sum: duplicates).
+    const int head_a = (2 * c) & 3;
+    const float scale_a = __shfl_sync(0xffffffffu, dot_scale, 4 * head_a);
+    const float scale_b = __shfl_sync(0xffffffffu, dot_scale, 4 * head_a + 4);
+    const float qsum_a = __shfl_sync(0xffffffffu, q_sum, 4 * head_a);
+    const float qsum_b = __shfl_sync(0xffffffffu, q_sum, 4 * head_a + 4);
+    const bool own_columns = c < 2;  // lanes c >= 2 leave their P columns 0: Oᵀ columns 4..7 stay 0
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f, z_a = 0.f, z_b = 0.f;
 
-  // Tile token owned by S n-tile j column n: 8j + (n >> 1) + 4(n & 1), so this lane's S/P values are tokens
-  // c, c+4 (n-tile 0) and 8+c, 12+c (n-tile 1), and the K rows it loads are token perm(g) of each n-tile.
-  const int k_token = (g >> 1) + 4 * (g & 1);
+    for (int stage = 0; stage < stages; ++stage) {
+      issue_stage(stage + kInt2Stages - 1, pages_ahead);
+      pages_ahead = load_stage_pages(stage + kInt2Stages);
+      cp_async_wait<kInt2Stages - 1>();
+      __syncwarp();
+      const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
-  for (int stage = 0; stage < stages; ++stage) {
-    issue_stage(stage + kInt2Stages - 1, pages_ahead);
-    pages_ahead = load_stage_pages(stage + kInt2Stages);
-    cp_async_wait<kInt2Stages - 1>();
-    __syncwarp();
-    const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
-
-    float s[kInt2TilesPerStage][4];  // tokens c, c+4, 8+c, 12+c of each tile
-    float stage_max = -INFINITY;
+      // Masked with selects as in the wide layout below (one basic block per stage).
+      float s[kInt2TilesPerStage][4];  // (token g: head a, head b), (token g+8: head a, head b)
+      float max_a = -INFINITY, max_b = -INFINITY;
+      const uint32_t span = static_cast<uint32_t>(end - begin);
 #pragma unroll
-    for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-      const int i = stage * kInt2TilesPerStage + tt;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) s[tt][q] = -INFINITY;
-      if (i >= warp_tiles) continue;
-      const uint8_t* tile = st + tt * Tile::kBytes;
-      const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        uint32_t kw[kKWords];
-        lds_words<kKWords>(tile + Tile::kKCodes + (8 * j + k_token) * Tile::kRowBytes + c * (kHeadDim / 16), kw);
+      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+        const int i = stage * kInt2TilesPerStage + tt;
+        const uint8_t* tile = st + tt * Tile::kBytes;
+        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;  // >= end for i >= warp_tiles
+        uint32_t kw0[kKWords], kw1[kKWords];
+        lds_words<kKWords>(tile + Tile::kKCodes + g * Tile::kRowBytes + c * (kHeadDim / 16), kw0);
+        lds_words<kKWords>(tile + Tile::kKCodes + (g + 8) * Tile::kRowBytes + c * (kHeadDim / 16), kw1);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int wi = 0; wi < kKWords; ++wi) {
-          const uint32_t w = kw[wi], w6 = kw[wi] >> 6;
+          const uint32_t w0 = kw0[wi], w06 = kw0[wi] >> 6, w1 = kw1[wi], w16 = kw1[wi] >> 6;
 #pragma unroll
           for (int e2 = 0; e2 < 4; ++e2) {
             const int ks = 4 * wi + e2;
-            mma_f16_16816(acc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], code_pair(w, w6, 2 * e2),
-                          code_pair(w, w6, 2 * e2 + 1));
+            mma_f16_16816(acc, code_pair(w0, w06, 2 * e2), code_pair(w1, w16, 2 * e2), code_pair(w0, w06, 2 * e2 + 1),
+                          code_pair(w1, w16, 2 * e2 + 1), qa[ks][0], qa[ks][1]);
           }
         }
 #pragma unroll
-        for (int col = 0; col < 2; ++col) {
-          const int tok = 8 * j + c + 4 * col;
-          const int t = t0 + tok;
-          if (t >= begin && t < end) {
+        for (int r = 0; r < 4; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 2);  // hi + lo columns
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int tok = g + 8 * r;
+          const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
+          const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
+          s[tt][2 * r] = valid ? fmaf(acc[2 * r] * scale_a, kp.x, kp.y * qsum_a) : -INFINITY;
+          s[tt][2 * r + 1] = valid ? fmaf(acc[2 * r + 1] * scale_b, kp.x, kp.y * qsum_b) : -INFINITY;
+          max_a = fmaxf(max_a, s[tt][2 * r]);
+          max_b = fmaxf(max_b, s[tt][2 * r + 1]);
+        }
+      }
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, off));
+        max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, off));
+      }
+      const float m_new_a = fmaxf(m_a, max_a), m_new_b = fmaxf(m_b, max_b);
+      if (__any_sync(0xffffffffu, m_new_a > m_a || m_new_b > m_b)) {
+        const float corr_a = exp2f(m_a - m_new_a), corr_b = exp2f(m_b - m_new_b);  // 0 on the first stage
+        l_a *= corr_a;
+        l_b *= corr_b;
+        z_a *= corr_a;
+        z_b *= corr_b;
+#pragma unroll
+        for (int mt = 0; mt < kKSteps; ++mt) {
+          o[mt][0] *= corr_a;
+          o[mt][1] *= corr_b;
+          o[mt][2] *= corr_a;
+          o[mt][3] *= corr_b;
+        }
+        m_a = m_new_a;
+        m_b = m_new_b;
+      }
+
+#pragma unroll
+      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+        const uint8_t* tile = st + tt * Tile::kBytes;
+        uint32_t p_rows[2];  // Sᵀ fragment rows g and g+8 as fp16 (p·s_v): two 8x8 matrices, token rows
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int tok = g + 8 * r;
+          const float p_a = exp2f(s[tt][2 * r] - m_a), p_b = exp2f(s[tt][2 * r + 1] - m_b);  // 0 when masked
+          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+          const bool masked = s[tt][2 * r] == -INFINITY;
+          const float v_scale = masked ? 0.f : vp_raw.x;
+          const float v_zero = masked ? 0.f : vp_raw.y;
+          l_a += p_a;
+          l_b += p_b;
+          z_a = fmaf(p_a, v_zero, z_a);
+          z_b = fmaf(p_b, v_zero, z_b);
+          p_rows[r] = own_columns ? pack_half2(p_a * v_scale, p_b * v_scale) : 0u;
+        }
+        // Transposed: lane (g, c) holds column (head) g at tokens 2c, 2c+1 (+8): the B operand of Oᵀ = Vᵀ·Pᵀ
+        // with the tile's tokens in natural order as k.
+        const uint32_t pb0 = movmatrix_trans(p_rows[0]);
+        const uint32_t pb1 = movmatrix_trans(p_rows[1]);
+        uint32_t vw[4][(kVChunks + 1) / 2];  // tokens 2c, 2c+1, 2c+8, 2c+9
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int tok = 2 * c + (q & 1) + 8 * (q >> 1);
+          const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
+          if constexpr (kVBytes == 2) {
+            vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
+          } else {
+            lds_words<kVBytes / 4>(src, vw[q]);
+          }
+        }
+#pragma unroll
+        for (int ch = 0; ch < kVChunks; ++ch) {
+          const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
+          const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens 2c | 2c+1
+          const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 2c+8 | 2c+9
+          const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
+#pragma unroll
+          for (int e2 = 0; e2 < 4; ++e2) {
+            const int mt = 4 * ch + e2;
+            mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
+                          code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
+          }
+        }
+      }
+      __syncwarp();
+    }
+    cp_async_wait<0>();
+
+    // Head totals over the warp's tokens (lanes of one c hold the same two heads, one per token row).
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+      l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+      z_a += __shfl_xor_sync(0xffffffffu, z_a, off);
+      z_b += __shfl_xor_sync(0xffffffffu, z_b, off);
+    }
+    __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
+    if (stages > 0) {
+#pragma unroll
+      for (int mt = 0; mt < kKSteps; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float unscale = static_cast<float>(1 << (24 - 2 * code_pow4((2 * mt + r) % 8)));
+          const int dim = g * (kHeadDim / 8) + 2 * mt + r;
+          if (2 * c < group) warp_acc[(warp * kMaxGroup + 2 * c) * kHeadDim + dim] = fmaf(o[mt][2 * r], unscale, z_a);
+          if (2 * c + 1 < group)
+            warp_acc[(warp * kMaxGroup + 2 * c + 1) * kHeadDim + dim] = fmaf(o[mt][2 * r + 1], unscale, z_b);
+        }
+      }
+    }
+    if (g == 0) {  // heads 2c, 2c+1; lanes c >= 2 mark heads 4..7 empty
+      warp_max[warp][2 * c] = own_columns ? m_a : -INFINITY;
+      warp_max[warp][2 * c + 1] = own_columns ? m_b : -INFINITY;
+      warp_sum_l[warp][2 * c] = own_columns ? l_a : 0.f;
+      warp_sum_l[warp][2 * c + 1] = own_columns ? l_b : 0.f;
+    }
+  } else {
+    float m = -INFINITY, l = 0.f, z_sum = 0.f;  // head g, over this lane's tokens (m is the head's, warp-wide)
+
+    // Tile token owned by S n-tile j column n: 8j + (n >> 1) + 4(n & 1), so this lane's S/P values are tokens
+    // c, c+4 (n-tile 0) and 8+c, 12+c (n-tile 1), and the K rows it loads are token perm(g) of each n-tile.
+    const int k_token = (g >> 1) + 4 * (g & 1);
+
+    for (int stage = 0; stage < stages; ++stage) {
+      issue_stage(stage + kInt2Stages - 1, pages_ahead);
+      pages_ahead = load_stage_pages(stage + kInt2Stages);
+      cp_async_wait<kInt2Stages - 1>();
+      __syncwarp();
+      const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
+
+      // The stage is one basic block: tokens outside [begin, end) (and whole tiles past warp_tiles in the last
+      // stage, whose slots hold stale or never-written bytes) are masked with selects, not branches. Per-token
+      // branches here used to cut the stage into ~20 blocks, so each tile's chain of 8 dependent MMAs ran alone
+      // instead of overlapping the other tiles' chains. Masked tokens get s = -inf, so p = 0 and their V
+      // parameters are replaced by 0 below: their codes (finite by construction) then add exact zeros.
+      float s[kInt2TilesPerStage][4];  // tokens c, c+4, 8+c, 12+c of each tile
+      float stage_max = -INFINITY;
+      const uint32_t span = static_cast<uint32_t>(end - begin);
+#pragma unroll
+      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+        const int i = stage * kInt2TilesPerStage + tt;
+        const uint8_t* tile = st + tt * Tile::kBytes;
+        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;  // >= end for i >= warp_tiles
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          uint32_t kw[kKWords];
+          lds_words<kKWords>(tile + Tile::kKCodes + (8 * j + k_token) * Tile::kRowBytes + c * (kHeadDim / 16), kw);
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int wi = 0; wi < kKWords; ++wi) {
+            const uint32_t w = kw[wi], w6 = kw[wi] >> 6;
+#pragma unroll
+            for (int e2 = 0; e2 < 4; ++e2) {
+              const int ks = 4 * wi + e2;
+              mma_f16_16816(acc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], code_pair(w, w6, 2 * e2),
+                            code_pair(w, w6, 2 * e2 + 1));
+            }
+          }
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            const int tok = 8 * j + c + 4 * col;
+            const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
             const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
             const float dot = (acc[col] + acc[2 + col]) * dot_scale;
-            s[tt][2 * j + col] = fmaf(dot, kp.x, kp.y * q_sum);
+            s[tt][2 * j + col] = valid ? fmaf(dot, kp.x, kp.y * q_sum) : -INFINITY;
             stage_max = fmaxf(stage_max, s[tt][2 * j + col]);
           }
         }
       }
+      stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 1));
+      stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 2));
+      // Every stage holds at least one valid token, so stage_max is finite. Rescaling is skipped while no head's
+      // maximum grows (the common case deep into a sequence); the decision is a function of the data only.
+      const float m_new = fmaxf(m, stage_max);
+      if (__any_sync(0xffffffffu, m_new > m)) {
+        const float corr = exp2f(m - m_new);  // 0 on the first stage (m = -inf), where l, z_sum and o are 0
+        l *= corr;
+        z_sum *= corr;
+        const float corr_a = __shfl_sync(0xffffffffu, corr, 8 * c);      // head 2c
+        const float corr_b = __shfl_sync(0xffffffffu, corr, 8 * c + 4);  // head 2c+1
+#pragma unroll
+        for (int mt = 0; mt < kKSteps; ++mt) {
+          o[mt][0] *= corr_a;
+          o[mt][1] *= corr_b;
+          o[mt][2] *= corr_a;
+          o[mt][3] *= corr_b;
+        }
+        m = m_new;
+      }
+
+#pragma unroll
+      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+        const uint8_t* tile = st + tt * Tile::kBytes;
+        float pv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
+          const float p = exp2f(s[tt][q] - m);  // 0 for masked tokens (s = -inf)
+          // Masked tokens may sit on never-written bytes: their scale/zero must not reach the sums (0·NaN).
+          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+          const bool masked = s[tt][q] == -INFINITY;
+          const float v_scale = masked ? 0.f : vp_raw.x;
+          const float v_zero = masked ? 0.f : vp_raw.y;
+          l += p;
+          z_sum = fmaf(p, v_zero, z_sum);
+          pv[q] = p * v_scale;
+        }
+        const uint32_t pb0 = pack_half2(pv[0], pv[1]);  // PV k = 2c, 2c+1: tokens c, c+4
+        const uint32_t pb1 = pack_half2(pv[2], pv[3]);  // k = 2c+8, 2c+9: tokens 8+c, 12+c
+        // V code bytes of this lane's dims [g·d/8, (g+1)·d/8) for tokens c, c+4, 8+c, 12+c, paired by token.
+        uint32_t vw[4][(kVChunks + 1) / 2];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
+          const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
+          if constexpr (kVBytes == 2) {
+            vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
+          } else {
+            lds_words<kVBytes / 4>(src, vw[q]);
+          }
+        }
+#pragma unroll
+        for (int ch = 0; ch < kVChunks; ++ch) {
+          const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
+          const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens c | c+4
+          const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 8+c | 12+c
+          const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
+#pragma unroll
+          for (int e2 = 0; e2 < 4; ++e2) {
+            const int mt = 4 * ch + e2;  // rows g, g+8 of m-tile mt are lane dims 2mt, 2mt+1 = 8ch + 2e2 (+1)
+            mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
+                          code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
+          }
+        }
+      }
+      __syncwarp();  // the slot just read is refilled by the next iteration's issue_stage
     }
-    stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 1));
-    stage_max = fmaxf(stage_max, __shfl_xor_sync(0xffffffffu, stage_max, 2));
-    // Every stage holds at least one valid token, so stage_max is finite. Rescaling is skipped while no head's
-    // maximum grows (the common case deep into a sequence); the decision is a function of the data only.
-    const float m_new = fmaxf(m, stage_max);
-    if (__any_sync(0xffffffffu, m_new > m)) {
-      const float corr = exp2f(m - m_new);  // 0 on the first stage (m = -inf), where l, z_sum and o are 0
-      l *= corr;
-      z_sum *= corr;
-      const float corr_a = __shfl_sync(0xffffffffu, corr, 8 * c);      // head 2c
-      const float corr_b = __shfl_sync(0xffffffffu, corr, 8 * c + 4);  // head 2c+1
+    cp_async_wait<0>();
+
+    // Warp totals of head g, then Oᵀ to dims: row g of m-tile mt is dim g·d/8 + 2mt (code field e = 2mt % 8),
+    // row g+8 is the next dim; columns are heads 2c, 2c+1, whose z_sum sits in lanes 8c and 8c+4.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
+    const float z_a = __shfl_sync(0xffffffffu, z_sum, 8 * c);
+    const float z_b = __shfl_sync(0xffffffffu, z_sum, 8 * c + 4);
+    __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
+    if (stages > 0) {
 #pragma unroll
       for (int mt = 0; mt < kKSteps; ++mt) {
-        o[mt][0] *= corr_a;
-        o[mt][1] *= corr_b;
-        o[mt][2] *= corr_a;
-        o[mt][3] *= corr_b;
-      }
-      m = m_new;
-    }
-
 #pragma unroll
-    for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-      const int i = stage * kInt2TilesPerStage + tt;
-      if (i >= warp_tiles) continue;
-      const uint8_t* tile = st + tt * Tile::kBytes;
-      float pv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
-        const float p = exp2f(s[tt][q] - m);  // 0 for masked tokens (s = -inf)
-        // Masked tokens may sit on never-written bytes: their scale/zero must not reach the sums (0·NaN).
-        const float2 vp = s[tt][q] == -INFINITY
-                              ? make_float2(0.f, 0.f)
-                              : half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
-        l += p;
-        z_sum = fmaf(p, vp.y, z_sum);
-        pv[q] = p * vp.x;
-      }
-      const uint32_t pb0 = pack_half2(pv[0], pv[1]);  // PV k = 2c, 2c+1: tokens c, c+4
-      const uint32_t pb1 = pack_half2(pv[2], pv[3]);  // k = 2c+8, 2c+9: tokens 8+c, 12+c
-      // V code bytes of this lane's dims [g·d/8, (g+1)·d/8) for tokens c, c+4, 8+c, 12+c, paired by token.
-      uint32_t vw[4][(kVChunks + 1) / 2];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
-        const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
-        if constexpr (kVBytes == 2) {
-          vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
-        } else {
-          lds_words<kVBytes / 4>(src, vw[q]);
-        }
-      }
-#pragma unroll
-      for (int ch = 0; ch < kVChunks; ++ch) {
-        const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
-        const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens c | c+4
-        const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 8+c | 12+c
-        const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
-#pragma unroll
-        for (int e2 = 0; e2 < 4; ++e2) {
-          const int mt = 4 * ch + e2;  // rows g, g+8 of m-tile mt are lane dims 2mt, 2mt+1 = 8ch + 2e2 (+1)
-          mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
-                        code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
+        for (int r = 0; r < 2; ++r) {
+          const float unscale = static_cast<float>(1 << (24 - 2 * code_pow4((2 * mt + r) % 8)));
+          const int dim = g * (kHeadDim / 8) + 2 * mt + r;
+          if (2 * c < group) warp_acc[(warp * kMaxGroup + 2 * c) * kHeadDim + dim] = fmaf(o[mt][2 * r], unscale, z_a);
+          if (2 * c + 1 < group)
+            warp_acc[(warp * kMaxGroup + 2 * c + 1) * kHeadDim + dim] = fmaf(o[mt][2 * r + 1], unscale, z_b);
         }
       }
     }
-    __syncwarp();  // the slot just read is refilled by the next iteration's issue_stage
-  }
-  cp_async_wait<0>();
-
-  // Warp totals of head g, then Oᵀ to dims: row g of m-tile mt is dim g·d/8 + 2mt (code field e = 2mt % 8),
-  // row g+8 is the next dim; columns are heads 2c, 2c+1, whose z_sum sits in lanes 8c and 8c+4.
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
-  z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
-  const float z_a = __shfl_sync(0xffffffffu, z_sum, 8 * c);
-  const float z_b = __shfl_sync(0xffffffffu, z_sum, 8 * c + 4);
-  __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
-  float* warp_acc = reinterpret_cast<float*>(smem);
-  if (stages > 0) {
-#pragma unroll
-    for (int mt = 0; mt < kKSteps; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float unscale = static_cast<float>(1 << (24 - 2 * code_pow4((2 * mt + r) % 8)));
-        const int dim = g * (kHeadDim / 8) + 2 * mt + r;
-        if (2 * c < group) warp_acc[(warp * kMaxGroup + 2 * c) * kHeadDim + dim] = fmaf(o[mt][2 * r], unscale, z_a);
-        if (2 * c + 1 < group)
-          warp_acc[(warp * kMaxGroup + 2 * c + 1) * kHeadDim + dim] = fmaf(o[mt][2 * r + 1], unscale, z_b);
-      }
+    if (c == 0) {
+      warp_max[warp][g] = m;
+      warp_sum_l[warp][g] = l;
     }
-  }
-  if (c == 0) {
-    warp_max[warp][g] = m;
-    warp_sum_l[warp][g] = l;
   }
   if constexpr (kFused) fused_window_partial<kHeadDim>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
   __syncthreads();
@@ -949,7 +1177,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
 template <int kHeadDim, int kDims>
 __device__ __forceinline__ void load_bf16_dims(const DecodeArgs& a, bool value, int b, int h, int t, int sub,
                                                float (&out)[kDims]) {
-  const int logical_page = t / a.page_tokens;
+  const int logical_page = page_index(a, t);
   const int offset = t - logical_page * a.page_tokens;
   const int page = a.bf16_page_table[static_cast<size_t>(b) * a.max_pages + logical_page];
   const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
@@ -1051,29 +1279,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_window_ker
     }
   }
 
-  // Sum over the warp's token slots (lanes with the same `sub`); m is already warp-uniform.
-#pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-#pragma unroll
-    for (int o = kLanesPerToken; o < 32; o <<= 1) {
-      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
-#pragma unroll
-      for (int i = 0; i < kDims; ++i) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-    }
-  }
-  if (token_in_warp == 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-      for (int i = 0; i < kDims; ++i) warp_acc[(warp * kMaxGroup + g) * kHeadDim + sub * kDims + i] = acc[g][i];
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      warp_max[warp][g] = m[g];
-      warp_sum_l[warp][g] = l[g];
-    }
-  }
+  store_warp_partial<kHeadDim, kMaxGroup, kLanesPerToken, kDims>(m, l, acc, warp_acc, warp_max, warp_sum_l);
   __syncthreads();
   write_block_partial<kHeadDim, kMaxGroup>(a, b, h, a.window_slot0 + split, warp_acc, warp_max, warp_sum_l);
 }

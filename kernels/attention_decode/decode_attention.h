@@ -23,8 +23,12 @@ namespace oscar::kern {
 //    also takes an even share of the bf16 sink/recent tokens (staged into its shared ring after its INT2 tiles),
 //    and the last block of each (sequence, KV head) to finish, found with an atomic ticket, merges all splits in
 //    split order and applies R_vᵀ. Two dependent kernels instead of four.
+//    At groups of up to 4 query heads it computes the scores transposed (tokens as MMA rows, half the score
+//    MMAs; decode_attention.cuh, kNarrow).
 //  * Separate: the four kernels (rotate_q, window, INT2, merge), kept for the segmented layers and for comparison.
-enum class DecodeAttentionVariant : int32_t { Fused = 0, Separate = 1 };
+//  * FusedWide: Fused with the heads-as-rows score layout at every group size (what groups 5-8 use), to compare
+//    the two layouts at groups <= 4; same results up to fp32 rounding.
+enum class DecodeAttentionVariant : int32_t { Fused = 0, Separate = 1, FusedWide = 2 };
 
 struct DecodeAttentionParams {
   int32_t batch = 0;

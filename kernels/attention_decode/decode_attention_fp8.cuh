@@ -178,29 +178,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_fp8_kernel
     cur = nxt;
   }
 
-  // Sum over the warp's token slots (lanes with the same `sub`); m is already warp-uniform.
-#pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-#pragma unroll
-    for (int o = kLanesPerToken; o < 32; o <<= 1) {
-      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
-#pragma unroll
-      for (int i = 0; i < kDims; ++i) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-    }
-  }
-  if (token_in_warp == 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-      for (int i = 0; i < kDims; ++i) warp_acc[(warp * kMaxGroup + g) * kHeadDim + sub * kDims + i] = acc[g][i];
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      warp_max[warp][g] = m[g];
-      warp_sum_l[warp][g] = l[g];
-    }
-  }
+  store_warp_partial<kHeadDim, kMaxGroup, kLanesPerToken, kDims>(m, l, acc, warp_acc, warp_max, warp_sum_l);
   __syncthreads();
   write_block_partial<kHeadDim, kMaxGroup>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
 }

@@ -48,7 +48,8 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
   if (p.batch < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.page_tokens <= 0 || p.max_seq_len < 0 ||
       p.sink_tokens < 0 || p.recent_tokens < 0 || p.num_splits < 0)
     return Status::InvalidArgument;
-  if (p.variant != DecodeAttentionVariant::Fused && p.variant != DecodeAttentionVariant::Separate)
+  if (p.variant != DecodeAttentionVariant::Fused && p.variant != DecodeAttentionVariant::Separate &&
+      p.variant != DecodeAttentionVariant::FusedWide)
     return Status::InvalidArgument;
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
   if (p.num_q_heads % p.num_kv_heads != 0) return Status::InvalidArgument;

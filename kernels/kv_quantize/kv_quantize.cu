@@ -5,6 +5,7 @@
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_write_fp8.cuh"
 #include "kernels/kv_quantize/kv_write_int2.cuh"
+#include "kernels/kv_quantize/kv_write_int2_ef.cuh"
 #include "kernels/kv_quantize/kv_write_variants.h"
 
 namespace oscar::kern {
@@ -42,6 +43,37 @@ Status launch_int2_tiled(const detail::KvWriteArgs& a, cudaStream_t stream) {
   return detail::launch_status();
 }
 
+// INT2 with error-feedback rounding (kv_write_int2_ef.cuh): blocks per KV head (gridDim.y), each staging its head's
+// table once, at most one block per SM over all heads (when there are fewer heads than SMs).
+template <int kHeadDim>
+Status launch_int2_ef(const detail::KvWriteArgs& a, cudaStream_t stream) {
+  using S = detail::Int2TileShape<kHeadDim>;
+  const int64_t tiles = (a.tokens + S::kTokens - 1) / S::kTokens;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return Status::CudaError;
+  if (a.num_kv_heads > 65535) return Status::Unsupported;
+  // All 8 warps even for a decode step's few tokens: they stage R and the table (128 KiB at d = 128) together, which
+  // is most of a small launch; warps without a tile leave after the staging.
+  const int warps = detail::kInt2EfMaxWarps;
+  // Floor, not ceil: one block fills an SM (shared memory), and a 133rd block would be a whole second wave.
+  const int64_t per_head = std::max<int64_t>(1, sms / a.num_kv_heads);
+  const int64_t blocks = std::min<int64_t>((tiles + warps - 1) / warps, per_head);
+  const bool rotate = a.rotation != nullptr;
+  const size_t smem = detail::int2_ef_smem_bytes<kHeadDim>(rotate, warps);
+  // kSelect 0 as kv_write's RTN writer (bit-exact with the radix select anyway).
+  const auto kernel = rotate ? detail::kv_write_int2_ef_kernel<kHeadDim, true, 0>
+                             : detail::kv_write_int2_ef_kernel<kHeadDim, false, 0>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(detail::int2_ef_smem_bytes<kHeadDim>(true, detail::kInt2EfMaxWarps))) !=
+      cudaSuccess)
+    return Status::CudaError;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), static_cast<unsigned>(a.num_kv_heads));
+  kernel<<<grid, warps * 32, smem, stream>>>(a);
+  return detail::launch_status();
+}
+
 template <int kHeadDim>
 Status launch_legacy(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_t stream) {
   const int64_t groups = (a.tokens + detail::kKvWriteTokens - 1) / detail::kKvWriteTokens;
@@ -66,6 +98,7 @@ Status launch_legacy(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_
 
 template <int kHeadDim>
 Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, KvWriteInt2Impl impl, cudaStream_t stream) {
+  if (mode == KvWriteMode::Int2 && a.ef_order) return launch_int2_ef<kHeadDim>(a, stream);
   if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::Tiled) return launch_int2_tiled<kHeadDim, 0>(a, stream);
   if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::TiledRadix) return launch_int2_tiled<kHeadDim, 1>(a, stream);
   return launch_legacy<kHeadDim>(a, mode, stream);
@@ -79,6 +112,9 @@ Status dispatch(const KvWriteParams& p, KvWriteMode mode, KvWriteInt2Impl impl, 
                         p.page_tokens, p.rotation, clip_rank(p.clip_ratio, p.head_dim),
                         p.slots,    p.int2_pool, p.bf16_pool, {}};
   if (mode == KvWriteMode::Segmented) a.seg = *p.geometry;
+  a.ef_order = p.ef_order;
+  a.ef_weights = p.ef_weights;
+  a.ef_clip_feedback = p.ef_clip_feedback;
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
     case 64: return launch<64>(a, mode, impl, s);

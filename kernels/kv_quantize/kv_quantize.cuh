@@ -69,6 +69,9 @@ struct KvWriteArgs {
   uint8_t* int2_pool;
   uint16_t* bf16_pool;
   fmt::SegmentedPageGeometry seg;  // kKvWriteSeg only (by value: it lives in the kernel's parameter bank)
+  const int32_t* ef_order;         // kv_write_int2_ef_kernel only (kv_write_int2_ef.cuh)
+  const float* ef_weights;
+  bool ef_clip_feedback;
 };
 
 inline constexpr int kKvWriteBf16 = 0;

@@ -31,10 +31,18 @@ struct KvWriteParams {
                                     // Fp8: Fp8PageGeometry's)
   const fmt::SegmentedPageGeometry* geometry = nullptr;  // Segmented only; host memory, read at launch
   uint16_t* bf16_pool = nullptr;    // KvWriteMode::Bf16 destination: Bf16PageGeometry pages
+  // Error-feedback rounding (Int2 only; issue #10, lib/calib/error_feedback.h "stored form"): per KV head h the
+  // bundle's tables as stored, order [num_kv_heads, head_dim] (a permutation of 0..d-1 per head: the caller checks
+  // it, the kernel cannot) and weights [num_kv_heads, head_dim, head_dim] (16-byte aligned). Both null = RTN codes.
+  // Same rotation, clip and fp16 (scale, zero) as RTN; only the codes differ (calib::error_feedback_codes_stored).
+  const int32_t* ef_order = nullptr;
+  const float* ef_weights = nullptr;
+  bool ef_clip_feedback = false;  // rounding target = the unclipped rotated vector (Bundle::ef_clip_feedback)
 };
 
 // Checks what the kernel implements: head_dim in {64, 128, 256}, 16-byte aligned x rows and pools, clip_ratio in
-// (0, 1]; Segmented: a geometry of head_dim and page_tokens with 1..16 segments of widths 0, 1, 2, 3, 4 or 8; Fp8: no
+// (0, 1]; error-feedback tables only with Int2 (Unsupported otherwise), both or neither (InvalidArgument), weights
+// 16-byte aligned; Segmented: a geometry of head_dim and page_tokens with 1..16 segments of widths 0, 1, 2, 3, 4 or 8; Fp8: no
 // rotation and clip_ratio 1 (Unsupported otherwise: the baseline has neither), x or x_f32. Host-only, touches no
 // device memory.
 Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode);

@@ -10,6 +10,7 @@
 #include "formats/dtype.h"
 #include "formats/error.h"
 #include "formats/kv_layout.h"
+#include "lib/calib/error_feedback.h"
 #include "lib/calib/quantizer_ref.h"
 
 namespace oscar::kern {
@@ -24,6 +25,7 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
   if (p.rotation) rotation = std::span<const float>(p.rotation, static_cast<size_t>(d) * d);
   std::vector<float> x(static_cast<size_t>(d)), y(static_cast<size_t>(d));
   std::vector<uint8_t> codes(static_cast<size_t>(d / 4));
+  std::vector<uint8_t> ef_codes(static_cast<size_t>(d));  // one unpacked code per dim
   // Segmented records come from the CPU reference quantizer itself, then are scattered into the page regions.
   std::optional<calib::HeadQuantizer> seg_quantizer;
   std::vector<uint8_t> record;
@@ -81,7 +83,19 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
         continue;
       }
       calib::IntParams params;
-      calib::quantize_int2(x, rotation, p.clip_ratio, codes, params);
+      if (p.ef_order) {
+        // The stored-table rounding on quantize_int2's own rotation, clip and params (calib::quantize_int2 is
+        // rotate + clip_in_place + int_params + int_codes, which error_feedback_codes_stored repeats before it
+        // changes only the codes), so a diagonal table reproduces the RTN bytes.
+        const auto dd = static_cast<size_t>(d);
+        calib::rotate(x, rotation, y);
+        params = calib::error_feedback_codes_stored(
+            y, p.clip_ratio, 2, std::span<const int32_t>(p.ef_order + h * dd, dd),
+            std::span<const float>(p.ef_weights + h * dd * dd, dd * dd), p.ef_clip_feedback, ef_codes);
+        calib::pack_codes(ef_codes, 2, codes);
+      } else {
+        calib::quantize_int2(x, rotation, p.clip_ratio, codes, params);
+      }
       uint8_t* block = p.int2_pool + fmt::page_block_offset(page, h, p.num_kv_heads, int2.page_bytes());
       std::memcpy(block + static_cast<size_t>(offset) * int2.code_row_bytes(), codes.data(), codes.size());
       const uint16_t pair[2] = {params.scale_f16, params.zero_f16};
@@ -100,6 +114,12 @@ Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::Unsupported;
   if (p.token_stride < static_cast<int64_t>(p.num_kv_heads) * p.head_dim) return Status::InvalidArgument;
   if (p.tokens == 0) return Status::Ok;
+  if (p.ef_order || p.ef_weights) {
+    if (mode != KvWriteMode::Int2) return Status::Unsupported;
+    if (!p.ef_order || !p.ef_weights) return Status::InvalidArgument;
+    if (reinterpret_cast<uintptr_t>(p.ef_weights) % 16 != 0 || reinterpret_cast<uintptr_t>(p.ef_order) % 4 != 0)
+      return Status::Misaligned;
+  }
   if (mode == KvWriteMode::Fp8) {
     if (!p.x == !p.x_f32 || !p.slots || !p.int2_pool) return Status::InvalidArgument;
     if (p.rotation || p.clip_ratio != 1.0f) return Status::Unsupported;

@@ -174,6 +174,109 @@ __device__ __forceinline__ uint32_t int2_quantize_store(const float (&v)[kPerLan
   return static_cast<uint32_t>(__half_as_ushort(scale_h)) | (static_cast<uint32_t>(__half_as_ushort(zero_h)) << 16);
 }
 
+// Stages the x rows of tokens t0 .. t0+M-1 of `head` into the warp's tile xs and rotates them: acc[t][j] = y of
+// token t, dim N*lane + j (rows past a.tokens are zeros). Shared by the RTN and the error-feedback writers.
+template <int kHeadDim, bool kRotate>
+__device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const float* rot, float* xs, int head,
+                                                 int64_t t0, int lane,
+                                                 float (&acc)[Int2TileShape<kHeadDim>::kTokens]
+                                                             [Int2TileShape<kHeadDim>::kPerLane]) {
+  using S = Int2TileShape<kHeadDim>;
+  constexpr int N = S::kPerLane, M = S::kTokens;
+  // Stage x: coalesced scalar bf16 loads (x rows carry only 2-byte alignment), fp32 into this warp's tile.
+  __syncwarp();  // the previous item's reads of xs are done
+#pragma unroll
+  for (int t = 0; t < M; ++t) {
+    const bool live = t0 + t < a.tokens;
+    const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
+#pragma unroll
+    for (int k = 0; k < N; ++k) xs[t * kHeadDim + lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) : 0.f;
+  }
+  __syncwarp();
+
+  if constexpr (kRotate) {
+#pragma unroll
+    for (int t = 0; t < M; ++t)
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc[t][j] = 0.f;
+#pragma unroll 1
+    for (int k = 0; k < kHeadDim; k += 4) {
+      float r[4][N];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float* row = rot + (k + q) * kHeadDim + N * lane;
+        if constexpr (N == 2) {
+          const float2 v2 = *reinterpret_cast<const float2*>(row);
+          r[q][0] = v2.x;
+          r[q][1] = v2.y;
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; j += 4) {
+            const float4 v4 = S::kRInShared ? *reinterpret_cast<const float4*>(row + j)
+                                            : make_float4(__ldg(row + j), __ldg(row + j + 1), __ldg(row + j + 2),
+                                                          __ldg(row + j + 3));
+            r[q][j] = v4.x;
+            r[q][j + 1] = v4.y;
+            r[q][j + 2] = v4.z;
+            r[q][j + 3] = v4.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < M; ++t) {
+        const float4 xv = *reinterpret_cast<const float4*>(xs + t * kHeadDim + k);  // broadcast
+        // k, k+1, k+2, k+3 in order: the fmaf chain of calib::rotate.
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.x, r[0][j], acc[t][j]);
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.y, r[1][j], acc[t][j]);
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.z, r[2][j], acc[t][j]);
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.w, r[3][j], acc[t][j]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < M; ++t) {
+      const float* p = xs + t * kHeadDim + N * lane;
+      if constexpr (N == 2) {
+        const float2 v2 = *reinterpret_cast<const float2*>(p);
+        acc[t][0] = v2.x;
+        acc[t][1] = v2.y;
+      } else {
+#pragma unroll
+        for (int j = 0; j < N; j += 4) {
+          const float4 v4 = *reinterpret_cast<const float4*>(p + j);  // vector: N consecutive floats per lane
+          acc[t][j] = v4.x;
+          acc[t][j + 1] = v4.y;
+          acc[t][j + 2] = v4.z;
+          acc[t][j + 3] = v4.w;
+        }
+      }
+    }
+  }
+}
+
+// Clip thresholds (bits of the non-negative float) of the G = kTokenGroup tokens g0 .. g0+G-1 of the tile.
+template <int kHeadDim, int kSelect>
+__device__ __forceinline__ void int2_clip_thresholds(
+    const float (&acc)[Int2TileShape<kHeadDim>::kTokens][Int2TileShape<kHeadDim>::kPerLane], int g0, int clip_rank,
+    uint32_t (&c)[Int2TileShape<kHeadDim>::kTokenGroup]) {
+  using S = Int2TileShape<kHeadDim>;
+  constexpr int N = S::kPerLane, G = S::kTokenGroup;
+  uint32_t mag[G][N];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int j = 0; j < N; ++j) mag[g][j] = __float_as_uint(acc[g0 + g][j]) & 0x7fffffffu;
+  const int top = kHeadDim - 1 - clip_rank;
+  if (kSelect == 0 && top <= kInt2TopSelectMax)
+    select_top<N, G>(mag, top, c);
+  else
+    select_radix<N, G>(mag, clip_rank, c);
+}
+
 // kSelect: 0 = pop-the-maximum select when the position from the top is <= kInt2TopSelectMax, else bitwise;
 // 1 = always bitwise (bench comparison). Grid-stride over (token tile, head) items; blockDim = 32 * warps.
 template <int kHeadDim, bool kRotate, int kSelect>
@@ -219,95 +322,15 @@ __global__ void __launch_bounds__(kInt2MaxWarps * 32, 1) kv_write_int2_kernel(Kv
       my_block = a.int2_pool + fmt::page_block_offset(slot / a.page_tokens, head, a.num_kv_heads, page_bytes);
     }
 
-    // Stage x: coalesced scalar bf16 loads (x rows carry only 2-byte alignment), fp32 into this warp's tile.
-    __syncwarp();  // the previous item's reads of xs are done
-#pragma unroll
-    for (int t = 0; t < M; ++t) {
-      const bool live = t0 + t < a.tokens;
-      const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
-#pragma unroll
-      for (int k = 0; k < N; ++k) xs[t * kHeadDim + lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) : 0.f;
-    }
-    __syncwarp();
-
     float acc[M][N];
-    if constexpr (kRotate) {
-#pragma unroll
-      for (int t = 0; t < M; ++t)
-#pragma unroll
-        for (int j = 0; j < N; ++j) acc[t][j] = 0.f;
-#pragma unroll 1
-      for (int k = 0; k < kHeadDim; k += 4) {
-        float r[4][N];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float* row = rot + (k + q) * kHeadDim + N * lane;
-          if constexpr (N == 2) {
-            const float2 v2 = *reinterpret_cast<const float2*>(row);
-            r[q][0] = v2.x;
-            r[q][1] = v2.y;
-          } else {
-#pragma unroll
-            for (int j = 0; j < N; j += 4) {
-              const float4 v4 = S::kRInShared ? *reinterpret_cast<const float4*>(row + j)
-                                              : make_float4(__ldg(row + j), __ldg(row + j + 1), __ldg(row + j + 2),
-                                                            __ldg(row + j + 3));
-              r[q][j] = v4.x;
-              r[q][j + 1] = v4.y;
-              r[q][j + 2] = v4.z;
-              r[q][j + 3] = v4.w;
-            }
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < M; ++t) {
-          const float4 xv = *reinterpret_cast<const float4*>(xs + t * kHeadDim + k);  // broadcast
-          // k, k+1, k+2, k+3 in order: the fmaf chain of calib::rotate.
-#pragma unroll
-          for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.x, r[0][j], acc[t][j]);
-#pragma unroll
-          for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.y, r[1][j], acc[t][j]);
-#pragma unroll
-          for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.z, r[2][j], acc[t][j]);
-#pragma unroll
-          for (int j = 0; j < N; ++j) acc[t][j] = fmaf(xv.w, r[3][j], acc[t][j]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int t = 0; t < M; ++t) {
-        const float* p = xs + t * kHeadDim + N * lane;
-        if constexpr (N == 2) {
-          const float2 v2 = *reinterpret_cast<const float2*>(p);
-          acc[t][0] = v2.x;
-          acc[t][1] = v2.y;
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; j += 4) {
-            const float4 v4 = *reinterpret_cast<const float4*>(p + j);  // vector: N consecutive floats per lane
-            acc[t][j] = v4.x;
-            acc[t][j + 1] = v4.y;
-            acc[t][j + 2] = v4.z;
-            acc[t][j + 3] = v4.w;
-          }
-        }
-      }
-    }
+    int2_tile_rotate<kHeadDim, kRotate>(a, rot, xs, head, t0, lane, acc);
 
     uint32_t my_pair = 0;
 #pragma unroll
     for (int g0 = 0; g0 < M; g0 += G) {
       if (a.clip_rank >= 0) {
-        uint32_t mag[G][N], c[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g)
-#pragma unroll
-          for (int j = 0; j < N; ++j) mag[g][j] = __float_as_uint(acc[g0 + g][j]) & 0x7fffffffu;
-        const int top = kHeadDim - 1 - a.clip_rank;
-        if (kSelect == 0 && top <= kInt2TopSelectMax)
-          select_top<N, G>(mag, top, c);
-        else
-          select_radix<N, G>(mag, a.clip_rank, c);
+        uint32_t c[G];
+        int2_clip_thresholds<kHeadDim, kSelect>(acc, g0, a.clip_rank, c);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float cf = __uint_as_float(c[g]);

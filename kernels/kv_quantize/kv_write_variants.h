@@ -1,6 +1,7 @@
 #pragma once
 // The INT2 quantize-on-write implementations side by side, for bench/kv_write_bench and the GPU tests; kv_write
-// itself always uses KvWriteInt2Impl::Tiled. Tiled and TiledRadix are bit-exact with kv_write_ref on finite inputs;
+// itself always uses KvWriteInt2Impl::Tiled (or, with error-feedback tables in the params, kv_write_int2_ef.cuh
+// whatever the impl). Tiled and TiledRadix are bit-exact with kv_write_ref on finite inputs;
 // Legacy only where a zero minimum/maximum has one sign (its fminf/fmaxf tree does not pick the first -0/+0 the
 // way std::minmax_element does), so it is tested on Gaussian data only.
 #include "kernels/kv_quantize/kv_quantize.h"

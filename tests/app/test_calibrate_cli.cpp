@@ -21,6 +21,7 @@
 #include "datasets/pack.h"
 #include "formats/atomic_file.h"
 #include "formats/bundle.h"
+#include "formats/safetensors.h"
 #include "formats/tokenizer.h"
 #include "lib/calib/calibrator.h"
 #include "calibrate_cli_fixture.h"
@@ -103,9 +104,14 @@ TEST_F(CalibrateCli, BundleMatchesTheLibraryOnThePackedSplitAndIsDeterministic) 
   opt.quant.recent_tokens = 16;
   opt.tune_clip = false;  // the CLI's default
   auto model = model::CpuModel::load(model_);
+  // The CLI's default error feedback (kv, damp 0.1, clip feedback on): the tables must match too.
+  opt.error_feedback.mode = calib::ErrorFeedbackMode::KV;
+  opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(model_), model->config());
   calib::CpuForwardRunner runner(*model);
   const calib::CalibrationResult lib = calib::calibrate(runner, calib::model_fingerprint(model_), data, opt);
+  EXPECT_FALSE(lib.bundle.layers[0].k_ef_order.empty());
   EXPECT_EQ(bundle.layers, lib.bundle.layers);
+  EXPECT_EQ(bundle.ef_clip_feedback, lib.bundle.ef_clip_feedback);
   EXPECT_EQ(bundle.errors, lib.bundle.errors);
   EXPECT_EQ(bundle.model, lib.bundle.model);
 }

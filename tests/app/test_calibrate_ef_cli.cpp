@@ -29,10 +29,10 @@ class CalibrateEfCli : public TinyStoriesCalibrateCli {
   }
 };
 
-TEST_F(CalibrateEfCli, KvIsRecordedAndByteDeterministic) {
-  const RunResult a = run_oscar(args(dir_ / "a.oscar", {"--error-feedback", "kv"}));
+TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
+  const RunResult a = run_oscar(args(dir_ / "a.oscar", {}));
   ASSERT_EQ(a.exit_code, 0) << a.err;
-  const RunResult b = run_oscar(args(dir_ / "b.oscar", {"--error-feedback", "kv"}));
+  const RunResult b = run_oscar(args(dir_ / "b.oscar", {}));
   ASSERT_EQ(b.exit_code, 0) << b.err;
   EXPECT_EQ(slurp(dir_ / "a.oscar"), slurp(dir_ / "b.oscar"));
   EXPECT_NE(a.out.find("Error-feedback rounding (kv, damp 0.1, clip feedback on)"), std::string::npos) << a.out;
@@ -67,9 +67,8 @@ TEST_F(CalibrateEfCli, KvIsRecordedAndByteDeterministic) {
     EXPECT_NE(manifest.find(name), std::string::npos) << name;
 }
 
-// The default is off (until the engine's EF writer is verified on a GPU): a 1.1 bundle without tables.
-TEST_F(CalibrateEfCli, DefaultIsOffA11BundleAndKOnlyHasNoValueTables) {
-  const RunResult off = run_oscar(args(dir_ / "off.oscar", {}));
+TEST_F(CalibrateEfCli, OffWritesA11BundleAndKOnlyHasNoValueTables) {
+  const RunResult off = run_oscar(args(dir_ / "off.oscar", {"--error-feedback", "off"}));
   ASSERT_EQ(off.exit_code, 0) << off.err;
   const fmt::Bundle ob = fmt::read_bundle(dir_ / "off.oscar");
   EXPECT_EQ(ob.format_minor, 1);
@@ -98,8 +97,7 @@ TEST_F(CalibrateEfCli, DefaultIsOffA11BundleAndKOnlyHasNoValueTables) {
 TEST_F(CalibrateEfCli, SegmentedLayersKeepRtn) {
   // head_dim 8 with a 6-bit budget: the spectral layouts are segmented, so those tensors get no table.
   const RunResult r = run_oscar(args(dir_ / "s.oscar", {"--method", "spectral", "--budget-bits", "6", "--widths",
-                                                         "2,3,4", "--candidates", "spectral", "--error-feedback",
-                                                         "kv"}));
+                                                         "2,3,4", "--candidates", "spectral"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const fmt::Bundle b = fmt::read_bundle(dir_ / "s.oscar");
   int64_t tables = 0;

@@ -2,10 +2,11 @@
 // shapes the fast path special-cases: head_dim 64/128/256, GQA groups 1..8, page sizes that are not 64, windows
 // that cut tiles and pages in the middle, explicit split counts (including more splits than tiles), a query
 // with outlier channels (the per-head fp16 scaling of q), and a long sequence (thousands of online-softmax
-// rescales across stages). Every case runs both launch variants (Fused: window share + last-block merge inside
-// the INT2 kernel; Separate: window and merge kernels): NMSE <= 1e-5 against the double-precision reference,
-// bit-identical output on a second call, and the two variants within 1e-9 of each other (the same sums in a
-// different order). Skips without a CUDA device.
+// rescales across stages). Every case runs the three launch variants (Fused: window share + last-block merge
+// inside the INT2 kernel, transposed scores at groups <= 4; FusedWide: the same with heads as score rows;
+// Separate: window and merge kernels): NMSE <= 1e-5 against the double-precision reference, bit-identical output
+// on a second call, and each fused variant within 1e-9 of Separate (the same sums in a different order). Skips
+// without a CUDA device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -102,9 +103,15 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
     cudaStream_t s;
     ~StreamGuard() { cudaStreamDestroy(s); }
   } stream_guard{stream};
-  std::vector<float> by_variant[2];
-  for (auto variant : {kern::DecodeAttentionVariant::Fused, kern::DecodeAttentionVariant::Separate}) {
-    SCOPED_TRACE(variant == kern::DecodeAttentionVariant::Fused ? "fused" : "separate");
+  // Fused runs the narrow (transposed-score) layout at groups <= 4; FusedWide the heads-as-rows one everywhere.
+  using V = kern::DecodeAttentionVariant;
+  const V variants[] = {V::Fused, V::FusedWide, V::Separate};
+  const char* names[] = {"fused", "fused_wide", "separate"};
+  std::vector<float> by_variant[3];
+  for (int vi_index = 0; vi_index < 3; ++vi_index) {
+    const V variant = variants[vi_index];
+    const char* name = names[vi_index];
+    SCOPED_TRACE(name);
     auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
     p.variant = variant;
     p.num_q_heads = tc.q_heads;
@@ -148,16 +155,17 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
     }
 
     const double err = test::nmse(got, want);
-    const bool fused = variant == kern::DecodeAttentionVariant::Fused;
-    RecordProperty(fused ? "nmse_fused" : "nmse_separate", std::to_string(err));
-    std::printf("  %s nmse %.3g\n", fused ? "fused" : "separate", err);
+    RecordProperty(std::string("nmse_") + name, std::to_string(err));
+    std::printf("  %s nmse %.3g\n", name, err);
     EXPECT_LE(err, 1e-5);
-    by_variant[fused ? 0 : 1] = got;
+    by_variant[vi_index] = got;
   }
-  const std::vector<double> separate(by_variant[1].begin(), by_variant[1].end());
-  const double between = test::nmse(by_variant[0], separate);
-  std::printf("  fused vs separate nmse %.3g\n", between);
-  EXPECT_LE(between, tc.bf16_out ? 1e-4 : 1e-9);
+  const std::vector<double> separate(by_variant[2].begin(), by_variant[2].end());
+  for (int vi_index = 0; vi_index < 2; ++vi_index) {
+    const double between = test::nmse(by_variant[vi_index], separate);
+    std::printf("  %s vs separate nmse %.3g\n", names[vi_index], between);
+    EXPECT_LE(between, tc.bf16_out ? 1e-4 : 1e-9) << names[vi_index];
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -180,6 +188,9 @@ INSTANTIATE_TEST_SUITE_P(
         Int2PathCase{{75, 90}, 128, 32, 8, 64, 64, 3, 0, 3.0f, false},
         // queries with 200x outlier channels (fp16 range of the scaled query), bf16 output
         Int2PathCase{{3000}, 128, 64, 8, 64, 64, 256, 0, 200.0f, false},
+        Int2PathCase{{3000}, 128, 32, 8, 64, 64, 256, 0, 200.0f, false},
+        // the narrow (transposed-score) layout at head_dim 256, group 4, a page that is not a whole stage
+        Int2PathCase{{1500, 97}, 256, 16, 4, 48, 5, 37, 0, 3.0f, false},
         Int2PathCase{{3000}, 128, 32, 8, 64, 64, 256, 0, 3.0f, true},
         // long: ~500 stages per split of online softmax
         Int2PathCase{{8192, 6000}, 128, 32, 4, 64, 64, 256, 3, 3.0f, false},

@@ -363,19 +363,6 @@ TEST(EngineFormat, ModesWindowsAndPadding) {
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &off16, {}, {}, "w"), Error);
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(128, 3), CacheMode::Oscar, &bundle, {}, {}, "w"), Error);
   EXPECT_THROW(resolve_cache_format(config_with_head_dim(64), CacheMode::Oscar, &bundle, {}, {}, "w"), Error);
-  // Bundle 1.2 error-feedback tables: refused with the flag to use, not silently rounded to nearest.
-  fmt::Bundle ef = bundle;
-  const int64_t kv = config_with_head_dim(128).num_kv_heads;
-  ef.layers[0].k_ef_order.resize(static_cast<size_t>(kv * 128));
-  for (int64_t i = 0; i < kv * 128; ++i) ef.layers[0].k_ef_order[static_cast<size_t>(i)] = static_cast<int32_t>(i % 128);
-  ef.layers[0].k_ef_weights.assign(static_cast<size_t>(kv * 128 * 128), 0.f);
-  ASSERT_TRUE(fmt::has_error_feedback(ef));
-  try {
-    resolve_cache_format(config_with_head_dim(128), CacheMode::Oscar, &ef, {}, {}, "w");
-    FAIL() << "a bundle with error-feedback tables was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--error-feedback off"), std::string::npos) << e.what();
-  }
 }
 
 TEST(EngineFormat, BundleOfAnotherModelIsRefusedNamingBoth) {

@@ -1,0 +1,315 @@
+// rt::Engine with a bundle carrying error-feedback tables (issue #10, bundle format 1.2) on qwen3-tiny-trained:
+//  * the prefill's INT2 records (K and V, every layer and KV head, every token past the sink) are bit for bit what
+//    kern::kv_write_ref writes from the same bf16 K/V with the bundle's rotation, clip and tables — and differ
+//    from the RTN records, so the tables are really used;
+//  * `oscar eval --device cuda` on that bundle (every position decoded: the decode-step writes) agrees with the CPU
+//    simulation, which rounds with calib::error_feedback_codes_stored, within the tolerances of
+//    test_eval_gpu.cpp's EngineMetricsMatchTheCpuSimulation (PPL 1 %, KL beyond the windows 20 %);
+//  * a bundle without tables gives the engine's RTN records (format unchanged), a malformed table is refused.
+// The bundle is calibrated here (calib::calibrate, published clip ratios) and gets tables from
+// calib::error_feedback_table of a correlated random metric per (layer, KV head, tensor): the engine/simulation
+// agreement does not depend on which metric made them.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../kernels/kv_write_ef_util.h"
+#include "datasets/pack.h"
+#include "formats/bundle.h"
+#include "formats/dtype.h"
+#include "formats/error.h"
+#include "formats/kv_layout.h"
+#include "formats/tokenizer.h"
+#include "kernels/kv_quantize/kv_quantize_ref.h"
+#include "lib/calib/calibrator.h"
+#include "lib/eval/evaluator.h"
+#include "lib/model/cpu_model.h"
+#include "runtime/device_model.h"
+#include "runtime/engine.h"
+#include "runtime/eval_gpu.h"
+#include "runtime/kv_cache.h"
+#include "gpu_test_buffer.h"
+#include "test_support.h"
+
+namespace oscar::rt {
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* const kQwen3 = "models/qwen3-tiny-trained";
+const char* const kPythonDocs = "text/python-docs-heldout.txt";
+const char* const kLinuxDocs = "text/linux-docs-heldout.txt";
+const char* const kCalibrationText = "text/wikitext-2-raw-test.txt";
+
+fmt::Bundle calibrated_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok, const fs::path& dir) {
+  data::PackOptions po;
+  po.seq_len = 256;
+  po.num_seqs = 6;
+  po.seed = 1;
+  const data::PackedDataset packed =
+      data::pack_dataset({(test::fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
+  calib::CpuForwardRunner runner(cpu);
+  calib::CalibrationData data;
+  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
+    auto s = packed.sequence(i);
+    data.sequences.emplace_back(s.begin(), s.end());
+  }
+  data.seq_len = 256;
+  calib::CalibrationOptions opt;
+  opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
+  opt.tune_clip = false;
+  return calib::calibrate(runner, calib::model_fingerprint(dir), data, opt).bundle;
+}
+
+fmt::Bundle with_tables(fmt::Bundle b, int64_t kv_heads, int64_t d) {
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    const auto k = test::random_ef_tables(static_cast<int>(d), static_cast<int>(kv_heads), 1000u + 2u * l);
+    const auto v = test::random_ef_tables(static_cast<int>(d), static_cast<int>(kv_heads), 1001u + 2u * l);
+    b.layers[l].k_ef_order = k.order;
+    b.layers[l].k_ef_weights = k.weights;
+    b.layers[l].v_ef_order = v.order;
+    b.layers[l].v_ef_weights = v.weights;
+  }
+  b.ef_clip_feedback = true;
+  return b;
+}
+
+// Each layer's post-RoPE K/V of a forward, fp32 [T, Hkv, d], copied to the host.
+class KvCapture : public DeviceObserver {
+ public:
+  std::vector<std::vector<float>> k, v;
+  void on_attention_inputs(const DeviceAttentionInputs& in) override {
+    const auto n = static_cast<size_t>(in.num_tokens * in.num_kv_heads * in.head_dim);
+    const auto l = static_cast<size_t>(in.layer);
+    if (k.size() <= l) {
+      k.resize(l + 1);
+      v.resize(l + 1);
+    }
+    k[l].resize(n);
+    v[l].resize(n);
+    const auto st = reinterpret_cast<cudaStream_t>(in.stream);
+    EXPECT_EQ(cudaMemcpyAsync(k[l].data(), in.k, n * 4, cudaMemcpyDeviceToHost, st), cudaSuccess);
+    EXPECT_EQ(cudaMemcpyAsync(v[l].data(), in.v, n * 4, cudaMemcpyDeviceToHost, st), cudaSuccess);
+    EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+  }
+};
+
+class EngineEf : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (!test::gpu::have_gpu() || !fs::exists(test::fixtures_dir() / kQwen3) ||
+        !fs::exists(test::fixtures_dir() / kCalibrationText) || !fs::exists(test::fixtures_dir() / kPythonDocs) ||
+        !fs::exists(test::fixtures_dir() / kLinuxDocs))
+      return;
+    dir_ = new fs::path(test::fixtures_dir() / kQwen3);
+    cpu_ = model::CpuModel::load(*dir_).release();
+    tok_ = fmt::Tokenizer::load(*dir_).release();
+    rtn_ = new fmt::Bundle(calibrated_bundle(*cpu_, *tok_, *dir_));
+    ef_ = new fmt::Bundle(with_tables(*rtn_, cpu_->config().num_kv_heads, cpu_->config().head_dim));
+  }
+  void SetUp() override {
+    OSCAR_REQUIRE_DEVICE();
+    OSCAR_REQUIRE_FIXTURE(kQwen3);
+    OSCAR_REQUIRE_FIXTURE(kCalibrationText);
+    OSCAR_REQUIRE_FIXTURE(kPythonDocs);
+    OSCAR_REQUIRE_FIXTURE(kLinuxDocs);
+    ASSERT_NE(cpu_, nullptr);
+  }
+  static fs::path* dir_;
+  static model::CpuModel* cpu_;
+  static fmt::Tokenizer* tok_;
+  static fmt::Bundle *rtn_, *ef_;
+};
+fs::path* EngineEf::dir_ = nullptr;
+model::CpuModel* EngineEf::cpu_ = nullptr;
+fmt::Tokenizer* EngineEf::tok_ = nullptr;
+fmt::Bundle* EngineEf::rtn_ = nullptr;
+fmt::Bundle* EngineEf::ef_ = nullptr;
+
+std::vector<int32_t> prompt_ids(const fmt::Tokenizer& tok, size_t tokens) {
+  std::ifstream in(test::fixtures_dir() / kPythonDocs, std::ios::binary);
+  std::string text(16384, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  std::vector<int32_t> ids = tok.encode(text, true);
+  if (ids.size() > tokens) ids.resize(tokens);
+  return ids;
+}
+
+// Prefills `prompt` and returns, per layer and K/V, the engine's INT2 pool next to kv_write_ref's pool written
+// from the same bf16 K/V (a separate forward of the engine's own DeviceModel: the same kernels on the same ids).
+struct PoolPair {
+  std::vector<uint8_t> engine, ref, ref_rtn;
+};
+std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bundle, const std::vector<int32_t>& prompt,
+                                    int64_t& sink) {
+  EngineOptions o;
+  o.cache = CacheMode::Oscar;
+  o.sink_tokens = 4;
+  o.recent_tokens = 16;
+  o.cache_budget_bytes = size_t{64} << 20;
+  auto e = Engine::load(dir, o, &bundle);
+  const int64_t seq = e->add_sequence(prompt);
+  const CacheFormat& f = e->cache_format();
+  sink = f.sink_tokens;
+  KvCapture cap;
+  PackedBatch batch;
+  batch.add_sequence(prompt);
+  DeviceForwardOptions fo;
+  fo.rows = LogitsRows::LastPerSequence;
+  fo.observer = &cap;
+  e->model().forward(batch, fo);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  const fmt::ModelConfig& cfg = e->config();
+  const auto T = static_cast<int64_t>(prompt.size());
+  const int d = static_cast<int>(f.cache_head_dim), heads = static_cast<int>(cfg.num_kv_heads);
+  const KvCache& cache = e->cache();
+  const size_t pool_bytes = static_cast<size_t>(cache.tables().int2_pages().capacity()) * heads *
+                            fmt::Int2PageGeometry{d, static_cast<int32_t>(cache.layout().page_tokens)}.page_bytes();
+  std::vector<int32_t> slots(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) slots[static_cast<size_t>(t)] = cache.tables().int2_slot(seq, t);
+  std::vector<PoolPair> out;
+  for (int64_t l = 0; l < cfg.num_layers; ++l)
+    for (const bool value : {false, true}) {
+      PoolPair pp;
+      pp.engine.resize(pool_bytes);
+      EXPECT_EQ(cudaMemcpy(pp.engine.data(), cache.int2_pool(l, value), pool_bytes, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      const std::vector<float>& src = value ? cap.v[static_cast<size_t>(l)] : cap.k[static_cast<size_t>(l)];
+      std::vector<uint16_t> x(src.size());
+      for (size_t i = 0; i < src.size(); ++i) x[i] = fmt::f32_to_bf16(src[i]);
+      kern::KvWriteParams p;
+      p.x = x.data();
+      p.tokens = T;
+      p.token_stride = static_cast<int64_t>(heads) * d;
+      p.num_kv_heads = heads;
+      p.head_dim = d;
+      p.page_tokens = static_cast<int32_t>(cache.layout().page_tokens);
+      const auto& rot = (value ? f.v_rotation : f.k_rotation)[static_cast<size_t>(l)];
+      p.rotation = rot.empty() || (value && f.v_rotation_folded) ? nullptr : rot.data();
+      p.clip_ratio = (value ? f.v_clip_ratio : f.k_clip_ratio)[static_cast<size_t>(l)];
+      p.slots = slots.data();
+      pp.ref_rtn.assign(pool_bytes, 0);
+      p.int2_pool = pp.ref_rtn.data();
+      kern::kv_write_ref(p, kern::KvWriteMode::Int2);
+      const auto& order = (value ? f.v_ef_order : f.k_ef_order)[static_cast<size_t>(l)];
+      const auto& weights = (value ? f.v_ef_weights : f.k_ef_weights)[static_cast<size_t>(l)];
+      if (!order.empty()) {
+        p.ef_order = order.data();
+        p.ef_weights = weights.data();
+        p.ef_clip_feedback = f.ef_clip_feedback;
+        pp.ref.assign(pool_bytes, 0);
+        p.int2_pool = pp.ref.data();
+        kern::kv_write_ref(p, kern::KvWriteMode::Int2);
+      } else {
+        pp.ref = pp.ref_rtn;
+      }
+      // Compare only the records the prefill wrote: zero the engine pool's other bytes.
+      std::vector<uint8_t> mask(pool_bytes, 0);
+      const fmt::Int2PageGeometry geo{d, p.page_tokens};
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t s = slots[static_cast<size_t>(t)];
+        if (s < 0) continue;
+        for (int h = 0; h < heads; ++h) {
+          const size_t block = fmt::page_block_offset(s / p.page_tokens, h, heads, geo.page_bytes());
+          std::fill_n(mask.begin() + static_cast<std::ptrdiff_t>(block + (s % p.page_tokens) * geo.code_row_bytes()),
+                      geo.code_row_bytes(), 1);
+          std::fill_n(mask.begin() + static_cast<std::ptrdiff_t>(block + geo.params_offset() + (s % p.page_tokens) * 4),
+                      4, 1);
+        }
+      }
+      for (size_t i = 0; i < pool_bytes; ++i)
+        if (!mask[i]) pp.engine[i] = pp.ref[i] = pp.ref_rtn[i] = 0;
+      out.push_back(std::move(pp));
+    }
+  return out;
+}
+
+TEST_F(EngineEf, PrefillRecordsAreTheReferenceWritersBitForBit) {
+  const std::vector<int32_t> prompt = prompt_ids(*tok_, 150);
+  ASSERT_EQ(prompt.size(), 150u);
+  int64_t sink = 0;
+  const auto ef = prefill_pools(*dir_, *ef_, prompt, sink);
+  ASSERT_EQ(ef.size(), static_cast<size_t>(2 * cpu_->config().num_layers));
+  int differing_from_rtn = 0;
+  for (size_t i = 0; i < ef.size(); ++i) {
+    const auto m = std::mismatch(ef[i].engine.begin(), ef[i].engine.end(), ef[i].ref.begin());
+    EXPECT_EQ(m.first, ef[i].engine.end()) << "layer " << i / 2 << (i % 2 ? " V" : " K") << ": first differing byte "
+                                           << (m.first - ef[i].engine.begin());
+    differing_from_rtn += ef[i].ref != ef[i].ref_rtn;
+  }
+  EXPECT_EQ(differing_from_rtn, static_cast<int>(ef.size())) << "every tensor has a table, so its codes change";
+  // The same bundle without tables: the engine writes the RTN records (today's format and path).
+  const auto rtn = prefill_pools(*dir_, *rtn_, prompt, sink);
+  for (size_t i = 0; i < rtn.size(); ++i) {
+    EXPECT_EQ(rtn[i].engine, rtn[i].ref_rtn) << "layer " << i / 2 << (i % 2 ? " V" : " K");
+    EXPECT_EQ(rtn[i].engine.size(), ef[i].engine.size());
+  }
+}
+
+TEST_F(EngineEf, EvalMetricsMatchTheCpuSimulation) {
+  data::PackOptions po;
+  po.seq_len = 768;
+  po.num_seqs = 2;
+  po.shuffle = true;
+  po.seed = 0;
+  const data::PackedDataset packed = data::pack_dataset(
+      {(test::fixtures_dir() / kPythonDocs).string(), (test::fixtures_dir() / kLinuxDocs).string()}, tok_,
+      data::SourceOptions{}, po);
+  eval::ContextSequences cs{768, {}};
+  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
+    auto s = packed.sequence(i);
+    cs.sequences.emplace_back(s.begin(), s.end());
+  }
+  const std::vector<eval::ContextSequences> data = {cs};
+  eval::EvalOptions opt;
+  opt.modes = eval::parse_cache_modes("oscar", "test");
+  opt.mode_options.windows = {16, 64};
+  opt.mode_options.bundle = ef_;
+  opt.greedy_prompts = 1;
+  opt.greedy_tokens = 16;
+  const eval::EvalReport cpu = eval::evaluate(*cpu_, tok_, data, opt);
+  GpuEvalOptions gpu;
+  gpu.schedule = {2, 1};
+  const eval::EvalReport dev = evaluate_on_gpu(*dir_, tok_, data, opt, gpu);
+  ASSERT_EQ(cpu.results.size(), 1u);
+  ASSERT_EQ(dev.results.size(), 1u);
+  const eval::ModeResult &c = cpu.results[0], &g = dev.results[0];
+  std::printf("EF oscar cpu : ppl %.4f (>win %.4f) KL>win %.5f top1>win %.4f\n", c.all.perplexity,
+              c.beyond.perplexity, c.beyond.kl_mean, c.beyond.top1_agreement);
+  std::printf("EF oscar cuda: ppl %.4f (>win %.4f) KL>win %.5f top1>win %.4f\n", g.all.perplexity,
+              g.beyond.perplexity, g.beyond.kl_mean, g.beyond.top1_agreement);
+  auto relative = [](double a, double b) { return std::abs(a - b) / std::abs(b); };
+  EXPECT_EQ(g.beyond.positions, c.beyond.positions);
+  EXPECT_LT(relative(g.all.perplexity, c.all.perplexity), 0.01);
+  EXPECT_LT(relative(g.beyond.perplexity, c.beyond.perplexity), 0.01);
+  EXPECT_NEAR(g.beyond.top1_agreement, c.beyond.top1_agreement, 0.03);
+  EXPECT_GT(g.beyond.kl_mean, 0.0);
+  EXPECT_LT(relative(g.beyond.kl_mean, c.beyond.kl_mean), 0.20);
+}
+
+TEST_F(EngineEf, MalformedTableIsRefusedNamingTheLayer) {
+  fmt::Bundle bad = *ef_;
+  bad.layers[1].v_ef_order[0] = bad.layers[1].v_ef_order[1];  // not a permutation
+  EngineOptions o;
+  o.cache = CacheMode::Oscar;
+  o.cache_budget_bytes = size_t{64} << 20;
+  try {
+    Engine::load(*dir_, o, &bad);
+    FAIL() << "a malformed table was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 1 V error feedback"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace oscar::rt
