@@ -347,6 +347,17 @@ calib::HeadMoments GpuStatisticsCollector::head_moments(int64_t layer, int64_t k
   return out;
 }
 
+std::vector<std::vector<double>> GpuStatisticsCollector::head_sigma_q() {
+  const calib::StatisticsShape& s = impl_->shape;
+  std::vector<std::vector<double>> out(static_cast<size_t>(s.num_layers));
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    for (int64_t h = 0; h < s.num_kv_heads; ++h) {
+      const calib::HeadMoments m = head_moments(l, h);
+      out[static_cast<size_t>(l)].insert(out[static_cast<size_t>(l)].end(), m.sigma_q.begin(), m.sigma_q.end());
+    }
+  return out;
+}
+
 calib::CalibrationMoments GpuStatisticsCollector::moments(bool per_head) {
   const calib::StatisticsShape& s = impl_->shape;
   calib::CalibrationMoments out;
@@ -551,7 +562,8 @@ calib::CalibrationResult calibrate_on_device(DeviceModel& model, const fmt::Mode
     stats.start_value_pass();
     run_pass("values");
   }
-  const calib::CalibrationSpectra spectra = cusolver_spectra(stats.moments(opt.per_head));
+  calib::CalibrationSpectra spectra = cusolver_spectra(stats.moments(opt.per_head));
+  if (opt.error_feedback.mode != calib::ErrorFeedbackMode::Off) spectra.head_sigma_q = stats.head_sigma_q();
   DeviceForwardRunner runner(model);
   return calib::assemble_bundle(spectra, runner, fingerprint, data, opt);
 }

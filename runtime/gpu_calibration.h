@@ -67,6 +67,9 @@ class GpuStatisticsCollector : public DeviceObserver {
   // Normalized moments, downloaded (waits for the device). Same definitions as calib::StatisticsCollector.
   calib::HeadMoments head_moments(int64_t layer, int64_t kv_head);
   calib::CalibrationMoments moments(bool per_head);
+  // Σ_Q of every KV head, [layer][num_kv_heads · d · d] (calib::head_sigma_q's layout): the key metric of the
+  // error-feedback tables from the calibration statistics, as on the CPU path, instead of the held-out fallback.
+  std::vector<std::vector<double>> head_sigma_q();
 
   struct Impl;
 

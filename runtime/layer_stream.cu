@@ -717,7 +717,8 @@ calib::CalibrationResult calibrate_streamed(const LayerSource& source, const fmt
     throw Error("--checkpoint", "statistics checkpoints are not supported with --device cuda yet");
   const std::unique_ptr<GpuStatisticsCollector> stats =
       streamed_statistics(source, data.sequences, opt.value_weighting, stream, report, opt.progress);
-  const calib::CalibrationSpectra spectra = cusolver_spectra(stats->moments(opt.per_head));
+  calib::CalibrationSpectra spectra = cusolver_spectra(stats->moments(opt.per_head));
+  if (opt.error_feedback.mode != calib::ErrorFeedbackMode::Off) spectra.head_sigma_q = stats->head_sigma_q();
   StreamedForwardRunner runner(source, stream.devices.front());
   return calib::assemble_bundle(spectra, runner, fingerprint, data, opt);
 }

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # hE1 (issue #10: error-feedback tables in the bundle, format 1.2) on one H100. Expected GPU time: about 1.5 minutes
 #   ~40 s  `oscar calibrate --device cuda` of qwen3-tiny-trained (8 x 512 calibration + 4 held-out, default method,
-#          --error-feedback kv): the device path must write tables too (key metric = held-out Σ_Q, recorded as
-#          ef_key_metric heldout_sigma_q), and the same run with --error-feedback off
+#          --error-feedback kv): the device path must write tables too (recorded as
+#          ef_key_metric sigma_q: the device statistics' per-KV-head Σ_Q, as on the CPU), and the same run with --error-feedback off
 #   ~40 s  CPU `oscar eval` of both bundles (python + linux docs, context 1024, 2 sequences) on the host cores:
 #          only the calibration runs on the GPU
 # Needs: $BIN (bin/ + lib/), fixtures at /work/shared/fixtures, $OUT, cwd = repo.
-# Look for: in hE1_summary.txt "format 1.2" with "ef_key_metric = heldout_sigma_q" and "ef_tables = 12" for the
+# Look for: in hE1_summary.txt "format 1.2" with "ef_key_metric = sigma_q" and "ef_tables = 12" for the
 #   kv bundle and "format 1.1" for the off bundle; "KL>win" of the kv bundle below the off bundle's (CPU eval of the
 #   cuda bundles; on the dev CPU the CPU-calibrated pair at 1K/3 seqs gave 3.19e-3 vs 4.20e-3). rc=0 for every step.
 set -uo pipefail
