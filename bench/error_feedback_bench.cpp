@@ -18,7 +18,6 @@
 #include <map>
 #include <optional>
 
-#include "datasets/pack.h"
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/tokenizer.h"
@@ -33,41 +32,14 @@
 #include "lib/eval/metrics.h"
 #include "lib/model/cpu_model.h"
 
+#include "bench/ablation_common.h"
+
 using namespace oscar;
 namespace fs = std::filesystem;
 
 namespace {
 
 using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-// Copied from spectral_ablation_bench (the same rotations from the same fit statistics).
-std::vector<double> mean_metric(const calib::ObjectiveSamples& s) {
-  const int64_t d = s.dim;
-  std::vector<double> m(static_cast<size_t>(d * d), 0.0);
-  for (int64_t h = 0; h < s.heads; ++h) {
-    const auto e = calib::effective_metric(s, h);
-    for (size_t i = 0; i < m.size(); ++i) m[i] += e[i] / static_cast<double>(s.heads);
-  }
-  return m;
-}
-std::vector<double> weighted_covariance(const calib::ObjectiveSamples& s) {
-  const int64_t d = s.dim, n = s.tokens;
-  std::vector<double> c(static_cast<size_t>(d * d), 0.0);
-  double total = 0;
-  for (int64_t h = 0; h < s.heads; ++h)
-    for (int64_t t = 0; t < n; ++t) {
-      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
-      const float* x = s.x.data() + (h * n + t) * d;
-      total += w;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < d; ++j) c[i * d + j] += w * x[i] * x[j];
-    }
-  for (double& x : c) x /= total;
-  return c;
-}
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 enum class VMetric { None, WoSum, WoCoherent };
 const char* vmetric_name(VMetric m) {
@@ -166,32 +138,14 @@ int main(int argc, char** argv) {
                                ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, kl, ::fmt::join(heldout_files, ","));
 
     auto pack = [&](const std::vector<std::string>& files, int64_t per_file) {
-      std::vector<std::vector<int32_t>> seqs;
-      for (const auto& f : files) {
-        data::PackOptions po;
-        po.seq_len = seq_len;
-        po.num_seqs = per_file;
-        po.shuffle = false;
-        const auto ds = data::pack_dataset({(text_dir / f).string()}, tokenizer.get(), {}, po);
-        for (int64_t i = 0; i < ds.num_seqs(); ++i) {
-          const auto s = ds.sequence(i);
-          seqs.emplace_back(s.begin(), s.end());
-        }
-      }
-      return seqs;
+      return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
     };
     const auto fit_ids = pack({"war-and-peace.txt", "tiny-shakespeare.txt", "code-llamacpp-mit.txt"}, fit_seqs);
     const auto test_ids =
         pack(heldout_files, heldout_seqs);
     calib::CpuForwardRunner runner(*model);
     auto collect = [&](const std::vector<std::vector<int32_t>>& seqs) {
-      calib::LayerSampleCollector c(shape, calib::ValueWeighting::QueryEnergy, windows.sink_tokens,
-                                    static_cast<int64_t>(seqs.size()) * seq_len);
-      for (size_t i = 0; i < seqs.size(); ++i) {
-        c.begin_sequence(static_cast<int64_t>(i));
-        runner.run_sequence(seqs[i], c);
-      }
-      return c.finish();
+      return bench::collect_samples(runner, shape, windows.sink_tokens, seqs, seq_len);
     };
     const auto fit = collect(fit_ids);
     const auto test = collect(test_ids);
@@ -202,7 +156,7 @@ int main(int argc, char** argv) {
       tk[l] = calib::key_objective_samples(test[l], false, inv_freq, test_tokens);
       tv[l] = calib::value_objective_samples(test[l], test_tokens);
     }
-    std::cerr << ::fmt::format("forward passes: {:.1f} s\n", seconds_since(t0));
+    std::cerr << ::fmt::format("forward passes: {:.1f} s\n", bench::seconds_since(t0));
 
     // o_proj metrics of each KV group (original value basis): the layer output error of a value error e read by
     // query head g with probability p is p·W_g e, W_g = o_proj columns of head g. WoSum assumes the group's heads
@@ -279,13 +233,8 @@ int main(int argc, char** argv) {
                                  : rot_name == "oscar"  ? calib::RotationKind::EigenHadamard
                                  : rot_name == "eigen"  ? calib::RotationKind::Eigen
                                                         : throw Error("--rotations", "unknown rotation " + rot_name);
-      std::vector<calib::LayerChoice> base;
-      for (int64_t l = 0; l < L; ++l) {
-        const auto ek = calib::symmetric_eigen(mean_metric(fk[l]), d, "Σ_Q");
-        const auto ev = calib::symmetric_eigen(weighted_covariance(fv[l]), d, "Σ_V");
-        base.push_back(calib::uniform_layer(fk[l], fv[l], calib::build_rotation(kind, ek, d),
-                                            calib::build_rotation(kind, ev, d), 2, rtn_grid, nullptr));
-      }
+      // The same rotations as spectral_ablation_bench's rows, from the same fit statistics.
+      const std::vector<calib::LayerChoice> base = bench::uniform_layers(kind, fk, fv, rtn_grid, nullptr);
       for (const Variant& var : variants) {
         Row row{::fmt::format("{} + tuned clip, {}", rot_name, var.name), {}, Tables(L), Tables(L)};
         std::vector<calib::LayerChoice> layers = base;
@@ -355,7 +304,7 @@ int main(int argc, char** argv) {
         for (const auto& lc : layers) row.bundle.layers.push_back(calib::to_layer_calibration(lc, row.bundle.quant));
         rows.push_back(std::move(row));
       }
-      std::cerr << ::fmt::format("{}: {:.1f} s\n", rot_name, seconds_since(t));
+      std::cerr << ::fmt::format("{}: {:.1f} s\n", rot_name, bench::seconds_since(t));
     }
 
     if (kl) {
@@ -395,10 +344,10 @@ int main(int argc, char** argv) {
         std::cout << ::fmt::format("| {} | {:.5f} | {:.4f} | {:.4f} |\n", row.name, sum.kl_mean, sum.kl_p99,
                                    sum.top1_agreement);
         std::cout.flush();
-        std::cerr << ::fmt::format("KL {}: {:.1f} s\n", row.name, seconds_since(t));
+        std::cerr << ::fmt::format("KL {}: {:.1f} s\n", row.name, bench::seconds_since(t));
       }
     }
-    std::cerr << ::fmt::format("total {:.1f} s\n", seconds_since(t0));
+    std::cerr << ::fmt::format("total {:.1f} s\n", bench::seconds_since(t0));
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -14,7 +14,6 @@
 #include <iostream>
 #include <numeric>
 
-#include "datasets/pack.h"
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/tokenizer.h"
@@ -28,6 +27,8 @@
 #include "lib/eval/metrics.h"
 #include "lib/model/cpu_model.h"
 
+#include "bench/ablation_common.h"
+
 using namespace oscar;
 namespace fs = std::filesystem;
 
@@ -38,36 +39,6 @@ struct Config {
   std::vector<calib::LayerChoice> layers;
   bool pre_rope_keys = false;
 };
-
-std::vector<double> mean_metric(const calib::ObjectiveSamples& s) {
-  const int64_t d = s.dim;
-  std::vector<double> m(static_cast<size_t>(d * d), 0.0);
-  for (int64_t h = 0; h < s.heads; ++h) {
-    const auto e = calib::effective_metric(s, h);
-    for (size_t i = 0; i < m.size(); ++i) m[i] += e[i] / static_cast<double>(s.heads);
-  }
-  return m;
-}
-
-std::vector<double> weighted_covariance(const calib::ObjectiveSamples& s) {
-  const int64_t d = s.dim, n = s.tokens;
-  std::vector<double> c(static_cast<size_t>(d * d), 0.0);
-  double total = 0;
-  for (int64_t h = 0; h < s.heads; ++h)
-    for (int64_t t = 0; t < n; ++t) {
-      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
-      const float* x = s.x.data() + (h * n + t) * d;
-      total += w;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < d; ++j) c[i * d + j] += w * x[i] * x[j];
-    }
-  for (double& x : c) x /= total;
-  return c;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 }  // namespace
 
@@ -106,19 +77,7 @@ int main(int argc, char** argv) {
     const oscar::fmt::KvQuantSpec windows = oscar::fmt::KvQuantSpec::int2_default(d);  // sink 64, recent 256
 
     auto pack = [&](const std::vector<std::string>& files, int64_t per_file) {
-      std::vector<std::vector<int32_t>> seqs;
-      for (const auto& f : files) {
-        data::PackOptions po;
-        po.seq_len = seq_len;
-        po.num_seqs = per_file;
-        po.shuffle = false;
-        const auto ds = data::pack_dataset({(text_dir / f).string()}, tokenizer.get(), {}, po);
-        for (int64_t i = 0; i < ds.num_seqs(); ++i) {
-          const auto s = ds.sequence(i);
-          seqs.emplace_back(s.begin(), s.end());
-        }
-      }
-      return seqs;
+      return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
     };
     const auto fit_seqs_ids = pack({"war-and-peace.txt", "tiny-shakespeare.txt", "code-llamacpp-mit.txt"}, fit_seqs);
     const auto test_seqs_ids =
@@ -126,18 +85,12 @@ int main(int argc, char** argv) {
 
     calib::CpuForwardRunner runner(*model);
     auto collect = [&](const std::vector<std::vector<int32_t>>& seqs) {
-      calib::LayerSampleCollector c(shape, calib::ValueWeighting::QueryEnergy, windows.sink_tokens,
-                                    static_cast<int64_t>(seqs.size()) * seq_len);
-      for (size_t i = 0; i < seqs.size(); ++i) {
-        c.begin_sequence(static_cast<int64_t>(i));
-        runner.run_sequence(seqs[i], c);
-      }
-      return c.finish();
+      return bench::collect_samples(runner, shape, windows.sink_tokens, seqs, seq_len);
     };
     const auto fit = collect(fit_seqs_ids);
     const auto test = collect(test_seqs_ids);
     std::cerr << ::fmt::format("forward passes: {} fit + {} held-out sequences of {} tokens, {:.1f} s\n",
-                               fit_seqs_ids.size(), test_seqs_ids.size(), seq_len, seconds_since(t0));
+                               fit_seqs_ids.size(), test_seqs_ids.size(), seq_len, bench::seconds_since(t0));
 
     std::vector<calib::ObjectiveSamples> fk(L), fkp(L), fv(L), tk(L), tkp(L), tv(L);
     for (int64_t l = 0; l < L; ++l) {
@@ -161,15 +114,8 @@ int main(int argc, char** argv) {
     auto uniform = [&](const std::string& name, calib::RotationKind kind, std::span<const float> clips,
                        const calib::CayleyOptions* refine) {
       const auto t = std::chrono::steady_clock::now();
-      Config c{name, {}, false};
-      for (int64_t l = 0; l < L; ++l) {
-        const auto ek = calib::symmetric_eigen(mean_metric(fk[l]), d, "Σ_Q");
-        const auto ev = calib::symmetric_eigen(weighted_covariance(fv[l]), d, "Σ_V");
-        c.layers.push_back(calib::uniform_layer(fk[l], fv[l], calib::build_rotation(kind, ek, d),
-                                                calib::build_rotation(kind, ev, d), 2, clips, refine));
-      }
-      configs.push_back(std::move(c));
-      std::cerr << ::fmt::format("{}: {:.1f} s\n", name, seconds_since(t));
+      configs.push_back(Config{name, bench::uniform_layers(kind, fk, fv, clips, refine), false});
+      std::cerr << ::fmt::format("{}: {:.1f} s\n", name, bench::seconds_since(t));
     };
     if (!quick) uniform("int2 (no rotation, no clip)", calib::RotationKind::None, no_clip, nullptr);
     uniform("int2 + hadamard + tuned clip", calib::RotationKind::Hadamard, grid, nullptr);
@@ -186,7 +132,7 @@ int main(int argc, char** argv) {
       for (int64_t l = 0; l < L; ++l)
         c.layers.push_back(calib::spectral_layer(opt.pre_rope_keys ? fkp[l] : fk[l], fv[l], opt));
       configs.push_back(std::move(c));
-      std::cerr << ::fmt::format("{}: {:.1f} s\n", name, seconds_since(t));
+      std::cerr << ::fmt::format("{}: {:.1f} s\n", name, bench::seconds_since(t));
     };
     calib::SpectralOptions formula;
     formula.modeled_costs = true;
@@ -285,7 +231,7 @@ int main(int argc, char** argv) {
         }
       }
     }
-    std::cerr << ::fmt::format("total {:.1f} s\n", seconds_since(t0));
+    std::cerr << ::fmt::format("total {:.1f} s\n", bench::seconds_since(t0));
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

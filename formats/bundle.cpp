@@ -574,8 +574,7 @@ void check_error_feedback(const std::vector<int32_t>& order, const std::vector<f
     throw Error(order_where, ::fmt::format("must hold [{}, {}] values, has {}", kv_heads, d, order.size()));
   if (static_cast<int64_t>(weights.size()) != kv_heads * d * d)
     throw Error(weights_where, ::fmt::format("must hold [{}, {}, {}] values, has {}", kv_heads, d, d, weights.size()));
-  if (spec.storage != KvStorage::Int || spec.segments.size() != 1 || spec.segments[0].begin != 0 ||
-      spec.segments[0].end != d || spec.segments[0].bits != 2)
+  if (!spec.whole_head_int2(d))
     throw Error(order_where, "error-feedback tables need a whole-head INT2 tensor (one segment [0, head_dim) of 2 bits)");
   for (int64_t h = 0; h < kv_heads; ++h) {
     std::vector<char> seen(static_cast<size_t>(d), 0);

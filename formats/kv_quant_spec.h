@@ -38,6 +38,11 @@ struct TensorQuantSpec {
   // Storage bits per element including the fp16 scale+zero of each segment (32 bits per segment per token).
   double bits_per_element(int64_t head_dim) const;
   int32_t packed_code_bytes() const;  // bytes of packed codes per head vector
+  // One integer segment [0, head_dim) of 2 bits: the plain INT2 record (what error-feedback tables apply to).
+  bool whole_head_int2(int64_t head_dim) const {
+    return storage == KvStorage::Int && segments.size() == 1 && segments[0].begin == 0 &&
+           segments[0].end == head_dim && segments[0].bits == 2;
+  }
 };
 
 struct KvQuantSpec {

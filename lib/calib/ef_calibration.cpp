@@ -61,9 +61,7 @@ std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& we
 
 bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys) {
   const fmt::KvQuantSpec spec = fmt::layer_spec(bundle, layer);
-  const fmt::TensorQuantSpec& t = keys ? spec.k : spec.v;
-  return t.storage == fmt::KvStorage::Int && t.segments.size() == 1 && t.segments[0].begin == 0 &&
-         t.segments[0].end == bundle.quant.head_dim && t.segments[0].bits == 2;
+  return (keys ? spec.k : spec.v).whole_head_int2(bundle.quant.head_dim);
 }
 
 int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<double>>& key_metrics,

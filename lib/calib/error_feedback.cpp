@@ -100,21 +100,43 @@ IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32
   return p;
 }
 
-void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::span<const float> rotation,
-                                  float clip_ratio, int32_t bits, const ErrorFeedbackTable& table,
-                                  std::span<float> out) {
-  const auto d = static_cast<size_t>(table.dim);
+namespace {
+
+// Rotate each row, choose its codes with `codes_of` (y, codes) -> params, dequantize, rotate back.
+template <class CodesOf>
+void fake_quantize_rows(std::span<const float> x, int64_t rows, size_t d, std::span<const float> rotation,
+                        std::span<float> out, const char* where, CodesOf&& codes_of) {
   if (x.size() != static_cast<size_t>(rows) * d || out.size() != x.size())
-    throw Error("error_feedback_fake_quantize", ::fmt::format("expected {} x {} values", rows, d));
+    throw Error(where, ::fmt::format("expected {} x {} values", rows, d));
   std::vector<float> row(d), y(d), deq(d);
   std::vector<uint8_t> codes(d);
   for (int64_t r = 0; r < rows; ++r) {
     std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(r * d), d, row.begin());  // x and out may alias
     rotate(row, rotation, y);
-    const IntParams p = error_feedback_codes(y, clip_ratio, bits, table, codes);
+    const IntParams p = codes_of(std::span<const float>(y), std::span<uint8_t>(codes));
     for (size_t i = 0; i < d; ++i) deq[i] = int_dequant(codes[i], p);
     unrotate(deq, rotation, out.subspan(static_cast<size_t>(r) * d, d));
   }
+}
+
+}  // namespace
+
+void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::span<const float> rotation,
+                                  float clip_ratio, int32_t bits, const ErrorFeedbackTable& table,
+                                  std::span<float> out) {
+  fake_quantize_rows(x, rows, static_cast<size_t>(table.dim), rotation, out, "error_feedback_fake_quantize",
+                     [&](std::span<const float> y, std::span<uint8_t> codes) {
+                       return error_feedback_codes(y, clip_ratio, bits, table, codes);
+                     });
+}
+
+void error_feedback_fake_quantize_stored(std::span<const float> x, int64_t rows, std::span<const float> rotation,
+                                         float clip_ratio, int32_t bits, std::span<const int32_t> order,
+                                         std::span<const float> weights, bool clip_feedback, std::span<float> out) {
+  fake_quantize_rows(x, rows, order.size(), rotation, out, "error_feedback_fake_quantize_stored",
+                     [&](std::span<const float> y, std::span<uint8_t> codes) {
+                       return error_feedback_codes_stored(y, clip_ratio, bits, order, weights, clip_feedback, codes);
+                     });
 }
 
 void stored_error_feedback(const ErrorFeedbackTable& table, std::span<int32_t> order, std::span<float> weights) {

@@ -79,4 +79,10 @@ IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio
                                       std::span<const int32_t> order, std::span<const float> weights,
                                       bool clip_feedback, std::span<uint8_t> codes);
 
+// error_feedback_fake_quantize with a stored table: quantize-dequantize `rows` head vectors x [rows, d] (original
+// basis) through rotation (row-major [d, d] or empty), clip and error_feedback_codes_stored; x and out may alias.
+void error_feedback_fake_quantize_stored(std::span<const float> x, int64_t rows, std::span<const float> rotation,
+                                         float clip_ratio, int32_t bits, std::span<const int32_t> order,
+                                         std::span<const float> weights, bool clip_feedback, std::span<float> out);
+
 }  // namespace oscar::calib

@@ -247,29 +247,14 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
                                        codec.clip_ratios[static_cast<size_t>(layer)], out))
     return;
   if (codec.has_ef(layer)) {
-    // The rounding every cache writer runs from the stored table (calib::error_feedback_codes_stored): rotate,
-    // clip, RTN scale/zero, codes with feedback, dequantize, rotate back.
-    const int64_t d = head_dim_;
+    // The rounding every cache writer runs from the stored table (calib::error_feedback_codes_stored).
+    const auto d = static_cast<size_t>(head_dim_);
     const auto l = static_cast<size_t>(layer);
     const auto h = static_cast<size_t>(kv_head);
-    const std::span<const int32_t> order =
-        std::span<const int32_t>(codec.ef_order[l]).subspan(h * static_cast<size_t>(d), static_cast<size_t>(d));
-    const std::span<const float> weights = std::span<const float>(codec.ef_weights[l])
-                                               .subspan(h * static_cast<size_t>(d * d), static_cast<size_t>(d * d));
-    const std::span<const float> rotation = codec.rotation(layer, kv_head, d);
-    const float clip = codec.clip_ratios[l];
-    if (static_cast<int64_t>(x.size()) != tokens * d || out.size() != x.size())
-      throw Error(std::string(name()), ::fmt::format("expected {} x {} values", tokens, d));
-    std::vector<float> row(static_cast<size_t>(d)), y(static_cast<size_t>(d)), deq(static_cast<size_t>(d));
-    std::vector<uint8_t> codes(static_cast<size_t>(d));
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::copy_n(x.begin() + t * d, d, row.begin());  // x and out may alias
-      calib::rotate(row, rotation, y);
-      const calib::IntParams p =
-          calib::error_feedback_codes_stored(y, clip, 2, order, weights, codec.ef_clip_feedback, codes);
-      for (int64_t i = 0; i < d; ++i) deq[i] = calib::int_dequant(codes[i], p);
-      calib::unrotate(deq, rotation, out.subspan(static_cast<size_t>(t * d), static_cast<size_t>(d)));
-    }
+    calib::error_feedback_fake_quantize_stored(
+        x, tokens, codec.rotation(layer, kv_head, head_dim_), codec.clip_ratios[l], 2,
+        std::span<const int32_t>(codec.ef_order[l]).subspan(h * d, d),
+        std::span<const float>(codec.ef_weights[l]).subspan(h * d * d, d * d), codec.ef_clip_feedback, out);
     return;
   }
   codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),

@@ -13,7 +13,6 @@ set -uo pipefail
 : "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
 export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 mkdir -p "$OUT"
-CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 start=$SECONDS
 timeout 300 "$BIN/bin/test_gpu" > "$OUT/gpusuite_test_gpu.log" 2>&1
 echo "test_gpu rc=$? $((SECONDS - start))s"

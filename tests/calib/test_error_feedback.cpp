@@ -45,6 +45,27 @@ double metric_error(std::span<const float> y, std::span<const float> yhat, const
   return e.dot(m * e);
 }
 
+// A metric whose eigenvalues spread over 1e3 in a random orthogonal basis (what a mixing rotation leaves of Σ_Q),
+// and n Gaussian rotated vectors; seeded, so every test sees the same case.
+struct AnisotropicCase {
+  RowMatD m;
+  std::vector<double> mv;  // m row-major
+  std::vector<float> y;    // [n, d]
+};
+AnisotropicCase anisotropic_case(int64_t d, int64_t n) {
+  std::mt19937_64 rng(11);
+  const RowMatD q = random_orthogonal(d, rng);
+  Eigen::VectorXd lambda(d);
+  for (int64_t i = 0; i < d; ++i) lambda(i) = std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(d - 1));
+  AnisotropicCase c;
+  c.m = q * lambda.asDiagonal() * q.transpose();
+  c.mv.assign(c.m.data(), c.m.data() + d * d);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  c.y.resize(static_cast<size_t>(n * d));
+  for (float& v : c.y) v = n01(rng);
+  return c;
+}
+
 TEST(ErrorFeedback, DiagonalMetricIsRtnBitExact) {
   const int64_t d = 128, n = 600;
   std::mt19937_64 rng(7);
@@ -87,15 +108,10 @@ TEST(ErrorFeedback, DiagonalMetricIsRtnBitExact) {
 // only leaves room for libm / Eigen differences.
 TEST(ErrorFeedback, AnisotropicMetricBeatsRtn) {
   const int64_t d = 128, n = 1000;
-  std::mt19937_64 rng(11);
-  const RowMatD q = random_orthogonal(d, rng);
-  Eigen::VectorXd lambda(d);
-  for (int64_t i = 0; i < d; ++i) lambda(i) = std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(d - 1));
-  const RowMatD m = q * lambda.asDiagonal() * q.transpose();
-  std::vector<double> mv(m.data(), m.data() + d * d);
-  std::normal_distribution<float> n01(0.0f, 1.0f);
-  std::vector<float> y(static_cast<size_t>(n * d));
-  for (float& v : y) v = n01(rng);
+  const AnisotropicCase c = anisotropic_case(d, n);
+  const RowMatD& m = c.m;
+  const std::vector<double>& mv = c.mv;
+  const std::vector<float>& y = c.y;
   for (const bool clip_feedback : {false, true}) {
     ErrorFeedbackOptions o;
     o.feedback_clip_error = clip_feedback;
@@ -126,15 +142,10 @@ TEST(ErrorFeedback, AnisotropicMetricBeatsRtn) {
 // gives RTN's codes exactly.
 TEST(ErrorFeedback, StoredFp32FormMatchesTheDoubleRounding) {
   const int64_t d = 128, n = 1000;
-  std::mt19937_64 rng(11);
-  const RowMatD q = random_orthogonal(d, rng);
-  Eigen::VectorXd lambda(d);
-  for (int64_t i = 0; i < d; ++i) lambda(i) = std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(d - 1));
-  const RowMatD m = q * lambda.asDiagonal() * q.transpose();
-  std::vector<double> mv(m.data(), m.data() + d * d);
-  std::normal_distribution<float> n01(0.0f, 1.0f);
-  std::vector<float> y(static_cast<size_t>(n * d));
-  for (float& v : y) v = n01(rng);
+  const AnisotropicCase c = anisotropic_case(d, n);
+  const RowMatD& m = c.m;
+  const std::vector<double>& mv = c.mv;
+  const std::vector<float>& y = c.y;
   for (const bool clip_feedback : {false, true}) {
     ErrorFeedbackOptions o;
     o.damp = 0.1;

@@ -10,23 +10,14 @@
 #include "formats/error.h"
 #include "formats/kv_layout.h"
 #include "lib/eval/cache_modes.h"
+#include "eval_test_config.h"
 #include "lib/eval/metrics.h"
 #include "test_support.h"
 
 namespace oscar::eval {
 namespace {
 
-fmt::ModelConfig small_config(int64_t head_dim) {
-  fmt::ModelConfig cfg;
-  cfg.hidden_size = 64;
-  cfg.num_layers = 2;
-  cfg.num_heads = 4;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = head_dim;
-  cfg.vocab_size = 32;
-  cfg.max_position_embeddings = 4096;
-  return cfg;
-}
+using test::small_config;
 
 TEST(Windows, HandWorkedMask) {
   const CacheWindows w{4, 8};

@@ -10,23 +10,14 @@
 #include "lib/calib/quantizer_ref.h"
 #include "lib/calib/rotation.h"
 #include "lib/eval/cache_modes.h"
+#include "eval_test_config.h"
 
 namespace oscar::eval {
 namespace {
 
 constexpr int64_t kD = 32, kTokens = 200;
 
-fmt::ModelConfig config() {
-  fmt::ModelConfig cfg;
-  cfg.hidden_size = 64;
-  cfg.num_layers = 2;
-  cfg.num_heads = 4;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = kD;
-  cfg.vocab_size = 32;
-  cfg.max_position_embeddings = 4096;
-  return cfg;
-}
+fmt::ModelConfig config() { return test::small_config(kD); }
 
 fmt::Bundle hadamard_bundle(const fmt::ModelConfig& cfg) {
   fmt::Bundle b;
