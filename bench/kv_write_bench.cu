@@ -120,14 +120,15 @@ struct Cache {
   void write_layer(int64_t layer, const uint16_t* k, const uint16_t* v, cudaStream_t stream,
                    kern::KvWriteInt2Impl impl = kern::KvWriteInt2Impl::Tiled, bool int2_only = false,
                    bool ef = false) {
-    kern::KvWriteParams p;
-    p.tokens = tokens;
-    p.token_stride = cfg.num_kv_heads * cfg.head_dim;
-    p.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
-    p.head_dim = static_cast<int32_t>(cfg.head_dim);
-    p.page_tokens = fmt::kKvPageTokens;
+    kern::KvWriteParams common;
+    common.tokens = tokens;
+    common.token_stride = cfg.num_kv_heads * cfg.head_dim;
+    common.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+    common.head_dim = static_cast<int32_t>(cfg.head_dim);
+    common.page_tokens = fmt::kKvPageTokens;
     const auto st = reinterpret_cast<kern::Stream>(stream);
     for (int value = 0; value < 2; ++value) {
+      kern::KvWriteParams p = common;  // as the engine: K's EF tables must not reach V's bf16 write
       p.x = value ? v : k;
       p.rotation = rotations[static_cast<size_t>(2 * layer + value)].as<float>();
       p.slots = slots.as<int32_t>();

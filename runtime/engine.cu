@@ -119,14 +119,16 @@ struct Engine::Impl {
   // `stride` elements), slots from KvPageTables (-1 = not stored in that pool).
   void write_layer(int64_t layer, const uint16_t* x_k, const uint16_t* x_v, int64_t tokens, int64_t stride,
                    const int32_t* bf16_slots, const int32_t* int2_slots, const std::string& where) {
-    kern::KvWriteParams p;
-    p.tokens = tokens;
-    p.token_stride = stride;
-    p.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
-    p.head_dim = static_cast<int32_t>(format.cache_head_dim);
-    p.page_tokens = static_cast<int32_t>(cache->layout().page_tokens);
+    kern::KvWriteParams common;
+    common.tokens = tokens;
+    common.token_stride = stride;
+    common.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+    common.head_dim = static_cast<int32_t>(format.cache_head_dim);
+    common.page_tokens = static_cast<int32_t>(cache->layout().page_tokens);
     const auto st = reinterpret_cast<kern::Stream>(stream);
     for (const bool value : {false, true}) {
+      // Fresh per tensor: K's INT2 fields (EF tables, clip) must not reach V's bf16 write, which refuses tables.
+      kern::KvWriteParams p = common;
       p.x = value ? x_v : x_k;
       p.rotation = rotation(value ? v_rot : k_rot, layer);
       p.slots = bf16_slots;
