@@ -13,7 +13,7 @@ done
 needed=$(for exe in "$out"/bin/*; do ldd "$exe" 2>/dev/null; done | awk '{print $1}' | sort -u)
 for lib in libtbb.so.12 libspdlog.so.1.10 libsentencepiece.so.0 libfmt.so.9 libutf8proc.so.2 libicuuc.so.72 libicudata.so.72; do
   grep -qx "$lib" <<<"$needed" || continue
-  p=$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')
+  p=$(ldconfig -p | awk -v l="$lib" '$1 == l && !found {print $NF; found = 1}')  # no early exit: SIGPIPE + pipefail
   [ -n "$p" ] && cp -L "$p" "$out/lib/"
 done
 strip --strip-unneeded "$out"/bin/* 2>/dev/null || true
