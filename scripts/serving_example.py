@@ -17,6 +17,8 @@ Record of one head vector x (head_dim d) for a layer with rotation R, clip ratio
                code = clamp(rint((y - zero) / scale), 0, 2^bits - 1)  (all codes 0 when scale == 0);
   record = the segments' codes as LSB-first bitstreams (each starting on a byte), then (scale, zero) fp16 LE pairs;
   decode: y' = fma(code, scale, zero), x' = y' . R^T.
+A tensor with error-feedback tables (bundle format 1.2: layers/L/{k,v}_ef_order, _ef_weights, root @ef_clip_feedback)
+keeps that record format and scale/zero; only the codes are chosen differently (write_records_ef, docs/format.md).
 """
 from __future__ import annotations
 
@@ -76,8 +78,13 @@ def load_bundle(path: str) -> dict:
                 own = f"{g}/{kind}_segments"
                 layer[f"{kind}_segments"] = (dataset(own).astype(np.int64).tolist() if own in f
                                              else spec[kind]["segments"])
+                # format 1.2: error-feedback tables, [kv_heads, d] order and [kv_heads, d, d] weights
+                if f"{g}/{kind}_ef_order" in f:
+                    layer[f"{kind}_ef"] = (dataset(f"{g}/{kind}_ef_order").astype(np.int64),
+                                           dataset(f"{g}/{kind}_ef_weights").astype(F32))
             layers.append(layer)
-    return {"spec": spec, "groups": groups, "layers": layers}
+        clip_feedback = bool(int(f.attrs["ef_clip_feedback"])) if "ef_clip_feedback" in f.attrs else True
+    return {"spec": spec, "groups": groups, "layers": layers, "ef_clip_feedback": clip_feedback}
 
 
 def read_safetensors(path: str) -> dict:
@@ -117,8 +124,12 @@ def load_export(directory: str) -> dict:
         for kind in ("k", "v"):
             own = t.get(f"layers.{l}.{kind}_segments")
             layer[f"{kind}_segments"] = own.astype(np.int64).tolist() if own is not None else spec[kind]["segments"]
+            if f"layers.{l}.{kind}_ef_order" in t:
+                layer[f"{kind}_ef"] = (t[f"layers.{l}.{kind}_ef_order"].astype(np.int64),
+                                       t[f"layers.{l}.{kind}_ef_weights"].astype(F32))
         layers.append(layer)
-    return {"spec": spec, "groups": manifest["rotation_groups"], "layers": layers}
+    clip_feedback = bool(t["ef_clip_feedback"][0]) if "ef_clip_feedback" in t else True
+    return {"spec": spec, "groups": manifest["rotation_groups"], "layers": layers, "ef_clip_feedback": clip_feedback}
 
 
 # ---------------------------------------------------------------------------------------------- write / read
@@ -176,6 +187,35 @@ def write_records(x: np.ndarray, r: np.ndarray, clip_ratio: np.float32, segments
         codes_out.append(np.packbits(bitplane.reshape(len(x), -1), axis=1, bitorder="little"))
         params_out.append(np.stack([scale16, zero16], axis=1).astype("<f2").view(np.uint8))
     return np.concatenate(codes_out + params_out, axis=1)
+
+
+def write_records_ef(x: np.ndarray, r: np.ndarray, clip_ratio: np.float32, order: np.ndarray,
+                     weights: np.ndarray, clip_feedback: bool) -> np.ndarray:
+    """Whole-head INT2 records [N, d/4 + 4] with error-feedback rounding (bundle format 1.2, docs/format.md): the
+    record format, scale and zero of write_records; the codes are chosen one coordinate at a time in `order`, and
+    each one's rounding error is pushed onto the coordinates not yet rounded with the stored weights (fp32, fma)."""
+    y = rotate(x.astype(F32), r)
+    yc = clip(y, clip_ratio)
+    lo, hi = yc.min(axis=1), yc.max(axis=1)
+    scale16 = ((hi - lo) / F32(3)).astype(np.float16)  # the RTN parameters of the clipped vector
+    zero16 = lo.astype(np.float16)
+    scale, zero = scale16.astype(F32), zero16.astype(F32)
+    w = (y if clip_feedback else yc).copy()  # the running target: clip feedback starts from the unclipped vector
+    codes = np.zeros(y.shape, dtype=np.uint8)
+    d = y.shape[1]
+    for k in range(d):
+        i = order[k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint((w[:, i] - zero) / scale)
+        code = np.where(scale == 0, 0, np.clip(q, 0, 3)).astype(np.uint8)
+        codes[:, i] = code
+        e = w[:, i] - (code.astype(F64) * scale.astype(F64) + zero.astype(F64)).astype(F32)  # w - fma(code, s, z)
+        rest = order[k + 1:]
+        w[:, rest] = ((-e).astype(F64)[:, None] * weights[k, k + 1:].astype(F64)[None, :]
+                      + w[:, rest].astype(F64)).astype(F32)  # fma(-e, weight, w), in ascending m
+    bitplane = (codes[:, :, None] >> np.arange(2, dtype=np.uint8)) & 1
+    packed = np.packbits(bitplane.reshape(len(x), -1), axis=1, bitorder="little")
+    return np.concatenate([packed, np.stack([scale16, zero16], axis=1).astype("<f2").view(np.uint8)], axis=1)
 
 
 def read_records(rec: np.ndarray, r: np.ndarray, segments, head_dim: int, rotated: bool = False) -> np.ndarray:
@@ -238,7 +278,12 @@ def main() -> int:
             recs, deqs, deq_of_ref = [], [], []
             for h in range(heads):
                 r = layer[f"{kind}_rotation"][0 if bundle["groups"] == 1 else h]
-                rec = write_records(x[h], r, layer[f"{kind}_clip"], segs)
+                if f"{kind}_ef" in layer:  # the table is per KV head, whatever the rotation grouping
+                    order, weights = layer[f"{kind}_ef"]
+                    rec = write_records_ef(x[h], r, layer[f"{kind}_clip"], order[h], weights[h],
+                                           bundle["ef_clip_feedback"])
+                else:
+                    rec = write_records(x[h], r, layer[f"{kind}_clip"], segs)
                 recs.append(rec)
                 deqs.append(read_records(rec, r, segs, d))
                 deq_of_ref.append(read_records(ref_rec[h], r, segs, d))
@@ -274,7 +319,8 @@ def main() -> int:
             param_mismatch += pbad
             worst_write, worst_read = max(worst_write, write_err), max(worst_read, read_err)
             worst_read_rel = max(worst_read_rel, read_err / max(1.0, float(np.abs(ref_deq).max())))
-            print(f"{name}: {heads}x{tokens} records of {rec.shape[2]} B ({'/'.join(map(str, bits_per_code))} bit), "
+            print(f"{name}: {heads}x{tokens} records of {rec.shape[2]} B ({'/'.join(map(str, bits_per_code))} bit"
+                  f"{', error feedback' if f'{kind}_ef' in layer else ''}), "
                   f"code mismatches {codes_bad}/{n_codes}, fp16 param mismatches {pbad}, "
                   f"write max|d| {write_err:.3g}, read-of-C++-record max|d| {read_err:.3g}")
     frac = code_mismatch / max(total_codes, 1)

@@ -27,6 +27,7 @@
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "lib/calib/error_feedback.h"
 #include "lib/calib/quantizer_ref.h"
 #include "oscar_version.h"
 
@@ -88,7 +89,8 @@ std::span<const std::byte> bytes_of(const std::vector<T>& v) {
 // checks itself against them): per layer and tensor, the first N tokens of a forward dump's post-RoPE K / V, the
 // record calib::HeadQuantizer writes for each (codes then fp16 params, formats/kv_layout.h), and its decode in
 // the rotated and the original basis. Every token is quantized here, sink/recent windows included: the windows
-// are a cache policy (bf16 rows), not part of the record format.
+// are a cache policy (bf16 rows), not part of the record format. A tensor with error-feedback tables (format 1.2)
+// gets the records the engine writes with them (calib::error_feedback_encode_record), not round-to-nearest ones.
 nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, const fs::path& dir) {
   if (o.golden_tokens <= 0) throw Error("--golden-tokens", "must be positive");
   auto dump = fmt::SafetensorsFile::open(o.golden_kv);
@@ -96,7 +98,7 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
   std::deque<std::vector<float>> floats;
   std::deque<std::vector<uint8_t>> records;
   std::vector<fmt::TensorToWrite> tensors;
-  int64_t heads = 0, tokens = 0;
+  int64_t heads = 0, tokens = 0, ef_tensors = 0;
   for (int64_t l = 0; l < L; ++l) {
     const auto& layer = b.layers[static_cast<size_t>(l)];
     const fmt::KvQuantSpec spec = fmt::layer_spec(b, static_cast<size_t>(l));
@@ -116,6 +118,12 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
       const calib::HeadQuantizer q(ts, d, name);
       const float clip = is_k ? layer.k_clip_ratio : layer.v_clip_ratio;
       const std::vector<float>& rot_all = is_k ? layer.k_rotation : layer.v_rotation;
+      const std::vector<int32_t>& ef_order = is_k ? layer.k_ef_order : layer.v_ef_order;
+      const std::vector<float>& ef_weights = is_k ? layer.k_ef_weights : layer.v_ef_weights;
+      if (!ef_order.empty() && heads != b.model.num_kv_heads)
+        throw Error(o.golden_kv + ":" + name, ::fmt::format("{} KV heads, the bundle's tables have {}", heads,
+                                                            b.model.num_kv_heads));
+      ef_tensors += ef_order.empty() ? 0 : 1;
       auto& x = floats.emplace_back(static_cast<size_t>(heads * tokens * d));
       auto& deq = floats.emplace_back(x.size());
       auto& deq_rot = floats.emplace_back(x.size());
@@ -128,7 +136,13 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
           const std::span<const float> src(all.data() + (h * t->shape[1] + i) * d, static_cast<size_t>(d));
           std::copy(src.begin(), src.end(), x.begin() + static_cast<std::ptrdiff_t>(row * d));
           const std::span<uint8_t> r(rec.data() + row * q.record_bytes(), static_cast<size_t>(q.record_bytes()));
-          q.encode(src, rot, clip, r);
+          if (ef_order.empty())
+            q.encode(src, rot, clip, r);
+          else
+            calib::error_feedback_encode_record(
+                src, rot, clip, 2, std::span<const int32_t>(ef_order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
+                std::span<const float>(ef_weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)),
+                b.ef_clip_feedback, r);
           q.decode(r, rot, calib::Basis::Original, std::span<float>(deq.data() + row * d, static_cast<size_t>(d)));
           q.decode(r, rot, calib::Basis::Rotated, std::span<float>(deq_rot.data() + row * d, static_cast<size_t>(d)));
         }
@@ -146,9 +160,12 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
                           {"source", o.golden_kv},
                           {"layout", "layers.L.{k,v}.x [kv_heads, T, d] f32 input (original basis); .record u8: "
                                      "codes (LSB-first bitstream per segment) then fp16 (scale, zero) per segment; "
-                                     ".dequant / .dequant_rotated f32 decode in the original / rotated basis"}});
+                                     ".dequant / .dequant_rotated f32 decode in the original / rotated basis"},
+                          {"error_feedback", "records of a tensor with layers.L.{k,v}_ef_order / _ef_weights are "
+                                             "written with error-feedback rounding (docs/format.md), the others "
+                                             "round to nearest"}});
   return {{"file", path.filename().string()}, {"sha256", fmt::sha256_file(path)}, {"source", o.golden_kv},
-          {"kv_heads", heads}, {"tokens", tokens}};
+          {"kv_heads", heads}, {"tokens", tokens}, {"error_feedback_tensors", ef_tensors}};
 }
 
 int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "formats/error.h"
+#include "formats/kv_layout.h"
 
 namespace oscar::calib {
 namespace {
@@ -178,6 +180,24 @@ IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio
     }
   }
   return p;
+}
+
+void error_feedback_encode_record(std::span<const float> x, std::span<const float> rotation, float clip_ratio,
+                                  int32_t bits, std::span<const int32_t> order, std::span<const float> weights,
+                                  bool clip_feedback, std::span<uint8_t> record) {
+  const auto d = static_cast<int32_t>(x.size());
+  const auto code_bytes = static_cast<size_t>(fmt::packed_bytes(d, bits));
+  if (record.size() != code_bytes + 4)
+    throw Error("error_feedback_encode_record",
+                ::fmt::format("record of {} bytes, a whole-head {}-bit record of {} values has {}", record.size(), bits,
+                              d, code_bytes + 4));
+  std::vector<float> y(x.size());
+  rotate(x, rotation, y);
+  std::vector<uint8_t> codes(x.size());
+  const IntParams p = error_feedback_codes_stored(y, clip_ratio, bits, order, weights, clip_feedback, codes);
+  pack_codes(codes, bits, record.first(code_bytes));
+  std::memcpy(record.data() + code_bytes, &p.scale_f16, 2);
+  std::memcpy(record.data() + code_bytes + 2, &p.zero_f16, 2);
 }
 
 }  // namespace oscar::calib

@@ -79,6 +79,14 @@ IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio
                                       std::span<const int32_t> order, std::span<const float> weights,
                                       bool clip_feedback, std::span<uint8_t> codes);
 
+// The whole-head record (formats/kv_layout.h: the layout HeadQuantizer writes for one `bits`-wide segment [0, d) —
+// packed codes, then fp16 scale and zero) of x (original basis, d floats) written with a stored table: the bytes
+// every error-feedback writer stores. rotation row-major [d, d] or empty (identity); record holds
+// fmt::packed_bytes(d, bits) + 4 bytes. Throws oscar::Error on size mismatches.
+void error_feedback_encode_record(std::span<const float> x, std::span<const float> rotation, float clip_ratio,
+                                  int32_t bits, std::span<const int32_t> order, std::span<const float> weights,
+                                  bool clip_feedback, std::span<uint8_t> record);
+
 // error_feedback_fake_quantize with a stored table: quantize-dequantize `rows` head vectors x [rows, d] (original
 // basis) through rotation (row-major [d, d] or empty), clip and error_feedback_codes_stored; x and out may alias.
 void error_feedback_fake_quantize_stored(std::span<const float> x, int64_t rows, std::span<const float> rotation,

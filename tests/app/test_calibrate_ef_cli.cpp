@@ -3,9 +3,17 @@
 // repeat runs give the same bytes, off writes a 1.1 bundle without any new key, and bad values are clear errors.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
 #include "calibrate_cli_fixture.h"
 #include "formats/bundle.h"
+#include "formats/safetensors.h"
 #include "lib/calib/ef_calibration.h"
+#include "lib/calib/error_feedback.h"
+#include "lib/calib/quantizer_ref.h"
 #include "run_oscar.h"
 #include "test_support.h"
 
@@ -128,6 +136,107 @@ TEST_F(CalibrateEfCli, BadValuesAreClearErrors) {
     EXPECT_NE(r.err.find(flag), std::string::npos) << r.err;
     EXPECT_FALSE(fs::exists(out));
   }
+}
+
+// `export --golden-kv` is what a serving team checks its own writer against: for a bundle with tables its records
+// must be the error-feedback ones the engine writes (not round-to-nearest), and scripts/serving_example.py (the
+// docs/serving.md example) must reproduce them.
+class CalibrateEfGolden : public CalibrateEfCli {
+ protected:
+  void SetUp() override {
+    CalibrateEfCli::SetUp();
+    if (IsSkipped()) return;
+    ASSERT_EQ(run_oscar(args(dir_ / "kv.oscar", {})).exit_code, 0);
+    ASSERT_EQ(run_oscar(args(dir_ / "off.oscar", {"--error-feedback", "off"})).exit_code, 0);
+    const RunResult fwd = run_oscar({"forward", "--model", model_, "--prompt",
+                                     "Once upon a time there was a little girl named Lily. She loved to play outside "
+                                     "in the sun with her dog and her big red ball.",
+                                     "--dump", (dir_ / "kv.safetensors").string(), "--top", "1"});
+    ASSERT_EQ(fwd.exit_code, 0) << fwd.err;
+    for (const char* name : {"kv", "off"}) {
+      const RunResult ex = run_oscar({"export", (dir_ / (std::string(name) + ".oscar")).string(), "--format",
+                                      "safetensors", "--golden-kv", (dir_ / "kv.safetensors").string(),
+                                      "--golden-tokens", "24", "--out", (dir_ / (std::string("st-") + name)).string()});
+      ASSERT_EQ(ex.exit_code, 0) << ex.err;
+    }
+  }
+};
+
+TEST_F(CalibrateEfGolden, RecordsAreTheErrorFeedbackWritersAndDifferFromRtn) {
+  const fmt::Bundle kv = fmt::read_bundle(dir_ / "kv.oscar");
+  const fmt::Bundle off = fmt::read_bundle(dir_ / "off.oscar");
+  ASSERT_TRUE(fmt::has_error_feedback(kv));
+  const auto manifest = nlohmann::json::parse(slurp(dir_ / "st-kv" / "manifest.json"));
+  EXPECT_EQ(manifest["golden"]["error_feedback_tensors"], 2 * kv.layers.size());
+  const auto g_kv = fmt::SafetensorsFile::open(dir_ / "st-kv" / "int2_golden.safetensors");
+  const auto g_off = fmt::SafetensorsFile::open(dir_ / "st-off" / "int2_golden.safetensors");
+  const int64_t d = kv.quant.head_dim;
+  int64_t records = 0, differ_from_rtn = 0;
+  for (size_t l = 0; l < kv.layers.size(); ++l)
+    for (const bool keys : {true, false}) {
+      const std::string name = "layers." + std::to_string(l) + (keys ? ".k" : ".v");
+      const fmt::TensorView* x = g_kv->find(name + ".x");
+      const fmt::TensorView* rec = g_kv->find(name + ".record");
+      const fmt::TensorView* rtn = g_off->find(name + ".record");
+      ASSERT_TRUE(x && rec && rtn) << name;
+      ASSERT_EQ(rec->nbytes, rtn->nbytes) << name;  // same record format: the tables change codes, not layout
+      const std::vector<float> xs = fmt::to_f32(*x);
+      const fmt::LayerCalibration& lc = kv.layers[l];
+      const fmt::LayerCalibration& lo = off.layers[l];
+      EXPECT_EQ(keys ? lc.k_rotation : lc.v_rotation, keys ? lo.k_rotation : lo.v_rotation);  // tables come after
+      const auto& order = keys ? lc.k_ef_order : lc.v_ef_order;
+      const auto& weights = keys ? lc.k_ef_weights : lc.v_ef_weights;
+      const auto& rot = keys ? lc.k_rotation : lc.v_rotation;
+      const float clip = keys ? lc.k_clip_ratio : lc.v_clip_ratio;
+      const int64_t heads = x->dim(0), tokens = x->dim(1), rb = rec->dim(2);
+      const calib::HeadQuantizer q(keys ? kv.quant.k : kv.quant.v, d, name);
+      std::vector<uint8_t> want(static_cast<size_t>(rb)), plain(static_cast<size_t>(rb));
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = kv.rotation_groups == 1 ? 0 : h;
+        const std::span<const float> r(rot.data() + g * d * d, static_cast<size_t>(d * d));
+        for (int64_t t = 0; t < tokens; ++t) {
+          const std::span<const float> xv(xs.data() + (h * tokens + t) * d, static_cast<size_t>(d));
+          calib::error_feedback_encode_record(
+              xv, r, clip, 2, std::span<const int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
+              std::span<const float>(weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)),
+              kv.ef_clip_feedback, want);
+          q.encode(xv, r, clip, plain);
+          const size_t at = static_cast<size_t>((h * tokens + t) * rb);
+          const auto* got = reinterpret_cast<const uint8_t*>(rec->data) + at;
+          const auto* got_rtn = reinterpret_cast<const uint8_t*>(rtn->data) + at;
+          EXPECT_EQ(std::memcmp(got, want.data(), want.size()), 0) << name << " head " << h << " token " << t;
+          EXPECT_EQ(std::memcmp(got_rtn, plain.data(), plain.size()), 0) << name << " head " << h << " token " << t;
+          // Same scale/zero (the last 4 bytes) either way; codes may differ.
+          EXPECT_EQ(std::memcmp(got + rb - 4, got_rtn + rb - 4, 4), 0) << name;
+          differ_from_rtn += std::memcmp(got, got_rtn, static_cast<size_t>(rb - 4)) != 0;
+          ++records;
+        }
+      }
+    }
+  EXPECT_GT(differ_from_rtn, records / 10) << "error feedback changed the codes of too few records";
+}
+
+TEST_F(CalibrateEfGolden, ServingExampleReproducesThem) {
+  const fs::path script = test_data_dir() / ".." / ".." / "scripts" / "serving_example.py";
+  std::string python;  // any interpreter with numpy (a pyenv python3 on PATH may lack Debian's python3-numpy)
+  for (const char* candidate : {"python3", "/usr/bin/python3"})
+    if (std::system((std::string(candidate) + " -c 'import numpy' >/dev/null 2>&1").c_str()) == 0) {
+      python = candidate;
+      break;
+    }
+  if (python.empty()) GTEST_SKIP() << "no python3 with numpy";
+  const std::string golden = (dir_ / "st-kv" / "int2_golden.safetensors").string();
+  const std::string ok = python + " " + script.string() + " --export " + (dir_ / "st-kv").string() + " --golden " +
+                         golden + " > " + (dir_ / "example.txt").string() + " 2>&1";
+  EXPECT_EQ(std::system(ok.c_str()), 0) << slurp(dir_ / "example.txt");
+  const std::string out = slurp(dir_ / "example.txt");
+  EXPECT_NE(out.find("error feedback"), std::string::npos) << out;
+  EXPECT_NE(out.find("code mismatches 0/"), std::string::npos) << out;
+  // Negative control: the tables' records are not what a round-to-nearest writer produces, so checking the RTN
+  // bundle's export against them must fail.
+  const std::string bad = python + " " + script.string() + " --export " + (dir_ / "st-off").string() + " --golden " +
+                          golden + " > " + (dir_ / "bad.txt").string() + " 2>&1";
+  EXPECT_NE(std::system(bad.c_str()), 0) << slurp(dir_ / "bad.txt");
 }
 
 }  // namespace
