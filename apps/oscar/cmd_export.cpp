@@ -272,6 +272,10 @@ nlohmann::json server_settings(const fmt::Bundle& b) {
               {"SGLANG_MIXED_KV_RECENT_TOKENS", std::to_string(b.quant.recent_tokens)},
               {"SGLANG_MIXED_KV_HP_DTYPE", "bfloat16"}};
   s["args"] = {"--kv-cache-dtype", "int2", "--kv-cache-quant-group-size", std::to_string(b.quant.head_dim)};
+  if (fmt::has_error_feedback(b))
+    s["error_feedback"] = "not applied: the published server rounds to nearest, so it serves this bundle with the "
+                          "accuracy of `oscar calibrate --error-feedback off` (same rotations and clips; the tables "
+                          "change only which codes a writer picks)";
   return s;
 }
 
@@ -310,6 +314,8 @@ int export_sglang(const fmt::Bundle& b, const ExportOptions& o) {
   fmt::write_file_atomic(dir / "manifest.json", manifest.dump(2) + "\n");
   if (!manifest["server"]["supported"].get<bool>())
     spdlog::warn("{}", manifest["server"]["reason"].get<std::string>());
+  if (manifest["server"].contains("error_feedback"))
+    spdlog::warn("error-feedback tables: {}", manifest["server"]["error_feedback"].get<std::string>());
   std::printf("exported %lld layers to %s; convert with: python3 scripts/export/to_sglang_oscar.py %s --out DIR\n",
               static_cast<long long>(L), dir.string().c_str(), dir.string().c_str());
   return 0;

@@ -73,6 +73,14 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   const std::string manifest = slurp(dir_ / "exp" / "manifest.json");
   for (const char* name : {"\"layers.1.k_ef_order\"", "\"layers.1.v_ef_weights\"", "\"ef_clip_feedback\""})
     EXPECT_NE(manifest.find(name), std::string::npos) << name;
+  // The published server has no error-feedback writer: the export says so rather than let a team expect kv's KL.
+  const RunResult sg = run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "sglang-oscar", "--out",
+                                  (dir_ / "sg").string()});
+  ASSERT_EQ(sg.exit_code, 0) << sg.err;
+  const auto server = nlohmann::json::parse(slurp(dir_ / "sg" / "manifest.json"))["server"];
+  ASSERT_TRUE(server.contains("error_feedback")) << server.dump();
+  EXPECT_NE(server["error_feedback"].get<std::string>().find("--error-feedback off"), std::string::npos);
+  EXPECT_NE(sg.err.find("error-feedback tables: not applied"), std::string::npos) << sg.err;
 }
 
 TEST_F(CalibrateEfCli, OffWritesA11BundleAndKOnlyHasNoValueTables) {
