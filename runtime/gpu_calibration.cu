@@ -348,14 +348,7 @@ calib::HeadMoments GpuStatisticsCollector::head_moments(int64_t layer, int64_t k
 }
 
 std::vector<std::vector<double>> GpuStatisticsCollector::head_sigma_q() {
-  const calib::StatisticsShape& s = impl_->shape;
-  std::vector<std::vector<double>> out(static_cast<size_t>(s.num_layers));
-  for (int64_t l = 0; l < s.num_layers; ++l)
-    for (int64_t h = 0; h < s.num_kv_heads; ++h) {
-      const calib::HeadMoments m = head_moments(l, h);
-      out[static_cast<size_t>(l)].insert(out[static_cast<size_t>(l)].end(), m.sigma_q.begin(), m.sigma_q.end());
-    }
-  return out;
+  return calib::head_sigma_q(impl_->shape, [this](int64_t l, int64_t h) { return head_moments(l, h); });
 }
 
 calib::CalibrationMoments GpuStatisticsCollector::moments(bool per_head) {

@@ -487,15 +487,19 @@ CalibrationMoments group_moments(StatisticsCollector& stats, bool per_head) {
   return m;
 }
 
-std::vector<std::vector<double>> head_sigma_q(StatisticsCollector& stats) {
-  const StatisticsShape& s = stats.shape();
+std::vector<std::vector<double>> head_sigma_q(const StatisticsShape& s,
+                                              const std::function<HeadMoments(int64_t, int64_t)>& moments) {
   std::vector<std::vector<double>> out(static_cast<size_t>(s.num_layers));
   for (int64_t l = 0; l < s.num_layers; ++l)
     for (int64_t h = 0; h < s.num_kv_heads; ++h) {
-      const HeadMoments m = stats.head_moments(l, h);
-      out[l].insert(out[l].end(), m.sigma_q.begin(), m.sigma_q.end());
+      const HeadMoments m = moments(l, h);
+      out[static_cast<size_t>(l)].insert(out[static_cast<size_t>(l)].end(), m.sigma_q.begin(), m.sigma_q.end());
     }
   return out;
+}
+
+std::vector<std::vector<double>> head_sigma_q(StatisticsCollector& stats) {
+  return head_sigma_q(stats.shape(), [&](int64_t l, int64_t h) { return stats.head_moments(l, h); });
 }
 
 CalibrationSpectra solve_spectra(const CalibrationMoments& moments) {

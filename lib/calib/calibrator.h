@@ -174,6 +174,9 @@ struct CalibrationSpectra {
 CalibrationSpectra solve_spectra(const CalibrationMoments& moments);
 // Σ_Q per layer and KV head from the statistics, [layer][num_kv_heads · d · d] (CalibrationSpectra::head_sigma_q).
 std::vector<std::vector<double>> head_sigma_q(StatisticsCollector& stats);
+// The same from any collector's per-head moments (the GPU collector's, rt::GpuStatisticsCollector::head_sigma_q).
+std::vector<std::vector<double>> head_sigma_q(const StatisticsShape& shape,
+                                              const std::function<HeadMoments(int64_t layer, int64_t kv_head)>& moments);
 
 // ---- stages 3 and 4: rotations, held-out error report, clip tuning, provenance
 // `heldout_runner` runs data.heldout (any device; unused when data.heldout is empty).
