@@ -7,13 +7,15 @@
 // Only the rounding differs, and it is sequential over the d steps of the table's order: step k rounds coordinate
 // order[k] and feeds its error into every coordinate later in the order. A warp keeps a tile of M tokens of one KV
 // head in registers (lane l owns dims N*l .. N*l+N-1 of each token, as in the RTN writer) and runs the d steps for
-// all M tokens at once, so each weight row is read once per tile rather than once per token:
-//   1. the owner lane of order[k] hands token t's running target to lane t (M shuffles, static register index
-//      through a warp-uniform branch on the owner's slot, no local memory);
-//   2. lane t rounds it with token t's params (the RTN arithmetic) and keeps e_t = w - dequant; the code goes to a
-//      byte array in the warp's (now free) x tile;
-//   3. e_t is broadcast (M shuffles) and every lane applies fmaf(-e_t, weights[k][pos(c)], w_c) to each coordinate
-//      c it owns whose position pos(c) in the order is after k — once per step per coordinate, as the CPU loop.
+// all M tokens at once, so each weight row is read once per tile rather than once per token. The steps go in
+// blocks of kEfBlock:
+//   1. the owner lanes of the block's coordinates write their M tokens' running targets to shared memory (float4
+//      stores through a warp-uniform branch on the register slot), and lane t reads token t's B targets;
+//   2. lane t runs the block's B steps alone: round with token t's params (the RTN arithmetic), e = w - dequant,
+//      feed e into the block's later coordinates; codes go to a byte array in the warp's (now free) x tile and the
+//      negated errors to shared memory;
+//   3. every lane applies the block's B errors to each coordinate it owns, fmaf(-e, weights[k][pos(c)], w_c) in
+//      increasing k. Every coordinate thus gets its updates in the CPU loop's order, one fmaf each: bit-exact.
 // Then the code bytes are packed into the page rows (calib::pack_codes order). The blocks are laid out per KV head
 // (gridDim.y = heads), so the head's table is staged in shared memory once per block (d <= 128; at d = 256 the
 // 256 KiB table is read through L1/L2).
@@ -31,6 +33,8 @@ namespace oscar::kern::detail {
 
 // Half the RTN writer's warps: R and the weight table both sit in shared memory at d = 128 (2 x 64 KiB).
 inline constexpr int kInt2EfMaxWarps = 8;
+// Steps per block of the rounding loop (divides every supported head_dim).
+inline constexpr int kEfBlock = 8;
 
 template <int kHeadDim>
 struct Int2EfShape {
@@ -152,49 +156,77 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
       }
     }
 
-    // The x tile is free after the rotation: it holds one code byte per (token, dim) until the pack.
+    // The x tile is free after the rotation: its first quarter holds one code byte per (token, dim) until the pack,
+    // the rest stages one block of steps: `gathered` [B][M] (the running targets of the block's coordinates) and
+    // `neg_err` [B][M] (the negated errors the block feeds forward).
+    // Token rows of codes kCodeStride bytes apart: lanes t = 0..M-1 store to distinct banks.
+    constexpr int kCodeStride = kHeadDim + 4;
+    static_assert(M * kCodeStride + 2 * kEfBlock * M * 4 <= M * kHeadDim * 4, "the staging fits the x tile");
     uint8_t* codes = reinterpret_cast<uint8_t*>(xs);
+    float* gathered = xs + M * kCodeStride / 4;
+    float* neg_err = gathered + kEfBlock * M;
     __syncwarp();
+    // Steps go in blocks of kEfBlock (GPTQ's lazy batch, here without changing a single rounding): every coordinate
+    // still receives its updates one fmaf at a time in increasing step order, which is all the CPU loop fixes; only
+    // the interleaving across coordinates changes. Inside a block the sequential part runs on lane t alone (token
+    // t's B targets in registers, no shuffle on the critical path); the block's errors then reach every lane's
+    // coordinates in one batch of independent fmafs. Coordinates already rounded keep receiving (dead) updates: no
+    // predicate, and their weights are the table's zeros anyway.
 #pragma unroll 1
-    for (int k = 0; k < kHeadDim; ++k) {
-      const int i = order[k];  // smem broadcast
-      const int owner = i / N;
-      const int slot_j = i % N;
-      float mine = 0.f;
+    for (int k0 = 0; k0 < kHeadDim; k0 += kEfBlock) {
+      int coord[kEfBlock];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        if (j == slot_j) {  // warp-uniform
-#pragma unroll
-          for (int t = 0; t < M; ++t) {
-            const float w = __shfl_sync(0xffffffffu, acc[t][j], owner);
-            mine = lane == t ? w : mine;
-          }
-        }
-      }
-      // calib::int_codes + int_dequant on one element; scale 0 gives code 0 and dequant = zero.
-      float e = 0.f;
-      if (lane < M) {
-        float q = 0.f;
-        if (my_scale != 0.f) q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(mine, my_zero), my_scale)), 0.f), 3.f);
-        e = __fsub_rn(mine, fmaf(q, my_scale, my_zero));
-        codes[lane * kHeadDim + i] = static_cast<uint8_t>(q);
-      }
-      float wk[N];
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const bool later = pos[j] > k;
-        const float* src = wts + k * kHeadDim + pos[j];
-        if constexpr (Int2EfShape<kHeadDim>::kWInShared)
-          wk[j] = later ? *src : 0.f;
-        else
-          wk[j] = later ? __ldg(src) : 0.f;
-      }
-#pragma unroll
-      for (int t = 0; t < M; ++t) {
-        const float et = -__shfl_sync(0xffffffffu, e, t);
+      for (int s = 0; s < kEfBlock; ++s) {
+        coord[s] = order[k0 + s];  // smem broadcast
+        const int owner = coord[s] / N, slot_j = coord[s] % N;
 #pragma unroll
         for (int j = 0; j < N; ++j)
-          if (pos[j] > k) acc[t][j] = fmaf(et, wk[j], acc[t][j]);
+          if (j == slot_j && lane == owner) {  // j == slot_j is warp-uniform: static register index
+#pragma unroll
+            for (int q = 0; q < M / 4; ++q)
+              reinterpret_cast<float4*>(gathered + s * M)[q] =
+                  make_float4(acc[4 * q][j], acc[4 * q + 1][j], acc[4 * q + 2][j], acc[4 * q + 3][j]);
+          }
+      }
+      __syncwarp();
+      if (lane < M) {
+        float w[kEfBlock];
+#pragma unroll
+        for (int s = 0; s < kEfBlock; ++s) w[s] = gathered[s * M + lane];
+#pragma unroll
+        for (int s = 0; s < kEfBlock; ++s) {
+          // calib::int_codes + int_dequant on one element; scale 0 gives code 0 and dequant = zero.
+          float q = 0.f;
+          if (my_scale != 0.f) q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(w[s], my_zero), my_scale)), 0.f), 3.f);
+          const float ne = -__fsub_rn(w[s], fmaf(q, my_scale, my_zero));
+          codes[lane * kCodeStride + coord[s]] = static_cast<uint8_t>(q);
+          neg_err[s * M + lane] = ne;
+          const float* row = wts + (k0 + s) * kHeadDim + k0;
+#pragma unroll
+          for (int s2 = s + 1; s2 < kEfBlock; ++s2) w[s2] = fmaf(ne, row[s2], w[s2]);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int s = 0; s < kEfBlock; ++s) {
+        float wk[N];
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float* src = wts + (k0 + s) * kHeadDim + pos[j];
+          if constexpr (Int2EfShape<kHeadDim>::kWInShared)
+            wk[j] = *src;
+          else
+            wk[j] = __ldg(src);
+        }
+#pragma unroll
+        for (int q = 0; q < M / 4; ++q) {
+          const float4 e4 = reinterpret_cast<const float4*>(neg_err + s * M)[q];  // broadcast
+          const float e[4] = {e4.x, e4.y, e4.z, e4.w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int j = 0; j < N; ++j) acc[4 * q + u][j] = fmaf(e[u], wk[j], acc[4 * q + u][j]);
+        }
       }
     }
     __syncwarp();
@@ -207,7 +239,7 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
           __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_block), t));
       const int32_t offset = __shfl_sync(0xffffffffu, my_offset, t);
       if (block) {
-        const uint8_t* src = codes + t * kHeadDim + 16 * w;
+        const uint8_t* src = codes + t * kCodeStride + 16 * w;
         uint32_t bits = 0;
 #pragma unroll
         for (int q = 0; q < 16; ++q) bits |= static_cast<uint32_t>(src[q]) << (2 * q);
