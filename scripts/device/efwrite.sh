@@ -6,6 +6,7 @@
 #          kernel, whose rotation/clip code the EF kernel now shares) + EngineEf* (qwen3-tiny: CPU calibration,
 #          prefill records bit-exact vs kv_write_ref with tables, GPU eval vs CPU simulation with tables)
 #   ~50 s  kv_write_bench 32K qwen3-8b with the prefill: tiled / radix / legacy / ef kv_write, % of prefill
+#   ~10 s  kv_write_bench at decode size (8 INT2 tokens per call): per-launch latency, tiled vs ef
 #   ~40 s  compute-sanitizer memcheck (KvWriteEfGpu d = 128) + racecheck (its smaller test)
 # Needs: $BIN (bin/ + lib/), fixtures at /work/shared/fixtures, $OUT, cwd = repo. Optional arg "ncu": profile one
 #   EF call (layer 0 V) into ncu_efwrite_32k.txt (+~30 s).
@@ -28,6 +29,10 @@ timeout 240 "$BIN/bin/test_gpu" --gtest_filter='*KvWriteEfGpu*:*KvWriteInt2Gpu*:
 
 timeout 150 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq 32768 --impl all \
   2>&1 | tee "$OUT/efwrite_bench.log" || status=1
+# A decode step's write: 8 new INT2 tokens per call (seq 72 = sink 64 + 8), so "one INT2 call" is the per-launch
+# latency every decode step pays per layer and tensor (staging R and the table included).
+timeout 60 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq 72 --skip-prefill --write-iters 50 \
+  --impl all 2>&1 | tee "$OUT/efwrite_bench_decode.log" || status=1
 
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ "${1:-}" = ncu ] || NCU=
@@ -54,5 +59,5 @@ if [ -n "$CS" ]; then
 fi
 
 grep -hE "PASSED|FAILED|EF oscar|kv_write alone|one INT2|prefill|RESULT" "$OUT"/efwrite_test_gpu.log \
-  "$OUT"/efwrite_bench.log > "$OUT/efwrite_summary.txt" || true
+  "$OUT"/efwrite_bench.log "$OUT"/efwrite_bench_decode.log > "$OUT/efwrite_summary.txt" || true
 exit $status
