@@ -146,8 +146,13 @@ struct Engine::Impl {
         p.ef_order = order ? order->as<int32_t>() : nullptr;
         p.ef_weights = order ? ef_table(value ? v_ef_weights : k_ef_weights, layer)->as<float>() : nullptr;
         p.ef_clip_feedback = format.ef_clip_feedback;
-        const bool seg = !k_geo.empty();
-        p.geometry = seg ? &(value ? v_geo : k_geo)[static_cast<size_t>(layer)] : nullptr;
+        // A whole-head INT2 tensor of a segmented format has pages byte-identical to INT2 pages (the decode side
+        // relies on the same identity), so the INT2 writer fills them: with its tables when the tensor has some,
+        // which the segmented writer has no error-feedback rounding for.
+        const fmt::SegmentedPageGeometry* geo =
+            k_geo.empty() ? nullptr : &(value ? v_geo : k_geo)[static_cast<size_t>(layer)];
+        const bool seg = geo != nullptr && !(geo->num_segments == 1 && geo->seg_bits[0] == 2);
+        p.geometry = seg ? geo : nullptr;
         const kern::KvWriteMode mode = format.fp8() ? kern::KvWriteMode::Fp8
                                        : seg        ? kern::KvWriteMode::Segmented
                                                     : kern::KvWriteMode::Int2;

@@ -74,8 +74,9 @@ struct CacheFormat {
   fmt::KvStorage quant_storage = fmt::KvStorage::Int;
   // oscar mode with bundle 1.2 error-feedback tables (issue #10), per layer as the bundle stores them: order
   // [num_kv_heads, d] and weights [num_kv_heads, d, d]; an empty entry (or an empty vector) = round to nearest. Only
-  // whole-head INT2 layers of a non-segmented format (resolve_cache_format refuses the rest); the INT2 write of
-  // those tensors then runs kern::kv_write's error-feedback writer, bit-exact with kv_write_ref.
+  // whole-head INT2 tensors (resolve_cache_format refuses the rest), also in a segmented format, whose pages for
+  // such a tensor are INT2 pages; their INT2 write runs kern::kv_write's error-feedback writer, bit-exact with
+  // kv_write_ref.
   std::vector<std::vector<int32_t>> k_ef_order, v_ef_order;
   std::vector<std::vector<float>> k_ef_weights, v_ef_weights;
   bool ef_clip_feedback = false;  // fmt::Bundle::ef_clip_feedback

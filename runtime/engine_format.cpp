@@ -248,9 +248,6 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
       check_ef_table(f.v_ef_order.back(), f.v_ef_weights.back(), f.v_segments.back(), cfg, lw + " V error feedback");
     }
     f.ef_clip_feedback = bundle->ef_clip_feedback;
-    if (f.error_feedback() && f.segmented())
-      throw Error(where, "error-feedback tables together with per-layer spectral layouts: the engine's segmented "
-                         "writer has no error-feedback rounding (whole-head INT2 bundles only)");
   }
   f.sink_tokens = sink_tokens.value_or(spec.sink_tokens);
   f.recent_tokens = recent_tokens.value_or(spec.recent_tokens);

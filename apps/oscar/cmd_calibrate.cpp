@@ -362,13 +362,6 @@ int run_calibrate(const CalibrateCliOptions& o) {
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const fmt::Bundle& b = result.bundle;
-  for (const auto& [key, value] : b.calibration.options)
-    if (key == "ef_skipped") {
-      warnings.push_back(::fmt::format("--error-feedback {}: no tables written: {} (the segmented page writer has no "
-                                       "error-feedback rounding, so the engine refuses tables beside them)",
-                                       o.error_feedback, value));
-      spdlog::warn("{}", warnings.back());
-    }
   const int64_t passes = opt.value_weighting == calib::ValueWeighting::QueryEnergy ? 2 : 1;
 
   if (o.json) {
@@ -394,8 +387,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
     for (const auto& [key, value] : b.calibration.options)
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
-          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables" ||
-          key == "ef_skipped")
+          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
     for (size_t l = 0; l < b.layers.size(); ++l)

@@ -702,30 +702,22 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     b.errors.num_layers = L;
   }
 
-  // ---- error-feedback tables (format 1.2), on the final layouts. Only for an all-whole-head-INT2 bundle: one
-  // segmented layer moves the whole cache to segmented pages, whose writer has no EF rounding, and the engine
-  // refuses tables beside them (tables on the whole-head layers alone would make a bundle only the CPU can run).
+  // ---- error-feedback tables (format 1.2), on the final layouts: every whole-head INT2 tensor gets one, segmented
+  // tensors keep RTN (the engine writes whole-head INT2 tensors with its INT2 writer also in segmented pages).
   if (opt.error_feedback.mode != ErrorFeedbackMode::Off) {
     const bool calibration_sigma = !spectra.head_sigma_q.empty();
     if (!calibration_sigma && heldout_sigma_q.empty())
       throw Error("--error-feedback", "needs the per-KV-head query moments: this device's statistics do not provide "
                                       "them, and there are no held-out sequences to take them from");
-    const std::vector<int64_t> segmented = segmented_layers(b);
-    const int64_t tables =
-        segmented.empty()
-            ? add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q, opt.error_feedback)
-            : 0;
+    const int64_t tables = add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q,
+                                                     opt.error_feedback);
     result_provenance.emplace_back("ef_key_metric", calibration_sigma ? "sigma_q" : "heldout_sigma_q");
     result_provenance.emplace_back("ef_tables", std::to_string(tables));
-    if (!segmented.empty())  // the CLI warns on this key
-      result_provenance.emplace_back("ef_skipped", ::fmt::format("segmented layouts on layers {}",
-                                                                 ::fmt::join(segmented, ",")));
     report += ::fmt::format("\nError-feedback rounding ({}, damp {:.6g}, clip feedback {}): tables for {} of {} "
-                            "layer tensors{}\n",
+                            "layer tensors (whole-head INT2 only)\n",
                             error_feedback_mode_name(opt.error_feedback.mode), opt.error_feedback.damp,
                             opt.error_feedback.clip_feedback ? "on" : "off", tables,
-                            opt.error_feedback.mode == ErrorFeedbackMode::KV ? 2 * L : L,
-                            segmented.empty() ? "" : " (none: the bundle has segmented layouts)");
+                            opt.error_feedback.mode == ErrorFeedbackMode::KV ? 2 * L : L);
   }
 
   // ---- provenance

@@ -64,14 +64,6 @@ bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys) {
   return (keys ? spec.k : spec.v).whole_head_int2(bundle.quant.head_dim);
 }
 
-std::vector<int64_t> segmented_layers(const fmt::Bundle& bundle) {
-  std::vector<int64_t> layers;
-  for (size_t l = 0; l < bundle.layers.size(); ++l)
-    if (!whole_head_int2(bundle, l, true) || !whole_head_int2(bundle, l, false))
-      layers.push_back(static_cast<int64_t>(l));
-  return layers;
-}
-
 int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<double>>& key_metrics,
                                   const ErrorFeedbackCalibration& opt) {
   if (opt.mode == ErrorFeedbackMode::Off) return 0;

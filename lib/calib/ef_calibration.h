@@ -51,9 +51,4 @@ int64_t add_error_feedback_tables(fmt::Bundle& bundle, const std::vector<std::ve
 // Whether the layer's K (keys) or V tensor is stored as one whole-head INT2 segment (what a table needs).
 bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys);
 
-// Layers with a K or V tensor that is not whole-head INT2, ascending. A bundle with any of them puts every layer in
-// segmented pages, whose writer has no error-feedback rounding, so the engine refuses tables next to them
-// (rt::resolve_cache_format): `oscar calibrate` writes no tables then rather than a bundle the engine cannot run.
-std::vector<int64_t> segmented_layers(const fmt::Bundle& bundle);
-
 }  // namespace oscar::calib

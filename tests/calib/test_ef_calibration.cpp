@@ -150,18 +150,3 @@ TEST(EfCalibration, TablesAreTheStoredFormOfRtMR) {
 
 }  // namespace
 }  // namespace oscar::calib
-
-namespace oscar::calib {
-namespace {
-
-TEST(EfCalibration, SegmentedLayersAreTheOnesWithAnyNonInt2Tensor) {
-  fmt::Bundle b = bundle_for(8, 2, 1, 4);
-  EXPECT_TRUE(segmented_layers(b).empty());
-  b.layers[2].k_segments = {{0, 4, 3}, {4, 8, 1}};
-  b.layers[0].v_segments = {{0, 8, 4}};  // one segment, but 4 bits: not whole-head INT2 either
-  b.layers[3].k_segments = {{0, 8, 2}};  // written out, yet exactly whole-head INT2
-  EXPECT_EQ(segmented_layers(b), (std::vector<int64_t>{0, 2}));
-}
-
-}  // namespace
-}  // namespace oscar::calib

@@ -148,6 +148,7 @@ std::vector<int32_t> prompt_ids(const fmt::Tokenizer& tok, size_t tokens) {
 // from the same bf16 K/V (a separate forward of the engine's own DeviceModel: the same kernels on the same ids).
 struct PoolPair {
   std::vector<uint8_t> engine, ref, ref_rtn;
+  bool segmented = false;  // a spectral (non-INT2) tensor of a mixed bundle: not compared here (EngineSpectral is)
 };
 std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bundle, const std::vector<int32_t>& prompt,
                                     int64_t& sink) {
@@ -181,6 +182,12 @@ std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bund
   for (int64_t l = 0; l < cfg.num_layers; ++l)
     for (const bool value : {false, true}) {
       PoolPair pp;
+      const auto& segs = (value ? f.v_segments : f.k_segments)[static_cast<size_t>(l)];
+      if (segs.size() != 1 || segs[0].bits != 2) {
+        pp.segmented = true;
+        out.push_back(std::move(pp));
+        continue;
+      }
       pp.engine.resize(pool_bytes);
       EXPECT_EQ(cudaMemcpy(pp.engine.data(), cache.int2_pool(l, value), pool_bytes, cudaMemcpyDeviceToHost),
                 cudaSuccess);
@@ -254,6 +261,31 @@ TEST_F(EngineEf, PrefillRecordsAreTheReferenceWritersBitForBit) {
     EXPECT_EQ(rtn[i].engine, rtn[i].ref_rtn) << "layer " << i / 2 << (i % 2 ? " V" : " K");
     EXPECT_EQ(rtn[i].engine.size(), ef[i].engine.size());
   }
+}
+
+// A spectral bundle whose layouts are mixed: layer 1's V is segmented (so the whole cache uses segmented pages), every
+// other tensor is whole-head INT2 with a table. The engine writes those with the INT2 writer into their (byte-identical)
+// segmented pages, tables applied: bit for bit kv_write_ref with the tables.
+TEST_F(EngineEf, MixedSpectralBundleWritesTablesOnItsWholeHeadTensors) {
+  fmt::Bundle mixed = *ef_;
+  mixed.layers[1].v_segments = {{0, 64, 4}, {64, 128, 0}};
+  mixed.layers[1].v_ef_order.clear();
+  mixed.layers[1].v_ef_weights.clear();
+  const std::vector<int32_t> prompt = prompt_ids(*tok_, 150);
+  int64_t sink = 0;
+  const auto pools = prefill_pools(*dir_, mixed, prompt, sink);
+  ASSERT_EQ(pools.size(), static_cast<size_t>(2 * cpu_->config().num_layers));
+  int compared = 0;
+  for (size_t i = 0; i < pools.size(); ++i) {
+    EXPECT_EQ(pools[i].segmented, i == 3) << i;
+    if (pools[i].segmented) continue;
+    const auto m = std::mismatch(pools[i].engine.begin(), pools[i].engine.end(), pools[i].ref.begin());
+    EXPECT_EQ(m.first, pools[i].engine.end()) << "layer " << i / 2 << (i % 2 ? " V" : " K")
+                                               << ": first differing byte " << (m.first - pools[i].engine.begin());
+    EXPECT_NE(pools[i].ref, pools[i].ref_rtn) << "layer " << i / 2 << (i % 2 ? " V" : " K");
+    ++compared;
+  }
+  EXPECT_EQ(compared, 2 * cpu_->config().num_layers - 1);
 }
 
 TEST_F(EngineEf, EvalMetricsMatchTheCpuSimulation) {

@@ -211,3 +211,44 @@ TEST(KvWriteRefEf, CanImplementRejectsTablesItCannotUse) {
 
 }  // namespace
 }  // namespace oscar
+
+namespace oscar {
+namespace {
+
+// rt::Engine writes a whole-head INT2 tensor of a segmented format (some other layer or tensor has a spectral
+// layout) with the INT2 writer, tables and all, into that tensor's segmented pages. That is only right when a
+// one-segment 2-bit page is byte for byte an INT2 page: the segmented reference writer and the INT2 one must fill
+// the same bytes (page size, code rows, params) for every token, clip and rotation.
+TEST(KvWriteRefEf, WholeHeadInt2SegmentedPagesAreInt2Pages) {
+  for (int d : {64, 128, 256}) {
+    const int heads = 3, tokens = 100;  // two pages, the second partly filled
+    const auto rot = test::random_rotation(d, 30 + d);
+    const auto x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 31 + d);
+    const fmt::SegmentedPageGeometry seg = fmt::segmented_page_geometry({{0, d, 2}}, d, 64);
+    ASSERT_EQ(seg.page_bytes(), (fmt::Int2PageGeometry{d, 64}.page_bytes())) << d;
+    for (float ratio : {1.0f, 0.92f}) {
+      const std::vector<uint8_t> int2 = ef_pool({d, heads, tokens, rot.data(), ratio, nullptr, false}, x);
+      std::vector<uint8_t> pool(int2.size(), 0xab);
+      std::vector<int32_t> slots(static_cast<size_t>(tokens));
+      for (int t = 0; t < tokens; ++t) slots[static_cast<size_t>(t)] = t;
+      kern::KvWriteParams p;
+      p.x = x.data();
+      p.tokens = tokens;
+      p.token_stride = static_cast<int64_t>(heads) * d;
+      p.num_kv_heads = heads;
+      p.head_dim = d;
+      p.page_tokens = 64;
+      p.rotation = rot.data();
+      p.clip_ratio = ratio;
+      p.slots = slots.data();
+      p.int2_pool = pool.data();
+      p.geometry = &seg;
+      ASSERT_EQ(kern::kv_write_can_implement(p, kern::KvWriteMode::Segmented), kern::Status::Ok);
+      kern::kv_write_ref(p, kern::KvWriteMode::Segmented);
+      EXPECT_EQ(pool, int2) << "d " << d << " clip " << ratio;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace oscar

@@ -99,9 +99,15 @@ TEST(EngineEfFormat, UnusableTablesAreRefusedNamingLayerAndTensor) {
   b.layers[0].k_segments = {{0, 64, 4}, {64, 128, 2}};
   EXPECT_NE(message_of(b).find("whole-head INT2"), std::string::npos) << message_of(b);
 
-  b = good;  // a table next to another layer's spectral layout: the segmented writer has no EF rounding
+  b = good;  // a table next to another layer's spectral layout: accepted, the tabled tensor is whole-head INT2
   b.layers[1].v_segments = {{0, 64, 2}, {64, 128, 1}};
-  EXPECT_NE(message_of(b).find("segmented"), std::string::npos) << message_of(b);
+  b.layers[1].v_ef_order.clear();
+  b.layers[1].v_ef_weights.clear();
+  EXPECT_EQ(message_of(b), "");
+  const CacheFormat mixed = resolve_cache_format(config(), CacheMode::Oscar, &b, {}, {}, "w");
+  EXPECT_TRUE(mixed.segmented());  // the cache uses segmented pages; engine.cu writes layer 0 K with the INT2 writer
+  EXPECT_TRUE(mixed.error_feedback());
+  EXPECT_FALSE(mixed.k_ef_order[0].empty());
 
   EXPECT_EQ(message_of(good), "");
 }
