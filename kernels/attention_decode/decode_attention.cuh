@@ -653,6 +653,38 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   return y;
 }
 
+// Oᵀ += Vᵀ·Pᵀ for one 16-token tile of the INT2 kernel: this lane's V code bytes (dims g·d/8 .. (g+1)·d/8) of
+// tokens tok[0..3], which are the value MMA's k = 2c, 2c+1, 2c+8, 2c+9 in the order the P fragments pb0 / pb1 were
+// built (the narrow and the wide score layouts order the tile's tokens differently), dequantized in the MMA: rows g,
+// g+8 of m-tile mt = 4ch + e2 are lane dims 8ch + 2e2 (+1).
+template <int kHeadDim, class Tile>
+__device__ __forceinline__ void value_tile_mma(float (&o)[kHeadDim / 16][4], const uint8_t* tile, int g,
+                                               const int (&tok)[4], uint32_t pb0, uint32_t pb1) {
+  constexpr int kVBytes = kHeadDim / 32;   // V code bytes per lane and token (lane owns d/8 dims)
+  constexpr int kVChunks = kHeadDim / 64;  // 16-bit (8-dim) V chunks per lane and token
+  uint32_t vw[4][(kVChunks + 1) / 2];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint8_t* src = tile + Tile::kVCodes + tok[q] * Tile::kRowBytes + g * kVBytes;
+    if constexpr (kVBytes == 2) {
+      vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
+    } else {
+      lds_words<kVBytes / 4>(src, vw[q]);
+    }
+  }
+#pragma unroll
+  for (int ch = 0; ch < kVChunks; ++ch) {
+    const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
+    const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens tok[0] | tok[1]
+    const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens tok[2] | tok[3]
+    const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2)
+      mma_f16_16816(o[4 * ch + e2], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
+                    code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
+  }
+}
+
 // kNarrow (groups of at most 4 query heads, fused launch only): S is computed transposed, Sᵀ = K·Qᵀ, with the 16
 // tokens of a tile as MMA rows and 8 columns = the group's (up to 4) heads' fp16 hi parts, then their lo parts.
 // The default layout puts heads on the 16 rows (8 hi + 8 lo), so at group <= 4 half its rows are empty and a
@@ -666,8 +698,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   using Tile = Int2TileSmem<kHeadDim>;
   constexpr int kKSteps = kHeadDim / 16;   // k-steps of Q·Kᵀ = m-tiles of Vᵀ·Pᵀ
   constexpr int kKWords = kHeadDim / 64;   // 32-bit K code words per lane and token (lane owns d/4 dims)
-  constexpr int kVBytes = kHeadDim / 32;   // V code bytes per lane and token (lane owns d/8 dims)
-  constexpr int kVChunks = kHeadDim / 64;  // 16-bit (8-dim) V chunks per lane and token
   constexpr int kMaxGroup = 8;
   constexpr int kPartWarps = kDecodeWarps + (kFused ? 1 : 0);  // + the window's partial
   extern __shared__ __align__(16) uint8_t smem[];
@@ -935,30 +965,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         // with the tile's tokens in natural order as k.
         const uint32_t pb0 = movmatrix_trans(p_rows[0]);
         const uint32_t pb1 = movmatrix_trans(p_rows[1]);
-        uint32_t vw[4][(kVChunks + 1) / 2];  // tokens 2c, 2c+1, 2c+8, 2c+9
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int tok = 2 * c + (q & 1) + 8 * (q >> 1);
-          const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
-          if constexpr (kVBytes == 2) {
-            vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
-          } else {
-            lds_words<kVBytes / 4>(src, vw[q]);
-          }
-        }
-#pragma unroll
-        for (int ch = 0; ch < kVChunks; ++ch) {
-          const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
-          const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens 2c | 2c+1
-          const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 2c+8 | 2c+9
-          const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
-#pragma unroll
-          for (int e2 = 0; e2 < 4; ++e2) {
-            const int mt = 4 * ch + e2;
-            mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
-                          code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
-          }
-        }
+        const int toks[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
+        value_tile_mma<kHeadDim, Tile>(o, tile, g, toks, pb0, pb1);
       }
       __syncwarp();
     }
@@ -1086,30 +1094,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const uint32_t pb0 = pack_half2(pv[0], pv[1]);  // PV k = 2c, 2c+1: tokens c, c+4
         const uint32_t pb1 = pack_half2(pv[2], pv[3]);  // k = 2c+8, 2c+9: tokens 8+c, 12+c
         // V code bytes of this lane's dims [g·d/8, (g+1)·d/8) for tokens c, c+4, 8+c, 12+c, paired by token.
-        uint32_t vw[4][(kVChunks + 1) / 2];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
-          const uint8_t* src = tile + Tile::kVCodes + tok * Tile::kRowBytes + g * kVBytes;
-          if constexpr (kVBytes == 2) {
-            vw[q][0] = *reinterpret_cast<const uint16_t*>(src);
-          } else {
-            lds_words<kVBytes / 4>(src, vw[q]);
-          }
-        }
-#pragma unroll
-        for (int ch = 0; ch < kVChunks; ++ch) {
-          const uint32_t sel = (ch & 1) ? 0x7632u : 0x5410u;
-          const uint32_t y0 = __byte_perm(vw[0][ch / 2], vw[1][ch / 2], sel);  // tokens c | c+4
-          const uint32_t y1 = __byte_perm(vw[2][ch / 2], vw[3][ch / 2], sel);  // tokens 8+c | 12+c
-          const uint32_t y0s = y0 >> 6, y1s = y1 >> 6;
-#pragma unroll
-          for (int e2 = 0; e2 < 4; ++e2) {
-            const int mt = 4 * ch + e2;  // rows g, g+8 of m-tile mt are lane dims 2mt, 2mt+1 = 8ch + 2e2 (+1)
-            mma_f16_16816(o[mt], code_pair(y0, y0s, 2 * e2), code_pair(y0, y0s, 2 * e2 + 1),
-                          code_pair(y1, y1s, 2 * e2), code_pair(y1, y1s, 2 * e2 + 1), pb0, pb1);
-          }
-        }
+        const int toks[4] = {c, c + 4, 8 + c, 12 + c};
+        value_tile_mma<kHeadDim, Tile>(o, tile, g, toks, pb0, pb1);
       }
       __syncwarp();  // the slot just read is refilled by the next iteration's issue_stage
     }

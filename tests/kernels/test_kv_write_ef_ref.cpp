@@ -27,6 +27,7 @@ struct EfCase {
   float ratio = 1.0f;
   const test::EfTables* tables = nullptr;
   bool clip_feedback = false;
+  const fmt::SegmentedPageGeometry* geometry = nullptr;  // set: KvWriteMode::Segmented into these pages
 };
 
 std::vector<uint8_t> ef_pool(const EfCase& c, const std::vector<uint16_t>& x) {
@@ -51,7 +52,10 @@ std::vector<uint8_t> ef_pool(const EfCase& c, const std::vector<uint16_t>& x) {
     p.ef_weights = c.tables->weights.data();
     p.ef_clip_feedback = c.clip_feedback;
   }
-  kern::kv_write_ref(p, kern::KvWriteMode::Int2);
+  p.geometry = c.geometry;
+  const kern::KvWriteMode mode = c.geometry ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2;
+  EXPECT_EQ(kern::kv_write_can_implement(p, mode), kern::Status::Ok);
+  kern::kv_write_ref(p, mode);
   return pool;
 }
 
@@ -228,23 +232,7 @@ TEST(KvWriteRefEf, WholeHeadInt2SegmentedPagesAreInt2Pages) {
     ASSERT_EQ(seg.page_bytes(), (fmt::Int2PageGeometry{d, 64}.page_bytes())) << d;
     for (float ratio : {1.0f, 0.92f}) {
       const std::vector<uint8_t> int2 = ef_pool({d, heads, tokens, rot.data(), ratio, nullptr, false}, x);
-      std::vector<uint8_t> pool(int2.size(), 0xab);
-      std::vector<int32_t> slots(static_cast<size_t>(tokens));
-      for (int t = 0; t < tokens; ++t) slots[static_cast<size_t>(t)] = t;
-      kern::KvWriteParams p;
-      p.x = x.data();
-      p.tokens = tokens;
-      p.token_stride = static_cast<int64_t>(heads) * d;
-      p.num_kv_heads = heads;
-      p.head_dim = d;
-      p.page_tokens = 64;
-      p.rotation = rot.data();
-      p.clip_ratio = ratio;
-      p.slots = slots.data();
-      p.int2_pool = pool.data();
-      p.geometry = &seg;
-      ASSERT_EQ(kern::kv_write_can_implement(p, kern::KvWriteMode::Segmented), kern::Status::Ok);
-      kern::kv_write_ref(p, kern::KvWriteMode::Segmented);
+      const std::vector<uint8_t> pool = ef_pool({d, heads, tokens, rot.data(), ratio, nullptr, false, &seg}, x);
       EXPECT_EQ(pool, int2) << "d " << d << " clip " << ratio;
     }
   }
