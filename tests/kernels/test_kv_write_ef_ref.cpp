@@ -27,6 +27,7 @@ struct EfCase {
   float ratio = 1.0f;
   const test::EfTables* tables = nullptr;
   bool clip_feedback = false;
+  const fmt::SegmentedPageGeometry* geometry = nullptr;  // set: KvWriteMode::Segmented into these pages
 };
 
 std::vector<uint8_t> ef_pool(const EfCase& c, const std::vector<uint16_t>& x) {
@@ -51,7 +52,10 @@ std::vector<uint8_t> ef_pool(const EfCase& c, const std::vector<uint16_t>& x) {
     p.ef_weights = c.tables->weights.data();
     p.ef_clip_feedback = c.clip_feedback;
   }
-  kern::kv_write_ref(p, kern::KvWriteMode::Int2);
+  p.geometry = c.geometry;
+  const kern::KvWriteMode mode = c.geometry ? kern::KvWriteMode::Segmented : kern::KvWriteMode::Int2;
+  EXPECT_EQ(kern::kv_write_can_implement(p, mode), kern::Status::Ok);
+  kern::kv_write_ref(p, mode);
   return pool;
 }
 
@@ -207,6 +211,31 @@ TEST(KvWriteRefEf, CanImplementRejectsTablesItCannotUse) {
   p.ef_order = bad.order.data();
   p.ef_weights = bad.weights.data();
   EXPECT_THROW(kern::kv_write_ref(p, kern::KvWriteMode::Int2), Error);
+}
+
+}  // namespace
+}  // namespace oscar
+
+namespace oscar {
+namespace {
+
+// rt::Engine writes a whole-head INT2 tensor of a segmented format (some other layer or tensor has a spectral
+// layout) with the INT2 writer, tables and all, into that tensor's segmented pages. That is only right when a
+// one-segment 2-bit page is byte for byte an INT2 page: the segmented reference writer and the INT2 one must fill
+// the same bytes (page size, code rows, params) for every token, clip and rotation.
+TEST(KvWriteRefEf, WholeHeadInt2SegmentedPagesAreInt2Pages) {
+  for (int d : {64, 128, 256}) {
+    const int heads = 3, tokens = 100;  // two pages, the second partly filled
+    const auto rot = test::random_rotation(d, 30 + d);
+    const auto x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 31 + d);
+    const fmt::SegmentedPageGeometry seg = fmt::segmented_page_geometry({{0, d, 2}}, d, 64);
+    ASSERT_EQ(seg.page_bytes(), (fmt::Int2PageGeometry{d, 64}.page_bytes())) << d;
+    for (float ratio : {1.0f, 0.92f}) {
+      const std::vector<uint8_t> int2 = ef_pool({d, heads, tokens, rot.data(), ratio, nullptr, false}, x);
+      const std::vector<uint8_t> pool = ef_pool({d, heads, tokens, rot.data(), ratio, nullptr, false, &seg}, x);
+      EXPECT_EQ(pool, int2) << "d " << d << " clip " << ratio;
+    }
+  }
 }
 
 }  // namespace
