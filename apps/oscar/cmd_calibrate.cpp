@@ -387,7 +387,8 @@ int run_calibrate(const CalibrateCliOptions& o) {
     for (const auto& [key, value] : b.calibration.options)
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
-          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables")
+          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables" ||
+          key == "ef_heldout_k" || key == "ef_heldout_v")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
     for (size_t l = 0; l < b.layers.size(); ++l)

@@ -583,6 +583,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   if (spectral && data.heldout.size() < 2)
     throw Error("--heldout-seqs", "--method spectral needs at least 2 held-out sequences");
   std::vector<std::vector<double>> heldout_sigma_q;  // error feedback's key metric when spectra has none
+  std::vector<HeldoutLayer> heldout_layers;          // kept for the error-feedback tables' held-out score
   if (!data.heldout.empty()) {
     HeldoutCollector heldout(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
     const int64_t n = static_cast<int64_t>(data.heldout.size());
@@ -619,7 +620,8 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
       heldout_runner.run_sequence(data.heldout[i], outer);
       if (opt.progress) opt.progress("heldout", i + 1, n);
     }
-    const std::vector<HeldoutLayer> layers = heldout.finish();
+    heldout_layers = heldout.finish();
+    const std::vector<HeldoutLayer>& layers = heldout_layers;
     if (opt.error_feedback.mode != ErrorFeedbackMode::Off && spectra.head_sigma_q.empty())
       for (const HeldoutLayer& hl : layers) heldout_sigma_q.push_back(hl.sigma_q);
     const std::vector<std::vector<AttentionSequence>> clip_sequences =
@@ -711,13 +713,31 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
                                       "them, and there are no held-out sequences to take them from");
     const int64_t tables = add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q,
                                                      opt.error_feedback);
+    std::string heldout_line;
     result_provenance.emplace_back("ef_key_metric", calibration_sigma ? "sigma_q" : "heldout_sigma_q");
     result_provenance.emplace_back("ef_tables", std::to_string(tables));
+    // What they buy on the held-out sequences, in their own metrics (the error report above is RTN's).
+    if (tables > 0 && !heldout_layers.empty()) {
+      const ErrorFeedbackHeldout h = error_feedback_heldout_error(b, heldout_layers, opt.error_feedback.value_metrics);
+      std::string line;
+      if (h.k_layers > 0) {
+        result_provenance.emplace_back("ef_heldout_k", ::fmt::format("{:.6g}/{:.6g}", h.k_rtn, h.k_ef));
+        line += ::fmt::format("K relative logit MSE (Σ_Q) RTN {:.4g} -> EF {:.4g} ({:.2f}x)", h.k_rtn, h.k_ef,
+                              h.k_rtn > 0 ? h.k_ef / h.k_rtn : 0.0);
+      }
+      if (h.v_layers > 0) {
+        result_provenance.emplace_back("ef_heldout_v", ::fmt::format("{:.6g}/{:.6g}", h.v_rtn, h.v_ef));
+        line += ::fmt::format("{}V relative output MSE (Σ W_oᵀW_o) RTN {:.4g} -> EF {:.4g} ({:.2f}x)",
+                              line.empty() ? "" : "; ", h.v_rtn, h.v_ef, h.v_rtn > 0 ? h.v_ef / h.v_rtn : 0.0);
+      }
+      if (!line.empty()) heldout_line = "Held-out, mean over the tabled layers: " + line + "\n";
+    }
     report += ::fmt::format("\nError-feedback rounding ({}, damp {:.6g}, clip feedback {}): tables for {} of {} "
                             "layer tensors (whole-head INT2 only)\n",
                             error_feedback_mode_name(opt.error_feedback.mode), opt.error_feedback.damp,
                             opt.error_feedback.clip_feedback ? "on" : "off", tables,
                             opt.error_feedback.mode == ErrorFeedbackMode::KV ? 2 * L : L);
+    report += heldout_line;
   }
 
   // ---- provenance

@@ -115,4 +115,93 @@ int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<
   return tables;
 }
 
+namespace {
+
+// Σ_h Σ_t w_t eᵀ M_h e and Σ_h Σ_t w_t yᵀ M_h y of one tensor, RTN and EF, in the storage basis.
+struct TensorErrors {
+  double rtn = 0, ef = 0, energy = 0;
+};
+
+TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_t layer, bool keys,
+                           const std::vector<double>& metric_original, std::span<const double> weights_per_token) {
+  const int64_t d = data.head_dim, H = data.num_kv_heads, n = data.tokens;
+  const fmt::LayerCalibration& lc = b.layers[layer];
+  const std::vector<float>& rot = keys ? lc.k_rotation : lc.v_rotation;
+  const std::vector<int32_t>& order = keys ? lc.k_ef_order : lc.v_ef_order;
+  const std::vector<float>& table = keys ? lc.k_ef_weights : lc.v_ef_weights;
+  const float clip = keys ? lc.k_clip_ratio : lc.v_clip_ratio;
+  const std::vector<float>& x = keys ? data.k : data.v;
+  TensorErrors out;
+  std::vector<float> y(static_cast<size_t>(d));
+  std::vector<uint8_t> codes(static_cast<size_t>(d));
+  std::vector<double> e_rtn(static_cast<size_t>(d)), e_ef(static_cast<size_t>(d));
+  const auto quad = [&](const std::vector<double>& m, const double* v) {
+    double acc = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      double row = 0;
+      for (int64_t j = 0; j < d; ++j) row += m[static_cast<size_t>(i * d + j)] * v[j];
+      acc += v[i] * row;
+    }
+    return acc;
+  };
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = b.rotation_groups == 1 ? 0 : h;
+    const std::span<const float> r(rot.data() + g * d * d, static_cast<size_t>(d * d));
+    const std::vector<double> rd(r.begin(), r.end());
+    const auto head_metric =
+        std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
+    const std::vector<double> m = metric_in_basis(head_metric, rd, d);
+    const std::span<const int32_t> ord(order.data() + h * d, static_cast<size_t>(d));
+    const std::span<const float> wts(table.data() + h * d * d, static_cast<size_t>(d * d));
+    for (int64_t t = 0; t < n; ++t) {
+      rotate(std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d)), r, y);
+      std::vector<float> clipped = y;
+      clip_in_place(clipped, clip);
+      const IntParams p = int_params(clipped, 2);
+      int_codes(clipped, 2, p, codes);
+      for (int64_t c = 0; c < d; ++c) e_rtn[c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
+      error_feedback_codes_stored(y, clip, 2, ord, wts, b.ef_clip_feedback, codes);
+      for (int64_t c = 0; c < d; ++c) e_ef[c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
+      std::vector<double> yd(y.begin(), y.end());
+      const double w = weights_per_token.empty() ? 1.0 : weights_per_token[static_cast<size_t>(h * n + t)];
+      out.rtn += w * quad(m, e_rtn.data());
+      out.ef += w * quad(m, e_ef.data());
+      out.energy += w * quad(m, yd.data());
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+ErrorFeedbackHeldout error_feedback_heldout_error(const fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout,
+                                                  const std::vector<std::vector<double>>& value_metrics) {
+  if (heldout.size() != b.layers.size())
+    throw Error("error_feedback_heldout_error",
+                ::fmt::format("{} held-out layers for a bundle of {}", heldout.size(), b.layers.size()));
+  ErrorFeedbackHeldout r;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    const HeldoutLayer& data = heldout[l];
+    if (!b.layers[l].k_ef_order.empty() && data.tokens > 0) {
+      const TensorErrors e = tensor_errors(b, data, l, true, data.sigma_q, {});
+      if (e.energy > 0) {
+        r.k_rtn += e.rtn / e.energy;
+        r.k_ef += e.ef / e.energy;
+        ++r.k_layers;
+      }
+    }
+    if (!b.layers[l].v_ef_order.empty() && data.tokens > 0 && l < value_metrics.size()) {
+      const TensorErrors e = tensor_errors(b, data, l, false, value_metrics[l], data.value_weight);
+      if (e.energy > 0) {
+        r.v_rtn += e.rtn / e.energy;
+        r.v_ef += e.ef / e.energy;
+        ++r.v_layers;
+      }
+    }
+  }
+  if (r.k_layers > 0) r.k_rtn /= static_cast<double>(r.k_layers), r.k_ef /= static_cast<double>(r.k_layers);
+  if (r.v_layers > 0) r.v_rtn /= static_cast<double>(r.v_layers), r.v_ef /= static_cast<double>(r.v_layers);
+  return r;
+}
+
 }  // namespace oscar::calib

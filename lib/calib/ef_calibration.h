@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "formats/bundle.h"
+#include "lib/calib/error_report.h"
 #include "formats/model_config.h"
 
 namespace oscar::fmt {
@@ -50,5 +51,17 @@ int64_t add_error_feedback_tables(fmt::Bundle& bundle, const std::vector<std::ve
 
 // Whether the layer's K (keys) or V tensor is stored as one whole-head INT2 segment (what a table needs).
 bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys);
+
+// What the tables buy on held-out data, in their own metrics: per tensor kind, the relative error of round to
+// nearest and of the bundle's error-feedback rounding (same rotation, clip, scale/zero), averaged over the layers
+// whose tensor has a table (0 layers: both 0). Keys: Σ_h Σ_t eᵀ Σ_Q[h] e / Σ_h Σ_t yᵀ Σ_Q[h] y with the held-out
+// queries' Σ_Q (HeldoutLayer::sigma_q); values: the same with the value weights w_t and value_metrics[l] (M_V, the
+// original basis, as ErrorFeedbackCalibration::value_metrics; empty = no value row). Deterministic.
+struct ErrorFeedbackHeldout {
+  double k_rtn = 0, k_ef = 0, v_rtn = 0, v_ef = 0;
+  int64_t k_layers = 0, v_layers = 0;
+};
+ErrorFeedbackHeldout error_feedback_heldout_error(const fmt::Bundle& bundle, const std::vector<HeldoutLayer>& heldout,
+                                                  const std::vector<std::vector<double>>& value_metrics);
 
 }  // namespace oscar::calib

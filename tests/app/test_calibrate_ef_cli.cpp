@@ -53,6 +53,17 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   EXPECT_EQ(option(bundle, "ef_clip_feedback"), "on");
   EXPECT_EQ(option(bundle, "ef_key_metric"), "sigma_q");  // the calibration statistics, not the held-out ones
   EXPECT_EQ(option(bundle, "ef_tables"), std::to_string(2 * bundle.layers.size()));
+  // The held-out score of the tables in their own metrics, "RTN/EF": keys must improve (the metric they minimize).
+  for (const char* key : {"ef_heldout_k", "ef_heldout_v"}) {
+    const std::string v = option(bundle, key);
+    const size_t slash = v.find('/');
+    ASSERT_NE(slash, std::string::npos) << key << " = " << v;
+    const double rtn = std::stod(v.substr(0, slash)), ef = std::stod(v.substr(slash + 1));
+    EXPECT_GT(rtn, 0.0) << key;
+    EXPECT_GT(ef, 0.0) << key;
+    if (std::string(key) == "ef_heldout_k") EXPECT_LT(ef, rtn) << key << " = " << v;
+  }
+  EXPECT_NE(a.out.find("Held-out, mean over the tabled layers: K relative logit MSE"), std::string::npos) << a.out;
   const int64_t d = bundle.quant.head_dim, kv = bundle.model.num_kv_heads;
   for (const auto& l : bundle.layers) {
     ASSERT_EQ(l.k_ef_order.size(), static_cast<size_t>(kv * d));
@@ -89,7 +100,8 @@ TEST_F(CalibrateEfCli, OffWritesA11BundleAndKOnlyHasNoValueTables) {
   const fmt::Bundle ob = fmt::read_bundle(dir_ / "off.oscar");
   EXPECT_EQ(ob.format_minor, 1);
   EXPECT_FALSE(fmt::has_error_feedback(ob));
-  for (const char* key : {"error_feedback", "ef_damp", "ef_clip_feedback", "ef_key_metric", "ef_tables"})
+  for (const char* key :
+       {"error_feedback", "ef_damp", "ef_clip_feedback", "ef_key_metric", "ef_tables", "ef_heldout_k"})
     EXPECT_EQ(option(ob, key), "(absent)") << key;
 
   const RunResult k = run_oscar(args(dir_ / "k.oscar", {"--error-feedback", "k", "--ef-damp", "0.01",

@@ -150,3 +150,62 @@ TEST(EfCalibration, TablesAreTheStoredFormOfRtMR) {
 
 }  // namespace
 }  // namespace oscar::calib
+
+namespace oscar::calib {
+namespace {
+
+// error_feedback_heldout_error scores RTN and the tables on held-out samples in the tables' metrics: all-zero
+// weights are RTN exactly; tables built from the samples' own Σ_Q lower the key error; V uses M_V and the weights.
+TEST(EfCalibration, HeldoutErrorIsRtnForZeroTablesAndLowerForRealOnes) {
+  const int64_t d = 8, kv = 2, L = 2, n = 200;
+  std::mt19937 rng(21);
+  std::normal_distribution<float> nf(0.f, 1.f);
+  std::vector<HeldoutLayer> heldout(L);
+  std::vector<std::vector<double>> km(L), vm(L);
+  for (int64_t l = 0; l < L; ++l) {
+    HeldoutLayer& h = heldout[l];
+    h.num_kv_heads = kv;
+    h.head_dim = d;
+    h.tokens = n;
+    h.k.resize(kv * n * d);
+    h.v.resize(kv * n * d);
+    for (auto& x : h.k) x = nf(rng);
+    for (auto& x : h.v) x = nf(rng);
+    h.value_weight.assign(kv * n, 1.0);
+    for (int64_t i = 0; i < kv * n; i += 3) h.value_weight[i] = 2.5;
+    for (int64_t g = 0; g < kv; ++g) {
+      const auto a = random_spd(d, rng), b = random_spd(d, rng);
+      h.sigma_q.insert(h.sigma_q.end(), a.begin(), a.end());
+      vm[l].insert(vm[l].end(), b.begin(), b.end());
+    }
+    km[l] = h.sigma_q;
+  }
+  fmt::Bundle b = bundle_for(d, kv, 1, L);
+  ErrorFeedbackCalibration opt;
+  opt.mode = ErrorFeedbackMode::KV;
+  opt.value_metrics = vm;
+  ASSERT_EQ(add_error_feedback_tables(b, km, opt), 2 * L);
+  const ErrorFeedbackHeldout real = error_feedback_heldout_error(b, heldout, vm);
+  EXPECT_EQ(real.k_layers, L);
+  EXPECT_EQ(real.v_layers, L);
+  EXPECT_GT(real.k_rtn, 0.0);
+  EXPECT_LT(real.k_ef, 0.9 * real.k_rtn);  // the metric the tables minimize
+  EXPECT_LT(real.v_ef, real.v_rtn);
+  fmt::Bundle zero = b;
+  for (auto& layer : zero.layers) {
+    std::fill(layer.k_ef_weights.begin(), layer.k_ef_weights.end(), 0.f);
+    std::fill(layer.v_ef_weights.begin(), layer.v_ef_weights.end(), 0.f);
+  }
+  const ErrorFeedbackHeldout same = error_feedback_heldout_error(zero, heldout, vm);
+  EXPECT_EQ(same.k_ef, same.k_rtn);
+  EXPECT_EQ(same.v_ef, same.v_rtn);
+  EXPECT_EQ(same.k_rtn, real.k_rtn);  // RTN does not depend on the tables
+  // A tensor without a table is not scored; a held-out set of the wrong depth is an error.
+  zero.layers[1].v_ef_order.clear();
+  zero.layers[1].v_ef_weights.clear();
+  EXPECT_EQ(error_feedback_heldout_error(zero, heldout, vm).v_layers, 1);
+  EXPECT_THROW(error_feedback_heldout_error(b, std::vector<HeldoutLayer>(1), vm), Error);
+}
+
+}  // namespace
+}  // namespace oscar::calib
