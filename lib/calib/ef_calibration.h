@@ -56,7 +56,8 @@ bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys);
 // nearest and of the bundle's error-feedback rounding (same rotation, clip, scale/zero), averaged over the layers
 // whose tensor has a table (0 layers: both 0). Keys: Σ_h Σ_t eᵀ Σ_Q[h] e / Σ_h Σ_t yᵀ Σ_Q[h] y with the held-out
 // queries' Σ_Q (HeldoutLayer::sigma_q); values: the same with the value weights w_t and value_metrics[l] (M_V, the
-// original basis, as ErrorFeedbackCalibration::value_metrics; empty = no value row). Deterministic.
+// original basis, as ErrorFeedbackCalibration::value_metrics; empty = no value row). At most 2048 samples per
+// (layer, KV head), evenly strided. Deterministic (layers in parallel, summed in order).
 struct ErrorFeedbackHeldout {
   double k_rtn = 0, k_ef = 0, v_rtn = 0, v_ef = 0;
   int64_t k_layers = 0, v_layers = 0;

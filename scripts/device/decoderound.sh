@@ -6,6 +6,7 @@
 #   ~60 s  decode_attention_bench, new and base (.devcarry/base_decode_attention_bench.xz, the previous main)
 #          alternated twice at five shapes (CUDA graph timing)
 #   ~60 s  ncu (source counters, warp stalls) of the new fused INT2 kernel at batch 8 x 32K; SASS of the kernel
+#   ~40 s  ncu of one whole fused call (rotate_q + INT2 kernel) at 8 x 4K: where the per-call floor goes
 # Arg "noncu" skips the profile. Needs: $BIN, $OUT, cwd = repo.
 # Look for: "[  PASSED  ]" in decoderound_test_gpu.log; decoderound_bench.txt: int2_us new vs base per shape.
 set -uo pipefail
@@ -44,5 +45,15 @@ if [ "${1:-}" != noncu ] && [ -n "$NCU" ]; then
     > "$OUT/ncu_round_b8_32k.txt" 2>&1 || status=1
   grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued" \
     "$OUT/ncu_round_b8_32k.txt" | head -20
+fi
+# The per-call floor (issue #6: ~45 us at 8 x 4K for 28 MB, where the bytes need ~9 us): both kernels of one fused
+# decode call at a short shape, with launch and source-level stall data, to see where the fixed time goes
+# (rotate_q -> PDL wait, the window share, the last block's merge).
+if [ "${1:-}" != noncu ] && [ -n "$NCU" ]; then
+  timeout 150 "$NCU" --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \
+    --section SourceCounters --import-source no -k regex:'decode_rotate_q_kernel|decode_attention_int2_kernel' \
+    -c 2 --launch-skip 2 "$BIN/bin/decode_attention_bench" --eager --iters 2 --max-context 4096 --batch 8 \
+    --context 4096 > "$OUT/ncu_floor_b8_4k.txt" 2>&1 || status=1
+  grep -E "decode_|Duration|Elapsed Cycles|Grid Size|Waves Per SM|Warp Cycles Per Issued" "$OUT/ncu_floor_b8_4k.txt" | head -20
 fi
 exit $status
