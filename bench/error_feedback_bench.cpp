@@ -101,10 +101,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Error-feedback vs round-to-nearest INT2 rounding of K/V tokens on a real checkpoint (CPU)"};
   bench::SplitOptions split;
   bench::add_split_options(app, split);
-  const fs::path &model_dir = split.model_dir, &text_dir = split.text_dir;
-  const int64_t &seq_len = split.seq_len, &fit_seqs = split.fit_seqs, &heldout_seqs = split.heldout_seqs,
-                &fit_tokens = split.fit_tokens, &test_tokens = split.test_tokens;
-  const bool& kl = split.kl;
+  const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
   bool quick = false, clip_feedback = false, clip_study = false;
   std::vector<double> damps = {0.01, 0.1};
   std::vector<std::string> rotations = {"hadamard", "oscar", "eigen"};

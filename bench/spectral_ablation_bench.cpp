@@ -46,10 +46,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Spectral bit allocation / rotation ablation on a real checkpoint (CPU)"};
   bench::SplitOptions split;
   bench::add_split_options(app, split);
-  const fs::path &model_dir = split.model_dir, &text_dir = split.text_dir;
-  const int64_t &seq_len = split.seq_len, &fit_seqs = split.fit_seqs, &heldout_seqs = split.heldout_seqs,
-                &fit_tokens = split.fit_tokens, &test_tokens = split.test_tokens;
-  const bool& kl = split.kl;
+  const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
   int64_t cayley_iters = 20;
   double budget = 2.28;
   bool skip_cayley = false, quick = false;
