@@ -2,6 +2,8 @@
 // The fit / held-out machinery spectral_ablation_bench and error_feedback_bench share: the fixture texts packed
 // into unshuffled sequences, one CPU forward pass collecting every layer's attention samples, and the whole-head
 // INT2 layers of a rotation kind built from the fit samples' metrics (so both benches start from the same rotations).
+#include <CLI/CLI.hpp>
+
 #include <chrono>
 #include <filesystem>
 #include <span>
@@ -16,6 +18,24 @@
 #include "lib/calib/spectral.h"
 
 namespace oscar::bench {
+
+// The fit / held-out split both benches take from the command line, with the same defaults.
+struct SplitOptions {
+  std::filesystem::path model_dir, text_dir;
+  int64_t seq_len = 1024, fit_seqs = 2, heldout_seqs = 1, fit_tokens = 2048, test_tokens = 4096;
+  bool kl = false;
+};
+
+inline void add_split_options(CLI::App& app, SplitOptions& o) {
+  app.add_option("--model", o.model_dir, "Hugging Face checkpoint directory")->required();
+  app.add_option("--text", o.text_dir, "directory with the fixture texts (PROVENANCE.md)")->required();
+  app.add_option("--seq-len", o.seq_len, "tokens per sequence (also the KL context)");
+  app.add_option("--fit-seqs", o.fit_seqs, "calibration sequences per training text");
+  app.add_option("--heldout-seqs", o.heldout_seqs, "held-out sequences per held-out text");
+  app.add_option("--fit-tokens", o.fit_tokens, "samples per KV head used for fitting (strided subsample)");
+  app.add_option("--test-tokens", o.test_tokens, "samples per KV head used for the held-out error");
+  app.add_flag("--kl", o.kl, "also measure KL to BF16 with lib/eval's simulated cache");
+}
 
 // Σ_Q the rotations are built from: the mean over KV heads of each head's effective metric.
 inline std::vector<double> mean_metric(const calib::ObjectiveSamples& s) {

@@ -99,20 +99,14 @@ std::vector<std::vector<double>> per_head(const std::vector<double>& flat, int64
 
 int main(int argc, char** argv) {
   CLI::App app{"Error-feedback vs round-to-nearest INT2 rounding of K/V tokens on a real checkpoint (CPU)"};
-  fs::path model_dir, text_dir;
-  int64_t seq_len = 1024, fit_seqs = 2, heldout_seqs = 1, fit_tokens = 2048, test_tokens = 4096;
-  bool kl = false, quick = false, clip_feedback = false, clip_study = false;
+  bench::SplitOptions split;
+  bench::add_split_options(app, split);
+  const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
+  bool quick = false, clip_feedback = false, clip_study = false;
   std::vector<double> damps = {0.01, 0.1};
   std::vector<std::string> rotations = {"hadamard", "oscar", "eigen"};
   std::vector<float> ef_clip_grid = {0.88f, 0.92f, 0.94f, 0.96f, 0.98f, 1.0f};
   std::vector<std::string> heldout_files = {"python-docs-heldout.txt", "linux-docs-heldout.txt", "wikitext-2-raw-test.txt"};
-  app.add_option("--model", model_dir, "Hugging Face checkpoint directory")->required();
-  app.add_option("--text", text_dir, "directory with the fixture texts (PROVENANCE.md)")->required();
-  app.add_option("--seq-len", seq_len, "tokens per sequence (also the KL context)");
-  app.add_option("--fit-seqs", fit_seqs, "calibration sequences per training text");
-  app.add_option("--heldout-seqs", heldout_seqs, "held-out sequences per held-out text");
-  app.add_option("--fit-tokens", fit_tokens, "samples per KV head used for fitting (strided subsample)");
-  app.add_option("--test-tokens", test_tokens, "samples per KV head used for the held-out error");
   app.add_option("--damps", damps, "EF dampings (relative to mean diag of the metric); the first is used for V")->delimiter(',');
   app.add_option("--rotations", rotations, "whole-head rotations: hadamard, oscar, eigen")->delimiter(',');
   app.add_option("--ef-clip-grid", ef_clip_grid, "clip ratios tried for keys under EF (fit text)")->delimiter(',');
@@ -120,7 +114,6 @@ int main(int argc, char** argv) {
   app.add_flag("--clip-feedback", clip_feedback, "feed the clipping error back too (target = unclipped vector)");
   app.add_flag("--clip-study", clip_study, "rows that separate the clip from the rounding (RTN at EF's clip, fixed 0.96/0.92)");
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
-  app.add_flag("--kl", kl, "also measure KL to BF16 with lib/eval's simulated cache");
   CLI11_PARSE(app, argc, argv);
 
   try {

@@ -44,25 +44,19 @@ struct Config {
 
 int main(int argc, char** argv) {
   CLI::App app{"Spectral bit allocation / rotation ablation on a real checkpoint (CPU)"};
-  fs::path model_dir, text_dir;
-  int64_t seq_len = 1024, fit_seqs = 2, heldout_seqs = 1, fit_tokens = 2048, test_tokens = 4096, cayley_iters = 20;
+  bench::SplitOptions split;
+  bench::add_split_options(app, split);
+  const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
+  int64_t cayley_iters = 20;
   double budget = 2.28;
-  bool kl = false, skip_cayley = false, quick = false;
+  bool skip_cayley = false, quick = false;
   double k_weight = calib::SpectralOptions{}.k_weight;
   std::string bundle_out;
-  app.add_option("--model", model_dir, "Hugging Face checkpoint directory")->required();
-  app.add_option("--text", text_dir, "directory with the fixture texts (PROVENANCE.md)")->required();
-  app.add_option("--seq-len", seq_len, "tokens per sequence (also the KL context)");
-  app.add_option("--fit-seqs", fit_seqs, "calibration sequences per training text");
-  app.add_option("--heldout-seqs", heldout_seqs, "held-out sequences per held-out text");
-  app.add_option("--fit-tokens", fit_tokens, "samples per KV head used for fitting (strided subsample)");
-  app.add_option("--test-tokens", test_tokens, "samples per KV head used for the held-out error");
   app.add_option("--budget", budget, "bits/element, K and V mean, metadata included");
   app.add_option("--cayley-iters", cayley_iters, "Cayley descent iterations");
   app.add_flag("--no-cayley", skip_cayley, "skip the Cayley-refined rows");
   app.add_option("--k-weight", k_weight, "weight of the relative K error in the K/V split objective (V weight 1)");
   app.add_flag("--quick", quick, "only the hadamard + tuned clip baseline and the measured spectral rows");
-  app.add_flag("--kl", kl, "also measure KL to BF16 with lib/eval's simulated cache");
   app.add_option("--bundle-out", bundle_out, "write the spectral bundle (format 1.1) here");
   CLI11_PARSE(app, argc, argv);
 

@@ -14,6 +14,7 @@
 #include "formats/kv_layout.h"
 #include "kernels/attention_decode/decode_attention.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
+#include "lib/calib/quantizer_ref.h"
 
 namespace oscar::test {
 
@@ -206,6 +207,59 @@ inline std::vector<float> fp8_special_rows(int d, int rows, uint32_t seed) {
     }
   }
   return x;
+}
+
+// Naive attention in the original basis over a HostPagedCache built with clips 0.96 (K) / 0.92 (V): dequantized K/V
+// (HeadQuantizer of the given specs for quantized tokens, bf16(xR)Rᵀ for the sink/recent window tokens), q as given
+// [batch, q_heads, d] bf16, double everywhere. Returns [batch, q_heads, d]. The decode kernels' references check
+// against it (INT2 and segmented layouts alike).
+inline std::vector<double> naive_attention(const HostPagedCache& c, const fmt::TensorQuantSpec& k_spec,
+                                           const fmt::TensorQuantSpec& v_spec, int q_heads, int kv_heads,
+                                           int64_t sink, int64_t recent, const std::vector<uint16_t>& q,
+                                           const std::vector<float>& rk, const std::vector<float>& rv) {
+  const int d = c.head_dim, group = q_heads / kv_heads;
+  calib::HeadQuantizer kq(k_spec, d), vq(v_spec, d);
+  std::vector<double> out(static_cast<size_t>(c.batch) * q_heads * d, 0.0);
+  std::vector<float> x(d), y(d), k(d), v(d);
+  auto dequant = [&](const calib::HeadQuantizer& hq, const std::vector<float>& r, float clip, bool window,
+                     std::vector<float>& res) {
+    if (!window) {
+      hq.fake_quantize(x, 1, r, clip, calib::Basis::Original, res);
+      return;
+    }
+    calib::rotate(x, r, y);
+    for (auto& e : y) e = fmt::bf16_to_f32(fmt::f32_to_bf16(e));
+    calib::unrotate(y, r, res);
+  };
+  for (int b = 0; b < c.batch; ++b) {
+    const int len = c.lens[b];
+    for (int hq = 0; hq < q_heads; ++hq) {
+      const int h = hq / group;
+      std::vector<double> s(len);
+      std::vector<std::vector<float>> vals(len);
+      double mx = -INFINITY;
+      for (int t = 0; t < len; ++t) {
+        const bool window = fmt::is_high_precision_token(t, len, sink, recent);
+        const size_t off = (static_cast<size_t>(t) * c.num_kv_heads + h) * d;
+        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.keys[b][off + i]);
+        dequant(kq, rk, 0.96f, window, k);
+        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.values[b][off + i]);
+        dequant(vq, rv, 0.92f, window, v);
+        vals[t] = v;
+        double dot = 0;
+        for (int i = 0; i < d; ++i)
+          dot += fmt::bf16_to_f32(q[(static_cast<size_t>(b) * q_heads + hq) * d + i]) * double(k[i]);
+        s[t] = dot / std::sqrt(double(d));
+        mx = std::max(mx, s[t]);
+      }
+      double den = 0;
+      for (int t = 0; t < len; ++t) den += std::exp(s[t] - mx);
+      for (int t = 0; t < len; ++t)
+        for (int i = 0; i < d; ++i)
+          out[(static_cast<size_t>(b) * q_heads + hq) * d + i] += std::exp(s[t] - mx) / den * vals[t][i];
+    }
+  }
+  return out;
 }
 
 }  // namespace oscar::test

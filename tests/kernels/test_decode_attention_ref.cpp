@@ -65,53 +65,10 @@ struct DecodeCase {
   bool rotate;
 };
 
-// Naive attention in the original basis: dequantized K/V (HeadQuantizer for INT2 tokens, bf16(xR)Rᵀ for
-// window tokens), q as given, double everywhere.
 std::vector<double> naive_attention(const test::HostPagedCache& c, const DecodeCase& dc, const std::vector<uint16_t>& q,
                                     const std::vector<float>& rk, const std::vector<float>& rv) {
-  const int d = c.head_dim, group = dc.q_heads / dc.kv_heads;
-  const auto spec = fmt::KvQuantSpec::int2_default(d);
-  calib::HeadQuantizer kq(spec.k, d), vq(spec.v, d);
-  std::vector<double> out(static_cast<size_t>(c.batch) * dc.q_heads * d, 0.0);
-  std::vector<float> x(d), y(d), k(d), v(d);
-  auto dequant = [&](const calib::HeadQuantizer& hq, const std::vector<float>& r, float clip, bool window,
-                     std::vector<float>& res) {
-    if (!window) {
-      hq.fake_quantize(x, 1, r, clip, calib::Basis::Original, res);
-      return;
-    }
-    calib::rotate(x, r, y);
-    for (auto& e : y) e = fmt::bf16_to_f32(fmt::f32_to_bf16(e));
-    calib::unrotate(y, r, res);
-  };
-  for (int b = 0; b < c.batch; ++b) {
-    const int len = c.lens[b];
-    for (int hq = 0; hq < dc.q_heads; ++hq) {
-      const int h = hq / group;
-      std::vector<double> s(len);
-      std::vector<std::vector<float>> vals(len);
-      double mx = -INFINITY;
-      for (int t = 0; t < len; ++t) {
-        const bool window = fmt::is_high_precision_token(t, len, dc.sink, dc.recent);
-        const size_t off = (static_cast<size_t>(t) * c.num_kv_heads + h) * d;
-        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.keys[b][off + i]);
-        dequant(kq, rk, 0.96f, window, k);
-        for (int i = 0; i < d; ++i) x[i] = fmt::bf16_to_f32(c.values[b][off + i]);
-        dequant(vq, rv, 0.92f, window, v);
-        vals[t] = v;
-        double dot = 0;
-        for (int i = 0; i < d; ++i) dot += fmt::bf16_to_f32(q[(static_cast<size_t>(b) * dc.q_heads + hq) * d + i]) * double(k[i]);
-        s[t] = dot / std::sqrt(double(d));
-        mx = std::max(mx, s[t]);
-      }
-      double den = 0;
-      for (int t = 0; t < len; ++t) den += std::exp(s[t] - mx);
-      for (int t = 0; t < len; ++t)
-        for (int i = 0; i < d; ++i)
-          out[(static_cast<size_t>(b) * dc.q_heads + hq) * d + i] += std::exp(s[t] - mx) / den * vals[t][i];
-    }
-  }
-  return out;
+  const auto spec = fmt::KvQuantSpec::int2_default(c.head_dim);
+  return test::naive_attention(c, spec.k, spec.v, dc.q_heads, dc.kv_heads, dc.sink, dc.recent, q, rk, rv);
 }
 
 class DecodeRef : public ::testing::TestWithParam<DecodeCase> {};
