@@ -158,8 +158,7 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
     const auto head_metric =
         std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
     const std::vector<double> m = metric_in_basis(head_metric, rd, d);
-    const std::span<const int32_t> ord(order.data() + h * d, static_cast<size_t>(d));
-    const std::span<const float> wts(table.data() + h * d * d, static_cast<size_t>(d * d));
+    const HeadTable ht = head_table(order, table, h, d);
     for (int64_t i = 0; i < samples; ++i) {
       const int64_t t = i * stride;
       rotate(std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d)), r, y);
@@ -169,7 +168,7 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
       int_codes(clipped, 2, p, codes);
       const auto row = static_cast<size_t>(i * d);
       for (int64_t c = 0; c < d; ++c) e_rtn[row + c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
-      error_feedback_codes_stored(y, clip, 2, ord, wts, b.ef_clip_feedback, codes);
+      error_feedback_codes_stored(y, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, codes);
       for (int64_t c = 0; c < d; ++c) {
         e_ef[row + c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
         yd[row + c] = y[c];
