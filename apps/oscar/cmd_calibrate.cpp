@@ -24,8 +24,8 @@
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/model_config.h"
-#include "lib/calib/calibrator.h"
 #include "formats/safetensors.h"
+#include "lib/calib/calibrator.h"
 #ifdef OSCAR_HAVE_CUDA
 #include "runtime/gpu_calibration.h"
 #include "runtime/layer_stream.h"

@@ -136,13 +136,12 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
           const std::span<const float> src(all.data() + (h * t->shape[1] + i) * d, static_cast<size_t>(d));
           std::copy(src.begin(), src.end(), x.begin() + static_cast<std::ptrdiff_t>(row * d));
           const std::span<uint8_t> r(rec.data() + row * q.record_bytes(), static_cast<size_t>(q.record_bytes()));
-          if (ef_order.empty())
+          if (ef_order.empty()) {
             q.encode(src, rot, clip, r);
-          else
-            calib::error_feedback_encode_record(
-                src, rot, clip, 2, std::span<const int32_t>(ef_order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
-                std::span<const float>(ef_weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)),
-                b.ef_clip_feedback, r);
+          } else {
+            const calib::HeadTable ht = calib::head_table(ef_order, ef_weights, h, d);
+            calib::error_feedback_encode_record(src, rot, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, r);
+          }
           q.decode(r, rot, calib::Basis::Original, std::span<float>(deq.data() + row * d, static_cast<size_t>(d)));
           q.decode(r, rot, calib::Basis::Rotated, std::span<float>(deq_rot.data() + row * d, static_cast<size_t>(d)));
         }
@@ -200,8 +199,8 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
     }
     // Format 1.2: error-feedback tables (docs/format.md has the rounding loop a writer must run with them).
     const int64_t kv = b.model.num_kv_heads;
-    for (auto [name, order, weights] :
-         {std::tuple{"k", &layer.k_ef_order, &layer.k_ef_weights}, std::tuple{"v", &layer.v_ef_order, &layer.v_ef_weights}}) {
+    for (auto [name, order, weights] : {std::tuple{"k", &layer.k_ef_order, &layer.k_ef_weights},
+                                        std::tuple{"v", &layer.v_ef_order, &layer.v_ef_weights}}) {
       if (order->empty()) continue;
       add(p + name + "_ef_order", fmt::DType::I32, {kv, d}, bytes_of(*order),
           "error-feedback rounding order per KV head (a permutation of 0..d-1)");

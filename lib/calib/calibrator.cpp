@@ -582,8 +582,7 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   const bool spectral = opt.method == Method::Spectral;
   if (spectral && data.heldout.size() < 2)
     throw Error("--heldout-seqs", "--method spectral needs at least 2 held-out sequences");
-  std::vector<std::vector<double>> heldout_sigma_q;  // error feedback's key metric when spectra has none
-  std::vector<HeldoutLayer> heldout_layers;          // kept for the error-feedback tables' held-out score
+  std::vector<HeldoutLayer> heldout_layers;  // kept for error feedback: its key-metric fallback and held-out score
   if (!data.heldout.empty()) {
     HeldoutCollector heldout(shape, opt.value_weighting, opt.quant.sink_tokens, opt.heldout_max_tokens);
     const int64_t n = static_cast<int64_t>(data.heldout.size());
@@ -622,8 +621,6 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     }
     heldout_layers = heldout.finish();
     const std::vector<HeldoutLayer>& layers = heldout_layers;
-    if (opt.error_feedback.mode != ErrorFeedbackMode::Off && spectra.head_sigma_q.empty())
-      for (const HeldoutLayer& hl : layers) heldout_sigma_q.push_back(hl.sigma_q);
     const std::vector<std::vector<AttentionSequence>> clip_sequences =
         attention_clip ? clip_collector->finish() : std::vector<std::vector<AttentionSequence>>{};
     b.errors = build_error_report(layers, candidates, opt.quant);
@@ -708,9 +705,12 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
   // tensors keep RTN (the engine writes whole-head INT2 tensors with its INT2 writer also in segmented pages).
   if (opt.error_feedback.mode != ErrorFeedbackMode::Off) {
     const bool calibration_sigma = !spectra.head_sigma_q.empty();
-    if (!calibration_sigma && heldout_sigma_q.empty())
+    if (!calibration_sigma && heldout_layers.empty())
       throw Error("--error-feedback", "needs the per-KV-head query moments: this device's statistics do not provide "
                                       "them, and there are no held-out sequences to take them from");
+    std::vector<std::vector<double>> heldout_sigma_q;  // the key metric's fallback: the held-out queries' Σ_Q
+    if (!calibration_sigma)
+      for (const HeldoutLayer& hl : heldout_layers) heldout_sigma_q.push_back(hl.sigma_q);
     const int64_t tables = add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q,
                                                      opt.error_feedback);
     std::string heldout_line;

@@ -137,18 +137,12 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
   const float clip = keys ? lc.k_clip_ratio : lc.v_clip_ratio;
   const std::vector<float>& x = keys ? data.k : data.v;
   TensorErrors out;
-  std::vector<float> y(static_cast<size_t>(d));
+  const int64_t stride = (n + kHeldoutScoreSamples - 1) / kHeldoutScoreSamples, samples = (n + stride - 1) / stride;
+  std::vector<float> y(static_cast<size_t>(d)), clipped(static_cast<size_t>(d));
   std::vector<uint8_t> codes(static_cast<size_t>(d));
-  std::vector<double> e_rtn(static_cast<size_t>(d)), e_ef(static_cast<size_t>(d));
-  const auto quad = [&](const std::vector<double>& m, const double* v) {
-    double acc = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      double row = 0;
-      for (int64_t j = 0; j < d; ++j) row += m[static_cast<size_t>(i * d + j)] * v[j];
-      acc += v[i] * row;
-    }
-    return acc;
-  };
+  // Per KV head, the sampled rows in the storage basis: RTN error, EF error, the vector itself, and its weight.
+  std::vector<double> e_rtn(static_cast<size_t>(samples * d)), e_ef(e_rtn.size()), yd(e_rtn.size());
+  std::vector<double> w(weights_per_token.empty() ? 0 : static_cast<size_t>(samples));
   for (int64_t h = 0; h < H; ++h) {
     const int64_t g = b.rotation_groups == 1 ? 0 : h;
     const std::span<const float> r(rot.data() + g * d * d, static_cast<size_t>(d * d));
@@ -156,24 +150,26 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
     const auto head_metric =
         std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
     const std::vector<double> m = metric_in_basis(head_metric, rd, d);
-    const std::span<const int32_t> ord(order.data() + h * d, static_cast<size_t>(d));
-    const std::span<const float> wts(table.data() + h * d * d, static_cast<size_t>(d * d));
-    const int64_t stride = (n + kHeldoutScoreSamples - 1) / kHeldoutScoreSamples;
-    for (int64_t t = 0; t < n; t += stride) {
+    const HeadTable ht = head_table(order, table, h, d);
+    for (int64_t i = 0; i < samples; ++i) {
+      const int64_t t = i * stride;
       rotate(std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d)), r, y);
-      std::vector<float> clipped = y;
+      clipped = y;
       clip_in_place(clipped, clip);
       const IntParams p = int_params(clipped, 2);
       int_codes(clipped, 2, p, codes);
-      for (int64_t c = 0; c < d; ++c) e_rtn[c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
-      error_feedback_codes_stored(y, clip, 2, ord, wts, b.ef_clip_feedback, codes);
-      for (int64_t c = 0; c < d; ++c) e_ef[c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
-      std::vector<double> yd(y.begin(), y.end());
-      const double w = weights_per_token.empty() ? 1.0 : weights_per_token[static_cast<size_t>(h * n + t)];
-      out.rtn += w * quad(m, e_rtn.data());
-      out.ef += w * quad(m, e_ef.data());
-      out.energy += w * quad(m, yd.data());
+      const auto row = static_cast<size_t>(i * d);
+      for (int64_t c = 0; c < d; ++c) e_rtn[row + c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
+      error_feedback_codes_stored(y, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, codes);
+      for (int64_t c = 0; c < d; ++c) {
+        e_ef[row + c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
+        yd[row + c] = y[c];
+      }
+      if (!w.empty()) w[static_cast<size_t>(i)] = weights_per_token[static_cast<size_t>(h * n + t)];
     }
+    out.rtn += quadratic_energy(e_rtn, d, m.data(), w);
+    out.ef += quadratic_energy(e_ef, d, m.data(), w);
+    out.energy += quadratic_energy(yd, d, m.data(), w);
   }
   return out;
 }

@@ -73,6 +73,18 @@ void error_feedback_fake_quantize(std::span<const float> x, int64_t rows, std::s
 //                   e = w[i] - int_dequant(code_i); for m = k+1..d-1 ascending: w[order[m]] = fmaf(-e, weights[k*d+m], w[order[m]]).
 void stored_error_feedback(const ErrorFeedbackTable& table, std::span<int32_t> order, std::span<float> weights);
 
+// KV head `head`'s slice of a layer's stored tables (order [kv_heads, d], weights [kv_heads, d, d], as the bundle,
+// the engine's and eval's cache formats keep them): the spans error_feedback_codes_stored and
+// error_feedback_encode_record take.
+struct HeadTable {
+  std::span<const int32_t> order;
+  std::span<const float> weights;
+};
+inline HeadTable head_table(std::span<const int32_t> order, std::span<const float> weights, int64_t head, int64_t d) {
+  return {order.subspan(static_cast<size_t>(head * d), static_cast<size_t>(d)),
+          weights.subspan(static_cast<size_t>(head * d * d), static_cast<size_t>(d * d))};
+}
+
 // Codes of one rotated, not yet clipped vector y (d floats) from a stored table (order [d], weights [d, d]).
 // Returns the RTN params of the clipped vector (what the record stores). Throws oscar::Error on size mismatches.
 IntParams error_feedback_codes_stored(std::span<const float> y, float clip_ratio, int32_t bits,

@@ -27,6 +27,14 @@ double quadratic_energy(const float* x, int64_t n, int64_t d, const double* s) {
 
 }  // namespace
 
+double quadratic_energy(std::span<const double> x, int64_t d, const double* s, std::span<const double> w) {
+  const auto n = static_cast<int64_t>(x.size()) / d;
+  const Eigen::Map<const RowMatrix> xm(x.data(), n, d);
+  if (w.empty()) return quadratic_energy(xm, s);
+  Eigen::Map<const RowMatrix> sm(s, d, d);
+  return (xm * sm).cwiseProduct(xm).rowwise().sum().dot(Eigen::Map<const Eigen::VectorXd>(w.data(), n));
+}
+
 HeldoutCollector::HeldoutCollector(const StatisticsShape& shape, ValueWeighting weighting, int64_t skip_first_tokens,
                                    int64_t max_tokens_per_layer)
     : shape_(shape),

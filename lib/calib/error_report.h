@@ -18,6 +18,10 @@
 
 namespace oscar::calib {
 
+// Σ_t w_t x_t S x_tᵀ over the rows of x [n, d] (row-major), S [d, d] row-major; w empty = every weight 1. The
+// quadratic form the error report and the error-feedback held-out score are measured in.
+double quadratic_energy(std::span<const double> x, int64_t d, const double* s, std::span<const double> w = {});
+
 // Held-out samples of one layer.
 struct HeldoutLayer {
   int64_t num_kv_heads = 0;

@@ -248,13 +248,11 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
     return;
   if (codec.has_ef(layer)) {
     // The rounding every cache writer runs from the stored table (calib::error_feedback_codes_stored).
-    const auto d = static_cast<size_t>(head_dim_);
     const auto l = static_cast<size_t>(layer);
-    const auto h = static_cast<size_t>(kv_head);
-    calib::error_feedback_fake_quantize_stored(
-        x, tokens, codec.rotation(layer, kv_head, head_dim_), codec.clip_ratios[l], 2,
-        std::span<const int32_t>(codec.ef_order[l]).subspan(h * d, d),
-        std::span<const float>(codec.ef_weights[l]).subspan(h * d * d, d * d), codec.ef_clip_feedback, out);
+    const calib::HeadTable ht = calib::head_table(codec.ef_order[l], codec.ef_weights[l], kv_head, head_dim_);
+    calib::error_feedback_fake_quantize_stored(x, tokens, codec.rotation(layer, kv_head, head_dim_),
+                                               codec.clip_ratios[l], 2, ht.order, ht.weights, codec.ef_clip_feedback,
+                                               out);
     return;
   }
   codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),

@@ -215,10 +215,8 @@ TEST_F(CalibrateEfGolden, RecordsAreTheErrorFeedbackWritersAndDifferFromRtn) {
         const std::span<const float> r(rot.data() + g * d * d, static_cast<size_t>(d * d));
         for (int64_t t = 0; t < tokens; ++t) {
           const std::span<const float> xv(xs.data() + (h * tokens + t) * d, static_cast<size_t>(d));
-          calib::error_feedback_encode_record(
-              xv, r, clip, 2, std::span<const int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
-              std::span<const float>(weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)),
-              kv.ef_clip_feedback, want);
+          const calib::HeadTable ht = calib::head_table(order, weights, h, d);
+          calib::error_feedback_encode_record(xv, r, clip, 2, ht.order, ht.weights, kv.ef_clip_feedback, want);
           q.encode(xv, r, clip, plain);
           const size_t at = static_cast<size_t>((h * tokens + t) * rb);
           const auto* got = reinterpret_cast<const uint8_t*>(rec->data) + at;
