@@ -176,6 +176,35 @@ __device__ __forceinline__ uint32_t int2_quantize_store(const float (&v)[kPerLan
 
 // Stages the x rows of tokens t0 .. t0+M-1 of `head` into the warp's tile xs and rotates them: acc[t][j] = y of
 // token t, dim N*lane + j (rows past a.tokens are zeros). Shared by the RTN and the error-feedback writers.
+// Lane t < M resolves token t0 + t's destination once (the division by page_tokens is not cheap): its page block
+// (nullptr when the token is not stored: slot < 0, or past the end) and its row within the page. Returns the slot.
+template <int M>
+__device__ __forceinline__ int32_t int2_tile_destination(const KvWriteArgs& a, int64_t t0, int lane, int head,
+                                                         int32_t page_bytes, uint8_t*& block, int32_t& offset) {
+  int32_t slot = -1;
+  if (lane < M && t0 + lane < a.tokens) slot = a.slots[t0 + lane];
+  block = nullptr;
+  offset = 0;
+  if (slot >= 0) {
+    offset = slot % a.page_tokens;
+    block = a.int2_pool + fmt::page_block_offset(slot / a.page_tokens, head, a.num_kv_heads, page_bytes);
+  }
+  return slot;
+}
+
+// std::min(std::max(y, -c), c) of calib::clip_in_place on one lane's values, compare for compare (keeps ±0 and NaN
+// as they are).
+template <int N>
+__device__ __forceinline__ void int2_clip_values(float (&v)[N], float c) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    float y = v[j];
+    y = y < -c ? -c : y;
+    y = c < y ? c : y;
+    v[j] = y;
+  }
+}
+
 template <int kHeadDim, bool kRotate>
 __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const float* rot, float* xs, int head,
                                                  int64_t t0, int lane,
@@ -311,16 +340,10 @@ __global__ void __launch_bounds__(kInt2MaxWarps * 32, 1) kv_write_int2_kernel(Kv
     const int head = static_cast<int>(item % a.num_kv_heads);
     const int64_t t0 = (item / a.num_kv_heads) * M;
 
-    // Lane t < M resolves token t's destination once (the division by page_tokens is not cheap).
-    int32_t slot = -1;
-    if (lane < M && t0 + lane < a.tokens) slot = a.slots[t0 + lane];
+    uint8_t* my_block;
+    int32_t my_offset;
+    const int32_t slot = int2_tile_destination<M>(a, t0, lane, head, page_bytes, my_block, my_offset);
     if (__all_sync(0xffffffffu, slot < 0)) continue;  // e.g. the sink tokens of the INT2 pass
-    uint8_t* my_block = nullptr;
-    int32_t my_offset = 0;
-    if (slot >= 0) {
-      my_offset = slot % a.page_tokens;
-      my_block = a.int2_pool + fmt::page_block_offset(slot / a.page_tokens, head, a.num_kv_heads, page_bytes);
-    }
 
     float acc[M][N];
     int2_tile_rotate<kHeadDim, kRotate>(a, rot, xs, head, t0, lane, acc);
@@ -332,17 +355,7 @@ __global__ void __launch_bounds__(kInt2MaxWarps * 32, 1) kv_write_int2_kernel(Kv
         uint32_t c[G];
         int2_clip_thresholds<kHeadDim, kSelect>(acc, g0, a.clip_rank, c);
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float cf = __uint_as_float(c[g]);
-          // std::min(std::max(y, -c), c) of calib::clip_in_place, compare for compare (keeps ±0 and NaN as is).
-#pragma unroll
-          for (int j = 0; j < N; ++j) {
-            float y = acc[g0 + g][j];
-            y = y < -cf ? -cf : y;
-            y = cf < y ? cf : y;
-            acc[g0 + g][j] = y;
-          }
-        }
+        for (int g = 0; g < G; ++g) int2_clip_values<N>(acc[g0 + g], __uint_as_float(c[g]));
       }
 #pragma unroll
       for (int g = 0; g < G; ++g) {

@@ -102,15 +102,10 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
 
   for (int64_t tile = static_cast<int64_t>(blockIdx.x) * warps + warp; tile < tiles; tile += stride) {
     const int64_t t0 = tile * M;
-    int32_t slot = -1;
-    if (lane < M && t0 + lane < a.tokens) slot = a.slots[t0 + lane];
+    uint8_t* my_block;
+    int32_t my_offset;
+    const int32_t slot = int2_tile_destination<M>(a, t0, lane, head, page_bytes, my_block, my_offset);
     if (__all_sync(0xffffffffu, slot < 0)) continue;
-    uint8_t* my_block = nullptr;
-    int32_t my_offset = 0;
-    if (slot >= 0) {
-      my_offset = slot % a.page_tokens;
-      my_block = a.int2_pool + fmt::page_block_offset(slot / a.page_tokens, head, a.num_kv_heads, page_bytes);
-    }
 
     float acc[M][N];
     int2_tile_rotate<kHeadDim, kRotate>(a, rot, xs, head, t0, lane, acc);
@@ -129,16 +124,7 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
         float v[N];
 #pragma unroll
         for (int j = 0; j < N; ++j) v[j] = acc[t][j];
-        if (a.clip_rank >= 0) {
-          const float cf = __uint_as_float(c[g]);
-#pragma unroll
-          for (int j = 0; j < N; ++j) {  // calib::clip_in_place, compare for compare
-            float y = v[j];
-            y = y < -cf ? -cf : y;
-            y = cf < y ? cf : y;
-            v[j] = y;
-          }
-        }
+        if (a.clip_rank >= 0) int2_clip_values<N>(v, __uint_as_float(c[g]));
         if (!a.ef_clip_feedback) {
 #pragma unroll
           for (int j = 0; j < N; ++j) acc[t][j] = v[j];
