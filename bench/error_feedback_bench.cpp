@@ -16,6 +16,8 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <memory>
+#include <tuple>
 #include <optional>
 
 #include "formats/bundle.h"
@@ -103,6 +105,8 @@ int main(int argc, char** argv) {
   bench::add_split_options(app, split);
   const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
   bool quick = false, clip_feedback = false, clip_study = false;
+  int refit_study = 0;
+  bool bias_study = false;
   std::vector<double> damps = {0.01, 0.1};
   std::vector<std::string> rotations = {"hadamard", "oscar", "eigen"};
   std::vector<float> ef_clip_grid = {0.88f, 0.92f, 0.94f, 0.96f, 0.98f, 1.0f};
@@ -113,6 +117,11 @@ int main(int argc, char** argv) {
   app.add_option("--heldout-files", heldout_files, "held-out texts (file names under --text)")->delimiter(',');
   app.add_flag("--clip-feedback", clip_feedback, "feed the clipping error back too (target = unclipped vector)");
   app.add_flag("--clip-study", clip_study, "rows that separate the clip from the rounding (RTN at EF's clip, fixed 0.96/0.92)");
+  app.add_option("--refit-study", refit_study,
+                 "only the fixed-clip (0.96 / 0.92) rows: RTN, EF K+V, EF K+V with up to N (scale, zero) refits in H");
+  app.add_flag("--bias-study", bias_study,
+               "KL rows per configuration: as is, with the mean quantization error of the fit text subtracted per "
+               "(layer, KV head, tensor), and with exact keys / exact values (where the KL comes from)");
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
   CLI11_PARSE(app, argc, argv);
 
@@ -126,9 +135,9 @@ int main(int argc, char** argv) {
     const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
     const oscar::fmt::KvQuantSpec windows = oscar::fmt::KvQuantSpec::int2_default(d);
     std::cout << ::fmt::format("options: seq_len {} fit_seqs {} heldout_seqs {} fit_tokens {} test_tokens {} damps {} "
-                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} kl {} heldout {}\n",
+                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} refit_study {} kl {} heldout {}\n",
                                seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, ::fmt::join(damps, ","),
-                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, kl, ::fmt::join(heldout_files, ","));
+                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, refit_study, kl, ::fmt::join(heldout_files, ","));
 
     auto pack = [&](const std::vector<std::string>& files, int64_t per_file) {
       return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
@@ -184,10 +193,16 @@ int main(int argc, char** argv) {
       bool retune_k_clip = false;
       bool drop_k_tables = false;  // RTN keys at the clip the EF retune picked: separates the clip from the rounding
       float fixed_k_clip = 0, fixed_v_clip = 0;  // > 0: override the RTN-tuned clips (the yardstick's 0.96 / 0.92)
+      int refit_iters = 0;                       // ErrorFeedbackOptions::refit_iters of every table
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
-    if (clip_study) {
+    if (refit_study > 0) {
+      variants = {{"RTN, clip 0.96 / 0.92", -1, VMetric::None, d0, false, false, 0.96f, 0.92f}};
+      for (int r : {0, refit_study})
+        variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92, refit {}", d0, r), d0,
+                            VMetric::WoSum, d0, false, false, 0.96f, 0.92f, r});
+    } else if (clip_study) {
       variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
       variants.push_back({::fmt::format("EF K (damp {}), K clip retuned under EF", d0), d0, VMetric::None, d0, true});
       variants.push_back({"RTN, K clip = the EF retune's", d0, VMetric::None, d0, true, true});
@@ -197,10 +212,10 @@ int main(int argc, char** argv) {
       variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92", d0), d0, VMetric::WoSum,
                           d0, false, false, 0.96f, 0.92f});
     }
-    for (size_t i = 0; i < (quick || clip_study ? 0 : damps.size()); ++i)
+    for (size_t i = 0; i < (quick || clip_study || refit_study ? 0 : damps.size()); ++i)
       variants.push_back({::fmt::format("EF K (damp {})", damps[i]), damps[i]});
     if (quick) variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
-    if (!quick && !clip_study) {
+    if (!quick && !clip_study && !refit_study) {
       for (VMetric vm : {VMetric::WoSum, VMetric::WoCoherent})
         variants.push_back({::fmt::format("EF K+V (damp {}, V metric {})", damps[0], vmetric_name(vm)), damps[0], vm,
                             damps[0]});
@@ -244,6 +259,7 @@ int main(int argc, char** argv) {
           calib::ErrorFeedbackOptions ko;
           ko.feedback_clip_error = clip_feedback;
           ko.damp = var.k_damp;
+          ko.refit_iters = var.refit_iters;
           // Tables come from the FIT text's Σ_Q (what a bundle would store), scored on held-out Σ_Q.
           if (var.k_damp >= 0)
             for (int64_t h = 0; h < Hkv; ++h)
@@ -311,14 +327,55 @@ int main(int argc, char** argv) {
                                  "recent {} bf16 for every row)\n\n| configuration | mean KL | p99 KL | top-1 "
                                  "agreement |\n|---|---|---|---|\n",
                                  first, seq_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
-      for (const Row& row : rows) {
+      const oscar::fmt::TensorQuantSpec whole = oscar::fmt::KvQuantSpec::int2_default(d).k;
+      const calib::HeadQuantizer hq(whole, d, "bias_study");
+      enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues };
+      const std::vector<std::pair<Treat, const char*>> treats =
+          bias_study ? std::vector<std::pair<Treat, const char*>>{{Treat::AsIs, ""},
+                                                                  {Treat::BiasCorrected, ", fit-text bias subtracted"},
+                                                                  {Treat::ExactKeys, ", keys exact"},
+                                                                  {Treat::ExactValues, ", values exact"}}
+                     : std::vector<std::pair<Treat, const char*>>{{Treat::AsIs, ""}};
+      for (const Row& row : rows)
+        for (const auto& [treat, treat_name] : treats) {
         const auto t = std::chrono::steady_clock::now();
         mo.bundle = &row.bundle;
-        mo.rounding_hook = [&row](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
-                                  std::span<const float> rotation, float clip, std::span<float> out) {
+        // Quantize-dequantize with the row's rounding (its EF table, or the reference quantizer's RTN).
+        auto fake = [&row, &hq](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
+                                std::span<const float> rotation, float clip, std::span<float> out) {
           const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
-          if (!tab) return false;
-          calib::error_feedback_fake_quantize(x, tokens, rotation, clip, 2, *tab, out);
+          if (tab)
+            calib::error_feedback_fake_quantize(x, tokens, rotation, clip, 2, *tab, out);
+          else
+            hq.fake_quantize(x, tokens, rotation, clip, calib::Basis::Original, out);
+        };
+        // Mean error x̂ - x over the fit samples, per (keys, layer, KV head): computed on first use with the rotation
+        // and clip the cache hands the hook.
+        auto bias = std::make_shared<std::map<std::tuple<bool, int64_t, int64_t>, std::vector<double>>>();
+        mo.rounding_hook = [&, fake, bias, treat = treat](bool keys, int64_t layer, int64_t kv_head,
+                                                         std::span<const float> x, int64_t tokens,
+                                                         std::span<const float> rotation, float clip,
+                                                         std::span<float> out) {
+          if ((treat == Treat::ExactKeys && keys) || (treat == Treat::ExactValues && !keys)) {
+            std::copy(x.begin(), x.end(), out.begin());
+            return true;
+          }
+          if (treat == Treat::AsIs && !(keys ? row.k_tables : row.v_tables)[layer][kv_head]) return false;
+          fake(keys, layer, kv_head, x, tokens, rotation, clip, out);
+          if (treat != Treat::BiasCorrected) return true;
+          auto& b = (*bias)[{keys, layer, kv_head}];
+          if (b.empty()) {
+            const calib::ObjectiveSamples& fs = (keys ? fk : fv)[layer];
+            const int64_t n = fs.tokens;
+            std::span<const float> fx(fs.x.data() + kv_head * n * d, n * d);
+            std::vector<float> fq(fx.size());
+            fake(keys, layer, kv_head, fx, n, rotation, clip, fq);
+            b.assign(d, 0.0);
+            for (int64_t r = 0; r < n; ++r)
+              for (int64_t i = 0; i < d; ++i) b[i] += (static_cast<double>(fq[r * d + i]) - fx[r * d + i]) / n;
+          }
+          for (int64_t r = 0; r < tokens; ++r)
+            for (int64_t i = 0; i < d; ++i) out[r * d + i] = static_cast<float>(out[r * d + i] - b[i]);
           return true;
         };
         const auto f = eval::CacheFormat::create(eval::CacheMode::Oscar, cfg, mo);
@@ -334,10 +391,10 @@ int main(int argc, char** argv) {
           all.insert(all.end(), pm.begin(), pm.end());
         }
         const auto sum = eval::summarize(all);
-        std::cout << ::fmt::format("| {} | {:.5f} | {:.4f} | {:.4f} |\n", row.name, sum.kl_mean, sum.kl_p99,
-                                   sum.top1_agreement);
+        std::cout << ::fmt::format("| {}{} | {:.5f} | {:.4f} | {:.4f} |\n", row.name, treat_name, sum.kl_mean,
+                                   sum.kl_p99, sum.top1_agreement);
         std::cout.flush();
-        std::cerr << ::fmt::format("KL {}: {:.1f} s\n", row.name, bench::seconds_since(t));
+        std::cerr << ::fmt::format("KL {}{}: {:.1f} s\n", row.name, treat_name, bench::seconds_since(t));
       }
     }
     std::cerr << ::fmt::format("total {:.1f} s\n", bench::seconds_since(t0));

@@ -54,9 +54,9 @@ Status launch_int2_ef(const detail::KvWriteArgs& a, cudaStream_t stream) {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return Status::CudaError;
   if (a.num_kv_heads > 65535) return Status::Unsupported;
-  // All 8 warps even for a decode step's few tokens: they stage R and the table (128 KiB at d = 128) together, which
-  // is most of a small launch; warps without a tile leave after the staging.
-  const int warps = detail::kInt2EfMaxWarps;
+  // All the block's warps even for a decode step's few tokens: they stage R and the table (128 KiB at d = 128)
+  // together, which is most of a small launch; warps without a tile leave after the staging.
+  const int warps = detail::Int2EfShape<kHeadDim>::kWarps;
   // Floor, not ceil: one block fills an SM (shared memory), and a 133rd block would be a whole second wave.
   const int64_t per_head = std::max<int64_t>(1, sms / a.num_kv_heads);
   const int64_t blocks = std::min<int64_t>((tiles + warps - 1) / warps, per_head);
@@ -66,7 +66,7 @@ Status launch_int2_ef(const detail::KvWriteArgs& a, cudaStream_t stream) {
   const auto kernel = rotate ? detail::kv_write_int2_ef_kernel<kHeadDim, true, 0>
                              : detail::kv_write_int2_ef_kernel<kHeadDim, false, 0>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(detail::int2_ef_smem_bytes<kHeadDim>(true, detail::kInt2EfMaxWarps))) !=
+                           static_cast<int>(detail::int2_ef_smem_bytes<kHeadDim>(true, warps))) !=
       cudaSuccess)
     return Status::CudaError;
   const dim3 grid(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), static_cast<unsigned>(a.num_kv_heads));

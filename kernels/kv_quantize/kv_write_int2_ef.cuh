@@ -31,14 +31,16 @@
 
 namespace oscar::kern::detail {
 
-// Half the RTN writer's warps: R and the weight table both sit in shared memory at d = 128 (2 x 64 KiB).
-inline constexpr int kInt2EfMaxWarps = 8;
 // Steps per block of the rounding loop (divides every supported head_dim).
 inline constexpr int kEfBlock = 8;
 
 template <int kHeadDim>
 struct Int2EfShape {
   static constexpr bool kWInShared = kHeadDim <= 128;
+  // Warps per block, one block per SM: as many as shared memory (R and the table, 2 x 64 KiB at d = 128, plus one
+  // 8 KiB x tile per warp: 225 KiB at 12) and registers (167 at d = 128: 12 x 32 x 168 = 64.5K of 64K) allow,
+  // because the sequential part of each step block runs on half the lanes and needs other warps to hide it.
+  static constexpr int kWarps = kHeadDim <= 64 ? 16 : kHeadDim == 128 ? 12 : 8;
 };
 
 // R (when kept and rotating) + the head's weights (d <= 128) + order and its inverse + one x tile per warp.
@@ -52,7 +54,7 @@ constexpr size_t int2_ef_smem_bytes(bool rotate, int warps) {
 }
 
 template <int kHeadDim, bool kRotate, int kSelect>
-__global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kernel(KvWriteArgs a) {
+__global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_write_int2_ef_kernel(KvWriteArgs a) {
   using S = Int2TileShape<kHeadDim>;
   constexpr int N = S::kPerLane, M = S::kTokens, G = S::kTokenGroup;
   constexpr int kRowBytes = kHeadDim / 4;
@@ -73,19 +75,25 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
     next += kHeadDim * kHeadDim;
   }
   const float* wts = a.ef_weights + static_cast<int64_t>(head) * kHeadDim * kHeadDim;
-  if constexpr (Int2EfShape<kHeadDim>::kWInShared) {
-    const float4* src = reinterpret_cast<const float4*>(wts);  // 16-byte aligned: kv_write_can_implement
-    float4* dst = reinterpret_cast<float4*>(next);
-    for (int i = threadIdx.x; i < kHeadDim * kHeadDim / 4; i += blockDim.x) dst[i] = __ldg(src + i);
-    wts = next;
-    next += kHeadDim * kHeadDim;
-  }
+  float* wts_smem = next;
+  if constexpr (Int2EfShape<kHeadDim>::kWInShared) next += kHeadDim * kHeadDim;
   int32_t* order = reinterpret_cast<int32_t*>(next);
   int32_t* inverse = order + kHeadDim;
   for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x) {
     const int32_t c = __ldg(a.ef_order + static_cast<int64_t>(head) * kHeadDim + i);
     order[i] = c;
     inverse[c] = i;  // a permutation (checked by the caller)
+  }
+  // In shared memory the table's columns are stored by coordinate, not by step: smem[k][c] = weights[k][pos(c)].
+  // Lane l's coordinates N·l .. N·l+N-1 then sit side by side in every row (one vector load, no bank conflicts),
+  // where the step order would scatter them over the row.
+  if constexpr (Int2EfShape<kHeadDim>::kWInShared) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kHeadDim * kHeadDim; i += blockDim.x) {
+      const int k = i / kHeadDim, c = i - k * kHeadDim;
+      wts_smem[i] = __ldg(wts + k * kHeadDim + inverse[c]);
+    }
+    wts = wts_smem;
   }
   __syncthreads();
   float* xs = next + 2 * kHeadDim + warp * M * kHeadDim;
@@ -187,22 +195,30 @@ __global__ void __launch_bounds__(kInt2EfMaxWarps * 32, 1) kv_write_int2_ef_kern
           const float ne = -__fsub_rn(w[s], fmaf(q, my_scale, my_zero));
           codes[lane * kCodeStride + coord[s]] = static_cast<uint8_t>(q);
           neg_err[s * M + lane] = ne;
-          const float* row = wts + (k0 + s) * kHeadDim + k0;
+          const float* row = wts + (k0 + s) * kHeadDim;
 #pragma unroll
-          for (int s2 = s + 1; s2 < kEfBlock; ++s2) w[s2] = fmaf(ne, row[s2], w[s2]);
+          for (int s2 = s + 1; s2 < kEfBlock; ++s2) {
+            const float weight = Int2EfShape<kHeadDim>::kWInShared ? row[coord[s2]] : row[k0 + s2];
+            w[s2] = fmaf(ne, weight, w[s2]);
+          }
         }
       }
       __syncwarp();
 #pragma unroll
       for (int s = 0; s < kEfBlock; ++s) {
         float wk[N];
+        if constexpr (Int2EfShape<kHeadDim>::kWInShared) {
+          static_assert(N % 2 == 0, "the lane's coordinates load as float2 / float4");
+          const float* src = wts + (k0 + s) * kHeadDim + N * lane;
 #pragma unroll
-        for (int j = 0; j < N; ++j) {
-          const float* src = wts + (k0 + s) * kHeadDim + pos[j];
-          if constexpr (Int2EfShape<kHeadDim>::kWInShared)
-            wk[j] = *src;
-          else
-            wk[j] = __ldg(src);
+          for (int j = 0; j < N; j += 2) {
+            const float2 v = reinterpret_cast<const float2*>(src)[j / 2];
+            wk[j] = v.x;
+            wk[j + 1] = v.y;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) wk[j] = __ldg(wts + (k0 + s) * kHeadDim + pos[j]);
         }
 #pragma unroll
         for (int q = 0; q < M / 4; ++q) {

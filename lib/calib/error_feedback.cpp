@@ -8,6 +8,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "formats/dtype.h"
 #include "formats/error.h"
 #include "formats/kv_layout.h"
 
@@ -41,6 +42,9 @@ ErrorFeedbackTable error_feedback_table(std::span<const double> metric, int64_t 
   ErrorFeedbackTable t;
   t.dim = d;
   t.feedback_clip_error = options.feedback_clip_error;
+  if (options.refit_iters < 0) throw Error(where, ::fmt::format("refit_iters {} must be >= 0", options.refit_iters));
+  t.refit_iters = options.refit_iters;
+  if (t.refit_iters > 0) t.metric.assign(h.data(), h.data() + d * d);
   t.order.resize(static_cast<size_t>(d));
   std::iota(t.order.begin(), t.order.end(), 0);
   if (options.act_order)
@@ -74,18 +78,15 @@ std::vector<double> metric_in_basis(std::span<const double> metric, std::span<co
   return std::vector<double>(out.data(), out.data() + d * d);
 }
 
-IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32_t bits,
-                               const ErrorFeedbackTable& table, std::span<uint8_t> codes) {
+namespace {
+
+// One rounding pass with fixed params p: the running target starts at `target` and every rounded coordinate feeds
+// its error forward through U.
+void feedback_round(std::span<const float> target, IntParams p, int32_t bits, const ErrorFeedbackTable& table,
+                    std::span<uint8_t> codes) {
   const int64_t d = table.dim;
-  if (static_cast<int64_t>(y.size()) != d || static_cast<int64_t>(codes.size()) != d)
-    throw Error("error_feedback_codes", ::fmt::format("vector has {} values, table is for head_dim {}", y.size(), d));
-  std::vector<float> clipped(y.begin(), y.end());
-  clip_in_place(clipped, clip_ratio);
-  const IntParams p = int_params(clipped, bits);
   // Feedback runs in double: the running target accumulates up to d corrections.
-  std::vector<double> w(static_cast<size_t>(d));
-  const std::vector<float>& target = table.feedback_clip_error ? std::vector<float>(y.begin(), y.end()) : clipped;
-  for (int64_t i = 0; i < d; ++i) w[i] = target[i];
+  std::vector<double> w(target.begin(), target.end());
   for (int64_t k = 0; k < d; ++k) {
     const int32_t i = table.order[static_cast<size_t>(k)];
     // The element rounds with the reference quantizer's own arithmetic (fp32 rint, clamp), so with no feedback the
@@ -98,6 +99,74 @@ IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32
       const double c = urow[m];
       if (c != 0.0) w[table.order[static_cast<size_t>(m)]] -= err * c;
     }
+  }
+}
+
+// (y - x̂)ᵀ H (y - x̂) of codes under p.
+double metric_error(std::span<const float> y, std::span<const uint8_t> codes, IntParams p, const ErrorFeedbackTable& t) {
+  const int64_t d = t.dim;
+  std::vector<double> e(static_cast<size_t>(d));
+  for (int64_t i = 0; i < d; ++i) e[i] = static_cast<double>(y[i]) - int_dequant(codes[i], p);
+  double total = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    double row = 0;
+    for (int64_t j = 0; j < d; ++j) row += t.metric[static_cast<size_t>(i * d + j)] * e[j];
+    total += e[i] * row;
+  }
+  return total;
+}
+
+// Least-squares (scale, zero) of fixed codes in H: minimize (y - s·c - z·1)ᵀ H (y - s·c - z·1). False when the
+// codes do not determine them (all equal) or the fit is degenerate (s <= 0).
+bool refit_params(std::span<const float> y, std::span<const uint8_t> codes, const ErrorFeedbackTable& t, IntParams& p) {
+  const int64_t d = t.dim;
+  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    double hc = 0, h1 = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double h = t.metric[static_cast<size_t>(i * d + j)];
+      hc += h * codes[j];
+      h1 += h;
+    }
+    a11 += codes[i] * hc;
+    a12 += codes[i] * h1;
+    a22 += h1;
+    b1 += y[i] * hc;
+    b2 += y[i] * h1;
+  }
+  const double det = a11 * a22 - a12 * a12;
+  if (!(det > 1e-12 * std::max(a11 * a22, 1e-300))) return false;
+  const double s = (b1 * a22 - b2 * a12) / det, z = (a11 * b2 - a12 * b1) / det;
+  if (!(s > 0) || !std::isfinite(z)) return false;
+  p.scale_f16 = fmt::f32_to_f16(static_cast<float>(s));
+  p.zero_f16 = fmt::f32_to_f16(static_cast<float>(z));
+  return p.scale() > 0.f && std::isfinite(p.scale()) && std::isfinite(p.zero());
+}
+
+}  // namespace
+
+IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32_t bits,
+                               const ErrorFeedbackTable& table, std::span<uint8_t> codes) {
+  const int64_t d = table.dim;
+  if (static_cast<int64_t>(y.size()) != d || static_cast<int64_t>(codes.size()) != d)
+    throw Error("error_feedback_codes", ::fmt::format("vector has {} values, table is for head_dim {}", y.size(), d));
+  std::vector<float> clipped(y.begin(), y.end());
+  clip_in_place(clipped, clip_ratio);
+  IntParams p = int_params(clipped, bits);
+  const std::span<const float> target = table.feedback_clip_error ? y : std::span<const float>(clipped);
+  feedback_round(target, p, bits, table, codes);
+  if (table.refit_iters == 0) return p;
+  double best = metric_error(y, codes, p, table);
+  std::vector<uint8_t> trial(static_cast<size_t>(d));
+  IntParams q = p;
+  for (int it = 0; it < table.refit_iters; ++it) {
+    if (!refit_params(y, codes, table, q)) break;
+    feedback_round(target, q, bits, table, trial);
+    const double err = metric_error(y, trial, q, table);
+    if (!(err < best)) break;
+    best = err;
+    p = q;
+    std::copy(trial.begin(), trial.end(), codes.begin());
   }
   return p;
 }

@@ -33,6 +33,10 @@ struct ErrorFeedbackOptions {
   // Feed back the clipping error of clipped coordinates too (target = unclipped rotated vector): the clipped
   // outlier's loss is then partly recovered by its neighbours. Off = target is the clipped vector (the RTN target).
   bool feedback_clip_error = false;
+  // Alternate rounding with a refit of the token's (scale, zero) by least squares in H (both fp16), at most this many
+  // times, keeping a refit only while it lowers the token's error (y - x̂)ᵀ H (y - x̂) against the unclipped y.
+  // 0 = the RTN (scale, zero) of the clipped vector, the stored form's rule.
+  int refit_iters = 0;
 };
 
 // The per-(layer, KV head, tensor) table a cache writer needs: order + U (what a bundle would store).
@@ -41,6 +45,8 @@ struct ErrorFeedbackTable {
   std::vector<int32_t> order;  // [d] coordinate rounded at step k
   std::vector<double> u;       // [d, d] row-major, upper triangular, in `order` coordinates: u[k*d + m], m >= k
   bool feedback_clip_error = false;
+  int refit_iters = 0;
+  std::vector<double> metric;  // [d, d] H = M + damping, natural coordinates (used by the refit only)
   bool diagonal() const;       // no off-diagonal term: the rounding is plain RTN
 };
 
@@ -54,7 +60,8 @@ std::vector<double> metric_in_basis(std::span<const double> metric, std::span<co
 
 // Codes of one rotated vector y (d floats, NOT yet clipped) for a whole-head segment of `bits`: clips a copy of y
 // with clip_ratio exactly as the reference quantizer, takes the RTN params of the clipped vector, then rounds with
-// feedback. codes.size() == d; returns the params (bit-identical to quantize_int2's for bits 2).
+// feedback. codes.size() == d; returns the params (bit-identical to quantize_int2's for bits 2 when refit_iters is
+// 0; with refits, the params of the best refit).
 IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32_t bits,
                                const ErrorFeedbackTable& table, std::span<uint8_t> codes);
 
