@@ -194,6 +194,7 @@ int main(int argc, char** argv) {
       bool drop_k_tables = false;  // RTN keys at the clip the EF retune picked: separates the clip from the rounding
       float fixed_k_clip = 0, fixed_v_clip = 0;  // > 0: override the RTN-tuned clips (the yardstick's 0.96 / 0.92)
       int refit_iters = 0;                       // ErrorFeedbackOptions::refit_iters of every table
+      bool refit_reround = true;                 // ErrorFeedbackOptions::refit_reround
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
@@ -202,6 +203,9 @@ int main(int argc, char** argv) {
       for (int r : {0, refit_study})
         variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92, refit {}", d0, r), d0,
                             VMetric::WoSum, d0, false, false, 0.96f, 0.92f, r});
+      variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92, params refit, codes kept",
+                                        d0),
+                          d0, VMetric::WoSum, d0, false, false, 0.96f, 0.92f, 1, false});
     } else if (clip_study) {
       variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
       variants.push_back({::fmt::format("EF K (damp {}), K clip retuned under EF", d0), d0, VMetric::None, d0, true});
@@ -260,6 +264,7 @@ int main(int argc, char** argv) {
           ko.feedback_clip_error = clip_feedback;
           ko.damp = var.k_damp;
           ko.refit_iters = var.refit_iters;
+          ko.refit_reround = var.refit_reround;
           // Tables come from the FIT text's Σ_Q (what a bundle would store), scored on held-out Σ_Q.
           if (var.k_damp >= 0)
             for (int64_t h = 0; h < Hkv; ++h)

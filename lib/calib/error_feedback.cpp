@@ -44,6 +44,7 @@ ErrorFeedbackTable error_feedback_table(std::span<const double> metric, int64_t 
   t.feedback_clip_error = options.feedback_clip_error;
   if (options.refit_iters < 0) throw Error(where, ::fmt::format("refit_iters {} must be >= 0", options.refit_iters));
   t.refit_iters = options.refit_iters;
+  t.refit_reround = options.refit_reround;
   if (t.refit_iters > 0) t.metric.assign(h.data(), h.data() + d * d);
   t.order.resize(static_cast<size_t>(d));
   std::iota(t.order.begin(), t.order.end(), 0);
@@ -161,7 +162,10 @@ IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32
   IntParams q = p;
   for (int it = 0; it < table.refit_iters; ++it) {
     if (!refit_params(y, codes, table, q)) break;
-    feedback_round(target, q, bits, table, trial);
+    if (table.refit_reround)
+      feedback_round(target, q, bits, table, trial);
+    else
+      std::copy(codes.begin(), codes.end(), trial.begin());
     const double err = metric_error(y, trial, q, table);
     if (!(err < best)) break;
     best = err;

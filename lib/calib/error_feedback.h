@@ -37,6 +37,9 @@ struct ErrorFeedbackOptions {
   // times, keeping a refit only while it lowers the token's error (y - x̂)ᵀ H (y - x̂) against the unclipped y.
   // 0 = the RTN (scale, zero) of the clipped vector, the stored form's rule.
   int refit_iters = 0;
+  // With refits: round again with the refitted (scale, zero) (true), or keep the first rounding's codes and only
+  // replace the params (false: one least-squares solve per token, no second rounding pass).
+  bool refit_reround = true;
 };
 
 // The per-(layer, KV head, tensor) table a cache writer needs: order + U (what a bundle would store).
@@ -46,6 +49,7 @@ struct ErrorFeedbackTable {
   std::vector<double> u;       // [d, d] row-major, upper triangular, in `order` coordinates: u[k*d + m], m >= k
   bool feedback_clip_error = false;
   int refit_iters = 0;
+  bool refit_reround = true;
   std::vector<double> metric;  // [d, d] H = M + damping, natural coordinates (used by the refit only)
   bool diagonal() const;       // no off-diagonal term: the rounding is plain RTN
 };

@@ -37,6 +37,7 @@
 #include "runtime/eval_gpu.h"
 #include "runtime/kv_cache.h"
 #include "gpu_test_buffer.h"
+#include "qwen3_docs_fixture.h"
 #include "test_support.h"
 
 namespace oscar::rt {
@@ -44,30 +45,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const char* const kQwen3 = "models/qwen3-tiny-trained";
-const char* const kPythonDocs = "text/python-docs-heldout.txt";
-const char* const kLinuxDocs = "text/linux-docs-heldout.txt";
-const char* const kCalibrationText = "text/wikitext-2-raw-test.txt";
-
-fmt::Bundle calibrated_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok, const fs::path& dir) {
-  data::PackOptions po;
-  po.seq_len = 256;
-  po.num_seqs = 6;
-  po.seed = 1;
-  const data::PackedDataset packed =
-      data::pack_dataset({(test::fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
-  calib::CpuForwardRunner runner(cpu);
-  calib::CalibrationData data;
-  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
-    auto s = packed.sequence(i);
-    data.sequences.emplace_back(s.begin(), s.end());
-  }
-  data.seq_len = 256;
-  calib::CalibrationOptions opt;
-  opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
-  opt.tune_clip = false;
-  return calib::calibrate(runner, calib::model_fingerprint(dir), data, opt).bundle;
-}
+using test::qwen3_docs::kCalibrationText;
+using test::qwen3_docs::kLinuxDocs;
+using test::qwen3_docs::kPythonDocs;
+const char* const kQwen3 = test::qwen3_docs::kModel;
 
 fmt::Bundle with_tables(fmt::Bundle b, int64_t kv_heads, int64_t d) {
   for (size_t l = 0; l < b.layers.size(); ++l) {
@@ -105,14 +86,12 @@ class KvCapture : public DeviceObserver {
 class EngineEf : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    if (!test::gpu::have_gpu() || !fs::exists(test::fixtures_dir() / kQwen3) ||
-        !fs::exists(test::fixtures_dir() / kCalibrationText) || !fs::exists(test::fixtures_dir() / kPythonDocs) ||
-        !fs::exists(test::fixtures_dir() / kLinuxDocs))
+    if (!test::gpu::have_gpu() || !test::qwen3_docs::fixtures_present())
       return;
     dir_ = new fs::path(test::fixtures_dir() / kQwen3);
     cpu_ = model::CpuModel::load(*dir_).release();
     tok_ = fmt::Tokenizer::load(*dir_).release();
-    rtn_ = new fmt::Bundle(calibrated_bundle(*cpu_, *tok_, *dir_));
+    rtn_ = new fmt::Bundle(test::qwen3_docs::calibrated_bundle(*cpu_, *tok_));
     ef_ = new fmt::Bundle(with_tables(*rtn_, cpu_->config().num_kv_heads, cpu_->config().head_dim));
   }
   void SetUp() override {
@@ -289,20 +268,7 @@ TEST_F(EngineEf, MixedSpectralBundleWritesTablesOnItsWholeHeadTensors) {
 }
 
 TEST_F(EngineEf, EvalMetricsMatchTheCpuSimulation) {
-  data::PackOptions po;
-  po.seq_len = 768;
-  po.num_seqs = 2;
-  po.shuffle = true;
-  po.seed = 0;
-  const data::PackedDataset packed = data::pack_dataset(
-      {(test::fixtures_dir() / kPythonDocs).string(), (test::fixtures_dir() / kLinuxDocs).string()}, tok_,
-      data::SourceOptions{}, po);
-  eval::ContextSequences cs{768, {}};
-  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
-    auto s = packed.sequence(i);
-    cs.sequences.emplace_back(s.begin(), s.end());
-  }
-  const std::vector<eval::ContextSequences> data = {cs};
+  const std::vector<eval::ContextSequences> data = test::qwen3_docs::heldout(*tok_, 768, 2);
   eval::EvalOptions opt;
   opt.modes = eval::parse_cache_modes("oscar", "test");
   opt.mode_options.windows = {16, 64};

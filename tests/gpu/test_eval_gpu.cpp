@@ -28,6 +28,7 @@
 #include "lib/model/cpu_model.h"
 #include "runtime/eval_gpu.h"
 #include "gpu_test_buffer.h"
+#include "qwen3_docs_fixture.h"
 #include "test_support.h"
 
 namespace oscar::rt {
@@ -35,60 +36,23 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const char* const kQwen3 = "models/qwen3-tiny-trained";
-const char* const kPythonDocs = "text/python-docs-heldout.txt";
-const char* const kLinuxDocs = "text/linux-docs-heldout.txt";
-const char* const kCalibrationText = "text/wikitext-2-raw-test.txt";
-
 using test::gpu::have_gpu;
-
-std::vector<eval::ContextSequences> heldout(const fmt::Tokenizer& tok, int64_t context, int64_t num_seqs) {
-  data::PackOptions po;
-  po.seq_len = context;
-  po.num_seqs = num_seqs;
-  po.shuffle = true;
-  po.seed = 0;
-  const std::vector<std::string> files = {(test::fixtures_dir() / kPythonDocs).string(),
-                                          (test::fixtures_dir() / kLinuxDocs).string()};
-  const data::PackedDataset packed = data::pack_dataset(files, &tok, data::SourceOptions{}, po);
-  EXPECT_EQ(packed.num_seqs(), num_seqs);
-  eval::ContextSequences cs{context, {}};
-  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
-    auto s = packed.sequence(i);
-    cs.sequences.emplace_back(s.begin(), s.end());
-  }
-  return {cs};
-}
+using test::qwen3_docs::heldout;
+using test::qwen3_docs::kCalibrationText;
+using test::qwen3_docs::kLinuxDocs;
+using test::qwen3_docs::kPythonDocs;
+const char* const kQwen3 = test::qwen3_docs::kModel;
 
 fmt::Bundle qwen3_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok) {
-  const fs::path dir = test::fixtures_dir() / kQwen3;
   const fs::path given = test::fixtures_dir() / "bundles/qwen3-tiny-trained.oscar";
   if (fs::exists(given)) return fmt::read_bundle(given);
-  data::PackOptions po;
-  po.seq_len = 256;
-  po.num_seqs = 6;
-  po.seed = 1;
-  const data::PackedDataset packed =
-      data::pack_dataset({(test::fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
-  calib::CpuForwardRunner runner(cpu);
-  calib::CalibrationData data;
-  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
-    auto s = packed.sequence(i);
-    data.sequences.emplace_back(s.begin(), s.end());
-  }
-  data.seq_len = 256;
-  calib::CalibrationOptions opt;
-  opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
-  opt.tune_clip = false;  // no held-out split here: the published clip ratios
-  return calib::calibrate(runner, calib::model_fingerprint(dir), data, opt).bundle;
+  return test::qwen3_docs::calibrated_bundle(cpu, tok);
 }
 
 class EvalGpu : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    if (!have_gpu() || !fs::exists(test::fixtures_dir() / kQwen3) || !fs::exists(test::fixtures_dir() / kPythonDocs) ||
-        !fs::exists(test::fixtures_dir() / kLinuxDocs) || !fs::exists(test::fixtures_dir() / kCalibrationText))
-      return;
+    if (!have_gpu() || !test::qwen3_docs::fixtures_present()) return;
     dir_ = new fs::path(test::fixtures_dir() / kQwen3);
     cpu_ = model::CpuModel::load(*dir_).release();
     tok_ = fmt::Tokenizer::load(*dir_).release();

@@ -18,89 +18,29 @@
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
 #include "gpu_test_buffer.h"
+#include "kv_write_gpu_case.h"
 
 namespace oscar {
 namespace {
 
-template <typename T>
-using Dev = test::gpu::DeviceBuffer<T>;
+using Case = test::KvWriteCase;
+using Pools = test::KvWritePools;
 
-struct Case {
-  int d = 128, heads = 3, tokens = 0;
-  int64_t stride = 0;
-  std::vector<uint16_t> x;
-  std::vector<int32_t> slots;
-  int pages = 0;
-};
-
-// Stress vectors (stress = true) or Gaussian keys with outliers; shuffled slots, every 7th and one 16-token tile
-// skipped, x rows padded by `pad` elements.
+// Stress vectors (stress = true) or Gaussian keys with outliers (test::kv_write_case's slots and padding).
 Case make_case(int d, int heads, int tokens, int pad, bool stress, uint32_t seed) {
-  Case c;
-  c.d = d;
-  c.heads = heads;
-  c.tokens = tokens;
-  c.stride = static_cast<int64_t>(heads) * d + pad;
-  c.pages = (tokens + 63) / 64 + 1;
-  c.x.assign(static_cast<size_t>(tokens) * c.stride, fmt::f32_to_bf16(123.f));
-  std::mt19937 rng(seed);
   const auto gauss = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, seed + 1);
-  for (int t = 0; t < tokens; ++t)
-    for (int h = 0; h < heads; ++h) {
-      uint16_t* dst = c.x.data() + static_cast<size_t>(t) * c.stride + static_cast<size_t>(h) * d;
-      if (stress)
-        test::fill_stress_vector((t * heads + h) % test::kStressPatterns, d, rng, true, dst);
-      else
-        std::copy_n(gauss.data() + (static_cast<size_t>(t) * heads + h) * d, d, dst);
-    }
-  std::vector<int32_t> all(static_cast<size_t>(c.pages) * 64);
-  std::iota(all.begin(), all.end(), 0);
-  std::shuffle(all.begin(), all.end(), rng);
-  c.slots.assign(all.begin(), all.begin() + tokens);
-  for (int t = 0; t < tokens; t += 7) c.slots[static_cast<size_t>(t)] = -1;
-  for (int t = 32; t < std::min(tokens, 48); ++t) c.slots[static_cast<size_t>(t)] = -1;
-  return c;
+  return test::kv_write_case(d, heads, tokens, pad, seed, [&](int t, int h, std::mt19937& rng, uint16_t* dst) {
+    if (stress)
+      test::fill_stress_vector((t * heads + h) % test::kStressPatterns, d, rng, true, dst);
+    else
+      std::copy_n(gauss.data() + (static_cast<size_t>(t) * heads + h) * d, d, dst);
+  });
 }
-
-struct Pools {
-  std::vector<uint8_t> gpu, ref;
-};
 
 // tables == nullptr: the RTN writer on both sides.
 Pools run(const Case& c, const std::vector<float>* rot, float ratio, const test::EfTables* tables, bool feedback) {
-  const fmt::Int2PageGeometry geo{c.d, 64};
-  std::vector<uint8_t> pool(static_cast<size_t>(c.pages) * c.heads * geo.page_bytes(), 0xab);
-  kern::KvWriteParams p;
-  p.tokens = c.tokens;
-  p.token_stride = c.stride;
-  p.num_kv_heads = c.heads;
-  p.head_dim = c.d;
-  p.page_tokens = 64;
-  p.clip_ratio = ratio;
-  p.ef_clip_feedback = feedback;
-  Dev<uint16_t> dx(c.x);
-  Dev<float> drot(rot ? *rot : std::vector<float>{});
-  Dev<int32_t> dslots(c.slots);
-  Dev<uint8_t> dpool(pool);
-  Dev<int32_t> dorder(tables ? tables->order : std::vector<int32_t>{});
-  Dev<float> dweights(tables ? tables->weights : std::vector<float>{});
-  p.x = dx.ptr;
-  p.rotation = rot ? drot.ptr : nullptr;
-  p.slots = dslots.ptr;
-  p.int2_pool = dpool.ptr;
-  p.ef_order = tables ? dorder.ptr : nullptr;
-  p.ef_weights = tables ? dweights.ptr : nullptr;
-  EXPECT_EQ(kern::kv_write(p, kern::KvWriteMode::Int2, nullptr), kern::Status::Ok);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  Pools out{dpool.download(), pool};
-  p.x = c.x.data();
-  p.rotation = rot ? rot->data() : nullptr;
-  p.slots = c.slots.data();
-  p.int2_pool = out.ref.data();
-  p.ef_order = tables ? tables->order.data() : nullptr;
-  p.ef_weights = tables ? tables->weights.data() : nullptr;
-  kern::kv_write_ref(p, kern::KvWriteMode::Int2);
-  return out;
+  return test::run_kv_write(c, rot, ratio, tables, feedback,
+                            [](const kern::KvWriteParams& p) { return kern::kv_write(p, kern::KvWriteMode::Int2, nullptr); });
 }
 
 size_t first_difference(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {

@@ -12,6 +12,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "../kernels/kv_cache_test_util.h"
@@ -21,6 +22,7 @@
 #include "kernels/kv_quantize/kv_quantize_ref.h"
 #include "kernels/kv_quantize/kv_write_variants.h"
 #include "gpu_test_buffer.h"
+#include "kv_write_gpu_case.h"
 #include "test_support.h"
 
 namespace oscar {
@@ -28,71 +30,33 @@ namespace {
 
 using test::gpu::have_gpu;
 
-template <typename T>
-using Dev = test::gpu::DeviceBuffer<T>;
+using Case = test::KvWriteCase;
+using Pools = test::KvWritePools;
 
-struct Case {
-  int d = 128, heads = 3, tokens = 0;
-  int64_t stride = 0;  // elements between tokens (>= heads * d)
-  std::vector<uint16_t> x;
-  std::vector<int32_t> slots;
-  int pages = 0;
-};
-
-// Runs one implementation and the reference on the same pool (pre-filled with 0xab so stray writes show).
-struct Pools {
-  std::vector<uint8_t> gpu, ref;
-};
+// Runs one implementation and the reference on the same pool.
 Pools run(const Case& c, const std::vector<float>* rot, float ratio, kern::KvWriteInt2Impl impl) {
-  const fmt::Int2PageGeometry geo{c.d, 64};
-  std::vector<uint8_t> pool(static_cast<size_t>(c.pages) * c.heads * geo.page_bytes(), 0xab);
-  kern::KvWriteParams p;
-  p.tokens = c.tokens;
-  p.token_stride = c.stride;
-  p.num_kv_heads = c.heads;
-  p.head_dim = c.d;
-  p.page_tokens = 64;
-  p.clip_ratio = ratio;
-  Dev<uint16_t> dx(c.x);
-  Dev<float> drot(rot ? *rot : std::vector<float>{});
-  Dev<int32_t> dslots(c.slots);
-  Dev<uint8_t> dpool(pool);
-  p.x = dx.ptr;
-  p.rotation = rot ? drot.ptr : nullptr;
-  p.slots = dslots.ptr;
-  p.int2_pool = dpool.ptr;
-  EXPECT_EQ(kern::kv_write_int2_impl(p, impl, nullptr), kern::Status::Ok);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  Pools out{dpool.download(), pool};
-  p.x = c.x.data();
-  p.rotation = rot ? rot->data() : nullptr;
-  p.slots = c.slots.data();
-  p.int2_pool = out.ref.data();
-  kern::kv_write_ref(p, kern::KvWriteMode::Int2);
-  return out;
+  return test::run_kv_write(c, rot, ratio, nullptr, false,
+                            [impl](const kern::KvWriteParams& p) { return kern::kv_write_int2_impl(p, impl, nullptr); });
 }
 
-// `tokens` stress vectors per head with shuffled slots over `pages` pages, every 7th slot skipped and one whole
-// 16-token tile skipped; x rows strided by `pad` extra elements (x a slice of a wider tensor).
+// `tokens` stress vectors per head (test::kv_write_case's slots and padding).
 Case stress_case(int d, int heads, int tokens, int pad, bool finite_only, uint32_t seed) {
+  return test::kv_write_case(d, heads, tokens, pad, seed, [&](int t, int h, std::mt19937& rng, uint16_t* dst) {
+    test::fill_stress_vector((t * heads + h) % test::kStressPatterns, d, rng, finite_only, dst);
+  });
+}
+
+// Unpadded rows, slots 0 .. tokens-1 in order over `pages` pages.
+Case contiguous_case(int d, int heads, int tokens, int pages, std::vector<uint16_t> x) {
   Case c;
   c.d = d;
   c.heads = heads;
   c.tokens = tokens;
-  c.stride = static_cast<int64_t>(heads) * d + pad;
-  c.pages = (tokens + 63) / 64 + 1;
-  c.x.assign(static_cast<size_t>(tokens) * c.stride, fmt::f32_to_bf16(123.f));  // the padding must not be read
-  std::mt19937 rng(seed);
-  for (int t = 0; t < tokens; ++t)
-    for (int h = 0; h < heads; ++h)
-      test::fill_stress_vector((t * heads + h) % test::kStressPatterns, d, rng, finite_only,
-                               c.x.data() + static_cast<size_t>(t) * c.stride + static_cast<size_t>(h) * d);
-  std::vector<int32_t> all(static_cast<size_t>(c.pages) * 64);
-  std::iota(all.begin(), all.end(), 0);
-  std::shuffle(all.begin(), all.end(), rng);
-  c.slots.assign(all.begin(), all.begin() + tokens);
-  for (int t = 0; t < tokens; t += 7) c.slots[static_cast<size_t>(t)] = -1;
-  for (int t = 32; t < std::min(tokens, 48); ++t) c.slots[static_cast<size_t>(t)] = -1;
+  c.stride = static_cast<int64_t>(heads) * d;
+  c.pages = pages;
+  c.x = std::move(x);
+  c.slots.resize(static_cast<size_t>(tokens));
+  std::iota(c.slots.begin(), c.slots.end(), 0);
   return c;
 }
 
@@ -135,15 +99,8 @@ TEST_P(KvWriteInt2Gpu, AllImplementationsAgreeOnGaussianKeys) {
   OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 8, tokens = 517;
   const auto rot = test::random_rotation(d, 90 + d);
-  Case c;
-  c.d = d;
-  c.heads = heads;
-  c.tokens = tokens;
-  c.stride = static_cast<int64_t>(heads) * d;
-  c.pages = (tokens + 63) / 64;
-  c.x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 91, 30.0f);
-  c.slots.resize(static_cast<size_t>(tokens));
-  std::iota(c.slots.begin(), c.slots.end(), 0);
+  const Case c = contiguous_case(d, heads, tokens, (tokens + 63) / 64,
+                                 test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 91, 30.0f));
   for (float ratio : {0.96f, 0.92f, 0.5f}) {
     for (auto impl : {kern::KvWriteInt2Impl::Tiled, kern::KvWriteInt2Impl::TiledRadix, kern::KvWriteInt2Impl::Legacy}) {
       const Pools p = run(c, &rot, ratio, impl);
@@ -158,15 +115,7 @@ TEST_P(KvWriteInt2Gpu, NanTouchesOnlyItsOwnRecord) {
   OSCAR_REQUIRE_DEVICE();
   const int d = GetParam(), heads = 2, tokens = 40;
   const auto rot = test::random_rotation(d, 95 + d);
-  Case c;
-  c.d = d;
-  c.heads = heads;
-  c.tokens = tokens;
-  c.stride = static_cast<int64_t>(heads) * d;
-  c.pages = 1;
-  c.x = test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 96);
-  c.slots.resize(static_cast<size_t>(tokens));
-  std::iota(c.slots.begin(), c.slots.end(), 0);
+  Case c = contiguous_case(d, heads, tokens, 1, test::random_bf16(static_cast<size_t>(tokens) * heads * d, d, 96));
   const int bad_t = 17, bad_h = 1;
   Case zeroed = c;
   uint16_t* v = c.x.data() + (static_cast<size_t>(bad_t) * heads + bad_h) * d;
