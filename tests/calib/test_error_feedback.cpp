@@ -173,6 +173,19 @@ TEST(ErrorFeedback, ScaleZeroRefitNeverRaisesTheTokensError) {
   RecordProperty("ratio", std::to_string(sum_refit / sum_plain));
   EXPECT_GT(refitted, n / 2);  // the refit does act on most tokens
   EXPECT_LT(sum_refit / sum_plain, 0.97);
+  // refit_reround = false: the plain table's codes, only the params replaced, never a higher error in H.
+  o.refit_reround = false;
+  const auto kept = error_feedback_table(c.mv, d, o, "test");
+  for (int64_t t = 0; t < 50; ++t) {
+    std::span<const float> yt(c.y.data() + t * d, d);
+    const IntParams pp = error_feedback_codes(yt, 0.96f, 2, plain, codes_plain);
+    const IntParams pk = error_feedback_codes(yt, 0.96f, 2, kept, codes_refit);
+    ASSERT_EQ(codes_refit, codes_plain) << "token " << t;
+    for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes_plain[i], pp);
+    const double ep = metric_error(yt, yhat, h);
+    for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes_refit[i], pk);
+    ASSERT_LE(metric_error(yt, yhat, h), ep * (1 + 1e-12)) << "token " << t;
+  }
   o.refit_iters = -1;
   EXPECT_THROW(error_feedback_table(c.mv, d, o, "test"), Error);
 }
