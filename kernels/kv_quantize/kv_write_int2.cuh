@@ -147,6 +147,40 @@ __device__ __forceinline__ void select_radix(const uint32_t (&m)[kGroup][kPerLan
 
 // Quantizes one clipped token (the lane's kPerLane dims) and returns its fp16 (scale, zero) pair; writes the code
 // word(s) of the lane group to `row` (the token's code row) when row != nullptr.
+// int2_min_max for a lane whose value j is coordinate dims[j] (any distinct dims across the warp): the zero sign
+// comes from the first (last) zero in dim order, found with a warp min (max) over the zeros' dims.
+template <int kPerLane>
+__device__ __forceinline__ void int2_min_max_dims(const float (&v)[kPerLane], const int (&dims)[kPerLane], float& lo,
+                                                  float& hi) {
+  float l = v[0], h = v[0];
+#pragma unroll
+  for (int j = 1; j < kPerLane; ++j) {
+    l = fminf(l, v[j]);  // the value only: a zero's sign is resolved below
+    h = fmaxf(h, v[j]);
+  }
+  lo = float_from_order_key(__reduce_min_sync(0xffffffffu, float_order_key(l)));
+  hi = float_from_order_key(__reduce_max_sync(0xffffffffu, float_order_key(h)));
+  if (lo == 0.0f || hi == 0.0f) {  // warp-uniform
+    int first = 0x7fffffff, last = -1;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (v[j] == 0.0f) {
+        first = min(first, dims[j]);
+        last = max(last, dims[j]);
+      }
+    first = __reduce_min_sync(0xffffffffu, first);
+    last = __reduce_max_sync(0xffffffffu, last);
+    bool first_negative = false, last_negative = false;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      first_negative |= dims[j] == first && signbit(v[j]);
+      last_negative |= dims[j] == last && signbit(v[j]);
+    }
+    if (lo == 0.0f) lo = __any_sync(0xffffffffu, first_negative) ? -0.0f : 0.0f;
+    if (hi == 0.0f) hi = __any_sync(0xffffffffu, last_negative) ? -0.0f : 0.0f;
+  }
+}
+
 template <int kPerLane>
 __device__ __forceinline__ uint32_t int2_quantize_store(const float (&v)[kPerLane], int lane, uint8_t* row) {
   float lo, hi;
@@ -205,11 +239,15 @@ __device__ __forceinline__ void int2_clip_values(float (&v)[N], float c) {
   }
 }
 
-template <int kHeadDim, bool kRotate>
+// kStrided (the error-feedback writer): lane l's slot j holds coordinate cols[j] instead of N*l + j, with R's columns
+// permuted to match where R sits in shared memory (row k: slot j of lane l at column 32*j + l, R' = R with columns
+// in `cols` order), or read from R at column cols[j] where it does not.
+template <int kHeadDim, bool kRotate, bool kStrided = false>
 __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const float* rot, float* xs, int head,
                                                  int64_t t0, int lane,
                                                  float (&acc)[Int2TileShape<kHeadDim>::kTokens]
-                                                             [Int2TileShape<kHeadDim>::kPerLane]) {
+                                                             [Int2TileShape<kHeadDim>::kPerLane],
+                                                 const int (&cols)[Int2TileShape<kHeadDim>::kPerLane]) {
   using S = Int2TileShape<kHeadDim>;
   constexpr int N = S::kPerLane, M = S::kTokens;
   // Stage x: coalesced scalar bf16 loads (x rows carry only 2-byte alignment), fp32 into this warp's tile.
@@ -234,7 +272,11 @@ __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const flo
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const float* row = rot + (k + q) * kHeadDim + N * lane;
-        if constexpr (N == 2) {
+        if constexpr (kStrided) {
+#pragma unroll
+          for (int j = 0; j < N; ++j)
+            r[q][j] = S::kRInShared ? rot[(k + q) * kHeadDim + 32 * j + lane] : __ldg(rot + (k + q) * kHeadDim + cols[j]);
+        } else if constexpr (N == 2) {
           const float2 v2 = *reinterpret_cast<const float2*>(row);
           r[q][0] = v2.x;
           r[q][1] = v2.y;
@@ -269,7 +311,10 @@ __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const flo
 #pragma unroll
     for (int t = 0; t < M; ++t) {
       const float* p = xs + t * kHeadDim + N * lane;
-      if constexpr (N == 2) {
+      if constexpr (kStrided) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[t][j] = xs[t * kHeadDim + cols[j]];
+      } else if constexpr (N == 2) {
         const float2 v2 = *reinterpret_cast<const float2*>(p);
         acc[t][0] = v2.x;
         acc[t][1] = v2.y;
@@ -285,6 +330,16 @@ __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const flo
       }
     }
   }
+}
+
+// The RTN writer's form: lane l's slot j is coordinate N*l + j.
+template <int kHeadDim, bool kRotate>
+__device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const float* rot, float* xs, int head,
+                                                 int64_t t0, int lane,
+                                                 float (&acc)[Int2TileShape<kHeadDim>::kTokens]
+                                                             [Int2TileShape<kHeadDim>::kPerLane]) {
+  const int natural[Int2TileShape<kHeadDim>::kPerLane] = {};  // unused without kStrided
+  int2_tile_rotate<kHeadDim, kRotate, false>(a, rot, xs, head, t0, lane, acc, natural);
 }
 
 // Clip thresholds (bits of the non-negative float) of the G = kTokenGroup tokens g0 .. g0+G-1 of the tile.

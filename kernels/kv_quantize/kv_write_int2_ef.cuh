@@ -6,16 +6,21 @@
 // Rotation, clip threshold and fp16 (scale, zero) are the tiled RTN writer's (kv_write_int2.cuh, same helpers).
 // Only the rounding differs, and it is sequential over the d steps of the table's order: step k rounds coordinate
 // order[k] and feeds its error into every coordinate later in the order. A warp keeps a tile of M tokens of one KV
-// head in registers (lane l owns dims N*l .. N*l+N-1 of each token, as in the RTN writer) and runs the d steps for
-// all M tokens at once, so each weight row is read once per tile rather than once per token. The steps go in
-// blocks of kEfBlock:
-//   1. the owner lanes of the block's coordinates write their M tokens' running targets to shared memory (float4
-//      stores through a warp-uniform branch on the register slot), and lane t reads token t's B targets;
-//   2. lane t runs the block's B steps alone: round with token t's params (the RTN arithmetic), e = w - dequant,
-//      feed e into the block's later coordinates; codes go to a byte array in the warp's (now free) x tile and the
-//      negated errors to shared memory;
-//   3. every lane applies the block's B errors to each coordinate it owns, fmaf(-e, weights[k][pos(c)], w_c) in
-//      increasing k. Every coordinate thus gets its updates in the CPU loop's order, one fmaf each: bit-exact.
+// head in registers and runs the d steps for all M tokens at once, so each weight row is read once per tile rather
+// than once per token. Unlike the RTN writer, lane l's register slot j holds the coordinate of STEP 32*j + l
+// (cols[j] = order[32*j + l]; R's columns are permuted to match when it is staged), so a block of steps belongs to
+// consecutive lanes of one slot, and once a block starts in slot j0 every slot below it is finished and skipped
+// (~5/8 of the updates of a layout by coordinate). The steps go in blocks of kEfBlock:
+//   1. the kEfBlock owner lanes of the block's steps write their M tokens' running targets to shared memory (float4
+//      stores through a warp-uniform branch on the slot), and lane t reads token t's B targets;
+//   2. lane t runs the block's B steps alone: round with token t's params (the RTN arithmetic, with the reciprocal
+//      of the scale where it provably gives the division's code: int2_ef_code), e = w - dequant, feed e into the
+//      block's later steps; codes go to a byte array in the warp's (now free) x tile and the negated errors to
+//      shared memory;
+//   3. every lane applies the block's B errors to each live slot, fmaf(-e, weights[k][32*j + l], w) in increasing
+//      k (a row of the table read contiguously across the warp). Every coordinate thus gets its updates in the CPU
+//      loop's order, one fmaf each: bit-exact.
+// min/max find the zero's sign of calib::int_params (first / last zero in dim order) through the lanes' dims.
 // Then the code bytes are packed into the page rows (calib::pack_codes order). The blocks are laid out per KV head
 // (gridDim.y = heads), so the head's table is staged in shared memory once per block (d <= 128; at d = 256 the
 // 256 KiB table is read through L1/L2).
@@ -38,12 +43,13 @@ template <int kHeadDim>
 struct Int2EfShape {
   static constexpr bool kWInShared = kHeadDim <= 128;
   // Warps per block, one block per SM: as many as shared memory (R and the table, 2 x 64 KiB at d = 128, plus one
-  // 8 KiB x tile per warp: 225 KiB at 12) and registers (167 at d = 128: 12 x 32 x 168 = 64.5K of 64K) allow,
-  // because the sequential part of each step block runs on half the lanes and needs other warps to hide it.
-  static constexpr int kWarps = kHeadDim <= 64 ? 16 : kHeadDim == 128 ? 12 : 8;
+  // 8 KiB x tile per warp: 225 KiB at 12) and registers (162 at d = 128, <= 168 for 12 x 32 threads; 16 warps at
+  // d = 64 would cap them at 128 and spill) allow, because the sequential part of each step block runs on half the
+  // lanes and needs other warps to hide it.
+  static constexpr int kWarps = kHeadDim <= 128 ? 12 : 8;
 };
 
-// R (when kept and rotating) + the head's weights (d <= 128) + order and its inverse + one x tile per warp.
+// R' (when kept and rotating) + the head's weights (d <= 128) + order (2d ints reserved) + one x tile per warp.
 template <int kHeadDim>
 constexpr size_t int2_ef_smem_bytes(bool rotate, int warps) {
   using S = Int2TileShape<kHeadDim>;
@@ -51,6 +57,23 @@ constexpr size_t int2_ef_smem_bytes(bool rotate, int warps) {
   const size_t w = Int2EfShape<kHeadDim>::kWInShared ? static_cast<size_t>(kHeadDim) * kHeadDim : 0;
   return (r + w + 2 * static_cast<size_t>(kHeadDim) + static_cast<size_t>(warps) * S::kTokens * kHeadDim) *
          sizeof(float);
+}
+
+// calib::int_codes of one 2-bit element, rintf((w - zero) / scale) clamped to [0, 3], bit for bit, with the token's
+// reciprocal instead of an IEEE division on the sequential path of every step: num · inv_scale is within 2 ulp of
+// the correctly rounded quotient (< 1e-6 in [-1, 4]), so rintf agrees with it unless the quotient is within 1e-5 of a
+// half-integer (rounding ties included), where the division decides; below -1 or above 4 both clamp to the same end
+// code, and a NaN takes the division. scale != 0.
+__device__ __forceinline__ float int2_ef_code(float w, float zero, float scale, float inv_scale) {
+  const float num = __fsub_rn(w, zero);
+  const float t = __fmul_rn(num, inv_scale);
+  if (t > -1.f && t < 4.f) {
+    const float q = fabsf(__fsub_rn(t, floorf(t)) - 0.5f) > 1e-5f ? rintf(t) : rintf(__fdiv_rn(num, scale));
+    return fminf(fmaxf(q, 0.f), 3.f);
+  }
+  if (t >= 4.f) return 3.f;
+  if (t <= -1.f) return 0.f;
+  return fminf(fmaxf(rintf(__fdiv_rn(num, scale)), 0.f), 3.f);
 }
 
 template <int kHeadDim, bool kRotate, int kSelect>
@@ -67,41 +90,40 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
   const int warps = blockDim.x >> 5;
   const int head = static_cast<int>(blockIdx.y);
 
-  const float* rot = a.rotation;
+  // Shared memory: [R' (d <= 128, rotating)] [weights (d <= 128)] [order] [x tiles]. Lane l's slot j holds the
+  // coordinate of step 32*j + l (cols[j] = order[32*j + l]), so a block of kEfBlock steps is owned by kEfBlock
+  // consecutive lanes of one slot and the steps before it leave whole slots dead: step block k0 updates only
+  // slots j >= k0 / 32, about 5/8 of the updates of a layout by coordinate. R' is R with its columns in step order
+  // (R'[i][p] = R[i][order[p]]), read conflict-free as column 32*j + l.
   float* next = smem;
-  if constexpr (kRotate && S::kRInShared) {
-    for (int i = threadIdx.x; i < kHeadDim * kHeadDim; i += blockDim.x) next[i] = __ldg(a.rotation + i);
-    rot = next;
-    next += kHeadDim * kHeadDim;
-  }
+  float* rot_smem = next;
+  if constexpr (kRotate && S::kRInShared) next += kHeadDim * kHeadDim;
   const float* wts = a.ef_weights + static_cast<int64_t>(head) * kHeadDim * kHeadDim;
   float* wts_smem = next;
   if constexpr (Int2EfShape<kHeadDim>::kWInShared) next += kHeadDim * kHeadDim;
   int32_t* order = reinterpret_cast<int32_t*>(next);
-  int32_t* inverse = order + kHeadDim;
-  for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x) {
-    const int32_t c = __ldg(a.ef_order + static_cast<int64_t>(head) * kHeadDim + i);
-    order[i] = c;
-    inverse[c] = i;  // a permutation (checked by the caller)
-  }
-  // In shared memory the table's columns are stored by coordinate, not by step: smem[k][c] = weights[k][pos(c)].
-  // Lane l's coordinates N·l .. N·l+N-1 then sit side by side in every row (one vector load, no bank conflicts),
-  // where the step order would scatter them over the row.
+  for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x)
+    order[i] = __ldg(a.ef_order + static_cast<int64_t>(head) * kHeadDim + i);  // a permutation (checked by the caller)
   if constexpr (Int2EfShape<kHeadDim>::kWInShared) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < kHeadDim * kHeadDim; i += blockDim.x) {
-      const int k = i / kHeadDim, c = i - k * kHeadDim;
-      wts_smem[i] = __ldg(wts + k * kHeadDim + inverse[c]);
-    }
+    const float4* src = reinterpret_cast<const float4*>(wts);  // 16-byte aligned: kv_write_can_implement
+    float4* dst = reinterpret_cast<float4*>(wts_smem);
+    for (int i = threadIdx.x; i < kHeadDim * kHeadDim / 4; i += blockDim.x) dst[i] = __ldg(src + i);
     wts = wts_smem;
   }
   __syncthreads();
-  float* xs = next + 2 * kHeadDim + warp * M * kHeadDim;
-
-  // pos(c) of the lane's coordinates: the step that rounds them.
-  int pos[N];
+  const float* rot = a.rotation;
+  if constexpr (kRotate && S::kRInShared) {
+    for (int i = threadIdx.x; i < kHeadDim * kHeadDim; i += blockDim.x) {
+      const int k = i / kHeadDim, p = i - k * kHeadDim;
+      rot_smem[i] = __ldg(a.rotation + k * kHeadDim + order[p]);
+    }
+    rot = rot_smem;
+    __syncthreads();
+  }
+  int cols[N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) pos[j] = inverse[N * lane + j];
+  for (int j = 0; j < N; ++j) cols[j] = order[32 * j + lane];
+  float* xs = next + 2 * kHeadDim + warp * M * kHeadDim;
 
   const int64_t tiles = (a.tokens + M - 1) / M;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
@@ -116,11 +138,11 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
     if (__all_sync(0xffffffffu, slot < 0)) continue;
 
     float acc[M][N];
-    int2_tile_rotate<kHeadDim, kRotate>(a, rot, xs, head, t0, lane, acc);
+    int2_tile_rotate<kHeadDim, kRotate, true>(a, rot, xs, head, t0, lane, acc, cols);
 
     // Params of the clipped vectors (RTN's); the running target is the clipped vector, or the unclipped one with
     // ef_clip_feedback. Lane t keeps token t's params.
-    float my_scale = 0.f, my_zero = 0.f;
+    float my_scale = 0.f, my_zero = 0.f, my_inv_scale = 0.f;
     uint32_t my_pair = 0;
 #pragma unroll
     for (int g0 = 0; g0 < M; g0 += G) {
@@ -138,12 +160,13 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
           for (int j = 0; j < N; ++j) acc[t][j] = v[j];
         }
         float lo, hi;
-        int2_min_max<N>(v, lane, lo, hi);
+        int2_min_max_dims<N>(v, cols, lo, hi);
         const __half scale_h = __float2half_rn(__fdiv_rn(hi - lo, 3.0f));
         const __half zero_h = __float2half_rn(lo);
         if (lane == t) {
           my_scale = __half2float(scale_h);
           my_zero = __half2float(zero_h);
+          my_inv_scale = my_scale != 0.f ? __frcp_rn(my_scale) : 0.f;
           my_pair = static_cast<uint32_t>(__half_as_ushort(scale_h)) |
                     (static_cast<uint32_t>(__half_as_ushort(zero_h)) << 16);
         }
@@ -168,20 +191,19 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
     // predicate, and their weights are the table's zeros anyway.
 #pragma unroll 1
     for (int k0 = 0; k0 < kHeadDim; k0 += kEfBlock) {
+      // Steps k0 .. k0+B-1 are slot j0's lanes l0 .. l0+B-1 (B divides 32).
+      const int j0 = k0 / 32, l0 = k0 % 32;
       int coord[kEfBlock];
 #pragma unroll
-      for (int s = 0; s < kEfBlock; ++s) {
-        coord[s] = order[k0 + s];  // smem broadcast
-        const int owner = coord[s] / N, slot_j = coord[s] % N;
+      for (int s = 0; s < kEfBlock; ++s) coord[s] = order[k0 + s];  // smem broadcast
 #pragma unroll
-        for (int j = 0; j < N; ++j)
-          if (j == slot_j && lane == owner) {  // j == slot_j is warp-uniform: static register index
+      for (int j = 0; j < N; ++j)
+        if (j == j0 && lane - l0 >= 0 && lane - l0 < kEfBlock) {  // j == j0 is warp-uniform: static register index
 #pragma unroll
-            for (int q = 0; q < M / 4; ++q)
-              reinterpret_cast<float4*>(gathered + s * M)[q] =
-                  make_float4(acc[4 * q][j], acc[4 * q + 1][j], acc[4 * q + 2][j], acc[4 * q + 3][j]);
-          }
-      }
+          for (int q = 0; q < M / 4; ++q)
+            reinterpret_cast<float4*>(gathered + (lane - l0) * M)[q] =
+                make_float4(acc[4 * q][j], acc[4 * q + 1][j], acc[4 * q + 2][j], acc[4 * q + 3][j]);
+        }
       __syncwarp();
       if (lane < M) {
         float w[kEfBlock];
@@ -191,43 +213,34 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
         for (int s = 0; s < kEfBlock; ++s) {
           // calib::int_codes + int_dequant on one element; scale 0 gives code 0 and dequant = zero.
           float q = 0.f;
-          if (my_scale != 0.f) q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(w[s], my_zero), my_scale)), 0.f), 3.f);
+          if (my_scale != 0.f) q = int2_ef_code(w[s], my_zero, my_scale, my_inv_scale);
           const float ne = -__fsub_rn(w[s], fmaf(q, my_scale, my_zero));
           codes[lane * kCodeStride + coord[s]] = static_cast<uint8_t>(q);
           neg_err[s * M + lane] = ne;
-          const float* row = wts + (k0 + s) * kHeadDim;
+          const float* row = wts + (k0 + s) * kHeadDim + k0;
 #pragma unroll
-          for (int s2 = s + 1; s2 < kEfBlock; ++s2) {
-            const float weight = Int2EfShape<kHeadDim>::kWInShared ? row[coord[s2]] : row[k0 + s2];
-            w[s2] = fmaf(ne, weight, w[s2]);
-          }
+          for (int s2 = s + 1; s2 < kEfBlock; ++s2) w[s2] = fmaf(ne, row[s2], w[s2]);
         }
       }
       __syncwarp();
 #pragma unroll
       for (int s = 0; s < kEfBlock; ++s) {
-        float wk[N];
-        if constexpr (Int2EfShape<kHeadDim>::kWInShared) {
-          static_assert(N % 2 == 0, "the lane's coordinates load as float2 / float4");
-          const float* src = wts + (k0 + s) * kHeadDim + N * lane;
-#pragma unroll
-          for (int j = 0; j < N; j += 2) {
-            const float2 v = reinterpret_cast<const float2*>(src)[j / 2];
-            wk[j] = v.x;
-            wk[j + 1] = v.y;
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < N; ++j) wk[j] = __ldg(wts + (k0 + s) * kHeadDim + pos[j]);
-        }
+        float e[M];
 #pragma unroll
         for (int q = 0; q < M / 4; ++q) {
           const float4 e4 = reinterpret_cast<const float4*>(neg_err + s * M)[q];  // broadcast
-          const float e[4] = {e4.x, e4.y, e4.z, e4.w};
+          e[4 * q] = e4.x;
+          e[4 * q + 1] = e4.y;
+          e[4 * q + 2] = e4.z;
+          e[4 * q + 3] = e4.w;
+        }
+        const float* row = wts + (k0 + s) * kHeadDim + lane;
 #pragma unroll
-          for (int u = 0; u < 4; ++u)
+        for (int j = 0; j < N; ++j) {
+          if (j < j0) continue;  // warp-uniform: every step of slot j is rounded already
+          const float wk = Int2EfShape<kHeadDim>::kWInShared ? row[32 * j] : __ldg(row + 32 * j);
 #pragma unroll
-            for (int j = 0; j < N; ++j) acc[4 * q + u][j] = fmaf(e[u], wk[j], acc[4 * q + u][j]);
+          for (int t = 0; t < M; ++t) acc[t][j] = fmaf(e[t], wk, acc[t][j]);
         }
       }
     }
