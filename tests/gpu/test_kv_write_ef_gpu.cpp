@@ -14,6 +14,7 @@
 #include "../kernels/kv_cache_test_util.h"
 #include "../kernels/kv_write_ef_util.h"
 #include "../kernels/kv_write_stress.h"
+#include "formats/dtype.h"
 #include "formats/kv_layout.h"
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
@@ -90,6 +91,28 @@ TEST_P(KvWriteEfGpu, ZeroWeightsEqualRtnAndRealTablesDiffer) {
   const Pools ef = run(c, &orth, 0.96f, &real, false);
   EXPECT_EQ(ef.gpu, ef.ref);
   EXPECT_NE(ef.gpu, rtn.gpu);
+}
+
+// Quotients exactly on half-integers, where rounding ties to even and int2_ef_code must defer to the IEEE division:
+// every vector spans [0, 3] (scale 1, zero 0 in fp16) and its other values are multiples of 0.25, so (w - zero) /
+// scale hits 0.5, 1.5, 2.5 exactly; no rotation, no clip. With zero tables the codes are the RTN ones (ties to
+// even), with real tables the running targets leave the grid; both must equal the reference byte for byte.
+TEST_P(KvWriteEfGpu, HalfIntegerQuotientsRoundLikeTheReference) {
+  OSCAR_REQUIRE_DEVICE();
+  const int d = GetParam(), heads = 2;
+  const Case c = test::kv_write_case(d, heads, 70, 0, 11u + static_cast<uint32_t>(d),
+                                     [d](int, int, std::mt19937& rng, uint16_t* dst) {
+                                       std::uniform_int_distribution<int> quarter(0, 12);
+                                       for (int i = 0; i < d; ++i)
+                                         dst[i] = fmt::f32_to_bf16(0.25f * static_cast<float>(quarter(rng)));
+                                       dst[rng() % d] = fmt::f32_to_bf16(0.f);
+                                       dst[rng() % d] = fmt::f32_to_bf16(3.f);
+                                     });
+  for (const bool feedback : {false, true})
+    for (const test::EfTables& tables : {test::zero_ef_tables(d, heads, 3), test::random_ef_tables(d, heads, 4)}) {
+      const Pools p = run(c, nullptr, 1.0f, &tables, feedback);
+      EXPECT_EQ(first_difference(p.gpu, p.ref), p.gpu.size()) << "d " << d << " clip feedback " << feedback;
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, KvWriteEfGpu, ::testing::Values(64, 128, 256));
