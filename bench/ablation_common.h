@@ -1,7 +1,8 @@
 #pragma once
 // The fit / held-out machinery spectral_ablation_bench and error_feedback_bench share: the fixture texts packed
 // into unshuffled sequences, one CPU forward pass collecting every layer's attention samples, and the whole-head
-// INT2 layers of a rotation kind built from the fit samples' metrics (so both benches start from the same rotations).
+// INT2 layers of a rotation kind built from the fit samples' metrics (so both benches start from the same rotations),
+// and the KL of a simulated cache against the BF16 one beyond the windows.
 #include <CLI/CLI.hpp>
 
 #include <chrono>
@@ -16,6 +17,10 @@
 #include "lib/calib/rotation.h"
 #include "lib/calib/rotation_opt.h"
 #include "lib/calib/spectral.h"
+#include "lib/eval/cache_modes.h"
+#include "lib/eval/evaluator.h"
+#include "lib/eval/metrics.h"
+#include "lib/model/cpu_model.h"
 
 namespace oscar::bench {
 
@@ -115,6 +120,26 @@ inline std::vector<calib::LayerChoice> uniform_layers(calib::RotationKind kind,
                                           calib::build_rotation(kind, ev, d), 2, clips, refine));
   }
   return layers;
+}
+
+// KL(BF16 ‖ format), p99 and top-1 over the positions >= first of every sequence (ref[s]: sequence s's logits
+// through the BF16 cache, as eval::simulated_logits returns them).
+inline eval::MetricSummary summarize_beyond(model::CpuModel& model, const eval::CacheFormat& format,
+                                            const std::vector<std::vector<int32_t>>& seqs,
+                                            const std::vector<std::vector<float>>& ref, int64_t first) {
+  const int64_t V = model.config().vocab_size;
+  std::vector<eval::PositionMetrics> all;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const auto& ids = seqs[s];
+    const auto logits = eval::simulated_logits(model, format, ids);
+    const auto n = static_cast<int64_t>(ids.size());
+    const std::vector<int32_t> targets(ids.begin() + first + 1, ids.end());
+    const auto pm = eval::compare_positions(std::span<const float>(ref[s]).subspan(first * V, (n - 1 - first) * V),
+                                            std::span<const float>(logits).subspan(first * V, (n - 1 - first) * V),
+                                            V, targets);
+    all.insert(all.end(), pm.begin(), pm.end());
+  }
+  return eval::summarize(all);
 }
 
 }  // namespace oscar::bench

@@ -384,18 +384,7 @@ int main(int argc, char** argv) {
           return true;
         };
         const auto f = eval::CacheFormat::create(eval::CacheMode::Oscar, cfg, mo);
-        std::vector<eval::PositionMetrics> all;
-        for (size_t s = 0; s < test_ids.size(); ++s) {
-          const auto& ids = test_ids[s];
-          const auto logits = eval::simulated_logits(*model, *f, ids);
-          const int64_t V = cfg.vocab_size, n = static_cast<int64_t>(ids.size());
-          const std::vector<int32_t> targets(ids.begin() + first + 1, ids.end());
-          const auto pm = eval::compare_positions(
-              std::span<const float>(ref[s]).subspan(first * V, (n - 1 - first) * V),
-              std::span<const float>(logits).subspan(first * V, (n - 1 - first) * V), V, targets);
-          all.insert(all.end(), pm.begin(), pm.end());
-        }
-        const auto sum = eval::summarize(all);
+        const auto sum = bench::summarize_beyond(*model, *f, test_ids, ref, first);
         std::cout << ::fmt::format("| {}{} | {:.5f} | {:.4f} | {:.4f} |\n", row.name, treat_name, sum.kl_mean,
                                    sum.kl_p99, sum.top1_agreement);
         std::cout.flush();

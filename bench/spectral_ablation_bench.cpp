@@ -198,18 +198,7 @@ int main(int argc, char** argv) {
                                    "p99 KL | top-1 agreement |\n|---|---|---|---|---|\n",
                                    first, seq_len, test_seqs_ids.size(), mo.windows.sink, mo.windows.recent);
         auto run = [&](const std::string& name, const eval::CacheFormat& f) {
-          std::vector<eval::PositionMetrics> all;
-          for (size_t s = 0; s < test_seqs_ids.size(); ++s) {
-            const auto& ids = test_seqs_ids[s];
-            const auto logits = eval::simulated_logits(*model, f, ids);
-            const int64_t V = cfg.vocab_size, n = static_cast<int64_t>(ids.size());
-            const std::vector<int32_t> targets(ids.begin() + first + 1, ids.end());
-            const auto pm = eval::compare_positions(
-                std::span<const float>(ref[s]).subspan(first * V, (n - 1 - first) * V),
-                std::span<const float>(logits).subspan(first * V, (n - 1 - first) * V), V, targets);
-            all.insert(all.end(), pm.begin(), pm.end());
-          }
-          const auto sum = eval::summarize(all);
+          const auto sum = bench::summarize_beyond(*model, f, test_seqs_ids, ref, first);
           const auto cost = f.element_cost();
           std::cout << ::fmt::format("| {} | {:.3f} | {:.5f} | {:.4f} | {:.4f} |\n", name,
                                      0.5 * (cost.key_bits + cost.value_bits), sum.kl_mean, sum.kl_p99,
