@@ -334,23 +334,7 @@ HeadMoments StatisticsCollector::head_moments(int64_t layer, int64_t kv_head) {
 }
 
 HeadMoments StatisticsCollector::layer_moments(int64_t layer) {
-  HeadMoments mean;
-  const double inv = 1.0 / static_cast<double>(shape_.num_kv_heads);
-  for (int64_t h = 0; h < shape_.num_kv_heads; ++h) {
-    HeadMoments m = head_moments(layer, h);
-    if (h == 0) {
-      mean.sigma_q.assign(m.sigma_q.size(), 0.0);
-      mean.sigma_v.assign(m.sigma_v.size(), 0.0);
-    }
-    for (size_t i = 0; i < m.sigma_q.size(); ++i) {
-      mean.sigma_q[i] += m.sigma_q[i] * inv;
-      mean.sigma_v[i] += m.sigma_v[i] * inv;
-    }
-    mean.query_vectors += m.query_vectors;
-    mean.value_tokens += m.value_tokens;
-    mean.value_weight += m.value_weight;
-  }
-  return mean;
+  return mean_head_moments(shape_.num_kv_heads, [&](int64_t h) { return head_moments(layer, h); });
 }
 
 std::string StatisticsCollector::serialize() {

@@ -56,6 +56,30 @@ struct HeadMoments {
   double value_weight = 0;      // Σ_t w_t
 };
 
+// The mean of a layer's per-KV-head moments, head_moments(h) for h = 0 .. num_kv_heads-1: Σ_Q and Σ_V summed head by
+// head, each scaled by 1/Hkv, counts added. One order for the CPU and GPU collectors, so their bundles are
+// byte-identical.
+template <class HeadMomentsOf>
+HeadMoments mean_head_moments(int64_t num_kv_heads, HeadMomentsOf&& head_moments) {
+  HeadMoments mean;
+  const double inv = 1.0 / static_cast<double>(num_kv_heads);
+  for (int64_t h = 0; h < num_kv_heads; ++h) {
+    const HeadMoments m = head_moments(h);
+    if (h == 0) {
+      mean.sigma_q.assign(m.sigma_q.size(), 0.0);
+      mean.sigma_v.assign(m.sigma_v.size(), 0.0);
+    }
+    for (size_t i = 0; i < m.sigma_q.size(); ++i) {
+      mean.sigma_q[i] += m.sigma_q[i] * inv;
+      mean.sigma_v[i] += m.sigma_v[i] * inv;
+    }
+    mean.query_vectors += m.query_vectors;
+    mean.value_tokens += m.value_tokens;
+    mean.value_weight += m.value_weight;
+  }
+  return mean;
+}
+
 class StatisticsCollector : public model::Observer {
  public:
   enum class Pass : uint8_t { Queries = 0, Values = 1 };
