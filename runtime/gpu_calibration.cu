@@ -357,29 +357,13 @@ calib::CalibrationMoments GpuStatisticsCollector::moments(bool per_head) {
   out.num_layers = s.num_layers;
   out.groups = per_head ? s.num_kv_heads : 1;
   out.head_dim = s.head_dim;
-  const double inv = 1.0 / static_cast<double>(s.num_kv_heads);
   for (int64_t l = 0; l < s.num_layers; ++l) {
     if (per_head) {
       for (int64_t h = 0; h < s.num_kv_heads; ++h) out.moments.push_back(head_moments(l, h));
       continue;
     }
-    // The layer mean, in the CPU collector's order (head by head, each scaled by 1/Hkv).
-    calib::HeadMoments mean;
-    for (int64_t h = 0; h < s.num_kv_heads; ++h) {
-      const calib::HeadMoments m = head_moments(l, h);
-      if (h == 0) {
-        mean.sigma_q.assign(m.sigma_q.size(), 0.0);
-        mean.sigma_v.assign(m.sigma_v.size(), 0.0);
-      }
-      for (size_t i = 0; i < m.sigma_q.size(); ++i) {
-        mean.sigma_q[i] += m.sigma_q[i] * inv;
-        mean.sigma_v[i] += m.sigma_v[i] * inv;
-      }
-      mean.query_vectors += m.query_vectors;
-      mean.value_tokens += m.value_tokens;
-      mean.value_weight += m.value_weight;
-    }
-    out.moments.push_back(std::move(mean));
+    // The layer mean, in the CPU collector's order.
+    out.moments.push_back(calib::mean_head_moments(s.num_kv_heads, [&](int64_t h) { return head_moments(l, h); }));
   }
   return out;
 }
