@@ -184,6 +184,25 @@ double median_ms(int warmup, int iters, cudaStream_t stream, F&& f) {
   return ms[ms.size() / 2];
 }
 
+// Per-pass time of f() from one CUDA graph of `iters` captured passes (warmed up once): the GPU time without the
+// host's launch path, which eager launches of small writes (a decode step's) mostly measure.
+template <typename F>
+double graph_ms(int iters, cudaStream_t stream, F&& f) {
+  f();  // first-launch work (attributes, lazy loading) outside the capture
+  rt::check_cuda(cudaStreamSynchronize(stream), "warmup");
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  rt::check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+  for (int i = 0; i < iters; ++i) f();
+  rt::check_cuda(cudaStreamEndCapture(stream, &graph), "capture");
+  rt::check_cuda(cudaGraphInstantiate(&exec, graph, 0), "graph");
+  rt::check_cuda(cudaGraphDestroy(graph), "graph");
+  rt::check_cuda(cudaGraphLaunch(exec, stream), "graph");
+  const double ms = median_ms(0, 3, stream, [&] { rt::check_cuda(cudaGraphLaunch(exec, stream), "graph"); });
+  rt::check_cuda(cudaGraphExecDestroy(exec), "graph");
+  return ms / iters;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"OSCAR quantize-on-write cost vs prefill (random weights)"};
   std::string config_path = "bench/configs/qwen3-8b.json";
@@ -199,6 +218,10 @@ int run(int argc, char** argv) {
   app.add_option("--write-iters", write_iters, "timed kv_write passes")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "seed of the random weights and ids")->capture_default_str();
   app.add_flag("--skip-prefill", skip_prefill, "time kv_write alone (no model, no forward)");
+  bool graph = false;
+  app.add_flag("--graph", graph,
+               "time the kv_write passes as one CUDA graph (GPU time; default: eager launches timed with events, "
+               "which include the host's launch path)");
   app.add_option("--impl", impl_name,
                  "INT2 implementation(s) timed in (2): tiled (what kv_write runs), radix, legacy, ef (error-feedback "
                  "rounding), all")
@@ -246,21 +269,22 @@ int run(int argc, char** argv) {
   double ef_ms = -1, tiled_ms = -1;
   for (const Impl& im : impls) {
     if (impl_name != "all" && impl_name != im.name) continue;
-    const double ms = median_ms(2, write_iters, stream, [&] {
+    auto timed = [&](auto&& pass) { return graph ? graph_ms(write_iters, stream, pass) : median_ms(2, write_iters, stream, pass); };
+    const double ms = timed([&] {
       for (int64_t l = 0; l < cfg.num_layers; ++l)
         cache.write_layer(l, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, false,
                           im.ef);
     });
     // One layer's K and V INT2 calls alone (no bf16 pass), averaged: the per-call budget of issue #6.
-    const double int2_ms = median_ms(2, write_iters, stream, [&] {
+    const double int2_ms = timed([&] {
       cache.write_layer(0, cache.stage_k.as<uint16_t>(), cache.stage_v.as<uint16_t>(), stream, im.impl, true, im.ef);
     });
     if ((im.impl == kern::KvWriteInt2Impl::Tiled && !im.ef) || impl_name == im.name) write_ms = ms;
     if (im.ef) ef_ms = ms;
     else if (im.impl == kern::KvWriteInt2Impl::Tiled) tiled_ms = ms;
-    std::printf("kv_write alone [%s] (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
+    std::printf("kv_write alone [%s]%s (%lld layers x K,V: INT2 for %lld tokens + bf16 for %lld window tokens): "
                 "%.1f us, %.1f GB/s | one INT2 call (K/V mean): %.1f us\n",
-                im.name, (long long)cfg.num_layers, (long long)quantized, (long long)windows, ms * 1e3,
+                im.name, graph ? " (CUDA graph)" : "", (long long)cfg.num_layers, (long long)quantized, (long long)windows, ms * 1e3,
                 bytes / (ms * 1e-3) * 1e-9, int2_ms * 1e3 / 2.0);
   }
   if (ef_ms > 0 && tiled_ms > 0)

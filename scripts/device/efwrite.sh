@@ -33,6 +33,10 @@ timeout 150 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq
 # latency every decode step pays per layer and tensor (staging R and the table included).
 timeout 60 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq 72 --skip-prefill --write-iters 50 \
   --impl all 2>&1 | tee "$OUT/efwrite_bench_decode.log" || status=1
+# The same as one CUDA graph: GPU time only, what a graph-launched decode step pays (the eager numbers above include
+# the host's launch path).
+timeout 60 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq 72 --skip-prefill --write-iters 50 \
+  --impl all --graph 2>&1 | tee "$OUT/efwrite_bench_decode_graph.log" || status=1
 
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ "${1:-}" = ncu ] || NCU=
@@ -59,5 +63,6 @@ if [ -n "$CS" ]; then
 fi
 
 grep -hE "PASSED|FAILED|EF oscar|kv_write alone|one INT2|prefill|RESULT" "$OUT"/efwrite_test_gpu.log \
-  "$OUT"/efwrite_bench.log "$OUT"/efwrite_bench_decode.log > "$OUT/efwrite_summary.txt" || true
+  "$OUT"/efwrite_bench.log "$OUT"/efwrite_bench_decode.log "$OUT"/efwrite_bench_decode_graph.log \
+  > "$OUT/efwrite_summary.txt" || true
 exit $status
