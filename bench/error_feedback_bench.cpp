@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   const auto& [model_dir, text_dir, seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, kl] = split;
   bool quick = false, clip_feedback = false, clip_study = false;
   int refit_study = 0;
+  std::vector<float> study_clips = {0.96f, 0.92f};
   bool bias_study = false;
   std::vector<double> damps = {0.01, 0.1};
   std::vector<std::string> rotations = {"hadamard", "oscar", "eigen"};
@@ -119,6 +120,9 @@ int main(int argc, char** argv) {
   app.add_flag("--clip-study", clip_study, "rows that separate the clip from the rounding (RTN at EF's clip, fixed 0.96/0.92)");
   app.add_option("--refit-study", refit_study,
                  "only the fixed-clip (0.96 / 0.92) rows: RTN, EF K+V, EF K+V with up to N (scale, zero) refits in H");
+  app.add_option("--study-clips", study_clips, "K,V clip ratios of the --refit-study rows (the yardstick's 0.96,0.92)")
+      ->delimiter(',')
+      ->expected(2);
   app.add_flag("--bias-study", bias_study,
                "KL rows per configuration: as is, with the mean quantization error of the fit text subtracted per "
                "(layer, KV head, tensor), and with exact keys / exact values (where the KL comes from)");
@@ -135,9 +139,9 @@ int main(int argc, char** argv) {
     const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
     const oscar::fmt::KvQuantSpec windows = oscar::fmt::KvQuantSpec::int2_default(d);
     std::cout << ::fmt::format("options: seq_len {} fit_seqs {} heldout_seqs {} fit_tokens {} test_tokens {} damps {} "
-                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} refit_study {} kl {} heldout {}\n",
+                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} refit_study {} study_clips {} kl {} heldout {}\n",
                                seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, ::fmt::join(damps, ","),
-                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, refit_study, kl, ::fmt::join(heldout_files, ","));
+                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, refit_study, ::fmt::join(study_clips, ","), kl, ::fmt::join(heldout_files, ","));
 
     auto pack = [&](const std::vector<std::string>& files, int64_t per_file) {
       return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
@@ -199,13 +203,14 @@ int main(int argc, char** argv) {
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
     if (refit_study > 0) {
-      variants = {{"RTN, clip 0.96 / 0.92", -1, VMetric::None, d0, false, false, 0.96f, 0.92f}};
+      const float kc = study_clips[0], vc = study_clips[1];
+      variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
       for (int r : {0, refit_study})
-        variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92, refit {}", d0, r), d0,
-                            VMetric::WoSum, d0, false, false, 0.96f, 0.92f, r});
-      variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92, params refit, codes kept",
-                                        d0),
-                          d0, VMetric::WoSum, d0, false, false, 0.96f, 0.92f, 1, false});
+        variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, refit {}", d0, kc, vc, r),
+                            d0, VMetric::WoSum, d0, false, false, kc, vc, r});
+      variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, params refit, codes kept", d0,
+                                        kc, vc),
+                          d0, VMetric::WoSum, d0, false, false, kc, vc, 1, false});
     } else if (clip_study) {
       variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
       variants.push_back({::fmt::format("EF K (damp {}), K clip retuned under EF", d0), d0, VMetric::None, d0, true});

@@ -61,7 +61,9 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
     const double rtn = std::stod(v.substr(0, slash)), ef = std::stod(v.substr(slash + 1));
     EXPECT_GT(rtn, 0.0) << key;
     EXPECT_GT(ef, 0.0) << key;
-    if (std::string(key) == "ef_heldout_k") EXPECT_LT(ef, rtn) << key << " = " << v;
+    if (std::string(key) == "ef_heldout_k") {
+      EXPECT_LT(ef, rtn) << key << " = " << v;
+    }
   }
   EXPECT_NE(a.out.find("Held-out, mean over the tabled layers: K relative logit MSE"), std::string::npos) << a.out;
   const int64_t d = bundle.quant.head_dim, kv = bundle.model.num_kv_heads;

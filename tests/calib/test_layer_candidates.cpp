@@ -347,8 +347,11 @@ TEST_F(LayerCandidates, SpectralAloneIsTheOldBundleAndTheChoiceIsDeterministic) 
   EXPECT_NE(bytes(a, "a.oscar"), bytes(old, "old.oscar"));
   // Same statistics, same layout search: the layers where spectral was kept are the old bundle's.
   const auto choice = split(option(a, "layer_choice"));
-  for (size_t l = 0; l < a.layers.size(); ++l)
-    if (choice[l] == "spectral") EXPECT_EQ(a.layers[l], old.layers[l]) << "layer " << l;
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    if (choice[l] == "spectral") {
+      EXPECT_EQ(a.layers[l], old.layers[l]) << "layer " << l;
+    }
+  }
   // The report row "spectral" is what is stored; the layout alone keeps its k_weight rows.
   EXPECT_NE(std::find(a.errors.rows.begin(), a.errors.rows.end(), "spectral(k_weight=4)"), a.errors.rows.end());
 

@@ -12,3 +12,11 @@ $B $common --heldout-seqs 1 --refit-study 1 \
 for f in moby-dick tinystories-sample; do
   $B $common --heldout-seqs 3 --heldout-files $f.txt --refit-study 1 > v2_$f.txt
 done
+# Other clips (K,V) under the same study (clips_<K>,<V>_<text>.txt)
+for clips in 1.0,0.92 0.98,0.92 0.96,1.0; do
+  $B $common --heldout-seqs 1 --refit-study 1 --study-clips $clips \
+    --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt,wikitext-2-raw-test.txt > clips_${clips}_python-docs-heldout.txt
+  for f in moby-dick tinystories-sample; do
+    $B $common --heldout-seqs 3 --heldout-files $f.txt --refit-study 1 --study-clips $clips > clips_${clips}_$f.txt
+  done
+done
