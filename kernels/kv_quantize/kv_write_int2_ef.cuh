@@ -31,6 +31,7 @@
 
 #include "formats/kv_layout.h"
 #include "kernels/common/device_utils.cuh"
+#include "kernels/kv_quantize/int2_ef_code.h"
 #include "kernels/kv_quantize/kv_quantize.cuh"
 #include "kernels/kv_quantize/kv_write_int2.cuh"
 
@@ -57,23 +58,6 @@ constexpr size_t int2_ef_smem_bytes(bool rotate, int warps) {
   const size_t w = Int2EfShape<kHeadDim>::kWInShared ? static_cast<size_t>(kHeadDim) * kHeadDim : 0;
   return (r + w + 2 * static_cast<size_t>(kHeadDim) + static_cast<size_t>(warps) * S::kTokens * kHeadDim) *
          sizeof(float);
-}
-
-// calib::int_codes of one 2-bit element, rintf((w - zero) / scale) clamped to [0, 3], bit for bit, with the token's
-// reciprocal instead of an IEEE division on the sequential path of every step: num · inv_scale is within 2 ulp of
-// the correctly rounded quotient (< 1e-6 in [-1, 4]), so rintf agrees with it unless the quotient is within 1e-5 of a
-// half-integer (rounding ties included), where the division decides; below -1 or above 4 both clamp to the same end
-// code, and a NaN takes the division. scale != 0.
-__device__ __forceinline__ float int2_ef_code(float w, float zero, float scale, float inv_scale) {
-  const float num = __fsub_rn(w, zero);
-  const float t = __fmul_rn(num, inv_scale);
-  if (t > -1.f && t < 4.f) {
-    const float q = fabsf(__fsub_rn(t, floorf(t)) - 0.5f) > 1e-5f ? rintf(t) : rintf(__fdiv_rn(num, scale));
-    return fminf(fmaxf(q, 0.f), 3.f);
-  }
-  if (t >= 4.f) return 3.f;
-  if (t <= -1.f) return 0.f;
-  return fminf(fmaxf(rintf(__fdiv_rn(num, scale)), 0.f), 3.f);
 }
 
 template <int kHeadDim, bool kRotate, int kSelect>
