@@ -199,6 +199,7 @@ int main(int argc, char** argv) {
       float fixed_k_clip = 0, fixed_v_clip = 0;  // > 0: override the RTN-tuned clips (the yardstick's 0.96 / 0.92)
       int refit_iters = 0;                       // ErrorFeedbackOptions::refit_iters of every table
       bool refit_reround = true;                 // ErrorFeedbackOptions::refit_reround
+      int refit_tensors = 3;                     // which tables refit: 1 keys, 2 values, 3 both
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
@@ -211,6 +212,10 @@ int main(int argc, char** argv) {
       variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, params refit, codes kept", d0,
                                         kc, vc),
                           d0, VMetric::WoSum, d0, false, false, kc, vc, 1, false});
+      for (int tensors : {1, 2})
+        variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, refit {} on {} only", d0, kc,
+                                          vc, refit_study, tensors == 1 ? "K" : "V"),
+                            d0, VMetric::WoSum, d0, false, false, kc, vc, refit_study, true, tensors});
     } else if (clip_study) {
       variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
       variants.push_back({::fmt::format("EF K (damp {}), K clip retuned under EF", d0), d0, VMetric::None, d0, true});
@@ -268,7 +273,7 @@ int main(int argc, char** argv) {
           calib::ErrorFeedbackOptions ko;
           ko.feedback_clip_error = clip_feedback;
           ko.damp = var.k_damp;
-          ko.refit_iters = var.refit_iters;
+          ko.refit_iters = var.refit_tensors & 1 ? var.refit_iters : 0;
           ko.refit_reround = var.refit_reround;
           // Tables come from the FIT text's Σ_Q (what a bundle would store), scored on held-out Σ_Q.
           if (var.k_damp >= 0)
@@ -279,6 +284,7 @@ int main(int argc, char** argv) {
           if (var.v != VMetric::None) {
             calib::ErrorFeedbackOptions vo = ko;
             vo.damp = var.v_damp;
+            vo.refit_iters = var.refit_tensors & 2 ? var.refit_iters : 0;
             const auto& src = var.v == VMetric::WoSum ? wo_sum[l] : wo_coh[l];
             for (int64_t h = 0; h < Hkv; ++h)
               vt[h] = calib::error_feedback_table(

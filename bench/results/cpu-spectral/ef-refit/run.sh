@@ -20,3 +20,9 @@ for clips in 1.0,0.92 0.98,0.92 0.96,1.0; do
     $B $common --heldout-seqs 3 --heldout-files $f.txt --refit-study 1 --study-clips $clips > clips_${clips}_$f.txt
   done
 done
+# Refit on K only / V only (rows "refit 1 on K only", "on V only"; kv_<text>.txt, binary with refit_tensors)
+$B $common --heldout-seqs 1 --refit-study 1 \
+  --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt,wikitext-2-raw-test.txt > kv_python-docs-heldout.txt
+for f in moby-dick tinystories-sample; do
+  $B $common --heldout-seqs 3 --heldout-files $f.txt --refit-study 1 > kv_$f.txt
+done
