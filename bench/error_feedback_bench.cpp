@@ -16,7 +16,6 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
-#include <memory>
 #include <tuple>
 #include <optional>
 
@@ -56,6 +55,19 @@ const char* vmetric_name(VMetric m) {
 // Per layer, per KV head: an EF table, or none (RTN).
 using Tables = std::vector<std::vector<std::optional<calib::ErrorFeedbackTable>>>;
 
+// Quantize-dequantize `n` head vectors x (original basis) as a cache writer with this table would: error-feedback
+// rounding, or the reference quantizer's whole-head INT2 (round to nearest) where there is no table.
+void fake_quantize(const calib::ErrorFeedbackTable* table, std::span<const float> x, int64_t n,
+                   std::span<const float> rotation, float clip, std::span<float> out) {
+  const int64_t d = static_cast<int64_t>(x.size()) / n;
+  if (table) {
+    calib::error_feedback_fake_quantize(x, n, rotation, clip, 2, *table, out);
+    return;
+  }
+  const calib::HeadQuantizer hq(oscar::fmt::KvQuantSpec::int2_default(d).k, d, "error_feedback_bench");
+  hq.fake_quantize(x, n, rotation, clip, calib::Basis::Original, out);
+}
+
 // Relative error Σ_h Σ_t w_t εMε / Σ_h Σ_t w_t xMx with M = metric[h] (original basis; empty = identity), the
 // samples quantized with `rotation` (float, as the bundle stores it), clip, and EF tables (none = RTN: identical to
 // the reference quantizer's whole-head INT2).
@@ -63,17 +75,11 @@ double relative_error(const calib::ObjectiveSamples& s, const std::vector<std::v
                       std::span<const float> rotation, float clip,
                       const std::vector<std::optional<calib::ErrorFeedbackTable>>* tables) {
   const int64_t d = s.dim, n = s.tokens;
-  const oscar::fmt::TensorQuantSpec spec = oscar::fmt::KvQuantSpec::int2_default(d).k;
-  const calib::HeadQuantizer hq(spec, d, "relative_error");
   double err = 0, energy = 0;
   std::vector<float> xhat(static_cast<size_t>(n * d));
   for (int64_t h = 0; h < s.heads; ++h) {
     std::span<const float> x(s.x.data() + h * n * d, n * d);
-    const auto* table = tables && (*tables)[h] ? &*(*tables)[h] : nullptr;
-    if (table)
-      calib::error_feedback_fake_quantize(x, n, rotation, clip, 2, *table, xhat);
-    else
-      hq.fake_quantize(x, n, rotation, clip, calib::Basis::Original, xhat);
+    fake_quantize(tables && (*tables)[h] ? &*(*tables)[h] : nullptr, x, n, rotation, clip, xhat);
     const bool ident = metric.empty();
     const Eigen::Map<const RowMatD> m(ident ? nullptr : metric[h].data(), d, d);
     Eigen::VectorXd e(d), xv(d);
@@ -343,8 +349,6 @@ int main(int argc, char** argv) {
                                  "recent {} bf16 for every row)\n\n| configuration | mean KL | p99 KL | top-1 "
                                  "agreement |\n|---|---|---|---|\n",
                                  first, seq_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
-      const oscar::fmt::TensorQuantSpec whole = oscar::fmt::KvQuantSpec::int2_default(d).k;
-      const calib::HeadQuantizer hq(whole, d, "bias_study");
       enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues };
       const std::vector<std::pair<Treat, const char*>> treats =
           bias_study ? std::vector<std::pair<Treat, const char*>>{{Treat::AsIs, ""},
@@ -356,36 +360,28 @@ int main(int argc, char** argv) {
         for (const auto& [treat, treat_name] : treats) {
         const auto t = std::chrono::steady_clock::now();
         mo.bundle = &row.bundle;
-        // Quantize-dequantize with the row's rounding (its EF table, or the reference quantizer's RTN).
-        auto fake = [&row, &hq](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
-                                std::span<const float> rotation, float clip, std::span<float> out) {
-          const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
-          if (tab)
-            calib::error_feedback_fake_quantize(x, tokens, rotation, clip, 2, *tab, out);
-          else
-            hq.fake_quantize(x, tokens, rotation, clip, calib::Basis::Original, out);
-        };
         // Mean error x̂ - x over the fit samples, per (keys, layer, KV head): computed on first use with the rotation
-        // and clip the cache hands the hook.
-        auto bias = std::make_shared<std::map<std::tuple<bool, int64_t, int64_t>, std::vector<double>>>();
-        mo.rounding_hook = [&, fake, bias, treat = treat](bool keys, int64_t layer, int64_t kv_head,
-                                                         std::span<const float> x, int64_t tokens,
-                                                         std::span<const float> rotation, float clip,
-                                                         std::span<float> out) {
+        // and clip the cache hands the hook (the cache below lives only in this iteration).
+        std::map<std::tuple<bool, int64_t, int64_t>, std::vector<double>> bias;
+        mo.rounding_hook = [&, treat = treat](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x,
+                                              int64_t tokens, std::span<const float> rotation, float clip,
+                                              std::span<float> out) {
           if ((treat == Treat::ExactKeys && keys) || (treat == Treat::ExactValues && !keys)) {
             std::copy(x.begin(), x.end(), out.begin());
             return true;
           }
-          if (treat == Treat::AsIs && !(keys ? row.k_tables : row.v_tables)[layer][kv_head]) return false;
-          fake(keys, layer, kv_head, x, tokens, rotation, clip, out);
+          const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
+          if (treat == Treat::AsIs && !tab) return false;
+          const calib::ErrorFeedbackTable* table = tab ? &*tab : nullptr;
+          fake_quantize(table, x, tokens, rotation, clip, out);
           if (treat != Treat::BiasCorrected) return true;
-          auto& b = (*bias)[{keys, layer, kv_head}];
+          auto& b = bias[{keys, layer, kv_head}];
           if (b.empty()) {
             const calib::ObjectiveSamples& fs = (keys ? fk : fv)[layer];
             const int64_t n = fs.tokens;
             std::span<const float> fx(fs.x.data() + kv_head * n * d, n * d);
             std::vector<float> fq(fx.size());
-            fake(keys, layer, kv_head, fx, n, rotation, clip, fq);
+            fake_quantize(table, fx, n, rotation, clip, fq);
             b.assign(d, 0.0);
             for (int64_t r = 0; r < n; ++r)
               for (int64_t i = 0; i < d; ++i) b[i] += (static_cast<double>(fq[r * d + i]) - fx[r * d + i]) / n;

@@ -149,6 +149,9 @@ struct SegmentedPageGeometry {
   OSCAR_HD constexpr int32_t param_offset(int32_t token, int32_t pair) const {
     return params_offset() + (token * param_pairs + pair) * 4;
   }
+  // One 2-bit segment over the whole head: the pages are byte-identical to fmt::Int2PageGeometry's, so the INT2
+  // kernels read and write them (decode, and the engine's writer with error-feedback tables).
+  OSCAR_HD constexpr bool whole_head_int2() const { return num_segments == 1 && seg_bits[0] == 2; }
   // True when every segment starts and ends on a 16-dim boundary (what the decode kernel takes).
   OSCAR_HD constexpr bool blocks_of_16() const {
     for (int32_t s = 0; s < num_segments; ++s)

@@ -151,7 +151,7 @@ struct Engine::Impl {
         // which the segmented writer has no error-feedback rounding for.
         const fmt::SegmentedPageGeometry* geo =
             k_geo.empty() ? nullptr : &(value ? v_geo : k_geo)[static_cast<size_t>(layer)];
-        const bool seg = geo != nullptr && !(geo->num_segments == 1 && geo->seg_bits[0] == 2);
+        const bool seg = geo != nullptr && !geo->whole_head_int2();
         p.geometry = seg ? geo : nullptr;
         const kern::KvWriteMode mode = format.fp8() ? kern::KvWriteMode::Fp8
                                        : seg        ? kern::KvWriteMode::Segmented

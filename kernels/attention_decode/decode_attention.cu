@@ -16,8 +16,6 @@ int32_t window_split_count(const DecodeAttentionParams& p, int32_t splits, bool 
   return static_cast<int32_t>(std::clamp<int64_t>((window + 31) / 32, 1, splits));
 }
 
-bool seg_whole_int2(const fmt::SegmentedPageGeometry& g) { return g.num_segments == 1 && g.seg_bits[0] == 2; }
-
 // Per-block tables of a geometry already accepted by decode_attention_can_implement.
 detail::SegDecodeLayout seg_decode_layout(const fmt::SegmentedPageGeometry& g) {
   detail::SegDecodeLayout L{};
@@ -230,7 +228,7 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   // A segmented layer whose K and V are both one 2-bit segment has byte-identical INT2 pages: the INT2 kernel reads
   // them (an engine with any spectral layer passes geometries for every layer).
   const bool segmented =
-      p.k_geometry != nullptr && !(seg_whole_int2(*p.k_geometry) && seg_whole_int2(*p.v_geometry));
+      p.k_geometry != nullptr && !(p.k_geometry->whole_head_int2() && p.v_geometry->whole_head_int2());
   // Fused needs INT2 blocks to carry the window; all-window calls (bf16 baseline, short prompts), segmented and
   // FP8 layers run the separate kernels.
   const bool fp8 = p.quant_storage == fmt::KvStorage::Fp8E4M3;

@@ -145,8 +145,6 @@ __device__ __forceinline__ void select_radix(const uint32_t (&m)[kGroup][kPerLan
   }
 }
 
-// Quantizes one clipped token (the lane's kPerLane dims) and returns its fp16 (scale, zero) pair; writes the code
-// word(s) of the lane group to `row` (the token's code row) when row != nullptr.
 // int2_min_max for a lane whose value j is coordinate dims[j] (any distinct dims across the warp): the zero sign
 // comes from the first (last) zero in dim order, found with a warp min (max) over the zeros' dims.
 template <int kPerLane>
@@ -181,6 +179,8 @@ __device__ __forceinline__ void int2_min_max_dims(const float (&v)[kPerLane], co
   }
 }
 
+// Quantizes one clipped token (the lane's kPerLane dims) and returns its fp16 (scale, zero) pair; writes the code
+// word(s) of the lane group to `row` (the token's code row) when row != nullptr.
 template <int kPerLane>
 __device__ __forceinline__ uint32_t int2_quantize_store(const float (&v)[kPerLane], int lane, uint8_t* row) {
   float lo, hi;
@@ -208,8 +208,6 @@ __device__ __forceinline__ uint32_t int2_quantize_store(const float (&v)[kPerLan
   return static_cast<uint32_t>(__half_as_ushort(scale_h)) | (static_cast<uint32_t>(__half_as_ushort(zero_h)) << 16);
 }
 
-// Stages the x rows of tokens t0 .. t0+M-1 of `head` into the warp's tile xs and rotates them: acc[t][j] = y of
-// token t, dim N*lane + j (rows past a.tokens are zeros). Shared by the RTN and the error-feedback writers.
 // Lane t < M resolves token t0 + t's destination once (the division by page_tokens is not cheap): its page block
 // (nullptr when the token is not stored: slot < 0, or past the end) and its row within the page. Returns the slot.
 template <int M>
@@ -239,6 +237,8 @@ __device__ __forceinline__ void int2_clip_values(float (&v)[N], float c) {
   }
 }
 
+// Stages the x rows of tokens t0 .. t0+M-1 of `head` into the warp's tile xs and rotates them: acc[t][j] = y of
+// token t, dim N*lane + j (rows past a.tokens are zeros). Shared by the RTN and the error-feedback writers.
 // kStrided (the error-feedback writer): lane l's slot j holds coordinate cols[j] instead of N*l + j, with R's columns
 // permuted to match where R sits in shared memory (row k: slot j of lane l at column 32*j + l, R' = R with columns
 // in `cols` order), or read from R at column cols[j] where it does not.

@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
     // still receives its updates one fmaf at a time in increasing step order, which is all the CPU loop fixes; only
     // the interleaving across coordinates changes. Inside a block the sequential part runs on lane t alone (token
     // t's B targets in registers, no shuffle on the critical path); the block's errors then reach every lane's
-    // coordinates in one batch of independent fmafs. Coordinates already rounded keep receiving (dead) updates: no
-    // predicate, and their weights are the table's zeros anyway.
+    // coordinates in one batch of independent fmafs. Slots below the block's are finished and skipped; rounded
+    // steps inside the block's own slot keep receiving (dead) updates with the table's zero weights, no predicate.
 #pragma unroll 1
     for (int k0 = 0; k0 < kHeadDim; k0 += kEfBlock) {
       // Steps k0 .. k0+B-1 are slot j0's lanes l0 .. l0+B-1 (B divides 32).
