@@ -50,13 +50,13 @@ struct Int2EfShape {
   static constexpr int kWarps = kHeadDim <= 128 ? 12 : 8;
 };
 
-// R' (when kept and rotating) + the head's weights (d <= 128) + order (2d ints reserved) + one x tile per warp.
+// R' (when kept and rotating) + the head's weights (d <= 128) + order + one x tile per warp.
 template <int kHeadDim>
 constexpr size_t int2_ef_smem_bytes(bool rotate, int warps) {
   using S = Int2TileShape<kHeadDim>;
   const size_t r = rotate && S::kRInShared ? static_cast<size_t>(kHeadDim) * kHeadDim : 0;
   const size_t w = Int2EfShape<kHeadDim>::kWInShared ? static_cast<size_t>(kHeadDim) * kHeadDim : 0;
-  return (r + w + 2 * static_cast<size_t>(kHeadDim) + static_cast<size_t>(warps) * S::kTokens * kHeadDim) *
+  return (r + w + static_cast<size_t>(kHeadDim) + static_cast<size_t>(warps) * S::kTokens * kHeadDim) *
          sizeof(float);
 }
 
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
   int cols[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) cols[j] = order[32 * j + lane];
-  float* xs = next + 2 * kHeadDim + warp * M * kHeadDim;
+  float* xs = next + kHeadDim + warp * M * kHeadDim;
 
   const int64_t tiles = (a.tokens + M - 1) / M;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
