@@ -367,13 +367,16 @@ struct FusedSmem {
   static_assert(kBytes <= Int2TileSmem<kHeadDim>::kBlockBytes, "the fused window/merge scratch must fit the ring");
 };
 
-// Outputs (head g, dim j) owned by a thread of a 128-thread block when it walks all kMaxGroup x kHeadDim of them:
-// r-th output is head out_head(r), dim out_dim(r). Heads vary slowest so a warp shares one head (broadcast reads).
-template <int kHeadDim>
+// Outputs (head g, dim j) owned by a thread of a 128-thread block when it walks all kHeads x kHeadDim of them:
+// r-th output is head head(r), dim dim(r). Heads vary slowest so a warp shares one head (broadcast reads). kHeads
+// is the launch's bound on the query group (4 for the narrow layout, 8 otherwise), so a group of 4 does not carry
+// (and issue predicated-off instructions for) four empty heads.
+template <int kHeadDim, int kHeads = 8>
 struct BlockOutputs {
   static constexpr int kThreads = kDecodeWarps * 32;
-  static constexpr int kCount = 8 * kHeadDim / kThreads;         // 4, 8, 16
-  static constexpr int kDimsPer = kHeadDim >= kThreads ? kHeadDim / kThreads : 1;
+  static constexpr int kCount = kHeads * kHeadDim / kThreads;     // kHeads = 8: 4, 8, 16; kHeads = 4: 2, 4, 8
+  static constexpr int kDimsPer = kHeadDim >= kThreads ? kHeadDim / kThreads : 1;  // distinct dims per thread
+  static_assert(kCount >= 1 && kCount % kDimsPer == 0);
   __device__ static int head(int r, int tid) {
     if constexpr (kHeadDim >= kThreads) return r / kDimsPer;
     else return r * (kThreads / kHeadDim) + tid / kHeadDim;
@@ -385,15 +388,17 @@ struct BlockOutputs {
 };
 
 // The block's share of sequence b's window tokens (virtual index v in [0, sink_count + recent_count)) into
-// partial slot kDecodeWarps of the shared partials. Block-uniform control flow (barriers inside).
-template <int kHeadDim>
+// partial slot kDecodeWarps of the shared partials. Block-uniform control flow (barriers inside). kHeads bounds the
+// group (see BlockOutputs).
+template <int kHeadDim, int kHeads>
 __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_t* smem, int b, int h, int split,
                                                      int len, const WindowCounts& wc, int win_page0,
                                                      float (*warp_max)[8], float (*warp_sum_l)[8]) {
   using L = FusedSmem<kHeadDim>;
-  using Out = BlockOutputs<kHeadDim>;
+  using Out = BlockOutputs<kHeadDim, kHeads>;
   constexpr int kMaxGroup = 8;
   constexpr int kThreads = kDecodeWarps * 32;
+  static_assert(kWinChunk % 4 == 0, "p is read four tokens at a time");
   constexpr int kRowChunks = kHeadDim * 2 / 16;  // 16-byte pieces of a bf16 row
   constexpr int kSubDims = kHeadDim / 8;         // dims per lane in the score pass (8 lanes per token)
   __shared__ float win_m[kMaxGroup], win_l[kMaxGroup], win_corr[kMaxGroup];
@@ -467,7 +472,7 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
           }
         }
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
+        for (int g = 0; g < kHeads; ++g) {
           if (g >= group) break;
           const float* qg = q_s + g * kHeadDim + sub * kSubDims;
           float dot = 0.f;
@@ -493,8 +498,9 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
       const float corr = exp2f(m_old - m_new);      // 0 on the first chunk
       const float p0 = lane < n ? exp2f(x0 - m_new) : 0.f;
       const float p1 = lane + 32 < n ? exp2f(x1 - m_new) : 0.f;
-      if (lane < n) pg[lane] = p0;
-      if (lane + 32 < n) pg[lane + 32] = p1;
+      // The whole chunk's p, zeros past n: the p·v loop reads four tokens at a time.
+      pg[lane] = p0;
+      if (lane + 32 < kWinChunk) pg[lane + 32] = p1;
       const float chunk_sum = warp_sum(p0 + p1);
       __syncwarp();
       if (lane == 0) {
@@ -509,13 +515,29 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
       const int g = Out::head(r, tid);
       if (g < group) acc[r] *= win_corr[g];
     }
-    for (int tok = 0; tok < n; ++tok) {
+    // p·v four tokens at a time: one broadcast float4 of p per head and the thread's dims of four V rows loaded
+    // before any FMA (the loop was one dependent shared-memory round trip per token and head). Each accumulator
+    // still adds its tokens in order. Rows past n hold stale bytes (maybe NaN patterns): selected to 0, and p
+    // is 0 there too.
+    for (int t4 = 0; t4 < n; t4 += 4) {
+      float vv[Out::kDimsPer][4];
+#pragma unroll
+      for (int dd = 0; dd < Out::kDimsPer; ++dd)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float v = __uint_as_float(static_cast<uint32_t>(v_rows[(t4 + u) * kHeadDim + Out::dim(dd, tid)]) << 16);
+          vv[dd][u] = t4 + u < n ? v : 0.f;
+        }
 #pragma unroll
       for (int r = 0; r < Out::kCount; ++r) {
         const int g = Out::head(r, tid);
         if (g >= group) continue;
-        const float v = __uint_as_float(static_cast<uint32_t>(v_rows[tok * kHeadDim + Out::dim(r, tid)]) << 16);
-        acc[r] = fmaf(p_s[g * kWinChunk + tok], v, acc[r]);
+        const float4 p4 = *reinterpret_cast<const float4*>(p_s + g * kWinChunk + t4);
+        const float* v = vv[r % Out::kDimsPer];
+        acc[r] = fmaf(p4.x, v[0], acc[r]);
+        acc[r] = fmaf(p4.y, v[1], acc[r]);
+        acc[r] = fmaf(p4.z, v[2], acc[r]);
+        acc[r] = fmaf(p4.w, v[3], acc[r]);
       }
     }
     __syncthreads();  // the next chunk overwrites the rows, the page ids and p
@@ -540,9 +562,9 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
 // thread loads kU splits' accumulators for all its outputs before it does any arithmetic (at batch 1 there are
 // ~66 splits: ~17 L2 round trips instead of one per split and output).
 inline constexpr int kMergeChunk = 256;
-template <int kHeadDim>
+template <int kHeadDim, int kHeads>
 __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, int b, int h) {
-  using Out = BlockOutputs<kHeadDim>;
+  using Out = BlockOutputs<kHeadDim, kHeads>;
   constexpr int kMaxGroup = 8;
   constexpr int kThreads = kDecodeWarps * 32;
   constexpr int kU = Out::kCount <= 4 ? 8 : 4;  // splits per batch of loads (kU x kCount registers)
@@ -612,20 +634,20 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
   }
   __syncthreads();
   for (int j = tid; j < kHeadDim; j += kThreads) {
-    float x[kMaxGroup];
+    float x[kHeads];
     if (!a.rotation_v) {
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) x[g] = o_rot[g * kHeadDim + j];
+      for (int g = 0; g < kHeads; ++g) x[g] = o_rot[g * kHeadDim + j];
     } else {
       // x_j = Σ_i y_i R[j][i], i ascending: thread j walks row j of R_v (float4, L1-cached), y broadcast.
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) x[g] = 0.f;
+      for (int g = 0; g < kHeads; ++g) x[g] = 0.f;
       const float4* row = reinterpret_cast<const float4*>(a.rotation_v + static_cast<size_t>(j) * kHeadDim);
-#pragma unroll 8
+#pragma unroll 16
       for (int i4 = 0; i4 < kHeadDim / 4; ++i4) {
         const float4 rv = __ldg(row + i4);
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
+        for (int g = 0; g < kHeads; ++g) {
           if (g >= group) break;
           const float4 y = *reinterpret_cast<const float4*>(o_rot + g * kHeadDim + 4 * i4);
           x[g] = fmaf(y.x, rv.x, x[g]);
@@ -636,7 +658,7 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
       }
     }
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < kHeads; ++g) {
       if (g >= group) break;
       const size_t o = (row0 + g) * kHeadDim + j;
       if (a.out) a.out[o] = x[g];
@@ -1128,7 +1150,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       warp_sum_l[warp][g] = l;
     }
   }
-  if constexpr (kFused) fused_window_partial<kHeadDim>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
+  if constexpr (kFused) fused_window_partial<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
   __syncthreads();
   write_block_partial<kHeadDim, kMaxGroup, kPartWarps>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
   if constexpr (kFused) {
@@ -1150,7 +1172,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    fused_merge<kHeadDim>(a, smem, b, h);
+    fused_merge<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h);
   }
 }
 
