@@ -17,7 +17,7 @@
 // fp8_us / int4_us time the eval baselines on the same windows: FP8 e4m3 pages (quant_storage = Fp8E4M3, 8 bits +
 // one fp16 scale per head vector, its own CUDA-core split kernel) and INT4 pages (the segmented kernel with one 4-bit
 // segment over the head, a compiled layout); each with its ratio to int2_us. Bytes are accounted as for int2_us.
-//   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager]
+//   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager] [--trace FILE]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -136,6 +136,7 @@ int main(int argc, char** argv) {
   int iters = 20;
   int64_t max_context = 131072;
   std::map<std::tuple<std::string, int, long long>, double> torch_us;
+  const char* trace_path = nullptr;  // --trace FILE: per-block phase timestamps of one fused call per shape
   bool eager = false;
   int only_batch = 0;         // 0: every batch
   long long only_context = 0; // 0: every context (a profiler run picks one shape)
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--batch")) only_batch = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--context")) only_context = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--torch-results")) torch_us = read_torch_results(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--trace")) trace_path = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -291,6 +293,33 @@ int main(int argc, char** argv) {
           return 1e3 * ms / iters;
         };
         const double int2_us = time_us(sink, recent);
+        if (trace_path) {
+          // One more fused call with per-block phase timestamps (DecodeAttentionParams::phase_trace), appended to
+          // the file as "model batch context block words...".
+          const size_t blocks = size_t(splits) * m.kv_heads * batch;
+          unsigned long long* dtrace;
+          CHECK_CUDA(cudaMalloc(&dtrace, blocks * oscar::kern::kDecodePhaseTraceWords * 8));
+          p.sink_tokens = sink;
+          p.recent_tokens = recent;
+          p.variant = oscar::kern::DecodeAttentionVariant::Fused;
+          p.phase_trace = dtrace;
+          for (int w = 0; w < 2; ++w)
+            if (oscar::kern::decode_attention(p, stream) != oscar::kern::Status::Ok) std::exit(1);
+          CHECK_CUDA(cudaStreamSynchronize(stream));
+          p.phase_trace = nullptr;
+          std::vector<unsigned long long> host(blocks * oscar::kern::kDecodePhaseTraceWords);
+          CHECK_CUDA(cudaMemcpy(host.data(), dtrace, host.size() * 8, cudaMemcpyDeviceToHost));
+          CHECK_CUDA(cudaFree(dtrace));
+          if (FILE* f = std::fopen(trace_path, "a")) {
+            for (size_t blk = 0; blk < blocks; ++blk) {
+              std::fprintf(f, "%s %d %lld %zu", m.name, batch, (long long)ctx, blk);
+              for (int w = 0; w < oscar::kern::kDecodePhaseTraceWords; ++w)
+                std::fprintf(f, " %llu", host[blk * oscar::kern::kDecodePhaseTraceWords + w]);
+              std::fputc('\n', f);
+            }
+            std::fclose(f);
+          }
+        }
         const double sep_us = time_us(sink, recent, oscar::kern::DecodeAttentionVariant::Separate);
         // At groups <= 4 the default fused launch computes scores transposed; FusedWide is the heads-as-rows layout.
         const double wide_us = time_us(sink, recent, oscar::kern::DecodeAttentionVariant::FusedWide);

@@ -183,6 +183,8 @@ Status launch(const detail::DecodeArgs& a, bool segmented, bool fp8, bool fused,
 
 }  // namespace
 
+static_assert(kDecodePhaseTraceWords == 10, "PhaseTrace (decode_attention.cuh) writes 10 words per block");
+
 Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   if (Status s = decode_attention_can_implement(p); s != Status::Ok) return s;
   if (p.batch == 0) return Status::Ok;
@@ -243,6 +245,7 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.partial_acc = a.partial_ml + rows * a.slot_stride * 2;
   a.out = p.out;
   a.out_bf16 = p.out_bf16;
+  a.phase_trace = p.phase_trace;
   a.tickets = reinterpret_cast<unsigned int*>(a.partial_acc + rows * a.slot_stride * static_cast<size_t>(p.head_dim));
   if (segmented) {
     a.k_seg = seg_decode_layout(*p.k_geometry);

@@ -100,6 +100,38 @@ struct DecodeArgs {
   SegDecodeLayout k_seg;  // segmented layers only (decode_attention_seg.cuh)
   SegDecodeLayout v_seg;
   unsigned int* tickets;  // [batch, num_kv_heads]: split blocks done (fused INT2 kernel), zeroed by rotate_q
+  unsigned long long* phase_trace;  // DecodeAttentionParams::phase_trace
+};
+
+// Phase timestamps of the fused INT2 kernel (DecodeAttentionParams::phase_trace): thread 0 of each block.
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+struct PhaseTrace {
+  unsigned long long* row = nullptr;  // this block's words, null when not tracing or not thread 0
+  long long start = 0;
+  __device__ void begin(const DecodeArgs& a) {
+    if (a.phase_trace == nullptr || threadIdx.x != 0) return;
+    row = a.phase_trace +
+          (blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z)) * 10;
+    row[0] = global_timer_ns();
+    start = clock64();
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    row[8] = sm;
+    row[7] = 0;
+    row[9] = 0;
+  }
+  __device__ void mark(int word) {
+    if (row) row[word] = static_cast<unsigned long long>(clock64() - start);
+  }
+  __device__ void end(bool merged) {
+    if (!row) return;
+    row[9] = merged;
+    row[1] = global_timer_ns();
+  }
 };
 
 // floor(t / page_tokens) without an integer division: a runtime divisor costs ~20 instructions, and the INT2 loop
@@ -420,8 +452,21 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
   const fmt::Bf16PageGeometry geo{kHeadDim, a.page_tokens};
   const size_t table_row = static_cast<size_t>(b) * a.max_pages;
 
-  for (int idx = tid; idx < group * kHeadDim; idx += kThreads)
-    q_s[idx] = a.q_rot[(static_cast<size_t>(b) * a.num_q_heads + h * group) * kHeadDim + idx];
+  // All of the group's query loads in flight at once (a loop of load-then-store would be `group` L2 round trips
+  // on this block's critical path); heads group .. kHeads-1 are zeros, so the score pass can run every head.
+  {
+    constexpr int kPer = kHeads * kHeadDim / kThreads;
+    float qv[kPer];
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int idx = tid + r * kThreads;
+      qv[r] = idx < group * kHeadDim
+                  ? a.q_rot[(static_cast<size_t>(b) * a.num_q_heads + h * group) * kHeadDim + idx]
+                  : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) q_s[tid + r * kThreads] = qv[r];
+  }
   if (tid < kMaxGroup) {
     win_m[tid] = -INFINITY;
     win_l[tid] = 0.f;
@@ -471,17 +516,27 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
             k[8 * v8 + 2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
           }
         }
+        // Every head of the bound, without a branch on the group (heads past it have zero queries and their
+        // scores are never read), so the heads' FMA chains and shuffles interleave.
+        // Four heads at a time (eight would spill at the 128-register bound).
 #pragma unroll
-        for (int g = 0; g < kHeads; ++g) {
-          if (g >= group) break;
-          const float* qg = q_s + g * kHeadDim + sub * kSubDims;
-          float dot = 0.f;
+        for (int g0 = 0; g0 < kHeads; g0 += 4) {
+          float dot[4];
 #pragma unroll
-          for (int i = 0; i < kSubDims; ++i) dot = fmaf(qg[i], k[i], dot);
-          dot += __shfl_xor_sync(mask, dot, 1);
-          dot += __shfl_xor_sync(mask, dot, 2);
-          dot += __shfl_xor_sync(mask, dot, 4);
-          if (sub == 0) p_s[g * kWinChunk + tok] = dot;
+          for (int u = 0; u < 4; ++u) {
+            const float* qg = q_s + (g0 + u) * kHeadDim + sub * kSubDims;
+            dot[u] = 0.f;
+#pragma unroll
+            for (int i = 0; i < kSubDims; ++i) dot[u] = fmaf(qg[i], k[i], dot[u]);
+          }
+#pragma unroll
+          for (int off = 1; off < 8; off <<= 1)
+#pragma unroll
+            for (int u = 0; u < 4; ++u) dot[u] += __shfl_xor_sync(mask, dot[u], off);
+          if (sub == 0) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) p_s[(g0 + u) * kWinChunk + tok] = dot[u];
+          }
         }
       }
     }
@@ -639,22 +694,30 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
 #pragma unroll
       for (int g = 0; g < kHeads; ++g) x[g] = o_rot[g * kHeadDim + j];
     } else {
-      // x_j = Σ_i y_i R[j][i], i ascending: thread j walks row j of R_v (float4, L1-cached), y broadcast.
+      // x_j = Σ_i y_i R[j][i], i ascending: thread j walks row j of R_v (float4, L1-cached), y broadcast. The row's
+      // loads are issued in batches before any FMA (a branch on the group inside the loop kept the compiler from
+      // hoisting them: 32 dependent L2 round trips, ~10 us of every call's tail); heads past the group compute
+      // on stale shared memory and are never stored.
 #pragma unroll
       for (int g = 0; g < kHeads; ++g) x[g] = 0.f;
       const float4* row = reinterpret_cast<const float4*>(a.rotation_v + static_cast<size_t>(j) * kHeadDim);
-#pragma unroll 16
-      for (int i4 = 0; i4 < kHeadDim / 4; ++i4) {
-        const float4 rv = __ldg(row + i4);
+      constexpr int kBatch = 16;
+      static_assert((kHeadDim / 4) % kBatch == 0);
+#pragma unroll 1
+      for (int i0 = 0; i0 < kHeadDim / 4; i0 += kBatch) {
+        float4 rv[kBatch];
 #pragma unroll
-        for (int g = 0; g < kHeads; ++g) {
-          if (g >= group) break;
-          const float4 y = *reinterpret_cast<const float4*>(o_rot + g * kHeadDim + 4 * i4);
-          x[g] = fmaf(y.x, rv.x, x[g]);
-          x[g] = fmaf(y.y, rv.y, x[g]);
-          x[g] = fmaf(y.z, rv.z, x[g]);
-          x[g] = fmaf(y.w, rv.w, x[g]);
-        }
+        for (int u = 0; u < kBatch; ++u) rv[u] = __ldg(row + i0 + u);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+          for (int g = 0; g < kHeads; ++g) {
+            const float4 y = *reinterpret_cast<const float4*>(o_rot + g * kHeadDim + 4 * (i0 + u));
+            x[g] = fmaf(y.x, rv[u].x, x[g]);
+            x[g] = fmaf(y.y, rv[u].y, x[g]);
+            x[g] = fmaf(y.z, rv[u].z, x[g]);
+            x[g] = fmaf(y.w, rv[u].w, x[g]);
+          }
       }
     }
 #pragma unroll
@@ -734,6 +797,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   const int g = lane >> 2;  // MMA group id: query head of S rows / P columns, V row owner
   const int c = lane & 3;   // thread in group
   const int group = a.group;
+  PhaseTrace trace;
+  if constexpr (kFused) trace.begin(a);
   const int len = a.seq_lens[b];
 
   // This block's tiles: the sequence's INT2 token range [lo, hi) in 16-token tiles, shared evenly by the splits.
@@ -882,6 +947,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     }
   }
 
+  trace.mark(2);
   float o[kKSteps][4];  // Oᵀ accumulators: m-tile mt, rows (dims) g / g+8, columns (heads) 2c / 2c+1
 #pragma unroll
   for (int mt = 0; mt < kKSteps; ++mt)
@@ -1002,7 +1068,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       z_a += __shfl_xor_sync(0xffffffffu, z_a, off);
       z_b += __shfl_xor_sync(0xffffffffu, z_b, off);
     }
+    trace.mark(3);
     __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
+    trace.mark(4);
     if (stages > 0) {
 #pragma unroll
       for (int mt = 0; mt < kKSteps; ++mt) {
@@ -1131,7 +1199,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
     const float z_a = __shfl_sync(0xffffffffu, z_sum, 8 * c);
     const float z_b = __shfl_sync(0xffffffffu, z_sum, 8 * c + 4);
+    trace.mark(3);
     __syncthreads();  // every warp is done with its ring: it becomes the per-warp partials
+    trace.mark(4);
     if (stages > 0) {
 #pragma unroll
       for (int mt = 0; mt < kKSteps; ++mt) {
@@ -1150,7 +1220,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       warp_sum_l[warp][g] = l;
     }
   }
-  if constexpr (kFused) fused_window_partial<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
+  if constexpr (kFused) {
+    fused_window_partial<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h, split, len, wc, win_page0, warp_max, warp_sum_l);
+    trace.mark(5);
+  }
   __syncthreads();
   write_block_partial<kHeadDim, kMaxGroup, kPartWarps>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
   if constexpr (kFused) {
@@ -1170,9 +1243,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       is_last = last;
     }
     __syncthreads();
-    if (!is_last) return;
+    trace.mark(6);
+    if (!is_last) {
+      trace.end(false);
+      return;
+    }
     __threadfence();
     fused_merge<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h);
+    trace.mark(7);
+    trace.end(true);
   }
 }
 

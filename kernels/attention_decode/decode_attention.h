@@ -64,7 +64,13 @@ struct DecodeAttentionParams {
   void* workspace = nullptr;                 // decode_attention_workspace_bytes() bytes of device memory
   size_t workspace_bytes = 0;
   DecodeAttentionVariant variant = DecodeAttentionVariant::Fused;
+  // Profiling (decode_attention_bench --trace), null otherwise: per block of the fused INT2 kernel,
+  // kDecodePhaseTraceWords words: globaltimer at entry and exit, clock64 offsets from entry to the end of the
+  // query setup, of warp 0's tiles, of the block's tiles, of the window share, of the ticket and of the merge (0
+  // in blocks that do not merge), the SM id and whether the block merged. Block index x + splits·(h + kv_heads·b).
+  unsigned long long* phase_trace = nullptr;
 };
+inline constexpr int kDecodePhaseTraceWords = 10;
 
 // Splits chosen so that batch * num_kv_heads * splits blocks fill the INT2 kernel's resident-block slots (four
 // per SM) once, without a partial second wave (batch 1 at 128K fills the GPU), and no split is shorter than two

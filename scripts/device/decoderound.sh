@@ -7,7 +7,7 @@
 #          alternated twice at five shapes (CUDA graph timing)
 #   ~60 s  ncu (source counters, warp stalls) of the new fused INT2 kernel at batch 8 x 32K; SASS of the kernel
 #   ~40 s  ncu of one whole fused call (rotate_q + INT2 kernel) at 8 x 4K: where the per-call floor goes
-# Arg "noncu" skips the profile. Needs: $BIN, $OUT, cwd = repo.
+# Arg "noncu" skips the profile, "benchonly" the tests too. Needs: $BIN, $OUT, cwd = repo.
 # Look for: "[  PASSED  ]" in decoderound_test_gpu.log; decoderound_bench.txt: int2_us new vs base per shape.
 set -uo pipefail
 [ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
@@ -15,7 +15,7 @@ set -uo pipefail
 export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 mkdir -p "$OUT"
 status=0
-timeout 300 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*:*DecodeGpu*:*DecodeFp8Gpu*:*SegDecodeGpu*:*EngineQuantized*:*EngineBundle*:*EngineBatch*:*EngineRecompute*' \
+[ "${1:-}" = benchonly ] || timeout 300 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*:*DecodeGpu*:*DecodeFp8Gpu*:*SegDecodeGpu*:*EngineQuantized*:*EngineBundle*:*EngineBatch*:*EngineRecompute*' \
   > "$OUT/decoderound_test_gpu.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED) |FAILED TEST|tests? ran" "$OUT/decoderound_test_gpu.log" | head -20
 base=/tmp/base_decode_attention_bench
@@ -37,7 +37,7 @@ CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | 
   > "$OUT/sass_int2_128_fused.txt"
 wc -l "$OUT/sass_int2_128_fused.txt"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-if [ "${1:-}" != noncu ] && [ -n "$NCU" ]; then
+if [ "${1:-}" != noncu ] && [ "${1:-}" != benchonly ] && [ -n "$NCU" ]; then
   timeout 150 "$NCU" --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section InstructionStats --section SourceCounters --section ComputeWorkloadAnalysis \
     --import-source no -k regex:'decode_attention_int2_kernel' -c 1 --launch-skip 1 \
@@ -49,7 +49,7 @@ fi
 # The per-call floor (issue #6: ~45 us at 8 x 4K for 28 MB, where the bytes need ~9 us): both kernels of one fused
 # decode call at a short shape, with launch and source-level stall data, to see where the fixed time goes
 # (rotate_q -> PDL wait, the window share, the last block's merge).
-if [ "${1:-}" != noncu ] && [ -n "$NCU" ]; then
+if [ "${1:-}" != noncu ] && [ "${1:-}" != benchonly ] && [ -n "$NCU" ]; then
   timeout 150 "$NCU" --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \
     --section SourceCounters --import-source no -k regex:'decode_rotate_q_kernel|decode_attention_int2_kernel' \
     -c 2 --launch-skip 2 "$BIN/bin/decode_attention_bench" --eager --iters 2 --max-context 4096 --batch 8 \

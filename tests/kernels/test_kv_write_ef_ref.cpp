@@ -171,7 +171,9 @@ TEST(KvWriteRefEf, RandomTablesMatchCalibStoredRoundingAndLowerTheMetricError) {
         }
         EXPECT_GT(differing, tokens * heads / 2) << "d " << d;
         // Without clip feedback the target is the clipped vector itself, so the metric error must drop clearly.
-        if (!feedback) EXPECT_LT(err_ef, 0.8 * err_rtn) << "d " << d << " ratio " << ratio;
+        if (!feedback) {
+          EXPECT_LT(err_ef, 0.8 * err_rtn) << "d " << d << " ratio " << ratio;
+        }
         RecordProperty("err_ratio_d" + std::to_string(d) + "_r" + std::to_string(ratio) + (feedback ? "_fb" : ""),
                        std::to_string(err_ef / err_rtn));
       }
