@@ -316,6 +316,7 @@ struct Int2TileSmem {
   static constexpr int kWarpBytes = kInt2Stages * kStageBytes;
   static constexpr int kBlockBytes = kDecodeWarps * kWarpBytes;
   static_assert(kBytes % 16 == 0 && kCodeBytes % 16 == 0);
+  static_assert(kVParams == kKParams + 4 * 16, "the pair loader fills K then V pairs with lanes 0-7");
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -830,29 +831,46 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
     return a.int2_page_table[table_row + page_index(a, t0)];
   };
+  // V records sit at the same offset in the V pool as K records in the K pool.
+  const int64_t kv_delta =
+      reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
   auto issue_stage = [&](int stage, int stage_pages) {
     if (stage < stages) {
       uint8_t* dst = ring + (stage % kInt2Stages) * Tile::kStageBytes;
+      // Lane tt < kInt2TilesPerStage forms tile tt's K code address (and the distance from it to the tile's
+      // (scale, zero) pairs) from the page id it loaded, in one pass for the whole stage; the tiles below only
+      // broadcast them. The warp used to redo this 64-bit page and offset arithmetic for every tile in turn, ~50
+      // instructions per tile, about a sixth of the loop.
+      intptr_t my_codes = 0;
+      int32_t my_params_delta = 0;
+      {
+        const int i = stage * kInt2TilesPerStage + lane;
+        if (lane < kInt2TilesPerStage && i < warp_tiles) {
+          const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
+          const int offset = t0 - page_index(a, t0) * a.page_tokens;
+          my_codes = reinterpret_cast<intptr_t>(a.k_int2_pool) +
+                     static_cast<intptr_t>(fmt::page_block_offset(stage_pages, h, a.num_kv_heads, geo.page_bytes())) +
+                     static_cast<intptr_t>(offset) * Tile::kRowBytes;
+          my_params_delta = geo.params_offset() + offset * (4 - Tile::kRowBytes);
+        }
+      }
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const int page = __shfl_sync(0xffffffffu, stage_pages, tt);
         const int i = stage * kInt2TilesPerStage + tt;
         if (i >= warp_tiles) break;
-        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-        const int offset = t0 - page_index(a, t0) * a.page_tokens;
-        const size_t block_offset = fmt::page_block_offset(page, h, a.num_kv_heads, geo.page_bytes());
-        const uint8_t* k_block = a.k_int2_pool + block_offset;
-        const uint8_t* v_block = a.v_int2_pool + block_offset;
+        const intptr_t codes = static_cast<intptr_t>(
+            __shfl_sync(0xffffffffu, static_cast<unsigned long long>(my_codes), tt));
+        const int32_t params_delta = __shfl_sync(0xffffffffu, my_params_delta, tt);
         uint8_t* tile = dst + tt * Tile::kBytes;
-        const size_t codes = static_cast<size_t>(offset) * Tile::kRowBytes;
-        const size_t params = geo.params_offset() + static_cast<size_t>(offset) * 4;
 #pragma unroll
         for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
-          cp_async16(tile + Tile::kKCodes + chunk * 16, k_block + codes + chunk * 16);
-          cp_async16(tile + Tile::kVCodes + chunk * 16, v_block + codes + chunk * 16);
+          cp_async16(tile + Tile::kKCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + chunk * 16));
+          cp_async16(tile + Tile::kVCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + kv_delta + chunk * 16));
         }
-        if (lane < 4) cp_async16(tile + Tile::kKParams + lane * 16, k_block + params + lane * 16);
-        else if (lane < 8) cp_async16(tile + Tile::kVParams + (lane - 4) * 16, v_block + params + (lane - 4) * 16);
+        // Lanes 0-3: the K pairs, 4-7: the V pairs (kVParams = kKParams + 64 in the tile).
+        if (lane < 8)
+          cp_async16(tile + Tile::kKParams + lane * 16,
+                     reinterpret_cast<const uint8_t*>(codes + params_delta + (lane & 3) * 16 + (lane < 4 ? 0 : kv_delta)));
       }
     }
     cp_async_commit();  // an empty group keeps the wait count uniform
@@ -1227,13 +1245,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   __syncthreads();
   write_block_partial<kHeadDim, kMaxGroup, kPartWarps>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
   if constexpr (kFused) {
-    // Split-K ticket: every thread's partial stores are made device-visible before thread 0 takes a ticket, so
-    // the block that draws the last one sees all splits' partials. Thread 0 also fences after the barrier and
-    // before its atomic (release) and after drawing the last ticket (acquire): the order cooperative groups' grid
-    // sync uses, which the PTX memory model guarantees; fences only in the storing / loading threads, on the far
-    // side of the barrier from the atomic, are not a release / acquire pattern of the atomic.
+    // Split-K ticket, in cooperative groups' grid-sync pattern: the barrier orders every thread's partial stores
+    // before thread 0's release (fence, then the atomic), and thread 0's acquire (the last ticket, then a fence)
+    // before the barrier the other threads pass to read the partials, which they load from L2 (__ldcg). Fences
+    // in every thread on top of that (as before) added two device-wide fence round trips to each block's tail.
     __shared__ bool is_last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
@@ -1248,7 +1264,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       trace.end(false);
       return;
     }
-    __threadfence();
     fused_merge<kHeadDim, kNarrow ? 4 : 8>(a, smem, b, h);
     trace.mark(7);
     trace.end(true);
