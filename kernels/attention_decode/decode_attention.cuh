@@ -632,7 +632,9 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
   using Out = BlockOutputs<kHeadDim, kHeads>;
   constexpr int kMaxGroup = 8;
   constexpr int kThreads = kDecodeWarps * 32;
-  constexpr int kU = Out::kCount <= 4 ? 8 : 4;  // splits per batch of loads (kU x kCount registers)
+  // Splits per batch of loads (kU x kCount registers, live only here): at batch 1 there are ~66 splits, and each
+  // batch is one L2 round trip on the tail of the whole call.
+  constexpr int kU = Out::kCount <= 4 ? 16 : 4;
   __shared__ float head_max[kMaxGroup];
   float* o_rot = reinterpret_cast<float*>(smem);  // [kMaxGroup][kHeadDim]
   float* w_s = o_rot + kMaxGroup * kHeadDim;      // [kMaxGroup][kMergeChunk]: exp2(m_s - max)
@@ -657,13 +659,27 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
   for (int c0 = 0; c0 < splits; c0 += kMergeChunk) {
     const int n = min(kMergeChunk, splits - c0);
     __syncthreads();  // head_max (first chunk); the previous chunk's weights are consumed
-    for (int idx = tid; idx < group * n; idx += kThreads) {
-      const int g = idx / n;
-      const int s = idx - g * n;
-      const float2 ml = __ldcg(reinterpret_cast<const float2*>(a.partial_ml) + (row0 + g) * a.slot_stride + c0 + s);
-      // A head no split saw a token for (max -inf) gets weight 0 everywhere: output 0. An empty split: 0.
-      w_s[g * kMergeChunk + s] = head_max[g] == -INFINITY ? 0.f : exp2f(ml.x - head_max[g]);
-      l_s[g * kMergeChunk + s] = ml.y;
+    // Four (head, split) pairs per thread per round, their loads issued before any use.
+    for (int idx0 = tid; idx0 < group * n; idx0 += 4 * kThreads) {
+      float2 ml[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int idx = idx0 + u * kThreads;
+        const int g = idx / n;
+        ml[u] = idx < group * n
+                    ? __ldcg(reinterpret_cast<const float2*>(a.partial_ml) + (row0 + g) * a.slot_stride + c0 + idx - g * n)
+                    : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int idx = idx0 + u * kThreads;
+        if (idx >= group * n) break;
+        const int g = idx / n;
+        const int s = idx - g * n;
+        // A head no split saw a token for (max -inf) gets weight 0 everywhere: output 0. An empty split: 0.
+        w_s[g * kMergeChunk + s] = head_max[g] == -INFINITY ? 0.f : exp2f(ml[u].x - head_max[g]);
+        l_s[g * kMergeChunk + s] = ml[u].y;
+      }
     }
     __syncthreads();
     for (int s0 = 0; s0 < n; s0 += kU) {
