@@ -528,7 +528,7 @@ __device__ __forceinline__ void fused_window_partial(const DecodeArgs& a, uint8_
         }
         // Every head of the bound, without a branch on the group (heads past it have zero queries and their
         // scores are never read), so the heads' FMA chains and shuffles interleave.
-        // Four heads at a time (eight would spill at the 128-register bound).
+        // Four heads at a time: eight dot products live at once spilled more at the 128-register bound.
 #pragma unroll
         for (int g0 = 0; g0 < kHeads; g0 += 4) {
           float dot[4];
