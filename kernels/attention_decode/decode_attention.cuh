@@ -999,8 +999,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   float* warp_acc = reinterpret_cast<float*>(smem);  // the ring, once every warp is done with it
   if constexpr (kNarrow) {
     // Narrow layout. Lane (g, c) holds Sᵀ rows (tokens) g and g+8 of a tile, columns 2c, 2c+1: heads
-    // head_a = 2c & 3, head_b = head_a + 1 (lanes c >= 2 hold the same heads after the hi + lo sum: duplicates).
+    // head_a = 2c & 3, head_b = head_a + 1. After the hi + lo sum lanes c and c ^ 2 hold the same values, so they
+    // split the softmax work by token row: lanes c < 2 take row g, lanes c >= 2 row g + 8 (`my_row`), and lanes
+    // c < 2 fetch the other row's P from lane c + 2. Their running sums l, z cover one row each and are added
+    // across the pair at the end; the running maxima are reduced over the pair every stage.
     const int head_a = (2 * c) & 3;
+    const int my_row = c >> 1;
     const float scale_a = __shfl_sync(0xffffffffu, dot_scale, 4 * head_a);
     const float scale_b = __shfl_sync(0xffffffffu, dot_scale, 4 * head_a + 4);
     const float qsum_a = __shfl_sync(0xffffffffu, q_sum, 4 * head_a);
@@ -1016,9 +1020,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
       // Masked with selects as in the wide layout below (one basic block per stage).
-      float s[kInt2TilesPerStage][4];  // (token g: head a, head b), (token g+8: head a, head b)
+      float s[kInt2TilesPerStage][2];  // token g + 8·my_row: head a, head b
       float max_a = -INFINITY, max_b = -INFINITY;
       const uint32_t span = static_cast<uint32_t>(end - begin);
+      const int tok = g + 8 * my_row;
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
         const int i = stage * kInt2TilesPerStage + tt;
@@ -1038,21 +1043,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
                           code_pair(w1, w16, 2 * e2 + 1), qa[ks][0], qa[ks][1]);
           }
         }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 2);  // hi + lo columns
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int tok = g + 8 * r;
-          const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
-          const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
-          s[tt][2 * r] = valid ? fmaf(acc[2 * r] * scale_a, kp.x, kp.y * qsum_a) : -INFINITY;
-          s[tt][2 * r + 1] = valid ? fmaf(acc[2 * r + 1] * scale_b, kp.x, kp.y * qsum_b) : -INFINITY;
-          max_a = fmaxf(max_a, s[tt][2 * r]);
-          max_b = fmaxf(max_b, s[tt][2 * r + 1]);
-        }
+        // hi + lo columns of this lane's row: the partner (lane c ^ 2) sends its part of that row and receives
+        // this lane's part of the other row. (a + b == b + a, so the sums equal those of a full exchange.)
+        const float send_a = my_row ? acc[0] : acc[2], send_b = my_row ? acc[1] : acc[3];
+        const float recv_a = __shfl_xor_sync(0xffffffffu, send_a, 2), recv_b = __shfl_xor_sync(0xffffffffu, send_b, 2);
+        const float dot_a = (my_row ? acc[2] : acc[0]) + recv_a, dot_b = (my_row ? acc[3] : acc[1]) + recv_b;
+        const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
+        const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
+        s[tt][0] = valid ? fmaf(dot_a * scale_a, kp.x, kp.y * qsum_a) : -INFINITY;
+        s[tt][1] = valid ? fmaf(dot_b * scale_b, kp.x, kp.y * qsum_b) : -INFINITY;
+        max_a = fmaxf(max_a, s[tt][0]);
+        max_b = fmaxf(max_b, s[tt][1]);
       }
 #pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
+      for (int off = 2; off < 32; off <<= 1) {  // both rows (lane c ^ 2), then the 8 row groups; not c ^ 1
         max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, off));
         max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, off));
       }
@@ -1077,21 +1081,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
         const uint8_t* tile = st + tt * Tile::kBytes;
-        uint32_t p_rows[2];  // Sᵀ fragment rows g and g+8 as fp16 (p·s_v): two 8x8 matrices, token rows
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int tok = g + 8 * r;
-          const float p_a = exp2_ftz(s[tt][2 * r] - m_a), p_b = exp2_ftz(s[tt][2 * r + 1] - m_b);  // 0 when masked
-          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
-          const bool masked = s[tt][2 * r] == -INFINITY;
-          const float v_scale = masked ? 0.f : vp_raw.x;
-          const float v_zero = masked ? 0.f : vp_raw.y;
-          l_a += p_a;
-          l_b += p_b;
-          z_a = fmaf(p_a, v_zero, z_a);
-          z_b = fmaf(p_b, v_zero, z_b);
-          p_rows[r] = own_columns ? pack_half2(p_a * v_scale, p_b * v_scale) : 0u;
-        }
+        const float p_a = exp2_ftz(s[tt][0] - m_a), p_b = exp2_ftz(s[tt][1] - m_b);  // 0 when masked
+        const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+        const bool masked = s[tt][0] == -INFINITY;
+        const float v_scale = masked ? 0.f : vp_raw.x;
+        const float v_zero = masked ? 0.f : vp_raw.y;
+        l_a += p_a;
+        l_b += p_b;
+        z_a = fmaf(p_a, v_zero, z_a);
+        z_b = fmaf(p_b, v_zero, z_b);
+        // Sᵀ fragment rows g and g+8 as fp16 (p·s_v): two 8x8 matrices, token rows; lanes c < 2 own the columns.
+        const uint32_t mine = pack_half2(p_a * v_scale, p_b * v_scale);
+        const uint32_t theirs = __shfl_xor_sync(0xffffffffu, mine, 2);  // row g + 8, from lane c + 2
+        uint32_t p_rows[2];
+        p_rows[0] = own_columns ? mine : 0u;
+        p_rows[1] = own_columns ? theirs : 0u;
         // Transposed: lane (g, c) holds column (head) g at tokens 2c, 2c+1 (+8): the B operand of Oᵀ = Vᵀ·Pᵀ
         // with the tile's tokens in natural order as k.
         const uint32_t pb0 = movmatrix_trans(p_rows[0]);
@@ -1103,9 +1107,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     }
     cp_async_wait<0>();
 
-    // Head totals over the warp's tokens (lanes of one c hold the same two heads, one per token row).
+    // Head totals over the warp's tokens (lanes c and c ^ 2 hold the same two heads, one token row each).
 #pragma unroll
-    for (int off = 4; off < 32; off <<= 1) {
+    for (int off = 2; off < 32; off <<= 1) {
       l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
       l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
       z_a += __shfl_xor_sync(0xffffffffu, z_a, off);
