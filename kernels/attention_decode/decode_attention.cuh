@@ -1275,17 +1275,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   write_block_partial<kHeadDim, kMaxGroup, kPartWarps>(a, b, h, split, warp_acc, warp_max, warp_sum_l);
   if constexpr (kFused) {
     // Split-K ticket, in cooperative groups' grid-sync pattern: the barrier orders every thread's partial stores
-    // before thread 0's release (fence, then the atomic), and thread 0's acquire (the last ticket, then a fence)
-    // before the barrier the other threads pass to read the partials, which they load from L2 (__ldcg). Fences
+    // before thread 0's release (the atomic's release half), and thread 0's acquire (its acquire half) before the
+    // barrier the other threads pass to read the partials, which they load from L2 (__ldcg). Fences
     // in every thread on top of that (as before) added two device-wide fence round trips to each block's tail.
     __shared__ bool is_last;
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
-      const bool last = atomicAdd(a.tickets + static_cast<size_t>(b) * a.num_kv_heads + h, 1u) ==
-                        static_cast<unsigned>(a.int2_splits - 1);
-      if (last) __threadfence();
-      is_last = last;
+      // One acq_rel atomic instead of fence.sc + relaxed atomic + fence.sc (cooperative groups' sm_70+ grid sync
+      // also arrives with atom.add.release.gpu and polls with ld.acquire.gpu).
+      unsigned int before;
+      asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], %2;"
+                   : "=r"(before)
+                   : "l"(a.tickets + static_cast<size_t>(b) * a.num_kv_heads + h), "r"(1u)
+                   : "memory");
+      is_last = before == static_cast<unsigned>(a.int2_splits - 1);
     }
     __syncthreads();
     trace.mark(6);
