@@ -17,7 +17,9 @@ namespace oscar::kern {
 // Auto: the fastest measured (v2). V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
 // V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
 // (attention_prefill_v3.cuh); same numerics as v2.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3 };
+// V4: v2's grid with Hopper warpgroup MMAs (attention_prefill_v4.cuh): head_dim 128 on an sm_90 device in a build
+// with sm_90a code (CMAKE_CUDA_ARCHITECTURES 90a); Unsupported otherwise.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4 };
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
 // Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.

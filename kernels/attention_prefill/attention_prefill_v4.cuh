@@ -1,0 +1,204 @@
+#pragma once
+// Device code of prefill attention v4: Hopper warpgroup MMAs (wgmma, sm_90a; kernels/common/wgmma.cuh) in v2's
+// block shape. v2/v3 issue mma.sync, whose operands come through the SM's shared-memory port as ldmatrix
+// fragments: at head_dim 128 that port, not the tensor cores, bounds them (~270 TFLOP/s causal at 32K, ncu: the
+// shared-memory pipe busiest). A wgmma reads its shared-memory operands directly.
+//
+// Block: 128 query rows (tokens × the GQA pack, as v2: row r is token q0 + r % tokens of head head0 + r / tokens)
+// and two warpgroups, warpgroup w owning rows 64w..64w+63; head_dim 128 only (the 7-8B shapes; others run v2).
+// Shared memory, all 128B-swizzled regions of 64 bf16 columns (1024-byte aligned):
+//   Q   [128 rows][128]  as two column regions of 16 KB,
+//   K_s [64 keys][128]   as two column regions of 8 KB, per stage (2 stages),
+//   V_s [64 keys][128]   likewise: the P·V operand B is V with N = dims contiguous (MN-major, transposed B).
+// Per 64-key tile: S = Q·Kᵀ (8 wgmma m64n64k16, both operands in shared memory), the mask on tiles crossing the
+// diagonal or the sequence end, v3's online softmax on the accumulator fragment (same layout as mma.sync's, per
+// warp 16 rows), P to bf16 A fragments in registers, O += P·V (4 wgmma m64n128k16). Each GEMM is waited for
+// before the registers are touched (no overlap of softmax and MMA yet: the first step, to be measured).
+// Numerics: fp32 scores and accumulation, exp2 with the folded scale, bf16 P — v3's arithmetic per element; the
+// tensor cores' summation order differs, so outputs match v2 within bf16 rounding, not bit for bit.
+#include "kernels/attention_prefill/attention_prefill_v2.cuh"
+#include "kernels/common/wgmma.cuh"
+
+namespace oscar::kern::detail {
+
+inline constexpr int kV4Threads = 256;  // two warpgroups
+inline constexpr int kV4BlockM = 128;
+inline constexpr int kV4BlockN = 64;
+inline constexpr int kV4HeadDim = 128;
+inline constexpr uint32_t kV4QRegion = kV4BlockM * 128;   // bytes of one 64-column region of Q
+inline constexpr uint32_t kV4KvRegion = kV4BlockN * 128;  // bytes of one 64-column region of a K or V tile
+inline constexpr uint32_t kV4QBytes = 2 * kV4QRegion;
+inline constexpr uint32_t kV4KvBytes = 2 * kV4KvRegion;
+inline constexpr uint32_t kV4SmemBytes = kV4QBytes + 2 * 2 * kV4KvBytes + 1024;  // + alignment slack
+static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)");
+
+// 16-byte chunk `chunk` (0..15) of row `row` of a 128-column bf16 tile into its swizzled place.
+__device__ __forceinline__ uint32_t v4_chunk_offset(uint32_t region_bytes, int row, int chunk) {
+  return (chunk >> 3) * region_bytes + detail::sw128_offset(row, (chunk & 7) * 8);
+}
+
+__global__ void __launch_bounds__(kV4Threads, 1)
+    attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  // Swizzle atoms must sit on 1024-byte boundaries (the hardware swizzles address bits 4-6 with 7-9).
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint8_t* sQ = smem;
+  auto sK = [&](int stage) { return smem + kV4QBytes + stage * 2 * kV4KvBytes; };
+  auto sV = [&](int stage) { return smem + kV4QBytes + stage * 2 * kV4KvBytes + kV4KvBytes; };
+
+  // Linear block index → (query tile, head pack, sequence), largest query tile first (v2's order).
+  const int num_packs = a.num_heads / pack;
+  const int per_tile = num_packs * a.num_seqs;
+  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x) / per_tile;
+  const int rest = static_cast<int>(blockIdx.x) % per_tile;
+  const int head0 = (rest % num_packs) * pack;
+  const int seq = rest / num_packs;
+  const int tokens = kV4BlockM / pack;
+  const int64_t seq_begin = a.cu_seqlens[seq];
+  const int seqlen = a.cu_seqlens[seq + 1] - static_cast<int>(seq_begin);
+  const int q0 = q_tile * tokens;
+  if (q0 >= seqlen) return;
+  const int kv_head = head0 / (a.num_heads / a.num_kv_heads);
+  const int64_t kv_offset = static_cast<int64_t>(kv_head) * kV4HeadDim;
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;                 // warpgroup: rows 64wg..64wg+63
+  const int warp = (tid >> 5) & 3;         // warp in the warpgroup: rows +16warp..+16warp+15
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+
+  // Q: 128 rows × 16 chunks, zero-filled past the sequence.
+  for (int idx = tid; idx < kV4BlockM * 16; idx += kV4Threads) {
+    const int r = idx >> 4, ch = idx & 15;
+    const int tok = q0 + r % tokens, head = head0 + r / tokens;
+    const bool valid = tok < seqlen;
+    const uint16_t* src =
+        valid ? a.q + (seq_begin + tok) * a.q_row_stride + static_cast<int64_t>(head) * kV4HeadDim + ch * 8 : a.q;
+    cp_async_16(sQ + v4_chunk_offset(kV4QRegion, r, ch), src, valid);
+  }
+  // K/V tile loader: 64 keys × 16 chunks = 1024 chunks, 4 per thread.
+  auto load_kv = [&](uint8_t* dst, const uint16_t* base, int64_t stride, int key0) {
+#pragma unroll
+    for (int i = 0; i < kV4BlockN * 16 / kV4Threads; ++i) {
+      const int idx = tid + i * kV4Threads;
+      const int r = idx >> 4, ch = idx & 15;
+      const bool valid = key0 + r < seqlen;
+      const uint16_t* src = valid ? base + (seq_begin + key0 + r) * stride + kv_offset + ch * 8 : base;
+      cp_async_16(dst + v4_chunk_offset(kV4KvRegion, r, ch), src, valid);
+    }
+  };
+  const int kv_end = min(q0 + tokens, seqlen);  // causal: no key after the block's last query
+  const int num_kv_tiles = (kv_end + kV4BlockN - 1) / kV4BlockN;
+  load_kv(sK(0), a.k, a.k_row_stride, 0);
+  load_kv(sV(0), a.v, a.v_row_stride, 0);
+  cp_async_commit();  // group: Q + tile 0
+
+  // This warp's 16 rows: block rows 64wg + 16warp + [0, 16), one head (tokens is a multiple of 16).
+  const int row0 = 64 * wg + 16 * warp;
+  const int q_tok0 = q0 + row0 % tokens;
+  const int q_head = head0 + row0 / tokens;
+
+  float o[64];  // m64n128 accumulator: n-block j (dims 8j..8j+7): o[4j..4j+3] = rows g, g+8 × dims 8j+2t, +1
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int j = 0; j < num_kv_tiles; ++j) {
+    const int stage = j & 1;
+    cp_async_wait<0>();
+    detail::fence_proxy_async_shared();  // the cp.async writes, for the wgmma reads (async proxy)
+    __syncthreads();                     // ... of every thread; and every warpgroup is done with tile j-1
+    if (j + 1 < num_kv_tiles) {
+      load_kv(sK(stage ^ 1), a.k, a.k_row_stride, (j + 1) * kV4BlockN);
+      load_kv(sV(stage ^ 1), a.v, a.v_row_stride, (j + 1) * kV4BlockN);
+    }
+    cp_async_commit();
+
+    // S = Q·Kᵀ: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the 64 keys (both K-major).
+    float s[32];
+    detail::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kV4HeadDim / 16; ++ks) {
+      const uint32_t col = (ks & 3) * 32;  // 16 dims = 32 bytes into the region
+      const uint64_t da =
+          detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
+      const uint64_t db = detail::wgmma_desc_sw128(sK(stage) + (ks >> 2) * kV4KvRegion + col, 16, 1024);
+      detail::wgmma_m64n64k16_ss(s, da, db, ks > 0);
+    }
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_fence_operands(s);
+
+    const int kv0 = j * kV4BlockN;
+    if (kv0 + kV4BlockN > q_tok0 || kv0 + kV4BlockN > seqlen) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int key = kv0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        const int query = q_tok0 + g + 8 * ((i >> 1) & 1);
+        if (key > query || key >= seqlen) s[i] = -INFINITY;
+      }
+    }
+
+    // Online softmax (v3's arithmetic), P packed as the A fragments of the 4 K steps of P·V: step kk covers keys
+    // 16kk..16kk+15 = n-blocks 2kk, 2kk+1 of S.
+    uint32_t p[4][4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int jb = 0; jb < 8; ++jb) tile_max = fmaxf(tile_max, fmaxf(s[4 * jb + 2 * r], s[4 * jb + 2 * r + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[r], tile_max);
+      const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      const float correction = exp2f(fmaf(row_max[r], scale_log2, -ref));
+      row_max[r] = new_max;
+      float partial = 0.f;
+#pragma unroll
+      for (int jb = 0; jb < 8; ++jb) {
+        const float p0 = exp2f(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
+        const float p1 = exp2f(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
+        partial += p0 + p1;
+        // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
+        p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
+      }
+      row_sum[r] = row_sum[r] * correction + partial;
+#pragma unroll
+      for (int jb = 0; jb < 16; ++jb) {
+        o[4 * jb + 2 * r] *= correction;
+        o[4 * jb + 2 * r + 1] *= correction;
+      }
+    }
+
+    // O += P·V: 4 K steps of 16 keys; B = V rows 16kk.. (N = dims contiguous: MN-major, 64-column atoms 8 KB
+    // apart (LBO), 8-key groups 1 KB apart (SBO)).
+    detail::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kV4BlockN / 16; ++kk)
+      detail::wgmma_m64n128k16_rs_tb(o, p[kk], detail::wgmma_desc_sw128(sV(stage) + kk * 16 * 128, kV4KvRegion, 1024),
+                                     true);
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::wgmma_fence_operands(o);
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int query = q_tok0 + g + r * 8;
+    if (query >= seqlen) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t* out_row = a.out + (seq_begin + query) * a.out_row_stride + static_cast<int64_t>(q_head) * kV4HeadDim;
+#pragma unroll
+    for (int jb = 0; jb < 16; ++jb)
+      *reinterpret_cast<uint32_t*>(out_row + 8 * jb + 2 * t) =
+          pack_bf16x2(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
+  }
+#else
+  __trap();  // built without sm_90a code: the launcher refuses before getting here
+#endif
+}
+
+}  // namespace oscar::kern::detail
