@@ -183,8 +183,6 @@ Status launch(const detail::DecodeArgs& a, bool segmented, bool fp8, bool fused,
 
 }  // namespace
 
-static_assert(kDecodePhaseTraceWords == 10, "PhaseTrace (decode_attention.cuh) writes 10 words per block");
-
 Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   if (Status s = decode_attention_can_implement(p); s != Status::Ok) return s;
   if (p.batch == 0) return Status::Ok;

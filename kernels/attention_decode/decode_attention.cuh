@@ -39,6 +39,7 @@
 #include <cstdint>
 
 #include "formats/kv_layout.h"
+#include "kernels/attention_decode/decode_attention.h"  // kDecodePhaseTraceWords
 #include "kernels/common/device_utils.cuh"
 
 namespace oscar::kern::detail {
@@ -109,13 +110,15 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+static_assert(kDecodePhaseTraceWords == 10, "PhaseTrace writes words 0..9 of its row (decode_attention.h)");
 struct PhaseTrace {
   unsigned long long* row = nullptr;  // this block's words, null when not tracing or not thread 0
   long long start = 0;
   __device__ void begin(const DecodeArgs& a) {
     if (a.phase_trace == nullptr || threadIdx.x != 0) return;
     row = a.phase_trace +
-          (blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z)) * 10;
+          (blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z)) *
+              kDecodePhaseTraceWords;
     row[0] = global_timer_ns();
     start = clock64();
     unsigned sm;
