@@ -52,6 +52,59 @@ const char* vmetric_name(VMetric m) {
   return "?";
 }
 
+// The key metric weighted by what a key error costs in KL: to second order a query's KL from logit errors δ_t is
+// ½ Var_p(δ), so independent key errors e_t cost ≈ ½ Σ_t p_t (q·e_t)², i.e. the metric of the keys a cache
+// quantizes is Σ_q m_q q qᵀ with m_q the softmax mass query q puts on them — not Σ_Q, which also counts queries that
+// attend only to the bf16 sink and recent window. Per layer and KV head [Hkv, d, d], over the group's query heads,
+// normalized by Σ m_q (EF tables are scale invariant). Each sequence must reach it in one call from position 0.
+class QuantizedMassMetric : public model::Observer {
+ public:
+  QuantizedMassMetric(int64_t layers, int64_t kv_heads, int64_t d, int64_t sink, int64_t recent)
+      : kv_heads_(kv_heads), d_(d), sink_(sink), recent_(recent), acc_(layers), mass_(layers, 0.0) {
+    for (auto& a : acc_) a.assign(static_cast<size_t>(kv_heads * d * d), 0.0);
+  }
+  void on_attention_inputs(const model::AttentionInputs& in) override {
+    if (in.pos0 != 0) throw Error("QuantizedMassMetric", "needs whole sequences from position 0");
+    const int64_t T = in.num_tokens, d = d_, G = in.num_heads / in.num_kv_heads;
+    using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    for (int64_t h = 0; h < in.num_heads; ++h) {
+      const int64_t kvh = h / G;
+      const Eigen::Map<const RowMatF> q(in.q + h * T * d, T, d), k(in.k + kvh * T * d, T, d);
+      const RowMatF s = (q * k.transpose()) / std::sqrt(static_cast<float>(d));
+      RowMatD weighted(T, d);
+      int64_t rows = 0;
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t end = i + 1 - recent_;  // keys [sink, end) are quantized for this query
+        if (end <= sink_) continue;
+        double mx = -1e300, total = 0, quant = 0;
+        for (int64_t t = 0; t <= i; ++t) mx = std::max(mx, static_cast<double>(s(i, t)));
+        for (int64_t t = 0; t <= i; ++t) {
+          const double e = std::exp(static_cast<double>(s(i, t)) - mx);
+          total += e;
+          if (t >= sink_ && t < end) quant += e;
+        }
+        const double m = quant / total;
+        weighted.row(rows++) = std::sqrt(m) * q.row(i).cast<double>();
+        mass_[in.layer] += m;
+      }
+      const RowMatD c = weighted.topRows(rows).transpose() * weighted.topRows(rows);
+      double* a = acc_[in.layer].data() + kvh * d * d;
+      for (int64_t i = 0; i < d * d; ++i) a[i] += c.data()[i];
+    }
+  }
+  // [Hkv, d, d] of layer l, normalized.
+  std::vector<double> metric(int64_t l) const {
+    std::vector<double> m = acc_[l];
+    for (double& x : m) x /= mass_[l];
+    return m;
+  }
+
+ private:
+  int64_t kv_heads_, d_, sink_, recent_;
+  std::vector<std::vector<double>> acc_;
+  std::vector<double> mass_;
+};
+
 // Per layer, per KV head: an EF table, or none (RTN).
 using Tables = std::vector<std::vector<std::optional<calib::ErrorFeedbackTable>>>;
 
@@ -114,6 +167,8 @@ int main(int argc, char** argv) {
   int refit_study = 0;
   std::vector<float> study_clips = {0.96f, 0.92f};
   bool bias_study = false;
+  std::vector<float> token_clip_study;
+  bool key_metric_study = false;
   std::vector<double> damps = {0.01, 0.1};
   std::vector<std::string> rotations = {"hadamard", "oscar", "eigen"};
   std::vector<float> ef_clip_grid = {0.88f, 0.92f, 0.94f, 0.96f, 0.98f, 1.0f};
@@ -132,6 +187,13 @@ int main(int argc, char** argv) {
   app.add_flag("--bias-study", bias_study,
                "KL rows per configuration: as is, with the mean quantization error of the fit text subtracted per "
                "(layer, KV head, tensor), and with exact keys / exact values (where the KL comes from)");
+  app.add_option("--token-clip-study", token_clip_study,
+                 "fixed-clip (--study-clips) rows: RTN, EF K+V, and EF K+V where each token also tries these clip "
+                 "ratios and keeps the least error in H (K only, then K and V)")
+      ->delimiter(',');
+  app.add_flag("--key-metric-study", key_metric_study,
+               "fixed-clip (--study-clips) rows: RTN, EF K+V with key metric Σ_Q, and with Σ_q m_q q qᵀ (m_q = the "
+               "query's softmax mass on the quantized keys)");
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
   CLI11_PARSE(app, argc, argv);
 
@@ -145,9 +207,9 @@ int main(int argc, char** argv) {
     const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
     const oscar::fmt::KvQuantSpec windows = oscar::fmt::KvQuantSpec::int2_default(d);
     std::cout << ::fmt::format("options: seq_len {} fit_seqs {} heldout_seqs {} fit_tokens {} test_tokens {} damps {} "
-                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} refit_study {} study_clips {} kl {} heldout {}\n",
+                               "rotations {} ef_clip_grid {} clip_feedback {} quick {} clip_study {} refit_study {} study_clips {} token_clip_study {} kl {} heldout {}\n",
                                seq_len, fit_seqs, heldout_seqs, fit_tokens, test_tokens, ::fmt::join(damps, ","),
-                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, refit_study, ::fmt::join(study_clips, ","), kl, ::fmt::join(heldout_files, ","));
+                               ::fmt::join(rotations, ","), ::fmt::join(ef_clip_grid, ","), clip_feedback, quick, clip_study, refit_study, ::fmt::join(study_clips, ","), ::fmt::join(token_clip_study, ","), kl, ::fmt::join(heldout_files, ","));
 
     auto pack = [&](const std::vector<std::string>& files, int64_t per_file) {
       return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
@@ -167,6 +229,11 @@ int main(int argc, char** argv) {
       fv[l] = calib::value_objective_samples(fit[l], fit_tokens);
       tk[l] = calib::key_objective_samples(test[l], false, inv_freq, test_tokens);
       tv[l] = calib::value_objective_samples(test[l], test_tokens);
+    }
+    std::optional<QuantizedMassMetric> mass_metric;
+    if (key_metric_study) {
+      mass_metric.emplace(L, Hkv, d, windows.sink_tokens, windows.recent_tokens);
+      for (const auto& ids : fit_ids) runner.run_sequence(ids, *mass_metric);
     }
     std::cerr << ::fmt::format("forward passes: {:.1f} s\n", bench::seconds_since(t0));
 
@@ -206,10 +273,31 @@ int main(int argc, char** argv) {
       int refit_iters = 0;                       // ErrorFeedbackOptions::refit_iters of every table
       bool refit_reround = true;                 // ErrorFeedbackOptions::refit_reround
       int refit_tensors = 3;                     // which tables refit: 1 keys, 2 values, 3 both
+      std::vector<float> token_clips = {};       // ErrorFeedbackOptions::token_clips
+      int token_clip_tensors = 0;                // which tables search per-token clips: 1 keys, 2 values, 3 both
+      bool mass_key_metric = false;              // key tables from QuantizedMassMetric instead of Σ_Q
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
-    if (refit_study > 0) {
+    if (key_metric_study) {
+      const float kc = study_clips[0], vc = study_clips[1];
+      variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
+      for (bool mass : {false, true}) {
+        Variant v{::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, key metric {}", d0, kc, vc,
+                                mass ? "Σ_q m_q q qᵀ" : "Σ_Q"),
+                  d0, VMetric::WoSum, d0, false, false, kc, vc};
+        v.mass_key_metric = mass;
+        variants.push_back(v);
+      }
+    } else if (!token_clip_study.empty()) {
+      const float kc = study_clips[0], vc = study_clips[1];
+      variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
+      for (int tensors : {0, 1, 3})
+        variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip {} / {}, per-token clips {{{}}} on {}",
+                                          d0, kc, vc, ::fmt::join(token_clip_study, ","),
+                                          tensors == 0 ? "none" : tensors == 1 ? "K" : "K and V"),
+                            d0, VMetric::WoSum, d0, false, false, kc, vc, 0, true, 3, token_clip_study, tensors});
+    } else if (refit_study > 0) {
       const float kc = study_clips[0], vc = study_clips[1];
       variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
       for (int r : {0, refit_study})
@@ -232,10 +320,11 @@ int main(int argc, char** argv) {
       variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92", d0), d0, VMetric::WoSum,
                           d0, false, false, 0.96f, 0.92f});
     }
-    for (size_t i = 0; i < (quick || clip_study || refit_study ? 0 : damps.size()); ++i)
+    const bool study = clip_study || refit_study || !token_clip_study.empty() || key_metric_study;
+    for (size_t i = 0; i < (quick || study ? 0 : damps.size()); ++i)
       variants.push_back({::fmt::format("EF K (damp {})", damps[i]), damps[i]});
     if (quick) variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
-    if (!quick && !clip_study && !refit_study) {
+    if (!quick && !study) {
       for (VMetric vm : {VMetric::WoSum, VMetric::WoCoherent})
         variants.push_back({::fmt::format("EF K+V (damp {}, V metric {})", damps[0], vmetric_name(vm)), damps[0], vm,
                             damps[0]});
@@ -281,16 +370,23 @@ int main(int argc, char** argv) {
           ko.damp = var.k_damp;
           ko.refit_iters = var.refit_tensors & 1 ? var.refit_iters : 0;
           ko.refit_reround = var.refit_reround;
+          if (var.token_clip_tensors & 1) ko.token_clips = var.token_clips;
           // Tables come from the FIT text's Σ_Q (what a bundle would store), scored on held-out Σ_Q.
-          if (var.k_damp >= 0)
-            for (int64_t h = 0; h < Hkv; ++h)
-              kt[h] = calib::error_feedback_table(
-                  calib::metric_in_basis(calib::effective_metric(fk[l], h), lc.k.rotation, d), d, ko,
-                  ::fmt::format("layer {} K head {}", l, h));
+          if (var.k_damp >= 0) {
+            const std::vector<double> mass = var.mass_key_metric ? mass_metric->metric(l) : std::vector<double>{};
+            for (int64_t h = 0; h < Hkv; ++h) {
+              const std::vector<double> m =
+                  var.mass_key_metric ? std::vector<double>(mass.begin() + h * d * d, mass.begin() + (h + 1) * d * d)
+                                      : calib::effective_metric(fk[l], h);
+              kt[h] = calib::error_feedback_table(calib::metric_in_basis(m, lc.k.rotation, d), d, ko,
+                                                  ::fmt::format("layer {} K head {}", l, h));
+            }
+          }
           if (var.v != VMetric::None) {
             calib::ErrorFeedbackOptions vo = ko;
             vo.damp = var.v_damp;
             vo.refit_iters = var.refit_tensors & 2 ? var.refit_iters : 0;
+            vo.token_clips = var.token_clip_tensors & 2 ? var.token_clips : std::vector<float>{};
             const auto& src = var.v == VMetric::WoSum ? wo_sum[l] : wo_coh[l];
             for (int64_t h = 0; h < Hkv; ++h)
               vt[h] = calib::error_feedback_table(

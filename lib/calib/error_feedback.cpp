@@ -45,6 +45,11 @@ ErrorFeedbackTable error_feedback_table(std::span<const double> metric, int64_t 
   if (options.refit_iters < 0) throw Error(where, ::fmt::format("refit_iters {} must be >= 0", options.refit_iters));
   t.refit_iters = options.refit_iters;
   t.refit_reround = options.refit_reround;
+  if (!options.token_clips.empty() && !options.feedback_clip_error)
+    throw Error(where, "a per-token clip search needs clip feedback (the candidates' targets differ otherwise)");
+  for (float c : options.token_clips)
+    if (!(c > 0.f && c <= 1.f)) throw Error(where, ::fmt::format("token clip {} is not in (0, 1]", c));
+  t.token_clips = options.token_clips;
   if (t.refit_iters > 0) t.metric.assign(h.data(), h.data() + d * d);
   t.order.resize(static_cast<size_t>(d));
   std::iota(t.order.begin(), t.order.end(), 0);
@@ -83,8 +88,10 @@ namespace {
 
 // One rounding pass with fixed params p: the running target starts at `target` and every rounded coordinate feeds
 // its error forward through U.
-void feedback_round(std::span<const float> target, IntParams p, int32_t bits, const ErrorFeedbackTable& table,
-                    std::span<uint8_t> codes) {
+// Returns Σ_k (fed-back error of step k / U_kk)²: the error in H against `target` (see token_clips).
+double feedback_round(std::span<const float> target, IntParams p, int32_t bits, const ErrorFeedbackTable& table,
+                      std::span<uint8_t> codes) {
+  double loss = 0;
   const int64_t d = table.dim;
   // Feedback runs in double: the running target accumulates up to d corrections.
   std::vector<double> w(target.begin(), target.end());
@@ -96,11 +103,13 @@ void feedback_round(std::span<const float> target, IntParams p, int32_t bits, co
     int_codes(std::span<const float>(&wi, 1), bits, p, codes.subspan(static_cast<size_t>(i), 1));
     const double* urow = table.u.data() + k * d;
     const double err = (w[i] - static_cast<double>(int_dequant(codes[i], p))) / urow[k];
+    loss += err * err;
     for (int64_t m = k + 1; m < d; ++m) {
       const double c = urow[m];
       if (c != 0.0) w[table.order[static_cast<size_t>(m)]] -= err * c;
     }
   }
+  return loss;
 }
 
 // (y - x̂)ᵀ H (y - x̂) of codes under p.
@@ -155,7 +164,22 @@ IntParams error_feedback_codes(std::span<const float> y, float clip_ratio, int32
   clip_in_place(clipped, clip_ratio);
   IntParams p = int_params(clipped, bits);
   const std::span<const float> target = table.feedback_clip_error ? y : std::span<const float>(clipped);
-  feedback_round(target, p, bits, table, codes);
+  double loss = feedback_round(target, p, bits, table, codes);
+  if (!table.token_clips.empty()) {
+    std::vector<uint8_t> trial(static_cast<size_t>(d));
+    std::vector<float> c2(y.size());
+    for (float c : table.token_clips) {
+      std::copy(y.begin(), y.end(), c2.begin());
+      clip_in_place(c2, c);
+      const IntParams q = int_params(c2, bits);
+      const double l = feedback_round(target, q, bits, table, trial);
+      if (l < loss) {
+        loss = l;
+        p = q;
+        std::copy(trial.begin(), trial.end(), codes.begin());
+      }
+    }
+  }
   if (table.refit_iters == 0) return p;
   double best = metric_error(y, codes, p, table);
   std::vector<uint8_t> trial(static_cast<size_t>(d));

@@ -40,6 +40,11 @@ struct ErrorFeedbackOptions {
   // With refits: round again with the refitted (scale, zero) (true), or keep the first rounding's codes and only
   // replace the params (false: one least-squares solve per token, no second rounding pass).
   bool refit_reround = true;
+  // Per-token clip search: besides the tensor's clip ratio, round each token at each of these clip ratios too and
+  // keep the rounding with the least error in H against the unclipped vector. With clip feedback that error is
+  // Σ_k (e_k / U_kk)², e_k the fed-back error of step k (w − ŵ = Uᵀ·(e/diag U) and U H Uᵀ = I), so a writer needs
+  // only U's diagonal beside the stored weights. Requires feedback_clip_error (otherwise the targets differ).
+  std::vector<float> token_clips;
 };
 
 // The per-(layer, KV head, tensor) table a cache writer needs: order + U (what a bundle would store).
@@ -50,6 +55,7 @@ struct ErrorFeedbackTable {
   bool feedback_clip_error = false;
   int refit_iters = 0;
   bool refit_reround = true;
+  std::vector<float> token_clips;
   std::vector<double> metric;  // [d, d] H = M + damping, natural coordinates (used by the refit only)
   bool diagonal() const;       // no off-diagonal term: the rounding is plain RTN
 };

@@ -193,6 +193,47 @@ TEST(ErrorFeedback, ScaleZeroRefitNeverRaisesTheTokensError) {
 // The stored fp32 form (bundle 1.2; what the cache writers run) keeps the gain of the double-precision rounding:
 // same anisotropic metric as above, metric error within 2 % of the double version's, and a diagonal metric still
 // gives RTN's codes exactly.
+// The per-token clip search keeps, for every token, the candidate rounding with the least error in H — which it
+// scores as Σ_k (fed-back error / U_kk)², without H. So its result must be exactly the best of the separate
+// roundings at each clip, as measured with H itself.
+TEST(ErrorFeedback, PerTokenClipSearchKeepsTheLeastErrorInH) {
+  const int64_t d = 128, n = 300;
+  const AnisotropicCase c = anisotropic_case(d, n);
+  ErrorFeedbackOptions o;
+  o.feedback_clip_error = true;
+  o.damp = 0.1;
+  const auto plain = error_feedback_table(c.mv, d, o, "test");
+  o.token_clips = {0.88f, 1.0f};
+  const auto search = error_feedback_table(c.mv, d, o, "test");
+  const RowMatD h = c.m + RowMatD::Identity(d, d) * (0.1 * c.m.diagonal().mean());
+  std::vector<uint8_t> codes(d), best_codes(d);
+  std::vector<float> yhat(d);
+  int64_t moved = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    std::span<const float> yt(c.y.data() + t * d, d);
+    double best = 1e300;
+    IntParams best_p{};
+    for (float clip : {0.96f, 0.88f, 1.0f}) {  // the tensor's clip first: it wins ties, as in the search
+      const IntParams p = error_feedback_codes(yt, clip, 2, plain, codes);
+      for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes[i], p);
+      const double e = metric_error(yt, yhat, h);
+      if (e < best * (1 - 1e-9)) best = e, best_p = p, best_codes = codes;
+    }
+    const IntParams p = error_feedback_codes(yt, 0.96f, 2, search, codes);
+    for (int64_t i = 0; i < d; ++i) yhat[i] = int_dequant(codes[i], p);
+    ASSERT_NEAR(metric_error(yt, yhat, h), best, 1e-9 * best) << "token " << t;
+    ASSERT_EQ(p.scale_f16, best_p.scale_f16) << "token " << t;
+    ASSERT_EQ(codes, best_codes) << "token " << t;
+    moved += p.scale_f16 != error_feedback_codes(yt, 0.96f, 2, plain, codes).scale_f16;
+  }
+  EXPECT_GT(moved, 0);  // the candidates do win on some tokens of this case
+  o.feedback_clip_error = false;
+  EXPECT_THROW(error_feedback_table(c.mv, d, o, "test"), Error);  // the candidates' targets would differ
+  o.feedback_clip_error = true;
+  o.token_clips = {1.5f};
+  EXPECT_THROW(error_feedback_table(c.mv, d, o, "test"), Error);
+}
+
 TEST(ErrorFeedback, StoredFp32FormMatchesTheDoubleRounding) {
   const int64_t d = 128, n = 1000;
   const AnisotropicCase c = anisotropic_case(d, n);
