@@ -96,9 +96,9 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32, v3, v4: wgmma, head_dim 128, sm_90a builds)")
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32, v3, v4 / v5: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"v1", "v2", "v2k32", "v3", "v4"}));
+      ->check(CLI::IsMember({"v1", "v2", "v2k32", "v3", "v4", "v5"}));
   app.add_flag("--profile", profile, "one extra forward per kernel with per-op cudaEvents: time breakdown");
   app.add_flag("--gemm-peak", gemm_peak, "time a 8192^3 bf16 cuBLASLt GEMM as the measured peak");
   CLI11_PARSE(app, argc, argv);
@@ -159,6 +159,7 @@ int run(int argc, char** argv) {
                            : kname == "v2"    ? kern::PrefillKernel::V2
                            : kname == "v2k32" ? kern::PrefillKernel::V2Keys32
                            : kname == "v4"    ? kern::PrefillKernel::V4
+                           : kname == "v5"    ? kern::PrefillKernel::V5
                                               : kern::PrefillKernel::V3;
     opt.profiler = nullptr;
     for (int i = 0; i < warmup; ++i) model->forward(packed, opt);

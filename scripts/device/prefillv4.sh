@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # prefillv4 (issue #4): the wgmma prefill attention v4 (attention_prefill_v4.cuh) on an H100/H200, from a pack
 # built with CMAKE_CUDA_ARCHITECTURES 90a. Expected GPU time ~3 min.
-#   1. WgmmaGpu.* (the building blocks), then FwdGpuAttention.* (v1..v4 vs the double reference on 14 shapes, v4
+#   1. WgmmaGpu.* (the building blocks), then FwdGpuAttention.* (v1..v5 vs the double reference on 14 shapes, v4/v5
 #      where head_dim is 128) and the 32K spot rows.
-#   2. forward_bench qwen3-8b at 8 x 2048 and 1 x 32768 with v2,v3,v4 and --profile (attention ms and TFLOP/s per
+#   2. forward_bench qwen3-8b at 8 x 2048 and 1 x 32768 with v2,v4,v5 (v5: v4 pipelined) and --profile (attention ms and TFLOP/s per
 #      kernel in one process).
 # Look for: "[  PASSED  ]" in prefillv4_tests.log; "attention" lines per kernel in prefillv4_bench_*.log.
 # If WgmmaGpu.RegisterAWithTransposedB fails but its "swapped" nmse is ~1e-14, swap LBO/SBO of the MN-major
@@ -19,7 +19,7 @@ timeout 200 "$BIN/bin/test_gpu" --gtest_filter='WgmmaGpu.*:*FwdGpuAttention*' 2>
 for shape in "8 2048" "1 32768"; do
   set -- $shape
   timeout 200 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch "$1" --seq "$2" --warmup 1 \
-    --iters 3 --attn-kernel v2,v3,v4 --profile 2>&1 | tee "$OUT/prefillv4_bench_${1}x${2}.log" |
+    --iters 3 --attn-kernel v2,v4,v5 --profile 2>&1 | tee "$OUT/prefillv4_bench_${1}x${2}.log" |
     grep -iE "attention|tok/s|kernel" | head -20 || status=1
 done
 exit $status
