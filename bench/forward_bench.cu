@@ -96,9 +96,15 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32, v3, v4: wgmma, head_dim 128, sm_90a builds)")
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32, v3, v4 / v5: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"v1", "v2", "v2k32", "v3", "v4"}));
+      ->check(CLI::IsMember({"v1", "v2", "v2k32", "v3", "v4", "v5"}));
+  std::vector<std::string> selections = {"heuristic"};
+  app.add_option("--gemm-selection", selections,
+                 "cuBLASLt algorithm choice per GEMM shape, each timed in this order: heuristic (the first heuristic "
+                 "result, the default) and/or timed (the fastest of 8 candidates, tuned during the warm-up)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"heuristic", "timed"}));
   app.add_flag("--profile", profile, "one extra forward per kernel with per-op cudaEvents: time breakdown");
   app.add_flag("--gemm-peak", gemm_peak, "time a 8192^3 bf16 cuBLASLt GEMM as the measured peak");
   CLI11_PARSE(app, argc, argv);
@@ -154,15 +160,22 @@ int run(int argc, char** argv) {
   cudaEvent_t start, stop;
   rt::check_cuda(cudaEventCreate(&start), "cudaEventCreate");
   rt::check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
+  for (const std::string& selection : selections)
   for (const std::string& kname : kernels) {
+    opt.gemm_selection = selection == "timed" ? rt::GemmSelection::Timed : rt::GemmSelection::Heuristic;
+    const std::string label = selection == "timed" ? kname + " (timed GEMMs)" : kname;
     opt.attention_kernel = kname == "v1"      ? kern::PrefillKernel::V1
                            : kname == "v2"    ? kern::PrefillKernel::V2
                            : kname == "v2k32" ? kern::PrefillKernel::V2Keys32
                            : kname == "v4"    ? kern::PrefillKernel::V4
+                           : kname == "v5"    ? kern::PrefillKernel::V5
                                               : kern::PrefillKernel::V3;
     opt.profiler = nullptr;
     for (int i = 0; i < warmup; ++i) model->forward(packed, opt);
     rt::check_cuda(cudaStreamSynchronize(stream), "warmup");
+    if (opt.gemm_selection == rt::GemmSelection::Timed)
+      std::printf("timed GEMM selection: %lld shapes tuned, %lld kept another algorithm than the heuristic's first\n",
+                  (long long)model->gemm_timed_shapes(), (long long)model->gemm_timed_changed());
     std::vector<float> ms(static_cast<size_t>(iters));
     for (int i = 0; i < iters; ++i) {
       rt::check_cuda(cudaEventRecord(start, stream), "cudaEventRecord");
@@ -177,7 +190,7 @@ int run(int argc, char** argv) {
     rt::check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
     std::printf("attn %s: median %.2f ms (min %.2f, max %.2f) over %d iters, %.0f tokens/s, %.1f TFLOP/s, "
                 "device memory in use %.1f GiB\n",
-                kname.c_str(), median_s * 1e3, ms.front(), ms.back(), iters, tokens / median_s,
+                label.c_str(), median_s * 1e3, ms.front(), ms.back(), iters, tokens / median_s,
                 flops / median_s * 1e-12, static_cast<double>(total_b - free_b) / (1 << 30));
 
     if (!profile) continue;
@@ -195,7 +208,7 @@ int run(int argc, char** argv) {
       }
       if (op == "attention") attn_ms += t;
     }
-    std::printf("  breakdown (attn %s, one profiled forward, %.2f ms in ops):\n", kname.c_str(), total);
+    std::printf("  breakdown (attn %s, one profiled forward, %.2f ms in ops):\n", label.c_str(), total);
     std::printf("    %-14s %10s %7s %6s %9s\n", "op", "ms", "%", "calls", "TFLOP/s");
     for (const auto& [op, t] : prof.totals_ms()) {
       const auto f = op_flops.find(op);

@@ -412,6 +412,9 @@ std::vector<float> LogitsView::to_host() const {
   return out;
 }
 
+int64_t DeviceModel::gemm_timed_shapes() const { return impl_->gemm->timed_shapes(); }
+int64_t DeviceModel::gemm_timed_changed() const { return impl_->gemm->timed_changed(); }
+
 LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOptions& opt) {
   Impl& m = *impl_;
   const fmt::ModelConfig& c = m.cfg;
@@ -420,6 +423,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   const int64_t nqkv = qd + 2 * kvd;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const Stream st = reinterpret_cast<Stream>(m.stream);
+  m.gemm->set_selection(opt.gemm_selection);
 
   LogitsView view;
   view.vocab = c.vocab_size;

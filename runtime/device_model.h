@@ -18,6 +18,7 @@
 #include "kernels/attention_prefill/attention_prefill.h"
 #include "kernels/common/status.h"
 #include "runtime/device_buffer.h"
+#include "runtime/lt_gemm.h"
 
 namespace oscar::fmt {
 class TensorStore;
@@ -75,6 +76,9 @@ struct DeviceForwardOptions {
   // Benchmarks: which prefill attention kernel runs, and an optional per-op timer (runtime/forward_profiler.h).
   kern::PrefillKernel attention_kernel = kern::PrefillKernel::Auto;
   ForwardProfiler* profiler = nullptr;
+  // How the GEMMs' cuBLASLt algorithms are chosen (runtime/lt_gemm.h). Heuristic is deterministic; Timed picks
+  // the fastest of the heuristic's candidates per shape on first use (not bit-reproducible across processes).
+  GemmSelection gemm_selection = GemmSelection::Heuristic;
 };
 
 // The logits of the last forward, on the device: [rows, vocab] row-major (rows = T, or one per non-empty
@@ -173,6 +177,10 @@ class DeviceModel {
   // malformed cu_seqlens. Positions past max_position_embeddings are not refused: RoPE extrapolates, as in
   // transformers. An empty batch gives 0 rows.
   LogitsView forward(const PackedBatch& batch, const DeviceForwardOptions& options = {});
+  // Shapes whose GEMM algorithm was chosen by timing so far, and how many of them kept another than the
+  // heuristic's first (DeviceForwardOptions::gemm_selection = Timed).
+  int64_t gemm_timed_shapes() const;
+  int64_t gemm_timed_changed() const;
 
   struct Impl;  // opaque; public only so the implementation's free helpers can name it
 

@@ -1,6 +1,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "formats/error.h"
 #include "runtime/lt_gemm.h"
 
@@ -18,6 +20,9 @@ struct LtGemm::Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  cublasLtMatmulAlgo_t candidates[kTimedCandidates]{};  // Timed selection: the heuristic's results, best first
+  int num_candidates = 0;
+  bool timed = false;                             // the algorithm was chosen by timing
   ~Plan() {
     if (c) cublasLtMatrixLayoutDestroy(c);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -37,7 +42,7 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-const LtGemm::Plan& LtGemm::plan(const Key& key, const std::string& where) {
+LtGemm::Plan& LtGemm::plan(const Key& key, const std::string& where) {
   if (auto it = plans_.find(key); it != plans_.end()) return *it->second;
   // Token counts vary call to call (eval, calibration over documents); bound the cache rather than let it grow.
   if (plans_.size() >= 4096) plans_.clear();
@@ -61,24 +66,93 @@ const LtGemm::Plan& LtGemm::plan(const Key& key, const std::string& where) {
   check_lt(cublasLtMatmulPreferenceCreate(&pref), where, "MatmulPreferenceCreate");
   const uint64_t ws = workspace_.bytes();
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  cublasLtMatmulHeuristicResult_t result{};
+  const int wanted = selection_ == GemmSelection::Timed ? kTimedCandidates : 1;
+  cublasLtMatmulHeuristicResult_t results[kTimedCandidates]{};
   int found = 0;
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->op, p->a,
-                                                           p->b, p->c, p->c, pref, 1, &result, &found);
+                                                           p->b, p->c, p->c, pref, wanted, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   check_lt(hs, where, "MatmulAlgoGetHeuristic");
   if (found == 0)
     throw Error(where, "cuBLASLt has no algorithm for [" + std::to_string(m) + " x " + std::to_string(k) + "] x [" +
                            std::to_string(n) + " x " + std::to_string(k) + "]ᵀ" + (accumulate ? " (beta=1)" : ""));
-  p->algo = result.algo;
+  p->algo = results[0].algo;
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) p->candidates[p->num_candidates++] = results[i].algo;
   return *plans_.emplace(key, std::move(p)).first->second;
+}
+
+void LtGemm::set_selection(GemmSelection selection) {
+  if (selection == selection_) return;
+  plans_.clear();
+  selection_ = selection;
+}
+
+int LtGemm::time_candidates(const Plan& p, const uint16_t* x, const uint16_t* w, void* y, int64_t m, int64_t n,
+                            GemmOut y_type, float beta, kern::Stream stream, const std::string& where) {
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  // With beta != 0 the call accumulates into y: time on a scratch copy so y is added to exactly once (by the call).
+  DeviceBuffer scratch;
+  void* out = y;
+  if (beta != 0.f) {
+    const size_t bytes = static_cast<size_t>(m * n) * (y_type == GemmOut::F32 ? 4 : 2);
+    scratch = DeviceBuffer(bytes, where + ": GEMM timing scratch");
+    check_cuda(cudaMemcpyAsync(scratch.data(), y, bytes, cudaMemcpyDeviceToDevice, s), where + ": GEMM timing copy");
+    out = scratch.data();
+  }
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  check_cuda(cudaEventCreate(&e0), where + ": cudaEventCreate");
+  check_cuda(cudaEventCreate(&e1), where + ": cudaEventCreate");
+  const float alpha = 1.f;
+  int best = -1;
+  float best_ms = 0.f;
+  for (int i = 0; i < p.num_candidates; ++i) {
+    const cublasLtMatmulAlgo_t* algo = &p.candidates[i];
+    const auto lt = static_cast<cublasLtHandle_t>(handle_);
+    // A candidate the library cannot run here is skipped.
+    if (cublasLtMatmul(lt, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, algo, workspace_.data(),
+                       workspace_.bytes(), s) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    // Median of 3, after the warm-up above.
+    float ms[3];
+    for (float& t : ms) {
+      check_cuda(cudaEventRecord(e0, s), where + ": cudaEventRecord");
+      cublasLtMatmul(lt, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, algo, workspace_.data(),
+                     workspace_.bytes(), s);
+      check_cuda(cudaEventRecord(e1, s), where + ": cudaEventRecord");
+      check_cuda(cudaEventSynchronize(e1), where + ": cudaEventSynchronize");
+      check_cuda(cudaEventElapsedTime(&t, e0, e1), where + ": cudaEventElapsedTime");
+    }
+    std::sort(ms, ms + 3);
+    if (best < 0 || ms[1] < best_ms) best = i, best_ms = ms[1];
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  // Timing runs may leave errors of their own behind only as return codes (checked above); the stream must be
+  // clean before the real call.
+  check_cuda(cudaStreamSynchronize(s), where + ": GEMM timing");
+  return best;
 }
 
 void LtGemm::xwt(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, void* y, GemmOut y_type,
                  float beta, kern::Stream stream, const std::string& where) {
   if (m == 0 || n == 0) return;
   if (m < 0 || n < 0 || k <= 0) throw Error(where, "GEMM with a negative or empty dimension");
-  const Plan& p = plan(Key{m, n, k, static_cast<int>(y_type), beta != 0.f}, where);
+  Plan& p = plan(Key{m, n, k, static_cast<int>(y_type), beta != 0.f}, where);
+  if (selection_ == GemmSelection::Timed && !p.timed) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &capture), where + ": capture status");
+    if (capture == cudaStreamCaptureStatusNone) {
+      // One candidate leaves nothing to choose: the shape counts as tuned without running it.
+      const int best = p.num_candidates > 1 ? time_candidates(p, x, w, y, m, n, y_type, beta, stream, where) : 0;
+      if (best > 0) {
+        p.algo = p.candidates[best];
+        ++timed_changed_;
+      }
+      p.timed = true;
+      ++timed_shapes_;
+    }
+  }
   const float alpha = 1.f;
   check_lt(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y,
                           p.c, &p.algo, workspace_.data(), workspace_.bytes(), reinterpret_cast<cudaStream_t>(stream)),

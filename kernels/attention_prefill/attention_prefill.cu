@@ -57,6 +57,7 @@ Status launch_v2(const PrefillAttentionArgs& a, cudaStream_t stream) {
                                                                                       num_q_tiles);
   return detail::launch_status();
 }
+template <bool kPipelined>
 Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
 #if defined(OSCAR_WGMMA)
   int device = 0, major = 0;
@@ -64,15 +65,16 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
     return Status::CudaError;
   if (major != 9) return Status::Unsupported;
-  if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           detail::kV4SmemBytes) != cudaSuccess)
+  constexpr uint32_t kBytes = detail::kV4SmemBytes<kPipelined>;
+  if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kPipelined>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kBytes) != cudaSuccess)
     return Status::CudaError;
   const int pack = v2_pack(a);
   const int tokens = detail::kV4BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v4_kernel<<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, detail::kV4SmemBytes,
-                                        stream>>>(a, scale_log2, pack, num_q_tiles);
+  detail::attention_prefill_v4_kernel<kPipelined>
+      <<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, kBytes, stream>>>(a, scale_log2, pack, num_q_tiles);
   return detail::launch_status();
 #else
   (void)a;
@@ -93,9 +95,11 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
-      a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4)
+      a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4 &&
+      a.kernel != PrefillKernel::V5)
     return Status::InvalidArgument;
-  if (a.kernel == PrefillKernel::V4 && a.head_dim != 128) return Status::Unsupported;
+  if ((a.kernel == PrefillKernel::V4 || a.kernel == PrefillKernel::V5) && a.head_dim != 128)
+    return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
   if (a.kernel != PrefillKernel::V1 && v2_blocks(a) > 0x7fffffff) return Status::Unsupported;
@@ -118,7 +122,8 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
     if (a.head_dim <= 64) return launch<64>(a, s);
     return launch<128>(a, s);
   }
-  if (a.kernel == PrefillKernel::V4) return launch_v4(a, s);
+  if (a.kernel == PrefillKernel::V4) return launch_v4<false>(a, s);
+  if (a.kernel == PrefillKernel::V5) return launch_v4<true>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

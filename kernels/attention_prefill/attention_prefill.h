@@ -19,7 +19,9 @@ namespace oscar::kern {
 // (attention_prefill_v3.cuh); same numerics as v2.
 // V4: v2's grid with Hopper warpgroup MMAs (attention_prefill_v4.cuh): head_dim 128 on an sm_90 device in a build
 // with sm_90a code (CMAKE_CUDA_ARCHITECTURES 90a); Unsupported otherwise.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4 };
+// V5: v4 with Q in registers (S = Q·Kᵀ reads only K from shared memory), a 3-stage K/V ring and FA3's
+// intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5 };
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
 // Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.

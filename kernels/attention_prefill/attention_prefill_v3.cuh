@@ -75,19 +75,10 @@ __global__ void __launch_bounds__(kV2Threads, 2)
   auto sK = [&](int stage) { return smem + Smem::kQElems + stage * Smem::kStageElems; };
   auto sV = [&](int stage) { return smem + Smem::kQElems + stage * Smem::kStageElems + Smem::kKvElems; };
 
-  // Linear block index → (query tile, head pack, sequence), query tile slowest and descending.
-  const int num_packs = a.num_heads / pack;
-  const int per_tile = num_packs * a.num_seqs;
-  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x) / per_tile;
-  const int rest = static_cast<int>(blockIdx.x) % per_tile;
-  const int head0 = (rest % num_packs) * pack;
-  const int seq = rest / num_packs;
-  const int tokens = kV2BlockM / pack;  // query tokens per block: 128, 64, 32 or 16 (a multiple of 16)
-  const int64_t seq_begin = a.cu_seqlens[seq];
-  const int seqlen = a.cu_seqlens[seq + 1] - static_cast<int>(seq_begin);
-  const int q0 = q_tile * tokens;
-  if (q0 >= seqlen) return;
-  const int kv_head = head0 / (a.num_heads / a.num_kv_heads);
+  const PrefillBlock blk = PrefillBlock::locate(a, pack, num_q_tiles);
+  if (blk.q0 >= blk.seqlen) return;
+  const int head0 = blk.head0, tokens = blk.tokens, seqlen = blk.seqlen, q0 = blk.q0, kv_head = blk.kv_head;
+  const int64_t seq_begin = blk.seq_begin;
   const int64_t kv_offset = static_cast<int64_t>(kv_head) * a.head_dim;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;

@@ -29,7 +29,9 @@ inline constexpr uint32_t kV4QRegion = kV4BlockM * 128;   // bytes of one 64-col
 inline constexpr uint32_t kV4KvRegion = kV4BlockN * 128;  // bytes of one 64-column region of a K or V tile
 inline constexpr uint32_t kV4QBytes = 2 * kV4QRegion;
 inline constexpr uint32_t kV4KvBytes = 2 * kV4KvRegion;
-inline constexpr uint32_t kV4SmemBytes = kV4QBytes + 2 * 2 * kV4KvBytes + 1024;  // + alignment slack
+// v4: Q + 2 K/V stages; v5: 3 K/V stages (its Q lives in registers).
+template <bool kPipelined>
+inline constexpr uint32_t kV4SmemBytes = (kPipelined ? 0 : kV4QBytes) + (kPipelined ? 3 : 2) * 2 * kV4KvBytes + 1024;
 static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)");
 
 // 16-byte chunk `chunk` (0..15) of row `row` of a 128-column bf16 tile into its swizzled place.
@@ -37,37 +39,39 @@ __device__ __forceinline__ uint32_t v4_chunk_offset(uint32_t region_bytes, int r
   return (chunk >> 3) * region_bytes + detail::sw128_offset(row, (chunk & 7) * 8);
 }
 
+// kPipelined = false: v4 as first measured (2 stages; every GEMM waited for before its registers are touched).
+// kPipelined = true ("v5"): Q in registers as the A operand of S = Q·Kᵀ, and FA3's intra-warpgroup overlap on a
+// 3-stage K/V ring. With Q and K both in shared memory each m64n64k16 reads 4 KB for 64K MACs, as much as the
+// shared-memory port delivers while the tensor cores run at peak, and both warpgroups read their Q rows again for
+// every tile; with Q in registers (32 per thread, loaded once) S reads only K. While P_j·V_j and
+// S_{j+1} = Q·K_{j+1}ᵀ run on the tensor cores, the warpgroup computes tile j+1's max, exponentials and P; only the
+// rescale of O by the new max waits for P_j·V_j. The third stage is what lets tile j+2's load start while tile j's V
+// is still being read (with two stages the load could only start once P_j·V_j is done, leaving it no time).
+template <bool kPipelined>
 __global__ void __launch_bounds__(kV4Threads, 1)
     attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = kPipelined ? 3 : 2;
   extern __shared__ uint8_t smem_raw[];
   // Swizzle atoms must sit on 1024-byte boundaries (the hardware swizzles address bits 4-6 with 7-9).
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* sQ = smem;
-  auto sK = [&](int stage) { return smem + kV4QBytes + stage * 2 * kV4KvBytes; };
-  auto sV = [&](int stage) { return smem + kV4QBytes + stage * 2 * kV4KvBytes + kV4KvBytes; };
+  constexpr uint32_t kKvBase = kPipelined ? 0 : kV4QBytes;
+  auto sK = [&](int stage) { return smem + kKvBase + stage * 2 * kV4KvBytes; };
+  auto sV = [&](int stage) { return smem + kKvBase + stage * 2 * kV4KvBytes + kV4KvBytes; };
 
-  // Linear block index → (query tile, head pack, sequence), largest query tile first (v2's order).
-  const int num_packs = a.num_heads / pack;
-  const int per_tile = num_packs * a.num_seqs;
-  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x) / per_tile;
-  const int rest = static_cast<int>(blockIdx.x) % per_tile;
-  const int head0 = (rest % num_packs) * pack;
-  const int seq = rest / num_packs;
-  const int tokens = kV4BlockM / pack;
-  const int64_t seq_begin = a.cu_seqlens[seq];
-  const int seqlen = a.cu_seqlens[seq + 1] - static_cast<int>(seq_begin);
-  const int q0 = q_tile * tokens;
-  if (q0 >= seqlen) return;
-  const int kv_head = head0 / (a.num_heads / a.num_kv_heads);
+  const PrefillBlock blk = PrefillBlock::locate(a, pack, num_q_tiles);
+  if (blk.q0 >= blk.seqlen) return;
+  const int head0 = blk.head0, tokens = blk.tokens, seqlen = blk.seqlen, q0 = blk.q0, kv_head = blk.kv_head;
+  const int64_t seq_begin = blk.seq_begin;
   const int64_t kv_offset = static_cast<int64_t>(kv_head) * kV4HeadDim;
   const int tid = threadIdx.x;
   const int wg = tid >> 7;                 // warpgroup: rows 64wg..64wg+63
   const int warp = (tid >> 5) & 3;         // warp in the warpgroup: rows +16warp..+16warp+15
   const int lane = tid & 31, g = lane >> 2, t = lane & 3;
 
-  // Q: 128 rows × 16 chunks, zero-filled past the sequence.
-  for (int idx = tid; idx < kV4BlockM * 16; idx += kV4Threads) {
+  // Q (v4): 128 rows × 16 chunks into shared memory, zero-filled past the sequence.
+  for (int idx = tid; idx < (kPipelined ? 0 : kV4BlockM * 16); idx += kV4Threads) {
     const int r = idx >> 4, ch = idx & 15;
     const int tok = q0 + r % tokens, head = head0 + r / tokens;
     const bool valid = tok < seqlen;
@@ -86,10 +90,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       cp_async_16(dst + v4_chunk_offset(kV4KvRegion, r, ch), src, valid);
     }
   };
+  auto load_tile = [&](int j) {
+    load_kv(sK(j % kStages), a.k, a.k_row_stride, j * kV4BlockN);
+    load_kv(sV(j % kStages), a.v, a.v_row_stride, j * kV4BlockN);
+  };
   const int kv_end = min(q0 + tokens, seqlen);  // causal: no key after the block's last query
   const int num_kv_tiles = (kv_end + kV4BlockN - 1) / kV4BlockN;
-  load_kv(sK(0), a.k, a.k_row_stride, 0);
-  load_kv(sV(0), a.v, a.v_row_stride, 0);
+  load_tile(0);
   cp_async_commit();  // group: Q + tile 0
 
   // This warp's 16 rows: block rows 64wg + 16warp + [0, 16), one head (tokens is a multiple of 16).
@@ -97,37 +104,63 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int q_tok0 = q0 + row0 % tokens;
   const int q_head = head0 + row0 / tokens;
 
+  // Q (v5): this warp's rows g, g+8 as the A fragments of the 8 K steps of S (dims 16ks + 2t, +1 and +8), zero
+  // past the sequence.
+  uint32_t qa[kPipelined ? 8 : 1][4];
+  if constexpr (kPipelined) {
+    const uint16_t* qrow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int tok = q_tok0 + g + 8 * r;
+      qrow[r] = tok < seqlen ? a.q + (seq_begin + tok) * a.q_row_stride + static_cast<int64_t>(q_head) * kV4HeadDim
+                             : nullptr;
+    }
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t* row = qrow[i & 1];
+        qa[ks][i] = row ? *reinterpret_cast<const uint32_t*>(row + 16 * ks + 8 * (i >> 1) + 2 * t) : 0u;
+      }
+  }
+
   float o[64];  // m64n128 accumulator: n-block j (dims 8j..8j+7): o[4j..4j+3] = rows g, g+8 × dims 8j+2t, +1
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  for (int j = 0; j < num_kv_tiles; ++j) {
-    const int stage = j & 1;
-    cp_async_wait<0>();
-    detail::fence_proxy_async_shared();  // the cp.async writes, for the wgmma reads (async proxy)
-    __syncthreads();                     // ... of every thread; and every warpgroup is done with tile j-1
-    if (j + 1 < num_kv_tiles) {
-      load_kv(sK(stage ^ 1), a.k, a.k_row_stride, (j + 1) * kV4BlockN);
-      load_kv(sV(stage ^ 1), a.v, a.v_row_stride, (j + 1) * kV4BlockN);
-    }
-    cp_async_commit();
-
-    // S = Q·Kᵀ: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the 64 keys (both K-major).
-    float s[32];
+  // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the 64 keys (both K-major).
+  // Issued and committed as one group; the caller waits.
+  auto issue_s = [&](float (&s)[32], int j) {
     detail::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kV4HeadDim / 16; ++ks) {
       const uint32_t col = (ks & 3) * 32;  // 16 dims = 32 bytes into the region
-      const uint64_t da =
-          detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
-      const uint64_t db = detail::wgmma_desc_sw128(sK(stage) + (ks >> 2) * kV4KvRegion + col, 16, 1024);
-      detail::wgmma_m64n64k16_ss(s, da, db, ks > 0);
+      const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kV4KvRegion + col, 16, 1024);
+      if constexpr (kPipelined) {
+        detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
+      } else {
+        const uint64_t da =
+            detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
+        detail::wgmma_m64n64k16_ss(s, da, db, ks > 0);
+      }
     }
     detail::wgmma_commit();
-    detail::wgmma_wait<0>();
-    detail::wgmma_fence_operands(s);
-
+  };
+  // O += P·V of tile j: 4 K steps of 16 keys; B = V rows 16kk.. (N = dims contiguous: MN-major, 64-column atoms
+  // 8 KB apart (LBO), 8-key groups 1 KB apart (SBO)). One group; the caller waits.
+  auto issue_pv = [&](const uint32_t (&p)[4][4], int j) {
+    detail::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kV4BlockN / 16; ++kk)
+      detail::wgmma_m64n128k16_rs_tb(
+          o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kV4KvRegion, 1024), true);
+    detail::wgmma_commit();
+  };
+  // Mask and online softmax of tile j's scores (v3's arithmetic): updates the row max and sum, writes P as the A
+  // fragments of the 4 K steps of P·V (step kk covers keys 16kk..16kk+15 = n-blocks 2kk, 2kk+1 of S) and returns
+  // the factor O must be rescaled by before P·V of this tile accumulates.
+  auto softmax = [&](float (&s)[32], int j, uint32_t (&p)[4][4], float (&correction)[2]) {
     const int kv0 = j * kV4BlockN;
     if (kv0 + kV4BlockN > q_tok0 || kv0 + kV4BlockN > seqlen) {
 #pragma unroll
@@ -137,10 +170,6 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (key > query || key >= seqlen) s[i] = -INFINITY;
       }
     }
-
-    // Online softmax (v3's arithmetic), P packed as the A fragments of the 4 K steps of P·V: step kk covers keys
-    // 16kk..16kk+15 = n-blocks 2kk, 2kk+1 of S.
-    uint32_t p[4][4];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
@@ -150,7 +179,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
       const float new_max = fmaxf(row_max[r], tile_max);
       const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      const float correction = exp2f(fmaf(row_max[r], scale_log2, -ref));
+      correction[r] = exp2f(fmaf(row_max[r], scale_log2, -ref));
       row_max[r] = new_max;
       float partial = 0.f;
 #pragma unroll
@@ -161,24 +190,84 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
         p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
       }
-      row_sum[r] = row_sum[r] * correction + partial;
+      row_sum[r] = row_sum[r] * correction[r] + partial;
+    }
+  };
+  auto rescale_o = [&](const float (&correction)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int jb = 0; jb < 16; ++jb) {
-        o[4 * jb + 2 * r] *= correction;
-        o[4 * jb + 2 * r + 1] *= correction;
+        o[4 * jb + 2 * r] *= correction[r];
+        o[4 * jb + 2 * r + 1] *= correction[r];
       }
-    }
+  };
 
-    // O += P·V: 4 K steps of 16 keys; B = V rows 16kk.. (N = dims contiguous: MN-major, 64-column atoms 8 KB
-    // apart (LBO), 8-key groups 1 KB apart (SBO)).
-    detail::wgmma_fence();
+  float s[32];
+  uint32_t p[4][4];
+  float correction[2];
+  if constexpr (!kPipelined) {
+    for (int j = 0; j < num_kv_tiles; ++j) {
+      cp_async_wait<0>();
+      detail::fence_proxy_async_shared();  // the cp.async writes, for the wgmma reads (async proxy)
+      __syncthreads();                     // ... of every thread; and every warpgroup is done with tile j-1
+      if (j + 1 < num_kv_tiles) load_tile(j + 1);
+      cp_async_commit();
+      issue_s(s, j);
+      detail::wgmma_wait<0>();
+      detail::wgmma_fence_operands(s);
+      softmax(s, j, p, correction);
+      rescale_o(correction);
+      issue_pv(p, j);
+      detail::wgmma_wait<0>();
+      detail::wgmma_fence_operands(o);
+    }
+  } else {
+    // Prologue: tiles 0 and 1 in flight, S_0 and its softmax (O is zero: no rescale needed).
+    if (num_kv_tiles > 1) load_tile(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    detail::fence_proxy_async_shared();
+    __syncthreads();
+    issue_s(s, 0);
+    detail::wgmma_wait<0>();
+    detail::wgmma_fence_operands(s);
+    softmax(s, 0, p, correction);
+    // No branch between a wgmma's issue and its wait: ptxas serializes the wgmmas when it cannot prove that
+    // nothing reads their accumulators in between, so the last tile is peeled off the loop.
+    uint32_t p_cur[4][4];
+    for (int j = 0; j + 1 < num_kv_tiles; ++j) {
+      // Tile j+1 has landed (every thread's copies), and every warpgroup is done with tile j-1, whose stage
+      // (j+2) % 3 the load of tile j+2 now overwrites.
+      cp_async_wait<0>();
+      detail::fence_proxy_async_shared();
+      __syncthreads();
+      if (j + 2 < num_kv_tiles) load_tile(j + 2);
+      cp_async_commit();
 #pragma unroll
-    for (int kk = 0; kk < kV4BlockN / 16; ++kk)
-      detail::wgmma_m64n128k16_rs_tb(o, p[kk], detail::wgmma_desc_sw128(sV(stage) + kk * 16 * 128, kV4KvRegion, 1024),
-                                     true);
-    detail::wgmma_commit();
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+      issue_s(s, j + 1);
+      issue_pv(p_cur, j);
+      detail::wgmma_wait<1>();  // S_{j+1} (the older group); P_j·V_j may still run
+      detail::wgmma_fence_operands(s);
+      softmax(s, j + 1, p, correction);
+      detail::wgmma_wait<0>();
+      detail::wgmma_fence_operands(o);
+      // p_cur is read by the P·V wgmma until the wait: keep its registers from being reused before it.
+      detail::wgmma_fence_operands(p_cur);
+      rescale_o(correction);
+    }
+    // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+    issue_pv(p_cur, num_kv_tiles - 1);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(o);
+    detail::wgmma_fence_operands(p_cur);
   }
   cp_async_wait<0>();
 

@@ -298,17 +298,19 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   attention_prefill_ref(r);
   std::vector<uint16_t> v2_bits;
   for (const PrefillKernel kernel :
-       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4}) {
+       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
+        PrefillKernel::V5}) {
     SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     a.kernel = kernel;
-    // v4 (wgmma) exists for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere it must say Unsupported.
-    if (kernel == PrefillKernel::V4 && attention_prefill_can_implement(a) == Status::Unsupported) continue;
-    if (kernel == PrefillKernel::V4) {
+    // v4/v5 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
+    const bool wgmma = kernel == PrefillKernel::V4 || kernel == PrefillKernel::V5;
+    if (wgmma && attention_prefill_can_implement(a) == Status::Unsupported) continue;
+    if (wgmma) {
       const Status st = attention_prefill(a, nullptr);
       if (st == Status::Unsupported) {
-        std::printf("  v4 unsupported here (no sm_90a code or not an sm_90 device)\n");
+        std::printf("  v%d unsupported here (no sm_90a code or not an sm_90 device)\n", kernel == PrefillKernel::V4 ? 4 : 5);
         continue;
       }
       ASSERT_EQ(st, Status::Ok);
@@ -370,12 +372,14 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.head_dim = d;
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
   for (const PrefillKernel kernel :
-       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4}) {
+       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
+        PrefillKernel::V5}) {
     SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     const Status st = attention_prefill(a, nullptr);
-    if (kernel == PrefillKernel::V4 && st == Status::Unsupported) continue;  // no sm_90a code / not head_dim 128
+    if ((kernel == PrefillKernel::V4 || kernel == PrefillKernel::V5) && st == Status::Unsupported)
+      continue;  // no sm_90a code / not head_dim 128
     ASSERT_EQ(st, Status::Ok);
     sync();
     const std::vector<float> out = widen(to_host(d_out.as<uint16_t>(), int64_t{T} * hq * d));
