@@ -12,29 +12,13 @@
 #include "formats/dtype.h"
 #include "runtime/lt_gemm.h"
 #include "tests/gpu/gpu_test_buffer.h"
+#include "tests/gpu/gpu_test_data.h"
 
 namespace oscar {
 namespace {
 
 using test::gpu::DeviceBuffer;
-
-std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = fmt::f32_to_bf16(dist(rng));
-  return v;
-}
-
-double nmse(const std::vector<float>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double d = (std::isfinite(got[i]) ? got[i] : 1e30) - want[i];
-    num += d * d;
-    den += want[i] * want[i];
-  }
-  return num / den;
-}
+using test::gpu::random_bf16;
 
 struct Case {
   int64_t m, n, k;
@@ -66,7 +50,7 @@ void check_case(rt::GemmSelection selection, const Case& c, bool accumulate) {
   gemm.set_selection(selection);
   gemm.xwt(dx.ptr, c.m, c.k, dw.ptr, c.n, dy.ptr, rt::GemmOut::F32, accumulate ? 1.f : 0.f, nullptr, "test");
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const double err = nmse(dy.download(), want);
+  const double err = test::gpu::nmse_vs_double(dy.download(), want);
   std::printf("  %s m %lld n %lld k %lld beta %d: nmse %.3g, timed shapes %lld (changed %lld)\n",
               selection == rt::GemmSelection::Timed ? "timed" : "heuristic", (long long)c.m, (long long)c.n,
               (long long)c.k, accumulate ? 1 : 0, err, (long long)gemm.timed_shapes(), (long long)gemm.timed_changed());
@@ -81,7 +65,7 @@ void check_case(rt::GemmSelection selection, const Case& c, bool accumulate) {
   if (!accumulate) {
     gemm.xwt(dx.ptr, c.m, c.k, dw.ptr, c.n, dy.ptr, rt::GemmOut::F32, 0.f, nullptr, "test");
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LE(nmse(dy.download(), want), 1e-9);
+    EXPECT_LE(test::gpu::nmse_vs_double(dy.download(), want), 1e-9);
     EXPECT_LE(gemm.timed_shapes(), 1);
   }
 }

@@ -13,19 +13,13 @@
 #include "formats/dtype.h"
 #include "kernels/probe/wgmma_probe.h"
 #include "tests/gpu/gpu_test_buffer.h"
+#include "tests/gpu/gpu_test_data.h"
 
 namespace oscar {
 namespace {
 
 using test::gpu::DeviceBuffer;
-
-std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = fmt::f32_to_bf16(dist(rng));
-  return v;
-}
+using test::gpu::random_bf16;
 
 // C[m][n] = Σ_k A[m][k] · B(k, n), B(k, n) = b[n * ldb_n + k * ldb_k].
 std::vector<double> matmul(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, int m, int n, int k,
@@ -40,16 +34,6 @@ std::vector<double> matmul(const std::vector<uint16_t>& a, const std::vector<uin
       c[static_cast<size_t>(i) * n + j] = s;
     }
   return c;
-}
-
-double nmse(const std::vector<float>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double d = (std::isfinite(got[i]) ? got[i] : 1e30) - want[i];
-    num += d * d;
-    den += want[i] * want[i];
-  }
-  return num / den;
 }
 
 // Runs one probe; GTEST_SKIPs where the device or the build cannot (not an sm_90 GPU, or no sm_90a code).
@@ -77,7 +61,7 @@ double run_probe(kern::WgmmaProbeMode mode, uint32_t lbo, uint32_t sbo, bool* sk
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   // Ss: B rows are n (K contiguous); RsT: B rows are k (N contiguous).
   const auto want = ss ? matmul(a, b, 64, n, 128, 128, 1) : matmul(a, b, 64, n, 128, 1, 128);
-  return nmse(dc.download(), want);
+  return test::gpu::nmse_vs_double(dc.download(), want);
 }
 
 TEST(WgmmaGpu, SharedOperandsKMajorMatchTheMatmul) {
