@@ -20,3 +20,7 @@ $B $common --heldout-seqs 1 --key-metric-study \
 for f in moby-dick tinystories-sample; do
   $B $common --heldout-seqs 3 --heldout-files $f.txt --key-metric-study > $D/km_$f.txt
 done
+# The bench's tables on python + linux docs only (eval's docs set), 2 sequences per file
+$B $common --heldout-seqs 2 --refit-study 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt > $D/refit_pydocs_linux.txt
+# Calibration text without wikitext-2 through oscar calibrate + eval: calib_data.sh (eval-nowiki-*.log); the
+# moby-dick / tinystories-sample evals of those bundles: same eval flags with --data $T/<text>.txt
