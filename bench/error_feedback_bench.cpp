@@ -60,7 +60,7 @@ const char* vmetric_name(VMetric m) {
 class QuantizedMassMetric : public model::Observer {
  public:
   QuantizedMassMetric(int64_t layers, int64_t kv_heads, int64_t d, int64_t sink, int64_t recent)
-      : kv_heads_(kv_heads), d_(d), sink_(sink), recent_(recent), acc_(layers), mass_(layers, 0.0) {
+      : d_(d), sink_(sink), recent_(recent), acc_(layers), mass_(layers, 0.0) {
     for (auto& a : acc_) a.assign(static_cast<size_t>(kv_heads * d * d), 0.0);
   }
   void on_attention_inputs(const model::AttentionInputs& in) override {
@@ -100,7 +100,7 @@ class QuantizedMassMetric : public model::Observer {
   }
 
  private:
-  int64_t kv_heads_, d_, sink_, recent_;
+  int64_t d_, sink_, recent_;
   std::vector<std::vector<double>> acc_;
   std::vector<double> mass_;
 };

@@ -190,9 +190,6 @@ TEST(ErrorFeedback, ScaleZeroRefitNeverRaisesTheTokensError) {
   EXPECT_THROW(error_feedback_table(c.mv, d, o, "test"), Error);
 }
 
-// The stored fp32 form (bundle 1.2; what the cache writers run) keeps the gain of the double-precision rounding:
-// same anisotropic metric as above, metric error within 2 % of the double version's, and a diagonal metric still
-// gives RTN's codes exactly.
 // The per-token clip search keeps, for every token, the candidate rounding with the least error in H — which it
 // scores as Σ_k (fed-back error / U_kk)², without H. So its result must be exactly the best of the separate
 // roundings at each clip, as measured with H itself.
@@ -234,6 +231,9 @@ TEST(ErrorFeedback, PerTokenClipSearchKeepsTheLeastErrorInH) {
   EXPECT_THROW(error_feedback_table(c.mv, d, o, "test"), Error);
 }
 
+// The stored fp32 form (bundle 1.2; what the cache writers run) keeps the gain of the double-precision rounding:
+// same anisotropic metric as above, metric error within 2 % of the double version's, and a diagonal metric still
+// gives RTN's codes exactly.
 TEST(ErrorFeedback, StoredFp32FormMatchesTheDoubleRounding) {
   const int64_t d = 128, n = 1000;
   const AnisotropicCase c = anisotropic_case(d, n);
