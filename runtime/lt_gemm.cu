@@ -103,22 +103,16 @@ int LtGemm::time_candidates(const Plan& p, const uint16_t* x, const uint16_t* w,
   cudaEvent_t e0 = nullptr, e1 = nullptr;
   check_cuda(cudaEventCreate(&e0), where + ": cudaEventCreate");
   check_cuda(cudaEventCreate(&e1), where + ": cudaEventCreate");
-  const float alpha = 1.f;
   int best = -1;
   float best_ms = 0.f;
   for (int i = 0; i < p.num_candidates; ++i) {
-    const cublasLtMatmulAlgo_t* algo = &p.candidates[i];
-    const auto lt = static_cast<cublasLtHandle_t>(handle_);
     // A candidate the library cannot run here is skipped.
-    if (cublasLtMatmul(lt, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, algo, workspace_.data(),
-                       workspace_.bytes(), s) != CUBLAS_STATUS_SUCCESS)
-      continue;
+    if (matmul(p, i, x, w, out, beta, stream) != CUBLAS_STATUS_SUCCESS) continue;
     // Median of 3, after the warm-up above.
     float ms[3];
     for (float& t : ms) {
       check_cuda(cudaEventRecord(e0, s), where + ": cudaEventRecord");
-      cublasLtMatmul(lt, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, algo, workspace_.data(),
-                     workspace_.bytes(), s);
+      matmul(p, i, x, w, out, beta, stream);
       check_cuda(cudaEventRecord(e1, s), where + ": cudaEventRecord");
       check_cuda(cudaEventSynchronize(e1), where + ": cudaEventSynchronize");
       check_cuda(cudaEventElapsedTime(&t, e0, e1), where + ": cudaEventElapsedTime");
@@ -128,10 +122,15 @@ int LtGemm::time_candidates(const Plan& p, const uint16_t* x, const uint16_t* w,
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  // Timing runs may leave errors of their own behind only as return codes (checked above); the stream must be
-  // clean before the real call.
-  check_cuda(cudaStreamSynchronize(s), where + ": GEMM timing");
   return best;
+}
+
+int LtGemm::matmul(const Plan& p, int candidate, const uint16_t* x, const uint16_t* w, void* y, float beta,
+                   kern::Stream stream) {
+  const float alpha = 1.f;
+  const cublasLtMatmulAlgo_t* algo = candidate < 0 ? &p.algo : &p.candidates[candidate];
+  return cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,
+                        algo, workspace_.data(), workspace_.bytes(), reinterpret_cast<cudaStream_t>(stream));
 }
 
 void LtGemm::xwt(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, void* y, GemmOut y_type,
@@ -153,10 +152,7 @@ void LtGemm::xwt(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int
       ++timed_shapes_;
     }
   }
-  const float alpha = 1.f;
-  check_lt(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y,
-                          p.c, &p.algo, workspace_.data(), workspace_.bytes(), reinterpret_cast<cudaStream_t>(stream)),
-           where, "Matmul");
+  check_lt(static_cast<cublasStatus_t>(matmul(p, -1, x, w, y, beta, stream)), where, "Matmul");
 }
 
 }  // namespace oscar::rt

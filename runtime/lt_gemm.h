@@ -52,6 +52,10 @@ class LtGemm {
   struct Plan;
   using Key = std::tuple<int64_t, int64_t, int64_t, int, bool>;  // m, n, k, out type, beta != 0
   Plan& plan(const Key& key, const std::string& where);
+  // One cublasLtMatmul of the plan with its chosen algorithm (candidate -1) or candidate `candidate`; returns the
+  // cublasStatus_t.
+  int matmul(const Plan& p, int candidate, const uint16_t* x, const uint16_t* w, void* y, float beta,
+             kern::Stream stream);
   // Times the plan's candidates on the call's operands; returns the index of the fastest that ran (-1: none).
   int time_candidates(const Plan& p, const uint16_t* x, const uint16_t* w, void* y, int64_t m, int64_t n,
                       GemmOut y_type, float beta, kern::Stream stream, const std::string& where);
