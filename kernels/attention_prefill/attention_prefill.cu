@@ -98,8 +98,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4 &&
       a.kernel != PrefillKernel::V5)
     return Status::InvalidArgument;
-  if ((a.kernel == PrefillKernel::V4 || a.kernel == PrefillKernel::V5) && a.head_dim != 128)
-    return Status::Unsupported;
+  if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
   if (a.kernel != PrefillKernel::V1 && v2_blocks(a) > 0x7fffffff) return Status::Unsupported;

@@ -23,6 +23,11 @@ namespace oscar::kern {
 // intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
 enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5 };
 
+// The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
+constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
+  return k == PrefillKernel::V4 || k == PrefillKernel::V5;
+}
+
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.
 // Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) and attends causally within itself only.
 struct PrefillAttentionArgs {

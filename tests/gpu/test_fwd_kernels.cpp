@@ -305,7 +305,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     a.kernel = kernel;
     // v4/v5 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
-    const bool wgmma = kernel == PrefillKernel::V4 || kernel == PrefillKernel::V5;
+    const bool wgmma = prefill_kernel_uses_wgmma(kernel);
     if (wgmma && attention_prefill_can_implement(a) == Status::Unsupported) continue;
     if (wgmma) {
       const Status st = attention_prefill(a, nullptr);
@@ -378,8 +378,8 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     const Status st = attention_prefill(a, nullptr);
-    if ((kernel == PrefillKernel::V4 || kernel == PrefillKernel::V5) && st == Status::Unsupported)
-      continue;  // no sm_90a code / not head_dim 128
+    // No sm_90a code, or not head_dim 128.
+    if (prefill_kernel_uses_wgmma(kernel) && st == Status::Unsupported) continue;
     ASSERT_EQ(st, Status::Ok);
     sync();
     const std::vector<float> out = widen(to_host(d_out.as<uint16_t>(), int64_t{T} * hq * d));
