@@ -86,7 +86,7 @@ int run(int argc, char** argv) {
   int64_t batch = 1, seq = 4096, seed = 0;
   int warmup = 2, iters = 5;
   std::string logits = "last";
-  std::vector<std::string> kernels = {"v2"};
+  std::vector<std::string> kernels = {"auto"};
   bool profile = false, gemm_peak = false;
   app.add_option("--config", config_path, "HF config.json of the shape to benchmark")->required()->check(CLI::ExistingFile);
   app.add_option("--batch", batch, "sequences per forward")->check(CLI::PositiveNumber);
@@ -96,15 +96,21 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (v1, v2, v2k32, v3, v4 / v5: wgmma, head_dim 128, sm_90a builds)")
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 / v5 / v6: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"v1", "v2", "v2k32", "v3", "v4", "v5"}));
+      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6"}));
   std::vector<std::string> selections = {"heuristic"};
   app.add_option("--gemm-selection", selections,
                  "cuBLASLt algorithm choice per GEMM shape, each timed in this order: heuristic (the first heuristic "
                  "result, the default) and/or timed (the fastest of 8 candidates, tuned during the warm-up)")
       ->delimiter(',')
       ->check(CLI::IsMember({"heuristic", "timed"}));
+  std::vector<std::string> residual_adds = {"gemm"};
+  app.add_option("--residual-add", residual_adds,
+                 "where the sublayer residual add runs, each timed in this order: gemm (o_proj / down_proj epilogue, "
+                 "the default) and/or norm (a separate add + RMSNorm kernel)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"gemm", "norm"}));
   app.add_flag("--profile", profile, "one extra forward per kernel with per-op cudaEvents: time breakdown");
   app.add_flag("--gemm-peak", gemm_peak, "time a 8192^3 bf16 cuBLASLt GEMM as the measured peak");
   CLI11_PARSE(app, argc, argv);
@@ -160,15 +166,20 @@ int run(int argc, char** argv) {
   cudaEvent_t start, stop;
   rt::check_cuda(cudaEventCreate(&start), "cudaEventCreate");
   rt::check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
+  for (const std::string& residual_add : residual_adds)
   for (const std::string& selection : selections)
   for (const std::string& kname : kernels) {
     opt.gemm_selection = selection == "timed" ? rt::GemmSelection::Timed : rt::GemmSelection::Heuristic;
-    const std::string label = selection == "timed" ? kname + " (timed GEMMs)" : kname;
+    opt.residual_in_gemm = residual_add == "gemm";
+    const std::string label = kname + (selection == "timed" ? " (timed GEMMs)" : "") +
+                              (residual_adds.size() > 1 ? ", residual add in " + residual_add : "");
     opt.attention_kernel = kname == "v1"      ? kern::PrefillKernel::V1
                            : kname == "v2"    ? kern::PrefillKernel::V2
                            : kname == "v2k32" ? kern::PrefillKernel::V2Keys32
                            : kname == "v4"    ? kern::PrefillKernel::V4
                            : kname == "v5"    ? kern::PrefillKernel::V5
+                           : kname == "v6"    ? kern::PrefillKernel::V6
+                           : kname == "auto"  ? kern::PrefillKernel::Auto
                                               : kern::PrefillKernel::V3;
     opt.profiler = nullptr;
     for (int i = 0; i < warmup; ++i) model->forward(packed, opt);

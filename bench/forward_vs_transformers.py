@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", help="also write the table as JSON here")
-    ap.add_argument("--attn-kernel", default="v2", help="OSCAR prefill attention kernel (forward_bench --attn-kernel)")
+    ap.add_argument("--attn-kernel", default="auto", help="OSCAR prefill attention kernel (forward_bench --attn-kernel)")
     args = ap.parse_args()
 
     rows = []

@@ -10,6 +10,10 @@
 namespace oscar::kern {
 
 namespace {
+// The wgmma kernel Auto runs at head_dim 128 on sm_90 (v2 everywhere else): the fastest of the family measured
+// on the H100 that has passed the whole GPU suite as the default (docs/results.md, "Prefill").
+constexpr int kAutoWgmmaVersion = 5;
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <int kHeadDim>
@@ -57,23 +61,33 @@ Status launch_v2(const PrefillAttentionArgs& a, cudaStream_t stream) {
                                                                                       num_q_tiles);
   return detail::launch_status();
 }
-template <bool kPipelined>
-Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
+// Whether this process can run the wgmma kernels: a build with sm_90a code (OSCAR_WGMMA) on a compute-capability 9
+// device. Asked per launch (a process may switch devices); the attribute query is a cached driver lookup.
+bool device_runs_wgmma() {
 #if defined(OSCAR_WGMMA)
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return Status::CudaError;
-  if (major != 9) return Status::Unsupported;
-  constexpr uint32_t kBytes = detail::kV4SmemBytes<kPipelined>;
-  if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kPipelined>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    return false;
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
+template <int kVersion>
+Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
+#if defined(OSCAR_WGMMA)
+  if (!device_runs_wgmma()) return Status::Unsupported;
+  constexpr uint32_t kBytes = detail::V4Config<kVersion>::kSmemBytes;
+  if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kVersion>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            kBytes) != cudaSuccess)
     return Status::CudaError;
   const int pack = v2_pack(a);
   const int tokens = detail::kV4BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v4_kernel<kPipelined>
+  detail::attention_prefill_v4_kernel<kVersion>
       <<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, kBytes, stream>>>(a, scale_log2, pack, num_q_tiles);
   return detail::launch_status();
 #else
@@ -96,7 +110,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
     return Status::InvalidArgument;
   if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
       a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4 &&
-      a.kernel != PrefillKernel::V5)
+      a.kernel != PrefillKernel::V5 && a.kernel != PrefillKernel::V6)
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
@@ -121,8 +135,11 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
     if (a.head_dim <= 64) return launch<64>(a, s);
     return launch<128>(a, s);
   }
-  if (a.kernel == PrefillKernel::V4) return launch_v4<false>(a, s);
-  if (a.kernel == PrefillKernel::V5) return launch_v4<true>(a, s);
+  if (a.kernel == PrefillKernel::V4) return launch_v4<4>(a, s);
+  if (a.kernel == PrefillKernel::V5) return launch_v4<5>(a, s);
+  if (a.kernel == PrefillKernel::V6) return launch_v4<6>(a, s);
+  if (a.kernel == PrefillKernel::Auto && a.head_dim == 128 && device_runs_wgmma())
+    return launch_v4<kAutoWgmmaVersion>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

@@ -1,12 +1,13 @@
 #pragma once
 // Causal prefill attention over a packed batch of variable-length sequences (cu_seqlens), with GQA.
 // Flash-attention-2 structure, K/V streamed in 64-key tiles through shared memory with an online softmax, so memory
-// is O(tile) at any length (32K tokens and beyond). Three kernels compute the same function:
+// is O(tile) at any length (32K tokens and beyond). The kernels compute the same function:
 //   v1: one block per (64-query tile, query head), 4 warps × 16 rows (attention_prefill.cuh).
 //   v2: one block per (128 rows = tokens × the query heads of one KV head), 4 warps × 32 rows, K/V tiles shared by
-//       the GQA group (attention_prefill_v2.cuh). The default.
+//       the GQA group (attention_prefill_v2.cuh). The default where the wgmma kernels cannot run.
 //   v3: v2's tiling without v2's register spills, K and V waited for separately (attention_prefill_v3.cuh);
 //       bit-identical output to v2.
+//   v4-v6: v2's grid on Hopper warpgroup MMAs (attention_prefill_v4.cuh), head_dim 128, sm_90a.
 #include <cstdint>
 #include <span>
 
@@ -14,18 +15,34 @@
 
 namespace oscar::kern {
 
-// Auto: the fastest measured (v2). V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
+// Auto: the fastest measured: a wgmma kernel (V5) at head_dim 128 on an sm_90 device in a build with sm_90a code,
+// V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
 // V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
 // (attention_prefill_v3.cuh); same numerics as v2.
 // V4: v2's grid with Hopper warpgroup MMAs (attention_prefill_v4.cuh): head_dim 128 on an sm_90 device in a build
 // with sm_90a code (CMAKE_CUDA_ARCHITECTURES 90a); Unsupported otherwise.
 // V5: v4 with Q in registers (S = Q·Kᵀ reads only K from shared memory), a 3-stage K/V ring and FA3's
 // intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5 };
+// V6: v5's overlap on 128-key tiles with Q back in shared memory (per-tile costs paid once per 128 keys).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
-  return k == PrefillKernel::V4 || k == PrefillKernel::V5;
+  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6;
+}
+
+constexpr const char* prefill_kernel_name(PrefillKernel k) {
+  switch (k) {
+    case PrefillKernel::Auto: return "auto";
+    case PrefillKernel::V1: return "v1";
+    case PrefillKernel::V2: return "v2";
+    case PrefillKernel::V2Keys32: return "v2k32";
+    case PrefillKernel::V3: return "v3";
+    case PrefillKernel::V4: return "v4";
+    case PrefillKernel::V5: return "v5";
+    case PrefillKernel::V6: return "v6";
+  }
+  return "?";
 }
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.

@@ -8,14 +8,14 @@
 // and two warpgroups, warpgroup w owning rows 64w..64w+63; head_dim 128 only (the 7-8B shapes; others run v2).
 // Shared memory, all 128B-swizzled regions of 64 bf16 columns (1024-byte aligned):
 //   Q   [128 rows][128]  as two column regions of 16 KB,
-//   K_s [64 keys][128]   as two column regions of 8 KB, per stage (2 stages),
-//   V_s [64 keys][128]   likewise: the P·V operand B is V with N = dims contiguous (MN-major, transposed B).
-// Per 64-key tile: S = Q·Kᵀ (8 wgmma m64n64k16, both operands in shared memory), the mask on tiles crossing the
-// diagonal or the sequence end, v3's online softmax on the accumulator fragment (same layout as mma.sync's, per
-// warp 16 rows), P to bf16 A fragments in registers, O += P·V (4 wgmma m64n128k16). Each GEMM is waited for
-// before the registers are touched (no overlap of softmax and MMA yet: the first step, to be measured).
-// Numerics: fp32 scores and accumulation, exp2 with the folded scale, bf16 P — v3's arithmetic per element; the
-// tensor cores' summation order differs, so outputs match v2 within bf16 rounding, not bit for bit.
+//   K_s [N keys][128]    as two column regions of N·128 bytes, per stage (N = 64 or 128, 2 or 3 stages),
+//   V_s [N keys][128]    likewise: the P·V operand B is V with N = dims contiguous (MN-major, transposed B).
+// Per N-key tile: S = Q·Kᵀ (8 wgmma m64nNk16), the mask on tiles crossing the diagonal or the sequence end, v3's
+// online softmax on the accumulator fragment (same layout as mma.sync's, per warp 16 rows), P to bf16 A
+// fragments in registers, O += P·V (N/16 wgmma m64n128k16). v4 waits for each GEMM before touching its
+// registers; v5 and v6 overlap them with the softmax (V4Config below says which variant does what).
+// Numerics: fp32 scores and accumulation, exp2 (SFU, ftz) with the folded scale, bf16 P — v3's arithmetic per
+// element; the tensor cores' summation order differs, so outputs match v2 within bf16 rounding, not bit for bit.
 #include "kernels/attention_prefill/attention_prefill_v2.cuh"
 #include "kernels/common/wgmma.cuh"
 
@@ -23,42 +23,68 @@ namespace oscar::kern::detail {
 
 inline constexpr int kV4Threads = 256;  // two warpgroups
 inline constexpr int kV4BlockM = 128;
-inline constexpr int kV4BlockN = 64;
 inline constexpr int kV4HeadDim = 128;
-inline constexpr uint32_t kV4QRegion = kV4BlockM * 128;   // bytes of one 64-column region of Q
-inline constexpr uint32_t kV4KvRegion = kV4BlockN * 128;  // bytes of one 64-column region of a K or V tile
+inline constexpr uint32_t kV4QRegion = kV4BlockM * 128;  // bytes of one 64-column region of Q
 inline constexpr uint32_t kV4QBytes = 2 * kV4QRegion;
-inline constexpr uint32_t kV4KvBytes = 2 * kV4KvRegion;
-// v4: Q + 2 K/V stages; v5: 3 K/V stages (its Q lives in registers).
-template <bool kPipelined>
-inline constexpr uint32_t kV4SmemBytes = (kPipelined ? 0 : kV4QBytes) + (kPipelined ? 3 : 2) * 2 * kV4KvBytes + 1024;
 static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)");
+
+// The wgmma kernel family, one body (attention_prefill_v4_kernel<kVersion>):
+//   v4: Q in shared memory, 2 K/V stages of 64 keys, every GEMM waited for before its registers are touched.
+//   v5: Q in registers (the A operand of S = Q·Kᵀ), 3 stages of 64 keys, FA3's intra-warpgroup overlap.
+//   v6: v5's overlap with 128-key tiles: the per-tile costs (the O rescale, 64 multiplies per thread; the row-max
+//       shuffles; the barrier and the waits) are paid once per 128 keys instead of per 64. The S accumulator
+//       doubles to 64 registers, so Q goes back to shared memory (Q in registers as well would not fit 255).
+template <int kVersion>
+struct V4Config {
+  static_assert(kVersion >= 4 && kVersion <= 6, "prefill wgmma family: v4, v5, v6");
+  static constexpr bool kQInRegisters = kVersion == 5;
+  static constexpr bool kOverlap = kVersion >= 5;
+  static constexpr int kStages = kVersion == 4 ? 2 : 3;
+  static constexpr int kBlockN = kVersion == 6 ? 128 : 64;
+  static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
+  static constexpr uint32_t kKvBytes = 2 * kKvRegion;
+  static constexpr uint32_t kSmemBytes = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "over the 227 KB a Hopper block may opt in to");
+};
+
+// exp2 on the SFU without exp2f's range handling: the arguments are <= 0 (scores minus the running max), and a
+// denormal result flushed to zero is below bf16 P's resolution anyway. About 2 instructions per element fewer.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // 16-byte chunk `chunk` (0..15) of row `row` of a 128-column bf16 tile into its swizzled place.
 __device__ __forceinline__ uint32_t v4_chunk_offset(uint32_t region_bytes, int row, int chunk) {
   return (chunk >> 3) * region_bytes + detail::sw128_offset(row, (chunk & 7) * 8);
 }
 
-// kPipelined = false: v4 as first measured (2 stages; every GEMM waited for before its registers are touched).
-// kPipelined = true ("v5"): Q in registers as the A operand of S = Q·Kᵀ, and FA3's intra-warpgroup overlap on a
-// 3-stage K/V ring. With Q and K both in shared memory each m64n64k16 reads 4 KB for 64K MACs, as much as the
-// shared-memory port delivers while the tensor cores run at peak, and both warpgroups read their Q rows again for
-// every tile; with Q in registers (32 per thread, loaded once) S reads only K. While P_j·V_j and
+// v4 / v6 (Q in shared memory): with Q and K both in shared memory each m64nNk16 reads as many bytes per MAC as
+// the shared-memory port delivers while the tensor cores run at peak, and both warpgroups read their Q rows again
+// for every tile.
+// v5 (Q in registers, 32 per thread, loaded once): S reads only K.
+// v5 / v6 (kOverlap): FA3's intra-warpgroup overlap on a 3-stage K/V ring. While P_j·V_j and
 // S_{j+1} = Q·K_{j+1}ᵀ run on the tensor cores, the warpgroup computes tile j+1's max, exponentials and P; only the
 // rescale of O by the new max waits for P_j·V_j. The third stage is what lets tile j+2's load start while tile j's V
 // is still being read (with two stages the load could only start once P_j·V_j is done, leaving it no time).
-template <bool kPipelined>
+template <int kVersion>
 __global__ void __launch_bounds__(kV4Threads, 1)
     attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kStages = kPipelined ? 3 : 2;
+  using Cfg = V4Config<kVersion>;
+  constexpr int kStages = Cfg::kStages, kBlockN = Cfg::kBlockN;
+  constexpr bool kQInRegisters = Cfg::kQInRegisters;
+  constexpr uint32_t kKvRegion = Cfg::kKvRegion, kKvBytes = Cfg::kKvBytes;
+  constexpr int kSRegs = kBlockN / 2;     // S accumulator m64nN: N/8 n-blocks × 4 per thread
+  constexpr int kPSteps = kBlockN / 16;   // K steps of P·V
   extern __shared__ uint8_t smem_raw[];
   // Swizzle atoms must sit on 1024-byte boundaries (the hardware swizzles address bits 4-6 with 7-9).
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* sQ = smem;
-  constexpr uint32_t kKvBase = kPipelined ? 0 : kV4QBytes;
-  auto sK = [&](int stage) { return smem + kKvBase + stage * 2 * kV4KvBytes; };
-  auto sV = [&](int stage) { return smem + kKvBase + stage * 2 * kV4KvBytes + kV4KvBytes; };
+  constexpr uint32_t kKvBase = kQInRegisters ? 0 : kV4QBytes;
+  auto sK = [&](int stage) { return smem + kKvBase + stage * 2 * kKvBytes; };
+  auto sV = [&](int stage) { return smem + kKvBase + stage * 2 * kKvBytes + kKvBytes; };
 
   const PrefillBlock blk = PrefillBlock::locate(a, pack, num_q_tiles);
   if (blk.q0 >= blk.seqlen) return;
@@ -71,7 +97,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int lane = tid & 31, g = lane >> 2, t = lane & 3;
 
   // Q (v4): 128 rows × 16 chunks into shared memory, zero-filled past the sequence.
-  for (int idx = tid; idx < (kPipelined ? 0 : kV4BlockM * 16); idx += kV4Threads) {
+  for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {
     const int r = idx >> 4, ch = idx & 15;
     const int tok = q0 + r % tokens, head = head0 + r / tokens;
     const bool valid = tok < seqlen;
@@ -79,23 +105,23 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         valid ? a.q + (seq_begin + tok) * a.q_row_stride + static_cast<int64_t>(head) * kV4HeadDim + ch * 8 : a.q;
     cp_async_16(sQ + v4_chunk_offset(kV4QRegion, r, ch), src, valid);
   }
-  // K/V tile loader: 64 keys × 16 chunks = 1024 chunks, 4 per thread.
+  // K/V tile loader: kBlockN keys × 16 chunks, kBlockN / 16 per thread.
   auto load_kv = [&](uint8_t* dst, const uint16_t* base, int64_t stride, int key0) {
 #pragma unroll
-    for (int i = 0; i < kV4BlockN * 16 / kV4Threads; ++i) {
+    for (int i = 0; i < kBlockN * 16 / kV4Threads; ++i) {
       const int idx = tid + i * kV4Threads;
       const int r = idx >> 4, ch = idx & 15;
       const bool valid = key0 + r < seqlen;
       const uint16_t* src = valid ? base + (seq_begin + key0 + r) * stride + kv_offset + ch * 8 : base;
-      cp_async_16(dst + v4_chunk_offset(kV4KvRegion, r, ch), src, valid);
+      cp_async_16(dst + v4_chunk_offset(kKvRegion, r, ch), src, valid);
     }
   };
   auto load_tile = [&](int j) {
-    load_kv(sK(j % kStages), a.k, a.k_row_stride, j * kV4BlockN);
-    load_kv(sV(j % kStages), a.v, a.v_row_stride, j * kV4BlockN);
+    load_kv(sK(j % kStages), a.k, a.k_row_stride, j * kBlockN);
+    load_kv(sV(j % kStages), a.v, a.v_row_stride, j * kBlockN);
   };
   const int kv_end = min(q0 + tokens, seqlen);  // causal: no key after the block's last query
-  const int num_kv_tiles = (kv_end + kV4BlockN - 1) / kV4BlockN;
+  const int num_kv_tiles = (kv_end + kBlockN - 1) / kBlockN;
   load_tile(0);
   cp_async_commit();  // group: Q + tile 0
 
@@ -106,8 +132,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // Q (v5): this warp's rows g, g+8 as the A fragments of the 8 K steps of S (dims 16ks + 2t, +1 and +8), zero
   // past the sequence.
-  uint32_t qa[kPipelined ? 8 : 1][4];
-  if constexpr (kPipelined) {
+  uint32_t qa[kQInRegisters ? 8 : 1][4];
+  if constexpr (kQInRegisters) {
     const uint16_t* qrow[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -129,42 +155,45 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the 64 keys (both K-major).
+  // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the tile's keys (both K-major).
   // Issued and committed as one group; the caller waits.
-  auto issue_s = [&](float (&s)[32], int j) {
+  auto issue_s = [&](float (&s)[kSRegs], int j) {
     detail::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kV4HeadDim / 16; ++ks) {
       const uint32_t col = (ks & 3) * 32;  // 16 dims = 32 bytes into the region
-      const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kV4KvRegion + col, 16, 1024);
-      if constexpr (kPipelined) {
+      const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kKvRegion + col, 16, 1024);
+      if constexpr (kQInRegisters) {
         detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
       } else {
         const uint64_t da =
             detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
-        detail::wgmma_m64n64k16_ss(s, da, db, ks > 0);
+        if constexpr (kBlockN == 128)
+          detail::wgmma_m64n128k16_ss(s, da, db, ks > 0);
+        else
+          detail::wgmma_m64n64k16_ss(s, da, db, ks > 0);
       }
     }
     detail::wgmma_commit();
   };
-  // O += P·V of tile j: 4 K steps of 16 keys; B = V rows 16kk.. (N = dims contiguous: MN-major, 64-column atoms
-  // 8 KB apart (LBO), 8-key groups 1 KB apart (SBO)). One group; the caller waits.
-  auto issue_pv = [&](const uint32_t (&p)[4][4], int j) {
+  // O += P·V of tile j: kBlockN / 16 K steps of 16 keys; B = V rows 16kk.. (N = dims contiguous: MN-major,
+  // 64-column atoms one region apart (LBO), 8-key groups 1 KB apart (SBO)). One group; the caller waits.
+  auto issue_pv = [&](const uint32_t (&p)[kPSteps][4], int j) {
     detail::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kV4BlockN / 16; ++kk)
+    for (int kk = 0; kk < kPSteps; ++kk)
       detail::wgmma_m64n128k16_rs_tb(
-          o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kV4KvRegion, 1024), true);
+          o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024), true);
     detail::wgmma_commit();
   };
   // Mask and online softmax of tile j's scores (v3's arithmetic): updates the row max and sum, writes P as the A
   // fragments of the 4 K steps of P·V (step kk covers keys 16kk..16kk+15 = n-blocks 2kk, 2kk+1 of S) and returns
   // the factor O must be rescaled by before P·V of this tile accumulates.
-  auto softmax = [&](float (&s)[32], int j, uint32_t (&p)[4][4], float (&correction)[2]) {
-    const int kv0 = j * kV4BlockN;
-    if (kv0 + kV4BlockN > q_tok0 || kv0 + kV4BlockN > seqlen) {
+  auto softmax = [&](float (&s)[kSRegs], int j, uint32_t (&p)[kPSteps][4], float (&correction)[2]) {
+    const int kv0 = j * kBlockN;
+    if (kv0 + kBlockN > q_tok0 || kv0 + kBlockN > seqlen) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < kSRegs; ++i) {
         const int key = kv0 + 8 * (i >> 2) + 2 * t + (i & 1);
         const int query = q_tok0 + g + 8 * ((i >> 1) & 1);
         if (key > query || key >= seqlen) s[i] = -INFINITY;
@@ -174,18 +203,19 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
 #pragma unroll
-      for (int jb = 0; jb < 8; ++jb) tile_max = fmaxf(tile_max, fmaxf(s[4 * jb + 2 * r], s[4 * jb + 2 * r + 1]));
+      for (int jb = 0; jb < kBlockN / 8; ++jb)
+        tile_max = fmaxf(tile_max, fmaxf(s[4 * jb + 2 * r], s[4 * jb + 2 * r + 1]));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
       const float new_max = fmaxf(row_max[r], tile_max);
       const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      correction[r] = exp2f(fmaf(row_max[r], scale_log2, -ref));
+      correction[r] = ex2_approx(fmaf(row_max[r], scale_log2, -ref));
       row_max[r] = new_max;
       float partial = 0.f;
 #pragma unroll
-      for (int jb = 0; jb < 8; ++jb) {
-        const float p0 = exp2f(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
-        const float p1 = exp2f(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
+      for (int jb = 0; jb < kBlockN / 8; ++jb) {
+        const float p0 = ex2_approx(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
+        const float p1 = ex2_approx(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
         partial += p0 + p1;
         // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
         p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
@@ -203,10 +233,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       }
   };
 
-  float s[32];
-  uint32_t p[4][4];
+  float s[kSRegs];
+  uint32_t p[kPSteps][4];
   float correction[2];
-  if constexpr (!kPipelined) {
+  if constexpr (!Cfg::kOverlap) {
     for (int j = 0; j < num_kv_tiles; ++j) {
       cp_async_wait<0>();
       detail::fence_proxy_async_shared();  // the cp.async writes, for the wgmma reads (async proxy)
@@ -235,7 +265,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     softmax(s, 0, p, correction);
     // No branch between a wgmma's issue and its wait: ptxas serializes the wgmmas when it cannot prove that
     // nothing reads their accumulators in between, so the last tile is peeled off the loop.
-    uint32_t p_cur[4][4];
+    uint32_t p_cur[kPSteps][4];
     for (int j = 0; j + 1 < num_kv_tiles; ++j) {
       // Tile j+1 has landed (every thread's copies), and every warpgroup is done with tile j-1, whose stage
       // (j+2) % 3 the load of tile j+2 now overwrites.
@@ -245,7 +275,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       if (j + 2 < num_kv_tiles) load_tile(j + 2);
       cp_async_commit();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
+      for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
         for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
       issue_s(s, j + 1);
@@ -261,7 +291,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
     // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+    for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
     issue_pv(p_cur, num_kv_tiles - 1);

@@ -299,18 +299,18 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   std::vector<uint16_t> v2_bits;
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5}) {
-    SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::Auto}) {
+    SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     a.kernel = kernel;
-    // v4/v5 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
+    // v4-v6 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
     const bool wgmma = prefill_kernel_uses_wgmma(kernel);
     if (wgmma && attention_prefill_can_implement(a) == Status::Unsupported) continue;
     if (wgmma) {
       const Status st = attention_prefill(a, nullptr);
       if (st == Status::Unsupported) {
-        std::printf("  v%d unsupported here (no sm_90a code or not an sm_90 device)\n", kernel == PrefillKernel::V4 ? 4 : 5);
+        std::printf("  %s unsupported here (no sm_90a code or not an sm_90 device)\n", prefill_kernel_name(kernel));
         continue;
       }
       ASSERT_EQ(st, Status::Ok);
@@ -320,7 +320,9 @@ TEST_P(FwdGpuAttention, MatchesRef) {
     sync();
     const std::vector<uint16_t> bits = to_host(d_out.as<uint16_t>(), ref.size());
     const std::vector<float> got = widen(bits);
-    EXPECT_LE(nmse(got, ref), 1e-4);
+    const double err = nmse(got, ref);
+    std::printf("  hq %d hkv %d d %d, %s: nmse %.3g\n", c.hq, c.hkv, c.d, prefill_kernel_name(kernel), err);
+    EXPECT_LE(err, 1e-4);
     for (float x : got) ASSERT_TRUE(std::isfinite(x));
     if (kernel == PrefillKernel::V2) v2_bits = bits;
     // v3 reorders only loads, barriers and independent MMAs; every accumulator sees v2's sequence of operations.
@@ -373,8 +375,8 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5}) {
-    SCOPED_TRACE("kernel " + std::to_string(static_cast<int>(kernel)));
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::Auto}) {
+    SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     const Status st = attention_prefill(a, nullptr);
@@ -405,7 +407,9 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
           got.push_back(out[(int64_t{row} * hq + h) * d + i]);
         }
       }
-    EXPECT_LE(nmse(got, ref), 1e-4);
+    const double err = nmse(got, ref);
+    std::printf("  32K spot rows, %s: nmse %.3g\n", prefill_kernel_name(kernel), err);
+    EXPECT_LE(err, 1e-4);
   }
 }
 

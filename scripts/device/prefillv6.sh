@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# prefillv6 (issue #4): the wgmma prefill family v4-v6 (attention_prefill_v4.cuh; v6 = 128-key tiles), Auto's
+# pick, and the residual add in the GEMM epilogue, on an H100/H200 from a pack built with CMAKE_CUDA_ARCHITECTURES
+# 90a. Argument: a comma list of parts, default "tests,bench"; "ncu" adds Nsight Compute of v5 and v6, "hf" the
+# transformers comparison. Expected GPU time: tests ~1.5 min, bench ~2.5 min, ncu ~1 min, hf ~3 min.
+#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v6 and auto vs the double reference, NMSE printed per kernel),
+#          FwdGpuModel* (incl. ResidualAddInTheGemmEqualsTheNormsAdd, AutoAttentionKernelTracksV2), LtGemmGpu.*
+#   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6 --profile; llama3-8b 8 x 2048 with auto,
+#          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
+#   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
+# Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
+set -uo pipefail
+[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
+: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
+export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+parts=",${1:-tests,bench},"
+mkdir -p "$OUT"
+status=0
+if [[ $parts == *,tests,* ]]; then
+  timeout 240 "$BIN/bin/test_gpu" --gtest_filter='WgmmaGpu.*:*FwdGpuAttention*:FwdGpuModel*:LtGemmGpu.*' 2>&1 |
+    tee "$OUT/prefillv6_tests.log" | grep -E "^\[  (FAILED|PASSED) |nmse|unsupported|Failure" | grep -v "nmse [0-9.e-]*$" | head -40
+  grep -E "auto|v6|residual" "$OUT/prefillv6_tests.log" | head -40
+fi
+if [[ $parts == *,bench,* ]]; then
+  for shape in "1 32768" "8 2048"; do
+    set -- $shape
+    timeout 200 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch "$1" --seq "$2" --warmup 1 \
+      --iters 3 --attn-kernel v2,v5,v6 --profile 2>&1 | tee "$OUT/prefillv6_bench_qwen3_${1}x${2}.log" |
+      grep -E "^attn|attention " | head -20 || status=1
+  done
+  timeout 200 "$BIN/bin/forward_bench" --config bench/configs/llama3-8b.json --batch 8 --seq 2048 --warmup 2 \
+    --iters 5 --attn-kernel auto --residual-add norm,gemm --gemm-selection heuristic,timed --profile --gemm-peak 2>&1 |
+    tee "$OUT/prefillv6_bench_llama3_8x2048.log" | grep -E "^attn|GEMMs|rmsnorm|peak" | head -30 || status=1
+fi
+if [[ $parts == *,ncu,* ]]; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  SECT="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats"
+  for k in v5 v6; do
+    timeout 120 "$NCU" $SECT -k regex:attention_prefill_v4_kernel -c 1 --launch-skip 4 "$BIN/bin/forward_bench" \
+      --config bench/configs/qwen3-8b.json --batch 1 --seq 8192 --warmup 0 --iters 1 --attn-kernel $k \
+      > "$OUT/prefillv6_ncu_$k.txt" 2>&1 || status=1
+    echo "== ncu $k"; grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Registers Per|Stall|Tensor" \
+      "$OUT/prefillv6_ncu_$k.txt" | head -12
+  done
+fi
+if [[ $parts == *,hf,* ]]; then
+  timeout 400 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
+    --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
+    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
+    > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
+  cat "$OUT/prefillv6_fwd_vs_hf.log"
+fi
+exit $status
