@@ -93,20 +93,29 @@ void run_decoder_layer(const fmt::ModelConfig& c, LtGemm& gemm, const float* inv
   attn.kernel = io.attention_kernel;
   mark("attention");
   check(kern::attention_prefill(attn, st), where + " attention_prefill");
-  mark("o_proj");
-  gemm.xwt(io.attn, T, qd, L.o, H, io.proj, GemmOut::F32, 0.f, st, where + " o_proj");
-  mark("add_rmsnorm");
-  check(kern::add_rmsnorm(io.x, io.proj, T, H, L.post_attention_norm, eps, io.normed, st),
-        where + " post_attention_layernorm");
+  // Sublayer output projection + residual add + the norm after it (post-attention norm, or the next layer's input
+  // norm / the final norm after the MLP).
+  // proj_name is a string literal: the profiler keeps the pointer.
+  auto project_add_norm = [&](const uint16_t* in, int64_t k, const uint16_t* w, const uint16_t* norm,
+                              const char* proj_name, const char* norm_name) {
+    mark(proj_name);
+    if (io.residual_in_gemm) {
+      gemm.xwt(in, T, k, w, H, io.x, GemmOut::F32, 1.f, st, where + " " + proj_name + " (+ residual)");
+      mark("rmsnorm");
+      check(kern::rmsnorm(io.x, T, H, norm, eps, io.normed, st), where + " " + norm_name);
+    } else {
+      gemm.xwt(in, T, k, w, H, io.proj, GemmOut::F32, 0.f, st, where + " " + proj_name);
+      mark("add_rmsnorm");
+      check(kern::add_rmsnorm(io.x, io.proj, T, H, norm, eps, io.normed, st), where + " " + norm_name);
+    }
+  };
+  project_add_norm(io.attn, qd, L.o, L.post_attention_norm, "o_proj", "post_attention_layernorm");
   mark("gate_up_proj");
   gemm.xwt(io.normed, T, H, L.gate_up, 2 * I, io.gate_up, GemmOut::BF16, 0.f, st, where + " gate_up_proj");
   mark("swiglu");
   check(kern::swiglu(io.gate_up, T, I, io.act, st), where + " swiglu");
-  mark("down_proj");
-  gemm.xwt(io.act, T, I, L.down, H, io.proj, GemmOut::F32, 0.f, st, where + " down_proj");
-  // The residual add of this MLP is fused with the next norm: the next layer's input norm, or the final norm.
-  mark("add_rmsnorm");
-  check(kern::add_rmsnorm(io.x, io.proj, T, H, next_norm, eps, io.normed, st), where + " residual + next norm");
+  // The MLP's residual add is followed by the next layer's input norm, or the final norm.
+  project_add_norm(io.act, I, L.down, next_norm, "down_proj", "residual + next norm");
 }
 
 }  // namespace oscar::rt

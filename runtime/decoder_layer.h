@@ -27,6 +27,10 @@ struct DecoderLayerIo {
   uint16_t *gate_up = nullptr, *act = nullptr;
   float *obs_q = nullptr, *obs_k_pre = nullptr, *obs_k = nullptr, *obs_v = nullptr;  // fp32, observer only
   kern::PrefillKernel attention_kernel = kern::PrefillKernel::Auto;
+  // true: o_proj and down_proj add into x in their GEMM epilogue (beta = 1), then a plain RMSNorm reads x;
+  // false: they write `proj` and add_rmsnorm adds it. The same fp32 add of the same fp32 product either way; the
+  // epilogue saves writing and reading `proj` ([T, H] fp32) per sublayer.
+  bool residual_in_gemm = true;
   ForwardProfiler* profiler = nullptr;  // per-op timing (benchmarks); null: no events
 };
 

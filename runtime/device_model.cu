@@ -507,6 +507,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   io.gate_up = sc.gate_up.as<uint16_t>();
   io.act = sc.act.as<uint16_t>();
   io.attention_kernel = opt.attention_kernel;
+  io.residual_in_gemm = opt.residual_in_gemm;
   io.profiler = opt.profiler;
   if (opt.observer) {
     io.obs_q = sc.obs_q.as<float>();

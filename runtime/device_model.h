@@ -79,6 +79,9 @@ struct DeviceForwardOptions {
   // How the GEMMs' cuBLASLt algorithms are chosen (runtime/lt_gemm.h). Heuristic is deterministic; Timed picks
   // the fastest of the heuristic's candidates per shape on first use (not bit-reproducible across processes).
   GemmSelection gemm_selection = GemmSelection::Heuristic;
+  // Residual adds in the o_proj / down_proj GEMM epilogues (runtime/decoder_layer.h); false: the separate
+  // add_rmsnorm kernel, for benchmarks that compare the two.
+  bool residual_in_gemm = true;
 };
 
 // The logits of the last forward, on the device: [rows, vocab] row-major (rows = T, or one per non-empty
