@@ -7,11 +7,7 @@
 #   - ncu SpeedOfLight/Launch/Occupancy of rotate_q and the fused INT2 kernel at those shapes (durations under
 #     ncu's locked clocks), and SASS source counters (stall samples per instruction) of the INT2 kernel at 8 x 4K
 # Needs: $BIN, $OUT, cwd = repo.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 DB="$BIN/bin/decode_attention_bench"
 status=0
 for shape in "1 4096" "8 4096" "8 32768"; do

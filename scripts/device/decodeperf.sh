@@ -12,11 +12,7 @@
 #   decodeperf_bench.log the %d2d column (goal >= 85 % at >= 32K, batch >= 8) and sep/int2 (> 1.00x: the fused
 #   launch wins; the lead keeps Fused as the default only if it does); ncu_decodeperf_b8_32k.txt: Duration, DRAM
 #   throughput, registers, occupancy of decode_attention_int2_kernel<128, true> (was 106 us / 43 % under ncu).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/decodeperf_device.txt"
 
 status=0

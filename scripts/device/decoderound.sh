@@ -9,11 +9,7 @@
 #   ~40 s  ncu of one whole fused call (rotate_q + INT2 kernel) at 8 x 4K: where the per-call floor goes
 # Arg "noncu" skips the profile, "benchonly" the tests too. Needs: $BIN, $OUT, cwd = repo.
 # Look for: "[  PASSED  ]" in decoderound_test_gpu.log; decoderound_bench.txt: int2_us new vs base per shape.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 status=0
 [ "${1:-}" = benchonly ] || timeout 300 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*:*DecodeGpu*:*DecodeFp8Gpu*:*SegDecodeGpu*:*EngineQuantized*:*EngineBundle*:*EngineBatch*:*EngineRecompute*' \
   > "$OUT/decoderound_test_gpu.log" 2>&1 || status=1

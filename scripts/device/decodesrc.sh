@@ -5,11 +5,7 @@
 # Needs: $BIN, $OUT, cwd = repo (setup.sh links /work/main to it, where the line info points).
 # Look for: decodesrc_cuda.csv / decodesrc_sass.csv, columns "L2 Theoretical Sectors Global Excessive" and
 #   "L1 Wavefronts Shared Excessive" per line.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "no ncu"; exit 1; }
 status=0

@@ -4,11 +4,7 @@
 # block's tiles, of the window share, of the ticket and of the merge) at 1 x 4K, 8 x 4K, 8 x 32K, 8 x 128K, to see
 # where the per-call intercept goes (ncu: the SMs are idle for ~30 % of the kernel at 8 x 4K). Plus the decode
 # tests (the trace hooks are in the kernel). Expected GPU time ~2 min. Needs: $BIN, $OUT, cwd = repo.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 status=0
 if [ "${1:-}" != notests ]; then  # "notests": the caller runs the decode tests itself
   timeout 150 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*' > "$OUT/decodetrace_test_gpu.log" 2>&1 || status=1

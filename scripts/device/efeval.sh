@@ -5,11 +5,7 @@
 # on held-out docs (python + linux) and moby-dick at 1K and 4K, with more sequences than the CPU runs could afford.
 # Expected GPU time: ~3 min. Needs: $BIN, fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: efeval_summary.txt, KL>win of kv vs off per text and context.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 F=/work/shared/fixtures; T=$F/text; M=$F/models/qwen3-tiny-trained; O=$BIN/bin/oscar
 status=0
 for ef in kv off; do

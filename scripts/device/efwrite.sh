@@ -16,11 +16,7 @@
 #                         "RESULT ef/tiled kv_write = X.XXx" (expected several x: O(d^2) per token) and
 #                         "RESULT kv_write ef ... % of prefill".
 #   efwrite_sanitize.txt  "ERROR SUMMARY: 0 errors" for memcheck and racecheck.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/efwrite_device.txt"
 
 status=0

@@ -14,11 +14,7 @@
 #   fp8_bench.log: fp8_us and its "/int2" (FP8 moves ~3.6x the INT2 bytes, so expect ~2.5-4x int2_us at long
 #     context; the trailing "(fp8 N GB/s P%)" says how close to the copy bandwidth it is), int4_us and "/int2".
 #   fp8_memcheck.log / fp8_racecheck.log: "ERROR SUMMARY: 0 errors".
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/fp8_device.txt"
 
 status=0

@@ -6,11 +6,7 @@
 #      attention v2, --profile and --gemm-peak: GEMM ms per op and the forward median, both in one process.
 # Look for: "[  PASSED  ]" in gemmsel_tests.log; the "attn v2" vs "attn v2 (timed GEMMs)" medians and the
 # "timed GEMM selection: N shapes tuned, M kept another algorithm" line in gemmsel_*.log.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 status=0
 timeout 100 "$BIN/bin/test_gpu" --gtest_filter='LtGemmGpu.*' 2>&1 | tee "$OUT/gemmsel_tests.log" |
   grep -E "^\[  (FAILED|PASSED) |nmse|Failure" | head -20 || status=1

@@ -8,11 +8,7 @@
 # Needs: $BIN (bin/ + lib/ from scripts/device/pack.sh), fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: gpusuite_test_gpu.log "[  PASSED  ]" and no FAILED; gpusuite_memcheck.txt "ERROR SUMMARY: 0 errors" and
 #   rc=0 per suite (rc=124: the suite ran past MEMCHECK_SUITE_S, default 280 s).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 start=$SECONDS
 timeout 480 "$BIN/bin/test_gpu" > "$OUT/gpusuite_test_gpu.log" 2>&1
 echo "test_gpu rc=$? $((SECONDS - start))s"

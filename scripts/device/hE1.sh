@@ -9,11 +9,7 @@
 # Look for: in hE1_summary.txt "format 1.2" with "ef_key_metric = sigma_q" and "ef_tables = 12" for the
 #   kv bundle and "format 1.1" for the off bundle; "KL>win" of the kv bundle below the off bundle's (CPU eval of the
 #   cuda bundles; on the dev CPU the CPU-calibrated pair at 1K/3 seqs gave 3.19e-3 vs 4.20e-3). rc=0 for every step.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/hE1_device.txt"
 F=/work/shared/fixtures; T=$F/text; M=$F/models/qwen3-tiny-trained; O=$BIN/bin/oscar
 status=0

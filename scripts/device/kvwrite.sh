@@ -15,11 +15,7 @@
 #   ncu_kvwrite_int2_32k.txt  Duration (was 783 us for kv_write_kernel<128,1>), Executed Instructions (was 447 M),
 #                         Registers, Achieved Occupancy, local loads (should be none).
 #   kvwrite_sanitize.txt  "ERROR SUMMARY: 0 errors" for memcheck and racecheck.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/kvwrite_device.txt"
 
 status=0

@@ -4,11 +4,7 @@
 # full device time to suites whose CPU side is slow under the sanitizer (EvalGpu*: ~2-4 min each).
 # Needs: $BIN, $OUT, cwd = repo. Look for: gpusuite_memcheck.txt "ERROR SUMMARY: 0 errors" and rc=0 per suite
 #   (rc=124: the suite ran past MEMCHECK_SUITE_S, default 280 s).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 : > "$OUT/gpusuite_memcheck.txt"
 for s in ${1//,/ }; do

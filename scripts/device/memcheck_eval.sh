@@ -9,11 +9,7 @@
 # Expected GPU time: ~1 min calibration, then three sanitized runs side by side (limit MEMCHECK_EVAL_S, default 240 s).
 # Needs: $BIN, fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: memcheck_eval.txt, one line per run: rc=0 and "ERROR SUMMARY: 0 errors".
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 [ -n "$CS" ] || { echo "no compute-sanitizer" | tee "$OUT/memcheck_eval.txt"; exit 1; }
 F=/work/shared/fixtures; T=$F/text; M=$F/models/qwen3-tiny-trained; O=$BIN/bin/oscar

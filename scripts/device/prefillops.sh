@@ -13,11 +13,7 @@
 #   15.9 ms / 32 calls at Llama-3 8x2048, ~6.5 ms expected at 90 % of copy bandwidth), add_rmsnorm (was 23.6 ms /
 #   64 calls; ~21 ms is the bandwidth floor for 939 MB per call) and attention (v2 44.5 ms); the speedup column of
 #   prefillops_fwd_vs_hf.log (goal >= 1.3x, was 1.19x).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/prefillops_gpu.txt"
 status=0
 

@@ -10,12 +10,8 @@
 # Look for: "[  PASSED  ]" in prefillv4_tests.log; "attention" lines per kernel in prefillv4_bench_*.log.
 # If WgmmaGpu.RegisterAWithTransposedB fails but its "swapped" nmse is ~1e-14, swap LBO/SBO of the MN-major
 # descriptor in v4's P·V (kV4KvRegion, 1024).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source scripts/device/common.sh
 mode=${1:-}  # the loop below reuses the positional parameters
-mkdir -p "$OUT"
 status=0
 timeout 200 "$BIN/bin/test_gpu" --gtest_filter='WgmmaGpu.*:*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv4_tests.log" |
   grep -E "^\[  (FAILED|PASSED) |nmse|unsupported|Failure" | head -40 || status=1

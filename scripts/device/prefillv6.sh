@@ -9,12 +9,8 @@
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source scripts/device/common.sh
 parts=",${1:-tests,bench},"
-mkdir -p "$OUT"
 status=0
 if [[ $parts == *,tests,* ]]; then
   timeout 240 "$BIN/bin/test_gpu" --gtest_filter='WgmmaGpu.*:*FwdGpuAttention*:FwdGpuModel*:LtGemmGpu.*' 2>&1 |

@@ -13,11 +13,7 @@
 #   "RACECHECK SUMMARY: 0 hazards displayed") and "[  PASSED  ]" for each run; any "Invalid __global__ read",
 #   "Misaligned", "Race reported", "Barrier error" line names the kernel and source line (built with line info if
 #   the lead's build has -lineinfo; else the PC offset).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -z "$CS" ]; then echo "compute-sanitizer not found" | tee "$OUT/reviewdecode_summary.txt"; exit 1; fi
 

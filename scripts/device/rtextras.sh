@@ -7,11 +7,7 @@
 # Needs: $BIN (bin/ + lib/ from scripts/pack-portable.sh), fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: the gtest summary "[  PASSED  ] 4 tests" (and the printed fold/hadamard2 numbers), and the bench line
 #   "RESULT kv_write ... us = X% of prefill | engine write path +Y us = Z% of prefill (goal < 2%)".
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/rtextras_device.txt"
 
 status=0

@@ -17,11 +17,7 @@
 #     separate-kernel launch that the segmented path shares its window/merge kernels with.
 #   ncu_seg3b_b8_32k.txt / ncu_segcal_b8_32k.txt: Duration, Executed Instructions, Registers, "Local Memory
 #     Spilling Requests" (old seg kernel: 624 us, 154.7 M instructions, 3.6 M spills; INT2: 106 us, 45.8 M, none).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/seg3bit_device.txt"
 
 status=0

@@ -10,11 +10,7 @@
 #   (<= 1e-5); the EngineSpectral lines "spectral engine vs CPU simulation: mean logits nmse ..., top-1 agreement"
 #   and "greedy: first N of 16 tokens identical"; in segkern_bench.log the last two columns seg_us and seg/int2
 #   (goal: seg/int2 <= 1.10x at the same bytes).
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/segkern_device.txt"
 
 status=0

@@ -10,10 +10,7 @@
 # Look for: "[  PASSED  ]" with no FAILED tests in streamcal_test_gpu.log; three identical sha256 lines in
 #   streamcal_cli.txt; in streamcal_bench70b.log the "streamed statistics" line (time, tok/s), "TFLOP/s", "peak device
 #   memory" (expect ~10 GB, not 140), "host:" and "transfer overlap".
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source scripts/device/common.sh
 # NCCL is only dlopen'ed for --gpus > 1 on distinct devices (not run here: one GPU); make torch's copy findable anyway.
 nccl_dir=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null || true)
 [ -n "$nccl_dir" ] && export LD_LIBRARY_PATH=$nccl_dir/lib:$LD_LIBRARY_PATH

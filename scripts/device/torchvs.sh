@@ -2,11 +2,7 @@
 # torchvs (issue #6): the INT2 decode against torch 2.x SDPA (flash backend, bf16 cache, enable_gqa) in the same
 # device session, both as CUDA graphs of 20 calls, at 128K for batch 1, 8, 32 (the issue's >= 5x goal) and
 # 32K. Expected GPU time ~2.5 min. Needs: $BIN, $OUT, cwd = repo, python3 with torch.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 status=0
 timeout 150 python3 bench/torch_sdpa_decode.py > "$OUT/torchvs_torch.txt" 2> "$OUT/torchvs_torch.err" || status=1
 tail -40 "$OUT/torchvs_torch.txt"

@@ -4,11 +4,7 @@
 # the int4/fp8 columns. Expected GPU time: ~4 min. Arg: optional extra gtest filter terms (":"-joined).
 # Look for: verify_test_gpu.log "[  PASSED  ]" and no FAILED (EvalGpu prints cpu/cuda rows per mode);
 #   verify_bench.log int2_us / int4_us / fp8_us columns.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 filter='Int4/*:EvalGpu.*:Groups/FoldValueRotation*:*Fp8*:Shapes/DecodeInt2Paths*'
 [ -n "${1:-}" ] && filter="$filter:$1"
 start=$SECONDS

@@ -3,9 +3,5 @@
 # kernels/common/wgmma.cuh against a double matmul (test_gpu WgmmaGpu.*). Needs a pack built with
 # CMAKE_CUDA_ARCHITECTURES 90a (the default since this branch). Expected GPU time: seconds.
 # Look for: two "[       OK ]" lines; "rs + transposed B nmse" prints both MN-major stride conventions.
-set -uo pipefail
-[ -f scripts/device/setup.sh ] && [ -z "${BIN:-}" ] && source scripts/device/setup.sh
-: "${BIN:?set BIN to the packed binaries}" "${OUT:?set OUT}"
-export LD_LIBRARY_PATH=$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-mkdir -p "$OUT"
+source scripts/device/common.sh
 timeout 60 "$BIN/bin/test_gpu" --gtest_filter='WgmmaGpu.*' 2>&1 | tee "$OUT/wgmmaprobe.log"
