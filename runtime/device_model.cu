@@ -126,7 +126,7 @@ struct Scratch {
   DeviceBuffer qkv;     // fp32 [T, q_dim + 2 kv_dim]
   DeviceBuffer q, k, v;  // bf16 [T, q_dim], [T, kv_dim], [T, kv_dim]
   DeviceBuffer attn;     // bf16 [T, q_dim]
-  DeviceBuffer proj;     // fp32 [T, H]: o_proj and down_proj outputs before the residual add
+  DeviceBuffer proj;     // fp32 [T, H]: o_proj and down_proj outputs before the residual add (residual_in_gemm off)
   DeviceBuffer gate_up;  // bf16 [T, 2 I]
   DeviceBuffer act;      // bf16 [T, I]
   DeviceBuffer obs_q, obs_k_pre, obs_k, obs_v;  // fp32 observer copies
@@ -472,7 +472,8 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   sc.k.ensure(sz(T * kvd, 2), "k");
   sc.v.ensure(sz(T * kvd, 2), "v");
   sc.attn.ensure(sz(T * qd, 2), "attention output");
-  sc.proj.ensure(sz(T * H, 4), "projection output");
+  // With the residual add in the GEMM epilogue nothing writes `proj`: a forward that never uses it allocates none.
+  if (!opt.residual_in_gemm) sc.proj.ensure(sz(T * H, 4), "projection output");
   sc.gate_up.ensure(sz(T * 2 * I, 2), "gate_up");
   sc.act.ensure(sz(T * I, 2), "swiglu output");
   if (opt.observer) {
@@ -484,7 +485,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
 
   float* x = sc.x.as<float>();
   uint16_t* normed = sc.normed.as<uint16_t>();
-  float* proj = sc.proj.as<float>();
+  float* proj = opt.residual_in_gemm ? nullptr : sc.proj.as<float>();
   if (opt.profiler) opt.profiler->mark(st, "embedding");
   check(kern::embedding_gather(d_ids, T, m.embed.as<uint16_t>(), c.vocab_size, H, x, st), "forward: embedding");
   check(kern::rmsnorm(x, T, H, m.layers[0].input_norm.as<uint16_t>(), eps, normed, st),
