@@ -123,6 +123,8 @@ int run(int argc, char** argv) {
               (long long)cfg.hidden_size, (long long)cfg.num_heads, (long long)cfg.num_kv_heads,
               (long long)cfg.head_dim, (long long)cfg.intermediate_size, (long long)cfg.vocab_size);
 
+  std::printf("attention kernel auto = %s here\n", kern::prefill_kernel_name(kern::attention_prefill_auto_kernel(
+                                                        static_cast<int32_t>(cfg.head_dim))));
   auto model = rt::DeviceModel::random(cfg, static_cast<uint64_t>(seed));
   std::printf("weights: %.2f GiB bf16\n", static_cast<double>(model->weight_bytes()) / (1 << 30));
 

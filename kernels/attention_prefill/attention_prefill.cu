@@ -12,7 +12,7 @@ namespace oscar::kern {
 namespace {
 // The wgmma kernel Auto runs at head_dim 128 on sm_90 (v2 everywhere else): the fastest of the family measured
 // on the H100 that has passed the whole GPU suite as the default (docs/results.md, "Prefill").
-constexpr int kAutoWgmmaVersion = 5;
+constexpr int kAutoWgmmaVersion = 6;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -122,6 +122,12 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
   if (a.q_row_stride % 8 || a.k_row_stride % 8 || a.v_row_stride % 8 || a.out_row_stride % 8)
     return Status::Misaligned;
   return Status::Ok;
+}
+
+PrefillKernel attention_prefill_auto_kernel(int32_t head_dim) {
+  if (head_dim == 128 && device_runs_wgmma())
+    return kAutoWgmmaVersion == 6 ? PrefillKernel::V6 : kAutoWgmmaVersion == 5 ? PrefillKernel::V5 : PrefillKernel::V4;
+  return PrefillKernel::V2;
 }
 
 Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {

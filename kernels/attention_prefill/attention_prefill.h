@@ -15,7 +15,7 @@
 
 namespace oscar::kern {
 
-// Auto: the fastest measured: a wgmma kernel (V5) at head_dim 128 on an sm_90 device in a build with sm_90a code,
+// Auto: the fastest measured: a wgmma kernel (V6) at head_dim 128 on an sm_90 device in a build with sm_90a code,
 // V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
 // V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
 // (attention_prefill_v3.cuh); same numerics as v2.
@@ -64,6 +64,8 @@ struct PrefillAttentionArgs {
 // can_implement: head_dim % 8 == 0 and <= 128 (dims are zero-padded to 32/64/128 inside), num_heads a multiple
 // of num_kv_heads, 16-byte aligned pointers and row strides that are multiples of 8 elements.
 Status attention_prefill_can_implement(const PrefillAttentionArgs& args);
+// The kernel PrefillKernel::Auto runs for this head_dim on the current device (for reports and tests).
+PrefillKernel attention_prefill_auto_kernel(int32_t head_dim);
 Status attention_prefill(const PrefillAttentionArgs& args, Stream stream);
 
 // CPU reference: host pointers, fp32 in/out, same layouts and semantics, exact softmax per query in double.

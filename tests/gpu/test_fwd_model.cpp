@@ -357,8 +357,9 @@ TEST(FwdGpuModel, ResidualAddInTheGemmEqualsTheNormsAdd) {
   for (float x : a) ASSERT_TRUE(std::isfinite(x));
 }
 
-// Auto picks a wgmma attention kernel at head_dim 128 on sm_90 (v2 elsewhere): the whole forward with it stays
-// within bf16 noise of v2's, and is deterministic.
+// Auto picks a wgmma attention kernel at head_dim 128 on sm_90 (v2 elsewhere): the forward with Auto is the forward
+// with the kernel attention_prefill_auto_kernel names, bit for bit, stays within bf16 noise of v2's, and is
+// deterministic.
 TEST(FwdGpuModel, AutoAttentionKernelTracksV2) {
   OSCAR_REQUIRE_GPU();
   fmt::ModelConfig c = small_qwen3_like();
@@ -367,14 +368,17 @@ TEST(FwdGpuModel, AutoAttentionKernelTracksV2) {
   auto m = DeviceModel::random(c, 12);
   const PackedBatch batch = PackedBatch::from_sequences(
       std::vector<std::vector<int32_t>>{random_ids(700, 1000, 10), random_ids(1, 1000, 11), random_ids(130, 1000, 12)});
-  DeviceForwardOptions autok, v2;
+  DeviceForwardOptions autok, named, v2;
+  named.attention_kernel = kern::attention_prefill_auto_kernel(128);
   v2.attention_kernel = kern::PrefillKernel::V2;
   const std::vector<float> a = m->forward(batch, autok).to_host();
   const std::vector<float> a2 = m->forward(batch, autok).to_host();
+  const std::vector<float> n = m->forward(batch, named).to_host();
   const std::vector<float> b = m->forward(batch, v2).to_host();
   const double err = nmse(a, b);
-  std::printf("  auto attention kernel vs v2: logits nmse %.3g\n", err);
+  std::printf("  auto runs %s; logits nmse vs v2 %.3g\n", kern::prefill_kernel_name(named.attention_kernel), err);
   EXPECT_LE(err, 1e-4);
+  EXPECT_EQ(std::memcmp(a.data(), n.data(), a.size() * 4), 0) << "Auto is the kernel it names";
   EXPECT_EQ(std::memcmp(a.data(), a2.data(), a.size() * 4), 0) << "rerun, same bits";
 }
 
