@@ -15,8 +15,8 @@
 
 namespace oscar::kern {
 
-// Auto: the fastest measured: a wgmma kernel (V6) at head_dim 128 on an sm_90 device in a build with sm_90a code,
-// V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
+// Auto: a wgmma kernel (V5; attention_prefill.cu says why not yet V6) at head_dim 128 on an sm_90 device in a
+// build with sm_90a code, V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
 // V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
 // (attention_prefill_v3.cuh); same numerics as v2.
 // V4: v2's grid with Hopper warpgroup MMAs (attention_prefill_v4.cuh): head_dim 128 on an sm_90 device in a build
