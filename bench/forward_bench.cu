@@ -96,9 +96,9 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 / v5 / v6: wgmma, head_dim 128, sm_90a builds)")
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 / v5 / v6 / v7: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6"}));
+      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6", "v7"}));
   std::vector<std::string> selections = {"heuristic"};
   app.add_option("--gemm-selection", selections,
                  "cuBLASLt algorithm choice per GEMM shape, each timed in this order: heuristic (the first heuristic "
@@ -181,6 +181,7 @@ int run(int argc, char** argv) {
                            : kname == "v4"    ? kern::PrefillKernel::V4
                            : kname == "v5"    ? kern::PrefillKernel::V5
                            : kname == "v6"    ? kern::PrefillKernel::V6
+                           : kname == "v7"    ? kern::PrefillKernel::V7
                            : kname == "auto"  ? kern::PrefillKernel::Auto
                                               : kern::PrefillKernel::V3;
     opt.profiler = nullptr;

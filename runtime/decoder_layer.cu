@@ -86,6 +86,7 @@ void run_decoder_layer(const fmt::ModelConfig& c, LtGemm& gemm, const float* inv
   attn.cu_seqlens = io.cu_seqlens;
   attn.num_seqs = static_cast<int32_t>(S);
   attn.max_seqlen = io.max_seqlen;
+  attn.total_tokens = T;
   attn.num_heads = static_cast<int32_t>(c.num_heads);
   attn.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
   attn.head_dim = static_cast<int32_t>(d);

@@ -1,3 +1,5 @@
+#include <cuda.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -77,11 +79,52 @@ bool device_runs_wgmma() {
 #endif
 }
 
+#if defined(OSCAR_WGMMA)
+// cuTensorMapEncodeTiled from the driver the runtime already loaded (no libcuda link); null if it has none.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return EncodeTiledFn{nullptr};
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+
+// v7's descriptor of K or V: [total_tokens rows][num_kv_heads × 128 columns] bf16 with the given row stride; a box
+// is 64 columns (128 bytes, the swizzle span) × rows_per_box rows, 128B-swizzled as the wgmma descriptors expect.
+bool encode_kv_map(CUtensorMap* map, const uint16_t* base, const PrefillAttentionArgs& a, int64_t row_stride,
+                   uint32_t rows_per_box) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.num_kv_heads) * static_cast<cuuint64_t>(a.head_dim),
+                              static_cast<cuuint64_t>(a.total_tokens)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride) * 2};
+  const cuuint32_t box[2] = {64, rows_per_box};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+#endif
+
 template <int kVersion>
 Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
 #if defined(OSCAR_WGMMA)
+  using Cfg = detail::V4Config<kVersion>;
   if (!device_runs_wgmma()) return Status::Unsupported;
-  constexpr uint32_t kBytes = detail::V4Config<kVersion>::kSmemBytes;
+  detail::PrefillTmaMaps maps{};
+  if constexpr (Cfg::kTma) {
+    if (!encode_kv_map(&maps.k, a.k, a, a.k_row_stride, Cfg::kBlockN) ||
+        !encode_kv_map(&maps.v, a.v, a, a.v_row_stride, Cfg::kBlockN))
+      return Status::Unsupported;  // no cuTensorMapEncodeTiled in this driver, or a layout it refuses
+  }
+  constexpr uint32_t kBytes = Cfg::kSmemBytes;
   if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kVersion>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            kBytes) != cudaSuccess)
     return Status::CudaError;
@@ -89,8 +132,8 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   const int tokens = detail::kV4BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v4_kernel<kVersion>
-      <<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, kBytes, stream>>>(a, scale_log2, pack, num_q_tiles);
+  detail::attention_prefill_v4_kernel<kVersion><<<static_cast<unsigned>(v2_blocks(a)), Cfg::kThreads, kBytes, stream>>>(
+      a, scale_log2, pack, num_q_tiles, maps);
   return detail::launch_status();
 #else
   (void)a;
@@ -112,10 +155,13 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
     return Status::InvalidArgument;
   if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
       a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4 &&
-      a.kernel != PrefillKernel::V5 && a.kernel != PrefillKernel::V6)
+      a.kernel != PrefillKernel::V5 && a.kernel != PrefillKernel::V6 && a.kernel != PrefillKernel::V7)
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
+  // v7's tensor maps span the q/k/v rows, and the TMA coordinates are 32-bit.
+  if (a.kernel == PrefillKernel::V7 && (a.total_tokens < a.max_seqlen || a.total_tokens > 0x7fffffff))
+    return Status::InvalidArgument;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
   if (a.kernel != PrefillKernel::V1 && v2_blocks(a) > 0x7fffffff) return Status::Unsupported;
   if (!a.q || !a.k || !a.v || !a.out || !a.cu_seqlens) return Status::InvalidArgument;
@@ -146,6 +192,7 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
   if (a.kernel == PrefillKernel::V4) return launch_v4<4>(a, s);
   if (a.kernel == PrefillKernel::V5) return launch_v4<5>(a, s);
   if (a.kernel == PrefillKernel::V6) return launch_v4<6>(a, s);
+  if (a.kernel == PrefillKernel::V7) return launch_v4<7>(a, s);
   if (a.kernel == PrefillKernel::Auto && a.head_dim == 128 && device_runs_wgmma())
     return launch_v4<kAutoWgmmaVersion>(a, s);
   if (a.kernel == PrefillKernel::V3) {

@@ -24,11 +24,12 @@ namespace oscar::kern {
 // V5: v4 with Q in registers (S = Q·Kᵀ reads only K from shared memory), a 3-stage K/V ring and FA3's
 // intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
 // V6: v5's overlap on 128-key tiles with Q back in shared memory (per-tile costs paid once per 128 keys).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6 };
+// V7: v6 with a producer warp loading K/V by TMA on mbarriers (needs PrefillAttentionArgs::total_tokens).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
-  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6;
+  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
@@ -41,6 +42,7 @@ constexpr const char* prefill_kernel_name(PrefillKernel k) {
     case PrefillKernel::V4: return "v4";
     case PrefillKernel::V5: return "v5";
     case PrefillKernel::V6: return "v6";
+    case PrefillKernel::V7: return "v7";
   }
   return "?";
 }
@@ -56,6 +58,7 @@ struct PrefillAttentionArgs {
   const int32_t* cu_seqlens = nullptr;  // device, [num_seqs + 1], cu_seqlens[0] == 0, non-decreasing
   int32_t num_seqs = 0;
   int32_t max_seqlen = 0;  // max over sequences (sizes the grid; the host knows it)
+  int64_t total_tokens = 0;  // T = cu_seqlens[num_seqs], the rows of q/k/v; 0 = not given (v7's TMA bounds need it)
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 0.f;  // softmax scale, normally 1/sqrt(head_dim)
   PrefillKernel kernel = PrefillKernel::Auto;

@@ -16,7 +16,10 @@
 // registers; v5 and v6 overlap them with the softmax (V4Config below says which variant does what).
 // Numerics: fp32 scores and accumulation, exp2 (SFU, ftz) with the folded scale, bf16 P — v3's arithmetic per
 // element; the tensor cores' summation order differs, so outputs match v2 within bf16 rounding, not bit for bit.
+#include <cuda.h>  // CUtensorMap (v7's TMA descriptors; the driver symbol is fetched at run time, no libcuda link)
+
 #include "kernels/attention_prefill/attention_prefill_v2.cuh"
+#include "kernels/common/tma.cuh"
 #include "kernels/common/wgmma.cuh"
 
 namespace oscar::kern::detail {
@@ -34,17 +37,33 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //   v6: v5's overlap with 128-key tiles: the per-tile costs (the O rescale, 64 multiplies per thread; the row-max
 //       shuffles; the barrier and the waits) are paid once per 128 keys instead of per 64. The S accumulator
 //       doubles to 64 registers, so Q goes back to shared memory (Q in registers as well would not fit 255).
+//   v7: v6 with its K/V tiles loaded by TMA (cp.async.bulk.tensor, 128B swizzle: the layout the wgmmas read),
+//       issued by thread 0 on full/empty mbarriers. The other threads' instruction stream loses the per-tile
+//       cp.async address arithmetic (16 copies per thread per tile), and the block-wide barrier per tile becomes
+//       thread 0's wait for the stage it refills. No separate producer warp: a ninth warp would put 3 warps on one
+//       of the SM's four register files and cap every thread at 168 registers (v6 needs 188) unless setmaxnreg
+//       moved registers between warpgroups.
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 6, "prefill wgmma family: v4, v5, v6");
+  static_assert(kVersion >= 4 && kVersion <= 7, "prefill wgmma family: v4 .. v7");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
+  static constexpr bool kTma = kVersion == 7;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
-  static constexpr int kBlockN = kVersion == 6 ? 128 : 64;
+  static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
+  static constexpr int kThreads = kV4Threads;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
   static constexpr uint32_t kKvBytes = 2 * kKvRegion;
-  static constexpr uint32_t kSmemBytes = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes + 1024;
+  static constexpr uint32_t kBarrierOffset = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes;
+  // + full[kStages] and empty[kStages] mbarriers (v7), + the slack that aligns the start to 1024 bytes.
+  static constexpr uint32_t kSmemBytes = kBarrierOffset + (kTma ? 2 * kStages * 8 : 0) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "over the 227 KB a Hopper block may opt in to");
+};
+
+// v7's TMA descriptors of K and V: 2-D [T rows][kv heads × 128 columns] bf16, box 64 columns × kBlockN rows, 128B
+// swizzle. Unused (zero) for v4-v6.
+struct PrefillTmaMaps {
+  CUtensorMap k, v;
 };
 
 // exp2 on the SFU without exp2f's range handling: the arguments are <= 0 (scores minus the running max), and a
@@ -69,8 +88,9 @@ __device__ __forceinline__ uint32_t v4_chunk_offset(uint32_t region_bytes, int r
 // rescale of O by the new max waits for P_j·V_j. The third stage is what lets tile j+2's load start while tile j's V
 // is still being read (with two stages the load could only start once P_j·V_j is done, leaving it no time).
 template <int kVersion>
-__global__ void __launch_bounds__(kV4Threads, 1)
-    attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles) {
+__global__ void __launch_bounds__(V4Config<kVersion>::kThreads, 1)
+    attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles,
+                                const __grid_constant__ PrefillTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = V4Config<kVersion>;
   constexpr int kStages = Cfg::kStages, kBlockN = Cfg::kBlockN;
@@ -95,9 +115,36 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int wg = tid >> 7;                 // warpgroup: rows 64wg..64wg+63
   const int warp = (tid >> 5) & 3;         // warp in the warpgroup: rows +16warp..+16warp+15
   const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int kv_end = min(q0 + tokens, seqlen);  // causal: no key after the block's last query
+  const int num_kv_tiles = (kv_end + kBlockN - 1) / kBlockN;
+
+  // v7: stage s is full[s] (thread 0's expect_tx, completed by the TMA bytes) and empty[s] (every thread arrives
+  // once it is done reading the stage). Use n of a stage completes phase n: a waiter asks for parity n & 1.
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + kStages;
+  if constexpr (Cfg::kTma) {
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        tma::mbarrier_init(full_bar + s, 1);
+        tma::mbarrier_init(empty_bar + s, kV4Threads);
+      }
+      tma::fence_mbarrier_init();
+    }
+    __syncthreads();
+  }
+  // Thread 0: tile j's K and V (two 64-column boxes each) into stage j % kStages.
+  auto tma_tile = [&](int j) {
+    const int s = j % kStages;
+    const int col = kv_head * kV4HeadDim, row = static_cast<int>(seq_begin) + j * kBlockN;
+    tma::mbarrier_arrive_expect_tx(full_bar + s, 2 * kKvBytes);
+    tma::load_2d(sK(s), &maps.k, col, row, full_bar + s);
+    tma::load_2d(sK(s) + kKvRegion, &maps.k, col + 64, row, full_bar + s);
+    tma::load_2d(sV(s), &maps.v, col, row, full_bar + s);
+    tma::load_2d(sV(s) + kKvRegion, &maps.v, col + 64, row, full_bar + s);
+  };
 
   // Q (v4): 128 rows × 16 chunks into shared memory, zero-filled past the sequence.
-  for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {
+  for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {  // consumer threads
     const int r = idx >> 4, ch = idx & 15;
     const int tok = q0 + r % tokens, head = head0 + r / tokens;
     const bool valid = tok < seqlen;
@@ -120,10 +167,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     load_kv(sK(j % kStages), a.k, a.k_row_stride, j * kBlockN);
     load_kv(sV(j % kStages), a.v, a.v_row_stride, j * kBlockN);
   };
-  const int kv_end = min(q0 + tokens, seqlen);  // causal: no key after the block's last query
-  const int num_kv_tiles = (kv_end + kBlockN - 1) / kBlockN;
-  load_tile(0);
-  cp_async_commit();  // group: Q + tile 0
+  if constexpr (!Cfg::kTma) load_tile(0);
+  cp_async_commit();  // group: Q + tile 0 (v7: Q alone)
 
   // This warp's 16 rows: block rows 64wg + 16warp + [0, 16), one head (tokens is a multiple of 16).
   const int row0 = 64 * wg + 16 * warp;
@@ -254,11 +299,23 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
   } else {
     // Prologue: tiles 0 and 1 in flight, S_0 and its softmax (O is zero: no rescale needed).
-    if (num_kv_tiles > 1) load_tile(1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    detail::fence_proxy_async_shared();
-    __syncthreads();
+    if constexpr (Cfg::kTma) {
+      if (tid == 0) {
+        tma_tile(0);
+        if (num_kv_tiles > 1) tma_tile(1);
+      }
+      cp_async_wait<0>();                  // Q
+      detail::fence_proxy_async_shared();  // ... for the wgmma reads
+      __syncthreads();
+      tma::mbarrier_wait(full_bar, 0);     // tile 0
+      __syncwarp();                        // converged again before the warpgroup-wide wgmmas
+    } else {
+      if (num_kv_tiles > 1) load_tile(1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      detail::fence_proxy_async_shared();
+      __syncthreads();
+    }
     issue_s(s, 0);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(s);
@@ -267,13 +324,24 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     // nothing reads their accumulators in between, so the last tile is peeled off the loop.
     uint32_t p_cur[kPSteps][4];
     for (int j = 0; j + 1 < num_kv_tiles; ++j) {
-      // Tile j+1 has landed (every thread's copies), and every warpgroup is done with tile j-1, whose stage
-      // (j+2) % 3 the load of tile j+2 now overwrites.
-      cp_async_wait<0>();
-      detail::fence_proxy_async_shared();
-      __syncthreads();
-      if (j + 2 < num_kv_tiles) load_tile(j + 2);
-      cp_async_commit();
+      if constexpr (Cfg::kTma) {
+        // Tile j+2 goes into the stage of tile j-1, once every thread has arrived on its empty barrier (end of
+        // iteration j-1; use (j-1)/3 of that stage). Only warp 0 waits for it, and only at its own pace.
+        if (tid == 0 && j + 2 < num_kv_tiles) {
+          if (j >= 1) tma::mbarrier_wait(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
+          tma_tile(j + 2);
+        }
+        tma::mbarrier_wait(full_bar + (j + 1) % kStages, ((j + 1) / kStages) & 1);
+        __syncwarp();
+      } else {
+        // Tile j+1 has landed (every thread's copies), and every warpgroup is done with tile j-1, whose stage
+        // (j+2) % 3 the load of tile j+2 now overwrites.
+        cp_async_wait<0>();
+        detail::fence_proxy_async_shared();
+        __syncthreads();
+        if (j + 2 < num_kv_tiles) load_tile(j + 2);
+        cp_async_commit();
+      }
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
@@ -287,6 +355,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       detail::wgmma_fence_operands(o);
       // p_cur is read by the P·V wgmma until the wait: keep its registers from being reused before it.
       detail::wgmma_fence_operands(p_cur);
+      if constexpr (Cfg::kTma) tma::mbarrier_arrive(empty_bar + j % kStages);  // tile j's K and V are read
       rescale_o(correction);
     }
     // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).

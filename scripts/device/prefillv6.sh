@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# prefillv6 (issue #4): the wgmma prefill family v4-v6 (attention_prefill_v4.cuh; v6 = 128-key tiles), Auto's
+# prefillv6 (issue #4): the wgmma prefill family v4-v7 (attention_prefill_v4.cuh; v6 = 128-key tiles, v7 = TMA), Auto's
 # pick, and the residual add in the GEMM epilogue, on an H100/H200 from a pack built with CMAKE_CUDA_ARCHITECTURES
-# 90a. Argument: a comma list of parts, default "tests,bench"; "ncu" adds Nsight Compute of v5 and v6, "hf" the
-# transformers comparison. Expected GPU time: tests ~1.5 min, bench ~2.5 min, ncu ~1 min, hf ~3 min.
-#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v6 and auto vs the double reference, NMSE printed per kernel),
+# 90a. Argument: a comma list of parts, default "tests,bench"; "ncu" adds Nsight Compute of v6 and v7, "hf" the
+# transformers comparison. Expected GPU time: tests ~1.5 min, bench ~3 min, ncu ~1 min, hf ~3 min.
+#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v7 and auto vs the double reference, NMSE printed per kernel),
 #          FwdGpuModel* (incl. ResidualAddInTheGemmEqualsTheNormsAdd, AutoAttentionKernelTracksV2), LtGemmGpu.*
-#   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6 --profile; llama3-8b 8 x 2048 with auto,
+#   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6,v7 --profile; llama3-8b 8 x 2048 with auto,
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
@@ -21,7 +21,7 @@ if [[ $parts == *,bench,* ]]; then
   for shape in "1 32768" "8 2048"; do
     set -- $shape
     timeout 200 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch "$1" --seq "$2" --warmup 1 \
-      --iters 3 --attn-kernel v2,v5,v6 --profile 2>&1 | tee "$OUT/prefillv6_bench_qwen3_${1}x${2}.log" |
+      --iters 3 --attn-kernel v2,v5,v6,v7 --profile 2>&1 | tee "$OUT/prefillv6_bench_qwen3_${1}x${2}.log" |
       grep -E "^attn|attention " | head -20 || status=1
   done
   timeout 200 "$BIN/bin/forward_bench" --config bench/configs/llama3-8b.json --batch 8 --seq 2048 --warmup 2 \
@@ -31,7 +31,7 @@ fi
 if [[ $parts == *,ncu,* ]]; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   SECT="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats"
-  for k in v5 v6; do
+  for k in v6 v7; do
     timeout 120 "$NCU" $SECT -k regex:attention_prefill_v4_kernel -c 1 --launch-skip 4 "$BIN/bin/forward_bench" \
       --config bench/configs/qwen3-8b.json --batch 1 --seq 8192 --warmup 0 --iters 1 --attn-kernel $k \
       > "$OUT/prefillv6_ncu_$k.txt" 2>&1 || status=1

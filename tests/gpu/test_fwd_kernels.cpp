@@ -276,6 +276,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   a.cu_seqlens = d_cu.as<int32_t>();
   a.num_seqs = static_cast<int32_t>(c.lengths.size());
   a.max_seqlen = *std::max_element(c.lengths.begin(), c.lengths.end());
+  a.total_tokens = T;
   a.num_heads = c.hq;
   a.num_kv_heads = c.hkv;
   a.head_dim = c.d;
@@ -299,12 +300,12 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   std::vector<uint16_t> v2_bits;
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
     a.kernel = kernel;
-    // v4-v6 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
+    // v4-v7 (wgmma) exist for head_dim 128 in sm_90a builds on sm_90 devices; elsewhere they must say Unsupported.
     const bool wgmma = prefill_kernel_uses_wgmma(kernel);
     if (wgmma && attention_prefill_can_implement(a) == Status::Unsupported) continue;
     if (wgmma) {
@@ -369,13 +370,14 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.cu_seqlens = d_cu.as<int32_t>();
   a.num_seqs = 1;
   a.max_seqlen = T;
+  a.total_tokens = T;
   a.num_heads = hq;
   a.num_kv_heads = hkv;
   a.head_dim = d;
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -433,6 +435,26 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.head_dim = 64;
   a.kernel = static_cast<PrefillKernel>(17);  // no such kernel
   EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument);
+
+  // v7's TMA descriptors span total_tokens rows: it must be given and cover the longest sequence. (Fake aligned
+  // device pointers: can_implement never dereferences them.)
+  a.head_dim = 128;
+  a.q_row_stride = a.out_row_stride = 4 * 128;
+  a.k_row_stride = a.v_row_stride = 2 * 128;
+  a.max_seqlen = 300;
+  static const int32_t cu_stub[2] = {0, 300};
+  a.q = a.k = a.v = reinterpret_cast<const uint16_t*>(uintptr_t{0x10000});
+  a.out = reinterpret_cast<uint16_t*>(uintptr_t{0x20000});
+  a.cu_seqlens = cu_stub;
+  a.kernel = PrefillKernel::V7;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument) << "total_tokens not given";
+  a.total_tokens = 299;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument) << "fewer rows than max_seqlen";
+  a.total_tokens = 300;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok);
+  a.kernel = PrefillKernel::V6;
+  a.total_tokens = 0;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only v7 needs it";
 }
 
 }  // namespace

@@ -1,0 +1,75 @@
+#pragma once
+// Hopper TMA (cp.async.bulk.tensor) and mbarrier building blocks, sm_90 (`__CUDA_ARCH__ >= 900`): what a kernel
+// with a producer warp needs to stream tiles into shared memory and hand them to consumer warps.
+//
+// Protocol (one stage of a ring): the producer arms full[s] with the bytes it expects (arrive.expect_tx, count 1)
+// and issues the tensor copies, which complete the transaction on full[s]; consumers wait on full[s]'s parity,
+// read the stage, and arrive on empty[s] (count = consumer threads); the producer waits on empty[s] before it
+// refills the stage. Use n of a barrier completes its phase n, so a waiter asks for parity n & 1.
+// The descriptor (CUtensorMap) is made on the host with cuTensorMapEncodeTiled and passed as a __grid_constant__
+// kernel parameter; its address is what the copy instruction takes.
+#include <cstdint>
+
+namespace oscar::kern::detail::tma {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+
+// Makes the initialized barriers visible to the async proxy (the TMA unit) and to the other threads, before the
+// block-wide barrier that follows it.
+__device__ __forceinline__ void fence_mbarrier_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+
+// Spins until the phase of the given parity has completed. A C++ loop around try_wait rather than labels in the
+// asm: an inlined asm block may appear many times in one function, and PTX labels must be unique.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t addr = smem_addr(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+// One box of a 2-D tensor map at coordinates (c0 = innermost, c1) into shared memory `dst` (aligned as the
+// descriptor's swizzle requires: 1024 bytes for 128B), completing `bytes of the box` on `bar`. Rows outside the
+// tensor are zero-filled by the hardware.
+__device__ __forceinline__ void load_2d(void* dst, const void* tensor_map, int32_t c0, int32_t c1, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+
+}  // namespace oscar::kern::detail::tma
