@@ -54,3 +54,13 @@ for n in base-kv base-off; do
       --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-$n-16 > $D/$name-$n-16.log 2>&1
   done
 done
+# The CLI default (--method spectral, candidates spectral,hadamard, error feedback kv) on the base mix, same evals
+# at 16 sequences: is the default the best variant?
+CALD="--model $M --data $T/war-and-peace.txt $T/tiny-shakespeare.txt $T/code-llamacpp-mit.txt $T/wikitext-2-raw-test.txt --num-seqs 24 --seq-len 1024 --heldout-seqs 8 --device cpu"
+/usr/bin/time -f "calib default %e s" $O calibrate $CALD --out $W/base-default.oscar --json > $W/calib-base-default.json 2> $W/calib-base-default.log
+for src in fulldocs:$T/python-docs-heldout.txt docs:$W/eval-docs moby:$T/moby-dick.txt tiny:$T/tinystories-sample.txt; do
+  name=${src%%:*}; path=${src#*:}
+  [ $name = fulldocs ] && path="$T/python-docs-heldout.txt $T/linux-docs-heldout.txt"
+  $O eval --model $M --bundle $W/base-default.oscar --data $path --modes bf16,oscar --context 1024 --num-seqs 16 \
+    --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-base-default-16 > $D/$name-base-default-16.log 2>&1
+done
