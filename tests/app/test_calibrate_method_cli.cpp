@@ -1,4 +1,4 @@
-// `oscar calibrate --method spectral|published` and `--rotation` on the CPU, on the real TinyStories llama2.c 280k
+// `oscar calibrate --method feedback|spectral|published` and `--rotation` on the CPU, on the real TinyStories llama2.c 280k
 // checkpoint (head_dim 8, so the spectral budget must be raised: its scale/zero metadata alone is 4 bits/element).
 // Flags must be recorded in the bundle, repeat runs must give the same bytes, and bad values must be one clear
 // error line naming the flag.
@@ -36,7 +36,7 @@ class CalibrateMethodCli : public TinyStoriesCalibrateCli {
 };
 
 TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterministic) {
-  const std::vector<std::string> spectral = {"--budget-bits", "6", "--widths", "0,2,3,4", "--k-weight-grid", "1,4"};
+  const std::vector<std::string> spectral = {"--method", "spectral", "--budget-bits", "6", "--widths", "0,2,3,4", "--k-weight-grid", "1,4"};
   const RunResult a = run_oscar(args(dir_ / "a.oscar", spectral));
   ASSERT_EQ(a.exit_code, 0) << a.err;
   const RunResult b = run_oscar(args(dir_ / "b.oscar", spectral));
@@ -84,14 +84,14 @@ TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterminist
 
 TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
   // --candidates spectral: no per-layer choice, nothing new in the provenance (the bundle of before this flag).
-  const RunResult s = run_oscar(args(dir_ / "s.oscar", {"--budget-bits", "6", "--candidates", "spectral"}));
+  const RunResult s = run_oscar(args(dir_ / "s.oscar", {"--method", "spectral", "--budget-bits", "6", "--candidates", "spectral"}));
   ASSERT_EQ(s.exit_code, 0) << s.err;
   const fmt::Bundle sb = fmt::read_bundle(dir_ / "s.oscar");
   for (const char* key : {"candidates", "whole_head_tolerance", "layer_choice", "layer_proxy"})
     EXPECT_EQ(option(sb, key), "(absent)") << key;
   EXPECT_EQ(s.out.find("Per-layer candidates"), std::string::npos);
 
-  const RunResult j = run_oscar(args(dir_ / "j.oscar", {"--budget-bits", "6", "--whole-head-tolerance", "0.5",
+  const RunResult j = run_oscar(args(dir_ / "j.oscar", {"--method", "spectral", "--budget-bits", "6", "--whole-head-tolerance", "0.5",
                                                          "--candidates", "published,spectral", "--json"}));
   ASSERT_EQ(j.exit_code, 0) << j.err;
   const nlohmann::json js = nlohmann::json::parse(j.out);
@@ -113,7 +113,7 @@ TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
 // --candidate-metric kl: recorded (the metric and each candidate's KL per layer) in the bundle, --json and inspect;
 // the default metric records nothing new.
 TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
-  const RunResult r = run_oscar(args(dir_ / "kl.oscar", {"--budget-bits", "6", "--candidate-metric", "kl",
+  const RunResult r = run_oscar(args(dir_ / "kl.oscar", {"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl",
                                                           "--kl-tokens", "48", "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json js = nlohmann::json::parse(r.out);
@@ -132,7 +132,7 @@ TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
   EXPECT_NE(i.out.find("per-layer candidates chosen by: kl"), std::string::npos) << i.out;
   EXPECT_NE(i.out.find("selection KL: spectral "), std::string::npos) << i.out;
 
-  const RunResult t = run_oscar(args(dir_ / "t.oscar", {"--budget-bits", "6"}));
+  const RunResult t = run_oscar(args(dir_ / "t.oscar", {"--method", "spectral", "--budget-bits", "6"}));
   ASSERT_EQ(t.exit_code, 0) << t.err;
   const RunResult ti = run_oscar({"inspect", (dir_ / "t.oscar").string()});
   ASSERT_EQ(ti.exit_code, 0) << ti.err;
@@ -141,7 +141,7 @@ TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
 }
 
 TEST_F(CalibrateMethodCli, FixedKWeightAndJson) {
-  const RunResult r = run_oscar(args(dir_ / "f.oscar", {"--budget-bits", "6", "--k-weight", "2", "--json"}));
+  const RunResult r = run_oscar(args(dir_ / "f.oscar", {"--method", "spectral", "--budget-bits", "6", "--k-weight", "2", "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j.at("method"), "spectral");
@@ -182,6 +182,32 @@ TEST_F(CalibrateMethodCli, PublishedRotationsAreStoredAndRecorded) {
   }
 }
 
+// The default method is feedback: published's bundle structure with a Hadamard rotation and error-feedback tables
+// on every whole-head tensor, recorded as such; --rotation still applies.
+TEST_F(CalibrateMethodCli, FeedbackIsTheDefaultHadamardWithTables) {
+  const RunResult r = run_oscar(args(dir_ / "fb.oscar", {"--json"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("method"), "feedback");
+  EXPECT_EQ(j.at("rotation_composition"), "hadamard");
+  EXPECT_EQ(j.at("error_feedback"), "kv");
+  const fmt::Bundle b = fmt::read_bundle(dir_ / "fb.oscar");
+  EXPECT_EQ(b.rotation_composition, "hadamard");
+  EXPECT_EQ(option(b, "rotation"), "hadamard");
+  EXPECT_EQ(option(b, "error_feedback"), "kv");
+  const int64_t d = b.quant.head_dim;
+  const std::vector<double> h = calib::hadamard(d);
+  for (int64_t i = 0; i < d * d; ++i) EXPECT_FLOAT_EQ(b.layers[0].k_rotation[i], static_cast<float>(h[i])) << i;
+  // The same bytes as the spelled-out flags.
+  const RunResult p = run_oscar(args(dir_ / "pub.oscar", {"--method", "published", "--rotation", "hadamard"}));
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  EXPECT_EQ(slurp(dir_ / "fb.oscar"), slurp(dir_ / "pub.oscar"));
+  // --rotation overrides feedback's Hadamard.
+  const RunResult o = run_oscar(args(dir_ / "fo.oscar", {"--method", "feedback", "--rotation", "oscar"}));
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  EXPECT_EQ(fmt::read_bundle(dir_ / "fo.oscar").rotation_composition, "eigen*hadamard*bitrev");
+}
+
 TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
   struct Case {
     std::vector<std::string> extra;
@@ -190,25 +216,27 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
   const std::vector<Case> cases = {
       {{"--method", "magic"}, "--method"},
       {{"--method", "published", "--rotation", "random"}, "--rotation"},
-      {{"--rotation", "hadamard"}, "--rotation"},                           // spectral has no --rotation
+      {{"--method", "spectral", "--rotation", "hadamard"}, "--rotation"},  // spectral has no --rotation
       {{"--method", "published", "--budget-bits", "3"}, "--budget-bits"},  // spectral-only flag
-      {{}, "--budget-bits"},                                                // default 2.28 cannot fit head_dim 8
-      {{"--budget-bits", "6", "--k-weight", "-1"}, "--k-weight"},
-      {{"--budget-bits", "6", "--k-weight", "heavy"}, "--k-weight"},
-      {{"--budget-bits", "6", "--widths", "0,9"}, "--widths"},
-      {{"--budget-bits", "6", "--widths", "0"}, "--widths"},
-      {{"--budget-bits", "6", "--k-weight-grid", "1,0"}, "--k-weight-grid"},
-      {{"--budget-bits", "nan"}, "--budget-bits"},
-      {{"--budget-bits", "6", "--heldout-seqs", "1"}, "--heldout-seqs"},
-      {{"--budget-bits", "6", "--per-head"}, "--per-head"},
-      {{"--budget-bits", "6", "--candidates", "published,hadamard"}, "--candidates"},
-      {{"--budget-bits", "6", "--candidates", "spectral,magic"}, "--candidates"},
-      {{"--budget-bits", "6", "--whole-head-tolerance", "-1"}, "--whole-head-tolerance"},
+      {{"--method", "spectral"}, "--budget-bits"},  // spectral's default 2.28 cannot fit head_dim 8
+      {{"--budget-bits", "6"}, "--budget-bits"},     // a spectral flag with the default method (feedback)
+      {{"--error-feedback", "off"}, "--error-feedback"},  // feedback without its tables
+      {{"--method", "spectral", "--budget-bits", "6", "--k-weight", "-1"}, "--k-weight"},
+      {{"--method", "spectral", "--budget-bits", "6", "--k-weight", "heavy"}, "--k-weight"},
+      {{"--method", "spectral", "--budget-bits", "6", "--widths", "0,9"}, "--widths"},
+      {{"--method", "spectral", "--budget-bits", "6", "--widths", "0"}, "--widths"},
+      {{"--method", "spectral", "--budget-bits", "6", "--k-weight-grid", "1,0"}, "--k-weight-grid"},
+      {{"--method", "spectral", "--budget-bits", "nan"}, "--budget-bits"},
+      {{"--method", "spectral", "--budget-bits", "6", "--heldout-seqs", "1"}, "--heldout-seqs"},
+      {{"--method", "spectral", "--budget-bits", "6", "--per-head"}, "--per-head"},
+      {{"--method", "spectral", "--budget-bits", "6", "--candidates", "published,hadamard"}, "--candidates"},
+      {{"--method", "spectral", "--budget-bits", "6", "--candidates", "spectral,magic"}, "--candidates"},
+      {{"--method", "spectral", "--budget-bits", "6", "--whole-head-tolerance", "-1"}, "--whole-head-tolerance"},
       {{"--method", "published", "--candidates", "spectral"}, "--candidates"},
-      {{"--budget-bits", "6", "--candidate-metric", "ppl"}, "--candidate-metric"},
-      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-seqs", "-1"}, "--kl-seqs"},
-      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "-5"}, "--kl-tokens"},
-      {{"--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},  // none beyond 16+16
+      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "ppl"}, "--candidate-metric"},
+      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-seqs", "-1"}, "--kl-seqs"},
+      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "-5"}, "--kl-tokens"},
+      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},  // none beyond 16+16
       {{"--method", "published", "--candidate-metric", "kl"}, "--candidate-metric"},
   };
   for (const Case& c : cases) {
