@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(V4Config<kVersion>::kThreads, 1)
   };
 
   // Q (v4): 128 rows × 16 chunks into shared memory, zero-filled past the sequence.
-  for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {  // consumer threads
+  for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {
     const int r = idx >> 4, ch = idx & 15;
     const int tok = q0 + r % tokens, head = head0 + r / tokens;
     const bool valid = tok < seqlen;

@@ -1,6 +1,6 @@
 #pragma once
 // Hopper TMA (cp.async.bulk.tensor) and mbarrier building blocks, sm_90 (`__CUDA_ARCH__ >= 900`): what a kernel
-// with a producer warp needs to stream tiles into shared memory and hand them to consumer warps.
+// with a producer (a thread or a warp) needs to stream tiles into shared memory and hand them to its consumers.
 //
 // Protocol (one stage of a ring): the producer arms full[s] with the bytes it expects (arrive.expect_tx, count 1)
 // and issues the tensor copies, which complete the transaction on full[s]; consumers wait on full[s]'s parity,
