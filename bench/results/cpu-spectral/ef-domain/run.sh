@@ -64,3 +64,12 @@ for src in fulldocs:$T/python-docs-heldout.txt docs:$W/eval-docs moby:$T/moby-di
   $O eval --model $M --bundle $W/base-default.oscar --data $path --modes bf16,oscar --context 1024 --num-seqs 16 \
     --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-base-default-16 > $D/$name-base-default-16.log 2>&1
 done
+# Context 4096, 4 sequences, the base bundles (EF kv = feedback's bytes, and off = the Hadamard RTN yardstick).
+for n in base-kv base-off; do
+  for src in fulldocs:x moby:$T/moby-dick.txt; do
+    name=${src%%:*}; path=${src#*:}
+    [ $name = fulldocs ] && path="$T/python-docs-heldout.txt $T/linux-docs-heldout.txt"
+    $O eval --model $M --bundle $W/$n.oscar --data $path --modes bf16,oscar --context 4096 --num-seqs 4 \
+      --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-$n-4k > $D/$name-$n-4k.log 2>&1
+  done
+done
