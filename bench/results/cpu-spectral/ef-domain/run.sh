@@ -73,3 +73,15 @@ for n in base-kv base-off; do
       --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-$n-4k > $D/$name-$n-4k.log 2>&1
   done
 done
+# Tables fitted at the long context: 6 x 4096 calibration tokens (the same count as 24 x 1024), evaluated at 4096 and
+# at 1024.
+CAL4="--model $M --data $T/war-and-peace.txt $T/tiny-shakespeare.txt $T/code-llamacpp-mit.txt $T/wikitext-2-raw-test.txt --num-seqs 6 --seq-len 4096 --heldout-seqs 2 --device cpu --method published --rotation hadamard --error-feedback kv --ef-damp 0.1"
+$O calibrate $CAL4 --out $W/cal4k-kv.oscar --json > $W/calib-cal4k-kv.json 2> $W/calib-cal4k-kv.log
+for src in fulldocs:x moby:$T/moby-dick.txt; do
+  name=${src%%:*}; path=${src#*:}
+  [ $name = fulldocs ] && path="$T/python-docs-heldout.txt $T/linux-docs-heldout.txt"
+  $O eval --model $M --bundle $W/cal4k-kv.oscar --data $path --modes bf16,oscar --context 4096 --num-seqs 4 \
+    --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-cal4k-kv-4k > $D/$name-cal4k-kv-4k.log 2>&1
+  $O eval --model $M --bundle $W/cal4k-kv.oscar --data $path --modes bf16,oscar --context 1024 --num-seqs 16 \
+    --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92 --out $W/$name-cal4k-kv-16 > $D/$name-cal4k-kv-16.log 2>&1
+done
