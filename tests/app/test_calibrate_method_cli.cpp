@@ -1,5 +1,6 @@
-// `oscar calibrate --method feedback|spectral|published` and `--rotation` on the CPU, on the real TinyStories llama2.c 280k
-// checkpoint (head_dim 8, so the spectral budget must be raised: its scale/zero metadata alone is 4 bits/element).
+// `oscar calibrate --method feedback|spectral|published` and `--rotation` on the CPU, on the real TinyStories
+// llama2.c 280k checkpoint (head_dim 8, so the spectral budget must be raised: its scale/zero metadata alone is 4
+// bits/element).
 // Flags must be recorded in the bundle, repeat runs must give the same bytes, and bad values must be one clear
 // error line naming the flag.
 #include <gtest/gtest.h>
@@ -36,7 +37,8 @@ class CalibrateMethodCli : public TinyStoriesCalibrateCli {
 };
 
 TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterministic) {
-  const std::vector<std::string> spectral = {"--method", "spectral", "--budget-bits", "6", "--widths", "0,2,3,4", "--k-weight-grid", "1,4"};
+  const std::vector<std::string> spectral = {"--method", "spectral", "--budget-bits", "6",
+                                             "--widths", "0,2,3,4", "--k-weight-grid", "1,4"};
   const RunResult a = run_oscar(args(dir_ / "a.oscar", spectral));
   ASSERT_EQ(a.exit_code, 0) << a.err;
   const RunResult b = run_oscar(args(dir_ / "b.oscar", spectral));
@@ -84,14 +86,16 @@ TEST_F(CalibrateMethodCli, SpectralIsRecordedValidWithinBudgetAndByteDeterminist
 
 TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
   // --candidates spectral: no per-layer choice, nothing new in the provenance (the bundle of before this flag).
-  const RunResult s = run_oscar(args(dir_ / "s.oscar", {"--method", "spectral", "--budget-bits", "6", "--candidates", "spectral"}));
+  const RunResult s =
+      run_oscar(args(dir_ / "s.oscar", {"--method", "spectral", "--budget-bits", "6", "--candidates", "spectral"}));
   ASSERT_EQ(s.exit_code, 0) << s.err;
   const fmt::Bundle sb = fmt::read_bundle(dir_ / "s.oscar");
   for (const char* key : {"candidates", "whole_head_tolerance", "layer_choice", "layer_proxy"})
     EXPECT_EQ(option(sb, key), "(absent)") << key;
   EXPECT_EQ(s.out.find("Per-layer candidates"), std::string::npos);
 
-  const RunResult j = run_oscar(args(dir_ / "j.oscar", {"--method", "spectral", "--budget-bits", "6", "--whole-head-tolerance", "0.5",
+  const RunResult j = run_oscar(args(dir_ / "j.oscar", {"--method", "spectral", "--budget-bits", "6",
+                                                         "--whole-head-tolerance", "0.5",
                                                          "--candidates", "published,spectral", "--json"}));
   ASSERT_EQ(j.exit_code, 0) << j.err;
   const nlohmann::json js = nlohmann::json::parse(j.out);
@@ -113,7 +117,8 @@ TEST_F(CalibrateMethodCli, CandidatesFlagJsonAndInspect) {
 // --candidate-metric kl: recorded (the metric and each candidate's KL per layer) in the bundle, --json and inspect;
 // the default metric records nothing new.
 TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
-  const RunResult r = run_oscar(args(dir_ / "kl.oscar", {"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl",
+  const RunResult r = run_oscar(args(dir_ / "kl.oscar", {"--method", "spectral", "--budget-bits", "6",
+                                                          "--candidate-metric", "kl",
                                                           "--kl-tokens", "48", "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json js = nlohmann::json::parse(r.out);
@@ -141,7 +146,8 @@ TEST_F(CalibrateMethodCli, CandidateMetricKlIsRecordedAndInspected) {
 }
 
 TEST_F(CalibrateMethodCli, FixedKWeightAndJson) {
-  const RunResult r = run_oscar(args(dir_ / "f.oscar", {"--method", "spectral", "--budget-bits", "6", "--k-weight", "2", "--json"}));
+  const RunResult r = run_oscar(
+      args(dir_ / "f.oscar", {"--method", "spectral", "--budget-bits", "6", "--k-weight", "2", "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j.at("method"), "spectral");
@@ -236,7 +242,8 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
       {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "ppl"}, "--candidate-metric"},
       {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-seqs", "-1"}, "--kl-seqs"},
       {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "-5"}, "--kl-tokens"},
-      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},  // none beyond 16+16
+      // none beyond 16+16
+      {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},
       {{"--method", "published", "--candidate-metric", "kl"}, "--candidate-metric"},
   };
   for (const Case& c : cases) {
