@@ -60,8 +60,12 @@ else
   mkdir -p build/quickstart
   # The bundle carries error-feedback rounding tables (`--error-feedback kv`, calibrate's default; issue #10), which
   # the CPU simulation and the GPU engine's writer both apply.
+  # The tables fit the positions of the calibration sequences, so they are calibrated at the context eval reads
+  # below (docs/cli.md, --seq-len): 1024 on the CPU (12 x 1024 tokens), 2048 on a GPU (the middle of its three).
+  CALIB_SIZE=(--num-seqs 12 --seq-len 1024)
+  [ "$CALIB_DEVICE" = cuda ] && CALIB_SIZE=(--num-seqs 32 --seq-len 2048)
   step "calibrate ($CALIB_DEVICE)" "$OSCAR" calibrate --model "$MODEL" --data "${CALIB_DATA[@]}" \
-    --out build/quickstart/qwen3-tiny.oscar --num-seqs 24 --seq-len 512 --heldout-seqs 4 --device "$CALIB_DEVICE"
+    --out build/quickstart/qwen3-tiny.oscar "${CALIB_SIZE[@]}" --heldout-seqs 4 --device "$CALIB_DEVICE"
 fi
 
 # Eval: the accuracy gap against BF16 on held-out text the model never trained on (see the fixtures' PROVENANCE.md),
