@@ -120,9 +120,11 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   if (!device_runs_wgmma()) return Status::Unsupported;
   detail::PrefillTmaMaps maps{};
   if constexpr (Cfg::kTma) {
+    if (!encode_tiled()) return Status::Unsupported;  // the driver has no cuTensorMapEncodeTiled
+    // can_implement admitted the layout, so a refused descriptor is a bug here, not a missing feature: say so.
     if (!encode_kv_map(&maps.k, a.k, a, a.k_row_stride, Cfg::kBlockN) ||
         !encode_kv_map(&maps.v, a.v, a, a.v_row_stride, Cfg::kBlockN))
-      return Status::Unsupported;  // no cuTensorMapEncodeTiled in this driver, or a layout it refuses
+      return Status::InvalidArgument;
   }
   constexpr uint32_t kBytes = Cfg::kSmemBytes;
   if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kVersion>, cudaFuncAttributeMaxDynamicSharedMemorySize,
