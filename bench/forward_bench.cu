@@ -175,15 +175,10 @@ int run(int argc, char** argv) {
     opt.residual_in_gemm = residual_add == "gemm";
     const std::string label = kname + (selection == "timed" ? " (timed GEMMs)" : "") +
                               (residual_adds.size() > 1 ? ", residual add in " + residual_add : "");
-    opt.attention_kernel = kname == "v1"      ? kern::PrefillKernel::V1
-                           : kname == "v2"    ? kern::PrefillKernel::V2
-                           : kname == "v2k32" ? kern::PrefillKernel::V2Keys32
-                           : kname == "v4"    ? kern::PrefillKernel::V4
-                           : kname == "v5"    ? kern::PrefillKernel::V5
-                           : kname == "v6"    ? kern::PrefillKernel::V6
-                           : kname == "v7"    ? kern::PrefillKernel::V7
-                           : kname == "auto"  ? kern::PrefillKernel::Auto
-                                              : kern::PrefillKernel::V3;
+    // The CLI check admits only names prefill_kernel_name gives, so one of the enumerators matches.
+    for (int k = 0; k <= static_cast<int>(kern::PrefillKernel::V7); ++k)
+      if (kname == kern::prefill_kernel_name(static_cast<kern::PrefillKernel>(k)))
+        opt.attention_kernel = static_cast<kern::PrefillKernel>(k);
     opt.profiler = nullptr;
     for (int i = 0; i < warmup; ++i) model->forward(packed, opt);
     rt::check_cuda(cudaStreamSynchronize(stream), "warmup");

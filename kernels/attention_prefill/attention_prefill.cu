@@ -16,7 +16,7 @@ namespace {
 // passed the whole GPU suite as the default (docs/results.md, "Prefill"). v6 is faster still (same H100 process:
 // Qwen3-8B 1 x 32K attention 873 vs 965 ms) and passes the kernel tests; it becomes Auto once the suite has run
 // with it.
-constexpr int kAutoWgmmaVersion = 5;
+constexpr PrefillKernel kAutoWgmma = PrefillKernel::V5;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -134,8 +134,8 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   const int tokens = detail::kV4BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v4_kernel<kVersion><<<static_cast<unsigned>(v2_blocks(a)), Cfg::kThreads, kBytes, stream>>>(
-      a, scale_log2, pack, num_q_tiles, maps);
+  detail::attention_prefill_v4_kernel<kVersion><<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, kBytes,
+                                                  stream>>>(a, scale_log2, pack, num_q_tiles, maps);
   return detail::launch_status();
 #else
   (void)a;
@@ -155,9 +155,8 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
   if (a.q_row_stride < int64_t{a.num_heads} * a.head_dim || a.out_row_stride < int64_t{a.num_heads} * a.head_dim ||
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
-  if (a.kernel != PrefillKernel::Auto && a.kernel != PrefillKernel::V1 && a.kernel != PrefillKernel::V2 &&
-      a.kernel != PrefillKernel::V2Keys32 && a.kernel != PrefillKernel::V3 && a.kernel != PrefillKernel::V4 &&
-      a.kernel != PrefillKernel::V5 && a.kernel != PrefillKernel::V6 && a.kernel != PrefillKernel::V7)
+  if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V7))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
@@ -175,13 +174,13 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
 }
 
 PrefillKernel attention_prefill_auto_kernel(int32_t head_dim) {
-  if (head_dim == 128 && device_runs_wgmma())
-    return kAutoWgmmaVersion == 6 ? PrefillKernel::V6 : kAutoWgmmaVersion == 5 ? PrefillKernel::V5 : PrefillKernel::V4;
-  return PrefillKernel::V2;
+  return head_dim == 128 && device_runs_wgmma() ? kAutoWgmma : PrefillKernel::V2;
 }
 
-Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
-  if (Status s = attention_prefill_can_implement(a); s != Status::Ok) return s;
+Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
+  if (Status s = attention_prefill_can_implement(args); s != Status::Ok) return s;
+  PrefillAttentionArgs a = args;
+  if (a.kernel == PrefillKernel::Auto) a.kernel = attention_prefill_auto_kernel(a.head_dim);
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   const cudaStream_t s = detail::to_cuda(stream);
   // Dims are zero-padded to the instantiated width; three widths keep compile time down while covering the
@@ -195,8 +194,6 @@ Status attention_prefill(const PrefillAttentionArgs& a, Stream stream) {
   if (a.kernel == PrefillKernel::V5) return launch_v4<5>(a, s);
   if (a.kernel == PrefillKernel::V6) return launch_v4<6>(a, s);
   if (a.kernel == PrefillKernel::V7) return launch_v4<7>(a, s);
-  if (a.kernel == PrefillKernel::Auto && a.head_dim == 128 && device_runs_wgmma())
-    return launch_v4<kAutoWgmmaVersion>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

@@ -7,7 +7,7 @@
 //       the GQA group (attention_prefill_v2.cuh). The default where the wgmma kernels cannot run.
 //   v3: v2's tiling without v2's register spills, K and V waited for separately (attention_prefill_v3.cuh);
 //       bit-identical output to v2.
-//   v4-v6: v2's grid on Hopper warpgroup MMAs (attention_prefill_v4.cuh), head_dim 128, sm_90a.
+//   v4-v7: v2's grid on Hopper warpgroup MMAs (attention_prefill_v4.cuh), head_dim 128, sm_90a.
 #include <cstdint>
 #include <span>
 
@@ -24,7 +24,7 @@ namespace oscar::kern {
 // V5: v4 with Q in registers (S = Q·Kᵀ reads only K from shared memory), a 3-stage K/V ring and FA3's
 // intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
 // V6: v5's overlap on 128-key tiles with Q back in shared memory (per-tile costs paid once per 128 keys).
-// V7: v6 with a producer warp loading K/V by TMA on mbarriers (needs PrefillAttentionArgs::total_tokens).
+// V7: v6 with K/V loaded by TMA, issued by thread 0 on mbarriers (needs PrefillAttentionArgs::total_tokens).
 enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.

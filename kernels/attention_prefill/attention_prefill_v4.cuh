@@ -51,7 +51,6 @@ struct V4Config {
   static constexpr bool kTma = kVersion == 7;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
   static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
-  static constexpr int kThreads = kV4Threads;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
   static constexpr uint32_t kKvBytes = 2 * kKvRegion;
   static constexpr uint32_t kBarrierOffset = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes;
@@ -88,7 +87,7 @@ __device__ __forceinline__ uint32_t v4_chunk_offset(uint32_t region_bytes, int r
 // rescale of O by the new max waits for P_j·V_j. The third stage is what lets tile j+2's load start while tile j's V
 // is still being read (with two stages the load could only start once P_j·V_j is done, leaving it no time).
 template <int kVersion>
-__global__ void __launch_bounds__(V4Config<kVersion>::kThreads, 1)
+__global__ void __launch_bounds__(kV4Threads, 1)
     attention_prefill_v4_kernel(PrefillAttentionArgs a, float scale_log2, int pack, int num_q_tiles,
                                 const __grid_constant__ PrefillTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
