@@ -395,7 +395,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
     j["rotation_composition"] = b.rotation_composition;
     j["value_weighting"] = o.value_weighting;
     j["tune_clip"] = opt.tune_clip;
-    j["method"] = o.method == "feedback" ? std::string("feedback") : std::string(calib::method_name(opt.method));
+    j["method"] = o.method;  // validated above: feedback, spectral or published
     for (const auto& [key, value] : b.calibration.options)
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
