@@ -104,6 +104,7 @@ struct CalibrateCliOptions {
   std::string error_feedback = "kv";
   double ef_damp = 0.1;
   std::string ef_clip_feedback = "on";
+  int64_t ef_context = 0;
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
   bool rotation_given = false;
   // Set by CLI11 when the flag was given.
@@ -320,6 +321,10 @@ int run_calibrate(const CalibrateCliOptions& o) {
     throw Error("--ef-clip-feedback", ::fmt::format("'{}' is neither on nor off", o.ef_clip_feedback));
   opt.error_feedback.damp = o.ef_damp;
   opt.error_feedback.clip_feedback = o.ef_clip_feedback == "on";
+  if (o.ef_context < 0) throw Error("--ef-context", ::fmt::format("{} must be >= 0 (0 = --seq-len)", o.ef_context));
+  if (o.ef_context > 0 && opt.error_feedback.mode == calib::ErrorFeedbackMode::Off)
+    throw Error("--ef-context", "sets the key tables' context: give --error-feedback k or kv");
+  opt.error_feedback.context = o.ef_context;
   if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
     opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;
@@ -399,7 +404,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
     for (const auto& [key, value] : b.calibration.options)
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
-          key == "ef_clip_feedback" || key == "ef_key_metric" || key == "ef_tables" ||
+          key == "ef_clip_feedback" || key == "ef_context" || key == "ef_key_metric" || key == "ef_tables" ||
           key == "ef_heldout_k" || key == "ef_heldout_v")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
@@ -549,6 +554,10 @@ OSCAR_REGISTER_COMMAND(
       sub.add_option("--ef-clip-feedback", o->ef_clip_feedback,
                      "error feedback: on = the clipping error of clipped coordinates is fed back too, off = the "
                      "target is the clipped vector")
+          ->capture_default_str();
+      sub.add_option("--ef-context", o->ef_context,
+                     "error feedback: the serving context the key tables are made for (their metric is the "
+                     "post-RoPE query moment over positions 0..N-1, derived from the calibration's; 0 = --seq-len)")
           ->capture_default_str();
       add_json_flag(sub, o->json);
       return [o, k_clip, v_clip, rotation, spectral_opts] {

@@ -16,6 +16,7 @@
 #include "lib/calib/rotation_opt.h"
 #include "lib/calib/spectral.h"
 #include "lib/calib/spectral_calibration.h"
+#include "lib/model/cpu_model.h"
 #include "oscar_version.h"
 
 namespace oscar::calib {
@@ -431,6 +432,7 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
     kv.emplace_back("error_feedback", std::string(error_feedback_mode_name(o.error_feedback.mode)));
     kv.emplace_back("ef_damp", ::fmt::format("{:.6g}", o.error_feedback.damp));
     kv.emplace_back("ef_clip_feedback", o.error_feedback.clip_feedback ? "on" : "off");
+    if (o.error_feedback.context > 0) kv.emplace_back("ef_context", std::to_string(o.error_feedback.context));
   }
   std::sort(kv.begin(), kv.end());
   return kv;
@@ -711,8 +713,14 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     std::vector<std::vector<double>> heldout_sigma_q;  // the key metric's fallback: the held-out queries' Σ_Q
     if (!calibration_sigma)
       for (const HeldoutLayer& hl : heldout_layers) heldout_sigma_q.push_back(hl.sigma_q);
-    const int64_t tables = add_error_feedback_tables(b, calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q,
-                                                     opt.error_feedback);
+    const std::vector<std::vector<double>>& collected = calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q;
+    const int64_t ef_context = opt.error_feedback.context > 0 ? opt.error_feedback.context : data.seq_len;
+    const int64_t tables = add_error_feedback_tables(
+        b,
+        ef_context == data.seq_len
+            ? collected
+            : key_metrics_for_context(collected, model::rope_inv_freq(cfg), cfg.head_dim, data.seq_len, ef_context),
+        opt.error_feedback);
     std::string heldout_line;
     result_provenance.emplace_back("ef_key_metric", calibration_sigma ? "sigma_q" : "heldout_sigma_q");
     result_provenance.emplace_back("ef_tables", std::to_string(tables));

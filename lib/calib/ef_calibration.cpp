@@ -4,6 +4,9 @@
 #include <fmt/format.h>
 #include <tbb/parallel_for.h>
 
+#include <cmath>
+#include <complex>
+
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "lib/calib/error_feedback.h"
@@ -56,6 +59,66 @@ std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& we
     const std::string name = ::fmt::format("model.layers.{}.self_attn.o_proj.weight", l);
     const std::vector<float> w = fmt::to_f32(weights.get(name));
     out.push_back(value_output_metric(w, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, name));
+  }
+  return out;
+}
+
+namespace {
+
+// S_T(ω) = (1/T) Σ_{t<T} e^{iωt}, summed in closed form (a geometric series) where ω is not a multiple of 2π.
+std::complex<double> position_average(double omega, int64_t positions) {
+  const double half = 0.5 * omega, tn = static_cast<double>(positions);
+  const double den = std::sin(half);
+  if (std::abs(den) < 1e-12) return {1.0, 0.0};
+  const double mag = std::sin(half * tn) / (tn * den);
+  return std::polar(mag, half * (tn - 1.0));
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::vector<double>>& metrics,
+                                                         std::span<const float> inv_freq, int64_t d,
+                                                         int64_t calibration_positions, int64_t serving_positions) {
+  if (d <= 0 || d % 2 != 0 || static_cast<int64_t>(inv_freq.size()) != d / 2)
+    throw Error("--ef-context", ::fmt::format("{} RoPE frequencies for head_dim {} (expected head_dim / 2)",
+                                              inv_freq.size(), d));
+  if (calibration_positions <= 0 || serving_positions <= 0)
+    throw Error("--ef-context", ::fmt::format("positions {} -> {} must be > 0", calibration_positions, serving_positions));
+  if (calibration_positions == serving_positions) return metrics;
+  constexpr double kLost = 0.1;
+  const int64_t h = d / 2;
+  const auto factor = [&](double omega) -> std::complex<double> {
+    const std::complex<double> from = position_average(omega, calibration_positions);
+    if (std::abs(from) < kLost) return {0.0, 0.0};
+    return position_average(omega, serving_positions) / from;
+  };
+  std::vector<std::vector<double>> out;
+  out.reserve(metrics.size());
+  for (size_t l = 0; l < metrics.size(); ++l) {
+    const std::vector<double>& m = metrics[l];
+    if (m.empty() || m.size() % static_cast<size_t>(d * d) != 0)
+      throw Error("--ef-context", ::fmt::format("layer {}: a key metric of {} values is not [heads, {}, {}]", l,
+                                                m.size(), d, d));
+    std::vector<double> r(m.size());
+    const int64_t heads = static_cast<int64_t>(m.size()) / (d * d);
+    for (int64_t head = 0; head < heads; ++head) {
+      const double* src = m.data() + head * d * d;
+      double* dst = r.data() + head * d * d;
+      for (int64_t a = 0; a < h; ++a)
+        for (int64_t b = 0; b < h; ++b) {
+          const double b11 = src[a * d + b], b12 = src[a * d + b + h], b21 = src[(a + h) * d + b],
+                       b22 = src[(a + h) * d + b + h];
+          const double ta = inv_freq[static_cast<size_t>(a)], tb = inv_freq[static_cast<size_t>(b)];
+          // rotation-like part (c + i s) turns by θ_a − θ_b per position, reflection-like (f + i g) by θ_a + θ_b
+          const std::complex<double> zc = std::complex<double>(0.5 * (b11 + b22), 0.5 * (b21 - b12)) * factor(ta - tb);
+          const std::complex<double> zf = std::complex<double>(0.5 * (b11 - b22), 0.5 * (b12 + b21)) * factor(ta + tb);
+          dst[a * d + b] = zc.real() + zf.real();
+          dst[(a + h) * d + b + h] = zc.real() - zf.real();
+          dst[a * d + b + h] = zf.imag() - zc.imag();
+          dst[(a + h) * d + b] = zc.imag() + zf.imag();
+        }
+    }
+    out.push_back(std::move(r));
   }
   return out;
 }

@@ -32,6 +32,9 @@ struct ErrorFeedbackCalibration {
   ErrorFeedbackMode mode = ErrorFeedbackMode::Off;
   double damp = 0.1;          // relative to mean(diag M)
   bool clip_feedback = true;  // target = the unclipped rotated vector (the clipping error is fed back too)
+  // --ef-context: the positions 0..context-1 the key metric is averaged over (key_metrics_for_context); 0 = the
+  // calibration sequences' own length (the metric as collected).
+  int64_t context = 0;
   // Per layer [num_kv_heads, d, d] M_V in the ORIGINAL value basis (value_output_metrics); required for kv.
   std::vector<std::vector<double>> value_metrics;
 };
@@ -42,6 +45,19 @@ std::vector<double> value_output_metric(std::span<const float> o_proj, int64_t h
                                         int64_t num_kv_heads, int64_t d, const std::string& where);
 // M_V of every layer from a checkpoint (model.layers.{l}.self_attn.o_proj.weight).
 std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& weights, const fmt::ModelConfig& cfg);
+
+// The key metric for another context length (--ef-context, docs/method.md "The key metric's context"). Σ_Q is the
+// second moment of POST-RoPE queries averaged over the calibration positions 0..T-1; a query at position t is
+// P_t q̃ (rotate_half pairing: pair p = coordinates p and p + d/2, angle inv_freq[p]·t). With the pre-RoPE moment Σ̃
+// taken as position-independent, each 2 x 2 block (row pair a, column pair b) splits into a rotation-like part that
+// the average multiplies by S_T(θ_a − θ_b) and a reflection-like part multiplied by S_T(θ_a + θ_b), with
+// S_T(ω) = (1/T) Σ_{t<T} e^{iωt}. So the metric of positions 0..T'-1 follows from the calibration one part by part
+// as z · S_T'(ω) / S_T(ω); a part whose |S_T(ω)| < 0.1 carries nothing recoverable and is set to zero (for T' > T
+// its S_T'(ω) is ~T/(πT') or less). metrics: per layer [num_kv_heads, d, d] (as add_error_feedback_tables takes);
+// returns the same shape. T' == T returns the input unchanged. Throws oscar::Error on shape mismatches.
+std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::vector<double>>& metrics,
+                                                         std::span<const float> inv_freq, int64_t head_dim,
+                                                         int64_t calibration_positions, int64_t serving_positions);
 
 // Adds tables to every whole-head INT2 tensor of `bundle` (K for k, K and V for kv) from per-layer metrics in the
 // original basis: key_metrics[l] and value_metrics[l] are [num_kv_heads, d, d]. Segmented tensors keep RTN.

@@ -214,6 +214,30 @@ TEST_F(CalibrateMethodCli, FeedbackIsTheDefaultHadamardWithTables) {
   EXPECT_EQ(fmt::read_bundle(dir_ / "fo.oscar").rotation_composition, "eigen*hadamard*bitrev");
 }
 
+// --ef-context carries the key metric to another context: recorded, the key tables change and the value tables do
+// not (their metric has no position), and naming the calibration's own length is the default's bytes.
+TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
+  const RunResult base = run_oscar(args(dir_ / "base.oscar", {}));
+  ASSERT_EQ(base.exit_code, 0) << base.err;
+  const RunResult same = run_oscar(args(dir_ / "same.oscar", {"--ef-context", "0"}));
+  ASSERT_EQ(same.exit_code, 0) << same.err;
+  EXPECT_EQ(slurp(dir_ / "base.oscar"), slurp(dir_ / "same.oscar"));
+  const RunResult longer = run_oscar(args(dir_ / "long.oscar", {"--ef-context", "256", "--json"}));
+  ASSERT_EQ(longer.exit_code, 0) << longer.err;
+  EXPECT_EQ(nlohmann::json::parse(longer.out).at("ef_context"), "256");
+  const fmt::Bundle a = fmt::read_bundle(dir_ / "base.oscar"), b = fmt::read_bundle(dir_ / "long.oscar");
+  EXPECT_EQ(option(a, "ef_context"), "(absent)");
+  EXPECT_EQ(option(b, "ef_context"), "256");
+  ASSERT_EQ(a.layers.size(), b.layers.size());
+  size_t key_tables_changed = 0;
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    EXPECT_EQ(a.layers[l].k_rotation, b.layers[l].k_rotation) << "layer " << l;
+    EXPECT_EQ(a.layers[l].v_ef_weights, b.layers[l].v_ef_weights) << "layer " << l;
+    key_tables_changed += a.layers[l].k_ef_weights != b.layers[l].k_ef_weights;
+  }
+  EXPECT_EQ(key_tables_changed, a.layers.size());
+}
+
 TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
   struct Case {
     std::vector<std::string> extra;
@@ -245,6 +269,8 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
       // none beyond 16+16
       {{"--method", "spectral", "--budget-bits", "6", "--candidate-metric", "kl", "--kl-tokens", "32"}, "--kl-tokens"},
       {{"--method", "published", "--candidate-metric", "kl"}, "--candidate-metric"},
+      {{"--ef-context", "-1"}, "--ef-context"},
+      {{"--method", "published", "--error-feedback", "off", "--ef-context", "256"}, "--ef-context"},
   };
   for (const Case& c : cases) {
     const fs::path out = dir_ / "bad.oscar";

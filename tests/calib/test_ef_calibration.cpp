@@ -209,3 +209,86 @@ TEST(EfCalibration, HeldoutErrorIsRtnForZeroTablesAndLowerForRealOnes) {
 
 }  // namespace
 }  // namespace oscar::calib
+
+namespace oscar::calib {
+namespace {
+
+// The post-RoPE second moment of queries P_t q̃ (q̃ with a fixed pre-RoPE moment S) over positions 0..T-1, summed
+// position by position (transformers' rotate_half pairing): the reference key_metrics_for_context must reproduce.
+std::vector<double> post_rope_average(const std::vector<double>& s, const std::vector<float>& inv_freq, int64_t d,
+                                      int64_t positions) {
+  const int64_t h = d / 2;
+  std::vector<double> out(static_cast<size_t>(d * d), 0.0), p(static_cast<size_t>(d * d));
+  for (int64_t t = 0; t < positions; ++t) {
+    std::fill(p.begin(), p.end(), 0.0);
+    for (int64_t a = 0; a < h; ++a) {
+      const double phi = static_cast<double>(inv_freq[static_cast<size_t>(a)]) * static_cast<double>(t);
+      p[a * d + a] = std::cos(phi);
+      p[a * d + a + h] = -std::sin(phi);
+      p[(a + h) * d + a] = std::sin(phi);
+      p[(a + h) * d + a + h] = std::cos(phi);
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        double v = 0;
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t m = 0; m < d; ++m) v += p[i * d + k] * s[k * d + m] * p[j * d + m];
+        out[static_cast<size_t>(i * d + j)] += v / static_cast<double>(positions);
+      }
+  }
+  return out;
+}
+
+std::vector<double> random_spd(int64_t d, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n01(0.0, 1.0);
+  std::vector<double> a(static_cast<size_t>(d * d)), m(static_cast<size_t>(d * d), 0.0);
+  for (auto& x : a) x = n01(rng);
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = 0; k < d; ++k) m[i * d + j] += a[i * d + k] * a[j * d + k];
+  return m;
+}
+
+// With slow frequencies every part of the metric survives the calibration average, so carrying it from 16 to 64
+// positions (and back) must give the 64-position average itself; with a fast pair the parts the 16-position average
+// erased are zeroed, and what the 64-position average keeps of them is small (≤ ~T/(πT')).
+TEST(EfCalibration, KeyMetricForContextMatchesThePositionAverage) {
+  const int64_t d = 8;
+  const std::vector<double> s = random_spd(d, 3);
+  std::vector<float> slow = {0.05f, 0.02f, 0.01f, 0.004f};
+  const auto at16 = post_rope_average(s, slow, d, 16), at64 = post_rope_average(s, slow, d, 64);
+  double scale = 0;
+  for (int64_t i = 0; i < d; ++i) scale = std::max(scale, std::abs(at64[i * d + i]));
+  // Two KV heads, the second a scaled copy: heads are carried independently.
+  std::vector<double> two(at16);
+  for (double v : at16) two.push_back(2.0 * v);
+  const auto carried = key_metrics_for_context({two}, slow, d, 16, 64);
+  ASSERT_EQ(carried.size(), 1u);
+  ASSERT_EQ(carried[0].size(), two.size());
+  for (int64_t i = 0; i < d * d; ++i) {
+    EXPECT_NEAR(carried[0][i], at64[i], 1e-9 * scale) << "entry " << i;
+    EXPECT_NEAR(carried[0][d * d + i], 2.0 * at64[i], 2e-9 * scale) << "head 1 entry " << i;
+  }
+  // Back to fewer positions: only where the longer average kept every part (slower still: ωT < 2.6 at 64).
+  std::vector<float> slower = {0.02f, 0.01f, 0.005f, 0.002f};
+  const auto s16 = post_rope_average(s, slower, d, 16), s64 = post_rope_average(s, slower, d, 64);
+  const auto back = key_metrics_for_context({s64}, slower, d, 64, 16);
+  for (int64_t i = 0; i < d * d; ++i) EXPECT_NEAR(back[0][i], s16[i], 1e-9 * scale) << "entry " << i;
+  EXPECT_EQ(key_metrics_for_context({at16}, slow, d, 16, 16)[0], at16);  // same context: unchanged
+
+  std::vector<float> mixed = {1.0f, 0.02f, 0.01f, 0.004f};  // pair 0 turns a radian per position
+  const auto m16 = post_rope_average(s, mixed, d, 16), m64 = post_rope_average(s, mixed, d, 64);
+  const auto got = key_metrics_for_context({m16}, mixed, d, 16, 64)[0];
+  double worst = 0;
+  for (int64_t i = 0; i < d * d; ++i) worst = std::max(worst, std::abs(got[i] - m64[i]));
+  EXPECT_LT(worst, (16.0 / (3.14159 * 64.0)) * scale);
+  for (int64_t i = 0; i < d; ++i) EXPECT_GT(got[i * d + i], 0.0);  // the trace part of every pair is kept
+
+  EXPECT_THROW(key_metrics_for_context({m16}, std::vector<float>(3, 0.1f), d, 16, 64), Error);
+  EXPECT_THROW(key_metrics_for_context({std::vector<double>(d * d - 1, 0.0)}, mixed, d, 16, 64), Error);
+  EXPECT_THROW(key_metrics_for_context({m16}, mixed, d, 0, 64), Error);
+}
+
+}  // namespace
+}  // namespace oscar::calib
