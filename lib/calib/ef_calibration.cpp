@@ -117,6 +117,15 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
           dst[a * d + b + h] = zf.imag() - zc.imag();
           dst[(a + h) * d + b] = zc.imag() + zf.imag();
         }
+      // The carried metric is a second moment only as far as Σ̃ is position-independent; where it is not, parts with
+      // |S_T| just above the cut can be amplified into a matrix that is not positive semi-definite (seen when the
+      // serving range is shorter than the calibration one). Its negative eigenvalues are set to zero, so the table's
+      // factorization always succeeds; a PSD result keeps its bits.
+      using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      Eigen::Map<RowMatD> carried(dst, d, d);
+      const Eigen::SelfAdjointEigenSolver<RowMatD> eig(carried);
+      if (eig.info() == Eigen::Success && eig.eigenvalues().minCoeff() < 0.0)
+        carried = eig.eigenvectors() * eig.eigenvalues().cwiseMax(0.0).asDiagonal() * eig.eigenvectors().transpose();
     }
     out.push_back(std::move(r));
   }

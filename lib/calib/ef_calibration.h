@@ -53,7 +53,8 @@ std::vector<std::vector<double>> value_output_metrics(const fmt::TensorStore& we
 // the average multiplies by S_T(θ_a − θ_b) and a reflection-like part multiplied by S_T(θ_a + θ_b), with
 // S_T(ω) = (1/T) Σ_{t<T} e^{iωt}. So the metric of positions 0..T'-1 follows from the calibration one part by part
 // as z · S_T'(ω) / S_T(ω); a part whose |S_T(ω)| < 0.1 carries nothing recoverable and is set to zero (for T' > T
-// its S_T'(ω) is ~T/(πT') or less). metrics: per layer [num_kv_heads, d, d] (as add_error_feedback_tables takes);
+// its S_T'(ω) is ~T/(πT') or less). A result with negative eigenvalues (Σ̃ is not exactly position-independent,
+// and T' < T can amplify that) has them set to zero. metrics: per layer [num_kv_heads, d, d] (as add_error_feedback_tables takes);
 // returns the same shape. T' == T returns the input unchanged. Throws oscar::Error on shape mismatches.
 std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::vector<double>>& metrics,
                                                          std::span<const float> inv_freq, int64_t head_dim,

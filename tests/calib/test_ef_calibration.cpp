@@ -2,6 +2,8 @@
 // add_error_feedback_tables stores against the stored_error_feedback of the table built directly from Rᵀ M R.
 #include <gtest/gtest.h>
 
+#include <Eigen/Dense>
+
 #include <random>
 
 #include "formats/error.h"
@@ -285,6 +287,11 @@ TEST(EfCalibration, KeyMetricForContextMatchesThePositionAverage) {
   EXPECT_LT(worst, (16.0 / (3.14159 * 64.0)) * scale);
   for (int64_t i = 0; i < d; ++i) EXPECT_GT(got[i * d + i], 0.0);  // the trace part of every pair is kept
 
+  // A metric that is no position average at all (a random SPD matrix), carried to fewer positions with a fast
+  // pair: the result stays positive semi-definite (negative eigenvalues are clipped), as the table needs.
+  const auto shorter = key_metrics_for_context({s}, mixed, d, 64, 8)[0];
+  const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> sh(shorter.data(), d, d);
+  EXPECT_GE(Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>(sh).eigenvalues().minCoeff(), -1e-9 * scale);
   EXPECT_THROW(key_metrics_for_context({m16}, std::vector<float>(3, 0.1f), d, 16, 64), Error);
   EXPECT_THROW(key_metrics_for_context({std::vector<double>(d * d - 1, 0.0)}, mixed, d, 16, 64), Error);
   EXPECT_THROW(key_metrics_for_context({m16}, mixed, d, 0, 64), Error);
