@@ -19,6 +19,7 @@
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "lib/calib/calibrator.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/eval/evaluator.h"
 #ifdef OSCAR_HAVE_CUDA
 #include "runtime/eval_gpu.h"
@@ -173,6 +174,19 @@ int run_eval(const EvalCliOptions& o) {
     if (cfg.max_position_embeddings > 0 && c > cfg.max_position_embeddings)
       throw Error("--context", ::fmt::format("{} exceeds the model's max_position_embeddings {}", c,
                                              cfg.max_position_embeddings));
+  // Error-feedback key tables are made for one position range (calibrate --ef-context; docs/results.md "Key tables
+  // for the serving context"): elsewhere they still work, with less of their gain. Said once per context, recorded.
+  std::vector<std::string> context_warnings;
+  if (bundle && fmt::has_error_feedback(*bundle)) {
+    const int64_t tables = calib::error_feedback_context(*bundle);
+    for (int64_t c : contexts)
+      if (c != tables)
+        context_warnings.push_back(::fmt::format(
+            "context {}: the bundle's error-feedback key tables are made for {} positions; a bundle for this context "
+            "(oscar calibrate --ef-context {}) keeps more of their gain",
+            c, tables, c));
+  }
+  for (const std::string& w : context_warnings) spdlog::warn("{}", w);
   if (o.passkey) {
     opt.retrieval = true;
     opt.retrieval_lengths = o.passkey_lengths.empty() ? contexts : parse_int_list(o.passkey_lengths, "--passkey-lengths");
@@ -189,6 +203,7 @@ int run_eval(const EvalCliOptions& o) {
   // Evaluation data, one packing per context length; every file is checked against the calibration provenance.
   std::vector<eval::ContextSequences> data;
   eval::EvalReport header;
+  header.warnings = context_warnings;
   std::set<std::string> calibration_sha;
   if (bundle)
     for (const auto& f : bundle->calibration.data_files) calibration_sha.insert(f.sha256);

@@ -14,6 +14,7 @@
 #include "apps/oscar/common.h"
 #include "formats/atomic_file.h"
 #include "formats/bundle.h"
+#include "lib/calib/ef_calibration.h"
 
 namespace oscar::app {
 namespace {
@@ -175,8 +176,10 @@ int run_inspect(const InspectOptions& o) {
   line("rotations", ::fmt::format("{} ({} per layer)", b.rotation_composition,
                                   g == 1 ? std::string("one shared") : ::fmt::format("{}, one per KV head", g)));
   if (has_ef)
-    line("error feedback", ::fmt::format("K layers [{}], V layers [{}], clip feedback {} (other tensors: RTN)",
-                                         ef_k, ef_v, b.ef_clip_feedback ? "on" : "off"));
+    line("error feedback",
+         ::fmt::format("K layers [{}], V layers [{}], clip feedback {}, key tables for positions 0..{} (other "
+                       "tensors: RTN)",
+                       ef_k, ef_v, b.ef_clip_feedback ? "on" : "off", calib::error_feedback_context(b) - 1));
   line("sizes", ::fmt::format("file {}, rotations {}; KV cache {}/token vs bf16 {}/token", human_bytes(file_bytes),
                               human_bytes(rotation_bytes), human_bytes(kv_bytes_per_token),
                               human_bytes(bf16_bytes_per_token)));

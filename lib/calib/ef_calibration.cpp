@@ -132,6 +132,21 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
   return out;
 }
 
+int64_t error_feedback_context(const fmt::Bundle& bundle) {
+  if (!fmt::has_error_feedback(bundle)) return 0;
+  for (const auto& [key, value] : bundle.calibration.options)
+    if (key == "ef_context") {
+      try {
+        const int64_t n = std::stoll(value);
+        if (n > 0) return n;
+      } catch (const std::exception&) {
+      }
+      throw Error("error_feedback_context", ::fmt::format("provenance option ef_context '{}' is not a positive count",
+                                                          value));
+    }
+  return bundle.calibration.seq_len;
+}
+
 bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys) {
   const fmt::KvQuantSpec spec = fmt::layer_spec(bundle, layer);
   return (keys ? spec.k : spec.v).whole_head_int2(bundle.quant.head_dim);

@@ -60,6 +60,10 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
                                                          std::span<const float> inv_freq, int64_t head_dim,
                                                          int64_t calibration_positions, int64_t serving_positions);
 
+// The positions 0..N-1 the bundle's key tables were made for: the provenance option ef_context when calibrate had
+// --ef-context, else the calibration sequences' length (calibration.seq_len). 0 when no layer has a table.
+int64_t error_feedback_context(const fmt::Bundle& bundle);
+
 // Adds tables to every whole-head INT2 tensor of `bundle` (K for k, K and V for kv) from per-layer metrics in the
 // original basis: key_metrics[l] and value_metrics[l] are [num_kv_heads, d, d]. Segmented tensors keep RTN.
 // Sets bundle.ef_clip_feedback. Returns how many (layer, tensor) pairs got a table. Deterministic.

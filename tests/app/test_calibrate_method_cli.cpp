@@ -236,6 +236,29 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
     key_tables_changed += a.layers[l].k_ef_weights != b.layers[l].k_ef_weights;
   }
   EXPECT_EQ(key_tables_changed, a.layers.size());
+  // inspect tells which positions the key tables are for; eval warns (and records) where it reads other contexts.
+  const RunResult ia = run_oscar({"inspect", (dir_ / "base.oscar").string()});
+  const RunResult ib = run_oscar({"inspect", (dir_ / "long.oscar").string()});
+  ASSERT_EQ(ia.exit_code, 0) << ia.err;
+  EXPECT_NE(ia.out.find("key tables for positions 0..63"), std::string::npos) << ia.out;
+  EXPECT_NE(ib.out.find("key tables for positions 0..255"), std::string::npos) << ib.out;
+  const fs::path report = dir_ / "eval";
+  const RunResult ev = run_oscar({"eval", "--model", model_, "--bundle", (dir_ / "long.oscar").string(), "--data", text_,
+                                  "--modes", "bf16,oscar", "--context", "128,256", "--num-seqs", "1",
+                                  "--greedy-prompts", "0", "--device", "cpu", "--out", report.string()});
+  ASSERT_EQ(ev.exit_code, 0) << ev.err;
+  EXPECT_NE(ev.err.find("context 128: the bundle's error-feedback key tables are made for 256 positions"),
+            std::string::npos) << ev.err;
+  EXPECT_EQ(ev.err.find("context 256: the bundle's"), std::string::npos) << ev.err;
+  // (The other recorded warning: the evaluation text is the calibration text here.)
+  const auto warnings = nlohmann::json::parse(slurp(report / "report.json")).at("warnings");
+  int table_warnings = 0;
+  for (const auto& w : warnings)
+    if (w.get<std::string>().find("error-feedback key tables") != std::string::npos) {
+      ++table_warnings;
+      EXPECT_NE(w.get<std::string>().find("--ef-context 128"), std::string::npos) << w.dump();
+    }
+  EXPECT_EQ(table_warnings, 1) << warnings.dump();
 }
 
 TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {

@@ -241,23 +241,13 @@ std::vector<double> post_rope_average(const std::vector<double>& s, const std::v
   return out;
 }
 
-std::vector<double> random_spd(int64_t d, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> n01(0.0, 1.0);
-  std::vector<double> a(static_cast<size_t>(d * d)), m(static_cast<size_t>(d * d), 0.0);
-  for (auto& x : a) x = n01(rng);
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j)
-      for (int64_t k = 0; k < d; ++k) m[i * d + j] += a[i * d + k] * a[j * d + k];
-  return m;
-}
-
 // With slow frequencies every part of the metric survives the calibration average, so carrying it from 16 to 64
 // positions (and back) must give the 64-position average itself; with a fast pair the parts the 16-position average
 // erased are zeroed, and what the 64-position average keeps of them is small (≤ ~T/(πT')).
 TEST(EfCalibration, KeyMetricForContextMatchesThePositionAverage) {
   const int64_t d = 8;
-  const std::vector<double> s = random_spd(d, 3);
+  std::mt19937 rng(3);
+  const std::vector<double> s = random_spd(d, rng);
   std::vector<float> slow = {0.05f, 0.02f, 0.01f, 0.004f};
   const auto at16 = post_rope_average(s, slow, d, 16), at64 = post_rope_average(s, slow, d, 64);
   double scale = 0;
