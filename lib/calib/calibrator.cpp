@@ -745,6 +745,8 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
                             error_feedback_mode_name(opt.error_feedback.mode), opt.error_feedback.damp,
                             opt.error_feedback.clip_feedback ? "on" : "off", tables,
                             opt.error_feedback.mode == ErrorFeedbackMode::KV ? 2 * L : L);
+    report += ::fmt::format("Key tables made for positions 0..{}{} (they serve that context best: --ef-context)\n",
+                            ef_context - 1, ef_context == data.seq_len ? ", the calibration length" : "");
     report += heldout_line;
   }
 

@@ -225,6 +225,7 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
   const RunResult longer = run_oscar(args(dir_ / "long.oscar", {"--ef-context", "256", "--json"}));
   ASSERT_EQ(longer.exit_code, 0) << longer.err;
   EXPECT_EQ(nlohmann::json::parse(longer.out).at("ef_context"), "256");
+  EXPECT_NE(base.out.find("Key tables made for positions 0..63, the calibration length"), std::string::npos) << base.out;
   const fmt::Bundle a = fmt::read_bundle(dir_ / "base.oscar"), b = fmt::read_bundle(dir_ / "long.oscar");
   EXPECT_EQ(option(a, "ef_context"), "(absent)");
   EXPECT_EQ(option(b, "ef_context"), "256");
