@@ -739,6 +739,9 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
                               line.empty() ? "" : "; ", h.v_rtn, h.v_ef, h.v_rtn > 0 ? h.v_ef / h.v_rtn : 0.0);
       }
       if (!line.empty()) heldout_line = "Held-out, mean over the tabled layers: " + line + "\n";
+      if (!line.empty() && ef_context != data.seq_len)
+        heldout_line += ::fmt::format("  (scored with the held-out queries of positions 0..{}, not the key tables' "
+                                      "0..{})\n", data.seq_len - 1, ef_context - 1);
     }
     report += ::fmt::format("\nError-feedback rounding ({}, damp {:.6g}, clip feedback {}): tables for {} of {} "
                             "layer tensors (whole-head INT2 only)\n",
