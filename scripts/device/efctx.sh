@@ -4,7 +4,8 @@
 # docs/results.md: fiction + code + wikitext-2): the Hadamard RTN yardstick (--method published --rotation hadamard
 # --error-feedback off), the default feedback bundle (tables for 1024 positions) and feedback with --ef-context 4096;
 # then `oscar eval --device cuda` (the engine's EF writer) of each on held-out docs (python + linux), moby-dick and
-# tinystories at 4096 (16 sequences; tinystories 8) and 1024 (32). Expected GPU time: ~4 min.
+# tinystories at 4096 (16 sequences; tinystories 8) and 1024 (32). Expected GPU time: ~7 min (H100: calibrate
+# ~30 s each, eval ~22 s per 16 x 4096; 150 s covered the calibrations and two evals).
 # Look for: efctx_summary.txt, KL>win per bundle, text and context.
 source scripts/device/common.sh
 F=/work/shared/fixtures; T=$F/text; M=$F/models/qwen3-tiny-trained; O=$BIN/bin/oscar
