@@ -92,6 +92,15 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
     if (std::abs(from) < kLost) return {0.0, 0.0};
     return position_average(omega, serving_positions) / from;
   };
+  // The factors depend only on the pair (a, b), not on the layer or head: once per pair.
+  std::vector<std::complex<double>> rot_factor(static_cast<size_t>(h * h)), refl_factor(rot_factor.size());
+  for (int64_t a = 0; a < h; ++a)
+    for (int64_t b = 0; b < h; ++b) {
+      const double ta = inv_freq[static_cast<size_t>(a)], tb = inv_freq[static_cast<size_t>(b)];
+      // rotation-like part (c + i s) turns by θ_a − θ_b per position, reflection-like (f + i g) by θ_a + θ_b
+      rot_factor[static_cast<size_t>(a * h + b)] = factor(ta - tb);
+      refl_factor[static_cast<size_t>(a * h + b)] = factor(ta + tb);
+    }
   std::vector<std::vector<double>> out;
   out.reserve(metrics.size());
   for (size_t l = 0; l < metrics.size(); ++l) {
@@ -108,10 +117,9 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
         for (int64_t b = 0; b < h; ++b) {
           const double b11 = src[a * d + b], b12 = src[a * d + b + h], b21 = src[(a + h) * d + b],
                        b22 = src[(a + h) * d + b + h];
-          const double ta = inv_freq[static_cast<size_t>(a)], tb = inv_freq[static_cast<size_t>(b)];
-          // rotation-like part (c + i s) turns by θ_a − θ_b per position, reflection-like (f + i g) by θ_a + θ_b
-          const std::complex<double> zc = std::complex<double>(0.5 * (b11 + b22), 0.5 * (b21 - b12)) * factor(ta - tb);
-          const std::complex<double> zf = std::complex<double>(0.5 * (b11 - b22), 0.5 * (b12 + b21)) * factor(ta + tb);
+          const auto ab = static_cast<size_t>(a * h + b);
+          const std::complex<double> zc = std::complex<double>(0.5 * (b11 + b22), 0.5 * (b21 - b12)) * rot_factor[ab];
+          const std::complex<double> zf = std::complex<double>(0.5 * (b11 - b22), 0.5 * (b12 + b21)) * refl_factor[ab];
           dst[a * d + b] = zc.real() + zf.real();
           dst[(a + h) * d + b + h] = zc.real() - zf.real();
           dst[a * d + b + h] = zf.imag() - zc.imag();
