@@ -25,6 +25,7 @@
 #include "runtime/engine.h"
 #include "runtime/kv_cache.h"
 #include "runtime/lt_gemm.h"
+#include "runtime/prefill_layer_writer.h"
 
 namespace oscar::rt {
 
@@ -32,41 +33,6 @@ namespace {
 
 void check(kern::Status s, const std::string& where) {
   if (s != kern::Status::Ok) throw Error(where, "kernel launch refused: " + std::string(kern::status_name(s)));
-}
-
-template <class T>
-__device__ __forceinline__ float load_as_float(const T* p);
-template <>
-__device__ __forceinline__ float load_as_float<float>(const float* p) { return *p; }
-template <>
-__device__ __forceinline__ float load_as_float<uint16_t>(const uint16_t* p) {
-  return kern::detail::bf16_bits_to_float(*p);
-}
-
-// Head vectors [rows, src_dim] -> bf16 [rows, dst_dim]: dims past src_dim become 0, dims past dst_dim are dropped.
-// Serves the fp32 -> bf16 conversion of the prefill observer's K/V, and the zero padding of small head dims to
-// the decode kernels' sizes (and back for the attention output).
-template <class T>
-__global__ void copy_heads_kernel(const T* __restrict__ src, int64_t rows, int src_dim, uint16_t* __restrict__ dst,
-                                  int dst_dim) {
-  const int64_t n = rows * dst_dim;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / dst_dim;
-    const int j = static_cast<int>(i - r * dst_dim);
-    dst[i] = j < src_dim ? kern::detail::float_to_bf16_bits(load_as_float(src + r * src_dim + j)) : uint16_t{0};
-  }
-}
-
-template <class T>
-void copy_heads(const T* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, cudaStream_t stream,
-                const std::string& where) {
-  const int64_t n = rows * dst_dim;
-  if (n == 0) return;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-  copy_heads_kernel<T><<<blocks, 256, 0, stream>>>(src, rows, static_cast<int>(src_dim), dst,
-                                                   static_cast<int>(dst_dim));
-  check_cuda(cudaGetLastError(), where);
 }
 
 size_t bytes_of(int64_t n, int64_t elem) { return static_cast<size_t>(n * elem); }
@@ -101,8 +67,9 @@ struct Engine::Impl {
   DeviceBuffer ints;  // ids [B], positions [B], seq_lens [B], bf16 slots [B], int2 slots [B], tables 2 x [B, W]
   DeviceBuffer x, normed, qkv, q, k, v, attn, proj, gate_up, act, logits, workspace;
   DeviceBuffer q_pad, k_pad, v_pad, attn_pad;  // cache_head_dim copies when the model's head_dim is padded
-  // Prefill staging: bf16 [T, Hkv, D] K and V for kv_write, slots [2 T].
-  DeviceBuffer stage_k, stage_v, prefill_slots;
+  // Prefill: the staging and side stream of its cache writes, and the slots [2 T] they write to.
+  std::unique_ptr<PrefillLayerWriter> prefill_writer;
+  DeviceBuffer prefill_slots;
 
   ~Impl() = default;
 
@@ -118,14 +85,15 @@ struct Engine::Impl {
   // Writes `tokens` new head vectors of one layer into the cache: x_k / x_v bf16 [tokens, Hkv, D] (token stride
   // `stride` elements), slots from KvPageTables (-1 = not stored in that pool).
   void write_layer(int64_t layer, const uint16_t* x_k, const uint16_t* x_v, int64_t tokens, int64_t stride,
-                   const int32_t* bf16_slots, const int32_t* int2_slots, const std::string& where) {
+                   const int32_t* bf16_slots, const int32_t* int2_slots, Stream write_stream,
+                   const std::string& where) {
     kern::KvWriteParams common;
     common.tokens = tokens;
     common.token_stride = stride;
     common.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
     common.head_dim = static_cast<int32_t>(format.cache_head_dim);
     common.page_tokens = static_cast<int32_t>(cache->layout().page_tokens);
-    const auto st = reinterpret_cast<kern::Stream>(stream);
+    const auto st = reinterpret_cast<kern::Stream>(write_stream);
     for (const bool value : {false, true}) {
       // Fresh per tensor: K's INT2 fields (EF tables, clip) must not reach V's bf16 write, which refuses tables.
       kern::KvWriteParams p = common;
@@ -175,12 +143,14 @@ class PrefillCacheWriter : public DeviceObserver {
   PrefillCacheWriter(Engine::Impl& e, const int32_t* bf16_slots, const int32_t* int2_slots)
       : e_(e), bf16_slots_(bf16_slots), int2_slots_(int2_slots) {}
   void on_attention_inputs(const DeviceAttentionInputs& in) override {
-    const int64_t D = e_.format.cache_head_dim, rows = in.num_tokens * in.num_kv_heads;
+    const int64_t D = e_.format.cache_head_dim;
     const std::string where = "Engine::add_sequence: layer " + std::to_string(in.layer);
-    copy_heads(in.k, rows, in.head_dim, e_.stage_k.as<uint16_t>(), D, e_.stream, where + " K staging");
-    copy_heads(in.v, rows, in.head_dim, e_.stage_v.as<uint16_t>(), D, e_.stream, where + " V staging");
-    e_.write_layer(in.layer, e_.stage_k.as<uint16_t>(), e_.stage_v.as<uint16_t>(), in.num_tokens,
-                   in.num_kv_heads * D, bf16_slots_, int2_slots_, where);
+    e_.prefill_writer->write_layer(
+        in, D,
+        [&](int64_t layer, const uint16_t* k, const uint16_t* v, Stream stream) {
+          e_.write_layer(layer, k, v, in.num_tokens, in.num_kv_heads * D, bf16_slots_, int2_slots_, stream, where);
+        },
+        where);
   }
 
  private:
@@ -245,6 +215,7 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   }
   e->w = e->model->weights();
   e->stream = reinterpret_cast<cudaStream_t>(e->model->stream());
+  e->prefill_writer = std::make_unique<PrefillLayerWriter>(options.overlap_prefill_writes);
   e->gemm = std::make_unique<LtGemm>(size_t{32} << 20);
   e->cache = std::make_unique<KvCache>(layout, plan);
   int device = 0;
@@ -298,10 +269,7 @@ int64_t Engine::add_sequence(std::span<const int32_t> prompt) {
       slots[static_cast<size_t>(t)] = tables.bf16_slot(seq, t);
       slots[static_cast<size_t>(n + t)] = tables.int2_slot(seq, t);
     }
-    const int64_t D = e.format.cache_head_dim;
     e.prefill_slots.ensure(slots.size() * 4, "prefill slots");
-    e.stage_k.ensure(bytes_of(n * e.cfg.num_kv_heads * D, 2), "prefill K staging");
-    e.stage_v.ensure(bytes_of(n * e.cfg.num_kv_heads * D, 2), "prefill V staging");
     check_cuda(cudaMemcpyAsync(e.prefill_slots.data(), slots.data(), slots.size() * 4, cudaMemcpyHostToDevice,
                                e.stream),
                where + ": upload slots");
@@ -311,7 +279,9 @@ int64_t Engine::add_sequence(std::span<const int32_t> prompt) {
     DeviceForwardOptions fo;
     fo.observer = &writer;
     fo.rows = LogitsRows::LastPerSequence;
-    const std::vector<float> logits = e.model->forward(batch, fo).to_host();  // synchronizes: slots may go
+    const auto& out = e.model->forward(batch, fo);
+    e.prefill_writer->join(e.model->stream(), where);
+    const std::vector<float> logits = out.to_host();  // synchronizes (after the joined writes): slots may go
     SequenceState s;
     s.tokens.assign(prompt.begin(), prompt.end());
     s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(seq));
@@ -450,7 +420,7 @@ std::vector<Engine::StepToken> Engine::step() {
       k_new = e.k_pad.as<uint16_t>();
       v_new = e.v_pad.as<uint16_t>();
     }
-    e.write_layer(l, k_new, v_new, B, c.num_kv_heads * D, d_bf16_slots, d_int2_slots, lw);
+    e.write_layer(l, k_new, v_new, B, c.num_kv_heads * D, d_bf16_slots, d_int2_slots, e.stream, lw);
 
     ap.rotation_k = e.rotation(e.k_rot, l);
     ap.rotation_v = e.rotation(e.v_rot, l);

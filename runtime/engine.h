@@ -147,6 +147,9 @@ struct EngineOptions {
   bool keep_logits = false;                     // keep each sequence's last logits row (last_logits())
   bool fold_v = false;          // --fold-v: fold R_v into W_v / W_o at load (needs the engine's own DeviceModel)
   uint64_t hadamard_seed = 0;   // hadamard2's random signs (eval's --seed)
+  // Run the prefill's cache writes on a side stream overlapping the forward (rt::PrefillLayerWriter; the cache is
+  // bit-identical either way). Not a user option: tests and benchmarks turn it off to compare.
+  bool overlap_prefill_writes = true;
 };
 
 class Engine {

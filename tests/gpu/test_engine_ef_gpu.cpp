@@ -130,8 +130,9 @@ struct PoolPair {
   bool segmented = false;  // a spectral (non-INT2) tensor of a mixed bundle: not compared here (EngineSpectral is)
 };
 std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bundle, const std::vector<int32_t>& prompt,
-                                    int64_t& sink) {
+                                    int64_t& sink, bool overlap = true) {
   EngineOptions o;
+  o.overlap_prefill_writes = overlap;
   o.cache = CacheMode::Oscar;
   o.sink_tokens = 4;
   o.recent_tokens = 16;
@@ -234,11 +235,56 @@ TEST_F(EngineEf, PrefillRecordsAreTheReferenceWritersBitForBit) {
     differing_from_rtn += ef[i].ref != ef[i].ref_rtn;
   }
   EXPECT_EQ(differing_from_rtn, static_cast<int>(ef.size())) << "every tensor has a table, so its codes change";
+  // The writes on the forward's stream (overlap off) give the same records as on the side stream above.
+  const auto serial = prefill_pools(*dir_, *ef_, prompt, sink, /*overlap=*/false);
+  for (size_t i = 0; i < ef.size(); ++i)
+    EXPECT_EQ(serial[i].engine, ef[i].engine) << "layer " << i / 2 << (i % 2 ? " V" : " K");
   // The same bundle without tables: the engine writes the RTN records (today's format and path).
   const auto rtn = prefill_pools(*dir_, *rtn_, prompt, sink);
   for (size_t i = 0; i < rtn.size(); ++i) {
     EXPECT_EQ(rtn[i].engine, rtn[i].ref_rtn) << "layer " << i / 2 << (i % 2 ? " V" : " K");
     EXPECT_EQ(rtn[i].engine.size(), ef[i].engine.size());
+  }
+}
+
+// Several prefills in one engine, the second shorter and the third longer than any before (the staging buffers
+// are reused, then reallocated while pair 0's last write may still be in flight), then decode steps, which read
+// every pool: with the prefill writes overlapped on the side stream, every step's logits are bit for bit those of an
+// engine that writes on the forward's stream.
+TEST_F(EngineEf, OverlappedPrefillWritesMatchSerialOnesAcrossPrefillsAndSteps) {
+  const std::vector<int32_t> ids = prompt_ids(*tok_, 700);
+  ASSERT_EQ(ids.size(), 700u);
+  const std::vector<std::vector<int32_t>> prompts = {std::vector<int32_t>(ids.begin(), ids.begin() + 200),
+                                                     std::vector<int32_t>(ids.begin() + 200, ids.begin() + 237),
+                                                     std::vector<int32_t>(ids.begin() + 237, ids.end())};
+  std::vector<std::vector<std::vector<float>>> logits(2);  // [mode][step * sequences + s]
+  std::vector<std::vector<int32_t>> tokens(2);
+  for (const bool overlap : {true, false}) {
+    EngineOptions o;
+    o.cache = CacheMode::Oscar;
+    o.sink_tokens = 4;
+    o.recent_tokens = 16;
+    o.cache_budget_bytes = size_t{64} << 20;
+    o.keep_logits = true;
+    o.overlap_prefill_writes = overlap;
+    auto e = Engine::load(*dir_, o, ef_);
+    std::vector<int64_t> seqs;
+    for (const auto& p : prompts) seqs.push_back(e->add_sequence(p));
+    auto& out = logits[overlap ? 0 : 1];
+    for (int step = 0; step < 4; ++step) {
+      for (const int64_t s : seqs) {
+        const auto row = e->last_logits(s);
+        out.emplace_back(row.begin(), row.end());
+        tokens[overlap ? 0 : 1].push_back(e->next_token(s));
+      }
+      e->step();
+    }
+  }
+  ASSERT_EQ(logits[0].size(), 12u);
+  EXPECT_EQ(tokens[0], tokens[1]);
+  for (size_t i = 0; i < logits[0].size(); ++i) {
+    ASSERT_EQ(logits[0][i].size(), static_cast<size_t>(cpu_->config().vocab_size));
+    EXPECT_EQ(logits[0][i], logits[1][i]) << "step " << i / 3 << " sequence " << i % 3;
   }
 }
 

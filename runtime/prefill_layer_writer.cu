@@ -1,0 +1,118 @@
+// rt::PrefillLayerWriter (runtime/prefill_layer_writer.h).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "formats/error.h"
+#include "kernels/common/device_utils.cuh"
+#include "runtime/prefill_layer_writer.h"
+
+namespace oscar::rt {
+
+namespace {
+
+template <class T>
+__device__ __forceinline__ float load_as_float(const T* p);
+template <>
+__device__ __forceinline__ float load_as_float<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float load_as_float<uint16_t>(const uint16_t* p) {
+  return kern::detail::bf16_bits_to_float(*p);
+}
+
+template <class T>
+__global__ void copy_heads_kernel(const T* __restrict__ src, int64_t rows, int src_dim, uint16_t* __restrict__ dst,
+                                  int dst_dim) {
+  const int64_t n = rows * dst_dim;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / dst_dim;
+    const int j = static_cast<int>(i - r * dst_dim);
+    dst[i] = j < src_dim ? kern::detail::float_to_bf16_bits(load_as_float(src + r * src_dim + j)) : uint16_t{0};
+  }
+}
+
+cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
+cudaStream_t as_stream(Stream s) { return reinterpret_cast<cudaStream_t>(s); }
+
+}  // namespace
+
+template <class T>
+void copy_heads(const T* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, Stream stream,
+                const std::string& where) {
+  const int64_t n = rows * dst_dim;
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+  copy_heads_kernel<T><<<blocks, 256, 0, as_stream(stream)>>>(src, rows, static_cast<int>(src_dim), dst,
+                                                              static_cast<int>(dst_dim));
+  check_cuda(cudaGetLastError(), where);
+}
+template void copy_heads<float>(const float*, int64_t, int64_t, uint16_t*, int64_t, Stream, const std::string&);
+template void copy_heads<uint16_t>(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, Stream,
+                                   const std::string&);
+
+PrefillLayerWriter::PrefillLayerWriter(bool overlap) : overlap_(overlap) {
+  if (!overlap_) return;
+  // The lowest priority: the side stream's blocks take SMs the forward leaves free (between GEMM waves, the tails
+  // of attention) rather than delaying the forward's own kernels, which the next layer waits on.
+  int least = 0, greatest = 0;
+  check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), "PrefillLayerWriter: stream priorities");
+  cudaStream_t side = nullptr;
+  check_cuda(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, least), "PrefillLayerWriter: side stream");
+  side_ = reinterpret_cast<Stream>(side);
+  for (int i = 0; i < 2; ++i) {
+    cudaEvent_t e = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "PrefillLayerWriter: event");
+    ready_[i] = e;
+    check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "PrefillLayerWriter: event");
+    done_[i] = e;
+  }
+}
+
+PrefillLayerWriter::~PrefillLayerWriter() {
+  if (!side_) return;
+  cudaStreamSynchronize(as_stream(side_));  // no throw from a destructor; a failure here has been reported already
+  for (int i = 0; i < 2; ++i) {
+    if (ready_[i]) cudaEventDestroy(as_event(ready_[i]));
+    if (done_[i]) cudaEventDestroy(as_event(done_[i]));
+  }
+  cudaStreamDestroy(as_stream(side_));
+}
+
+void PrefillLayerWriter::write_layer(const DeviceAttentionInputs& in, int64_t dst_dim, const WriteFn& write,
+                                     const std::string& where) {
+  const int64_t rows = in.num_tokens * in.num_kv_heads;
+  const size_t bytes = static_cast<size_t>(rows * dst_dim) * 2;
+  const int pair = overlap_ ? static_cast<int>(next_pair_++ % 2) : 0;
+  const cudaStream_t forward = as_stream(in.stream);
+  if (overlap_ && used_[pair]) {
+    // The write that last read this pair must be done before the copy overwrites it. ensure() may reallocate,
+    // which frees the old buffer while that write could still read it: wait on the host then (a larger prompt than
+    // any before: once per size, not per layer).
+    if (stage_k_[pair].bytes() < bytes) check_cuda(cudaEventSynchronize(as_event(done_[pair])), where + " staging");
+    else check_cuda(cudaStreamWaitEvent(forward, as_event(done_[pair]), 0), where + " staging");
+  }
+  stage_k_[pair].ensure(bytes, "prefill K staging");
+  stage_v_[pair].ensure(bytes, "prefill V staging");
+  uint16_t* k = stage_k_[pair].as<uint16_t>();
+  uint16_t* v = stage_v_[pair].as<uint16_t>();
+  copy_heads(in.k, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
+  copy_heads(in.v, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
+  if (!overlap_) {
+    write(in.layer, k, v, in.stream);
+    return;
+  }
+  check_cuda(cudaEventRecord(as_event(ready_[pair]), forward), where + " staging event");
+  check_cuda(cudaStreamWaitEvent(as_stream(side_), as_event(ready_[pair]), 0), where + " side stream wait");
+  write(in.layer, k, v, side_);
+  check_cuda(cudaEventRecord(as_event(done_[pair]), as_stream(side_)), where + " write event");
+  used_[pair] = true;
+  last_ = pair;
+}
+
+void PrefillLayerWriter::join(Stream stream, const std::string& where) {
+  if (!overlap_ || last_ < 0) return;
+  check_cuda(cudaStreamWaitEvent(as_stream(stream), as_event(done_[last_]), 0), where + ": join the cache writes");
+}
+
+}  // namespace oscar::rt
