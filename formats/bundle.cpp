@@ -163,6 +163,9 @@ class Writer {
     } else if constexpr (std::is_same_v<T, int32_t>) {
       file_type = H5T_STD_I32LE;
       mem_type = H5T_NATIVE_INT32;
+    } else if constexpr (std::is_same_v<T, double>) {
+      file_type = H5T_IEEE_F64LE;
+      mem_type = H5T_NATIVE_DOUBLE;
     } else {
       static_assert(std::is_same_v<T, float>);
       file_type = H5T_IEEE_F32LE;
@@ -194,6 +197,12 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
   w.string_attr(file, "producer", b.producer);
   // 1.2: only with tables, so a bundle without them keeps the 1.1 bytes.
   if (has_error_feedback(b)) w.scalar_attr(file, "ef_clip_feedback", static_cast<int32_t>(b.ef_clip_feedback ? 1 : 0));
+  // 1.3: only with stored key metrics, so a bundle without them keeps the 1.2 bytes.
+  if (has_key_metric(b)) {
+    w.scalar_attr(file, "ef_damp", b.ef_damp);
+    w.scalar_attr(file, "ef_metric_positions", b.ef_metric_positions);
+    w.scalar_attr(file, "ef_key_context", b.ef_key_context);
+  }
 
   {
     Handle g = w.group(file, "model");
@@ -266,6 +275,7 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
       if (!l.k_ef_order.empty()) {
         w.dataset<int32_t>(lg.get(), "k_ef_order", {kv, d}, l.k_ef_order);
         w.dataset<float>(lg.get(), "k_ef_weights", {kv, d, d}, l.k_ef_weights);
+        if (!l.k_ef_metric.empty()) w.dataset<double>(lg.get(), "k_ef_metric", {kv, d, d}, l.k_ef_metric);
       }
       if (!l.v_ef_order.empty()) {
         w.dataset<int32_t>(lg.get(), "v_ef_order", {kv, d}, l.v_ef_order);
@@ -349,6 +359,7 @@ class Reader {
     if constexpr (std::is_same_v<T, int64_t>) mem_type = H5T_NATIVE_INT64;
     else if constexpr (std::is_same_v<T, uint64_t>) mem_type = H5T_NATIVE_UINT64;
     else if constexpr (std::is_same_v<T, int32_t>) mem_type = H5T_NATIVE_INT32;
+    else if constexpr (std::is_same_v<T, double>) mem_type = H5T_NATIVE_DOUBLE;
     else mem_type = H5T_NATIVE_FLOAT;
     Handle a = attr(obj, path, name);
     Handle space(H5Aget_space(a.get()), H5Sclose);
@@ -427,6 +438,10 @@ Bundle read_all(const Reader& r, hid_t file) {
     if (cf != 0 && cf != 1) r.fail("", ::fmt::format("attribute ef_clip_feedback is {} (must be 0 or 1)", cf));
     b.ef_clip_feedback = cf == 1;
   }
+  if (H5Aexists(file, "ef_damp") > 0) b.ef_damp = r.scalar_attr<double>(file, "/", "ef_damp");
+  if (H5Aexists(file, "ef_metric_positions") > 0)
+    b.ef_metric_positions = r.scalar_attr<int64_t>(file, "/", "ef_metric_positions");
+  if (H5Aexists(file, "ef_key_context") > 0) b.ef_key_context = r.scalar_attr<int64_t>(file, "/", "ef_key_context");
 
   {
     Handle g = r.group(file, "/", "model");
@@ -523,6 +538,8 @@ Bundle read_all(const Reader& r, hid_t file) {
         *order = r.dataset<int32_t>(lg.get(), lp, order_name, {kv, d});
         *weights = r.dataset<float>(lg.get(), lp, weights_name, {kv, d, d});
       }
+      if (H5Lexists(lg.get(), "k_ef_metric", H5P_DEFAULT) > 0)
+        l.k_ef_metric = r.dataset<double>(lg.get(), lp, "k_ef_metric", {kv, d, d});
       b.layers.push_back(std::move(l));
     }
   }
@@ -563,6 +580,25 @@ void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, co
 // A 1.2 table (lib/calib/error_feedback.h's stored form) must be exactly what the writers can run: a permutation per
 // KV head, finite weights that only feed later steps, and a tensor stored as one whole-head INT2 segment (the
 // rounding reads one (scale, zero) per token; segmented layouts keep round-to-nearest).
+// A stored key metric: beside a key table only, [kv_heads, d, d], finite, symmetric (it is a second moment; the
+// tables are rebuilt from it, so a damaged one must not be factorized silently).
+void check_key_metric(const std::vector<double>& metric, bool has_table, int64_t kv_heads, int64_t d,
+                      const std::string& where) {
+  if (metric.empty()) return;
+  if (!has_table) throw Error(where, "a key metric without a key table");
+  if (static_cast<int64_t>(metric.size()) != kv_heads * d * d)
+    throw Error(where, ::fmt::format("must hold [{}, {}, {}] values, has {}", kv_heads, d, d, metric.size()));
+  for (int64_t h = 0; h < kv_heads; ++h)
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const double a = metric[static_cast<size_t>((h * d + i) * d + j)];
+        const double b = metric[static_cast<size_t>((h * d + j) * d + i)];
+        if (!std::isfinite(a) || !std::isfinite(b))
+          throw Error(where, ::fmt::format("KV head {}: non-finite value at [{}, {}]", h, i, j));
+        if (a != b) throw Error(where, ::fmt::format("KV head {}: not symmetric at [{}, {}] ({} vs {})", h, i, j, a, b));
+      }
+}
+
 void check_error_feedback(const std::vector<int32_t>& order, const std::vector<float>& weights,
                           const TensorQuantSpec& spec, int64_t kv_heads, int64_t d, const std::string& order_where,
                           const std::string& weights_where) {
@@ -605,7 +641,15 @@ bool has_error_feedback(const Bundle& bundle) {
   return false;
 }
 
-int32_t required_format_minor(const Bundle& bundle) { return has_error_feedback(bundle) ? 2 : 1; }
+bool has_key_metric(const Bundle& bundle) {
+  for (const auto& l : bundle.layers)
+    if (!l.k_ef_metric.empty()) return true;
+  return false;
+}
+
+int32_t required_format_minor(const Bundle& bundle) {
+  return has_key_metric(bundle) ? 3 : has_error_feedback(bundle) ? 2 : 1;
+}
 
 std::string_view kv_storage_name(KvStorage s) {
   switch (s) {
@@ -672,6 +716,14 @@ void validate_bundle(const Bundle& b, const std::string& where) {
                          lw + "/k_ef_weights");
     check_error_feedback(l.v_ef_order, l.v_ef_weights, spec.v, m.num_kv_heads, d, lw + "/v_ef_order",
                          lw + "/v_ef_weights");
+    check_key_metric(l.k_ef_metric, !l.k_ef_order.empty(), m.num_kv_heads, d, lw + "/k_ef_metric");
+  }
+  if (has_key_metric(b)) {
+    if (!(b.ef_damp >= 0 && std::isfinite(b.ef_damp)))
+      throw Error(where + ":/", ::fmt::format("ef_damp {} is not a finite damping >= 0", b.ef_damp));
+    if (b.ef_metric_positions <= 0 || b.ef_key_context <= 0)
+      throw Error(where + ":/", ::fmt::format("ef_metric_positions {} and ef_key_context {} must be positive",
+                                              b.ef_metric_positions, b.ef_key_context));
   }
   const auto& e = b.errors;
   const size_t cells = e.rows.size() * static_cast<size_t>(std::max<int64_t>(e.num_layers, 0));

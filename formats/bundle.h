@@ -21,7 +21,8 @@ namespace oscar::fmt {
 class TensorStore;
 
 inline constexpr int32_t kBundleFormatMajor = 1;
-inline constexpr int32_t kBundleFormatMinor = 2;  // 1.1: per-layer segment layouts; 1.2: error-feedback tables
+inline constexpr int32_t kBundleFormatMinor = 3;  // 1.1: per-layer segment layouts; 1.2: error-feedback tables;
+                                                  // 1.3: the key metric the key tables are made from
 
 // Identifies the checkpoint a bundle was calibrated on; `oscar eval` refuses a bundle whose fingerprint differs.
 struct ModelFingerprint {
@@ -80,6 +81,11 @@ struct LayerCalibration {
   std::vector<float> k_ef_weights;   // [num_kv_heads, head_dim, head_dim] row-major, strictly upper triangular
   std::vector<int32_t> v_ef_order;
   std::vector<float> v_ef_weights;
+  // Format 1.3 (only beside a key table): the key metric M_K[h] = Σ_Q of KV head h's query group, post-RoPE, in the
+  // ORIGINAL (unrotated) basis, averaged over positions 0..Bundle::ef_metric_positions-1 — as collected, before any
+  // --ef-context carry. From it a reader can rebuild the key tables for another context
+  // (calib::retarget_key_tables) without the calibration data.
+  std::vector<double> k_ef_metric;  // [num_kv_heads, head_dim, head_dim] row-major, symmetric
   bool operator==(const LayerCalibration&) const = default;
 };
 
@@ -109,11 +115,20 @@ struct Bundle {
   // Format 1.2: with error-feedback tables, whether the rounding target is the unclipped rotated vector (the
   // clipping error is fed back too) or the clipped one. Meaningless without tables.
   bool ef_clip_feedback = true;
+  // Format 1.3, with stored key metrics: what rebuilding the key tables needs besides the metric — the damping the
+  // tables were factorized with (relative to mean(diag M)) and the positions the stored metric averages over — and
+  // the positions 0..ef_key_context-1 the present key tables serve. 0 when there is no stored metric (then the
+  // provenance says the context: calib::error_feedback_context).
+  double ef_damp = 0;
+  int64_t ef_metric_positions = 0;
+  int64_t ef_key_context = 0;
 };
 
 // True when any layer carries error-feedback tables (format 1.2).
 bool has_error_feedback(const Bundle& bundle);
-// 2 with error-feedback tables, else 1 (what write_bundle writes as format_minor).
+// True when any layer stores its key metric (format 1.3).
+bool has_key_metric(const Bundle& bundle);
+// 3 with stored key metrics, 2 with error-feedback tables, else 1 (what write_bundle writes as format_minor).
 int32_t required_format_minor(const Bundle& bundle);
 
 // The spec layer `layer` is stored with: bundle.quant with the layer's own segments (when it has them) and clip ratios.

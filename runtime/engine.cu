@@ -20,6 +20,8 @@
 #include "kernels/norm/rmsnorm.h"
 #include "kernels/rope/rope_qkv.h"
 #include "lib/calib/calibrator.h"
+#include "lib/model/cpu_model.h"
+#include "lib/calib/ef_calibration.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
 #include "runtime/engine.h"
@@ -59,6 +61,9 @@ struct Engine::Impl {
   std::vector<DeviceBuffer> k_rot, v_rot;  // per layer; empty = identity
   // Error-feedback tables per layer (CacheFormat::k_ef_order ...), uploaded once at load; empty = RTN.
   std::vector<DeviceBuffer> k_ef_order, k_ef_weights, v_ef_order, v_ef_weights;
+  // A bundle with stored key metrics (format 1.3), kept to rebuild the key tables for other contexts
+  // (set_key_table_context); null otherwise.
+  std::unique_ptr<fmt::Bundle> metric_bundle;
   std::vector<fmt::SegmentedPageGeometry> k_geo, v_geo;  // per layer when format.segmented(); else empty (INT2)
   std::map<int64_t, SequenceState> seqs;
 
@@ -185,6 +190,13 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     }
     check_bundle_matches(*bundle, calib::model_fingerprint(model_dir), bundle_where, model_dir.string());
   }
+  if (bundle && fmt::has_key_metric(*bundle)) e->metric_bundle = std::make_unique<fmt::Bundle>(*bundle);
+  if (options.key_table_context < 0) throw Error("--ef-context", "must be >= 0 (0 = the bundle's key tables)");
+  if (bundle && options.key_table_context > 0 && options.key_table_context != calib::error_feedback_context(*bundle)) {
+    if (!e->metric_bundle) calib::bundle_for_context(*bundle, e->cfg, options.key_table_context);  // throws: why not
+    calib::retarget_key_tables(*e->metric_bundle, model::rope_inv_freq(e->cfg), options.key_table_context);
+    bundle = e->metric_bundle.get();
+  }
   e->format = resolve_cache_format(e->cfg, options.cache, bundle, options.sink_tokens, options.recent_tokens,
                                    "--cache " + std::string(cache_mode_name(options.cache)), options.hadamard_seed);
   const bool fold_v = options.fold_v && std::any_of(e->format.v_rotation.begin(), e->format.v_rotation.end(),
@@ -243,6 +255,33 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     }
   }
   return std::unique_ptr<Engine>(new Engine(std::move(e)));
+}
+
+bool Engine::rebuilds_key_tables() const { return impl_->metric_bundle && !impl_->k_ef_order.empty(); }
+
+void Engine::set_key_table_context(int64_t positions) {
+  Impl& e = *impl_;
+  const std::string where = "Engine::set_key_table_context";
+  if (positions == e.format.key_table_context) return;
+  if (e.k_ef_order.empty()) throw Error(where, "the cache format has no error-feedback key tables");
+  if (!e.metric_bundle)
+    throw Error(where, "the bundle stores no key metric (format 1.2 or calibrate --no-ef-key-metric): its key tables "
+                       "serve only the context they were made for");
+  if (!e.seqs.empty())
+    throw Error(where, std::to_string(e.seqs.size()) + " live sequence(s) hold records rounded with the present tables");
+  calib::retarget_key_tables(*e.metric_bundle, model::rope_inv_freq(e.cfg), positions);
+  // Everything else in the bundle is unchanged, so only the K tables are uploaded again (same shapes, checked at
+  // load). The device copies may still be read by queued work: synchronize before the old buffers go.
+  check_cuda(cudaStreamSynchronize(e.stream), where);
+  for (size_t l = 0; l < e.metric_bundle->layers.size(); ++l) {
+    const fmt::LayerCalibration& lc = e.metric_bundle->layers[l];
+    if (lc.k_ef_order.empty()) continue;
+    e.format.k_ef_order[l] = lc.k_ef_order;
+    e.format.k_ef_weights[l] = lc.k_ef_weights;
+    e.k_ef_order[l] = to_device(std::span<const int32_t>(lc.k_ef_order), "K error-feedback order");
+    e.k_ef_weights[l] = to_device(std::span<const float>(lc.k_ef_weights), "K error-feedback weights");
+  }
+  e.format.key_table_context = positions;
 }
 
 int64_t Engine::add_sequence(std::span<const int32_t> prompt) {

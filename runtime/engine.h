@@ -80,6 +80,7 @@ struct CacheFormat {
   std::vector<std::vector<int32_t>> k_ef_order, v_ef_order;
   std::vector<std::vector<float>> k_ef_weights, v_ef_weights;
   bool ef_clip_feedback = false;  // fmt::Bundle::ef_clip_feedback
+  int64_t key_table_context = 0;  // the positions 0..N-1 the K tables serve (calib::error_feedback_context); 0 = none
   bool error_feedback() const;    // some layer has a table
   bool fp8() const { return quant_storage == fmt::KvStorage::Fp8E4M3; }
   bool segmented() const;  // some layer stores integer segments other than whole-head INT2
@@ -150,6 +151,9 @@ struct EngineOptions {
   // Run the prefill's cache writes on a side stream overlapping the forward (rt::PrefillLayerWriter; the cache is
   // bit-identical either way). Not a user option: tests and benchmarks turn it off to compare.
   bool overlap_prefill_writes = true;
+  // --ef-context: rebuild the bundle's error-feedback key tables for positions 0..N-1 at load (bundle 1.3 stores
+  // their metric: calib::retarget_key_tables); 0 = the tables as stored.
+  int64_t key_table_context = 0;
 };
 
 class Engine {
@@ -172,6 +176,14 @@ class Engine {
   const CacheFormat& cache_format() const;
   const KvCache& cache() const;
   DeviceModel& model();
+
+  // Rebuilds the error-feedback key tables for positions 0..positions-1 from the bundle's stored key metric and
+  // uploads them (eval runs each context with its own tables). Only with no live sequence (the cached records were
+  // rounded with the old tables). Throws oscar::Error when the format has no key tables or the bundle stores no
+  // metric (format 1.2, calibrate --no-ef-key-metric). Same positions as now: nothing happens.
+  void set_key_table_context(int64_t positions);
+  // Whether set_key_table_context can work: the format has key tables and the bundle stores their metric.
+  bool rebuilds_key_tables() const;
 
   // Prefills `prompt` (ids in the vocabulary, non-empty) as a new sequence and picks its first new token
   // (next_token). Throws oscar::Error when max_sequences are live or the cache has no room; nothing is kept then.

@@ -10,6 +10,7 @@
 #include "formats/kv_layout.h"
 #include "formats/kv_quant_spec.h"
 #include "lib/eval/cache_modes.h"
+#include "lib/calib/ef_calibration.h"
 #include "runtime/engine.h"
 #include "runtime/kv_cache.h"
 
@@ -248,6 +249,7 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
       check_ef_table(f.v_ef_order.back(), f.v_ef_weights.back(), f.v_segments.back(), cfg, lw + " V error feedback");
     }
     f.ef_clip_feedback = bundle->ef_clip_feedback;
+    f.key_table_context = calib::error_feedback_context(*bundle);
   }
   f.sink_tokens = sink_tokens.value_or(spec.sink_tokens);
   f.recent_tokens = recent_tokens.value_or(spec.recent_tokens);

@@ -224,6 +224,8 @@ eval::EvalReport evaluate_with_decoders(const fmt::ModelConfig& cfg, const fmt::
     say(::fmt::format("context {}: {} sequences{} through {} decoder(s), batch {}", ctx.context, S,
                       greedy ? ::fmt::format(" and {} greedy prompts", prompts) : std::string(), decoders.size(),
                       schedule.batch));
+    if (o.key_tables_per_context)
+      for (Decoder* d : decoders) d->use_key_tables_for(eval::key_table_context_at(o, ctx.context));
     const auto generated = run_lockstep(decoders, jobs, schedule, on_rows);
 
     std::vector<std::vector<int64_t>> agreement(M);
@@ -265,10 +267,28 @@ eval::EvalReport evaluate_with_decoders(const fmt::ModelConfig& cfg, const fmt::
         }
       }
     }
-    std::vector<DecodeJob> jobs;
-    for (const auto& p : prompts) jobs.push_back({p.ids, o.retrieval_new_tokens, false});
     say(::fmt::format("retrieval: {} prompts through {} decoder(s)", prompts.size(), decoders.size()));
-    const auto generated = run_lockstep(decoders, jobs, schedule, {});
+    // One lockstep run, or with --ef-context auto one per prompt length, each with the key tables for the positions
+    // its caches hold (prompt + answer).
+    std::vector<std::vector<std::vector<int32_t>>> generated(prompts.size());
+    std::vector<int64_t> lengths;
+    for (const Cell& c : cells)
+      if (std::find(lengths.begin(), lengths.end(), c.length) == lengths.end()) lengths.push_back(c.length);
+    if (!o.key_tables_per_context) lengths = {-1};
+    for (const int64_t length : lengths) {
+      std::vector<DecodeJob> jobs;
+      std::vector<size_t> job_prompt;
+      for (size_t p = 0; p < prompts.size(); ++p)
+        if (length < 0 || cells[cell_of_prompt[p]].length == length) {
+          jobs.push_back({prompts[p].ids, o.retrieval_new_tokens, false});
+          job_prompt.push_back(p);
+        }
+      if (length >= 0)
+        for (Decoder* d : decoders)
+          d->use_key_tables_for(eval::key_table_context_at(o, length + o.retrieval_new_tokens));
+      auto run = run_lockstep(decoders, jobs, schedule, {});
+      for (size_t j = 0; j < jobs.size(); ++j) generated[job_prompt[j]] = std::move(run[j]);
+    }
     std::vector<std::vector<eval::RetrievalCell>> out(cells.size(), std::vector<eval::RetrievalCell>(M));
     for (size_t c = 0; c < cells.size(); ++c)
       for (size_t mi = 0; mi < M; ++mi)

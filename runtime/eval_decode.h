@@ -48,6 +48,10 @@ class Decoder {
   // Valid until the next add_sequence, step or free_sequence.
   virtual std::span<const float> last_logits(int64_t seq) const = 0;
   virtual void free_sequence(int64_t seq) = 0;
+  // --ef-context auto: called with no live sequence before a run whose caches hold up to `positions` tokens; a
+  // decoder whose cache has error-feedback key tables rebuilt from a stored key metric rebuilds them for that many
+  // positions (Engine::set_key_table_context). Others ignore it.
+  virtual void use_key_tables_for(int64_t /*positions*/) {}
 };
 
 struct DecodeScheduleOptions {

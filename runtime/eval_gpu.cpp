@@ -37,6 +37,9 @@ class EngineDecoder : public Decoder {
   void step() override { engine_->step(); }
   std::span<const float> last_logits(int64_t seq) const override { return engine_->last_logits(seq); }
   void free_sequence(int64_t seq) override { engine_->free_sequence(seq); }
+  void use_key_tables_for(int64_t positions) override {
+    if (engine_->rebuilds_key_tables()) engine_->set_key_table_context(positions);
+  }
   const Engine& engine() const { return *engine_; }
 
  private:

@@ -105,6 +105,7 @@ struct CalibrateCliOptions {
   double ef_damp = 0.1;
   std::string ef_clip_feedback = "on";
   int64_t ef_context = 0;
+  bool no_ef_key_metric = false;
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
   bool rotation_given = false;
   // Set by CLI11 when the flag was given.
@@ -325,6 +326,9 @@ int run_calibrate(const CalibrateCliOptions& o) {
   if (o.ef_context > 0 && opt.error_feedback.mode == calib::ErrorFeedbackMode::Off)
     throw Error("--ef-context", "sets the key tables' context: give --error-feedback k or kv");
   opt.error_feedback.context = o.ef_context;
+  if (o.no_ef_key_metric && opt.error_feedback.mode == calib::ErrorFeedbackMode::Off)
+    throw Error("--no-ef-key-metric", "leaves the key metric of the key tables out: give --error-feedback k or kv");
+  opt.error_feedback.store_key_metric = !o.no_ef_key_metric;
   if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
     opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;
@@ -405,6 +409,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
           key == "ef_clip_feedback" || key == "ef_context" || key == "ef_key_metric" || key == "ef_tables" ||
+          key == "ef_store_key_metric" ||
           key == "ef_heldout_k" || key == "ef_heldout_v")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
@@ -557,8 +562,12 @@ OSCAR_REGISTER_COMMAND(
           ->capture_default_str();
       sub.add_option("--ef-context", o->ef_context,
                      "error feedback: the serving context the key tables are made for (their metric is the "
-                     "post-RoPE query moment over positions 0..N-1, derived from the calibration's; 0 = --seq-len)")
+                     "post-RoPE query moment over positions 0..N-1, derived from the calibration's; 0 = --seq-len). "
+                     "With the key metric stored (the default) eval and the engine can rebuild them for any context")
           ->capture_default_str();
+      sub.add_flag("--no-ef-key-metric", o->no_ef_key_metric,
+                   "error feedback: leave the collected key metric out of the bundle (format 1.2 instead of 1.3, "
+                   "~2x the key tables' bytes smaller); the key tables then serve only --ef-context");
       add_json_flag(sub, o->json);
       return [o, k_clip, v_clip, rotation, spectral_opts] {
         o->k_clip_given = k_clip->count() > 0;

@@ -40,6 +40,7 @@ struct EvalCliOptions {
   bool no_windows = false;
   int64_t kivi_residual = 128;  // KIVI's own bf16 residual; small models need it scaled with their context
   std::string oscar_clip;       // "K,V": replaces the bundle's per-layer clip ratios (ablation); empty: the bundle's
+  std::string ef_context = "auto";  // auto | bundle | N: the positions the oscar mode's key tables are made for
   int64_t greedy_prompts = 2;
   int64_t greedy_tokens = 32;
   bool passkey = false;
@@ -128,6 +129,26 @@ int run_eval(const EvalCliOptions& o) {
       throw Error(o.bundle, ::fmt::format("calibrated on another checkpoint than {} (model fingerprint differs)",
                                           o.model_dir));
   }
+  // --ef-context: auto = each context (and retrieval length) gets key tables for its own positions when the bundle
+  // stores their metric (format 1.3); bundle = as stored; N = rebuilt for positions 0..N-1 everywhere.
+  bool key_tables_per_context = false;
+  std::string ef_context_setting = "bundle";
+  if (o.ef_context == "auto") {
+    key_tables_per_context = bundle && fmt::has_key_metric(*bundle);
+    ef_context_setting = key_tables_per_context ? "auto (key tables rebuilt for each context from the bundle's key "
+                                                  "metric)"
+                                                : "auto (the bundle stores no key metric: its tables as stored)";
+  } else if (o.ef_context != "bundle") {
+    const std::vector<int64_t> ns = o.ef_context.find(',') == std::string::npos
+                                        ? parse_int_list(o.ef_context, "--ef-context")
+                                        : std::vector<int64_t>{};
+    if (ns.size() != 1)
+      throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", o.ef_context));
+    const int64_t n = ns[0];
+    if (!bundle) throw Error("--ef-context", "needs --bundle (it rebuilds the bundle's key tables)");
+    *bundle = calib::bundle_for_context(*bundle, cfg, n);
+    ef_context_setting = ::fmt::format("{} (key tables rebuilt)", n);
+  }
   if (!o.oscar_clip.empty()) {
     if (!bundle) throw Error("--oscar-clip", "needs --bundle (it replaces the bundle's clip ratios)");
     const auto [k, v] = parse_clip_pair(o.oscar_clip);
@@ -164,6 +185,7 @@ int run_eval(const EvalCliOptions& o) {
   opt.mode_options.kivi_residual = o.kivi_residual;
   opt.mode_options.seed = o.seed;
   opt.mode_options.bundle = bundle.get();
+  opt.key_tables_per_context = key_tables_per_context;
   opt.greedy_prompts = o.greedy_prompts;
   opt.greedy_tokens = o.greedy_tokens;
   opt.seed = o.seed;
@@ -177,14 +199,17 @@ int run_eval(const EvalCliOptions& o) {
   // Error-feedback key tables are made for one position range (calibrate --ef-context; docs/results.md "Key tables
   // for the serving context"): elsewhere they still work, with less of their gain. Said once per context, recorded.
   std::vector<std::string> context_warnings;
-  if (bundle && fmt::has_error_feedback(*bundle)) {
+  if (bundle && fmt::has_error_feedback(*bundle) && !key_tables_per_context) {
     const int64_t tables = calib::error_feedback_context(*bundle);
     for (int64_t c : contexts)
       if (c != tables)
         context_warnings.push_back(::fmt::format(
-            "context {}: the bundle's error-feedback key tables are made for {} positions; a bundle for this context "
-            "(oscar calibrate --ef-context {}) keeps more of their gain",
-            c, tables, c));
+            "context {}: the bundle's error-feedback key tables are made for {} positions; {}", c, tables,
+            fmt::has_key_metric(*bundle)
+                ? ::fmt::format("--ef-context auto (the default) rebuilds them for each context")
+                : ::fmt::format("a bundle for this context (oscar calibrate --ef-context {}) or one that stores the "
+                                "key metric (format 1.3) keeps more of their gain",
+                                c)));
   }
   for (const std::string& w : context_warnings) spdlog::warn("{}", w);
   if (o.passkey) {
@@ -273,6 +298,7 @@ int run_eval(const EvalCliOptions& o) {
                                            : "off"},
                      {"seed", std::to_string(o.seed)},
                      {"oscar_clip", o.oscar_clip.empty() ? "bundle" : o.oscar_clip + " (override)"},
+                     {"ef_context", ef_context_setting},
                      {"fold_v", o.fold_v ? "on" : "off"},
                      {"device", on_gpu ? ::fmt::format("cuda (engine decode, batch {}, prefill {} token(s){}{})",
                                                        o.gpu_batch, o.prefill_tokens,
@@ -314,6 +340,11 @@ OSCAR_REGISTER_COMMAND(
                                                   "residual)");
       sub.add_option("--kivi-residual", o->kivi_residual,
                      "kivi2's bf16 residual window in tokens (KIVI: 128); kivi2 reads max(--recent, this)")
+          ->capture_default_str();
+      sub.add_option("--ef-context", o->ef_context,
+                     "oscar mode: the positions its error-feedback key tables are made for. auto = each --context "
+                     "(and passkey length) gets its own, rebuilt from the bundle's key metric (format 1.3); bundle = "
+                     "as stored; N = rebuilt for positions 0..N-1")
           ->capture_default_str();
       sub.add_option("--oscar-clip", o->oscar_clip,
                      "K,V clip ratios replacing the bundle's per-layer ones in the oscar mode (ablation; 1,1 = off)");

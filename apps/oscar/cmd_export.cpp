@@ -27,7 +27,10 @@
 #include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "lib/calib/calibrator.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/error_feedback.h"
+#include "lib/model/cpu_model.h"
 #include "lib/calib/quantizer_ref.h"
 #include "oscar_version.h"
 
@@ -44,6 +47,7 @@ struct ExportOptions {
   bool fold_v = false;
   std::string golden_kv;
   int64_t golden_tokens = 64;
+  int64_t ef_context = 0;  // > 0: the key tables rebuilt for positions 0..ef_context-1 (bundle 1.3)
 };
 
 nlohmann::json tensor_spec_json(const fmt::TensorQuantSpec& t) {
@@ -207,6 +211,19 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
       add(p + name + "_ef_weights", fmt::DType::F32, {kv, d, d}, bytes_of(*weights),
           "error-feedback weights per KV head, strictly upper triangular");
     }
+    // Format 1.3: the metric the key tables are factorized from (docs/format.md: a consumer can rebuild them for
+    // its own context).
+    if (!layer.k_ef_metric.empty())
+      add(p + "k_ef_metric", fmt::DType::F64, {kv, d, d}, bytes_of(layer.k_ef_metric),
+          "key metric per KV head (post-RoPE query second moment, original basis, positions "
+          "0..ef_metric_positions-1)");
+  }
+  const std::vector<int64_t> ef_contexts = {b.ef_metric_positions, b.ef_key_context};
+  const std::vector<double> ef_damp = {b.ef_damp};
+  if (fmt::has_key_metric(b)) {
+    add("ef_metric_positions_key_context", fmt::DType::I64, {2}, bytes_of(ef_contexts),
+        "[positions the key metric averages over, positions the key tables are made for]");
+    add("ef_damp", fmt::DType::F64, {1}, bytes_of(ef_damp), "the key tables' damping (relative to mean(diag M))");
   }
   const std::vector<int32_t> ef_clip_feedback = {b.ef_clip_feedback ? 1 : 0};
   if (fmt::has_error_feedback(b))
@@ -321,9 +338,20 @@ int export_sglang(const fmt::Bundle& b, const ExportOptions& o) {
 }
 
 int run_export(const ExportOptions& o) {
-  const fmt::Bundle b = fmt::read_bundle(o.bundle);
+  fmt::Bundle b = fmt::read_bundle(o.bundle);
   if (o.fold_v && o.format != "safetensors") throw Error("--fold-v", "only with --format safetensors");
-  if (!o.model_dir.empty() && !o.fold_v) throw Error("--model", "only used with --fold-v");
+  if (!o.model_dir.empty() && !o.fold_v && o.ef_context == 0)
+    throw Error("--model", "only used with --fold-v or --ef-context");
+  if (o.ef_context < 0) throw Error("--ef-context", ::fmt::format("{} must be > 0", o.ef_context));
+  if (o.ef_context > 0) {
+    if (o.model_dir.empty()) throw Error("--ef-context", "needs --model DIR (the checkpoint's RoPE frequencies)");
+    if (calib::model_fingerprint(o.model_dir) != b.model)
+      throw Error(o.model_dir, ::fmt::format("is not the checkpoint {} was calibrated on (fingerprint differs)",
+                                             o.bundle));
+    const int64_t rebuilt = calib::retarget_key_tables(b, model::rope_inv_freq(fmt::ModelConfig::from_dir(o.model_dir)),
+                                                       o.ef_context);
+    spdlog::info("key tables of {} layer(s) rebuilt for positions 0..{}", rebuilt, o.ef_context - 1);
+  }
   if (o.fold_v && o.model_dir.empty()) throw Error("--fold-v", "needs --model DIR (the checkpoint to fold)");
   if (!o.golden_kv.empty() && (o.fold_v || o.format != "safetensors"))
     throw Error("--golden-kv", "only with --format safetensors (without --fold-v)");
@@ -349,6 +377,10 @@ OSCAR_REGISTER_COMMAND(
           ->type_name("FILE");
       sub.add_option("--golden-tokens", o->golden_tokens, "tokens per layer and head in the golden file")
           ->capture_default_str();
+      sub.add_option("--ef-context", o->ef_context,
+                     "rebuild the error-feedback key tables for positions 0..N-1 from the bundle's stored key metric "
+                     "(bundle 1.3) before exporting; needs --model")
+          ->type_name("N");
       return [o] { return run_export(*o); };
     });
 

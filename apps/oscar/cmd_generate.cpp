@@ -12,6 +12,7 @@
 
 #include "apps/oscar/command.h"
 #include "apps/oscar/common.h"
+#include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/model_config.h"
 #include "lib/model/generate.h"
@@ -37,6 +38,7 @@ struct GenerateCliOptions {
   bool json = false;
   // --device cuda only: the engine's cache.
   std::string bundle;
+  std::string ef_context = "auto";  // auto | bundle | N: the positions the oscar cache's key tables are made for
   std::string cache;  // bf16 | int2 | int4 | fp8 | hadamard2 | oscar; empty: oscar with --bundle, else bf16
   int64_t sink = -1;  // -1: the bundle's (oscar) or the published default (int2)
   int64_t recent = -1;
@@ -99,7 +101,25 @@ GenerationOutcome generate_on_engine(const GenerateCliOptions& o, const std::vec
   eo.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
   eo.fold_v = o.fold_v;
   eo.hadamard_seed = o.hadamard_seed;
+  // The cache holds the prompt and the new tokens: auto makes the key tables for that many positions when the
+  // bundle stores their metric (format 1.3), and keeps a 1.2 bundle's tables as they are.
+  if (eo.cache == rt::CacheMode::Oscar && o.ef_context != "bundle") {
+    if (o.ef_context == "auto") {
+      if (fmt::has_key_metric(fmt::read_bundle(o.bundle)))
+        eo.key_table_context = static_cast<int64_t>(prompt.size()) + std::max<int64_t>(o.max_new_tokens, 1);
+    } else {
+      try {
+        size_t used = 0;
+        eo.key_table_context = std::stoll(o.ef_context, &used);
+        if (used != o.ef_context.size() || eo.key_table_context <= 0) throw std::invalid_argument(o.ef_context);
+      } catch (const std::exception&) {
+        throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", o.ef_context));
+      }
+    }
+  }
   auto engine = rt::Engine::load(o.model_dir, eo);
+  if (engine->cache_format().key_table_context > 0)
+    spdlog::info("error-feedback key tables for positions 0..{}", engine->cache_format().key_table_context - 1);
   if (o.fold_v)
     spdlog::info(engine->cache_format().v_rotation_folded ? "R_v folded into W_v / W_o"
                                                           : "--fold-v: this cache format has no V rotation to fold");
@@ -229,6 +249,10 @@ OSCAR_REGISTER_COMMAND(
       sub.add_flag("--no-echo", o->no_echo, "print only the continuation, not the prompt");
       add_device_option(sub, o->device);
       sub.add_option("--bundle", o->bundle, "OSCAR calibration bundle (.oscar) for the INT2 cache (--device cuda)");
+      sub.add_option("--ef-context", o->ef_context,
+                     "--cache oscar: the positions its error-feedback key tables are made for. auto = prompt + "
+                     "--max-new-tokens (rebuilt from the bundle's key metric, format 1.3); bundle = as stored; N")
+          ->capture_default_str();
       sub.add_option("--cache", o->cache, "KV cache format on --device cuda: bf16, int2, int4, fp8, hadamard2 or oscar "
                                           "(default: oscar with --bundle, else bf16)")
           ->check(CLI::IsMember({"bf16", "int2", "int4", "fp8", "hadamard2", "oscar"}));

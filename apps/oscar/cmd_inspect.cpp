@@ -180,6 +180,11 @@ int run_inspect(const InspectOptions& o) {
          ::fmt::format("K layers [{}], V layers [{}], clip feedback {}, key tables for positions 0..{} (other "
                        "tensors: RTN)",
                        ef_k, ef_v, b.ef_clip_feedback ? "on" : "off", calib::error_feedback_context(b) - 1));
+  if (fmt::has_key_metric(b))
+    line("key metric",
+         ::fmt::format("stored (format 1.3; positions 0..{}, damp {:.6g}): eval and the engine rebuild the key tables "
+                       "for their context (--ef-context)",
+                       b.ef_metric_positions - 1, b.ef_damp));
   line("sizes", ::fmt::format("file {}, rotations {}; KV cache {}/token vs bf16 {}/token", human_bytes(file_bytes),
                               human_bytes(rotation_bytes), human_bytes(kv_bytes_per_token),
                               human_bytes(bf16_bytes_per_token)));

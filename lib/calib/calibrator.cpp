@@ -433,6 +433,7 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
     kv.emplace_back("ef_damp", ::fmt::format("{:.6g}", o.error_feedback.damp));
     kv.emplace_back("ef_clip_feedback", o.error_feedback.clip_feedback ? "on" : "off");
     if (o.error_feedback.context > 0) kv.emplace_back("ef_context", std::to_string(o.error_feedback.context));
+    if (!o.error_feedback.store_key_metric) kv.emplace_back("ef_store_key_metric", "off");
   }
   std::sort(kv.begin(), kv.end());
   return kv;
@@ -713,7 +714,8 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     std::vector<std::vector<double>> heldout_sigma_q;  // the key metric's fallback: the held-out queries' Σ_Q
     if (!calibration_sigma)
       for (const HeldoutLayer& hl : heldout_layers) heldout_sigma_q.push_back(hl.sigma_q);
-    const std::vector<std::vector<double>>& collected = calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q;
+    std::vector<std::vector<double>> collected = calibration_sigma ? spectra.head_sigma_q : heldout_sigma_q;
+    for (std::vector<double>& m : collected) symmetrize_metric(m, cfg.head_dim);
     const int64_t ef_context = opt.error_feedback.context > 0 ? opt.error_feedback.context : data.seq_len;
     const int64_t tables = add_error_feedback_tables(
         b,
@@ -721,6 +723,9 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
             ? collected
             : key_metrics_for_context(collected, model::rope_inv_freq(cfg), cfg.head_dim, data.seq_len, ef_context),
         opt.error_feedback);
+    // Format 1.3: the collected metric beside the key tables, so a reader can rebuild them for its own context.
+    if (opt.error_feedback.store_key_metric)
+      store_key_metrics(b, collected, data.seq_len, ef_context, opt.error_feedback.damp);
     std::string heldout_line;
     result_provenance.emplace_back("ef_key_metric", calibration_sigma ? "sigma_q" : "heldout_sigma_q");
     result_provenance.emplace_back("ef_tables", std::to_string(tables));

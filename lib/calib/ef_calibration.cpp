@@ -10,6 +10,7 @@
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "lib/calib/error_feedback.h"
+#include "lib/model/cpu_model.h"
 
 namespace oscar::calib {
 
@@ -140,8 +141,15 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
   return out;
 }
 
+fmt::Bundle bundle_for_context(const fmt::Bundle& bundle, const fmt::ModelConfig& cfg, int64_t context) {
+  fmt::Bundle out = bundle;
+  retarget_key_tables(out, model::rope_inv_freq(cfg), context);
+  return out;
+}
+
 int64_t error_feedback_context(const fmt::Bundle& bundle) {
   if (!fmt::has_error_feedback(bundle)) return 0;
+  if (bundle.ef_key_context > 0) return bundle.ef_key_context;
   for (const auto& [key, value] : bundle.calibration.options)
     if (key == "ef_context") {
       try {
@@ -160,6 +168,43 @@ bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys) {
   return (keys ? spec.k : spec.v).whole_head_int2(bundle.quant.head_dim);
 }
 
+namespace {
+
+// One (layer, tensor)'s tables from its metric [num_kv_heads, d, d] in the original basis: per KV head, the metric
+// moved into the rotation's storage basis, factorized (error_feedback_table) and stored.
+void fill_tensor_tables(fmt::Bundle& b, int64_t l, bool keys, const std::vector<double>& metric,
+                        const ErrorFeedbackOptions& eo) {
+  const int64_t d = b.quant.head_dim, hkv = b.model.num_kv_heads;
+  fmt::LayerCalibration& layer = b.layers[static_cast<size_t>(l)];
+  const std::vector<float>& rot = keys ? layer.k_rotation : layer.v_rotation;
+  std::vector<int32_t>& order = keys ? layer.k_ef_order : layer.v_ef_order;
+  std::vector<float>& weights = keys ? layer.k_ef_weights : layer.v_ef_weights;
+  order.assign(static_cast<size_t>(hkv * d), 0);
+  weights.assign(static_cast<size_t>(hkv * d * d), 0.0f);
+  for (int64_t h = 0; h < hkv; ++h) {
+    const int64_t g = b.rotation_groups == 1 ? 0 : h;
+    const std::vector<double> r(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d);
+    const std::string where = ::fmt::format("layer {} KV head {} {} error-feedback metric", l, h, keys ? "K" : "V");
+    const ErrorFeedbackTable t = error_feedback_table(
+        metric_in_basis(std::span<const double>(metric).subspan(static_cast<size_t>(h * d * d),
+                                                                static_cast<size_t>(d * d)),
+                        r, d),
+        d, eo, where);
+    stored_error_feedback(t, std::span<int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
+                          std::span<float>(weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)));
+  }
+}
+
+ErrorFeedbackOptions table_options(double damp, bool clip_feedback) {
+  ErrorFeedbackOptions eo;
+  eo.damp = damp;
+  eo.act_order = true;
+  eo.feedback_clip_error = clip_feedback;
+  return eo;
+}
+
+}  // namespace
+
 int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<double>>& key_metrics,
                                   const ErrorFeedbackCalibration& opt) {
   if (opt.mode == ErrorFeedbackMode::Off) return 0;
@@ -175,40 +220,83 @@ int64_t add_error_feedback_tables(fmt::Bundle& b, const std::vector<std::vector<
   };
   check_metrics(key_metrics, "key");
   if (values) check_metrics(opt.value_metrics, "value");
-  ErrorFeedbackOptions eo;
-  eo.damp = opt.damp;
-  eo.act_order = true;
-  eo.feedback_clip_error = opt.clip_feedback;
+  const ErrorFeedbackOptions eo = table_options(opt.damp, opt.clip_feedback);
   int64_t tables = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    fmt::LayerCalibration& layer = b.layers[static_cast<size_t>(l)];
+  for (int64_t l = 0; l < L; ++l)
     for (const bool keys : {true, false}) {
       if (!keys && !values) continue;
       if (!whole_head_int2(b, static_cast<size_t>(l), keys)) continue;
-      const std::vector<float>& rot = keys ? layer.k_rotation : layer.v_rotation;
-      const std::vector<double>& metric = (keys ? key_metrics : opt.value_metrics)[static_cast<size_t>(l)];
-      std::vector<int32_t>& order = keys ? layer.k_ef_order : layer.v_ef_order;
-      std::vector<float>& weights = keys ? layer.k_ef_weights : layer.v_ef_weights;
-      order.assign(static_cast<size_t>(hkv * d), 0);
-      weights.assign(static_cast<size_t>(hkv * d * d), 0.0f);
-      for (int64_t h = 0; h < hkv; ++h) {
-        const int64_t g = b.rotation_groups == 1 ? 0 : h;
-        const std::vector<double> r(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d);
-        const std::string where = ::fmt::format("layer {} KV head {} {} error-feedback metric", l, h, keys ? "K" : "V");
-        const ErrorFeedbackTable t = error_feedback_table(
-            metric_in_basis(std::span<const double>(metric).subspan(static_cast<size_t>(h * d * d),
-                                                                    static_cast<size_t>(d * d)),
-                            r, d),
-            d, eo, where);
-        stored_error_feedback(t, std::span<int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
-                              std::span<float>(weights).subspan(static_cast<size_t>(h * d * d),
-                                                                static_cast<size_t>(d * d)));
-      }
+      fill_tensor_tables(b, l, keys, (keys ? key_metrics : opt.value_metrics)[static_cast<size_t>(l)], eo);
       ++tables;
     }
-  }
   b.ef_clip_feedback = opt.clip_feedback;
   return tables;
+}
+
+void symmetrize_metric(std::vector<double>& metric, int64_t d) {
+  if (d <= 0 || metric.size() % static_cast<size_t>(d * d) != 0)
+    throw Error("symmetrize_metric", ::fmt::format("{} values are not [heads, {}, {}]", metric.size(), d, d));
+  const int64_t heads = static_cast<int64_t>(metric.size()) / (d * d);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < i; ++j) {
+        double& a = metric[static_cast<size_t>((h * d + i) * d + j)];
+        double& c = metric[static_cast<size_t>((h * d + j) * d + i)];
+        if (a != c) a = c = 0.5 * (a + c);
+      }
+}
+
+void store_key_metrics(fmt::Bundle& b, const std::vector<std::vector<double>>& collected, int64_t positions,
+                       int64_t key_context, double damp) {
+  if (static_cast<int64_t>(collected.size()) != static_cast<int64_t>(b.layers.size()))
+    throw Error("--error-feedback", ::fmt::format("{} key metrics for {} layers", collected.size(), b.layers.size()));
+  if (positions <= 0 || key_context <= 0)
+    throw Error("--error-feedback", ::fmt::format("positions {} / key context {} must be > 0", positions, key_context));
+  bool any = false;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    fmt::LayerCalibration& layer = b.layers[l];
+    if (layer.k_ef_order.empty()) {
+      layer.k_ef_metric.clear();
+      continue;
+    }
+    const int64_t d = b.quant.head_dim, heads = b.model.num_kv_heads;
+    const std::vector<double>& m = collected[l];
+    if (static_cast<int64_t>(m.size()) != heads * d * d)
+      throw Error("--error-feedback", ::fmt::format("layer {}: a key metric of {} values is not [{}, {}, {}]", l,
+                                                    m.size(), heads, d, d));
+    layer.k_ef_metric = m;
+    symmetrize_metric(layer.k_ef_metric, d);
+    any = true;
+  }
+  if (!any) return;
+  b.ef_damp = damp;
+  b.ef_metric_positions = positions;
+  b.ef_key_context = key_context;
+}
+
+int64_t retarget_key_tables(fmt::Bundle& b, std::span<const float> inv_freq, int64_t context) {
+  if (context <= 0) throw Error("--ef-context", ::fmt::format("{} positions: must be > 0", context));
+  if (!fmt::has_key_metric(b))
+    throw Error("--ef-context", fmt::has_error_feedback(b)
+                                    ? "the bundle stores no key metric (format 1.2 or calibrate --no-ef-key-metric), "
+                                      "so its key tables cannot be rebuilt for another context: recalibrate with "
+                                      "--ef-context"
+                                    : "the bundle has no error-feedback tables");
+  if (context == b.ef_key_context) return 0;
+  const int64_t d = b.quant.head_dim;
+  std::vector<std::vector<double>> metrics;
+  std::vector<int64_t> layers;
+  for (size_t l = 0; l < b.layers.size(); ++l)
+    if (!b.layers[l].k_ef_metric.empty()) {
+      metrics.push_back(b.layers[l].k_ef_metric);
+      layers.push_back(static_cast<int64_t>(l));
+    }
+  const std::vector<std::vector<double>> carried =
+      key_metrics_for_context(metrics, inv_freq, d, b.ef_metric_positions, context);
+  const ErrorFeedbackOptions eo = table_options(b.ef_damp, b.ef_clip_feedback);
+  for (size_t i = 0; i < layers.size(); ++i) fill_tensor_tables(b, layers[i], true, carried[i], eo);
+  b.ef_key_context = context;
+  return static_cast<int64_t>(layers.size());
 }
 
 namespace {

@@ -35,6 +35,9 @@ struct ErrorFeedbackCalibration {
   // --ef-context: the positions 0..context-1 the key metric is averaged over (key_metrics_for_context); 0 = the
   // calibration sequences' own length (the metric as collected).
   int64_t context = 0;
+  // Format 1.3: store the collected key metric beside the key tables (store_key_metrics), so they can be rebuilt for
+  // any context (retarget_key_tables). Off: --no-ef-key-metric (a 1.2 bundle, tables for one context only).
+  bool store_key_metric = true;
   // Per layer [num_kv_heads, d, d] M_V in the ORIGINAL value basis (value_output_metrics); required for kv.
   std::vector<std::vector<double>> value_metrics;
 };
@@ -60,8 +63,9 @@ std::vector<std::vector<double>> key_metrics_for_context(const std::vector<std::
                                                          std::span<const float> inv_freq, int64_t head_dim,
                                                          int64_t calibration_positions, int64_t serving_positions);
 
-// The positions 0..N-1 the bundle's key tables were made for: the provenance option ef_context when calibrate had
-// --ef-context, else the calibration sequences' length (calibration.seq_len). 0 when no layer has a table.
+// The positions 0..N-1 the bundle's key tables were made for: Bundle::ef_key_context when set (format 1.3, or a
+// bundle retargeted in memory), else the provenance option ef_context when calibrate had --ef-context, else the
+// calibration sequences' length (calibration.seq_len). 0 when no layer has a table.
 int64_t error_feedback_context(const fmt::Bundle& bundle);
 
 // Adds tables to every whole-head INT2 tensor of `bundle` (K for k, K and V for kv) from per-layer metrics in the
@@ -69,6 +73,30 @@ int64_t error_feedback_context(const fmt::Bundle& bundle);
 // Sets bundle.ef_clip_feedback. Returns how many (layer, tensor) pairs got a table. Deterministic.
 int64_t add_error_feedback_tables(fmt::Bundle& bundle, const std::vector<std::vector<double>>& key_metrics,
                                   const ErrorFeedbackCalibration& options);
+
+// Makes per-head metrics [heads, d, d] exactly symmetric (each off-diagonal pair -> its mean). A collected second
+// moment is symmetric only up to the rounding of its accumulation order; the calibrator symmetrizes before making
+// tables, so the stored metric (store_key_metrics) rebuilds the same tables.
+void symmetrize_metric(std::vector<double>& metric, int64_t d);
+
+// Format 1.3: stores each layer's collected key metric (per layer [num_kv_heads, d, d], the original basis, averaged
+// over positions 0..positions-1, BEFORE any --ef-context carry) beside its key table, with the damping and the
+// context the present key tables serve, so retarget_key_tables can rebuild them for another context. Layers
+// without a key table store nothing. The stored metric is made exactly symmetric (symmetrize_metric).
+void store_key_metrics(fmt::Bundle& bundle, const std::vector<std::vector<double>>& collected, int64_t positions,
+                       int64_t key_context, double damp);
+
+// Rebuilds the key tables of every layer with a stored key metric for positions 0..context-1:
+// key_metrics_for_context(stored, inv_freq, d, ef_metric_positions, context), then the factorization
+// add_error_feedback_tables runs, with the stored damping. For the same context this gives the tables
+// `oscar calibrate --ef-context context` writes, bit for bit. Value tables do not depend on positions and stay.
+// Sets ef_key_context. Returns how many key tables were rebuilt (0 when context is already the tables' context).
+// Throws oscar::Error when the bundle stores no key metric (format 1.2 or --no-ef-key-metric) or context <= 0.
+int64_t retarget_key_tables(fmt::Bundle& bundle, std::span<const float> inv_freq, int64_t context);
+
+// A copy of `bundle` whose key tables serve positions 0..context-1: retarget_key_tables with the RoPE frequencies
+// of `cfg` (the bundle's checkpoint). Throws as retarget_key_tables.
+fmt::Bundle bundle_for_context(const fmt::Bundle& bundle, const fmt::ModelConfig& cfg, int64_t context);
 
 // Whether the layer's K (keys) or V tensor is stored as one whole-head INT2 segment (what a table needs).
 bool whole_head_int2(const fmt::Bundle& bundle, size_t layer, bool keys);

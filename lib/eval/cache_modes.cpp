@@ -7,6 +7,7 @@
 
 #include "formats/dtype.h"
 #include "formats/error.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/error_feedback.h"
 #include "lib/calib/rotation.h"
 
@@ -189,7 +190,11 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
     case CacheMode::Oscar: {
       if (!opt.bundle)
         throw Error(mode_where, "the oscar mode needs a calibration bundle (--bundle FILE from `oscar calibrate`)");
-      const fmt::Bundle& b = *opt.bundle;
+      fmt::Bundle retargeted;
+      const bool retarget = opt.key_table_context > 0 && fmt::has_error_feedback(*opt.bundle) &&
+                            opt.key_table_context != calib::error_feedback_context(*opt.bundle);
+      if (retarget) retargeted = calib::bundle_for_context(*opt.bundle, cfg, opt.key_table_context);
+      const fmt::Bundle& b = retarget ? retargeted : *opt.bundle;
       if (b.quant.head_dim != d || static_cast<int64_t>(b.layers.size()) != layers)
         throw Error(mode_where, ::fmt::format("bundle is for head_dim {} and {} layers, the model has {} and {}",
                                               b.quant.head_dim, b.layers.size(), d, layers));

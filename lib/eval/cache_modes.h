@@ -72,6 +72,9 @@ struct ModeOptions {
   int64_t kivi_value_group_channels = 32;  // KIVI group size along channels for per-token values (capped at head_dim)
   int64_t kivi_residual = 128;           // KIVI's bf16 residual: kivi2's recent window is at least this
   const fmt::Bundle* bundle = nullptr;   // needed by oscar (not owned; must outlive the CacheFormat)
+  // oscar: rebuild the bundle's error-feedback key tables for positions 0..N-1 (calib::bundle_for_context; needs a
+  // bundle 1.3 with stored key metrics); 0 = the tables as stored.
+  int64_t key_table_context = 0;
   // Optional: replaces how the per-token modes choose a head vector's codes (experiments such as error-feedback
   // rounding, lib/calib/error_feedback.h, that keep the storage format). Called with the mode's own rotation and
   // clip ratio of (layer, kv_head); returns false to fall back to the mode's quantizer. Not used by kivi2 keys.

@@ -1,5 +1,7 @@
 #include "lib/eval/evaluator.h"
 
+#include <map>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -62,6 +64,12 @@ uint64_t retrieval_prompt_seed(uint64_t seed, RetrievalTask task, int64_t length
          2 * (static_cast<uint64_t>(length) * 1000003ull + depth_index * 7919ull + static_cast<uint64_t>(trial));
 }
 
+int64_t key_table_context_at(const EvalOptions& o, int64_t positions) {
+  const fmt::Bundle* b = o.mode_options.bundle;
+  if (o.key_tables_per_context && b && fmt::has_key_metric(*b)) return positions;
+  return o.mode_options.key_table_context;
+}
+
 EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, const std::vector<ContextSequences>& data,
                     const EvalOptions& o) {
   const fmt::ModelConfig& cfg = model.config();
@@ -72,6 +80,20 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
   const auto reference = CacheFormat::create(CacheMode::BF16, cfg, o.mode_options);
   std::vector<std::unique_ptr<CacheFormat>> formats;
   for (CacheMode m : o.modes) formats.push_back(CacheFormat::create(m, cfg, o.mode_options));
+  // The oscar format with its key tables for `positions` (--ef-context auto), built once per length.
+  std::map<std::pair<size_t, int64_t>, std::unique_ptr<CacheFormat>> per_length;
+  auto format_at = [&](size_t mi, int64_t positions) -> const CacheFormat& {
+    if (o.modes[mi] != CacheMode::Oscar || !o.key_tables_per_context) return *formats[mi];
+    const int64_t tables = key_table_context_at(o, positions);
+    if (tables == o.mode_options.key_table_context) return *formats[mi];
+    auto& f = per_length[{mi, positions}];
+    if (!f) {
+      ModeOptions mo = o.mode_options;
+      mo.key_table_context = tables;
+      f = CacheFormat::create(o.modes[mi], cfg, mo);
+    }
+    return *f;
+  };
   if (o.greedy_prompts < 0 || o.greedy_tokens < 0) throw Error("--greedy-prompts", "must be >= 0");
   if (o.retrieval && !tokenizer) throw Error("--passkey", "retrieval needs the model's tokenizer");
 
@@ -95,7 +117,7 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
         } else {
           say(::fmt::format("context {}: sequence {}/{} {}", ctx.context, s + 1, ctx.sequences.size(),
                             formats[mi]->name()));
-          pm = compare_positions(ref, simulated_logits(model, *formats[mi], ids), vocab, targets);
+          pm = compare_positions(ref, simulated_logits(model, format_at(mi, ctx.context), ids), vocab, targets);
         }
         per_mode[mi].insert(per_mode[mi].end(), pm.begin(), pm.end());
       }
@@ -113,7 +135,7 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
         for (size_t mi = 0; mi < formats.size(); ++mi) {
           const auto tokens = formats[mi]->mode() == CacheMode::BF16
                                   ? ref_tokens
-                                  : simulated_greedy(model, *formats[mi], prompt, o.greedy_tokens);
+                                  : simulated_greedy(model, format_at(mi, ctx.context), prompt, o.greedy_tokens);
           agreement[mi].push_back(tokens_until_divergence(ref_tokens, tokens));
         }
       }
@@ -146,7 +168,10 @@ EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, con
             say(::fmt::format("{} length {} depth {:.0f}% trial {}", retrieval_task_name(task), length,
                               100 * o.retrieval_depths[di], trial + 1));
             for (size_t mi = 0; mi < formats.size(); ++mi) {
-              const auto tokens = simulated_greedy(model, *formats[mi], prompt.ids, o.retrieval_new_tokens);
+              // The cache holds the prompt and the answer's tokens: the tables for that many positions.
+              const int64_t positions = length + o.retrieval_new_tokens;
+              const auto tokens =
+                  simulated_greedy(model, format_at(mi, positions), prompt.ids, o.retrieval_new_tokens);
               cells[mi].trials += 1;
               cells[mi].successes += retrieval_success(tokenizer->decode(tokens), prompt.answer) ? 1 : 0;
             }

@@ -31,6 +31,10 @@ struct EvalOptions {
   int64_t retrieval_trials = 1;       // prompts per (length, depth), each with its own key
   int64_t retrieval_new_tokens = 12;  // greedy tokens generated for the answer
   uint64_t seed = 0;                  // retrieval keys (mode seeds are in mode_options)
+  // --ef-context auto: the oscar mode's error-feedback key tables are rebuilt for each context and each retrieval
+  // length (mode_options.key_table_context = that length) when the bundle stores its key metric (format 1.3);
+  // without a stored metric the tables are used as stored.
+  bool key_tables_per_context = false;
   // Progress lines ("context 1024: int2 sequence 2/4").
   std::function<void(std::string_view)> progress;
 };
@@ -40,6 +44,10 @@ struct EvalOptions {
 // bundle) before any forward pass runs.
 EvalReport evaluate(model::CpuModel& model, const fmt::Tokenizer* tokenizer, const std::vector<ContextSequences>& data,
                     const EvalOptions& options);
+
+// The key-table context the oscar mode uses at `positions` under `options` (per context when
+// key_tables_per_context and the bundle stores key metrics, else mode_options.key_table_context).
+int64_t key_table_context_at(const EvalOptions& options, int64_t positions);
 
 // Logits [ids.size(), vocab] of one teacher-forced forward with `format`'s simulated cache.
 std::vector<float> simulated_logits(model::CpuModel& model, const CacheFormat& format, std::span<const int32_t> ids);

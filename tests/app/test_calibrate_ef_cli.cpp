@@ -46,7 +46,10 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   EXPECT_NE(a.out.find("Error-feedback rounding (kv, damp 0.1, clip feedback on)"), std::string::npos) << a.out;
 
   const fmt::Bundle bundle = fmt::read_bundle(dir_ / "a.oscar");
-  EXPECT_EQ(bundle.format_minor, 2);
+  EXPECT_EQ(bundle.format_minor, 3);  // 1.3: the key metric is stored beside the key tables
+  EXPECT_EQ(bundle.ef_damp, 0.1);
+  EXPECT_EQ(bundle.ef_metric_positions, 64);
+  EXPECT_EQ(bundle.ef_key_context, 64);
   EXPECT_TRUE(bundle.ef_clip_feedback);
   EXPECT_EQ(option(bundle, "error_feedback"), "kv");
   EXPECT_EQ(option(bundle, "ef_damp"), "0.1");
@@ -70,6 +73,7 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   for (const auto& l : bundle.layers) {
     ASSERT_EQ(l.k_ef_order.size(), static_cast<size_t>(kv * d));
     ASSERT_EQ(l.v_ef_weights.size(), static_cast<size_t>(kv * d * d));
+    ASSERT_EQ(l.k_ef_metric.size(), static_cast<size_t>(kv * d * d));
     double off = 0;
     for (float w : l.k_ef_weights) off += std::abs(w);
     EXPECT_GT(off, 0.0) << "keys got a diagonal table: Σ_Q in the stored basis is not diagonal";
@@ -77,7 +81,7 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   // inspect names the tables; export carries them.
   const RunResult ins = run_oscar({"inspect", (dir_ / "a.oscar").string()});
   ASSERT_EQ(ins.exit_code, 0) << ins.err;
-  EXPECT_NE(ins.out.find("format          1.2"), std::string::npos) << ins.out;
+  EXPECT_NE(ins.out.find("format          1.3"), std::string::npos) << ins.out;
   EXPECT_NE(ins.out.find("error feedback  K layers [0,1,2,3,4], V layers [0,1,2,3,4], clip feedback on"), std::string::npos)
       << ins.out;
   const RunResult ex = run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "safetensors", "--out",
@@ -86,6 +90,24 @@ TEST_F(CalibrateEfCli, DefaultIsKvRecordedAndByteDeterministic) {
   const std::string manifest = slurp(dir_ / "exp" / "manifest.json");
   for (const char* name : {"\"layers.1.k_ef_order\"", "\"layers.1.v_ef_weights\"", "\"ef_clip_feedback\""})
     EXPECT_NE(manifest.find(name), std::string::npos) << name;
+  for (const char* name : {"\"layers.1.k_ef_metric\"", "\"ef_damp\"", "\"ef_metric_positions_key_context\""})
+    EXPECT_NE(manifest.find(name), std::string::npos) << name;
+  // --ef-context rebuilds the key tables before exporting (needs the checkpoint's RoPE): the stored context gives
+  // the same file, another one other tables.
+  const auto export_at = [&](const std::string& n, const fs::path& out) {
+    return run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "safetensors", "--out", out.string(),
+                      "--ef-context", n, "--model", model_});
+  };
+  ASSERT_EQ(export_at("64", dir_ / "exp64").exit_code, 0);
+  ASSERT_EQ(export_at("128", dir_ / "exp128").exit_code, 0);
+  EXPECT_EQ(slurp(dir_ / "exp64" / "oscar_rotations.safetensors"), slurp(dir_ / "exp" / "oscar_rotations.safetensors"));
+  EXPECT_NE(slurp(dir_ / "exp128" / "oscar_rotations.safetensors"),
+            slurp(dir_ / "exp" / "oscar_rotations.safetensors"));
+  const RunResult no_model = run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "safetensors", "--out",
+                                        (dir_ / "x").string(), "--ef-context", "128"});
+  EXPECT_NE(no_model.exit_code, 0);
+  EXPECT_NE(no_model.err.find("--ef-context"), std::string::npos) << no_model.err;
+  EXPECT_FALSE(fs::exists(dir_ / "x" / "manifest.json"));
   // The published server has no error-feedback writer: the export says so rather than let a team expect kv's KL.
   const RunResult sg = run_oscar({"export", (dir_ / "a.oscar").string(), "--format", "sglang-oscar", "--out",
                                   (dir_ / "sg").string()});
@@ -110,7 +132,8 @@ TEST_F(CalibrateEfCli, OffWritesA11BundleAndKOnlyHasNoValueTables) {
                                                          "--ef-clip-feedback", "off"}));
   ASSERT_EQ(k.exit_code, 0) << k.err;
   const fmt::Bundle kb = fmt::read_bundle(dir_ / "k.oscar");
-  EXPECT_EQ(kb.format_minor, 2);
+  EXPECT_EQ(kb.format_minor, 3);
+  EXPECT_EQ(kb.ef_damp, 0.01);
   EXPECT_FALSE(kb.ef_clip_feedback);
   EXPECT_EQ(option(kb, "error_feedback"), "k");
   EXPECT_EQ(option(kb, "ef_damp"), "0.01");

@@ -11,6 +11,9 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/bundle.h"
+#include "formats/error.h"
+#include "formats/model_config.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/rotation.h"
 #include "calibrate_cli_fixture.h"
 #include "run_oscar.h"
@@ -243,23 +246,84 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
   ASSERT_EQ(ia.exit_code, 0) << ia.err;
   EXPECT_NE(ia.out.find("key tables for positions 0..63"), std::string::npos) << ia.out;
   EXPECT_NE(ib.out.find("key tables for positions 0..255"), std::string::npos) << ib.out;
-  const fs::path report = dir_ / "eval";
-  const RunResult ev = run_oscar({"eval", "--model", model_, "--bundle", (dir_ / "long.oscar").string(), "--data", text_,
-                                  "--modes", "bf16,oscar", "--context", "128,256", "--num-seqs", "1",
-                                  "--greedy-prompts", "0", "--device", "cpu", "--out", report.string()});
+  // Format 1.3 stores the collected key metric, so either bundle's key tables can be rebuilt for the other's
+  // context, bit for bit what calibrate makes.
+  const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(model_);
+  EXPECT_EQ(a.format_minor, 3);
+  EXPECT_EQ(a.ef_key_context, 64);
+  EXPECT_EQ(b.ef_key_context, 256);
+  EXPECT_EQ(b.ef_metric_positions, 64);
+  const fmt::Bundle a256 = calib::bundle_for_context(a, cfg, 256), b64 = calib::bundle_for_context(b, cfg, 64);
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    EXPECT_EQ(a.layers[l].k_ef_metric, b.layers[l].k_ef_metric) << "layer " << l;
+    EXPECT_EQ(a256.layers[l].k_ef_weights, b.layers[l].k_ef_weights) << "layer " << l;
+    EXPECT_EQ(a256.layers[l].k_ef_order, b.layers[l].k_ef_order) << "layer " << l;
+    EXPECT_EQ(b64.layers[l].k_ef_weights, a.layers[l].k_ef_weights) << "layer " << l;
+    EXPECT_EQ(a256.layers[l].v_ef_weights, a.layers[l].v_ef_weights) << "layer " << l;
+  }
+  EXPECT_NE(ia.out.find("key metric      stored (format 1.3; positions 0..63"), std::string::npos) << ia.out;
+
+  // eval --ef-context bundle reads the tables as stored: it warns (and records) where a context differs.
+  auto eval_args = [&](const fs::path& bundle, const fs::path& out, const std::vector<std::string>& extra) {
+    std::vector<std::string> v = {"eval", "--model", model_, "--bundle", bundle.string(), "--data", text_, "--modes",
+                                  "bf16,oscar", "--context", "128,256", "--num-seqs", "1", "--greedy-prompts", "0",
+                                  "--device", "cpu", "--out", out.string()};
+    v.insert(v.end(), extra.begin(), extra.end());
+    return v;
+  };
+  auto table_warnings = [&](const fs::path& report) {
+    std::vector<std::string> out;
+    const nlohmann::json j = nlohmann::json::parse(slurp(report / "report.json"));
+    for (const auto& w : j.at("warnings"))
+      if (w.get<std::string>().find("error-feedback key tables") != std::string::npos) out.push_back(w.get<std::string>());
+    return out;
+  };
+  auto oscar_kl = [&](const fs::path& report, int64_t context) {
+    const nlohmann::json j = nlohmann::json::parse(slurp(report / "report.json"));
+    for (const auto& r : j.at("results"))
+      if (r.at("mode") == "oscar" && r.at("context") == context) return r.at("all_positions").at("kl_mean").get<double>();
+    ADD_FAILURE() << "no oscar row at context " << context << " in " << report;
+    return -1.0;
+  };
+  const RunResult ev = run_oscar(eval_args(dir_ / "long.oscar", dir_ / "eval", {"--ef-context", "bundle"}));
   ASSERT_EQ(ev.exit_code, 0) << ev.err;
   EXPECT_NE(ev.err.find("context 128: the bundle's error-feedback key tables are made for 256 positions"),
             std::string::npos) << ev.err;
   EXPECT_EQ(ev.err.find("context 256: the bundle's"), std::string::npos) << ev.err;
-  // (The other recorded warning: the evaluation text is the calibration text here.)
-  const auto warnings = nlohmann::json::parse(slurp(report / "report.json")).at("warnings");
-  int table_warnings = 0;
-  for (const auto& w : warnings)
-    if (w.get<std::string>().find("error-feedback key tables") != std::string::npos) {
-      ++table_warnings;
-      EXPECT_NE(w.get<std::string>().find("--ef-context 128"), std::string::npos) << w.dump();
-    }
-  EXPECT_EQ(table_warnings, 1) << warnings.dump();
+  const auto bundle_warnings = table_warnings(dir_ / "eval");
+  ASSERT_EQ(bundle_warnings.size(), 1u);
+  EXPECT_NE(bundle_warnings[0].find("--ef-context auto"), std::string::npos) << bundle_warnings[0];
+  // auto (the default): each context gets its own tables, no warning; context 128 scores as a bundle retargeted
+  // to 128 does, context 256 as the tables made for 256.
+  const RunResult au = run_oscar(eval_args(dir_ / "base.oscar", dir_ / "auto", {}));
+  ASSERT_EQ(au.exit_code, 0) << au.err;
+  EXPECT_TRUE(table_warnings(dir_ / "auto").empty());
+  const auto settings = nlohmann::json::parse(slurp(dir_ / "auto" / "report.json")).at("settings");
+  EXPECT_NE(settings.dump().find("auto (key tables rebuilt for each context"), std::string::npos) << settings.dump();
+  const RunResult fixed = run_oscar(eval_args(dir_ / "base.oscar", dir_ / "fixed128", {"--ef-context", "128"}));
+  ASSERT_EQ(fixed.exit_code, 0) << fixed.err;
+  EXPECT_EQ(table_warnings(dir_ / "fixed128").size(), 1u);  // context 256 reads tables for 128
+  EXPECT_EQ(oscar_kl(dir_ / "auto", 128), oscar_kl(dir_ / "fixed128", 128));
+  EXPECT_EQ(oscar_kl(dir_ / "auto", 256), oscar_kl(dir_ / "eval", 256));
+  EXPECT_NE(oscar_kl(dir_ / "auto", 128), oscar_kl(dir_ / "eval", 128));
+
+  // Without the stored metric (--no-ef-key-metric, format 1.2) auto keeps the tables and says how to do better.
+  const RunResult nm = run_oscar(args(dir_ / "nometric.oscar", {"--no-ef-key-metric"}));
+  ASSERT_EQ(nm.exit_code, 0) << nm.err;
+  const fmt::Bundle c = fmt::read_bundle(dir_ / "nometric.oscar");
+  EXPECT_EQ(c.format_minor, 2);
+  EXPECT_FALSE(fmt::has_key_metric(c));
+  EXPECT_EQ(option(c, "ef_store_key_metric"), "off");
+  for (size_t l = 0; l < a.layers.size(); ++l) EXPECT_EQ(c.layers[l].k_ef_weights, a.layers[l].k_ef_weights);
+  EXPECT_THROW(calib::bundle_for_context(c, cfg, 256), Error);
+  const RunResult ec = run_oscar(eval_args(dir_ / "nometric.oscar", dir_ / "nometric", {}));
+  ASSERT_EQ(ec.exit_code, 0) << ec.err;
+  const auto nm_warnings = table_warnings(dir_ / "nometric");
+  ASSERT_EQ(nm_warnings.size(), 2u);
+  EXPECT_NE(nm_warnings[0].find("oscar calibrate --ef-context 128"), std::string::npos) << nm_warnings[0];
+  const RunResult bad = run_oscar(eval_args(dir_ / "nometric.oscar", dir_ / "bad", {"--ef-context", "128"}));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("stores no key metric"), std::string::npos) << bad.err;
 }
 
 TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
@@ -295,6 +359,7 @@ TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {
       {{"--method", "published", "--candidate-metric", "kl"}, "--candidate-metric"},
       {{"--ef-context", "-1"}, "--ef-context"},
       {{"--method", "published", "--error-feedback", "off", "--ef-context", "256"}, "--ef-context"},
+      {{"--method", "published", "--error-feedback", "off", "--no-ef-key-metric"}, "--no-ef-key-metric"},
   };
   for (const Case& c : cases) {
     const fs::path out = dir_ / "bad.oscar";

@@ -1,6 +1,7 @@
 // Bundle format 1.2: error-feedback tables (fmt::LayerCalibration::*_ef_order / *_ef_weights, Bundle::ef_clip_feedback)
 // round trip, are written only when present (a bundle without them stays a 1.1 file), and every invalid table is an
-// error naming the file and the object.
+// error naming the file and the object. Format 1.3: the stored key metric (k_ef_metric, ef_damp, ef_metric_positions,
+// ef_key_context) likewise.
 #include <gtest/gtest.h>
 #include <hdf5.h>
 
@@ -132,6 +133,85 @@ TEST(BundleErrorFeedback, WithoutTablesItIsA11FileAndReads) {
   for (auto& l : stripped.layers) l.k_ef_order.clear(), l.k_ef_weights.clear(), l.v_ef_order.clear(), l.v_ef_weights.clear();
   write_bundle(dir / "s.oscar", stripped);
   EXPECT_EQ(slurp(dir / "b.oscar"), slurp(dir / "s.oscar"));
+}
+
+// Format 1.3: a symmetric metric per key table, the damping and both contexts.
+Bundle metric_bundle() {
+  Bundle b = ef_bundle(true);
+  std::mt19937 rng(3);
+  std::normal_distribution<double> n(0.0, 1.0);
+  for (auto& l : b.layers) {
+    l.k_ef_metric.assign(kKvHeads * kD * kD, 0.0);
+    for (int64_t h = 0; h < kKvHeads; ++h)
+      for (int64_t i = 0; i < kD; ++i)
+        for (int64_t j = 0; j <= i; ++j)
+          l.k_ef_metric[(h * kD + i) * kD + j] = l.k_ef_metric[(h * kD + j) * kD + i] = i == j ? 4.0 + n(rng) : n(rng);
+  }
+  b.ef_damp = 0.0625;
+  b.ef_metric_positions = 16;
+  b.ef_key_context = 4096;
+  return b;
+}
+
+TEST(BundleErrorFeedback, KeyMetricRoundTripIsFormat13AndDroppingItGivesThe12Bytes) {
+  const fs::path dir = test::temp_dir_for_test();
+  const Bundle b = metric_bundle();
+  ASSERT_TRUE(has_key_metric(b));
+  EXPECT_EQ(required_format_minor(b), 3);
+  write_bundle(dir / "m.oscar", b);
+  const Bundle r = read_bundle(dir / "m.oscar");
+  EXPECT_EQ(r.format_minor, 3);
+  EXPECT_EQ(r.layers, b.layers);  // fp64 metric bit-exact
+  EXPECT_EQ(r.ef_damp, 0.0625);
+  EXPECT_EQ(r.ef_metric_positions, 16);
+  EXPECT_EQ(r.ef_key_context, 4096);
+  EXPECT_TRUE(has_object(dir / "m.oscar", "/layers/00001/k_ef_metric"));
+  for (const DatasetChecksum& c : bundle_checksums(dir / "m.oscar"))
+    if (c.object.find("k_ef_metric") != std::string::npos) EXPECT_TRUE(c.ok()) << c.object << " " << c.problem;
+  // Without the metrics the same bundle is the 1.2 file, byte for byte: the attributes go with them.
+  Bundle dropped = b;
+  for (auto& l : dropped.layers) l.k_ef_metric.clear();
+  write_bundle(dir / "d.oscar", dropped);
+  write_bundle(dir / "e.oscar", ef_bundle(true));
+  EXPECT_EQ(slurp(dir / "d.oscar"), slurp(dir / "e.oscar"));
+  EXPECT_FALSE(has_root_attr(dir / "d.oscar", "ef_key_context"));
+  EXPECT_EQ(read_bundle(dir / "d.oscar").format_minor, 2);
+}
+
+void expect_invalid(const Bundle& b, const std::string& object, const std::string& detail);
+
+TEST(BundleErrorFeedback, InvalidKeyMetricNamesTheObject) {
+  {
+    Bundle b = metric_bundle();
+    b.layers[1].k_ef_metric[kD * kD + 1] += 1e-9;  // KV head 1 [0, 1] vs [1, 0]
+    expect_invalid(b, "/layers/00001/k_ef_metric", "KV head 1: not symmetric");
+  }
+  {
+    Bundle b = metric_bundle();
+    b.layers[0].k_ef_metric[0] = NAN;
+    expect_invalid(b, "/layers/00000/k_ef_metric", "non-finite");
+  }
+  {
+    Bundle b = metric_bundle();
+    b.layers[0].k_ef_metric.resize(kD * kD);
+    expect_invalid(b, "/layers/00000/k_ef_metric", "must hold [2, 8, 8]");
+  }
+  {
+    Bundle b = metric_bundle();  // a metric is only kept beside the table it rebuilds
+    b.layers[0].k_ef_order.clear();
+    b.layers[0].k_ef_weights.clear();
+    expect_invalid(b, "/layers/00000/k_ef_metric", "without a key table");
+  }
+  {
+    Bundle b = metric_bundle();
+    b.ef_damp = -1;
+    expect_invalid(b, "mem.oscar", "ef_damp");
+  }
+  {
+    Bundle b = metric_bundle();
+    b.ef_metric_positions = 0;
+    expect_invalid(b, "mem.oscar", "must be positive");
+  }
 }
 
 void expect_invalid(const Bundle& b, const std::string& object, const std::string& detail) {

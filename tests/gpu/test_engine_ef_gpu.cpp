@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,7 @@
 #include "formats/tokenizer.h"
 #include "kernels/kv_quantize/kv_quantize_ref.h"
 #include "lib/calib/calibrator.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/eval/evaluator.h"
 #include "lib/model/cpu_model.h"
 #include "runtime/device_model.h"
@@ -129,17 +131,23 @@ struct PoolPair {
   std::vector<uint8_t> engine, ref, ref_rtn;
   bool segmented = false;  // a spectral (non-INT2) tensor of a mixed bundle: not compared here (EngineSpectral is)
 };
+// key_table_context: EngineOptions::key_table_context at load; set_context > 0: Engine::set_key_table_context after.
+// The reference rounds with the tables the engine's format reports (tables_out gets them, per layer).
 std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bundle, const std::vector<int32_t>& prompt,
-                                    int64_t& sink, bool overlap = true) {
+                                    int64_t& sink, bool overlap = true, int64_t key_table_context = 0,
+                                    int64_t set_context = 0, std::vector<std::vector<float>>* tables_out = nullptr) {
   EngineOptions o;
   o.overlap_prefill_writes = overlap;
+  o.key_table_context = key_table_context;
   o.cache = CacheMode::Oscar;
   o.sink_tokens = 4;
   o.recent_tokens = 16;
   o.cache_budget_bytes = size_t{64} << 20;
   auto e = Engine::load(dir, o, &bundle);
+  if (set_context > 0) e->set_key_table_context(set_context);
   const int64_t seq = e->add_sequence(prompt);
   const CacheFormat& f = e->cache_format();
+  if (tables_out) *tables_out = f.k_ef_weights;
   sink = f.sink_tokens;
   KvCapture cap;
   PackedBatch batch;
@@ -245,6 +253,67 @@ TEST_F(EngineEf, PrefillRecordsAreTheReferenceWritersBitForBit) {
     EXPECT_EQ(rtn[i].engine, rtn[i].ref_rtn) << "layer " << i / 2 << (i % 2 ? " V" : " K");
     EXPECT_EQ(rtn[i].engine.size(), ef[i].engine.size());
   }
+}
+
+// A bundle 1.3 (key metric stored): the engine rebuilds its key tables for another context at load
+// (EngineOptions::key_table_context) or later (set_key_table_context); both give the tables
+// calib::bundle_for_context makes on the host, and the prefill's records are kv_write_ref's with them.
+TEST_F(EngineEf, KeyTablesRebuiltForTheServingContext) {
+  const fmt::ModelConfig& cfg = cpu_->config();
+  const int64_t d = cfg.head_dim, hkv = cfg.num_kv_heads;
+  fmt::Bundle b = *rtn_;
+  std::vector<std::vector<double>> metrics;
+  std::mt19937 rng(11);
+  std::normal_distribution<double> n01;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    std::vector<double> m(static_cast<size_t>(hkv * d * d));
+    for (int64_t h = 0; h < hkv; ++h) {
+      std::vector<double> g(static_cast<size_t>(d * d));
+      for (double& x : g) x = n01(rng);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) {
+          double acc = 0;
+          for (int64_t k = 0; k < d; ++k) acc += g[static_cast<size_t>(i * d + k)] * g[static_cast<size_t>(j * d + k)];
+          m[static_cast<size_t>((h * d + i) * d + j)] = acc / static_cast<double>(d);
+        }
+    }
+    calib::symmetrize_metric(m, d);
+    metrics.push_back(std::move(m));
+  }
+  calib::ErrorFeedbackCalibration eo;
+  eo.mode = calib::ErrorFeedbackMode::K;
+  ASSERT_EQ(calib::add_error_feedback_tables(b, metrics, eo), static_cast<int64_t>(b.layers.size()));
+  calib::store_key_metrics(b, metrics, 64, 64, eo.damp);
+  const fmt::Bundle at300 = calib::bundle_for_context(b, cfg, 300);
+  ASSERT_NE(at300.layers[0].k_ef_weights, b.layers[0].k_ef_weights);
+
+  const std::vector<int32_t> prompt = prompt_ids(*tok_, 150);
+  int64_t sink = 0;
+  std::vector<std::vector<float>> stored, at_load, later;
+  const auto as_stored = prefill_pools(*dir_, b, prompt, sink, true, 0, 0, &stored);
+  const auto loaded = prefill_pools(*dir_, b, prompt, sink, true, 300, 0, &at_load);
+  const auto set = prefill_pools(*dir_, b, prompt, sink, true, 0, 300, &later);
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    EXPECT_EQ(stored[l], b.layers[l].k_ef_weights) << "layer " << l;
+    EXPECT_EQ(at_load[l], at300.layers[l].k_ef_weights) << "layer " << l;
+    EXPECT_EQ(later[l], at300.layers[l].k_ef_weights) << "layer " << l;
+  }
+  for (size_t i = 0; i < loaded.size(); ++i) {
+    EXPECT_EQ(loaded[i].engine, loaded[i].ref) << "layer " << i / 2 << (i % 2 ? " V" : " K");
+    EXPECT_EQ(set[i].engine, loaded[i].engine) << "layer " << i / 2 << (i % 2 ? " V" : " K");
+    if (i % 2 == 0) EXPECT_NE(loaded[i].engine, as_stored[i].engine) << "layer " << i / 2 << " K: tables unused?";
+  }
+  // A bundle without the metric cannot be retargeted; a live sequence blocks it.
+  EngineOptions o;
+  o.cache = CacheMode::Oscar;
+  o.cache_budget_bytes = size_t{64} << 20;
+  auto plain = Engine::load(*dir_, o, ef_);
+  EXPECT_FALSE(plain->rebuilds_key_tables());
+  EXPECT_THROW(plain->set_key_table_context(300), Error);
+  auto e = Engine::load(*dir_, o, &b);
+  EXPECT_TRUE(e->rebuilds_key_tables());
+  e->add_sequence(prompt);
+  EXPECT_THROW(e->set_key_table_context(300), Error);
 }
 
 // Several prefills in one engine, the second shorter and the third longer than any before (the staging buffers
