@@ -17,6 +17,7 @@
 #include "apps/oscar/common.h"
 #include "formats/bundle.h"
 #include "formats/error.h"
+#include "lib/calib/ef_calibration.h"
 
 namespace oscar::app {
 namespace {
@@ -68,6 +69,25 @@ std::vector<Difference> setup_differences(const fmt::Bundle& a, const fmt::Bundl
     const fmt::KvQuantSpec la = fmt::layer_spec(a, l), lb = fmt::layer_spec(b, l);
     cmp(::fmt::format("layer {} k segments", l), segments_text(la.k), segments_text(lb.k));
     cmp(::fmt::format("layer {} v segments", l), segments_text(la.v), segments_text(lb.v));
+  }
+  // Error-feedback rounding (1.2/1.3): which tensors have tables, whether the tables differ, and for which key
+  // positions they were made. The tables themselves are d² numbers per head; "differ" says enough for a diff.
+  cmp("format_minor", a.format_minor, b.format_minor);
+  cmp("ef_clip_feedback", fmt::has_error_feedback(a) && a.ef_clip_feedback, fmt::has_error_feedback(b) && b.ef_clip_feedback);
+  cmp("ef key tables for positions", calib::error_feedback_context(a), calib::error_feedback_context(b));
+  cmp("ef key metric stored", fmt::has_key_metric(a), fmt::has_key_metric(b));
+  for (size_t l = 0; l < std::min(a.layers.size(), b.layers.size()); ++l) {
+    const auto& x = a.layers[l];
+    const auto& y = b.layers[l];
+    for (const bool keys : {true, false}) {
+      const auto& order_a = keys ? x.k_ef_order : x.v_ef_order;
+      const auto& order_b = keys ? y.k_ef_order : y.v_ef_order;
+      const auto& weights_a = keys ? x.k_ef_weights : x.v_ef_weights;
+      const auto& weights_b = keys ? y.k_ef_weights : y.v_ef_weights;
+      if (order_a == order_b && weights_a == weights_b) continue;
+      out.push_back({::fmt::format("layer {} {} ef table", l, keys ? "k" : "v"), order_a.empty() ? "none" : "table",
+                     order_b.empty() ? "none" : order_a.empty() ? "table" : "another table"});
+    }
   }
   std::map<std::string, std::string> oa(a.calibration.options.begin(), a.calibration.options.end());
   std::map<std::string, std::string> ob(b.calibration.options.begin(), b.calibration.options.end());

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "formats/bundle.h"
@@ -262,6 +263,13 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
     EXPECT_EQ(a256.layers[l].v_ef_weights, a.layers[l].v_ef_weights) << "layer " << l;
   }
   EXPECT_NE(ia.out.find("key metric      stored (format 1.3; positions 0..63"), std::string::npos) << ia.out;
+  // diff names the key tables (every layer) and their positions, not the value tables (unchanged).
+  const RunResult df = run_oscar({"diff", (dir_ / "base.oscar").string(), (dir_ / "long.oscar").string()});
+  ASSERT_EQ(df.exit_code, 0) << df.err;
+  EXPECT_NE(df.out.find("ef key tables for positions"), std::string::npos) << df.out;
+  for (size_t l = 0; l < a.layers.size(); ++l)
+    EXPECT_NE(df.out.find(::fmt::format("layer {} k ef table", l)), std::string::npos) << df.out;
+  EXPECT_EQ(df.out.find("v ef table"), std::string::npos) << df.out;
 
   // eval --ef-context bundle reads the tables as stored: it warns (and records) where a context differs.
   auto eval_args = [&](const fs::path& bundle, const fs::path& out, const std::vector<std::string>& extra) {
