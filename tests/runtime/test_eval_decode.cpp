@@ -17,6 +17,7 @@
 #include <memory>
 #include <random>
 
+#include "formats/bundle.h"
 #include "formats/error.h"
 #include "formats/kv_layout.h"
 #include "formats/tokenizer.h"
@@ -350,6 +351,65 @@ TEST(EvalWithDecoders, RetrievalCellsFollowEvaluatesOrder) {
   }
   EXPECT_EQ(dec.warnings, cpu.warnings);
   ASSERT_EQ(dec.warnings.size(), 2u);
+}
+
+// --ef-context auto on the decoder path: before each context's run and each retrieval length's run, with no live
+// sequence, every decoder is told how many positions its caches will hold (the oscar engine rebuilds its key tables
+// then); with auto off nobody is told.
+class TableRecordingDecoder : public CpuSimulationDecoder {
+ public:
+  using CpuSimulationDecoder::CpuSimulationDecoder;
+  int64_t add_sequence(std::span<const int32_t> prompt) override {
+    ++live;
+    return CpuSimulationDecoder::add_sequence(prompt);
+  }
+  void free_sequence(int64_t seq) override {
+    --live;
+    CpuSimulationDecoder::free_sequence(seq);
+  }
+  void use_key_tables_for(int64_t positions) override {
+    EXPECT_EQ(live, 0) << "tables changed under " << live << " live sequence(s)";
+    calls.push_back(positions);
+  }
+  int64_t live = 0;
+  std::vector<int64_t> calls;
+};
+
+TEST(EvalWithDecoders, KeyTablesFollowEachContextAndRetrievalLength) {
+  OSCAR_REQUIRE_FIXTURE(kTinyStories);
+  OSCAR_REQUIRE_FIXTURE("text/tinystories-sample.txt");
+  const fs::path dir = test::fixtures_dir() / kTinyStories;
+  auto model = model::CpuModel::load(dir);
+  auto tok = fmt::Tokenizer::load(dir);
+  const std::vector<eval::ContextSequences> data = {
+      {60, {text_ids(dir, "tinystories-sample.txt", 0, 60)}},
+      {90, {text_ids(dir, "tinystories-sample.txt", 20000, 90)}}};
+  fmt::Bundle with_metric;  // only has_key_metric() is read on this path (no oscar mode runs)
+  with_metric.layers.resize(1);
+  with_metric.layers[0].k_ef_metric = {1.0};
+  eval::EvalOptions opt;
+  opt.modes = {eval::CacheMode::Int2};
+  opt.mode_options.windows = {4, 16};
+  opt.mode_options.bundle = &with_metric;
+  opt.greedy_prompts = 0;
+  opt.retrieval = true;
+  opt.retrieval_lengths = {180, 220};
+  opt.retrieval_depths = {0.5};
+  opt.retrieval_new_tokens = 8;
+  const auto bf16 = eval::CacheFormat::create(eval::CacheMode::BF16, model->config(), opt.mode_options);
+  const auto int2 = eval::CacheFormat::create(eval::CacheMode::Int2, model->config(), opt.mode_options);
+  for (const bool per_context : {true, false}) {
+    opt.key_tables_per_context = per_context;
+    TableRecordingDecoder reference(*model, *bf16, 256), int2_decoder(*model, *int2, 256);
+    std::vector<Decoder*> modes{&int2_decoder};
+    const eval::EvalReport r = evaluate_with_decoders(model->config(), tok.get(), data, opt, reference, modes, {2, 1});
+    EXPECT_EQ(r.retrieval.size(), 2u * 2u);  // tasks x lengths
+    const std::vector<int64_t> expected =
+        per_context ? std::vector<int64_t>{60, 90, 188, 228} : std::vector<int64_t>{};
+    EXPECT_EQ(int2_decoder.calls, expected);
+    EXPECT_EQ(reference.calls, expected);
+    EXPECT_EQ(int2_decoder.live, 0);
+  }
 }
 
 // ---- cache budget ----------------------------------------------------------------------------------------------
