@@ -77,6 +77,18 @@ class TextStreamer {
   size_t printed_ = 0;
 };
 
+// --ef-context: "auto" and "bundle" give 0, a positive count itself; anything else is an error.
+int64_t parse_ef_context(const std::string& text) {
+  if (text == "auto" || text == "bundle") return 0;
+  try {
+    size_t used = 0;
+    const long long n = std::stoll(text, &used);
+    if (used == text.size() && n > 0) return n;
+  } catch (const std::exception&) {
+  }
+  throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", text));
+}
+
 struct GenerationOutcome {
   std::vector<int32_t> tokens;
   bool stopped_at_eos = false;
@@ -103,19 +115,11 @@ GenerationOutcome generate_on_engine(const GenerateCliOptions& o, const std::vec
   eo.hadamard_seed = o.hadamard_seed;
   // The cache holds the prompt and the new tokens: auto makes the key tables for that many positions when the
   // bundle stores their metric (format 1.3), and keeps a 1.2 bundle's tables as they are.
-  if (eo.cache == rt::CacheMode::Oscar && o.ef_context != "bundle") {
-    if (o.ef_context == "auto") {
-      if (fmt::has_key_metric(fmt::read_bundle(o.bundle)))
-        eo.key_table_context = static_cast<int64_t>(prompt.size()) + std::max<int64_t>(o.max_new_tokens, 1);
-    } else {
-      try {
-        size_t used = 0;
-        eo.key_table_context = std::stoll(o.ef_context, &used);
-        if (used != o.ef_context.size() || eo.key_table_context <= 0) throw std::invalid_argument(o.ef_context);
-      } catch (const std::exception&) {
-        throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", o.ef_context));
-      }
-    }
+  if (eo.cache == rt::CacheMode::Oscar) {
+    const int64_t fixed = parse_ef_context(o.ef_context);
+    if (fixed > 0) eo.key_table_context = fixed;
+    else if (o.ef_context == "auto" && fmt::has_key_metric(fmt::read_bundle(o.bundle)))
+      eo.key_table_context = static_cast<int64_t>(prompt.size()) + std::max<int64_t>(o.max_new_tokens, 1);
   }
   auto engine = rt::Engine::load(o.model_dir, eo);
   if (engine->cache_format().key_table_context > 0)
@@ -154,6 +158,8 @@ int run_generate(const GenerateCliOptions& o) {
   if (o.device != "cuda" && (!o.bundle.empty() || !o.cache.empty()))
     throw Error(o.bundle.empty() ? "--cache" : "--bundle", "the quantized KV cache runs on the GPU engine: add --device cuda");
   if (o.device != "cuda" && o.fold_v) throw Error("--fold-v", "folds R_v into the GPU engine's weights: add --device cuda");
+  if (parse_ef_context(o.ef_context) > 0 && (o.device != "cuda" || o.bundle.empty()))
+    throw Error("--ef-context", "sets the key tables of the oscar cache: needs --bundle and --device cuda");
   if (o.device == "cuda") {
 #ifndef OSCAR_HAVE_CUDA
     throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");

@@ -332,6 +332,12 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
   const RunResult bad = run_oscar(eval_args(dir_ / "nometric.oscar", dir_ / "bad", {"--ef-context", "128"}));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("stores no key metric"), std::string::npos) << bad.err;
+  for (const char* value : {"0", "auto,128", "latest"}) {
+    const RunResult v = run_oscar(eval_args(dir_ / "base.oscar", dir_ / "bad", {"--ef-context", value}));
+    EXPECT_NE(v.exit_code, 0) << value;
+    EXPECT_NE(v.err.find("--ef-context"), std::string::npos) << value << ": " << v.err;
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "bad" / "report.json"));
 }
 
 TEST_F(CalibrateMethodCli, BadValuesAreClearErrors) {

@@ -193,6 +193,20 @@ TEST(CliErrors, MissingModelDirectory) {
   }
 }
 
+TEST(CliErrors, GenerateEfContextIsCheckedBeforeAnyWork) {
+  OSCAR_REQUIRE_FIXTURE(kTiny);
+  for (const auto& [value, detail] : std::vector<std::pair<std::string, std::string>>{
+           {"12x", "is not auto, bundle or a positive count"},
+           {"0", "is not auto, bundle or a positive count"},
+           {"128", "needs --bundle and --device cuda"}}) {
+    const auto r = run_oscar({"generate", "--model", model(kTiny), "--prompt", "a", "--ef-context", value});
+    EXPECT_EQ(r.exit_code, 1) << value;
+    EXPECT_TRUE(is_one_error_line(r.err)) << value << ": " << r.err;
+    EXPECT_NE(r.err.find("--ef-context"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(detail), std::string::npos) << r.err;
+  }
+}
+
 TEST(CliErrors, CorruptConfigIsNamed) {
   const auto dir = temp_dir_for_test() / "model";
   fs::create_directories(dir);
