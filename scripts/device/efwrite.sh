@@ -8,7 +8,8 @@
 #   ~50 s  kv_write_bench 32K qwen3-8b with the prefill: tiled / radix / legacy / ef kv_write, % of prefill
 #   ~10 s  kv_write_bench at decode size (8 INT2 tokens per call): per-launch latency, tiled vs ef
 #   ~40 s  compute-sanitizer memcheck (KvWriteEfGpu d = 128) + racecheck (its smaller test)
-# Needs: $BIN (bin/ + lib/), fixtures at /work/shared/fixtures, $OUT, cwd = repo. Optional arg "ncu": profile one
+# Needs: $BIN (bin/ + lib/), fixtures at /work/shared/fixtures, $OUT, cwd = repo. Optional arg "bench": the 32K
+#   bench alone. Optional arg "ncu": profile one
 #   EF call (layer 0 V) into ncu_efwrite_32k.txt (+~30 s).
 # Look for:
 #   efwrite_test_gpu.log  "[  PASSED  ]" and no FAILED; the two "EF oscar cpu/cuda" lines (PPL / KL close).
@@ -20,6 +21,12 @@ source scripts/device/common.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/efwrite_device.txt"
 
 status=0
+# Argument "bench": only the 32K kv_write_bench (alone and the engine write path serial / overlapped), ~1 min.
+if [ "${1:-}" = bench ]; then
+  timeout 150 "$BIN/bin/kv_write_bench" --config bench/configs/qwen3-8b.json --seq 32768 --impl all \
+    2>&1 | tee "$OUT/efwrite_bench.log" || status=1
+  exit $status
+fi
 timeout 240 "$BIN/bin/test_gpu" --gtest_filter='*KvWriteEfGpu*:*KvWriteInt2Gpu*:EngineEf*' \
   2>&1 | tee "$OUT/efwrite_test_gpu.log" || status=1
 
