@@ -86,7 +86,13 @@ int run_inspect(const InspectOptions& o) {
     nlohmann::json j;
     j["file"] = o.bundle;
     if (has_ef)
-      j["error_feedback"] = {{"k_layers", ef_k}, {"v_layers", ef_v}, {"clip_feedback", b.ef_clip_feedback}};
+      j["error_feedback"] = {{"k_layers", ef_k},
+                             {"v_layers", ef_v},
+                             {"clip_feedback", b.ef_clip_feedback},
+                             {"key_table_positions", calib::error_feedback_context(b)},
+                             {"key_metric_stored", fmt::has_key_metric(b)},
+                             {"key_metric_positions", b.ef_metric_positions},
+                             {"damp", b.ef_damp}};
     j["sha256"] = file_sha;
     j["format"] = ::fmt::format("{}.{}", b.format_major, b.format_minor);
     j["producer"] = b.producer;

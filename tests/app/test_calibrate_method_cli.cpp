@@ -263,6 +263,13 @@ TEST_F(CalibrateMethodCli, EfContextChangesOnlyTheKeyTables) {
     EXPECT_EQ(a256.layers[l].v_ef_weights, a.layers[l].v_ef_weights) << "layer " << l;
   }
   EXPECT_NE(ia.out.find("key metric      stored (format 1.3; positions 0..63"), std::string::npos) << ia.out;
+  const RunResult ij = run_oscar({"inspect", (dir_ / "long.oscar").string(), "--json"});
+  ASSERT_EQ(ij.exit_code, 0) << ij.err;
+  const auto ef_json = nlohmann::json::parse(ij.out).at("error_feedback");
+  EXPECT_EQ(ef_json.at("key_table_positions"), 256);
+  EXPECT_EQ(ef_json.at("key_metric_stored"), true);
+  EXPECT_EQ(ef_json.at("key_metric_positions"), 64);
+  EXPECT_EQ(ef_json.at("damp"), 0.1);
   // diff names the key tables (every layer) and their positions, not the value tables (unchanged).
   const RunResult df = run_oscar({"diff", (dir_ / "base.oscar").string(), (dir_ / "long.oscar").string()});
   ASSERT_EQ(df.exit_code, 0) << df.err;
