@@ -149,8 +149,10 @@ struct EngineOptions {
   bool fold_v = false;          // --fold-v: fold R_v into W_v / W_o at load (needs the engine's own DeviceModel)
   uint64_t hadamard_seed = 0;   // hadamard2's random signs (eval's --seed)
   // Run the prefill's cache writes on a side stream overlapping the forward (rt::PrefillLayerWriter; the cache is
-  // bit-identical either way). Not a user option: tests and benchmarks turn it off to compare.
-  bool overlap_prefill_writes = true;
+  // bit-identical either way). Not a user option: tests and benchmarks set it to compare. Off by default until
+  // the GPU suite has run with it (EngineEf.*Overlapped*, written 2026-12-06 without a device): then it becomes
+  // the default if kv_write_bench shows the overlap pays.
+  bool overlap_prefill_writes = false;
   // --ef-context: rebuild the bundle's error-feedback key tables for positions 0..N-1 at load (bundle 1.3 stores
   // their metric: calib::retarget_key_tables); 0 = the tables as stored.
   int64_t key_table_context = 0;
