@@ -577,9 +577,6 @@ void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, co
   }
 }
 
-// A 1.2 table (lib/calib/error_feedback.h's stored form) must be exactly what the writers can run: a permutation per
-// KV head, finite weights that only feed later steps, and a tensor stored as one whole-head INT2 segment (the
-// rounding reads one (scale, zero) per token; segmented layouts keep round-to-nearest).
 // A stored key metric: beside a key table only, [kv_heads, d, d], finite, symmetric (it is a second moment; the
 // tables are rebuilt from it, so a damaged one must not be factorized silently).
 void check_key_metric(const std::vector<double>& metric, bool has_table, int64_t kv_heads, int64_t d,
@@ -599,6 +596,9 @@ void check_key_metric(const std::vector<double>& metric, bool has_table, int64_t
       }
 }
 
+// A 1.2 table (lib/calib/error_feedback.h's stored form) must be exactly what the writers can run: a permutation per
+// KV head, finite weights that only feed later steps, and a tensor stored as one whole-head INT2 segment (the
+// rounding reads one (scale, zero) per token; segmented layouts keep round-to-nearest).
 void check_error_feedback(const std::vector<int32_t>& order, const std::vector<float>& weights,
                           const TensorQuantSpec& spec, int64_t kv_heads, int64_t d, const std::string& order_where,
                           const std::string& weights_where) {

@@ -20,8 +20,8 @@
 #include "kernels/norm/rmsnorm.h"
 #include "kernels/rope/rope_qkv.h"
 #include "lib/calib/calibrator.h"
-#include "lib/model/cpu_model.h"
 #include "lib/calib/ef_calibration.h"
+#include "lib/model/cpu_model.h"
 #include "runtime/device_buffer.h"
 #include "runtime/device_model.h"
 #include "runtime/engine.h"
@@ -193,11 +193,7 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   if (bundle && fmt::has_key_metric(*bundle)) e->metric_bundle = std::make_unique<fmt::Bundle>(*bundle);
   if (options.key_table_context < 0) throw Error("--ef-context", "must be >= 0 (0 = the bundle's key tables)");
   if (bundle && options.key_table_context > 0 && options.key_table_context != calib::error_feedback_context(*bundle)) {
-    if (!e->metric_bundle)
-      throw Error("--ef-context", fmt::has_error_feedback(*bundle)
-                                      ? "the bundle stores no key metric (format 1.2 or calibrate --no-ef-key-metric), "
-                                        "so its key tables cannot be rebuilt for another context"
-                                      : "the bundle has no error-feedback tables");
+    calib::require_key_metric(*bundle, "--ef-context");
     calib::retarget_key_tables(*e->metric_bundle, model::rope_inv_freq(e->cfg), options.key_table_context);
     bundle = e->metric_bundle.get();
   }

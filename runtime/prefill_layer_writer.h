@@ -39,8 +39,6 @@ class PrefillLayerWriter {
   PrefillLayerWriter(const PrefillLayerWriter&) = delete;
   PrefillLayerWriter& operator=(const PrefillLayerWriter&) = delete;
 
-  bool overlap() const { return overlap_; }
-
   // Stages in.k / in.v (fp32 [in.num_tokens, in.num_kv_heads, in.head_dim], ready in in.stream's order) as bf16 with
   // dst_dim dims per head and enqueues `write` for them. Throws oscar::Error naming `where`.
   void write_layer(const DeviceAttentionInputs& in, int64_t dst_dim, const WriteFn& write, const std::string& where);

@@ -138,13 +138,7 @@ int run_eval(const EvalCliOptions& o) {
     ef_context_setting = key_tables_per_context ? "auto (key tables rebuilt for each context from the bundle's key "
                                                   "metric)"
                                                 : "auto (the bundle stores no key metric: its tables as stored)";
-  } else if (o.ef_context != "bundle") {
-    const std::vector<int64_t> ns = o.ef_context.find(',') == std::string::npos
-                                        ? parse_int_list(o.ef_context, "--ef-context")
-                                        : std::vector<int64_t>{};
-    if (ns.size() != 1)
-      throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", o.ef_context));
-    const int64_t n = ns[0];
+  } else if (const int64_t n = parse_ef_context(o.ef_context); n > 0) {
     if (!bundle) throw Error("--ef-context", "needs --bundle (it rebuilds the bundle's key tables)");
     *bundle = calib::bundle_for_context(*bundle, cfg, n);
     ef_context_setting = ::fmt::format("{} (key tables rebuilt)", n);
@@ -206,7 +200,7 @@ int run_eval(const EvalCliOptions& o) {
         context_warnings.push_back(::fmt::format(
             "context {}: the bundle's error-feedback key tables are made for {} positions; {}", c, tables,
             fmt::has_key_metric(*bundle)
-                ? ::fmt::format("--ef-context auto (the default) rebuilds them for each context")
+                ? std::string("--ef-context auto (the default) rebuilds them for each context")
                 : ::fmt::format("a bundle for this context (oscar calibrate --ef-context {}) or one that stores the "
                                 "key metric (format 1.3) keeps more of their gain",
                                 c)));

@@ -33,6 +33,7 @@
 #include "lib/model/cpu_model.h"
 #include "lib/calib/quantizer_ref.h"
 #include "oscar_version.h"
+#include "runtime/engine.h"
 
 namespace oscar::app {
 namespace {
@@ -345,9 +346,7 @@ int run_export(const ExportOptions& o) {
   if (o.ef_context < 0) throw Error("--ef-context", ::fmt::format("{} must be > 0", o.ef_context));
   if (o.ef_context > 0) {
     if (o.model_dir.empty()) throw Error("--ef-context", "needs --model DIR (the checkpoint's RoPE frequencies)");
-    if (calib::model_fingerprint(o.model_dir) != b.model)
-      throw Error(o.model_dir, ::fmt::format("is not the checkpoint {} was calibrated on (fingerprint differs)",
-                                             o.bundle));
+    rt::check_bundle_matches(b, calib::model_fingerprint(o.model_dir), o.bundle, o.model_dir);
     const int64_t rebuilt = calib::retarget_key_tables(b, model::rope_inv_freq(fmt::ModelConfig::from_dir(o.model_dir)),
                                                        o.ef_context);
     spdlog::info("key tables of {} layer(s) rebuilt for positions 0..{}", rebuilt, o.ef_context - 1);

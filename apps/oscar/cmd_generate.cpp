@@ -77,18 +77,6 @@ class TextStreamer {
   size_t printed_ = 0;
 };
 
-// --ef-context: "auto" and "bundle" give 0, a positive count itself; anything else is an error.
-int64_t parse_ef_context(const std::string& text) {
-  if (text == "auto" || text == "bundle") return 0;
-  try {
-    size_t used = 0;
-    const long long n = std::stoll(text, &used);
-    if (used == text.size() && n > 0) return n;
-  } catch (const std::exception&) {
-  }
-  throw Error("--ef-context", ::fmt::format("'{}' is not auto, bundle or a positive count", text));
-}
-
 struct GenerationOutcome {
   std::vector<int32_t> tokens;
   bool stopped_at_eos = false;

@@ -1,6 +1,7 @@
 #include "apps/oscar/common.h"
 
 #include <charconv>
+#include <stdexcept>
 
 #include "apps/oscar/command.h"
 #include "formats/error.h"
@@ -112,6 +113,17 @@ void check_output_parent(const fs::path& path) {
   if (!fs::is_directory(parent, ec))
     throw Error(path.string(), "cannot write: directory " + parent.string() + " does not exist");
   if (fs::is_directory(path, ec)) throw Error(path.string(), "is a directory, expected a file path");
+}
+
+int64_t parse_ef_context(const std::string& text) {
+  if (text == "auto" || text == "bundle") return 0;
+  try {
+    size_t used = 0;
+    const long long n = std::stoll(text, &used);
+    if (used == text.size() && n > 0) return n;
+  } catch (const std::exception&) {
+  }
+  throw Error("--ef-context", "'" + text + "' is not auto, bundle or a positive count");
 }
 
 }  // namespace oscar::app

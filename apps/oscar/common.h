@@ -37,6 +37,9 @@ std::unique_ptr<fmt::Tokenizer> load_tokenizer(const std::filesystem::path& dir)
 std::vector<int32_t> parse_id_list(const std::string& text, int64_t vocab_size, const std::string& flag);
 // Tokenizes a prompt with the tokenizer's special tokens (BOS for Llama); empty results are an error naming `flag`.
 std::vector<int32_t> encode_prompt(const fmt::Tokenizer& tok, const std::string& prompt, const std::string& flag);
+// --ef-context of eval and generate: "auto" and "bundle" give 0, a positive count itself; anything else is an
+// oscar::Error naming the flag.
+int64_t parse_ef_context(const std::string& text);
 // Throws oscar::Error(path, ...) when the directory a file would be written into does not exist.
 void check_output_parent(const std::filesystem::path& path);
 

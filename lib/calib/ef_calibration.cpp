@@ -274,14 +274,17 @@ void store_key_metrics(fmt::Bundle& b, const std::vector<std::vector<double>>& c
   b.ef_key_context = key_context;
 }
 
+void require_key_metric(const fmt::Bundle& b, const std::string& where) {
+  if (fmt::has_key_metric(b)) return;
+  throw Error(where, fmt::has_error_feedback(b)
+                         ? "the bundle stores no key metric (format 1.2 or calibrate --no-ef-key-metric), so its key "
+                           "tables cannot be rebuilt for another context: recalibrate with --ef-context"
+                         : "the bundle has no error-feedback tables");
+}
+
 int64_t retarget_key_tables(fmt::Bundle& b, std::span<const float> inv_freq, int64_t context) {
   if (context <= 0) throw Error("--ef-context", ::fmt::format("{} positions: must be > 0", context));
-  if (!fmt::has_key_metric(b))
-    throw Error("--ef-context", fmt::has_error_feedback(b)
-                                    ? "the bundle stores no key metric (format 1.2 or calibrate --no-ef-key-metric), "
-                                      "so its key tables cannot be rebuilt for another context: recalibrate with "
-                                      "--ef-context"
-                                    : "the bundle has no error-feedback tables");
+  require_key_metric(b, "--ef-context");
   if (context == b.ef_key_context) return 0;
   const int64_t d = b.quant.head_dim;
   std::vector<std::vector<double>> metrics;

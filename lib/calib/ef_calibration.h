@@ -86,6 +86,10 @@ void symmetrize_metric(std::vector<double>& metric, int64_t d);
 void store_key_metrics(fmt::Bundle& bundle, const std::vector<std::vector<double>>& collected, int64_t positions,
                        int64_t key_context, double damp);
 
+// Throws oscar::Error(where, why) unless the bundle's key tables can be rebuilt for another context: it has
+// error-feedback tables and stores their key metric (not format 1.2, not calibrate --no-ef-key-metric).
+void require_key_metric(const fmt::Bundle& bundle, const std::string& where);
+
 // Rebuilds the key tables of every layer with a stored key metric for positions 0..context-1:
 // key_metrics_for_context(stored, inv_freq, d, ef_metric_positions, context), then the factorization
 // add_error_feedback_tables runs, with the stored damping. For the same context this gives the tables
