@@ -111,13 +111,13 @@ using Tables = std::vector<std::vector<std::optional<calib::ErrorFeedbackTable>>
 // Quantize-dequantize `n` head vectors x (original basis) as a cache writer with this table would: error-feedback
 // rounding, or the reference quantizer's whole-head INT2 (round to nearest) where there is no table.
 void fake_quantize(const calib::ErrorFeedbackTable* table, std::span<const float> x, int64_t n,
-                   std::span<const float> rotation, float clip, std::span<float> out) {
+                   std::span<const float> rotation, float clip, std::span<float> out, int32_t bits = 2) {
   const int64_t d = static_cast<int64_t>(x.size()) / n;
   if (table) {
-    calib::error_feedback_fake_quantize(x, n, rotation, clip, 2, *table, out);
+    calib::error_feedback_fake_quantize(x, n, rotation, clip, bits, *table, out);
     return;
   }
-  const calib::HeadQuantizer hq(oscar::fmt::KvQuantSpec::int2_default(d).k, d, "error_feedback_bench");
+  const calib::HeadQuantizer hq(oscar::fmt::KvQuantSpec::uniform(d, bits).k, d, "error_feedback_bench");
   hq.fake_quantize(x, n, rotation, clip, calib::Basis::Original, out);
 }
 
@@ -126,13 +126,13 @@ void fake_quantize(const calib::ErrorFeedbackTable* table, std::span<const float
 // the reference quantizer's whole-head INT2).
 double relative_error(const calib::ObjectiveSamples& s, const std::vector<std::vector<double>>& metric,
                       std::span<const float> rotation, float clip,
-                      const std::vector<std::optional<calib::ErrorFeedbackTable>>* tables) {
+                      const std::vector<std::optional<calib::ErrorFeedbackTable>>* tables, int32_t bits = 2) {
   const int64_t d = s.dim, n = s.tokens;
   double err = 0, energy = 0;
   std::vector<float> xhat(static_cast<size_t>(n * d));
   for (int64_t h = 0; h < s.heads; ++h) {
     std::span<const float> x(s.x.data() + h * n * d, n * d);
-    fake_quantize(tables && (*tables)[h] ? &*(*tables)[h] : nullptr, x, n, rotation, clip, xhat);
+    fake_quantize(tables && (*tables)[h] ? &*(*tables)[h] : nullptr, x, n, rotation, clip, xhat, bits);
     const bool ident = metric.empty();
     const Eigen::Map<const RowMatD> m(ident ? nullptr : metric[h].data(), d, d);
     Eigen::VectorXd e(d), xv(d);
@@ -194,6 +194,16 @@ int main(int argc, char** argv) {
   app.add_flag("--key-metric-study", key_metric_study,
                "fixed-clip (--study-clips) rows: RTN, EF K+V with key metric Σ_Q, and with Σ_q m_q q qᵀ (m_q = the "
                "query's softmax mass on the quantized keys)");
+  std::vector<int32_t> split_study;
+  std::vector<float> split_clips = {0.96f, 0.92f};
+  app.add_option("--split-study", split_study,
+                 "K,V whole-head bit widths (e.g. 3,1: the same 2.25 bits/element as INT2, spent on the keys): rows "
+                 "RTN and EF K+V at 2,2 with --study-clips, then RTN and EF K+V at these widths with --split-clips")
+      ->delimiter(',')
+      ->expected(2);
+  app.add_option("--split-clips", split_clips, "K,V clip ratios of the --split-study rows at the new widths")
+      ->delimiter(',')
+      ->expected(2);
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
   CLI11_PARSE(app, argc, argv);
 
@@ -276,10 +286,28 @@ int main(int argc, char** argv) {
       std::vector<float> token_clips = {};       // ErrorFeedbackOptions::token_clips
       int token_clip_tensors = 0;                // which tables search per-token clips: 1 keys, 2 values, 3 both
       bool mass_key_metric = false;              // key tables from QuantizedMassMetric instead of Σ_Q
+      int32_t k_bits = 2, v_bits = 2;            // whole-head widths (--split-study)
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
-    if (key_metric_study) {
+    if (!split_study.empty()) {
+      const float kc = study_clips[0], vc = study_clips[1];
+      const float skc = split_clips[0], svc = split_clips[1];
+      const int32_t kb = split_study[0], vb = split_study[1];
+      for (int32_t b : {kb, vb})
+        if (b < 1 || b > 4) throw Error("--split-study", ::fmt::format("width {} is not 1..4", b));
+      variants = {{::fmt::format("RTN 2/2 bits, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
+      variants.push_back({::fmt::format("EF K+V 2/2 bits (damp {}), clip {} / {}", d0, kc, vc), d0, VMetric::WoSum,
+                          d0, false, false, kc, vc});
+      Variant r{::fmt::format("RTN {}/{} bits, clip {} / {}", kb, vb, skc, svc), -1, VMetric::None, d0, false, false,
+                skc, svc};
+      r.k_bits = kb, r.v_bits = vb;
+      variants.push_back(r);
+      Variant e{::fmt::format("EF K+V {}/{} bits (damp {}), clip {} / {}", kb, vb, d0, skc, svc), d0, VMetric::WoSum,
+                d0, false, false, skc, svc};
+      e.k_bits = kb, e.v_bits = vb;
+      variants.push_back(e);
+    } else if (key_metric_study) {
       const float kc = study_clips[0], vc = study_clips[1];
       variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
       for (bool mass : {false, true}) {
@@ -320,7 +348,8 @@ int main(int argc, char** argv) {
       variants.push_back({::fmt::format("EF K+V (damp {}, V Σ_g W_gᵀW_g), clip 0.96 / 0.92", d0), d0, VMetric::WoSum,
                           d0, false, false, 0.96f, 0.92f});
     }
-    const bool study = clip_study || refit_study || !token_clip_study.empty() || key_metric_study;
+    const bool study =
+        clip_study || refit_study || !token_clip_study.empty() || key_metric_study || !split_study.empty();
     for (size_t i = 0; i < (quick || study ? 0 : damps.size()); ++i)
       variants.push_back({::fmt::format("EF K (damp {})", damps[i]), damps[i]});
     if (quick) variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
@@ -342,6 +371,7 @@ int main(int argc, char** argv) {
       std::string name;
       oscar::fmt::Bundle bundle;
       Tables k_tables, v_tables;
+      int32_t k_bits = 2, v_bits = 2;
     };
     std::vector<Row> rows;
     for (const std::string& rot_name : rotations) {
@@ -353,7 +383,8 @@ int main(int argc, char** argv) {
       // The same rotations as spectral_ablation_bench's rows, from the same fit statistics.
       const std::vector<calib::LayerChoice> base = bench::uniform_layers(kind, fk, fv, rtn_grid, nullptr);
       for (const Variant& var : variants) {
-        Row row{::fmt::format("{} + tuned clip, {}", rot_name, var.name), {}, Tables(L), Tables(L)};
+        Row row{::fmt::format("{} + tuned clip, {}", rot_name, var.name), {}, Tables(L), Tables(L), var.k_bits,
+                var.v_bits};
         std::vector<calib::LayerChoice> layers = base;
         double ke = 0, ve = 0, vwo = 0;
         std::string clips;
@@ -408,9 +439,9 @@ int main(int argc, char** argv) {
           if (var.fixed_k_clip > 0) lc.k.spec.clip_ratio = var.fixed_k_clip;
           if (var.fixed_v_clip > 0) lc.v.spec.clip_ratio = var.fixed_v_clip;
           clips += ::fmt::format("{}{:.2f}", l ? "," : "", lc.k.spec.clip_ratio);
-          ke += relative_error(tk[l], per_head(tk[l].metric, Hkv, d), rk, lc.k.spec.clip_ratio, &kt) / L;
-          ve += relative_error(tv[l], {}, rv, lc.v.spec.clip_ratio, &vt) / L;
-          vwo += relative_error(tv[l], per_head(wo_sum[l], Hkv, d), rv, lc.v.spec.clip_ratio, &vt) / L;
+          ke += relative_error(tk[l], per_head(tk[l].metric, Hkv, d), rk, lc.k.spec.clip_ratio, &kt, var.k_bits) / L;
+          ve += relative_error(tv[l], {}, rv, lc.v.spec.clip_ratio, &vt, var.v_bits) / L;
+          vwo += relative_error(tv[l], per_head(wo_sum[l], Hkv, d), rv, lc.v.spec.clip_ratio, &vt, var.v_bits) / L;
           if (var.k_damp < 0 && var.v == VMetric::None && l == 0) {
             // RTN through relative_error must be the ablation's objective: a check on this bench's scoring.
             const double ref = calib::quantization_objective(tk[l], lc.k.rotation, lc.k.spec, lc.k.spec.clip_ratio);
@@ -467,9 +498,10 @@ int main(int argc, char** argv) {
             return true;
           }
           const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
-          if (treat == Treat::AsIs && !tab) return false;
+          const int32_t bits = keys ? row.k_bits : row.v_bits;
+          if (treat == Treat::AsIs && !tab && bits == 2) return false;
           const calib::ErrorFeedbackTable* table = tab ? &*tab : nullptr;
-          fake_quantize(table, x, tokens, rotation, clip, out);
+          fake_quantize(table, x, tokens, rotation, clip, out, bits);
           if (treat != Treat::BiasCorrected) return true;
           auto& b = bias[{keys, layer, kv_head}];
           if (b.empty()) {
@@ -477,7 +509,7 @@ int main(int argc, char** argv) {
             const int64_t n = fs.tokens;
             std::span<const float> fx(fs.x.data() + kv_head * n * d, n * d);
             std::vector<float> fq(fx.size());
-            fake_quantize(table, fx, n, rotation, clip, fq);
+            fake_quantize(table, fx, n, rotation, clip, fq, bits);
             b.assign(d, 0.0);
             for (int64_t r = 0; r < n; ++r)
               for (int64_t i = 0; i < d; ++i) b[i] += (static_cast<double>(fq[r * d + i]) - fx[r * d + i]) / n;
