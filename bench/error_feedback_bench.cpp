@@ -11,6 +11,7 @@
 #include <Eigen/Dense>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -204,6 +205,12 @@ int main(int argc, char** argv) {
   app.add_option("--split-clips", split_clips, "K,V clip ratios of the --split-study rows at the new widths")
       ->delimiter(',')
       ->expected(2);
+  std::vector<double> outlier_study;
+  app.add_option("--outlier-study", outlier_study,
+                 "KL rows per configuration where this fraction of each call's tokens (per layer, KV head, tensor), "
+                 "those with the largest error in the fit text's metric (Σ_Q for keys, Σ_g W_gᵀW_g for values), "
+                 "are kept exact: what a sparse bf16 side list of that many tokens would buy")
+      ->delimiter(',');
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
   CLI11_PARSE(app, argc, argv);
 
@@ -476,15 +483,32 @@ int main(int argc, char** argv) {
                                  "recent {} bf16 for every row)\n\n| configuration | mean KL | p99 KL | top-1 "
                                  "agreement |\n|---|---|---|---|\n",
                                  first, seq_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
-      enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues };
-      const std::vector<std::pair<Treat, const char*>> treats =
-          bias_study ? std::vector<std::pair<Treat, const char*>>{{Treat::AsIs, ""},
-                                                                  {Treat::BiasCorrected, ", fit-text bias subtracted"},
-                                                                  {Treat::ExactKeys, ", keys exact"},
-                                                                  {Treat::ExactValues, ", values exact"}}
-                     : std::vector<std::pair<Treat, const char*>>{{Treat::AsIs, ""}};
+      enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues, Outliers };
+      struct TreatRow {
+        Treat treat;
+        std::string name;
+        double fraction = 0;  // Treat::Outliers
+      };
+      std::vector<TreatRow> treats = {{Treat::AsIs, ""}};
+      if (bias_study) {
+        treats.push_back({Treat::BiasCorrected, ", fit-text bias subtracted"});
+        treats.push_back({Treat::ExactKeys, ", keys exact"});
+        treats.push_back({Treat::ExactValues, ", values exact"});
+      }
+      for (double f : outlier_study) {
+        if (!(f > 0 && f < 1)) throw Error("--outlier-study", ::fmt::format("fraction {} is not in (0, 1)", f));
+        treats.push_back({Treat::Outliers, ::fmt::format(", top {}% tokens by error in M exact", 100 * f), f});
+      }
+      // The metric each tensor's error is ranked in: the fit text's, original basis, [Hkv][d*d] per layer.
+      std::vector<std::vector<double>> key_metric(L);
+      if (!outlier_study.empty())
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const auto m = calib::effective_metric(fk[l], h);
+            key_metric[l].insert(key_metric[l].end(), m.begin(), m.end());
+          }
       for (const Row& row : rows)
-        for (const auto& [treat, treat_name] : treats) {
+        for (const auto& [treat, treat_name, fraction] : treats) {
         const auto t = std::chrono::steady_clock::now();
         mo.bundle = &row.bundle;
         // Mean error x̂ - x over the fit samples, per (keys, layer, KV head): computed on first use with the rotation
@@ -502,6 +526,23 @@ int main(int argc, char** argv) {
           if (treat == Treat::AsIs && !tab && bits == 2) return false;
           const calib::ErrorFeedbackTable* table = tab ? &*tab : nullptr;
           fake_quantize(table, x, tokens, rotation, clip, out, bits);
+          if (treat == Treat::Outliers) {
+            const auto& metric = keys ? key_metric[layer] : wo_sum[layer];
+            const Eigen::Map<const RowMatD> m(metric.data() + kv_head * d * d, d, d);
+            std::vector<std::pair<double, int64_t>> err(static_cast<size_t>(tokens));
+            Eigen::VectorXd e(d);
+            for (int64_t r = 0; r < tokens; ++r) {
+              for (int64_t i = 0; i < d; ++i) e(i) = static_cast<double>(out[r * d + i]) - x[r * d + i];
+              err[r] = {e.dot(m * e), r};
+            }
+            const auto keep = static_cast<size_t>(std::llround(fraction * static_cast<double>(tokens)));
+            std::partial_sort(err.begin(), err.begin() + keep, err.end(), std::greater<>());
+            for (size_t q = 0; q < keep; ++q) {
+              const int64_t r = err[q].second;
+              std::copy(x.begin() + r * d, x.begin() + (r + 1) * d, out.begin() + r * d);
+            }
+            return true;
+          }
           if (treat != Treat::BiasCorrected) return true;
           auto& b = bias[{keys, layer, kv_head}];
           if (b.empty()) {

@@ -12,3 +12,6 @@ for clips in 0.98,0.5 0.98,0.65 0.98,0.75 0.98,0.8 0.98,0.85 0.98,0.9 0.98,1.0 1
 done
 $B $common --heldout-seqs 3 --split-study 3,1 --split-clips 0.98,0.85 --heldout-files moby-dick.txt \
   > "$D/split31_0.98,0.85_moby-dick.txt"
+# Tokens kept exact by their error in the fit metric (what a sparse bf16 side list would buy): outliers_docs.txt
+$B $common --heldout-seqs 1 --split-study 2,2 --split-clips 0.96,0.92 --outlier-study 0.002,0.01,0.03 \
+  --heldout-files $docs > $D/outliers_docs.txt
