@@ -327,6 +327,9 @@ int64_t Engine::add_sequence(std::span<const int32_t> prompt) {
     s.next = e.pick(s, logits.data());
     e.seqs.emplace(seq, std::move(s));
   } catch (...) {
+    // Writes already enqueued on the side stream may still target this sequence's pages: let them finish before
+    // the pages go back to the allocator, where the next sequence could get them.
+    e.prefill_writer->drain();
     tables.free_sequence(seq);
     throw;
   }

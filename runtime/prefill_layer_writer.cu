@@ -115,4 +115,8 @@ void PrefillLayerWriter::join(Stream stream, const std::string& where) {
   check_cuda(cudaStreamWaitEvent(as_stream(stream), as_event(done_[last_]), 0), where + ": join the cache writes");
 }
 
+void PrefillLayerWriter::drain() noexcept {
+  if (side_) cudaStreamSynchronize(as_stream(side_));  // an error here is the one the caller is already handling
+}
+
 }  // namespace oscar::rt

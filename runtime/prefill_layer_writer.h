@@ -46,6 +46,10 @@ class PrefillLayerWriter {
   // Makes `stream` (the forward's) wait for every write issued so far. Without overlap there is nothing to wait for.
   void join(Stream stream, const std::string& where);
 
+  // Blocks the host until every write issued so far has run (or failed), without throwing: for error paths that
+  // free what the writes target. Without overlap there is nothing to wait for.
+  void drain() noexcept;
+
  private:
   bool overlap_;
   Stream side_ = nullptr;                 // overlap only
