@@ -150,6 +150,87 @@ double relative_error(const calib::ObjectiveSamples& s, const std::vector<std::v
   return err / energy;
 }
 
+// --transform-study: y = (x − μ) A, A = W R with W = (Σ + εI)^(−α/2) (Σ the centered covariance of one KV head's fit
+// samples, token-weighted where they carry weights) and R the row's rotation; the table (if any) is built for the
+// metric in y's basis, A⁻¹ M A⁻ᵀ (row vectors: e_x = e_y A⁻¹). Adding μ back is what a decode kernel would do with
+// one q·μ per query for keys (softmax-invariant among quantized keys, not against the bf16 windows) and μ times the
+// quantized tokens' mass for values.
+struct Transform {
+  std::vector<double> mu;          // [d]
+  std::vector<double> a, a_inv;    // [d, d] row-major
+  std::optional<calib::ErrorFeedbackTable> table;
+};
+
+Transform make_transform(const calib::ObjectiveSamples& s, int64_t head, double alpha, bool center, bool shared,
+                         std::span<const float> rotation, std::span<const double> metric,
+                         const std::optional<calib::ErrorFeedbackOptions>& ef) {
+  const int64_t d = s.dim, n = s.tokens;
+  // shared: one μ and Σ pooled over the layer's KV heads (what a per-layer rotation slot can hold).
+  const int64_t h0 = shared ? 0 : head, h1 = shared ? s.heads : head + 1;
+  Eigen::VectorXd mu = Eigen::VectorXd::Zero(d);
+  Eigen::MatrixXd cov = Eigen::MatrixXd::Zero(d, d);
+  double total = 0;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t t = 0; t < n; ++t) {
+      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
+      const Eigen::Map<const Eigen::VectorXf> x(s.x.data() + (h * n + t) * d, d);
+      mu += w * x.cast<double>();
+      total += w;
+    }
+  mu /= total;
+  if (!center) mu.setZero();
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t t = 0; t < n; ++t) {
+      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
+      const Eigen::VectorXd x =
+          Eigen::Map<const Eigen::VectorXf>(s.x.data() + (h * n + t) * d, d).cast<double>() - mu;
+      cov += w * x * x.transpose();
+    }
+  cov /= total;
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(cov);
+  const Eigen::VectorXd lam = es.eigenvalues().cwiseMax(0.0).array() + 1e-3 * es.eigenvalues().mean();
+  const Eigen::MatrixXd W = es.eigenvectors() * lam.array().pow(-alpha / 2).matrix().asDiagonal() *
+                            es.eigenvectors().transpose();
+  const Eigen::MatrixXd Winv = es.eigenvectors() * lam.array().pow(alpha / 2).matrix().asDiagonal() *
+                               es.eigenvectors().transpose();
+  Eigen::MatrixXd R = Eigen::MatrixXd::Identity(d, d);
+  if (!rotation.empty())
+    R = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(rotation.data(), d, d)
+            .cast<double>();
+  const RowMatD A = W * R, Ainv = R.transpose() * Winv;  // R orthogonal
+  Transform tf;
+  tf.mu.assign(mu.data(), mu.data() + d);
+  tf.a.assign(A.data(), A.data() + d * d);
+  tf.a_inv.assign(Ainv.data(), Ainv.data() + d * d);
+  if (ef) {
+    const Eigen::Map<const RowMatD> M(metric.data(), d, d);
+    const RowMatD Hy = Ainv * M * Ainv.transpose();
+    tf.table = calib::error_feedback_table(std::span<const double>(Hy.data(), static_cast<size_t>(d * d)), d, *ef,
+                                           "transform study");
+  }
+  return tf;
+}
+
+void transform_fake_quantize(const Transform& tf, std::span<const float> x, int64_t n, float clip, int32_t bits,
+                             std::span<float> out) {
+  const int64_t d = static_cast<int64_t>(tf.mu.size());
+  const Eigen::Map<const RowMatD> A(tf.a.data(), d, d), Ainv(tf.a_inv.data(), d, d);
+  const Eigen::Map<const Eigen::VectorXd> mu(tf.mu.data(), d);
+  std::vector<float> y(static_cast<size_t>(n * d)), yhat(y.size());
+  for (int64_t t = 0; t < n; ++t) {
+    const Eigen::RowVectorXd xc =
+        Eigen::Map<const Eigen::RowVectorXf>(x.data() + t * d, d).cast<double>() - mu.transpose();
+    const Eigen::RowVectorXd yt = xc * A;
+    for (int64_t i = 0; i < d; ++i) y[t * d + i] = static_cast<float>(yt(i));
+  }
+  fake_quantize(tf.table ? &*tf.table : nullptr, y, n, {}, clip, yhat, bits);
+  for (int64_t t = 0; t < n; ++t) {
+    const Eigen::RowVectorXd xt =
+        Eigen::Map<const Eigen::RowVectorXf>(yhat.data() + t * d, d).cast<double>() * Ainv + mu.transpose();
+    for (int64_t i = 0; i < d; ++i) out[t * d + i] = static_cast<float>(xt(i));
+  }
+}
+
 std::vector<std::vector<double>> per_head(const std::vector<double>& flat, int64_t heads, int64_t d) {
   std::vector<std::vector<double>> out;
   for (int64_t h = 0; h < heads; ++h)
@@ -211,6 +292,22 @@ int main(int argc, char** argv) {
                  "those with the largest error in the fit text's metric (Σ_Q for keys, Σ_g W_gᵀW_g for values), "
                  "are kept exact: what a sparse bf16 side list of that many tokens would buy")
       ->delimiter(',');
+  std::vector<double> transform_study;
+  bool transform_keys_only = false;
+  app.add_option("--transform-study", transform_study,
+                 "KL rows per configuration where each KV head's vectors are centered by their fit-text mean μ and "
+                 "multiplied by W = (Σ + εI)^(-α/2) (Σ: the centered fit-text covariance) before the row's rotation, "
+                 "the EF table built for the metric in that basis, and x̂ = ŷ (WR)⁻¹ + μ: one row per α (0 = "
+                 "centering only; 1 = whitening)")
+      ->delimiter(',');
+  app.add_flag("--transform-keys-only", transform_keys_only, "--transform-study: values stay as the row stores them");
+  bool transform_shared = false;
+  app.add_flag("--transform-shared", transform_shared,
+               "--transform-study: one μ and W per layer and tensor, pooled over the KV heads (the tables stay per head)");
+  std::string transform_center = "kv";
+  app.add_option("--transform-center", transform_center,
+                 "--transform-study: which tensors are centered (kv, k, v, none); an uncentered one has μ = 0 and Σ = "
+                 "its second moment (no bias vector in the writer or reader)");
   app.add_flag("--quick", quick, "K-only EF rows at the first damping, no V metrics, no clip retune");
   CLI11_PARSE(app, argc, argv);
 
@@ -483,7 +580,7 @@ int main(int argc, char** argv) {
                                  "recent {} bf16 for every row)\n\n| configuration | mean KL | p99 KL | top-1 "
                                  "agreement |\n|---|---|---|---|\n",
                                  first, seq_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
-      enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues, Outliers };
+      enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues, Outliers, Transform };
       struct TreatRow {
         Treat treat;
         std::string name;
@@ -499,9 +596,22 @@ int main(int argc, char** argv) {
         if (!(f > 0 && f < 1)) throw Error("--outlier-study", ::fmt::format("fraction {} is not in (0, 1)", f));
         treats.push_back({Treat::Outliers, ::fmt::format(", top {}% tokens by error in M exact", 100 * f), f});
       }
+      for (double a : transform_study) {
+        if (!(a >= 0 && a <= 1)) throw Error("--transform-study", ::fmt::format("α {} is not in [0, 1]", a));
+        const std::string centered = transform_center == "kv"     ? "centered, "
+                                     : transform_center == "none" ? ""
+                                                                  : transform_center + " centered, ";
+        treats.push_back({Treat::Transform,
+                          ::fmt::format(", {} {}{}× Σ^(-{}/2)", transform_keys_only ? "K" : "K, V",
+                                        transform_shared ? "(shared) " : "", centered, a),
+                          a});
+      }
+      calib::ErrorFeedbackOptions ef_opts;  // --transform-study's tables: the rows' damping and clip feedback
+      ef_opts.feedback_clip_error = clip_feedback;
+      ef_opts.damp = damps[0];
       // The metric each tensor's error is ranked in: the fit text's, original basis, [Hkv][d*d] per layer.
       std::vector<std::vector<double>> key_metric(L);
-      if (!outlier_study.empty())
+      if (!outlier_study.empty() || !transform_study.empty())
         for (int64_t l = 0; l < L; ++l)
           for (int64_t h = 0; h < Hkv; ++h) {
             const auto m = calib::effective_metric(fk[l], h);
@@ -514,6 +624,7 @@ int main(int argc, char** argv) {
         // Mean error x̂ - x over the fit samples, per (keys, layer, KV head): computed on first use with the rotation
         // and clip the cache hands the hook (the cache below lives only in this iteration).
         std::map<std::tuple<bool, int64_t, int64_t>, std::vector<double>> bias;
+        std::map<std::tuple<double, bool, int64_t, int64_t>, Transform> transforms;
         mo.rounding_hook = [&, treat = treat](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x,
                                               int64_t tokens, std::span<const float> rotation, float clip,
                                               std::span<float> out) {
@@ -523,6 +634,18 @@ int main(int argc, char** argv) {
           }
           const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
           const int32_t bits = keys ? row.k_bits : row.v_bits;
+          if (treat == Treat::Transform && (keys || !transform_keys_only)) {
+            auto& tf = transforms[{fraction, keys, layer, kv_head}];
+            if (tf.a.empty()) {
+              const auto& metric = keys ? key_metric[layer] : wo_sum[layer];
+              tf = make_transform((keys ? fk : fv)[layer], kv_head, fraction, transform_center.find(keys ? 'k' : 'v') != std::string::npos,
+                                  transform_shared, rotation,
+                                  std::span<const double>(metric).subspan(kv_head * d * d, d * d),
+                                  tab ? std::optional<calib::ErrorFeedbackOptions>(ef_opts) : std::nullopt);
+            }
+            transform_fake_quantize(tf, x, tokens, clip, bits, out);
+            return true;
+          }
           if (treat == Treat::AsIs && !tab && bits == 2) return false;
           const calib::ErrorFeedbackTable* table = tab ? &*tab : nullptr;
           fake_quantize(table, x, tokens, rotation, clip, out, bits);

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# A per-KV-head centering + partial whitening before the Hadamard, with the EF tables built in that basis
+# (docs/results.md, "Beyond rotations: centering and partial whitening under error feedback"). CPU, 2 cores,
+# ~2-3 min per line. Run from the repo root: bash bench/results/cpu-spectral/ef-transform/run.sh
+set -euo pipefail
+B=build/bin/error_feedback_bench
+D=bench/results/cpu-spectral/ef-transform
+common="--model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --split-study 2,2"
+docs="--heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt,wikitext-2-raw-test.txt"
+$B $common $docs --transform-study 0,0.5 > $D/docs_kv-centered_a0,0.5.txt
+$B $common $docs --transform-study 0.25,0.75,1 > "$D/docs_kv-centered_a0.25,0.75,1.txt"
+$B $common $docs --transform-study 0.5 --transform-keys-only > $D/docs_k-only_kv-centered_a0.5.txt
+for c in none k v; do
+  $B $common $docs --transform-study 0.25,0.5 --transform-center $c > "$D/docs_${c}-centered_a0.25,0.5.txt"
+done
+$B $common $docs --transform-study 0.25,0.5 --transform-center k --transform-shared > "$D/docs_shared_k-centered_a0.25,0.5.txt"
+for f in moby-dick tinystories-sample; do
+  $B $common --heldout-seqs 3 --heldout-files $f.txt --transform-study 0.25,0.5 > "$D/${f}_kv-centered_a0.25,0.5.txt"
+  $B $common --heldout-seqs 3 --heldout-files $f.txt --transform-study 0.25,0.5 --transform-center k > "$D/${f}_k-centered_a0.25,0.5.txt"
+done
