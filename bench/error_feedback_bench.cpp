@@ -26,6 +26,7 @@
 #include "lib/calib/calibrator.h"
 #include "lib/calib/ef_calibration.h"
 #include "lib/calib/error_feedback.h"
+#include "lib/calib/kv_transform.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/rotation_opt.h"
 #include "lib/calib/spectral.h"
@@ -150,14 +151,10 @@ double relative_error(const calib::ObjectiveSamples& s, const std::vector<std::v
   return err / energy;
 }
 
-// --transform-study: y = (x − μ) A, A = W R with W = (Σ + εI)^(−α/2) (Σ the centered covariance of one KV head's fit
-// samples, token-weighted where they carry weights) and R the row's rotation; the table (if any) is built for the
-// metric in y's basis, A⁻¹ M A⁻ᵀ (row vectors: e_x = e_y A⁻¹). Adding μ back is what a decode kernel would do with
-// one q·μ per query for keys (softmax-invariant among quantized keys, not against the bf16 windows) and μ times the
-// quantized tokens' mass for values.
+// --transform-study (lib/calib/kv_transform.h): one KV head's (or, shared, the layer's pooled) fit samples give μ
+// and Σ, the transform A = W·R, and the EF table (if the row has one) for the metric in A's basis.
 struct Transform {
-  std::vector<double> mu;          // [d]
-  std::vector<double> a, a_inv;    // [d, d] row-major
+  calib::HeadTransform head;
   std::optional<calib::ErrorFeedbackTable> table;
 };
 
@@ -165,70 +162,29 @@ Transform make_transform(const calib::ObjectiveSamples& s, int64_t head, double 
                          std::span<const float> rotation, std::span<const double> metric,
                          const std::optional<calib::ErrorFeedbackOptions>& ef) {
   const int64_t d = s.dim, n = s.tokens;
-  // shared: one μ and Σ pooled over the layer's KV heads (what a per-layer rotation slot can hold).
   const int64_t h0 = shared ? 0 : head, h1 = shared ? s.heads : head + 1;
-  Eigen::VectorXd mu = Eigen::VectorXd::Zero(d);
-  Eigen::MatrixXd cov = Eigen::MatrixXd::Zero(d, d);
-  double total = 0;
+  calib::MomentAccumulator acc(d);
   for (int64_t h = h0; h < h1; ++h)
-    for (int64_t t = 0; t < n; ++t) {
-      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
-      const Eigen::Map<const Eigen::VectorXf> x(s.x.data() + (h * n + t) * d, d);
-      mu += w * x.cast<double>();
-      total += w;
-    }
-  mu /= total;
-  if (!center) mu.setZero();
-  for (int64_t h = h0; h < h1; ++h)
-    for (int64_t t = 0; t < n; ++t) {
-      const double w = s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t];
-      const Eigen::VectorXd x =
-          Eigen::Map<const Eigen::VectorXf>(s.x.data() + (h * n + t) * d, d).cast<double>() - mu;
-      cov += w * x * x.transpose();
-    }
-  cov /= total;
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(cov);
-  const Eigen::VectorXd lam = es.eigenvalues().cwiseMax(0.0).array() + 1e-3 * es.eigenvalues().mean();
-  const Eigen::MatrixXd W = es.eigenvectors() * lam.array().pow(-alpha / 2).matrix().asDiagonal() *
-                            es.eigenvectors().transpose();
-  const Eigen::MatrixXd Winv = es.eigenvectors() * lam.array().pow(alpha / 2).matrix().asDiagonal() *
-                               es.eigenvectors().transpose();
-  Eigen::MatrixXd R = Eigen::MatrixXd::Identity(d, d);
-  if (!rotation.empty())
-    R = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(rotation.data(), d, d)
-            .cast<double>();
-  const RowMatD A = W * R, Ainv = R.transpose() * Winv;  // R orthogonal
-  Transform tf;
-  tf.mu.assign(mu.data(), mu.data() + d);
-  tf.a.assign(A.data(), A.data() + d * d);
-  tf.a_inv.assign(Ainv.data(), Ainv.data() + d * d);
-  if (ef) {
-    const Eigen::Map<const RowMatD> M(metric.data(), d, d);
-    const RowMatD Hy = Ainv * M * Ainv.transpose();
-    tf.table = calib::error_feedback_table(std::span<const double>(Hy.data(), static_cast<size_t>(d * d)), d, *ef,
+    for (int64_t t = 0; t < n; ++t)
+      acc.add(std::span<const float>(s.x.data() + (h * n + t) * d, static_cast<size_t>(d)),
+              s.token_weight.empty() ? 1.0 : s.token_weight[h * n + t]);
+  const std::vector<double> mu = center ? acc.mean() : std::vector<double>(static_cast<size_t>(d), 0.0);
+  const std::vector<double> r(rotation.begin(), rotation.end());
+  Transform tf{calib::whitening_transform(mu, acc.covariance(center), d, alpha, r, "transform study"), {}};
+  if (ef)
+    tf.table = calib::error_feedback_table(calib::metric_in_transform_basis(metric, tf.head), d, *ef,
                                            "transform study");
-  }
   return tf;
 }
 
 void transform_fake_quantize(const Transform& tf, std::span<const float> x, int64_t n, float clip, int32_t bits,
                              std::span<float> out) {
-  const int64_t d = static_cast<int64_t>(tf.mu.size());
-  const Eigen::Map<const RowMatD> A(tf.a.data(), d, d), Ainv(tf.a_inv.data(), d, d);
-  const Eigen::Map<const Eigen::VectorXd> mu(tf.mu.data(), d);
-  std::vector<float> y(static_cast<size_t>(n * d)), yhat(y.size());
-  for (int64_t t = 0; t < n; ++t) {
-    const Eigen::RowVectorXd xc =
-        Eigen::Map<const Eigen::RowVectorXf>(x.data() + t * d, d).cast<double>() - mu.transpose();
-    const Eigen::RowVectorXd yt = xc * A;
-    for (int64_t i = 0; i < d; ++i) y[t * d + i] = static_cast<float>(yt(i));
-  }
-  fake_quantize(tf.table ? &*tf.table : nullptr, y, n, {}, clip, yhat, bits);
-  for (int64_t t = 0; t < n; ++t) {
-    const Eigen::RowVectorXd xt =
-        Eigen::Map<const Eigen::RowVectorXf>(yhat.data() + t * d, d).cast<double>() * Ainv + mu.transpose();
-    for (int64_t i = 0; i < d; ++i) out[t * d + i] = static_cast<float>(xt(i));
-  }
+  calib::transform_fake_quantize(
+      tf.head, x, n,
+      [&](std::span<const float> y, int64_t rows, std::span<float> y_hat) {
+        fake_quantize(tf.table ? &*tf.table : nullptr, y, rows, {}, clip, y_hat, bits);
+      },
+      out);
 }
 
 std::vector<std::vector<double>> per_head(const std::vector<double>& flat, int64_t heads, int64_t d) {
@@ -394,7 +350,13 @@ int main(int argc, char** argv) {
     };
     std::vector<Variant> variants = {{"RTN"}};
     const double d0 = damps[0];
-    if (!split_study.empty()) {
+    if (split_study.empty() && (!transform_study.empty() || !outlier_study.empty())) {
+      // Only the yardstick and the default's rounding; the treatments add their rows to each.
+      const float kc = study_clips[0], vc = study_clips[1];
+      variants = {{::fmt::format("RTN, clip {} / {}", kc, vc), -1, VMetric::None, d0, false, false, kc, vc}};
+      variants.push_back({::fmt::format("EF K+V (damp {}), clip {} / {}", d0, kc, vc), d0, VMetric::WoSum, d0, false,
+                          false, kc, vc});
+    } else if (!split_study.empty()) {
       const float kc = study_clips[0], vc = study_clips[1];
       const float skc = split_clips[0], svc = split_clips[1];
       const int32_t kb = split_study[0], vb = split_study[1];
@@ -453,7 +415,8 @@ int main(int argc, char** argv) {
                           d0, false, false, 0.96f, 0.92f});
     }
     const bool study =
-        clip_study || refit_study || !token_clip_study.empty() || key_metric_study || !split_study.empty();
+        clip_study || refit_study || !token_clip_study.empty() || key_metric_study || !split_study.empty() ||
+        !transform_study.empty() || !outlier_study.empty();
     for (size_t i = 0; i < (quick || study ? 0 : damps.size()); ++i)
       variants.push_back({::fmt::format("EF K (damp {})", damps[i]), damps[i]});
     if (quick) variants.push_back({::fmt::format("EF K (damp {})", d0), d0});
@@ -636,7 +599,7 @@ int main(int argc, char** argv) {
           const int32_t bits = keys ? row.k_bits : row.v_bits;
           if (treat == Treat::Transform && (keys || !transform_keys_only)) {
             auto& tf = transforms[{fraction, keys, layer, kv_head}];
-            if (tf.a.empty()) {
+            if (tf.head.dim == 0) {
               const auto& metric = keys ? key_metric[layer] : wo_sum[layer];
               tf = make_transform((keys ? fk : fv)[layer], kv_head, fraction, transform_center.find(keys ? 'k' : 'v') != std::string::npos,
                                   transform_shared, rotation,

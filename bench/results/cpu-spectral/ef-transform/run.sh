@@ -18,3 +18,8 @@ for f in moby-dick tinystories-sample; do
   $B $common --heldout-seqs 3 --heldout-files $f.txt --transform-study 0.25,0.5 > "$D/${f}_kv-centered_a0.25,0.5.txt"
   $B $common --heldout-seqs 3 --heldout-files $f.txt --transform-study 0.25,0.5 --transform-center k > "$D/${f}_k-centered_a0.25,0.5.txt"
 done
+# Context 4096: statistics, tables and KL at 4096 (one fit sequence per training text; python + linux docs held out)
+$B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-tokens 4096 \
+  --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --seq-len 4096 --fit-seqs 1 \
+  --heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt --transform-study 0.25,0.5 \
+  --transform-center k > "$D/docs4096_k-centered_a0.25,0.5.txt"
