@@ -23,3 +23,7 @@ $B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixture
   --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --seq-len 4096 --fit-seqs 1 \
   --heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt --transform-study 0.25,0.5 \
   --transform-center k > "$D/docs4096_k-centered_a0.25,0.5.txt"
+# A larger docs sample: python + linux docs, 8 sequences each
+$B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 \
+  --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --heldout-seqs 8 --transform-study 0.25,0.5 \
+  --transform-center k --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt > "$D/docs16_k-centered_a0.25,0.5.txt"
