@@ -13,6 +13,7 @@
 #include "lib/calib/error_feedback.h"
 #include "lib/calib/quantizer_ref.h"
 #include "lib/calib/rotation.h"
+#include "tests/calib/random_matrices.h"
 #include "lib/eval/cache_modes.h"
 
 namespace oscar::calib {
@@ -29,14 +30,7 @@ std::vector<float> tokens_with_outliers(int64_t n, int64_t d, std::mt19937_64& r
   return x;
 }
 
-RowMatD random_orthogonal(int64_t d, std::mt19937_64& rng) {
-  std::normal_distribution<double> n01(0.0, 1.0);
-  RowMatD g(d, d);
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j) g(i, j) = n01(rng);
-  const Eigen::HouseholderQR<RowMatD> qr(g);
-  return qr.householderQ();
-}
+using test::random_orthogonal;
 
 double metric_error(std::span<const float> y, std::span<const float> yhat, const RowMatD& m) {
   const int64_t d = m.rows();

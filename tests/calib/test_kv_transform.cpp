@@ -15,20 +15,14 @@
 #include "lib/calib/kv_transform.h"
 #include "lib/calib/quantizer_ref.h"
 #include "lib/calib/rotation.h"
+#include "tests/calib/random_matrices.h"
 
 namespace oscar::calib {
 namespace {
 
 using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-RowMatD random_orthogonal(int64_t d, std::mt19937_64& rng) {
-  std::normal_distribution<double> n01(0.0, 1.0);
-  RowMatD g(d, d);
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j) g(i, j) = n01(rng);
-  const Eigen::HouseholderQR<RowMatD> qr(g);
-  return qr.householderQ();
-}
+using test::random_orthogonal;
 
 // n vectors x = μ + z·diag(√λ)·Qᵀ: mean μ, covariance Q diag(λ) Qᵀ with λ spread geometrically over `spread`.
 std::vector<float> anisotropic_source(int64_t n, int64_t d, double spread, const RowMatD& q,
