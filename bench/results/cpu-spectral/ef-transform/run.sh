@@ -27,3 +27,8 @@ $B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixture
 $B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 \
   --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --heldout-seqs 8 --transform-study 0.25,0.5 \
   --transform-center k --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt > "$D/docs16_k-centered_a0.25,0.5.txt"
+# Damping and clips under the transform (docs, K centered, α 0.25 / 0.5)
+tr="--heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt,wikitext-2-raw-test.txt --transform-study 0.25,0.5 --transform-center k"
+base="--model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 --test-tokens 4096 --kl --clip-feedback --rotations hadamard"
+for dp in 0.03 0.3; do $B $base $tr --damps $dp > $D/docs_k-centered_damp$dp.txt; done
+for c in 0.98,0.96 1.0,1.0; do $B $base $tr --damps 0.1 --study-clips $c > "$D/docs_k-centered_clips$c.txt"; done
