@@ -248,6 +248,9 @@ int main(int argc, char** argv) {
                  "those with the largest error in the fit text's metric (Σ_Q for keys, Σ_g W_gᵀW_g for values), "
                  "are kept exact: what a sparse bf16 side list of that many tokens would buy")
       ->delimiter(',');
+  int64_t eval_seq_len = 0;
+  app.add_option("--eval-seq-len", eval_seq_len,
+                 "held-out sequence length (KL context) when it differs from --seq-len (the fit text's); 0 = the same");
   std::vector<double> transform_study;
   bool transform_keys_only = false;
   app.add_option("--transform-study", transform_study,
@@ -285,14 +288,15 @@ int main(int argc, char** argv) {
       return bench::pack_texts(text_dir, files, per_file, seq_len, *tokenizer);
     };
     const auto fit_ids = pack({"war-and-peace.txt", "tiny-shakespeare.txt", "code-llamacpp-mit.txt"}, fit_seqs);
-    const auto test_ids =
-        pack(heldout_files, heldout_seqs);
+    // --eval-seq-len: the held-out sequences (the KL and the held-out errors) at another length than the fit text.
+    const int64_t test_len = eval_seq_len > 0 ? eval_seq_len : seq_len;
+    const auto test_ids = bench::pack_texts(text_dir, heldout_files, heldout_seqs, test_len, *tokenizer);
     calib::CpuForwardRunner runner(*model);
     auto collect = [&](const std::vector<std::vector<int32_t>>& seqs) {
       return bench::collect_samples(runner, shape, windows.sink_tokens, seqs, seq_len);
     };
     const auto fit = collect(fit_ids);
-    const auto test = collect(test_ids);
+    const auto test = bench::collect_samples(runner, shape, windows.sink_tokens, test_ids, test_len);
     std::vector<calib::ObjectiveSamples> fk(L), fv(L), tk(L), tv(L);
     for (int64_t l = 0; l < L; ++l) {
       fk[l] = calib::key_objective_samples(fit[l], false, inv_freq, fit_tokens);
@@ -542,7 +546,7 @@ int main(int argc, char** argv) {
       std::cout << ::fmt::format("\nKL(BF16 ‖ mode) at positions >= {} (context {}, {} held-out sequences, sink {} + "
                                  "recent {} bf16 for every row)\n\n| configuration | mean KL | p99 KL | top-1 "
                                  "agreement |\n|---|---|---|---|\n",
-                                 first, seq_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
+                                 first, test_len, test_ids.size(), mo.windows.sink, mo.windows.recent);
       enum class Treat { AsIs, BiasCorrected, ExactKeys, ExactValues, Outliers, Transform };
       struct TreatRow {
         Treat treat;

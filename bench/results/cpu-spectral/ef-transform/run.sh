@@ -32,3 +32,8 @@ tr="--heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.
 base="--model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 --test-tokens 4096 --kl --clip-feedback --rotations hadamard"
 for dp in 0.03 0.3; do $B $base $tr --damps $dp > $D/docs_k-centered_damp$dp.txt; done
 for c in 0.98,0.96 1.0,1.0; do $B $base $tr --damps 0.1 --study-clips $c > "$D/docs_k-centered_clips$c.txt"; done
+# Fitted at 1024, evaluated at 4096
+$B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 \
+  --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --eval-seq-len 4096 --heldout-seqs 1 \
+  --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt --transform-study 0.25,0.5 --transform-center k \
+  > "$D/docs4096-from1024_k-centered_a0.25,0.5.txt"
