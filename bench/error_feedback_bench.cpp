@@ -260,6 +260,9 @@ int main(int argc, char** argv) {
                  "centering only; 1 = whitening)")
       ->delimiter(',');
   app.add_flag("--transform-keys-only", transform_keys_only, "--transform-study: values stay as the row stores them");
+  double transform_v_alpha = -1;
+  app.add_option("--transform-v-alpha", transform_v_alpha,
+                 "--transform-study: the values' α (default: each row's α for both tensors)");
   bool transform_shared = false;
   app.add_flag("--transform-shared", transform_shared,
                "--transform-study: one μ and W per layer and tensor, pooled over the KV heads (the tables stay per head)");
@@ -569,8 +572,9 @@ int main(int argc, char** argv) {
                                      : transform_center == "none" ? ""
                                                                   : transform_center + " centered, ";
         treats.push_back({Treat::Transform,
-                          ::fmt::format(", {} {}{}× Σ^(-{}/2)", transform_keys_only ? "K" : "K, V",
-                                        transform_shared ? "(shared) " : "", centered, a),
+                          ::fmt::format(", {} {}{}× Σ^(-{}/2){}", transform_keys_only ? "K" : "K, V",
+                                        transform_shared ? "(shared) " : "", centered, a,
+                                        transform_v_alpha >= 0 ? ::fmt::format(" (V: α {})", transform_v_alpha) : ""),
                           a});
       }
       calib::ErrorFeedbackOptions ef_opts;  // --transform-study's tables: the rows' damping and clip feedback
@@ -605,7 +609,8 @@ int main(int argc, char** argv) {
             auto& tf = transforms[{fraction, keys, layer, kv_head}];
             if (tf.head.dim == 0) {
               const auto& metric = keys ? key_metric[layer] : wo_sum[layer];
-              tf = make_transform((keys ? fk : fv)[layer], kv_head, fraction, transform_center.find(keys ? 'k' : 'v') != std::string::npos,
+              const double alpha = !keys && transform_v_alpha >= 0 ? transform_v_alpha : fraction;
+              tf = make_transform((keys ? fk : fv)[layer], kv_head, alpha, transform_center.find(keys ? 'k' : 'v') != std::string::npos,
                                   transform_shared, rotation,
                                   std::span<const double>(metric).subspan(kv_head * d * d, d * d),
                                   tab ? std::optional<calib::ErrorFeedbackOptions>(ef_opts) : std::nullopt);

@@ -37,3 +37,7 @@ $B --model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixture
   --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --eval-seq-len 4096 --heldout-seqs 1 \
   --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt --transform-study 0.25,0.5 --transform-center k \
   > "$D/docs4096-from1024_k-centered_a0.25,0.5.txt"
+# Keys α 0.25, values α 0.5
+base="--model ../shared/fixtures/models/qwen3-tiny-trained --text ../shared/fixtures/text --fit-seqs 2 --fit-tokens 2048 --test-tokens 4096 --kl --clip-feedback --damps 0.1 --rotations hadamard --transform-center k --transform-study 0.25 --transform-v-alpha 0.5"
+$B $base --heldout-seqs 1 --heldout-files python-docs-heldout.txt,linux-docs-heldout.txt,wikitext-2-raw-test.txt > $D/docs_k-centered_a0.25_v0.5.txt
+$B $base --heldout-seqs 3 --heldout-files moby-dick.txt > $D/moby-dick_k-centered_a0.25_v0.5.txt
