@@ -554,7 +554,7 @@ int main(int argc, char** argv) {
       struct TreatRow {
         Treat treat;
         std::string name;
-        double fraction = 0;  // Treat::Outliers
+        double param = 0;  // Treat::Outliers: the fraction of tokens kept exact; Treat::Transform: α
       };
       std::vector<TreatRow> treats = {{Treat::AsIs, ""}};
       if (bias_study) {
@@ -589,14 +589,14 @@ int main(int argc, char** argv) {
             key_metric[l].insert(key_metric[l].end(), m.begin(), m.end());
           }
       for (const Row& row : rows)
-        for (const auto& [treat, treat_name, fraction] : treats) {
+        for (const auto& [treat, treat_name, param] : treats) {
         const auto t = std::chrono::steady_clock::now();
         mo.bundle = &row.bundle;
         // Mean error x̂ - x over the fit samples, per (keys, layer, KV head): computed on first use with the rotation
         // and clip the cache hands the hook (the cache below lives only in this iteration).
         std::map<std::tuple<bool, int64_t, int64_t>, std::vector<double>> bias;
         std::map<std::tuple<double, bool, int64_t, int64_t>, Transform> transforms;
-        mo.rounding_hook = [&, treat = treat](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x,
+        mo.rounding_hook = [&, treat = treat, param = param](bool keys, int64_t layer, int64_t kv_head, std::span<const float> x,
                                               int64_t tokens, std::span<const float> rotation, float clip,
                                               std::span<float> out) {
           if ((treat == Treat::ExactKeys && keys) || (treat == Treat::ExactValues && !keys)) {
@@ -606,10 +606,10 @@ int main(int argc, char** argv) {
           const auto& tab = (keys ? row.k_tables : row.v_tables)[layer][kv_head];
           const int32_t bits = keys ? row.k_bits : row.v_bits;
           if (treat == Treat::Transform && (keys || !transform_keys_only)) {
-            auto& tf = transforms[{fraction, keys, layer, kv_head}];
+            auto& tf = transforms[{param, keys, layer, kv_head}];
             if (tf.head.dim == 0) {
               const auto& metric = keys ? key_metric[layer] : wo_sum[layer];
-              const double alpha = !keys && transform_v_alpha >= 0 ? transform_v_alpha : fraction;
+              const double alpha = !keys && transform_v_alpha >= 0 ? transform_v_alpha : param;
               tf = make_transform((keys ? fk : fv)[layer], kv_head, alpha, transform_center.find(keys ? 'k' : 'v') != std::string::npos,
                                   transform_shared, rotation,
                                   std::span<const double>(metric).subspan(kv_head * d * d, d * d),
@@ -630,7 +630,7 @@ int main(int argc, char** argv) {
               for (int64_t i = 0; i < d; ++i) e(i) = static_cast<double>(out[r * d + i]) - x[r * d + i];
               err[r] = {e.dot(m * e), r};
             }
-            const auto keep = static_cast<size_t>(std::llround(fraction * static_cast<double>(tokens)));
+            const auto keep = static_cast<size_t>(std::llround(param * static_cast<double>(tokens)));
             std::partial_sort(err.begin(), err.begin() + keep, err.end(), std::greater<>());
             for (size_t q = 0; q < keep; ++q) {
               const int64_t r = err[q].second;

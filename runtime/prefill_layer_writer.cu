@@ -71,7 +71,7 @@ PrefillLayerWriter::PrefillLayerWriter(bool overlap) : overlap_(overlap) {
 
 PrefillLayerWriter::~PrefillLayerWriter() {
   if (!side_) return;
-  cudaStreamSynchronize(as_stream(side_));  // no throw from a destructor; a failure here has been reported already
+  drain();  // no throw from a destructor; a failure here has been reported already
   for (int i = 0; i < 2; ++i) {
     if (ready_[i]) cudaEventDestroy(as_event(ready_[i]));
     if (done_[i]) cudaEventDestroy(as_event(done_[i]));

@@ -40,8 +40,8 @@ std::vector<double> MomentAccumulator::mean() const {
 }
 
 std::vector<double> MomentAccumulator::covariance(bool centered) const {
-  const std::vector<double> m = centered ? mean() : std::vector<double>(static_cast<size_t>(d_), 0.0);
   if (!(total_ > 0)) throw Error("MomentAccumulator", "no weight accumulated");
+  const std::vector<double> m = centered ? mean() : std::vector<double>(static_cast<size_t>(d_), 0.0);
   std::vector<double> c(outer_.size());
   for (int64_t i = 0; i < d_; ++i)
     for (int64_t j = 0; j < d_; ++j)

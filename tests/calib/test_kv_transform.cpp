@@ -20,8 +20,7 @@
 namespace oscar::calib {
 namespace {
 
-using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
+using test::RowMatD;
 using test::random_orthogonal;
 
 // n vectors x = μ + z·diag(√λ)·Qᵀ: mean μ, covariance Q diag(λ) Qᵀ with λ spread geometrically over `spread`.
