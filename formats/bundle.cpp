@@ -192,7 +192,7 @@ void write_tensor_spec(Writer& w, hid_t quant, const std::string& name, const Te
 }
 
 void write_all(Writer& w, hid_t file, const Bundle& b) {
-  w.scalar_attr(file, "format_major", b.format_major);
+  w.scalar_attr(file, "format_major", required_format_major(b));
   w.scalar_attr(file, "format_minor", required_format_minor(b));
   w.string_attr(file, "producer", b.producer);
   // 1.2: only with tables, so a bundle without them keeps the 1.1 bytes.
@@ -280,6 +280,16 @@ void write_all(Writer& w, hid_t file, const Bundle& b) {
       if (!l.v_ef_order.empty()) {
         w.dataset<int32_t>(lg.get(), "v_ef_order", {kv, d}, l.v_ef_order);
         w.dataset<float>(lg.get(), "v_ef_weights", {kv, d, d}, l.v_ef_weights);
+      }
+      // 2.0: storage transforms, per tensor and only where present.
+      if (!l.k_transform.empty()) {
+        w.dataset<float>(lg.get(), "k_transform", {kv, d, d}, l.k_transform);
+        w.dataset<float>(lg.get(), "k_transform_inverse", {kv, d, d}, l.k_transform_inverse);
+        w.dataset<float>(lg.get(), "k_mean", {kv, d}, l.k_mean);
+      }
+      if (!l.v_transform.empty()) {
+        w.dataset<float>(lg.get(), "v_transform", {kv, d, d}, l.v_transform);
+        w.dataset<float>(lg.get(), "v_transform_inverse", {kv, d, d}, l.v_transform_inverse);
       }
     }
   }
@@ -540,6 +550,22 @@ Bundle read_all(const Reader& r, hid_t file) {
       }
       if (H5Lexists(lg.get(), "k_ef_metric", H5P_DEFAULT) > 0)
         l.k_ef_metric = r.dataset<double>(lg.get(), lp, "k_ef_metric", {kv, d, d});
+      // 2.0 objects. In a 1.x file they are damage (or a forgery): a 1.x reader would ignore them and quantize with
+      // the rotation alone, so they may only appear under the major that says they must be used.
+      for (const char* name : {"k_transform", "k_transform_inverse", "k_mean", "v_transform", "v_transform_inverse"}) {
+        if (H5Lexists(lg.get(), name, H5P_DEFAULT) <= 0) continue;
+        if (b.format_major < 2)
+          r.fail(lp + "/" + name, ::fmt::format("a storage transform (format 2.0) in a format {}.{} file",
+                                                b.format_major, b.format_minor));
+        const std::string n = name;
+        std::vector<float>* dst = n == "k_transform"           ? &l.k_transform
+                                  : n == "k_transform_inverse" ? &l.k_transform_inverse
+                                  : n == "k_mean"              ? &l.k_mean
+                                  : n == "v_transform"         ? &l.v_transform
+                                                               : &l.v_transform_inverse;
+        *dst = n == "k_mean" ? r.dataset<float>(lg.get(), lp, name, {kv, d})
+                             : r.dataset<float>(lg.get(), lp, name, {kv, d, d});
+      }
       b.layers.push_back(std::move(l));
     }
   }
@@ -574,6 +600,40 @@ void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, co
         worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
       }
     if (worst > 1e-4) throw Error(where, ::fmt::format("group {} is not orthogonal (max |R·Rᵀ − I| = {:.3g})", g, worst));
+  }
+}
+
+// A storage transform (2.0): A and A⁻¹ [kv_heads, d, d] (and μ [kv_heads, d] for keys) all present or all absent,
+// finite, and A·A⁻¹ = I per head. fp32 copies of fp64 factors with the condition numbers partial whitening gives
+// (α ≤ 1 on a floored covariance) multiply to I within ~1e-5; 1e-3 catches a damaged or mismatched inverse.
+void check_transform(const std::vector<float>& a, const std::vector<float>& a_inv, const std::vector<float>* mean,
+                     int64_t kv_heads, int64_t d, const std::string& where) {
+  const bool any = !a.empty() || !a_inv.empty() || (mean && !mean->empty());
+  if (!any) return;
+  if (a.empty() || a_inv.empty() || (mean && mean->empty()))
+    throw Error(where, mean ? "a key transform needs k_transform, k_transform_inverse and k_mean together"
+                            : "a value transform needs v_transform and v_transform_inverse together");
+  const size_t dd = static_cast<size_t>(kv_heads * d * d);
+  if (a.size() != dd || a_inv.size() != dd)
+    throw Error(where, ::fmt::format("transform and inverse must hold [{}, {}, {}] values, have {} and {}", kv_heads, d,
+                                     d, a.size(), a_inv.size()));
+  if (mean && static_cast<int64_t>(mean->size()) != kv_heads * d)
+    throw Error(where, ::fmt::format("k_mean must hold [{}, {}] values, has {}", kv_heads, d, mean->size()));
+  if (!all_finite(a) || !all_finite(a_inv) || (mean && !all_finite(*mean)))
+    throw Error(where, "non-finite transform, inverse or mean");
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    const float* m = a.data() + h * d * d;
+    const float* n = a_inv.data() + h * d * d;
+    double worst = 0;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        double dot = 0;
+        for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(m[i * d + k]) * n[k * d + j];
+        worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
+      }
+    if (worst > 1e-3)
+      throw Error(where, ::fmt::format("KV head {}: the stored inverse is not the transform's inverse "
+                                       "(max |A·A⁻¹ − I| = {:.3g})", h, worst));
   }
 }
 
@@ -647,7 +707,18 @@ bool has_key_metric(const Bundle& bundle) {
   return false;
 }
 
+bool has_storage_transform(const Bundle& bundle) {
+  for (const auto& l : bundle.layers)
+    if (!l.k_transform.empty() || !l.v_transform.empty() || !l.k_transform_inverse.empty() ||
+        !l.v_transform_inverse.empty() || !l.k_mean.empty())
+      return true;
+  return false;
+}
+
+int32_t required_format_major(const Bundle& bundle) { return has_storage_transform(bundle) ? 2 : 1; }
+
 int32_t required_format_minor(const Bundle& bundle) {
+  if (has_storage_transform(bundle)) return 0;
   return has_key_metric(bundle) ? 3 : has_error_feedback(bundle) ? 2 : 1;
 }
 
@@ -680,8 +751,8 @@ KvQuantSpec layer_spec(const Bundle& bundle, size_t layer) {
 }
 
 void validate_bundle(const Bundle& b, const std::string& where) {
-  if (b.format_major != kBundleFormatMajor)
-    throw Error(where, ::fmt::format("format major {} is not {}", b.format_major, kBundleFormatMajor));
+  if (b.format_major < 1 || b.format_major > kBundleFormatMajor)
+    throw Error(where, ::fmt::format("format major {} is not 1..{}", b.format_major, kBundleFormatMajor));
   const auto& m = b.model;
   if (m.num_layers <= 0 || m.num_heads <= 0 || m.num_kv_heads <= 0 || m.head_dim <= 0 ||
       m.num_heads % m.num_kv_heads != 0)
@@ -717,6 +788,11 @@ void validate_bundle(const Bundle& b, const std::string& where) {
     check_error_feedback(l.v_ef_order, l.v_ef_weights, spec.v, m.num_kv_heads, d, lw + "/v_ef_order",
                          lw + "/v_ef_weights");
     check_key_metric(l.k_ef_metric, !l.k_ef_order.empty(), m.num_kv_heads, d, lw + "/k_ef_metric");
+    check_transform(l.k_transform, l.k_transform_inverse, &l.k_mean, m.num_kv_heads, d, lw + "/k_transform");
+    check_transform(l.v_transform, l.v_transform_inverse, nullptr, m.num_kv_heads, d, lw + "/v_transform");
+    if ((!l.k_transform.empty() && !spec.k.whole_head_int2(d)) || (!l.v_transform.empty() && !spec.v.whole_head_int2(d)))
+      throw Error(lw + (l.k_transform.empty() ? "/v_transform" : "/k_transform"),
+                  "storage transforms need a whole-head INT2 tensor (one segment [0, head_dim) of 2 bits)");
   }
   if (has_key_metric(b)) {
     if (!(b.ef_damp >= 0 && std::isfinite(b.ef_damp)))

@@ -1,13 +1,14 @@
 #pragma once
 // fmt::Bundle — everything `oscar calibrate` produces for one model, as plain data, and its on-disk form: an
-// HDF5 file (".oscar", format v1, specified in docs/format.md). Only formats/bundle.cpp touches HDF5.
+// HDF5 file (".oscar", formats 1.x and 2.0, specified in docs/format.md). Only formats/bundle.cpp touches HDF5.
 //
 // Guarantees:
 //  * write_bundle() is atomic (AtomicFile) and deterministic: the same Bundle gives the same bytes (HDF5 object
 //    timestamps are disabled), so a bundle's sha256 identifies a calibration.
 //  * every dataset carries a "sha256" attribute over its raw little-endian bytes; read_bundle() recomputes it.
-//  * read_bundle() refuses a newer MAJOR version, reads any minor of its major (unknown objects are ignored),
-//    and validates shapes, finiteness and the orthogonality of every rotation, throwing oscar::Error naming the file.
+//  * read_bundle() refuses a newer MAJOR version, reads any minor of its majors (unknown objects are ignored),
+//    and validates shapes, finiteness, the orthogonality of every rotation and that every storage transform's
+//    stored inverse is its inverse, throwing oscar::Error naming the file.
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -20,9 +21,14 @@ namespace oscar::fmt {
 
 class TensorStore;
 
-inline constexpr int32_t kBundleFormatMajor = 1;
-inline constexpr int32_t kBundleFormatMinor = 3;  // 1.1: per-layer segment layouts; 1.2: error-feedback tables;
-                                                  // 1.3: the key metric the key tables are made from
+// The newest format this code reads and writes. 2.0 = 1.3 + per-KV-head storage transforms (a 1.x reader would
+// quantize with the rotation alone, so a bundle with transforms must not be readable as 1.x); a bundle without them
+// is still written as 1.x, byte for byte as before.
+inline constexpr int32_t kBundleFormatMajor = 2;
+inline constexpr int32_t kBundleFormatMinor = 0;
+// The newest minor of format 1: 1.1 per-layer segment layouts; 1.2 error-feedback tables; 1.3 the key metric the
+// key tables are made from.
+inline constexpr int32_t kBundleFormat1Minor = 3;
 
 // Identifies the checkpoint a bundle was calibrated on; `oscar eval` refuses a bundle whose fingerprint differs.
 struct ModelFingerprint {
@@ -86,6 +92,17 @@ struct LayerCalibration {
   // --ef-context carry. From it a reader can rebuild the key tables for another context
   // (calib::retarget_key_tables) without the calibration data.
   std::vector<double> k_ef_metric;  // [num_kv_heads, head_dim, head_dim] row-major, symmetric
+  // Format 2.0: a general invertible storage transform per KV head instead of the rotation (docs/method.md, "The
+  // whitening storage transform"; lib/calib/kv_transform.h). A tensor with one stores y = (x − μ)·A and reads
+  // x̂ = ŷ·A⁻¹ + μ, where A = W·R (R this layer's rotation of the head's group, W = (Σ + εI)^(−α/2) from the head's
+  // calibration covariance); its error-feedback tables are in A's basis (metric A⁻¹ M A⁻ᵀ). Keys may be centered
+  // (μ_K: exact for attention, a constant per query that the softmax drops); values are not (no v_mean). Empty =
+  // the tensor stores y = x·R (format 1.x).
+  std::vector<float> k_transform;          // [num_kv_heads, head_dim, head_dim] row-major A_K
+  std::vector<float> k_transform_inverse;  // [num_kv_heads, head_dim, head_dim] A_K⁻¹
+  std::vector<float> k_mean;               // [num_kv_heads, head_dim] μ_K (present with k_transform; may be zero)
+  std::vector<float> v_transform;          // [num_kv_heads, head_dim, head_dim] A_V
+  std::vector<float> v_transform_inverse;  // [num_kv_heads, head_dim, head_dim] A_V⁻¹
   bool operator==(const LayerCalibration&) const = default;
 };
 
@@ -100,9 +117,9 @@ struct ErrorReport {
 };
 
 struct Bundle {
-  int32_t format_major = kBundleFormatMajor;
-  // What the file says when read. write_bundle writes the minor the content needs (required_format_minor), so a
-  // bundle without error-feedback tables stays a byte-identical 1.1 file.
+  // What the file says when read. write_bundle writes the version the content needs (required_format_major /
+  // required_format_minor), so a bundle without error-feedback tables stays a byte-identical 1.1 file.
+  int32_t format_major = 1;
   int32_t format_minor = 1;
   std::string producer;  // "oscar 0.1.0"
   ModelFingerprint model;
@@ -128,7 +145,11 @@ struct Bundle {
 bool has_error_feedback(const Bundle& bundle);
 // True when any layer stores its key metric (format 1.3).
 bool has_key_metric(const Bundle& bundle);
-// 3 with stored key metrics, 2 with error-feedback tables, else 1 (what write_bundle writes as format_minor).
+// True when any layer stores a transform (format 2.0).
+bool has_storage_transform(const Bundle& bundle);
+// What write_bundle writes: 2.0 with storage transforms; else 1.3 with stored key metrics, 1.2 with error-feedback
+// tables, 1.1 otherwise.
+int32_t required_format_major(const Bundle& bundle);
 int32_t required_format_minor(const Bundle& bundle);
 
 // The spec layer `layer` is stored with: bundle.quant with the layer's own segments (when it has them) and clip ratios.

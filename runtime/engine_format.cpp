@@ -226,6 +226,12 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
     if (bundle->layers.size() != L)
       throw Error(where, "bundle has " + std::to_string(bundle->layers.size()) + " layers, the model " +
                              std::to_string(L));
+    // Format 2.0 transforms need A per KV head in the writers, A⁻ᵀ on q and A⁻¹ on the output, and μ_K in the
+    // windows; the kernels take one orthogonal R per layer today (docs/method.md, "The whitening storage transform").
+    if (fmt::has_storage_transform(*bundle))
+      throw Error(where, "the bundle stores per-KV-head storage transforms (format 2.0, calibrate --transform "
+                         "whiten), which the GPU runtime does not run yet; evaluate it with --device cpu, or "
+                         "calibrate without --transform");
     const size_t dd = static_cast<size_t>(cfg.head_dim * cfg.head_dim);
     for (size_t l = 0; l < L; ++l) {
       const fmt::LayerCalibration& lc = bundle->layers[l];

@@ -106,6 +106,10 @@ struct CalibrateCliOptions {
   std::string ef_clip_feedback = "on";
   int64_t ef_context = 0;
   bool no_ef_key_metric = false;
+  // Storage transforms (bundle 2.0; lib/calib/kv_transform.h): "none" or "whiten", and its α.
+  std::string transform = "none";
+  double transform_alpha = 0.25;
+  bool transform_alpha_given = false;
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
   bool rotation_given = false;
   // Set by CLI11 when the flag was given.
@@ -329,6 +333,12 @@ int run_calibrate(const CalibrateCliOptions& o) {
   if (o.no_ef_key_metric && opt.error_feedback.mode == calib::ErrorFeedbackMode::Off)
     throw Error("--no-ef-key-metric", "leaves the key metric of the key tables out: give --error-feedback k or kv");
   opt.error_feedback.store_key_metric = !o.no_ef_key_metric;
+  if (o.transform != "none" && o.transform != "whiten")
+    throw Error("--transform", ::fmt::format("'{}' is not none or whiten", o.transform));
+  opt.transform.enabled = o.transform == "whiten";
+  if (o.transform_alpha_given && !opt.transform.enabled)
+    throw Error("--transform-alpha", "sets the whitening transform's α: give --transform whiten");
+  opt.transform.alpha = o.transform_alpha;
   if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
     opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;
@@ -409,7 +419,8 @@ int run_calibrate(const CalibrateCliOptions& o) {
       if (key == "k_weight" || key == "k_weight_proxy" || key == "layer_choice" || key == "layer_proxy" ||
           key == "candidate_metric" || key == "layer_kl" || key == "error_feedback" || key == "ef_damp" ||
           key == "ef_clip_feedback" || key == "ef_context" || key == "ef_key_metric" || key == "ef_tables" ||
-          key == "ef_store_key_metric" ||
+          key == "ef_store_key_metric" || key == "transform" || key == "transform_alpha" ||
+          key == "transform_tensors" ||
           key == "ef_heldout_k" || key == "ef_heldout_v")
         j[key] = value;
     nlohmann::json layers = nlohmann::json::array();
@@ -568,9 +579,18 @@ OSCAR_REGISTER_COMMAND(
       sub.add_flag("--no-ef-key-metric", o->no_ef_key_metric,
                    "error feedback: leave the collected key metric out of the bundle (format 1.2 instead of 1.3, "
                    "~2x the key tables' bytes smaller); the key tables then serve only --ef-context");
+      sub.add_option("--transform", o->transform,
+                     "storage transform per KV head instead of the rotation alone (bundle format 2.0): none, or "
+                     "whiten = keys centered, then W = (Σ + εI)^(-α/2) and the rotation, fitted on the held-out K/V; "
+                     "needs --error-feedback (CPU eval and export read it; the GPU runtime does not yet)")
+          ->capture_default_str();
+      auto* transform_alpha = sub.add_option("--transform-alpha", o->transform_alpha,
+                     "--transform whiten: α in [0, 1] (0 = the rotation alone, 1 = full whitening)")
+          ->capture_default_str();
       add_json_flag(sub, o->json);
-      return [o, k_clip, v_clip, rotation, spectral_opts] {
+      return [o, k_clip, v_clip, rotation, spectral_opts, transform_alpha] {
         o->k_clip_given = k_clip->count() > 0;
+        o->transform_alpha_given = transform_alpha->count() > 0;
         o->v_clip_given = v_clip->count() > 0;
         o->rotation_given = rotation->count() > 0;
         o->spectral_flags_given.clear();

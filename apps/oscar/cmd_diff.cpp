@@ -72,7 +72,8 @@ std::vector<Difference> setup_differences(const fmt::Bundle& a, const fmt::Bundl
   }
   // Error-feedback rounding (1.2/1.3): which tensors have tables, whether the tables differ, and for which key
   // positions they were made. The tables themselves are d² numbers per head; "differ" says enough for a diff.
-  cmp("format_minor", a.format_minor, b.format_minor);
+  cmp("format", ::fmt::format("{}.{}", a.format_major, a.format_minor),
+      ::fmt::format("{}.{}", b.format_major, b.format_minor));
   cmp("ef_clip_feedback", fmt::has_error_feedback(a) && a.ef_clip_feedback, fmt::has_error_feedback(b) && b.ef_clip_feedback);
   cmp("ef key tables for positions", calib::error_feedback_context(a), calib::error_feedback_context(b));
   cmp("ef key metric stored", fmt::has_key_metric(a), fmt::has_key_metric(b));
@@ -87,6 +88,14 @@ std::vector<Difference> setup_differences(const fmt::Bundle& a, const fmt::Bundl
       if (order_a == order_b && weights_a == weights_b) continue;
       out.push_back({::fmt::format("layer {} {} ef table", l, keys ? "k" : "v"), order_a.empty() ? "none" : "table",
                      order_b.empty() ? "none" : order_a.empty() ? "table" : "another table"});
+    }
+    // Storage transforms (2.0), likewise by presence and equality.
+    for (const bool keys : {true, false}) {
+      const auto& ta = keys ? x.k_transform : x.v_transform;
+      const auto& tb = keys ? y.k_transform : y.v_transform;
+      if (ta == tb && (!keys || x.k_mean == y.k_mean)) continue;
+      out.push_back({::fmt::format("layer {} {} transform", l, keys ? "k" : "v"), ta.empty() ? "none" : "transform",
+                     tb.empty() ? "none" : ta.empty() ? "transform" : "another transform"});
     }
   }
   std::map<std::string, std::string> oa(a.calibration.options.begin(), a.calibration.options.end());

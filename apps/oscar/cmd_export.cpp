@@ -103,7 +103,7 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
   std::deque<std::vector<float>> floats;
   std::deque<std::vector<uint8_t>> records;
   std::vector<fmt::TensorToWrite> tensors;
-  int64_t heads = 0, tokens = 0, ef_tensors = 0;
+  int64_t heads = 0, tokens = 0, ef_tensors = 0, transform_tensors = 0;
   for (int64_t l = 0; l < L; ++l) {
     const auto& layer = b.layers[static_cast<size_t>(l)];
     const fmt::KvQuantSpec spec = fmt::layer_spec(b, static_cast<size_t>(l));
@@ -133,22 +133,45 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
       auto& deq = floats.emplace_back(x.size());
       auto& deq_rot = floats.emplace_back(x.size());
       auto& rec = records.emplace_back(static_cast<size_t>(heads * tokens * q.record_bytes()));
+      const bool transformed = calib::has_transform(layer, is_k);
+      if (transformed && heads != b.model.num_kv_heads)
+        throw Error(o.golden_kv + ":" + name, ::fmt::format("{} KV heads, the bundle's transforms have {}", heads,
+                                                            b.model.num_kv_heads));
+      transform_tensors += transformed ? 1 : 0;
+      std::vector<float> centered(static_cast<size_t>(d));
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t g = b.rotation_groups == 1 ? 0 : h;
-        const std::span<const float> rot(rot_all.data() + g * d * d, static_cast<size_t>(d * d));
+        // Format 2.0: the record holds y = (x − μ)·A; the original-basis decode is ŷ·A⁻¹ + μ.
+        const calib::HeadTransform tf =
+            transformed ? calib::stored_transform(layer, is_k, h, d, name) : calib::HeadTransform{};
+        const std::vector<float> a(tf.forward.begin(), tf.forward.end());
+        const std::span<const float> rot = transformed ? std::span<const float>(a)
+                                                       : std::span<const float>(rot_all.data() + g * d * d,
+                                                                                static_cast<size_t>(d * d));
         for (int64_t i = 0; i < tokens; ++i) {
           const size_t row = static_cast<size_t>(h * tokens + i);
           const std::span<const float> src(all.data() + (h * t->shape[1] + i) * d, static_cast<size_t>(d));
           std::copy(src.begin(), src.end(), x.begin() + static_cast<std::ptrdiff_t>(row * d));
+          for (int64_t c = 0; c < d; ++c) centered[c] = transformed ? src[c] - static_cast<float>(tf.mean[c]) : src[c];
           const std::span<uint8_t> r(rec.data() + row * q.record_bytes(), static_cast<size_t>(q.record_bytes()));
           if (ef_order.empty()) {
-            q.encode(src, rot, clip, r);
+            q.encode(centered, rot, clip, r);
           } else {
             const calib::HeadTable ht = calib::head_table(ef_order, ef_weights, h, d);
-            calib::error_feedback_encode_record(src, rot, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, r);
+            calib::error_feedback_encode_record(centered, rot, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, r);
           }
-          q.decode(r, rot, calib::Basis::Original, std::span<float>(deq.data() + row * d, static_cast<size_t>(d)));
-          q.decode(r, rot, calib::Basis::Rotated, std::span<float>(deq_rot.data() + row * d, static_cast<size_t>(d)));
+          const std::span<float> out_rot(deq_rot.data() + row * d, static_cast<size_t>(d));
+          const std::span<float> out(deq.data() + row * d, static_cast<size_t>(d));
+          q.decode(r, rot, calib::Basis::Rotated, out_rot);
+          if (!transformed) {
+            q.decode(r, rot, calib::Basis::Original, out);
+            continue;
+          }
+          for (int64_t c = 0; c < d; ++c) {
+            double acc = tf.mean[c];
+            for (int64_t k = 0; k < d; ++k) acc += static_cast<double>(out_rot[k]) * tf.inverse[k * d + c];
+            out[c] = static_cast<float>(acc);
+          }
         }
       }
       tensors.push_back(fmt::f32_tensor(name + ".x", {heads, tokens, d}, x));
@@ -167,9 +190,12 @@ nlohmann::json write_int2_golden(const fmt::Bundle& b, const ExportOptions& o, c
                                      ".dequant / .dequant_rotated f32 decode in the original / rotated basis"},
                           {"error_feedback", "records of a tensor with layers.L.{k,v}_ef_order / _ef_weights are "
                                              "written with error-feedback rounding (docs/format.md), the others "
-                                             "round to nearest"}});
+                                             "round to nearest"},
+                          {"transform", "a tensor with layers.L.{k,v}_transform stores y = (x - mean)·A: "
+                                        ".dequant_rotated is y's decode, .dequant = y·A^-1 + mean"}});
   return {{"file", path.filename().string()}, {"sha256", fmt::sha256_file(path)}, {"source", o.golden_kv},
-          {"kv_heads", heads}, {"tokens", tokens}, {"error_feedback_tensors", ef_tensors}};
+          {"kv_heads", heads}, {"tokens", tokens}, {"error_feedback_tensors", ef_tensors},
+          {"transform_tensors", transform_tensors}};
 }
 
 int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
@@ -212,6 +238,21 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
       add(p + name + "_ef_weights", fmt::DType::F32, {kv, d, d}, bytes_of(*weights),
           "error-feedback weights per KV head, strictly upper triangular");
     }
+    // Format 2.0: storage transforms (docs/format.md: the writer stores y = (x − μ)·A, readers use A⁻¹).
+    if (!layer.k_transform.empty()) {
+      add(p + "k_transform", fmt::DType::F32, {kv, d, d}, bytes_of(layer.k_transform),
+          "A_K per KV head: a key x is stored as y = (x - k_mean) A_K (replaces k_rotation)");
+      add(p + "k_transform_inverse", fmt::DType::F32, {kv, d, d}, bytes_of(layer.k_transform_inverse),
+          "A_K^-1 per KV head: q is read as q A_K^-T");
+      add(p + "k_mean", fmt::DType::F32, {kv, d}, bytes_of(layer.k_mean),
+          "mu_K per KV head, subtracted from every cached key (bf16 windows too, or add q.mu_K to INT2 logits)");
+    }
+    if (!layer.v_transform.empty()) {
+      add(p + "v_transform", fmt::DType::F32, {kv, d, d}, bytes_of(layer.v_transform),
+          "A_V per KV head: a value v is stored as y = v A_V (replaces v_rotation)");
+      add(p + "v_transform_inverse", fmt::DType::F32, {kv, d, d}, bytes_of(layer.v_transform_inverse),
+          "A_V^-1 per KV head: the attention output is o' A_V^-1");
+    }
     // Format 1.3: the metric the key tables are factorized from (docs/format.md: a consumer can rebuild them for
     // its own context).
     if (!layer.k_ef_metric.empty())
@@ -243,6 +284,10 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
       "V segments");
 
   nlohmann::json manifest = common_manifest(b, o.bundle, "oscar-safetensors");
+  // Only with transforms, so exports of 1.x bundles keep their manifests.
+  if (fmt::has_storage_transform(b))
+    manifest["storage_transforms"] = "bundle format 2.0: tensors with layers.L.{k,v}_transform are stored as "
+                                     "y = (x - mean)·A per KV head, not x·R (docs/format.md)";
   const fs::path weights = dir / "oscar_rotations.safetensors";
   fmt::write_safetensors(weights, tensors,
                          {{"format", "oscar-rotations"},
@@ -261,6 +306,10 @@ int export_safetensors(const fmt::Bundle& b, const ExportOptions& o) {
 
 int export_fold_v(const fmt::Bundle& b, const ExportOptions& o) {
   check_model_dir(o.model_dir);
+  for (const auto& layer : b.layers)
+    if (!layer.v_transform.empty())
+      throw Error(o.bundle, "--fold-v folds an orthogonal R_v; this bundle stores value transforms (format 2.0), "
+                            "which --fold-v does not fold");
   const FoldReport r = fold_v_rotation(b, o.model_dir, o.out);
   std::printf("wrote %s: %zu files, %lld tensors folded (v_proj rows by R_v^T, o_proj columns by R_v)\n",
               o.out.c_str(), r.files_written.size(), static_cast<long long>(r.tensors_changed));
@@ -279,9 +328,11 @@ nlohmann::json server_settings(const fmt::Bundle& b) {
     every_layer_int2 = every_layer_int2 && int2_whole_head(ls.k) && int2_whole_head(ls.v);
   }
   nlohmann::json s;
-  s["supported"] = every_layer_int2 && b.rotation_composition == "eigen*hadamard*bitrev" && b.rotation_groups == 1;
+  s["supported"] = every_layer_int2 && b.rotation_composition == "eigen*hadamard*bitrev" && b.rotation_groups == 1 &&
+                   !fmt::has_storage_transform(b);
   if (!s["supported"].get<bool>())
-    s["reason"] = "the published server serves INT2 whole-head K/V with one eigen*hadamard*bitrev rotation per layer";
+    s["reason"] = "the published server serves INT2 whole-head K/V with one eigen*hadamard*bitrev rotation per layer" +
+                  std::string(fmt::has_storage_transform(b) ? " (this bundle stores per-KV-head storage transforms)" : "");
   s["env"] = {{"SGLANG_ENABLE_MIXED_KV_WINDOWS", "1"},
               {"SGLANG_OSCAR_K_CLIP_RATIO", ::fmt::format("{}", b.quant.k.clip_ratio)},
               {"SGLANG_OSCAR_V_CLIP_RATIO", ::fmt::format("{}", b.quant.v.clip_ratio)},
@@ -297,6 +348,10 @@ nlohmann::json server_settings(const fmt::Bundle& b) {
 }
 
 int export_sglang(const fmt::Bundle& b, const ExportOptions& o) {
+  // The published kernels rotate with one orthogonal R per layer; exporting R alone would serve the wrong cache.
+  if (fmt::has_storage_transform(b))
+    throw Error(o.bundle, "--format sglang-oscar: the bundle stores per-KV-head storage transforms (format 2.0), "
+                          "which the published server cannot run; use --format safetensors");
   const fs::path dir = o.out;
   ensure_output_dir(dir, "--out");
   const int64_t L = static_cast<int64_t>(b.layers.size()), g = b.rotation_groups, d = b.quant.head_dim;

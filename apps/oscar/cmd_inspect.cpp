@@ -81,6 +81,13 @@ int run_inspect(const InspectOptions& o) {
     if (!b.layers[l].v_ef_order.empty()) ef_v += (ef_v.empty() ? "" : ",") + std::to_string(l);
   }
   const bool has_ef = fmt::has_error_feedback(b);
+  // Format 2.0: which tensors store a per-KV-head transform instead of the rotation.
+  std::string tf_k, tf_v;
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    if (!b.layers[l].k_transform.empty()) tf_k += (tf_k.empty() ? "" : ",") + std::to_string(l);
+    if (!b.layers[l].v_transform.empty()) tf_v += (tf_v.empty() ? "" : ",") + std::to_string(l);
+  }
+  const bool has_tf = fmt::has_storage_transform(b);
 
   if (o.json) {
     nlohmann::json j;
@@ -93,6 +100,7 @@ int run_inspect(const InspectOptions& o) {
                              {"key_metric_stored", fmt::has_key_metric(b)},
                              {"key_metric_positions", b.ef_metric_positions},
                              {"damp", b.ef_damp}};
+    if (has_tf) j["storage_transforms"] = {{"k_layers", tf_k}, {"v_layers", tf_v}};
     j["sha256"] = file_sha;
     j["format"] = ::fmt::format("{}.{}", b.format_major, b.format_minor);
     j["producer"] = b.producer;
@@ -191,6 +199,11 @@ int run_inspect(const InspectOptions& o) {
          ::fmt::format("stored (format 1.3; positions 0..{}, damp {:.6g}): eval and the engine rebuild the key tables "
                        "for their context (--ef-context)",
                        b.ef_metric_positions - 1, b.ef_damp));
+  if (has_tf)
+    line("transforms",
+         ::fmt::format("K layers [{}], V layers [{}]: per KV head y = (x - mean)·A (format 2.0; keys centered); the "
+                       "GPU runtime does not run these yet",
+                       tf_k, tf_v));
   line("sizes", ::fmt::format("file {}, rotations {}; KV cache {}/token vs bf16 {}/token", human_bytes(file_bytes),
                               human_bytes(rotation_bytes), human_bytes(kv_bytes_per_token),
                               human_bytes(bf16_bytes_per_token)));

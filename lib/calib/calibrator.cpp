@@ -435,6 +435,11 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
     if (o.error_feedback.context > 0) kv.emplace_back("ef_context", std::to_string(o.error_feedback.context));
     if (!o.error_feedback.store_key_metric) kv.emplace_back("ef_store_key_metric", "off");
   }
+  // Only when on: bundles without transforms keep their earlier bytes (and format 1.x).
+  if (o.transform.enabled) {
+    kv.emplace_back("transform", "whiten");
+    kv.emplace_back("transform_alpha", ::fmt::format("{:.6g}", o.transform.alpha));
+  }
   std::sort(kv.begin(), kv.end());
   return kv;
 }
@@ -458,6 +463,17 @@ void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, c
                                                   "on others: needs at least 2, got {}",
                                                   data.heldout.size()));
     validate_spectral_options(aligned_spectral(opt.spectral, cfg.head_dim), cfg.head_dim);
+  }
+  if (opt.transform.enabled) {
+    if (!(opt.transform.alpha >= 0.0 && opt.transform.alpha <= 1.0))
+      throw Error("--transform-alpha", ::fmt::format("{} is outside [0, 1]", opt.transform.alpha));
+    if (data.heldout.empty())
+      throw Error("--transform", "fits each KV head's transform on the held-out sequences: needs --heldout-seqs >= 1");
+    // Plain rounding gains nothing from the transform (its error in y is isotropic and A⁻¹ stretches it along the
+    // covariance's small directions; docs/method.md): the transform is made for the error-feedback tables.
+    if (opt.error_feedback.mode == ErrorFeedbackMode::Off)
+      throw Error("--transform", "needs error-feedback tables (--error-feedback k or kv): with round-to-nearest the "
+                                 "whitening transform does not lower the error");
   }
 }
 
@@ -702,6 +718,17 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     }
   } else {
     b.errors.num_layers = L;
+  }
+
+  // ---- storage transforms (format 2.0), on the final rotations and layouts; before the tables, which are made in
+  // their basis.
+  if (opt.transform.enabled) {
+    if (heldout_layers.empty()) throw Error("--transform", "needs held-out sequences (--heldout-seqs >= 1)");
+    const int64_t n = add_storage_transforms(b, heldout_layers, opt.transform);
+    result_provenance.emplace_back("transform_tensors", std::to_string(n));
+    report += ::fmt::format("\nStorage transforms (whiten, α {:.6g}; keys centered): {} of {} layer tensors "
+                            "(whole-head INT2 only), per KV head, fitted on the held-out K/V\n",
+                            opt.transform.alpha, n, 2 * L);
   }
 
   // ---- error-feedback tables (format 1.2), on the final layouts: every whole-head INT2 tensor gets one, segmented

@@ -33,6 +33,7 @@
 #include "formats/model_config.h"
 #include "lib/calib/clip_tuner.h"
 #include "lib/calib/ef_calibration.h"
+#include "lib/calib/kv_transform.h"
 #include "lib/calib/rotation.h"
 #include "lib/calib/spectral_calibration.h"
 #include "lib/calib/statistics.h"
@@ -95,6 +96,9 @@ struct CalibrationOptions {
   // --error-feedback / --ef-damp / --ef-clip-feedback (lib/calib/ef_calibration.h): tables for every whole-head INT2
   // tensor of the final bundle (format 1.2). Off in the library (bundles as before); recorded only when on.
   ErrorFeedbackCalibration error_feedback;
+  // --transform whiten / --transform-alpha (lib/calib/kv_transform.h): per-KV-head storage transforms fitted on the
+  // held-out K/V (format 2.0; needs error feedback and held-out sequences). Off by default; recorded only when on.
+  TransformCalibration transform;
   ValueWeighting value_weighting = ValueWeighting::QueryEnergy;  // --value-weighting query|attention_mass|uniform
   bool per_head = false;                // --per-head: one rotation per KV head instead of one per layer
   fmt::KvQuantSpec quant = fmt::KvQuantSpec::int2_default(128);  // head_dim must match the model; its clip ratios

@@ -10,6 +10,7 @@
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "lib/calib/error_feedback.h"
+#include "lib/calib/kv_transform.h"
 #include "lib/model/cpu_model.h"
 
 namespace oscar::calib {
@@ -181,14 +182,17 @@ void fill_tensor_tables(fmt::Bundle& b, int64_t l, bool keys, const std::vector<
   std::vector<float>& weights = keys ? layer.k_ef_weights : layer.v_ef_weights;
   order.assign(static_cast<size_t>(hkv * d), 0);
   weights.assign(static_cast<size_t>(hkv * d * d), 0.0f);
+  const bool transformed = has_transform(layer, keys);
   for (int64_t h = 0; h < hkv; ++h) {
     const int64_t g = b.rotation_groups == 1 ? 0 : h;
-    const std::vector<double> r(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d);
     const std::string where = ::fmt::format("layer {} KV head {} {} error-feedback metric", l, h, keys ? "K" : "V");
+    const auto head_metric =
+        std::span<const double>(metric).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
+    // The table lives in the storage basis: Rᵀ M R for a rotation, A⁻¹ M A⁻ᵀ for a storage transform (format 2.0).
     const ErrorFeedbackTable t = error_feedback_table(
-        metric_in_basis(std::span<const double>(metric).subspan(static_cast<size_t>(h * d * d),
-                                                                static_cast<size_t>(d * d)),
-                        r, d),
+        transformed ? metric_in_transform_basis(head_metric, stored_transform(layer, keys, h, d, where))
+                    : metric_in_basis(head_metric,
+                                      std::vector<double>(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d), d),
         d, eo, where);
     stored_error_feedback(t, std::span<int32_t>(order).subspan(static_cast<size_t>(h * d), static_cast<size_t>(d)),
                           std::span<float>(weights).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d)));
@@ -329,17 +333,31 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
   // Per KV head, the sampled rows in the storage basis: RTN error, EF error, the vector itself, and its weight.
   std::vector<double> e_rtn(static_cast<size_t>(samples * d)), e_ef(e_rtn.size()), yd(e_rtn.size());
   std::vector<double> w(weights_per_token.empty() ? 0 : static_cast<size_t>(samples));
+  const bool transformed = has_transform(lc, keys);
+  std::vector<float> centered(static_cast<size_t>(d)), y_energy(static_cast<size_t>(d));
   for (int64_t h = 0; h < H; ++h) {
     const int64_t g = b.rotation_groups == 1 ? 0 : h;
-    const std::span<const float> r(rot.data() + g * d * d, static_cast<size_t>(d * d));
+    // The storage basis: y = x·R, or y = (x − μ)·A with a transform (format 2.0). The energy is the tensor's own,
+    // x M xᵀ, which for a transform is (x·A) H_y (x·A)ᵀ: uncentered, so both bases score against the same energy.
+    const HeadTransform tf = transformed ? stored_transform(lc, keys, h, d, "held-out EF score") : HeadTransform{};
+    const std::vector<float> af(tf.forward.begin(), tf.forward.end());
+    const std::span<const float> r = transformed ? std::span<const float>(af)
+                                                 : std::span<const float>(rot.data() + g * d * d, static_cast<size_t>(d * d));
     const std::vector<double> rd(r.begin(), r.end());
     const auto head_metric =
         std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
-    const std::vector<double> m = metric_in_basis(head_metric, rd, d);
+    const std::vector<double> m = transformed ? metric_in_transform_basis(head_metric, tf) : metric_in_basis(head_metric, rd, d);
     const HeadTable ht = head_table(order, table, h, d);
     for (int64_t i = 0; i < samples; ++i) {
       const int64_t t = i * stride;
-      rotate(std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d)), r, y);
+      const auto xs = std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d));
+      if (transformed) {
+        rotate(xs, r, y_energy);
+        for (int64_t c = 0; c < d; ++c) centered[c] = xs[c] - static_cast<float>(tf.mean[c]);
+        rotate(centered, r, y);
+      } else {
+        rotate(xs, r, y);
+      }
       clipped = y;
       clip_in_place(clipped, clip);
       const IntParams p = int_params(clipped, 2);
@@ -349,7 +367,7 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
       error_feedback_codes_stored(y, clip, 2, ht.order, ht.weights, b.ef_clip_feedback, codes);
       for (int64_t c = 0; c < d; ++c) {
         e_ef[row + c] = static_cast<double>(int_dequant(codes[c], p)) - y[c];
-        yd[row + c] = y[c];
+        yd[row + c] = transformed ? y_energy[c] : y[c];
       }
       if (!w.empty()) w[static_cast<size_t>(i)] = weights_per_token[static_cast<size_t>(h * n + t)];
     }

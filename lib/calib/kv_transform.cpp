@@ -4,9 +4,12 @@
 #include <Eigen/Dense>
 #include <fmt/format.h>
 
+#include <tbb/parallel_for.h>
+
 #include <cmath>
 
 #include "formats/error.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/calib/rotation.h"
 
 namespace oscar::calib {
@@ -117,6 +120,90 @@ void transform_fake_quantize(const HeadTransform& t, std::span<const float> x, i
     const Eigen::RowVectorXf xf = xr.cast<float>();
     std::copy(xf.data(), xf.data() + d, out.begin() + r * d);
   }
+}
+
+bool has_transform(const fmt::LayerCalibration& layer, bool keys) {
+  return !(keys ? layer.k_transform : layer.v_transform).empty();
+}
+
+HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
+                               const std::string& where) {
+  const std::vector<float>& a = keys ? layer.k_transform : layer.v_transform;
+  const std::vector<float>& a_inv = keys ? layer.k_transform_inverse : layer.v_transform_inverse;
+  const auto dd = static_cast<size_t>(d * d), off = static_cast<size_t>(kv_head) * dd;
+  if (a.empty()) throw Error(where, ::fmt::format("the {} tensor has no storage transform", keys ? "K" : "V"));
+  if (kv_head < 0 || a.size() < off + dd || a_inv.size() < off + dd ||
+      (keys && layer.k_mean.size() < static_cast<size_t>((kv_head + 1) * d)))
+    throw Error(where, ::fmt::format("storage transform arrays too short for KV head {}", kv_head));
+  HeadTransform t;
+  t.dim = d;
+  t.forward.assign(a.begin() + static_cast<std::ptrdiff_t>(off), a.begin() + static_cast<std::ptrdiff_t>(off + dd));
+  t.inverse.assign(a_inv.begin() + static_cast<std::ptrdiff_t>(off),
+                   a_inv.begin() + static_cast<std::ptrdiff_t>(off + dd));
+  if (keys)
+    t.mean.assign(layer.k_mean.begin() + kv_head * d, layer.k_mean.begin() + (kv_head + 1) * d);
+  else
+    t.mean.assign(static_cast<size_t>(d), 0.0);
+  return t;
+}
+
+int64_t add_storage_transforms(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout,
+                               const TransformCalibration& opt) {
+  if (!opt.enabled) return 0;
+  const int64_t d = b.quant.head_dim, hkv = b.model.num_kv_heads, L = static_cast<int64_t>(b.layers.size());
+  if (!(opt.alpha >= 0.0 && opt.alpha <= 1.0))
+    throw Error("--transform-alpha", ::fmt::format("{} is outside [0, 1]", opt.alpha));
+  if (static_cast<int64_t>(heldout.size()) != L)
+    throw Error("--transform", ::fmt::format("needs held-out samples of every layer ({} for {} layers): "
+                                             "calibrate with --heldout-seqs >= 1", heldout.size(), L));
+  std::vector<uint8_t> given(static_cast<size_t>(2 * L), 0);
+  tbb::parallel_for(int64_t{0}, L, [&](int64_t l) {
+    const HeldoutLayer& data = heldout[static_cast<size_t>(l)];
+    fmt::LayerCalibration& layer = b.layers[static_cast<size_t>(l)];
+    for (const bool keys : {true, false}) {
+      if (!whole_head_int2(b, static_cast<size_t>(l), keys)) continue;
+      const std::string where = ::fmt::format("--transform layer {} {}", l, keys ? "K" : "V");
+      if (data.num_kv_heads != hkv || data.head_dim != d || data.tokens < 1)
+        throw Error(where, ::fmt::format("held-out samples are [{} heads, {} tokens, {}], expected [{}, >= 1, {}]",
+                                         data.num_kv_heads, data.tokens, data.head_dim, hkv, d));
+      const std::vector<float>& x = keys ? data.k : data.v;
+      const std::vector<float>& rot = keys ? layer.k_rotation : layer.v_rotation;
+      std::vector<float>& a = keys ? layer.k_transform : layer.v_transform;
+      std::vector<float>& a_inv = keys ? layer.k_transform_inverse : layer.v_transform_inverse;
+      a.assign(static_cast<size_t>(hkv * d * d), 0.0f);
+      a_inv.assign(a.size(), 0.0f);
+      if (keys) layer.k_mean.assign(static_cast<size_t>(hkv * d), 0.0f);
+      for (int64_t h = 0; h < hkv; ++h) {
+        MomentAccumulator acc(d);
+        for (int64_t t = 0; t < data.tokens; ++t)
+          acc.add(std::span<const float>(x).subspan(static_cast<size_t>((h * data.tokens + t) * d),
+                                                    static_cast<size_t>(d)),
+                  keys || data.value_weight.empty() ? 1.0
+                                                    : data.value_weight[static_cast<size_t>(h * data.tokens + t)]);
+        const int64_t g = b.rotation_groups == 1 ? 0 : h;
+        const std::vector<double> r(rot.begin() + g * d * d, rot.begin() + (g + 1) * d * d);
+        // The mean is stored as fp32 and the transform is built around that fp32 mean, so the writer's subtraction
+        // and the fit agree exactly.
+        std::vector<double> mu(static_cast<size_t>(d), 0.0);
+        if (keys) {
+          const std::vector<double> m = acc.mean();
+          for (int64_t i = 0; i < d; ++i) mu[i] = static_cast<double>(static_cast<float>(m[i]));
+        }
+        const HeadTransform t = whitening_transform(mu, acc.covariance(keys), d, opt.alpha, r,
+                                                    ::fmt::format("{} KV head {}", where, h));
+        for (int64_t i = 0; i < d * d; ++i) {
+          a[static_cast<size_t>(h * d * d + i)] = static_cast<float>(t.forward[static_cast<size_t>(i)]);
+          a_inv[static_cast<size_t>(h * d * d + i)] = static_cast<float>(t.inverse[static_cast<size_t>(i)]);
+        }
+        if (keys)
+          for (int64_t i = 0; i < d; ++i) layer.k_mean[static_cast<size_t>(h * d + i)] = static_cast<float>(mu[i]);
+      }
+      given[static_cast<size_t>(2 * l + (keys ? 0 : 1))] = 1;
+    }
+  });
+  int64_t n = 0;
+  for (uint8_t g : given) n += g;
+  return n;
 }
 
 }  // namespace oscar::calib

@@ -14,13 +14,18 @@
 // det(H_y)^(1/d), so spreading the source's variance evenly over y (whitening) lowers it; at 2 bits a partial
 // whitening (α 0.25–0.5) beats the full one, where the feedback saturates at the clamp.
 //
-// Not yet in the bundle or the runtime (docs/method.md says what a product version needs); used by
+// In the bundle since format 2.0 (fmt::LayerCalibration::k_transform ...; `oscar calibrate --transform whiten`),
+// read by the CPU cache simulation (eval::CacheFormat) and `oscar export`; the GPU runtime refuses such bundles
+// until its writers and decode kernels take a per-KV-head matrix (docs/method.md). Also used by
 // error_feedback_bench's --transform-study.
 #include <cstdint>
 #include <functional>
 #include <span>
 #include <string>
 #include <vector>
+
+#include "formats/bundle.h"
+#include "lib/calib/error_report.h"
 
 namespace oscar::calib {
 
@@ -66,5 +71,32 @@ std::vector<double> metric_in_transform_basis(std::span<const double> metric, co
 using BasisQuantizer = std::function<void(std::span<const float> y, int64_t rows, std::span<float> y_hat)>;
 void transform_fake_quantize(const HeadTransform& t, std::span<const float> x, int64_t rows,
                              const BasisQuantizer& quantize_y, std::span<float> out);
+
+// ---- the bundle's transforms (format 2.0)
+
+// Whether a layer's K (keys) or V tensor stores a transform.
+bool has_transform(const fmt::LayerCalibration& layer, bool keys);
+// KV head `kv_head`'s stored transform of that tensor as fp64 copies of the fp32 values (so every reader quantizes
+// with exactly what the bundle holds); μ is zero for values. Throws oscar::Error(where) when the tensor has none or
+// the arrays are too short.
+HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
+                               const std::string& where);
+
+// --transform / --transform-alpha (`oscar calibrate`). Off in the library and the CLI until measured through the
+// whole product; recorded in the provenance when on.
+struct TransformCalibration {
+  bool enabled = false;
+  double alpha = 0.25;  // W = (Σ + εI)^(−α/2); 0.25–0.5 measured best (docs/results.md)
+};
+
+// Fits a transform for every whole-head INT2 tensor of every layer from the held-out samples (HeldoutLayer, the
+// sink excluded): keys centered, μ_K and Σ_K the plain mean and covariance of the head's keys; values uncentered,
+// Σ_V their second moment with the held-out value weights w_t (the same weighting as the rotation's Σ_V). A = W·R
+// with R the layer's stored rotation of the head's group, so α = 0 with a zero mean is the rotation itself. Must run
+// before the error-feedback tables are made (they are made in A's basis). Returns the number of (layer, tensor)
+// pairs given a transform. Deterministic (each head accumulated in sample order; layers in parallel).
+// Throws oscar::Error when the held-out data does not match the bundle or a head has no samples.
+int64_t add_storage_transforms(fmt::Bundle& bundle, const std::vector<HeldoutLayer>& heldout,
+                               const TransformCalibration& options);
 
 }  // namespace oscar::calib

@@ -9,6 +9,7 @@
 #include "formats/error.h"
 #include "lib/calib/ef_calibration.h"
 #include "lib/calib/error_feedback.h"
+#include "lib/calib/kv_transform.h"
 #include "lib/calib/rotation.h"
 
 namespace oscar::eval {
@@ -100,6 +101,12 @@ struct CacheFormat::TensorCodec {
   std::vector<std::vector<int32_t>> ef_order;
   std::vector<std::vector<float>> ef_weights;
   bool ef_clip_feedback = true;
+  // Bundle format 2.0: per layer, one storage transform per KV head (empty = the rotation stores the tensor).
+  std::vector<std::vector<calib::HeadTransform>> transforms;
+  const calib::HeadTransform* transform(int64_t layer, int64_t kv_head) const {
+    const auto l = static_cast<size_t>(layer);
+    return l < transforms.size() && !transforms[l].empty() ? &transforms[l][static_cast<size_t>(kv_head)] : nullptr;
+  }
   bool has_ef(int64_t layer) const {
     const auto l = static_cast<size_t>(layer);
     return l < ef_order.size() && !ef_order[l].empty();
@@ -226,6 +233,18 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
         v_bits += ls.v.bits_per_element(d);
       }
       if (layers > 0) f->cost_ = {k_bits / static_cast<double>(layers), v_bits / static_cast<double>(layers)};
+      // Format 2.0: storage transforms replace the rotation of the tensors that have one (the tables below are in
+      // their basis).
+      for (int64_t l = 0; l < layers; ++l)
+        for (const bool keys : {true, false}) {
+          const auto& lc = b.layers[static_cast<size_t>(l)];
+          TensorCodec& c = keys ? *f->k_ : *f->v_;
+          c.transforms.emplace_back();
+          if (!calib::has_transform(lc, keys)) continue;
+          for (int64_t h = 0; h < cfg.num_kv_heads; ++h)
+            c.transforms.back().push_back(calib::stored_transform(
+                lc, keys, h, d, ::fmt::format("{} layer {} {} transform", mode_where, l, keys ? "K" : "V")));
+        }
       // Error-feedback tables change which code a token gets, not the format (same bits, same decode).
       if (fmt::has_error_feedback(b)) {
         for (TensorCodec* c : {f->k_.get(), f->v_.get()}) c->ef_clip_feedback = b.ef_clip_feedback;
@@ -247,6 +266,24 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
                                 int64_t tokens, std::span<float> out) const {
   if (layer < 0 || layer >= num_layers_ || kv_head < 0 || kv_head >= num_kv_heads_)
     throw Error(std::string(name()), ::fmt::format("layer {} / KV head {} out of range", layer, kv_head));
+  if (const calib::HeadTransform* t = codec.transform(layer, kv_head)) {
+    // y = (x − μ)·A, the tensor's own rounding in y's basis (no rotation there: A includes R), x̂ = ŷ·A⁻¹ + μ.
+    const auto l = static_cast<size_t>(layer);
+    const float clip = codec.clip_ratios[l];
+    calib::transform_fake_quantize(
+        *t, x, tokens,
+        [&](std::span<const float> y, int64_t rows, std::span<float> y_hat) {
+          if (codec.has_ef(layer)) {
+            const calib::HeadTable ht = calib::head_table(codec.ef_order[l], codec.ef_weights[l], kv_head, head_dim_);
+            calib::error_feedback_fake_quantize_stored(y, rows, {}, clip, 2, ht.order, ht.weights,
+                                                       codec.ef_clip_feedback, y_hat);
+          } else {
+            codec.for_layer(layer).fake_quantize(y, rows, {}, clip, calib::Basis::Original, y_hat);
+          }
+        },
+        out);
+    return;
+  }
   if (rounding_hook_ && rounding_hook_(&codec == k_.get(), layer, kv_head, x, tokens,
                                        codec.rotation(layer, kv_head, head_dim_),
                                        codec.clip_ratios[static_cast<size_t>(layer)], out))

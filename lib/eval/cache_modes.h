@@ -6,6 +6,7 @@
 //   bf16       K/V rounded to bf16 (the baseline every other mode is compared with)
 //   oscar      the bundle's per-layer R_k / R_v and clip ratios, per-token asymmetric INT2 (fp16 scale/zero)
 //              (bundle 1.2: codes chosen by the bundle's error-feedback tables, calib::error_feedback_codes_stored)
+//              (bundle 2.0: per-KV-head storage transforms y = (x − μ)·A in place of R, lib/calib/kv_transform.h)
 //   int2       per-token asymmetric INT2 over the whole head, no rotation, no clipping
 //   hadamard2  y = x · D·H (D: seeded random ±1 signs, H: normalized Sylvester Hadamard) + per-token INT2, no clip
 //   kivi2      KIVI: K per channel over groups of 32 tokens, V per token in groups of 32 channels, both INT2 with
@@ -77,7 +78,8 @@ struct ModeOptions {
   int64_t key_table_context = 0;
   // Optional: replaces how the per-token modes choose a head vector's codes (experiments such as error-feedback
   // rounding, lib/calib/error_feedback.h, that keep the storage format). Called with the mode's own rotation and
-  // clip ratio of (layer, kv_head); returns false to fall back to the mode's quantizer. Not used by kivi2 keys.
+  // clip ratio of (layer, kv_head); returns false to fall back to the mode's quantizer. Not used by kivi2 keys, nor
+  // by tensors with a storage transform (bundle 2.0), whose basis is not a rotation.
   std::function<bool(bool keys, int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
                      std::span<const float> rotation, float clip_ratio, std::span<float> out)>
       rounding_hook;
