@@ -92,8 +92,8 @@ struct LayerCalibration {
   // --ef-context carry. From it a reader can rebuild the key tables for another context
   // (calib::retarget_key_tables) without the calibration data.
   std::vector<double> k_ef_metric;  // [num_kv_heads, head_dim, head_dim] row-major, symmetric
-  // Format 2.0: a general invertible storage transform per KV head instead of the rotation (docs/method.md, "The
-  // whitening storage transform"; lib/calib/kv_transform.h). A tensor with one stores y = (x − μ)·A and reads
+  // Format 2.0: a general invertible storage transform per KV head instead of the rotation (docs/method.md,
+  // "Beyond rotations: a whitening transform under error feedback"; lib/calib/kv_transform.h). A tensor with one stores y = (x − μ)·A and reads
   // x̂ = ŷ·A⁻¹ + μ, where A = W·R (R this layer's rotation of the head's group, W = (Σ + εI)^(−α/2) from the head's
   // calibration covariance); its error-feedback tables are in A's basis (metric A⁻¹ M A⁻ᵀ). Keys may be centered
   // (μ_K: exact for attention, a constant per query that the softmax drops); values are not (no v_mean). Empty =

@@ -59,6 +59,8 @@ struct Engine::Impl {
   cudaStream_t stream = nullptr;
   int sm_count = 0;
   std::vector<DeviceBuffer> k_rot, v_rot;  // per layer; empty = identity
+  // Bundle 2.0 storage transforms per layer (CacheFormat::k_transform ...); empty = the layer's R above.
+  std::vector<DeviceBuffer> k_tf, v_tf, k_mean, k_read, v_read;
   // Error-feedback tables per layer (CacheFormat::k_ef_order ...), uploaded once at load; empty = RTN.
   std::vector<DeviceBuffer> k_ef_order, k_ef_weights, v_ef_order, v_ef_weights;
   // A bundle with stored key metrics (format 1.3), kept to rebuild the key tables for other contexts
@@ -79,8 +81,10 @@ struct Engine::Impl {
   ~Impl() = default;
 
   bool padded() const { return format.cache_head_dim != cfg.head_dim; }
+  // Layer `layer`'s buffer of a per-layer list, null when the list or the entry is empty.
   const float* rotation(const std::vector<DeviceBuffer>& r, int64_t layer) const {
-    return r[static_cast<size_t>(layer)].empty() ? nullptr : r[static_cast<size_t>(layer)].as<float>();
+    const auto l = static_cast<size_t>(layer);
+    return l >= r.size() || r[l].empty() ? nullptr : r[l].as<float>();
   }
 
   const DeviceBuffer* ef_table(const std::vector<DeviceBuffer>& t, int64_t layer) const {
@@ -104,6 +108,13 @@ struct Engine::Impl {
       kern::KvWriteParams p = common;
       p.x = value ? x_v : x_k;
       p.rotation = rotation(value ? v_rot : k_rot, layer);
+      // Bundle 2.0: this tensor's per-KV-head A (and the keys' mean) in every write, bf16 windows included, so the
+      // decode kernel reads one basis.
+      if (const float* a = rotation(value ? v_tf : k_tf, layer)) {
+        p.rotation = a;
+        p.rotation_head_stride = common.head_dim * static_cast<int64_t>(common.head_dim);
+        p.head_mean = value ? nullptr : rotation(k_mean, layer);
+      }
       p.slots = bf16_slots;
       p.bf16_pool = cache->bf16_pool(layer, value);
       p.int2_pool = nullptr;
@@ -201,6 +212,9 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
                                    "--cache " + std::string(cache_mode_name(options.cache)), options.hadamard_seed);
   const bool fold_v = options.fold_v && std::any_of(e->format.v_rotation.begin(), e->format.v_rotation.end(),
                                                     [](const std::vector<float>& r) { return !r.empty(); });
+  if (fold_v && e->format.storage_transforms())
+    throw Error("--fold-v", "the bundle stores per-KV-head storage transforms (format 2.0): --fold-v folds one "
+                            "orthogonal R_v per layer and does not fold them");
   if (fold_v && shared_model)
     throw Error("--fold-v", "folding R_v rewrites W_v and W_o, so the engine needs its own copy of the weights (not "
                             "a DeviceModel shared with other engines)");
@@ -242,6 +256,18 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
     e->v_rot.push_back(rv.empty() || fold_v ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
   }
   e->format.v_rotation_folded = fold_v;
+  if (e->format.storage_transforms()) {
+    const auto upload = [](const std::vector<std::vector<float>>& host, size_t l, const char* what) {
+      return l < host.size() && !host[l].empty() ? to_device(std::span<const float>(host[l]), what) : DeviceBuffer();
+    };
+    for (size_t l = 0; l < static_cast<size_t>(e->cfg.num_layers); ++l) {
+      e->k_tf.push_back(upload(e->format.k_transform, l, "K storage transform"));
+      e->v_tf.push_back(upload(e->format.v_transform, l, "V storage transform"));
+      e->k_mean.push_back(upload(e->format.k_mean, l, "K mean"));
+      e->k_read.push_back(upload(e->format.k_read, l, "K transform read matrix"));
+      e->v_read.push_back(upload(e->format.v_read, l, "V transform read matrix"));
+    }
+  }
   if (e->format.error_feedback()) {
     // V tables are in the rotated basis, which is also what a folded projection yields, so folding keeps them.
     const auto upload = [](const auto& host, const char* what) {
@@ -466,6 +492,9 @@ std::vector<Engine::StepToken> Engine::step() {
 
     ap.rotation_k = e.rotation(e.k_rot, l);
     ap.rotation_v = e.rotation(e.v_rot, l);
+    const int64_t dd = static_cast<int64_t>(D) * D;
+    if (const float* r = e.rotation(e.k_read, l)) ap.rotation_k = r, ap.rotation_k_head_stride = dd;
+    if (const float* r = e.rotation(e.v_read, l)) ap.rotation_v = r, ap.rotation_v_head_stride = dd;
     ap.k_int2_pool = e.cache->int2_pool(l, false);
     ap.v_int2_pool = e.cache->int2_pool(l, true);
     ap.k_geometry = e.k_geo.empty() ? nullptr : &e.k_geo[static_cast<size_t>(l)];

@@ -80,6 +80,12 @@ struct CacheFormat {
   std::vector<std::vector<int32_t>> k_ef_order, v_ef_order;
   std::vector<std::vector<float>> k_ef_weights, v_ef_weights;
   bool ef_clip_feedback = false;  // fmt::Bundle::ef_clip_feedback
+  // oscar mode with bundle 2.0 storage transforms (lib/calib/kv_transform.h), per layer; an empty entry = the
+  // tensor is stored with the layer's one R above. The writers' per-KV-head matrices A [num_kv_heads, d, d] and the
+  // keys' mean μ_K [num_kv_heads, d] (subtracted before A, bf16 windows included, so q·μ_K never enters a logit);
+  // the decode kernel's per-KV-head A⁻ᵀ (q' = q·A_K⁻ᵀ, o = o'·A_V⁻¹). Not with fold_v.
+  std::vector<std::vector<float>> k_transform, v_transform, k_mean, k_read, v_read;
+  bool storage_transforms() const;  // some layer has one
   int64_t key_table_context = 0;  // the positions 0..N-1 the K tables serve (calib::error_feedback_context); 0 = none
   bool error_feedback() const;    // some layer has a table
   bool fp8() const { return quant_storage == fmt::KvStorage::Fp8E4M3; }

@@ -161,6 +161,13 @@ bool CacheFormat::error_feedback() const {
   return false;
 }
 
+bool CacheFormat::storage_transforms() const {
+  for (const auto* v : {&k_transform, &v_transform})
+    for (const auto& a : *v)
+      if (!a.empty()) return true;
+  return false;
+}
+
 CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
                                  std::optional<int64_t> sink_tokens, std::optional<int64_t> recent_tokens,
                                  const std::string& where, uint64_t hadamard_seed) {
@@ -226,12 +233,6 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
     if (bundle->layers.size() != L)
       throw Error(where, "bundle has " + std::to_string(bundle->layers.size()) + " layers, the model " +
                              std::to_string(L));
-    // Format 2.0 transforms need A per KV head in the writers, A⁻ᵀ on q and A⁻¹ on the output, and μ_K in the
-    // windows; the kernels take one orthogonal R per layer today (docs/method.md, "The whitening storage transform").
-    if (fmt::has_storage_transform(*bundle))
-      throw Error(where, "the bundle stores per-KV-head storage transforms (format 2.0, calibrate --transform "
-                         "whiten), which the GPU runtime does not run yet; evaluate it with --device cpu, or "
-                         "calibrate without --transform");
     const size_t dd = static_cast<size_t>(cfg.head_dim * cfg.head_dim);
     for (size_t l = 0; l < L; ++l) {
       const fmt::LayerCalibration& lc = bundle->layers[l];
@@ -253,6 +254,27 @@ CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, co
       f.v_ef_weights.push_back(lc.v_ef_weights);
       check_ef_table(f.k_ef_order.back(), f.k_ef_weights.back(), f.k_segments.back(), cfg, lw + " K error feedback");
       check_ef_table(f.v_ef_order.back(), f.v_ef_weights.back(), f.v_segments.back(), cfg, lw + " V error feedback");
+      // Bundle 2.0: per-KV-head transforms (validated by read_bundle: shapes, A·A⁻¹ = I, whole-head INT2).
+      const size_t hdd = static_cast<size_t>(cfg.num_kv_heads) * dd;
+      for (const bool keys : {true, false}) {
+        const std::vector<float>& a = keys ? lc.k_transform : lc.v_transform;
+        const std::vector<float>& inv = keys ? lc.k_transform_inverse : lc.v_transform_inverse;
+        auto& out_a = keys ? f.k_transform : f.v_transform;
+        auto& out_read = keys ? f.k_read : f.v_read;
+        out_a.push_back(a);
+        out_read.emplace_back();
+        if (keys) f.k_mean.push_back(lc.k_mean);
+        if (a.empty()) continue;
+        if (a.size() != hdd || inv.size() != hdd || (keys && lc.k_mean.size() != hdd / cfg.head_dim))
+          throw Error(lw, std::string(keys ? "K" : "V") + " storage transform is not [num_kv_heads, head_dim, head_dim]");
+        // The decode kernel applies a per-head matrix as q·M (keys) and o'·Mᵀ (values); A⁻ᵀ serves both.
+        std::vector<float>& r = out_read.back();
+        r.resize(hdd);
+        const auto d = static_cast<size_t>(cfg.head_dim);
+        for (size_t h = 0; h < static_cast<size_t>(cfg.num_kv_heads); ++h)
+          for (size_t i = 0; i < d; ++i)
+            for (size_t j = 0; j < d; ++j) r[h * dd + j * d + i] = inv[h * dd + i * d + j];
+      }
     }
     f.ef_clip_feedback = bundle->ef_clip_feedback;
     f.key_table_context = calib::error_feedback_context(*bundle);

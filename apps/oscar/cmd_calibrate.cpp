@@ -582,7 +582,7 @@ OSCAR_REGISTER_COMMAND(
       sub.add_option("--transform", o->transform,
                      "storage transform per KV head instead of the rotation alone (bundle format 2.0): none, or "
                      "whiten = keys centered, then W = (Σ + εI)^(-α/2) and the rotation, fitted on the held-out K/V; "
-                     "needs --error-feedback (CPU eval and export read it; the GPU runtime does not yet)")
+                     "needs --error-feedback")
           ->capture_default_str();
       auto* transform_alpha = sub.add_option("--transform-alpha", o->transform_alpha,
                      "--transform whiten: α in [0, 1] (0 = the rotation alone, 1 = full whitening)")

@@ -201,8 +201,7 @@ int run_inspect(const InspectOptions& o) {
                        b.ef_metric_positions - 1, b.ef_damp));
   if (has_tf)
     line("transforms",
-         ::fmt::format("K layers [{}], V layers [{}]: per KV head y = (x - mean)·A (format 2.0; keys centered); the "
-                       "GPU runtime does not run these yet",
+         ::fmt::format("K layers [{}], V layers [{}]: per KV head y = (x - mean)·A (format 2.0; keys centered)",
                        tf_k, tf_v));
   line("sizes", ::fmt::format("file {}, rotations {}; KV cache {}/token vs bf16 {}/token", human_bytes(file_bytes),
                               human_bytes(rotation_bytes), human_bytes(kv_bytes_per_token),

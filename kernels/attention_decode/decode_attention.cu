@@ -214,6 +214,8 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   a.q = p.q;
   a.rotation_k = p.rotation_k;
   a.rotation_v = p.rotation_v;
+  a.rotation_k_head_stride = p.rotation_k_head_stride;
+  a.rotation_v_head_stride = p.rotation_v_head_stride;
   a.q_scale = p.softmax_scale * detail::kLog2e;
   a.seq_lens = p.seq_lens;
   a.sink_tokens = p.sink_tokens;

@@ -78,6 +78,8 @@ struct DecodeArgs {
   const uint16_t* q;
   const float* rotation_k;
   const float* rotation_v;
+  int64_t rotation_k_head_stride;  // DecodeAttentionParams: 0 = one matrix, head_dim² = one per KV head
+  int64_t rotation_v_head_stride;
   float q_scale;  // softmax_scale * log2 e
   const int32_t* seq_lens;
   int64_t sink_tokens;
@@ -221,9 +223,10 @@ __global__ void __launch_bounds__(kRotateSlices * 32) decode_rotate_q_kernel(Dec
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
   if (a.rotation_k) {
+    const float* rot = a.rotation_k + h * a.rotation_k_head_stride;  // KV head h's matrix
     float r[kRows];
 #pragma unroll
-    for (int ii = 0; ii < kRows; ++ii) r[ii] = __ldg(a.rotation_k + static_cast<size_t>(slice * kRows + ii) * kHeadDim + j);
+    for (int ii = 0; ii < kRows; ++ii) r[ii] = __ldg(rot + static_cast<size_t>(slice * kRows + ii) * kHeadDim + j);
 #pragma unroll
     for (int ii = 0; ii < kRows; ++ii)
 #pragma unroll
@@ -729,7 +732,8 @@ __device__ __forceinline__ void fused_merge(const DecodeArgs& a, uint8_t* smem, 
       // on stale shared memory and are never stored.
 #pragma unroll
       for (int g = 0; g < kHeads; ++g) x[g] = 0.f;
-      const float4* row = reinterpret_cast<const float4*>(a.rotation_v + static_cast<size_t>(j) * kHeadDim);
+      const float4* row = reinterpret_cast<const float4*>(a.rotation_v + h * a.rotation_v_head_stride +
+                                                          static_cast<size_t>(j) * kHeadDim);
       constexpr int kBatch = 16;
       static_assert((kHeadDim / 4) % kBatch == 0);
 #pragma unroll 1
@@ -1470,9 +1474,10 @@ __global__ void __launch_bounds__(kHeadDim) decode_attention_merge_kernel(Decode
   // x_j = sum_i y_i R[j][i]: a warp per output j so the row of R is read coalesced; fixed reduction order.
   const int lane = j & 31;
   const int warp = j >> 5;
+  const float* rot_v = a.rotation_v + ((row % a.num_q_heads) / a.group) * a.rotation_v_head_stride;  // row's KV head
   for (int jj = warp; jj < kHeadDim; jj += kHeadDim / 32) {
     float part = 0.f;
-    for (int i = lane; i < kHeadDim; i += 32) part = fmaf(o_rot[i], __ldg(a.rotation_v + static_cast<size_t>(jj) * kHeadDim + i), part);
+    for (int i = lane; i < kHeadDim; i += 32) part = fmaf(o_rot[i], __ldg(rot_v + static_cast<size_t>(jj) * kHeadDim + i), part);
     part = warp_sum(part);
     if (lane == 0) {
       if (out) out[jj] = part;

@@ -38,7 +38,12 @@ struct DecodeAttentionParams {
   int32_t page_tokens = 64;
   const uint16_t* q = nullptr;          // [batch, num_q_heads, head_dim] bf16 bits, original basis (after RoPE)
   const float* rotation_k = nullptr;    // [head_dim, head_dim] row-major fp32, null = identity
-  const float* rotation_v = nullptr;    // same for V
+  const float* rotation_v = nullptr;    // same for V: o = o_rot · R_vᵀ
+  // Per-KV-head matrices (bundle format 2.0 storage transforms): KV head h reads rotation_k + h * stride and
+  // rotation_v + h * stride (0 = one matrix for every head, head_dim² = one per KV head). For a transform A the
+  // caller passes A⁻ᵀ for both: q' = q·A_K⁻ᵀ, and o = o'·A_V⁻¹ = o'·(A_V⁻ᵀ)ᵀ.
+  int64_t rotation_k_head_stride = 0;
+  int64_t rotation_v_head_stride = 0;
   float softmax_scale = 0.0f;           // usually 1/sqrt(head_dim)
   const int32_t* seq_lens = nullptr;    // [batch] tokens in the cache (including this step's)
   int32_t max_seq_len = 0;              // host-side bound on seq_lens: sizes the split-K partition

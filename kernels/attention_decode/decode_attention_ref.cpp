@@ -90,6 +90,10 @@ Status decode_attention_can_implement(const DecodeAttentionParams& p) {
   }
   // The fused merge reads rows of R_v as float4.
   if (p.rotation_v && !aligned16(p.rotation_v)) return Status::Misaligned;
+  const int64_t dd = static_cast<int64_t>(p.head_dim) * p.head_dim;
+  for (const auto& [rot, stride] : {std::pair{p.rotation_k, p.rotation_k_head_stride},
+                                    std::pair{p.rotation_v, p.rotation_v_head_stride}})
+    if ((stride != 0 && stride != dd) || (stride != 0 && !rot)) return Status::InvalidArgument;
   return Status::Ok;
 }
 
@@ -160,14 +164,14 @@ void decode_attention_ref(const DecodeAttentionParams& p) {
   const int32_t group = p.num_q_heads / p.num_kv_heads;
   const auto du = static_cast<size_t>(d);
   std::span<const float> rk, rv;
-  if (p.rotation_k) rk = std::span<const float>(p.rotation_k, du * du);
-  if (p.rotation_v) rv = std::span<const float>(p.rotation_v, du * du);
   std::vector<float> q(du), q_rot(du), k(du), v(du), o_rot(du), o(du);
   std::vector<double> scores, acc(du);
   for (int32_t b = 0; b < p.batch; ++b) {
     const int32_t len = p.seq_lens[b];
     for (int32_t hq = 0; hq < p.num_q_heads; ++hq) {
       const int32_t h = hq / group;
+      if (p.rotation_k) rk = std::span<const float>(p.rotation_k + h * p.rotation_k_head_stride, du * du);
+      if (p.rotation_v) rv = std::span<const float>(p.rotation_v + h * p.rotation_v_head_stride, du * du);
       const uint16_t* qsrc = p.q + (static_cast<size_t>(b) * p.num_q_heads + hq) * du;
       for (size_t i = 0; i < du; ++i) q[i] = fmt::bf16_to_f32(qsrc[i]);
       calib::rotate(q, rk, q_rot);

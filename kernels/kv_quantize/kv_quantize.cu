@@ -99,6 +99,9 @@ Status launch_legacy(const detail::KvWriteArgs& a, KvWriteMode mode, cudaStream_
 template <int kHeadDim>
 Status launch(const detail::KvWriteArgs& a, KvWriteMode mode, KvWriteInt2Impl impl, cudaStream_t stream) {
   if (mode == KvWriteMode::Int2 && a.ef_order) return launch_int2_ef<kHeadDim>(a, stream);
+  // The tiled RTN writer stages one R per persistent block for every head; per-head matrices go to the legacy
+  // kernel (the same codes, bit for bit).
+  if (mode == KvWriteMode::Int2 && a.rotation_head_stride != 0) return launch_legacy<kHeadDim>(a, mode, stream);
   if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::Tiled) return launch_int2_tiled<kHeadDim, 0>(a, stream);
   if (mode == KvWriteMode::Int2 && impl == KvWriteInt2Impl::TiledRadix) return launch_int2_tiled<kHeadDim, 1>(a, stream);
   return launch_legacy<kHeadDim>(a, mode, stream);
@@ -115,6 +118,8 @@ Status dispatch(const KvWriteParams& p, KvWriteMode mode, KvWriteInt2Impl impl, 
   a.ef_order = p.ef_order;
   a.ef_weights = p.ef_weights;
   a.ef_clip_feedback = p.ef_clip_feedback;
+  a.rotation_head_stride = p.rotation_head_stride;
+  a.head_mean = p.head_mean;
   const cudaStream_t s = detail::to_cuda(stream);
   switch (p.head_dim) {
     case 64: return launch<64>(a, mode, impl, s);

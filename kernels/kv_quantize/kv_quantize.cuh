@@ -72,7 +72,19 @@ struct KvWriteArgs {
   const int32_t* ef_order;         // kv_write_int2_ef_kernel only (kv_write_int2_ef.cuh)
   const float* ef_weights;
   bool ef_clip_feedback;
+  // KvWriteParams::rotation_head_stride / head_mean (bundle 2.0 transforms); 0 / null = one R, no mean.
+  int64_t rotation_head_stride;
+  const float* head_mean;
 };
+
+// The matrix KV head `head` is rotated with (null = identity).
+__device__ __forceinline__ const float* head_rotation(const KvWriteArgs& a, int head) {
+  return a.rotation ? a.rotation + head * a.rotation_head_stride : nullptr;
+}
+// x − μ of coordinate i of `head` (fp32, the reference's one rounding); x itself without a mean.
+__device__ __forceinline__ float centered(const KvWriteArgs& a, int head, int head_dim, int i, float x) {
+  return a.head_mean ? x - __ldg(a.head_mean + static_cast<int64_t>(head) * head_dim + i) : x;
+}
 
 inline constexpr int kKvWriteBf16 = 0;
 inline constexpr int kKvWriteInt2 = 1;
@@ -166,12 +178,15 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
       const bool live = t0 + t < a.tokens;
       const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) xs[warp][t][lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) : 0.f;
+      for (int k = 0; k < kPerLane; ++k)
+        xs[warp][t][lane + 32 * k] =
+            live ? centered(a, head, kHeadDim, lane + 32 * k, bf16_bits_to_float(src[lane + 32 * k])) : 0.f;
     }
     __syncwarp();
 
     float y[kKvWriteTokens][kPerLane];
-    if (a.rotation) {
+    const float* rot = head_rotation(a, head);
+    if (rot) {
 #pragma unroll
       for (int t = 0; t < kKvWriteTokens; ++t)
 #pragma unroll
@@ -181,7 +196,7 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
       for (int i = 0; i < kHeadDim; ++i) {
         float r[kPerLane];
 #pragma unroll
-        for (int k = 0; k < kPerLane; ++k) r[k] = __ldg(a.rotation + i * kHeadDim + lane + 32 * k);
+        for (int k = 0; k < kPerLane; ++k) r[k] = __ldg(rot + i * kHeadDim + lane + 32 * k);
 #pragma unroll
         for (int t = 0; t < kKvWriteTokens; ++t) {
           const float xi = xs[warp][t][i];

@@ -25,6 +25,11 @@ struct KvWriteParams {
   int32_t head_dim = 128;
   int32_t page_tokens = 64;
   const float* rotation = nullptr;  // [head_dim, head_dim] row-major fp32 (y = x · R), null = identity
+  // Per-KV-head matrices (bundle format 2.0 storage transforms, y = (x − μ)·A): KV head h uses
+  // rotation + h * rotation_head_stride (0 = one matrix for every head, head_dim² = one per head), and subtracts
+  // head_mean[h * head_dim ..] (fp32, then the rotation) when head_mean is set. Not with Fp8 (Unsupported).
+  int64_t rotation_head_stride = 0;
+  const float* head_mean = nullptr;  // [num_kv_heads, head_dim] or null
   float clip_ratio = 1.0f;          // Int2 only; see quantizer_ref.h for the order statistic
   const int32_t* slots = nullptr;   // [tokens]: page * page_tokens + offset in page; negative = skip the token
   uint8_t* int2_pool = nullptr;     // KvWriteMode::Int2 destination: Int2PageGeometry pages (Segmented: geometry's,

@@ -54,6 +54,11 @@ void kv_write_ref(const KvWriteParams& p, KvWriteMode mode) {
       const int64_t row = t * p.token_stride + static_cast<int64_t>(h) * d;
       for (int32_t i = 0; i < d; ++i)
         x[static_cast<size_t>(i)] = p.x_f32 ? p.x_f32[row + i] : fmt::bf16_to_f32(p.x[row + i]);
+      // Format 2.0 transforms: x − μ in fp32 (one rounding, as the kernels stage it), then this head's matrix.
+      if (p.head_mean)
+        for (int32_t i = 0; i < d; ++i) x[static_cast<size_t>(i)] -= p.head_mean[static_cast<int64_t>(h) * d + i];
+      if (p.rotation)
+        rotation = std::span<const float>(p.rotation + h * p.rotation_head_stride, static_cast<size_t>(d) * d);
       if (mode == KvWriteMode::Fp8) {
         // The record is d codes then the fp16 scale; the page keeps codes and scales in separate arrays.
         seg_quantizer->encode(x, {}, 1.0f, record);
@@ -120,9 +125,12 @@ Status kv_write_can_implement(const KvWriteParams& p, KvWriteMode mode) {
     if (reinterpret_cast<uintptr_t>(p.ef_weights) % 16 != 0 || reinterpret_cast<uintptr_t>(p.ef_order) % 4 != 0)
       return Status::Misaligned;
   }
+  if (p.rotation_head_stride != 0 && p.rotation_head_stride != static_cast<int64_t>(p.head_dim) * p.head_dim)
+    return Status::InvalidArgument;
+  if (p.rotation_head_stride != 0 && !p.rotation) return Status::InvalidArgument;
   if (mode == KvWriteMode::Fp8) {
     if (!p.x == !p.x_f32 || !p.slots || !p.int2_pool) return Status::InvalidArgument;
-    if (p.rotation || p.clip_ratio != 1.0f) return Status::Unsupported;
+    if (p.rotation || p.clip_ratio != 1.0f || p.head_mean) return Status::Unsupported;
     if (reinterpret_cast<uintptr_t>(p.int2_pool) % 16 != 0) return Status::Misaligned;
     if (reinterpret_cast<uintptr_t>(p.x) % 2 != 0 || reinterpret_cast<uintptr_t>(p.x_f32) % 4 != 0)
       return Status::Misaligned;

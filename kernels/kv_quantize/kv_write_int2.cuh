@@ -257,7 +257,9 @@ __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const flo
     const bool live = t0 + t < a.tokens;
     const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
 #pragma unroll
-    for (int k = 0; k < N; ++k) xs[t * kHeadDim + lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) : 0.f;
+    for (int k = 0; k < N; ++k)
+      xs[t * kHeadDim + lane + 32 * k] =
+          live ? centered(a, head, kHeadDim, lane + 32 * k, bf16_bits_to_float(src[lane + 32 * k])) : 0.f;
   }
   __syncwarp();
 

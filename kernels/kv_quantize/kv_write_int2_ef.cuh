@@ -95,11 +95,13 @@ __global__ void __launch_bounds__(Int2EfShape<kHeadDim>::kWarps * 32, 1) kv_writ
     wts = wts_smem;
   }
   __syncthreads();
-  const float* rot = a.rotation;
+  // This block's head: its own matrix with per-head transforms (bundle 2.0), else the layer's R.
+  const float* rot = head_rotation(a, head);
   if constexpr (kRotate && S::kRInShared) {
+    const float* src = rot;
     for (int i = threadIdx.x; i < kHeadDim * kHeadDim; i += blockDim.x) {
       const int k = i / kHeadDim, p = i - k * kHeadDim;
-      rot_smem[i] = __ldg(a.rotation + k * kHeadDim + order[p]);
+      rot_smem[i] = __ldg(src + k * kHeadDim + order[p]);
     }
     rot = rot_smem;
     __syncthreads();

@@ -10,6 +10,7 @@
 
 #include "formats/error.h"
 #include "lib/calib/ef_calibration.h"
+#include "lib/calib/quantizer_ref.h"
 #include "lib/calib/rotation.h"
 
 namespace oscar::calib {
@@ -105,20 +106,19 @@ void transform_fake_quantize(const HeadTransform& t, std::span<const float> x, i
   if (static_cast<int64_t>(x.size()) != rows * d || out.size() != x.size())
     throw Error("transform_fake_quantize", ::fmt::format("{} rows of {} need {} values, got {} in and {} out", rows,
                                                          d, rows * d, x.size(), out.size()));
-  const Eigen::Map<const RowMatD> a(t.forward.data(), d, d), a_inv(t.inverse.data(), d, d);
-  const Eigen::Map<const Eigen::RowVectorXd> mu(t.mean.data(), d);
-  std::vector<float> y(x.size()), y_hat(x.size());
+  // fp32 throughout, in the cache writers' order (kern::kv_write with a per-head matrix and mean): x − μ rounded
+  // once, then calib::rotate's fmaf chain with the fp32 A, so the simulated codes are the engine's.
+  const std::vector<float> a(t.forward.begin(), t.forward.end()), a_inv(t.inverse.begin(), t.inverse.end());
+  const std::vector<float> mu(t.mean.begin(), t.mean.end());
+  std::vector<float> y(x.size()), y_hat(x.size()), xc(static_cast<size_t>(d)), xr(static_cast<size_t>(d));
   for (int64_t r = 0; r < rows; ++r) {
-    const Eigen::RowVectorXd xc = Eigen::Map<const Eigen::RowVectorXf>(x.data() + r * d, d).cast<double>() - mu;
-    const Eigen::RowVectorXf yr = (xc * a).cast<float>();
-    std::copy(yr.data(), yr.data() + d, y.begin() + r * d);
+    for (int64_t i = 0; i < d; ++i) xc[static_cast<size_t>(i)] = x[static_cast<size_t>(r * d + i)] - mu[i];
+    rotate(xc, a, std::span<float>(y).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)));
   }
   quantize_y(y, rows, y_hat);
   for (int64_t r = 0; r < rows; ++r) {
-    const Eigen::RowVectorXd xr =
-        Eigen::Map<const Eigen::RowVectorXf>(y_hat.data() + r * d, d).cast<double>() * a_inv + mu;
-    const Eigen::RowVectorXf xf = xr.cast<float>();
-    std::copy(xf.data(), xf.data() + d, out.begin() + r * d);
+    rotate(std::span<const float>(y_hat).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)), a_inv, xr);
+    for (int64_t i = 0; i < d; ++i) out[static_cast<size_t>(r * d + i)] = xr[static_cast<size_t>(i)] + mu[i];
   }
 }
 

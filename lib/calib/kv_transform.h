@@ -15,8 +15,8 @@
 // whitening (α 0.25–0.5) beats the full one, where the feedback saturates at the clamp.
 //
 // In the bundle since format 2.0 (fmt::LayerCalibration::k_transform ...; `oscar calibrate --transform whiten`),
-// read by the CPU cache simulation (eval::CacheFormat) and `oscar export`; the GPU runtime refuses such bundles
-// until its writers and decode kernels take a per-KV-head matrix (docs/method.md). Also used by
+// read by the CPU cache simulation (eval::CacheFormat), the GPU engine (kern::kv_write and decode_attention with a
+// matrix per KV head: A and μ_K in every write, A⁻ᵀ on q and on the output) and `oscar export`. Also used by
 // error_feedback_bench's --transform-study.
 #include <cstdint>
 #include <functional>

@@ -12,7 +12,9 @@
 #include "datasets/pack.h"
 #include "formats/bundle.h"
 #include "formats/tokenizer.h"
+#include "formats/safetensors.h"
 #include "lib/calib/calibrator.h"
+#include "lib/calib/ef_calibration.h"
 #include "lib/eval/evaluator.h"
 #include "lib/model/cpu_model.h"
 #include "test_support.h"
@@ -49,6 +51,32 @@ inline fmt::Bundle calibrated_bundle(model::CpuModel& cpu, const fmt::Tokenizer&
   calib::CalibrationOptions opt;
   opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
   opt.tune_clip = false;
+  return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), data, opt).bundle;
+}
+
+// calibrated_bundle's calibration with the product's default error-feedback tables (kv) and, with `transform`,
+// bundle 2.0 whitening transforms (α 0.25) fitted on 2 held-out sequences of the same text (the last 2 of 8).
+inline fmt::Bundle ef_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok, bool transform) {
+  data::PackOptions po;
+  po.seq_len = 256;
+  po.num_seqs = 8;
+  po.seed = 1;
+  const data::PackedDataset packed =
+      data::pack_dataset({(fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
+  calib::CpuForwardRunner runner(cpu);
+  calib::CalibrationData data;
+  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
+    auto s = packed.sequence(i);
+    (i < 6 ? data.sequences : data.heldout).emplace_back(s.begin(), s.end());
+  }
+  data.seq_len = 256;
+  calib::CalibrationOptions opt;
+  opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
+  opt.tune_clip = false;
+  opt.error_feedback.mode = calib::ErrorFeedbackMode::KV;
+  opt.error_feedback.value_metrics =
+      calib::value_output_metrics(fmt::TensorStore::open(fixtures_dir() / kModel), cpu.config());
+  opt.transform.enabled = transform;
   return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), data, opt).bundle;
 }
 

@@ -95,6 +95,8 @@ class EngineEf : public ::testing::Test {
     tok_ = fmt::Tokenizer::load(*dir_).release();
     rtn_ = new fmt::Bundle(test::qwen3_docs::calibrated_bundle(*cpu_, *tok_));
     ef_ = new fmt::Bundle(with_tables(*rtn_, cpu_->config().num_kv_heads, cpu_->config().head_dim));
+    ef_real_ = new fmt::Bundle(test::qwen3_docs::ef_bundle(*cpu_, *tok_, false));
+    tf_ = new fmt::Bundle(test::qwen3_docs::ef_bundle(*cpu_, *tok_, true));
   }
   void SetUp() override {
     OSCAR_REQUIRE_DEVICE();
@@ -108,7 +110,11 @@ class EngineEf : public ::testing::Test {
   static model::CpuModel* cpu_;
   static fmt::Tokenizer* tok_;
   static fmt::Bundle *rtn_, *ef_;
+  // Calibrated with real kv tables, without and with bundle 2.0 storage transforms.
+  static fmt::Bundle *ef_real_, *tf_;
 };
+fmt::Bundle* EngineEf::ef_real_ = nullptr;
+fmt::Bundle* EngineEf::tf_ = nullptr;
 fs::path* EngineEf::dir_ = nullptr;
 model::CpuModel* EngineEf::cpu_ = nullptr;
 fmt::Tokenizer* EngineEf::tok_ = nullptr;
@@ -191,6 +197,13 @@ std::vector<PoolPair> prefill_pools(const fs::path& dir, const fmt::Bundle& bund
       p.page_tokens = static_cast<int32_t>(cache.layout().page_tokens);
       const auto& rot = (value ? f.v_rotation : f.k_rotation)[static_cast<size_t>(l)];
       p.rotation = rot.empty() || (value && f.v_rotation_folded) ? nullptr : rot.data();
+      // Bundle 2.0: the tensor's per-KV-head transform (and the keys' mean) instead.
+      const auto& tf = value ? f.v_transform : f.k_transform;
+      if (static_cast<size_t>(l) < tf.size() && !tf[static_cast<size_t>(l)].empty()) {
+        p.rotation = tf[static_cast<size_t>(l)].data();
+        p.rotation_head_stride = static_cast<int64_t>(d) * d;
+        p.head_mean = value ? nullptr : f.k_mean[static_cast<size_t>(l)].data();
+      }
       p.clip_ratio = (value ? f.v_clip_ratio : f.k_clip_ratio)[static_cast<size_t>(l)];
       p.slots = slots.data();
       pp.ref_rtn.assign(pool_bytes, 0);
@@ -408,6 +421,72 @@ TEST_F(EngineEf, EvalMetricsMatchTheCpuSimulation) {
   EXPECT_NEAR(g.beyond.top1_agreement, c.beyond.top1_agreement, 0.03);
   EXPECT_GT(g.beyond.kl_mean, 0.0);
   EXPECT_LT(relative(g.beyond.kl_mean, c.beyond.kl_mean), 0.20);
+}
+
+// Bundle 2.0: the engine writes y = (x − μ)·A per KV head (the per-head kv_write paths, EF tables in A's basis):
+// its prefill records are kv_write_ref's with the same transforms, and they differ from the same calibration's
+// without transforms.
+TEST_F(EngineEf, TransformPrefillRecordsAreTheReferenceWritersBitForBit) {
+  ASSERT_TRUE(fmt::has_storage_transform(*tf_));
+  const std::vector<int32_t> prompt = prompt_ids(*tok_, 150);
+  int64_t sink = 0;
+  const auto tf = prefill_pools(*dir_, *tf_, prompt, sink);
+  const auto plain = prefill_pools(*dir_, *ef_real_, prompt, sink);
+  ASSERT_EQ(tf.size(), static_cast<size_t>(2 * cpu_->config().num_layers));
+  int differ = 0;
+  for (size_t i = 0; i < tf.size(); ++i) {
+    const auto m = std::mismatch(tf[i].engine.begin(), tf[i].engine.end(), tf[i].ref.begin());
+    EXPECT_EQ(m.first, tf[i].engine.end()) << "layer " << i / 2 << (i % 2 ? " V" : " K") << ": first differing byte "
+                                           << (m.first - tf[i].engine.begin());
+    differ += tf[i].engine != plain[i].engine;
+  }
+  EXPECT_EQ(differ, static_cast<int>(tf.size())) << "every tensor has a transform, so its records change";
+}
+
+// The GPU engine with transforms (per-head A⁻ᵀ on q and on the output, μ_K in the windows) against the CPU cache
+// simulation of the same bundle (x̂ = ŷ·A⁻¹ + μ), as EvalMetricsMatchTheCpuSimulation; and the transform beats the
+// same calibration without it on the GPU too.
+TEST_F(EngineEf, TransformEvalMetricsMatchTheCpuSimulation) {
+  const std::vector<eval::ContextSequences> data = test::qwen3_docs::heldout(*tok_, 768, 2);
+  auto run = [&](const fmt::Bundle* b) {
+    eval::EvalOptions opt;
+    opt.modes = eval::parse_cache_modes("oscar", "test");
+    opt.mode_options.windows = {16, 64};
+    opt.mode_options.bundle = b;
+    opt.greedy_prompts = 0;
+    GpuEvalOptions gpu;
+    gpu.schedule = {2, 1};
+    return std::pair{eval::evaluate(*cpu_, tok_, data, opt).results.at(0),
+                     evaluate_on_gpu(*dir_, tok_, data, opt, gpu).results.at(0)};
+  };
+  const auto [c, g] = run(tf_);
+  const auto [c0, g0] = run(ef_real_);
+  std::printf("transform oscar cpu : ppl %.4f (>win %.4f) KL>win %.5f top1>win %.4f\n", c.all.perplexity,
+              c.beyond.perplexity, c.beyond.kl_mean, c.beyond.top1_agreement);
+  std::printf("transform oscar cuda: ppl %.4f (>win %.4f) KL>win %.5f top1>win %.4f\n", g.all.perplexity,
+              g.beyond.perplexity, g.beyond.kl_mean, g.beyond.top1_agreement);
+  std::printf("EF-only   oscar cuda: KL>win %.5f (cpu %.5f)\n", g0.beyond.kl_mean, c0.beyond.kl_mean);
+  auto relative = [](double a, double b) { return std::abs(a - b) / std::abs(b); };
+  EXPECT_EQ(g.beyond.positions, c.beyond.positions);
+  EXPECT_LT(relative(g.all.perplexity, c.all.perplexity), 0.01);
+  EXPECT_LT(relative(g.beyond.perplexity, c.beyond.perplexity), 0.01);
+  EXPECT_NEAR(g.beyond.top1_agreement, c.beyond.top1_agreement, 0.03);
+  EXPECT_GT(g.beyond.kl_mean, 0.0);
+  EXPECT_LT(relative(g.beyond.kl_mean, c.beyond.kl_mean), 0.20);
+  EXPECT_LT(g.beyond.kl_mean, g0.beyond.kl_mean);
+}
+
+TEST_F(EngineEf, TransformBundleRefusesFoldV) {
+  EngineOptions o;
+  o.cache = CacheMode::Oscar;
+  o.cache_budget_bytes = size_t{64} << 20;
+  o.fold_v = true;
+  try {
+    Engine::load(*dir_, o, tf_);
+    FAIL() << "--fold-v accepted a bundle with value transforms";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--fold-v"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(EngineEf, MalformedTableIsRefusedNamingTheLayer) {

@@ -71,6 +71,9 @@ struct HostPagedCache {
   const fmt::SegmentedPageGeometry* v_geo = nullptr;
   // FP8 pages (fmt::Fp8PageGeometry, KvWriteMode::Fp8) in the quantized pools instead; needs empty rotations.
   bool fp8 = false;
+  // Bundle 2.0 storage transforms (set before build): per-KV-head matrices [kv_heads, d, d] used instead of the
+  // rotations (non-empty ones), and the keys' mean [kv_heads, d] subtracted first.
+  std::vector<float> k_transform, v_transform, k_mean;
 
   void build(const std::vector<int32_t>& seq_lens, int32_t kv_heads, int32_t d, const std::vector<float>& rot_k,
              const std::vector<float>& rot_v, float clip_k, float clip_v, uint32_t seed) {
@@ -111,8 +114,10 @@ struct HostPagedCache {
         int2_slots[static_cast<size_t>(t)] = int2_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
         bf16_slots[static_cast<size_t>(t)] = bf16_table[static_cast<size_t>(b) * max_pages + lp] * page_tokens + t % page_tokens;
       }
-      write(keys[b], lens[b], rot_k, clip_k, int2_slots, bf16_slots, k_int2, k_bf16, k_geo);
-      write(values[b], lens[b], rot_v, clip_v, int2_slots, bf16_slots, v_int2, v_bf16, v_geo);
+      write(keys[b], lens[b], k_transform.empty() ? rot_k : k_transform, clip_k, int2_slots, bf16_slots, k_int2,
+            k_bf16, k_geo, !k_transform.empty(), k_mean);
+      write(values[b], lens[b], v_transform.empty() ? rot_v : v_transform, clip_v, int2_slots, bf16_slots, v_int2,
+            v_bf16, v_geo, !v_transform.empty(), {});
     }
   }
 
@@ -144,8 +149,11 @@ struct HostPagedCache {
   void write(const std::vector<uint16_t>& x, int32_t len, const std::vector<float>& rot, float clip,
              const std::vector<int32_t>& int2_slots, const std::vector<int32_t>& bf16_slots,
              std::vector<uint8_t>& int2_pool, std::vector<uint16_t>& bf16_pool,
-             const fmt::SegmentedPageGeometry* geo) const {
+             const fmt::SegmentedPageGeometry* geo, bool per_head = false,
+             const std::vector<float>& mean = {}) const {
     kern::KvWriteParams w;
+    w.rotation_head_stride = per_head ? static_cast<int64_t>(head_dim) * head_dim : 0;
+    w.head_mean = mean.empty() ? nullptr : mean.data();
     w.x = x.data();
     w.tokens = len;
     w.token_stride = static_cast<int64_t>(num_kv_heads) * head_dim;
