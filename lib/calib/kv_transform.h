@@ -82,11 +82,11 @@ bool has_transform(const fmt::LayerCalibration& layer, bool keys);
 HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
                                const std::string& where);
 
-// --transform / --transform-alpha (`oscar calibrate`). Off in the library and the CLI until measured through the
-// whole product; recorded in the provenance when on.
+// --transform / --transform-alpha (`oscar calibrate`). Off in the library (its bundles stay 1.x); the CLI's default
+// `auto` turns it on with error-feedback tables. Recorded in the provenance when on.
 struct TransformCalibration {
   bool enabled = false;
-  double alpha = 0.25;  // W = (Σ + εI)^(−α/2); 0.25–0.5 measured best (docs/results.md)
+  double alpha = 0.5;  // W = (Σ + εI)^(−α/2); 0.5 measured best through the product (docs/results.md)
 };
 
 // Fits a transform for every whole-head INT2 tensor of every layer from the held-out samples (HeldoutLayer, the

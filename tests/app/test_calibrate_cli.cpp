@@ -107,6 +107,7 @@ TEST_F(CalibrateCli, BundleMatchesTheLibraryOnThePackedSplitAndIsDeterministic) 
   // The CLI's default error feedback (kv, damp 0.1, clip feedback on): the tables must match too.
   opt.error_feedback.mode = calib::ErrorFeedbackMode::KV;
   opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(model_), model->config());
+  opt.transform.enabled = true;  // the CLI's --transform auto with tables and held-out sequences (α 0.5, the default)
   calib::CpuForwardRunner runner(*model);
   const calib::CalibrationResult lib = calib::calibrate(runner, calib::model_fingerprint(model_), data, opt);
   EXPECT_FALSE(lib.bundle.layers[0].k_ef_order.empty());
