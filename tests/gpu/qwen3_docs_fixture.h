@@ -32,44 +32,38 @@ inline bool fixtures_present() {
   return true;
 }
 
-// calib::calibrate on 6 x 256 tokens of wikitext (not the evaluation's text), published clip ratios (no held-out
-// split to tune them on).
-inline fmt::Bundle calibrated_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok) {
+// `calibration` + `heldout` packed 256-token sequences of wikitext (not the evaluation's text, seed 1): the first
+// `calibration` calibrate, the rest are held out.
+inline calib::CalibrationData calibration_data(const fmt::Tokenizer& tok, int64_t calibration, int64_t heldout) {
   data::PackOptions po;
   po.seq_len = 256;
-  po.num_seqs = 6;
+  po.num_seqs = calibration + heldout;
   po.seed = 1;
   const data::PackedDataset packed =
       data::pack_dataset({(fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
-  calib::CpuForwardRunner runner(cpu);
   calib::CalibrationData data;
   for (int64_t i = 0; i < packed.num_seqs(); ++i) {
     auto s = packed.sequence(i);
-    data.sequences.emplace_back(s.begin(), s.end());
+    (i < calibration ? data.sequences : data.heldout).emplace_back(s.begin(), s.end());
   }
   data.seq_len = 256;
+  return data;
+}
+
+// calib::calibrate on 6 x 256 tokens, published clip ratios (no held-out split to tune them on).
+inline fmt::Bundle calibrated_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok) {
+  calib::CpuForwardRunner runner(cpu);
   calib::CalibrationOptions opt;
   opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
   opt.tune_clip = false;
-  return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), data, opt).bundle;
+  return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), calibration_data(tok, 6, 0), opt)
+      .bundle;
 }
 
-// calibrated_bundle's calibration with the product's default error-feedback tables (kv) and, with `transform`,
-// bundle 2.0 whitening transforms (α 0.25) fitted on 2 held-out sequences of the same text (the last 2 of 8).
+// The same calibration with the product's default error-feedback tables (kv) and, with `transform`, bundle 2.0
+// whitening transforms (the library's α, 0.5) fitted on 2 held-out sequences.
 inline fmt::Bundle ef_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok, bool transform) {
-  data::PackOptions po;
-  po.seq_len = 256;
-  po.num_seqs = 8;
-  po.seed = 1;
-  const data::PackedDataset packed =
-      data::pack_dataset({(fixtures_dir() / kCalibrationText).string()}, &tok, data::SourceOptions{}, po);
   calib::CpuForwardRunner runner(cpu);
-  calib::CalibrationData data;
-  for (int64_t i = 0; i < packed.num_seqs(); ++i) {
-    auto s = packed.sequence(i);
-    (i < 6 ? data.sequences : data.heldout).emplace_back(s.begin(), s.end());
-  }
-  data.seq_len = 256;
   calib::CalibrationOptions opt;
   opt.quant = fmt::KvQuantSpec::int2_default(cpu.config().head_dim);
   opt.tune_clip = false;
@@ -77,7 +71,8 @@ inline fmt::Bundle ef_bundle(model::CpuModel& cpu, const fmt::Tokenizer& tok, bo
   opt.error_feedback.value_metrics =
       calib::value_output_metrics(fmt::TensorStore::open(fixtures_dir() / kModel), cpu.config());
   opt.transform.enabled = transform;
-  return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), data, opt).bundle;
+  return calib::calibrate(runner, calib::model_fingerprint(fixtures_dir() / kModel), calibration_data(tok, 6, 2), opt)
+      .bundle;
 }
 
 // num_seqs shuffled sequences of `context` tokens from the python + linux documentation (seed 0).
