@@ -58,3 +58,13 @@ if [ "${PASS2:-0}" = 1 ]; then
   done
   for f in $D/*-4k.log $D/*-0.75-16.log; do echo "$(basename $f) $(grep -h "^oscar" $f)"; done
 fi
+# Third pass: does a larger held-out fit help the transform? --heldout-seqs 16 instead of 8 (same 24 calibration
+# sequences, α 0.5), whole docs files and docs second halves at 1024.
+if [ "${PASS3:-0}" = 1 ]; then
+  n=whiten-0.5-ho16
+  /usr/bin/time -f "calib $n %e s" $O calibrate ${CAL/--heldout-seqs 8/--heldout-seqs 16} --transform whiten --transform-alpha 0.5 --out $W/$n.oscar > $D/calib-$n.log 2>&1
+  EV="--modes bf16,oscar --context 1024 --num-seqs 16 --greedy-prompts 0 --device cpu --oscar-clip 0.96,0.92"
+  $O eval --model $M --bundle $W/$n.oscar --data $T/python-docs-heldout.txt $T/linux-docs-heldout.txt $EV --out $W/fulldocs-$n > $D/fulldocs-$n-16.log 2>&1
+  $O eval --model $M --bundle $W/$n.oscar --data $W/eval-docs $EV --out $W/docs-$n > $D/docs-$n-16.log 2>&1
+  for f in $D/*-ho16-16.log; do echo "$(basename $f) $(grep -h "^oscar" $f)"; done
+fi
