@@ -19,6 +19,9 @@ Record of one head vector x (head_dim d) for a layer with rotation R, clip ratio
   decode: y' = fma(code, scale, zero), x' = y' . R^T.
 A tensor with error-feedback tables (bundle format 1.2: layers/L/{k,v}_ef_order, _ef_weights, root @ef_clip_feedback)
 keeps that record format and scale/zero; only the codes are chosen differently (write_records_ef, docs/format.md).
+A tensor with a storage transform (bundle format 2.0: layers/L/{k,v}_transform, _transform_inverse, k_mean; the
+`oscar calibrate` default) uses, per KV head h, x - mean_h (fp32) in place of x and A_h in place of R on the write
+side, and x' = y' . A_h^-1 + mean_h on the read side (docs/format.md, "Storage transforms").
 """
 from __future__ import annotations
 
@@ -44,8 +47,8 @@ def load_bundle(path: str) -> dict:
 
     with h5py.File(path, "r") as f:
         major = int(f.attrs["format_major"])
-        if major != 1:
-            raise SystemExit(f"{path}: bundle format {major}.x, this example reads 1.x")
+        if major not in (1, 2):
+            raise SystemExit(f"{path}: bundle format {major}.x, this example reads 1.x and 2.x")
 
         def dataset(name: str) -> np.ndarray:
             # Every dataset carries the sha256 of its little-endian row-major bytes (docs/format.md).
@@ -82,6 +85,12 @@ def load_bundle(path: str) -> dict:
                 if f"{g}/{kind}_ef_order" in f:
                     layer[f"{kind}_ef"] = (dataset(f"{g}/{kind}_ef_order").astype(np.int64),
                                            dataset(f"{g}/{kind}_ef_weights").astype(F32))
+                # format 2.0: storage transforms, [kv_heads, d, d] A and A^-1, keys' mean [kv_heads, d]
+                if f"{g}/{kind}_transform" in f:
+                    a = dataset(f"{g}/{kind}_transform").astype(F32)
+                    mean = (dataset(f"{g}/k_mean").astype(F32) if kind == "k"
+                            else np.zeros(a.shape[:2], dtype=F32))
+                    layer[f"{kind}_transform"] = (a, dataset(f"{g}/{kind}_transform_inverse").astype(F32), mean)
             layers.append(layer)
         clip_feedback = bool(int(f.attrs["ef_clip_feedback"])) if "ef_clip_feedback" in f.attrs else True
     return {"spec": spec, "groups": groups, "layers": layers, "ef_clip_feedback": clip_feedback}
@@ -127,6 +136,10 @@ def load_export(directory: str) -> dict:
             if f"layers.{l}.{kind}_ef_order" in t:
                 layer[f"{kind}_ef"] = (t[f"layers.{l}.{kind}_ef_order"].astype(np.int64),
                                        t[f"layers.{l}.{kind}_ef_weights"].astype(F32))
+            if f"layers.{l}.{kind}_transform" in t:
+                a = t[f"layers.{l}.{kind}_transform"].astype(F32)
+                mean = t[f"layers.{l}.k_mean"].astype(F32) if kind == "k" else np.zeros(a.shape[:2], dtype=F32)
+                layer[f"{kind}_transform"] = (a, t[f"layers.{l}.{kind}_transform_inverse"].astype(F32), mean)
         layers.append(layer)
     clip_feedback = bool(t["ef_clip_feedback"][0]) if "ef_clip_feedback" in t else True
     return {"spec": spec, "groups": manifest["rotation_groups"], "layers": layers, "ef_clip_feedback": clip_feedback}
@@ -278,15 +291,26 @@ def main() -> int:
             recs, deqs, deq_of_ref = [], [], []
             for h in range(heads):
                 r = layer[f"{kind}_rotation"][0 if bundle["groups"] == 1 else h]
+                xh = x[h].astype(F32)
+                if f"{kind}_transform" in layer:  # format 2.0: (x - mean) . A_h instead of x . R
+                    a, a_inv, mean = (m[h] for m in layer[f"{kind}_transform"])
+                    xh, r = (xh - mean[None, :]).astype(F32), a
                 if f"{kind}_ef" in layer:  # the table is per KV head, whatever the rotation grouping
                     order, weights = layer[f"{kind}_ef"]
-                    rec = write_records_ef(x[h], r, layer[f"{kind}_clip"], order[h], weights[h],
+                    rec = write_records_ef(xh, r, layer[f"{kind}_clip"], order[h], weights[h],
                                            bundle["ef_clip_feedback"])
                 else:
-                    rec = write_records(x[h], r, layer[f"{kind}_clip"], segs)
+                    rec = write_records(xh, r, layer[f"{kind}_clip"], segs)
                 recs.append(rec)
-                deqs.append(read_records(rec, r, segs, d))
-                deq_of_ref.append(read_records(ref_rec[h], r, segs, d))
+                if f"{kind}_transform" in layer:  # x' = y' . A^-1 + mean
+                    def read(record):
+                        y = read_records(record, r, segs, d, rotated=True).astype(F64)
+                        return (y @ a_inv.astype(F64) + mean.astype(F64)[None, :]).astype(F32)
+                else:
+                    def read(record):
+                        return read_records(record, r, segs, d)
+                deqs.append(read(rec))
+                deq_of_ref.append(read(ref_rec[h]))
             rec = np.stack(recs)
             if rec.shape != ref_rec.shape:
                 print(f"{name}: record shape {rec.shape} != C++ {ref_rec.shape}")
@@ -320,7 +344,8 @@ def main() -> int:
             worst_write, worst_read = max(worst_write, write_err), max(worst_read, read_err)
             worst_read_rel = max(worst_read_rel, read_err / max(1.0, float(np.abs(ref_deq).max())))
             print(f"{name}: {heads}x{tokens} records of {rec.shape[2]} B ({'/'.join(map(str, bits_per_code))} bit"
-                  f"{', error feedback' if f'{kind}_ef' in layer else ''}), "
+                  f"{', error feedback' if f'{kind}_ef' in layer else ''}"
+                  f"{', storage transform' if f'{kind}_transform' in layer else ''}), "
                   f"code mismatches {codes_bad}/{n_codes}, fp16 param mismatches {pbad}, "
                   f"write max|d| {write_err:.3g}, read-of-C++-record max|d| {read_err:.3g}")
     frac = code_mismatch / max(total_codes, 1)

@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
+
 #include "calibrate_cli_fixture.h"
 #include "formats/bundle.h"
 #include "formats/model_config.h"
@@ -154,6 +156,36 @@ TEST_F(CalibrateTransformCli, GoldenRecordsDecodeThroughTheTransform) {
   const auto golden = nlohmann::json::parse(slurp(dir_ / "exp" / "manifest.json")).at("golden");
   EXPECT_EQ(golden.at("transform_tensors"), 10);
   EXPECT_EQ(golden.at("error_feedback_tensors"), 10);
+  // docs/serving.md's numpy example writes and reads the same records from the bundle (h5py) and from the export.
+  const fs::path script = test_data_dir() / ".." / ".." / "scripts" / "serving_example.py";
+  std::string python;  // any interpreter with numpy (a pyenv python3 on PATH may lack Debian's python3-numpy)
+  for (const char* candidate : {"python3", "/usr/bin/python3"})
+    if (std::system((std::string(candidate) + " -c 'import numpy' >/dev/null 2>&1").c_str()) == 0) {
+      python = candidate;
+      break;
+    }
+  if (python.empty()) GTEST_SKIP() << "no python3 with numpy";
+  // The export needs numpy only; the bundle is read with h5py where that is installed too.
+  const bool h5py = std::system((python + " -c 'import h5py' >/dev/null 2>&1").c_str()) == 0;
+  const std::string records = (dir_ / "exp" / "int2_golden.safetensors").string();
+  std::vector<std::pair<std::string, fs::path>> sources = {{"--export", dir_ / "exp"}};
+  if (h5py) sources.emplace_back("--bundle", dir_ / "a.oscar");
+  for (const auto& [flag, src] : sources) {
+    const fs::path log = dir_ / (flag.substr(2) + ".txt");
+    const std::string cmd = python + " " + script.string() + " " + flag + " " + src.string() + " --golden " + records +
+                            " > " + log.string() + " 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(log);
+    const std::string out = slurp(log);
+    EXPECT_NE(out.find("storage transform"), std::string::npos) << out;
+    EXPECT_NE(out.find("PASS"), std::string::npos) << out;
+  }
+  // Negative control: the same checkpoint's bundle without transforms does not reproduce these records.
+  ASSERT_EQ(run_oscar(args(dir_ / "none.oscar", {"--transform", "none"})).exit_code, 0);
+  ASSERT_EQ(run_oscar({"export", (dir_ / "none.oscar").string(), "--format", "safetensors", "--out",
+                       (dir_ / "exp-none").string()}).exit_code, 0);
+  const std::string bad = python + " " + script.string() + " --export " + (dir_ / "exp-none").string() +
+                          " --golden " + records + " > " + (dir_ / "bad.txt").string() + " 2>&1";
+  EXPECT_NE(std::system(bad.c_str()), 0) << slurp(dir_ / "bad.txt");
 }
 
 TEST_F(CalibrateTransformCli, BadValuesAreClearErrors) {
