@@ -33,9 +33,11 @@ HAVE_H5PY=0
 if python3 -c "import h5py; print('h5py', h5py.__version__)"; then HAVE_H5PY=1; else echo "h5py: not installed"; fi
 
 step "calibrate two bundles on the CPU: published (uniform INT2, what the server serves) and spectral (segments; --candidates spectral keeps the segmented layouts the per-layer choice could replace)"
+# --transform none: the published server runs one orthogonal R per layer, so the bundles stay 1.x (the 2.0 default's
+# per-KV-head transforms are refused by the sglang export).
 for method in published spectral; do
   "$OSCAR" calibrate --model "$MODEL" --data "$FX/text/tiny-shakespeare.txt" --out "$W/$method.oscar" --device cpu \
-    --method $method --num-seqs 4 --seq-len 256 --heldout-seqs 2 --sink 16 --recent 32 \
+    --method $method --num-seqs 4 --seq-len 256 --heldout-seqs 2 --sink 16 --recent 32 --transform none \
     $([ $method = spectral ] && echo --candidates spectral) | tail -2 || fail "calibrate $method"
   "$OSCAR" verify "$W/$method.oscar" --model "$MODEL" | tail -1 || fail "verify $method"
 done
