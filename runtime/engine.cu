@@ -214,7 +214,7 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
                                                     [](const std::vector<float>& r) { return !r.empty(); });
   if (fold_v && e->format.storage_transforms())
     throw Error("--fold-v", "the bundle stores per-KV-head storage transforms (format 2.0): --fold-v folds one "
-                            "orthogonal R_v per layer and does not fold them");
+                            "orthogonal R_v per layer and does not fold them (calibrate with --transform none)");
   if (fold_v && shared_model)
     throw Error("--fold-v", "folding R_v rewrites W_v and W_o, so the engine needs its own copy of the weights (not "
                             "a DeviceModel shared with other engines)");

@@ -309,7 +309,7 @@ int export_fold_v(const fmt::Bundle& b, const ExportOptions& o) {
   for (const auto& layer : b.layers)
     if (!layer.v_transform.empty())
       throw Error(o.bundle, "--fold-v folds an orthogonal R_v; this bundle stores value transforms (format 2.0), "
-                            "which --fold-v does not fold");
+                            "which --fold-v does not fold (calibrate with --transform none for a bundle it can fold)");
   const FoldReport r = fold_v_rotation(b, o.model_dir, o.out);
   std::printf("wrote %s: %zu files, %lld tensors folded (v_proj rows by R_v^T, o_proj columns by R_v)\n",
               o.out.c_str(), r.files_written.size(), static_cast<long long>(r.tensors_changed));
@@ -351,7 +351,7 @@ int export_sglang(const fmt::Bundle& b, const ExportOptions& o) {
   // The published kernels rotate with one orthogonal R per layer; exporting R alone would serve the wrong cache.
   if (fmt::has_storage_transform(b))
     throw Error(o.bundle, "--format sglang-oscar: the bundle stores per-KV-head storage transforms (format 2.0), "
-                          "which the published server cannot run; use --format safetensors");
+                          "which the published server cannot run; use --format safetensors, or calibrate with --transform none");
   const fs::path dir = o.out;
   ensure_output_dir(dir, "--out");
   const int64_t L = static_cast<int64_t>(b.layers.size()), g = b.rotation_groups, d = b.quant.head_dim;
