@@ -588,17 +588,25 @@ bool all_finite(const std::vector<T>& v) {
   return std::all_of(v.begin(), v.end(), [](T x) { return std::isfinite(x); });
 }
 
+// max |M·N − I| over the entries of d x d row-major fp32 matrices, in fp64; N given transposed when n_transposed
+// (N = Rᵀ for an orthogonality check reads R's rows).
+double identity_deviation(const float* m, const float* n, int64_t d, bool n_transposed) {
+  double worst = 0;
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) {
+      double dot = 0;
+      for (int64_t k = 0; k < d; ++k)
+        dot += static_cast<double>(m[i * d + k]) * (n_transposed ? n[j * d + k] : n[k * d + j]);
+      worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
+    }
+  return worst;
+}
+
 // fp32 rotations built from fp64 orthogonal matrices are orthogonal to ~1e-7; 1e-4 catches any real damage.
 void check_orthogonal(const std::vector<float>& r, int64_t groups, int64_t d, const std::string& where) {
   for (int64_t g = 0; g < groups; ++g) {
     const float* m = r.data() + g * d * d;
-    double worst = 0;
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j < d; ++j) {
-        double dot = 0;
-        for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(m[i * d + k]) * m[j * d + k];
-        worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
-      }
+    const double worst = identity_deviation(m, m, d, true);
     if (worst > 1e-4) throw Error(where, ::fmt::format("group {} is not orthogonal (max |R·Rᵀ − I| = {:.3g})", g, worst));
   }
 }
@@ -622,15 +630,7 @@ void check_transform(const std::vector<float>& a, const std::vector<float>& a_in
   if (!all_finite(a) || !all_finite(a_inv) || (mean && !all_finite(*mean)))
     throw Error(where, "non-finite transform, inverse or mean");
   for (int64_t h = 0; h < kv_heads; ++h) {
-    const float* m = a.data() + h * d * d;
-    const float* n = a_inv.data() + h * d * d;
-    double worst = 0;
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j < d; ++j) {
-        double dot = 0;
-        for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(m[i * d + k]) * n[k * d + j];
-        worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
-      }
+    const double worst = identity_deviation(a.data() + h * d * d, a_inv.data() + h * d * d, d, false);
     if (worst > 1e-3)
       throw Error(where, ::fmt::format("KV head {}: the stored inverse is not the transform's inverse "
                                        "(max |A·A⁻¹ − I| = {:.3g})", h, worst));
