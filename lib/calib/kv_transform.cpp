@@ -102,23 +102,34 @@ std::vector<double> metric_in_transform_basis(std::span<const double> metric, co
 
 void transform_fake_quantize(const HeadTransform& t, std::span<const float> x, int64_t rows,
                              const BasisQuantizer& quantize_y, std::span<float> out) {
+  const std::vector<float> a(t.forward.begin(), t.forward.end()), a_inv(t.inverse.begin(), t.inverse.end());
+  const std::vector<float> mu(t.mean.begin(), t.mean.end());
+  transform_fake_quantize(HeadTransformView{t.dim, a, a_inv, mu}, x, rows, quantize_y, out);
+}
+
+void transform_fake_quantize(const HeadTransformView& t, std::span<const float> x, int64_t rows,
+                             const BasisQuantizer& quantize_y, std::span<float> out) {
   const int64_t d = t.dim;
   if (static_cast<int64_t>(x.size()) != rows * d || out.size() != x.size())
     throw Error("transform_fake_quantize", ::fmt::format("{} rows of {} need {} values, got {} in and {} out", rows,
                                                          d, rows * d, x.size(), out.size()));
+  const auto dd = static_cast<size_t>(d * d);
+  if (t.forward.size() != dd || t.inverse.size() != dd || (!t.mean.empty() && t.mean.size() != static_cast<size_t>(d)))
+    throw Error("transform_fake_quantize", ::fmt::format("transform views of {} / {} / {} values for head_dim {}",
+                                                         t.forward.size(), t.inverse.size(), t.mean.size(), d));
   // fp32 throughout, in the cache writers' order (kern::kv_write with a per-head matrix and mean): x − μ rounded
   // once, then calib::rotate's fmaf chain with the fp32 A, so the simulated codes are the engine's.
-  const std::vector<float> a(t.forward.begin(), t.forward.end()), a_inv(t.inverse.begin(), t.inverse.end());
-  const std::vector<float> mu(t.mean.begin(), t.mean.end());
   std::vector<float> y(x.size()), y_hat(x.size()), xc(static_cast<size_t>(d)), xr(static_cast<size_t>(d));
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < d; ++i) xc[static_cast<size_t>(i)] = x[static_cast<size_t>(r * d + i)] - mu[i];
-    rotate(xc, a, std::span<float>(y).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)));
+    for (int64_t i = 0; i < d; ++i)
+      xc[static_cast<size_t>(i)] = x[static_cast<size_t>(r * d + i)] - (t.mean.empty() ? 0.0f : t.mean[i]);
+    rotate(xc, t.forward, std::span<float>(y).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)));
   }
   quantize_y(y, rows, y_hat);
   for (int64_t r = 0; r < rows; ++r) {
-    rotate(std::span<const float>(y_hat).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)), a_inv, xr);
-    for (int64_t i = 0; i < d; ++i) out[static_cast<size_t>(r * d + i)] = xr[static_cast<size_t>(i)] + mu[i];
+    rotate(std::span<const float>(y_hat).subspan(static_cast<size_t>(r * d), static_cast<size_t>(d)), t.inverse, xr);
+    for (int64_t i = 0; i < d; ++i)
+      out[static_cast<size_t>(r * d + i)] = xr[static_cast<size_t>(i)] + (t.mean.empty() ? 0.0f : t.mean[i]);
   }
 }
 
@@ -126,8 +137,8 @@ bool has_transform(const fmt::LayerCalibration& layer, bool keys) {
   return !(keys ? layer.k_transform : layer.v_transform).empty();
 }
 
-HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
-                               const std::string& where) {
+HeadTransformView stored_transform_view(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
+                                        const std::string& where) {
   const std::vector<float>& a = keys ? layer.k_transform : layer.v_transform;
   const std::vector<float>& a_inv = keys ? layer.k_transform_inverse : layer.v_transform_inverse;
   const auto dd = static_cast<size_t>(d * d), off = static_cast<size_t>(kv_head) * dd;
@@ -135,15 +146,25 @@ HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, in
   if (kv_head < 0 || a.size() < off + dd || a_inv.size() < off + dd ||
       (keys && layer.k_mean.size() < static_cast<size_t>((kv_head + 1) * d)))
     throw Error(where, ::fmt::format("storage transform arrays too short for KV head {}", kv_head));
+  HeadTransformView v;
+  v.dim = d;
+  v.forward = std::span<const float>(a).subspan(off, dd);
+  v.inverse = std::span<const float>(a_inv).subspan(off, dd);
+  if (keys) v.mean = std::span<const float>(layer.k_mean).subspan(static_cast<size_t>(kv_head * d), static_cast<size_t>(d));
+  return v;
+}
+
+HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
+                               const std::string& where) {
+  const HeadTransformView v = stored_transform_view(layer, keys, kv_head, d, where);
   HeadTransform t;
   t.dim = d;
-  t.forward.assign(a.begin() + static_cast<std::ptrdiff_t>(off), a.begin() + static_cast<std::ptrdiff_t>(off + dd));
-  t.inverse.assign(a_inv.begin() + static_cast<std::ptrdiff_t>(off),
-                   a_inv.begin() + static_cast<std::ptrdiff_t>(off + dd));
-  if (keys)
-    t.mean.assign(layer.k_mean.begin() + kv_head * d, layer.k_mean.begin() + (kv_head + 1) * d);
-  else
+  t.forward.assign(v.forward.begin(), v.forward.end());
+  t.inverse.assign(v.inverse.begin(), v.inverse.end());
+  if (v.mean.empty())
     t.mean.assign(static_cast<size_t>(d), 0.0);
+  else
+    t.mean.assign(v.mean.begin(), v.mean.end());
   return t;
 }
 

@@ -72,6 +72,20 @@ using BasisQuantizer = std::function<void(std::span<const float> y, int64_t rows
 void transform_fake_quantize(const HeadTransform& t, std::span<const float> x, int64_t rows,
                              const BasisQuantizer& quantize_y, std::span<float> out);
 
+// One KV head's transform in the fp32 form a bundle stores and the cache writers use, as views (not owned): A and
+// A⁻¹ [d, d] row-major, μ [d] (empty = zero). The form the CPU cache simulation keeps, so a per-token call does not
+// convert d² numbers.
+struct HeadTransformView {
+  int64_t dim = 0;
+  std::span<const float> forward, inverse, mean;
+};
+// The same arithmetic as the HeadTransform overload (which converts to fp32 and calls this one).
+void transform_fake_quantize(const HeadTransformView& t, std::span<const float> x, int64_t rows,
+                             const BasisQuantizer& quantize_y, std::span<float> out);
+// KV head `kv_head`'s views into a layer's stored transform of K (keys) or V; throws as stored_transform.
+HeadTransformView stored_transform_view(const fmt::LayerCalibration& layer, bool keys, int64_t kv_head, int64_t d,
+                                        const std::string& where);
+
 // ---- the bundle's transforms (format 2.0)
 
 // Whether a layer's K (keys) or V tensor stores a transform.

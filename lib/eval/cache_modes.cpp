@@ -101,12 +101,10 @@ struct CacheFormat::TensorCodec {
   std::vector<std::vector<int32_t>> ef_order;
   std::vector<std::vector<float>> ef_weights;
   bool ef_clip_feedback = true;
-  // Bundle format 2.0: per layer, one storage transform per KV head (empty = the rotation stores the tensor).
-  std::vector<std::vector<calib::HeadTransform>> transforms;
-  const calib::HeadTransform* transform(int64_t layer, int64_t kv_head) const {
-    const auto l = static_cast<size_t>(layer);
-    return l < transforms.size() && !transforms[l].empty() ? &transforms[l][static_cast<size_t>(kv_head)] : nullptr;
-  }
+  // Bundle format 2.0: per layer, the bundle's transform fields (fp32 A, A⁻¹ per KV head, keys' μ; the rest of each
+  // entry is empty), copied because the bundle may be a retargeted temporary, and read per call through
+  // calib::stored_transform_view without converting them. No entries = no transforms.
+  std::vector<fmt::LayerCalibration> transforms;
   bool has_ef(int64_t layer) const {
     const auto l = static_cast<size_t>(layer);
     return l < ef_order.size() && !ef_order[l].empty();
@@ -235,15 +233,24 @@ std::unique_ptr<CacheFormat> CacheFormat::create(CacheMode mode, const fmt::Mode
       if (layers > 0) f->cost_ = {k_bits / static_cast<double>(layers), v_bits / static_cast<double>(layers)};
       // Format 2.0: storage transforms replace the rotation of the tensors that have one (the tables below are in
       // their basis).
-      for (int64_t l = 0; l < layers; ++l)
-        for (const bool keys : {true, false}) {
+      if (fmt::has_storage_transform(b))
+        for (int64_t l = 0; l < layers; ++l) {
           const auto& lc = b.layers[static_cast<size_t>(l)];
-          TensorCodec& c = keys ? *f->k_ : *f->v_;
-          c.transforms.emplace_back();
-          if (!calib::has_transform(lc, keys)) continue;
-          for (int64_t h = 0; h < cfg.num_kv_heads; ++h)
-            c.transforms.back().push_back(calib::stored_transform(
-                lc, keys, h, d, ::fmt::format("{} layer {} {} transform", mode_where, l, keys ? "K" : "V")));
+          fmt::LayerCalibration k, v;
+          k.k_transform = lc.k_transform;
+          k.k_transform_inverse = lc.k_transform_inverse;
+          k.k_mean = lc.k_mean;
+          v.v_transform = lc.v_transform;
+          v.v_transform_inverse = lc.v_transform_inverse;
+          // Every head's views are checked now, so a short array is an error at create(), not mid-evaluation.
+          for (const auto& [keys, stored] : {std::pair{true, &k}, std::pair{false, &v}})
+            if (calib::has_transform(*stored, keys))
+              for (int64_t h = 0; h < cfg.num_kv_heads; ++h)
+                (void)calib::stored_transform_view(*stored, keys, h, d,
+                                                   ::fmt::format("{} layer {} {} transform", mode_where, l,
+                                                                 keys ? "K" : "V"));
+          f->k_->transforms.push_back(std::move(k));
+          f->v_->transforms.push_back(std::move(v));
         }
       // Error-feedback tables change which code a token gets, not the format (same bits, same decode).
       if (fmt::has_error_feedback(b)) {
@@ -266,12 +273,13 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
                                 int64_t tokens, std::span<float> out) const {
   if (layer < 0 || layer >= num_layers_ || kv_head < 0 || kv_head >= num_kv_heads_)
     throw Error(std::string(name()), ::fmt::format("layer {} / KV head {} out of range", layer, kv_head));
-  if (const calib::HeadTransform* t = codec.transform(layer, kv_head)) {
+  const bool keys = &codec == k_.get();
+  const auto l = static_cast<size_t>(layer);
+  if (l < codec.transforms.size() && calib::has_transform(codec.transforms[l], keys)) {
     // y = (x − μ)·A, the tensor's own rounding in y's basis (no rotation there: A includes R), x̂ = ŷ·A⁻¹ + μ.
-    const auto l = static_cast<size_t>(layer);
     const float clip = codec.clip_ratios[l];
     calib::transform_fake_quantize(
-        *t, x, tokens,
+        calib::stored_transform_view(codec.transforms[l], keys, kv_head, head_dim_, std::string(name())), x, tokens,
         [&](std::span<const float> y, int64_t rows, std::span<float> y_hat) {
           if (codec.has_ef(layer)) {
             const calib::HeadTable ht = calib::head_table(codec.ef_order[l], codec.ef_weights[l], kv_head, head_dim_);
@@ -284,21 +292,19 @@ void CacheFormat::fake_quantize(const TensorCodec& codec, int64_t layer, int64_t
         out);
     return;
   }
-  if (rounding_hook_ && rounding_hook_(&codec == k_.get(), layer, kv_head, x, tokens,
-                                       codec.rotation(layer, kv_head, head_dim_),
-                                       codec.clip_ratios[static_cast<size_t>(layer)], out))
+  if (rounding_hook_ && rounding_hook_(keys, layer, kv_head, x, tokens, codec.rotation(layer, kv_head, head_dim_),
+                                       codec.clip_ratios[l], out))
     return;
   if (codec.has_ef(layer)) {
     // The rounding every cache writer runs from the stored table (calib::error_feedback_codes_stored).
-    const auto l = static_cast<size_t>(layer);
     const calib::HeadTable ht = calib::head_table(codec.ef_order[l], codec.ef_weights[l], kv_head, head_dim_);
     calib::error_feedback_fake_quantize_stored(x, tokens, codec.rotation(layer, kv_head, head_dim_),
                                                codec.clip_ratios[l], 2, ht.order, ht.weights, codec.ef_clip_feedback,
                                                out);
     return;
   }
-  codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_),
-                                codec.clip_ratios[static_cast<size_t>(layer)], calib::Basis::Original, out);
+  codec.for_layer(layer).fake_quantize(x, tokens, codec.rotation(layer, kv_head, head_dim_), codec.clip_ratios[l],
+                                       calib::Basis::Original, out);
 }
 
 void CacheFormat::fake_quantize_keys(int64_t layer, int64_t kv_head, std::span<const float> x, int64_t tokens,
