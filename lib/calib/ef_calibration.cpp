@@ -348,13 +348,19 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
         std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
     const std::vector<double> m = transformed ? metric_in_transform_basis(head_metric, tf) : metric_in_basis(head_metric, rd, d);
     const HeadTable ht = head_table(order, table, h, d);
+    // x·A = (x − μ)·A + μ·A: the uncentered energy row from the stored one plus μ·A, made once per head.
+    std::vector<float> mean_in_basis(transformed ? static_cast<size_t>(d) : 0);
+    if (transformed) {
+      const std::vector<float> mean(tf.mean.begin(), tf.mean.end());
+      rotate(mean, r, mean_in_basis);
+    }
     for (int64_t i = 0; i < samples; ++i) {
       const int64_t t = i * stride;
       const auto xs = std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d));
       if (transformed) {
-        rotate(xs, r, y_energy);
         for (int64_t c = 0; c < d; ++c) centered[c] = xs[c] - static_cast<float>(tf.mean[c]);
         rotate(centered, r, y);
+        for (int64_t c = 0; c < d; ++c) y_energy[c] = y[c] + mean_in_basis[c];
       } else {
         rotate(xs, r, y);
       }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../kernels/kv_cache_test_util.h"
@@ -171,7 +172,18 @@ INSTANTIATE_TEST_SUITE_P(
                       TransformDecodeCase{{4097, 1, 300, 77}, 64, 8, kern::DecodeAttentionVariant::Fused},
                       TransformDecodeCase{{4097, 300}, 32, 8, kern::DecodeAttentionVariant::Separate},
                       TransformDecodeCase{{4097, 300}, 16, 8, kern::DecodeAttentionVariant::FusedWide},
-                      TransformDecodeCase{{2000}, 8, 1, kern::DecodeAttentionVariant::Fused}));
+                      TransformDecodeCase{{2000}, 8, 1, kern::DecodeAttentionVariant::Fused}),
+    // A readable, stable name: the default prints the case's bytes, pointers included, which differ between the
+    // ctest discovery run and the test run.
+    [](const ::testing::TestParamInfo<TransformDecodeCase>& info) {
+      const TransformDecodeCase& c = info.param;
+      const char* variant = c.variant == kern::DecodeAttentionVariant::Fused       ? "fused"
+                            : c.variant == kern::DecodeAttentionVariant::Separate  ? "separate"
+                            : c.variant == kern::DecodeAttentionVariant::FusedWide ? "fusedwide"
+                                                                                   : "other";
+      return "q" + std::to_string(c.q_heads) + "_kv" + std::to_string(c.kv_heads) + "_seqs" +
+             std::to_string(c.lens.size()) + "_" + variant;
+    });
 
 }  // namespace
 }  // namespace oscar
