@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -65,6 +66,15 @@ inline RunResult run_oscar(const std::vector<std::string>& args) {
 // The stderr contract for failures: exactly one line, "oscar: error: ...".
 inline bool is_one_error_line(const std::string& err) {
   return err.rfind("oscar: error: ", 0) == 0 && err.find('\n') == err.size() - 1;
+}
+
+// The first interpreter that imports `module` (a pyenv python3 on PATH may lack Debian's python3-numpy), or "" for
+// none, so the tests that run the repo's Python tools skip rather than fail where no such interpreter is.
+inline std::string python_with(const std::string& module) {
+  for (const char* candidate : {"python3", "/usr/bin/python3"})
+    if (std::system((std::string(candidate) + " -c 'import " + module + "' >/dev/null 2>&1").c_str()) == 0)
+      return candidate;
+  return "";
 }
 
 }  // namespace oscar::test

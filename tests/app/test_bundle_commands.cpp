@@ -368,13 +368,7 @@ TEST_F(BundleCommands, ExportSglangWritesRawTensorsAndManifest) {
   EXPECT_EQ(layer3, shared_.layers[3].k_rotation);
   // The converter's validation runs without torch.
   const fs::path script = fs::path(OSCAR_BINARY_DIR).parent_path() / "scripts/export/to_sglang_oscar.py";
-  // Any interpreter with numpy will do (a pyenv python3 on PATH may lack the Debian python3-numpy).
-  std::string python;
-  for (const char* candidate : {"python3", "/usr/bin/python3"})
-    if (std::system((std::string(candidate) + " -c 'import numpy' >/dev/null 2>&1").c_str()) == 0) {
-      python = candidate;
-      break;
-    }
+  const std::string python = python_with("numpy");
   if (fs::exists(script) && !python.empty()) {
     const std::string cmd = python + " " + script.string() + " " + out.string() + " --check-only >/dev/null 2>&1";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;

@@ -262,12 +262,7 @@ TEST_F(CalibrateEfGolden, RecordsAreTheErrorFeedbackWritersAndDifferFromRtn) {
 
 TEST_F(CalibrateEfGolden, ServingExampleReproducesThem) {
   const fs::path script = test_data_dir() / ".." / ".." / "scripts" / "serving_example.py";
-  std::string python;  // any interpreter with numpy (a pyenv python3 on PATH may lack Debian's python3-numpy)
-  for (const char* candidate : {"python3", "/usr/bin/python3"})
-    if (std::system((std::string(candidate) + " -c 'import numpy' >/dev/null 2>&1").c_str()) == 0) {
-      python = candidate;
-      break;
-    }
+  const std::string python = python_with("numpy");
   if (python.empty()) GTEST_SKIP() << "no python3 with numpy";
   const std::string golden = (dir_ / "st-kv" / "int2_golden.safetensors").string();
   const std::string ok = python + " " + script.string() + " --export " + (dir_ / "st-kv").string() + " --golden " +

@@ -158,12 +158,7 @@ TEST_F(CalibrateTransformCli, GoldenRecordsDecodeThroughTheTransform) {
   EXPECT_EQ(golden.at("error_feedback_tensors"), 10);
   // docs/serving.md's numpy example writes and reads the same records from the bundle (h5py) and from the export.
   const fs::path script = test_data_dir() / ".." / ".." / "scripts" / "serving_example.py";
-  std::string python;  // any interpreter with numpy (a pyenv python3 on PATH may lack Debian's python3-numpy)
-  for (const char* candidate : {"python3", "/usr/bin/python3"})
-    if (std::system((std::string(candidate) + " -c 'import numpy' >/dev/null 2>&1").c_str()) == 0) {
-      python = candidate;
-      break;
-    }
+  const std::string python = python_with("numpy");
   if (python.empty()) GTEST_SKIP() << "no python3 with numpy";
   // The export needs numpy only; the bundle is read with h5py where that is installed too.
   const bool h5py = std::system((python + " -c 'import h5py' >/dev/null 2>&1").c_str()) == 0;
