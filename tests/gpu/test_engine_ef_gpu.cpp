@@ -476,7 +476,7 @@ TEST_F(EngineEf, TransformEvalMetricsMatchTheCpuSimulation) {
   EXPECT_LT(g.beyond.kl_mean, g0.beyond.kl_mean);
 }
 
-TEST_F(EngineEf, TransformBundleRefusesFoldV) {
+TEST_F(EngineEf, FoldVRefusesValueTransformsAndFoldsBesideKeyTransforms) {
   EngineOptions o;
   o.cache = CacheMode::Oscar;
   o.cache_budget_bytes = size_t{64} << 20;
@@ -487,6 +487,27 @@ TEST_F(EngineEf, TransformBundleRefusesFoldV) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("--fold-v"), std::string::npos) << e.what();
   }
+  // Key transforms alone leave V's orthogonal R_v, which folds: the folded engine tracks the unfolded one.
+  fmt::Bundle keys_only = *tf_;
+  for (fmt::LayerCalibration& l : keys_only.layers) {
+    l.v_transform.clear();
+    l.v_transform_inverse.clear();
+  }
+  ASSERT_TRUE(fmt::has_storage_transform(keys_only));
+  const std::vector<eval::ContextSequences> data = test::qwen3_docs::heldout(*tok_, 768, 2);
+  eval::EvalOptions opt;
+  opt.modes = eval::parse_cache_modes("oscar", "test");
+  opt.mode_options.windows = {16, 64};
+  opt.mode_options.bundle = &keys_only;
+  opt.greedy_prompts = 0;
+  GpuEvalOptions gpu;
+  gpu.schedule = {2, 1};
+  const eval::ModeResult plain = evaluate_on_gpu(*dir_, tok_, data, opt, gpu).results.at(0);
+  gpu.fold_v = true;
+  const eval::ModeResult folded = evaluate_on_gpu(*dir_, tok_, data, opt, gpu).results.at(0);
+  std::printf("key transforms only, cuda: KL>win %.5f, fold-v %.5f\n", plain.beyond.kl_mean, folded.beyond.kl_mean);
+  EXPECT_LT(std::abs(folded.all.perplexity - plain.all.perplexity) / plain.all.perplexity, 0.005);
+  EXPECT_LT(std::abs(folded.beyond.kl_mean - plain.beyond.kl_mean) / plain.beyond.kl_mean, 0.10);
 }
 
 TEST_F(EngineEf, MalformedTableIsRefusedNamingTheLayer) {
