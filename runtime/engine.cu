@@ -252,10 +252,14 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   for (int64_t l = 0; l < e->cfg.num_layers; ++l) {
     const auto& rk = e->format.k_rotation[static_cast<size_t>(l)];
     const auto& rv = e->format.v_rotation[static_cast<size_t>(l)];
-    e->k_rot.push_back(rk.empty() ? DeviceBuffer() : to_device(std::span<const float>(rk), "R_k"));
+    // A storage transform (bundle 2.0) replaces its tensor's R in the writes (A) and in the decode (A⁻ᵀ), so that R
+    // stays on the host (CacheFormat::device_bytes counts the same).
+    const bool k_transformed = e->format.has_transform(l, false), v_transformed = e->format.has_transform(l, true);
+    e->k_rot.push_back(rk.empty() || k_transformed ? DeviceBuffer() : to_device(std::span<const float>(rk), "R_k"));
     // Folded: the projection already yields v·R_v, so neither kv_write nor the decode kernel rotates V.
     if (fold_v && !rv.empty()) e->model->fold_value_rotation(l, rv, 1);
-    e->v_rot.push_back(rv.empty() || fold_v ? DeviceBuffer() : to_device(std::span<const float>(rv), "R_v"));
+    e->v_rot.push_back(rv.empty() || fold_v || v_transformed ? DeviceBuffer()
+                                                             : to_device(std::span<const float>(rv), "R_v"));
   }
   e->format.v_rotation_folded = fold_v;
   if (e->format.storage_transforms()) {

@@ -86,6 +86,11 @@ struct CacheFormat {
   // the decode kernel's per-KV-head A⁻ᵀ (q' = q·A_K⁻ᵀ, o = o'·A_V⁻¹). Not with fold_v.
   std::vector<std::vector<float>> k_transform, v_transform, k_mean, k_read, v_read;
   bool storage_transforms() const;  // some layer has one
+  bool has_transform(int64_t layer, bool value) const;  // this tensor is stored through its own A
+  // Bytes rt::Engine keeps on the device for this format, once per engine (not per sequence): the fp32 R of each
+  // layer and tensor (unless a storage transform replaces it or R_v is folded), the transforms' A, A⁻ᵀ and μ_K, and
+  // the error-feedback tables.
+  int64_t device_bytes() const;
   int64_t key_table_context = 0;  // the positions 0..N-1 the K tables serve (calib::error_feedback_context); 0 = none
   bool error_feedback() const;    // some layer has a table
   bool fp8() const { return quant_storage == fmt::KvStorage::Fp8E4M3; }
@@ -131,6 +136,7 @@ struct KvFootprint {
   std::vector<int64_t> k_record_bytes, v_record_bytes;       // per layer, one token of one KV head
   std::vector<std::string> k_layout, v_layout;               // per layer, e.g. "2b[0,128)" or "4b[0,32) 2b[32,128)"
   std::vector<KvFootprintRow> rows;                          // one per context
+  int64_t engine_format_bytes = -1;  // CacheFormat::device_bytes (unfolded); -1 when the engine cannot run it
 };
 // mode "bf16", "int2", "hadamard2" or "oscar" (needs `bundle`; its per-layer layouts are used as stored).
 // Windows: the bundle's (oscar) or the int2 defaults, unless overridden. oscar::Error(where, ...) on problems.

@@ -168,6 +168,27 @@ bool CacheFormat::storage_transforms() const {
   return false;
 }
 
+bool CacheFormat::has_transform(int64_t layer, bool value) const {
+  const auto& t = value ? v_transform : k_transform;
+  return layer >= 0 && static_cast<size_t>(layer) < t.size() && !t[static_cast<size_t>(layer)].empty();
+}
+
+int64_t CacheFormat::device_bytes() const {
+  const auto bytes = [](const auto& v) { return static_cast<int64_t>(v.size() * sizeof(v[0])); };
+  const auto all = [&](const auto& per_layer) {
+    int64_t n = 0;
+    for (const auto& v : per_layer) n += bytes(v);
+    return n;
+  };
+  int64_t n = 0;
+  for (size_t l = 0; l < k_rotation.size(); ++l)
+    if (!has_transform(static_cast<int64_t>(l), false)) n += bytes(k_rotation[l]);
+  for (size_t l = 0; l < v_rotation.size(); ++l)
+    if (!has_transform(static_cast<int64_t>(l), true) && !v_rotation_folded) n += bytes(v_rotation[l]);
+  for (const auto* t : {&k_transform, &v_transform, &k_mean, &k_read, &v_read}) n += all(*t);
+  return n + all(k_ef_order) + all(v_ef_order) + all(k_ef_weights) + all(v_ef_weights);
+}
+
 CacheFormat resolve_cache_format(const fmt::ModelConfig& cfg, CacheMode mode, const fmt::Bundle* bundle,
                                  std::optional<int64_t> sink_tokens, std::optional<int64_t> recent_tokens,
                                  const std::string& where, uint64_t hadamard_seed) {
@@ -364,6 +385,7 @@ KvFootprint kv_footprint(const fmt::ModelConfig& cfg, CacheMode mode, const fmt:
   try {
     const CacheFormat f = resolve_cache_format(cfg, mode, bundle, sink_tokens, recent_tokens, where);
     layout = cache_layout(cfg, f);
+    fp.engine_format_bytes = f.device_bytes();
   } catch (const Error&) {
   }
   for (int64_t c : contexts) {

@@ -83,6 +83,8 @@ nlohmann::json footprint_json(const rt::KvFootprint& fp) {
           {"k_bits_per_element", fp.k_bits_per_element},
           {"v_bits_per_element", fp.v_bits_per_element},
           {"layers", layers},
+          {"engine_format_bytes",
+           fp.engine_format_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(fp.engine_format_bytes)},
           {"contexts", rows}};
 }
 
@@ -102,6 +104,10 @@ std::string footprint_text(const rt::KvFootprint& fp) {
                          r.bf16_bytes / r.stored_bytes, r.engine_bytes < 0 ? "n/a" : human_bytes(r.engine_bytes));
   out += "(windows and fp16 scale/zero included; engine pages: what the GPU engine's 64-token pages hold for one "
          "sequence, INT2 copies of the window tokens included)\n";
+  if (fp.engine_format_bytes > 0)
+    out += ::fmt::format("engine format data: {} on the device once per engine (fp32 rotations, storage transforms "
+                         "A and A⁻ᵀ, error-feedback tables)\n",
+                         human_bytes(static_cast<double>(fp.engine_format_bytes)));
   bool uniform = true;
   for (size_t l = 1; l < fp.k_layout.size(); ++l)
     uniform = uniform && fp.k_layout[l] == fp.k_layout[0] && fp.v_layout[l] == fp.v_layout[0];

@@ -82,6 +82,26 @@ TEST(EngineTransformFormat, WritersGetAAndTheMeanReadersGetTheInverseTranspose) 
   EXPECT_FALSE(resolve_cache_format(config(), CacheMode::Oscar, &plain, {}, {}, "w").storage_transforms());
 }
 
+// What the engine keeps on the device per format, counted by hand: a transformed tensor uploads A and A⁻ᵀ per KV
+// head (and μ_K for keys) instead of its layer's R; the other tensors their R.
+TEST(EngineTransformFormat, DeviceBytesCountTheTransformsInsteadOfTheirRotations) {
+  const int64_t matrix = int64_t{kD} * kD * 4, head_matrices = kKvHeads * matrix, mean = int64_t{kKvHeads} * kD * 4;
+  const fmt::Bundle plain = bundle(false);
+  EXPECT_EQ(resolve_cache_format(config(), CacheMode::Oscar, &plain, {}, {}, "w").device_bytes(),
+            2 * kLayers * matrix);  // R_k and R_v per layer
+  const fmt::Bundle b = bundle(true);
+  CacheFormat f = resolve_cache_format(config(), CacheMode::Oscar, &b, {}, {}, "w");
+  EXPECT_TRUE(f.has_transform(0, true));
+  EXPECT_FALSE(f.has_transform(1, true));
+  // Keys of both layers: A, A⁻ᵀ and μ_K; values of layer 0: A, A⁻ᵀ; values of layer 1: R_v.
+  const int64_t want = kLayers * (2 * head_matrices + mean) + 2 * head_matrices + matrix;
+  EXPECT_EQ(f.device_bytes(), want);
+  f.v_rotation_folded = true;  // a folded R_v is in the weights
+  EXPECT_EQ(f.device_bytes(), want - matrix);
+  const int64_t contexts[] = {1024};
+  EXPECT_EQ(kv_footprint(config(), CacheMode::Oscar, &b, contexts, {}, {}, "w").engine_format_bytes, want);
+}
+
 TEST(EngineTransformFormat, AShortTransformIsRefusedNamingTheLayer) {
   fmt::Bundle b = bundle(true);
   b.layers[1].k_mean.pop_back();
