@@ -5,7 +5,7 @@
 # transform and with --transform none, then `oscar eval --device cuda` (the engine's kv_write with a per-head matrix and
 # key mean, decode_attention with A^-T; not the CPU simulation) of both next to Hadamard RTN (hadamard2) on held-out
 # docs, moby-dick and tinystories at 1K (16 seqs) and docs + moby at 4K (8 seqs).
-# Expected GPU time: ~3 min. Needs: $BIN, fixtures at /work/shared/fixtures, $OUT, cwd = repo.
+# Argument "quick": docs and moby at 1K only (~1.5 min). Expected GPU time: ~3 min. Needs: $BIN, fixtures at /work/shared/fixtures, $OUT, cwd = repo.
 # Look for: xfeval_summary.txt, KL>win of auto (2.0) vs none (1.x) vs hadamard2 per text and context.
 source scripts/device/common.sh
 F=/work/shared/fixtures; T=$F/text; M=$F/models/qwen3-tiny-trained; O=$BIN/bin/oscar
@@ -17,7 +17,9 @@ for xf in auto none; do
   "$O" inspect /tmp/xfeval-$xf.oscar 2>&1 | head -12 > "$OUT/xfeval_inspect_$xf.txt"
 done
 : > "$OUT/xfeval_summary.txt"
-for job in docs:1024:16 moby:1024:16 tiny:1024:16 docs:4096:8 moby:4096:8; do
+jobs="docs:1024:16 moby:1024:16 tiny:1024:16 docs:4096:8 moby:4096:8"
+[ "${1:-}" = quick ] && jobs="docs:1024:16 moby:1024:16"
+for job in $jobs; do
   IFS=: read -r text ctx seqs <<< "$job"
   case $text in
     docs) data="$T/python-docs-heldout.txt $T/linux-docs-heldout.txt" ;;
