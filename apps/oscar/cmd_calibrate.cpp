@@ -110,7 +110,7 @@ struct CalibrateCliOptions {
   // made from held-out data, else none), "none" or "whiten", and its α. Defaults from docs/results.md, "The whitening
   // transform through the product": α 0.5 beat 0.25 and 0.75 on all four evaluation sets.
   std::string transform = "auto";
-  double transform_alpha = 0.5;
+  std::string transform_alpha = "0.5";  // "A" for keys and values, or "K,V"
   bool transform_alpha_given = false;
   std::vector<std::string> spectral_flags_given;  // spectral-only flags present on the command line
   bool rotation_given = false;
@@ -182,6 +182,26 @@ class ProgressReporter {
 };
 
 // The output must be creatable before hours of forward passes are spent: its directory exists and is writable.
+// --transform-alpha: "A" (keys and values) or "K,V"; each a number in [0, 1].
+void parse_transform_alpha(const std::string& text, calib::TransformCalibration& t) {
+  const auto number = [&](const std::string& part) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(part, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (part.empty() || used != part.size() || !(v >= 0.0 && v <= 1.0))
+      throw Error("--transform-alpha", ::fmt::format("'{}' is not α in [0, 1] or K,V (two of them)", text));
+    return v;
+  };
+  const size_t comma = text.find(',');
+  t.alpha = number(text.substr(0, comma));
+  t.value_alpha.reset();
+  if (comma != std::string::npos) t.value_alpha = number(text.substr(comma + 1));
+}
+
 void check_writable_output(const fs::path& path, const std::string& flag) {
   check_output_parent(path);
   const fs::path parent = path.has_parent_path() ? path.parent_path() : fs::path(".");
@@ -343,7 +363,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
   if (o.transform_alpha_given && !opt.transform.enabled)
     throw Error("--transform-alpha", "sets the whitening transform's α, and this calibration makes none (--transform "
                                      "none, or auto without error-feedback tables or held-out sequences)");
-  opt.transform.alpha = o.transform_alpha;
+  parse_transform_alpha(o.transform_alpha, opt.transform);
   if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
     opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;
@@ -590,7 +610,8 @@ OSCAR_REGISTER_COMMAND(
                      "--error-feedback k|kv and --heldout-seqs >= 1); none; auto = whiten when both are there")
           ->capture_default_str();
       auto* transform_alpha = sub.add_option("--transform-alpha", o->transform_alpha,
-                     "--transform whiten: α in [0, 1] (0 = the rotation alone, 1 = full whitening)")
+                     "--transform whiten: α in [0, 1] (0 = the rotation alone, 1 = full whitening), or K,V: "
+                     "the keys' and the values' α")
           ->capture_default_str();
       add_json_flag(sub, o->json);
       return [o, k_clip, v_clip, rotation, spectral_opts, transform_alpha] {

@@ -438,7 +438,7 @@ std::vector<std::pair<std::string, std::string>> options_as_text(const Calibrati
   // Only when on: bundles without transforms keep their earlier bytes (and format 1.x).
   if (o.transform.enabled) {
     kv.emplace_back("transform", "whiten");
-    kv.emplace_back("transform_alpha", ::fmt::format("{:.6g}", o.transform.alpha));
+    kv.emplace_back("transform_alpha", o.transform.alpha_text());
   }
   std::sort(kv.begin(), kv.end());
   return kv;
@@ -465,8 +465,10 @@ void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, c
     validate_spectral_options(aligned_spectral(opt.spectral, cfg.head_dim), cfg.head_dim);
   }
   if (opt.transform.enabled) {
-    if (!(opt.transform.alpha >= 0.0 && opt.transform.alpha <= 1.0))
-      throw Error("--transform-alpha", ::fmt::format("{} is outside [0, 1]", opt.transform.alpha));
+    for (const bool keys : {true, false})
+      if (!(opt.transform.alpha_for(keys) >= 0.0 && opt.transform.alpha_for(keys) <= 1.0))
+        throw Error("--transform-alpha", ::fmt::format("{} α {} is outside [0, 1]", keys ? "key" : "value",
+                                                       opt.transform.alpha_for(keys)));
     if (data.heldout.empty())
       throw Error("--transform", "fits each KV head's transform on the held-out sequences: needs --heldout-seqs >= 1");
     // Plain rounding gains nothing from the transform (its error in y is isotropic and A⁻¹ stretches it along the
@@ -726,9 +728,9 @@ CalibrationResult assemble_bundle(const CalibrationSpectra& spectra, ForwardRunn
     if (heldout_layers.empty()) throw Error("--transform", "needs held-out sequences (--heldout-seqs >= 1)");
     const int64_t n = add_storage_transforms(b, heldout_layers, opt.transform);
     result_provenance.emplace_back("transform_tensors", std::to_string(n));
-    report += ::fmt::format("\nStorage transforms (whiten, α {:.6g}; keys centered): {} of {} layer tensors "
+    report += ::fmt::format("\nStorage transforms (whiten, α {}; keys centered): {} of {} layer tensors "
                             "(whole-head INT2 only), per KV head, fitted on the held-out K/V\n",
-                            opt.transform.alpha, n, 2 * L);
+                            opt.transform.alpha_text(), n, 2 * L);
   }
 
   // ---- error-feedback tables (format 1.2), on the final layouts: every whole-head INT2 tensor gets one, segmented

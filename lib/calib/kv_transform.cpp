@@ -168,12 +168,19 @@ HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, in
   return t;
 }
 
+std::string TransformCalibration::alpha_text() const {
+  return value_alpha && *value_alpha != alpha ? ::fmt::format("{:.6g},{:.6g}", alpha, *value_alpha)
+                                              : ::fmt::format("{:.6g}", alpha);
+}
+
 int64_t add_storage_transforms(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout,
                                const TransformCalibration& opt) {
   if (!opt.enabled) return 0;
   const int64_t d = b.quant.head_dim, hkv = b.model.num_kv_heads, L = static_cast<int64_t>(b.layers.size());
-  if (!(opt.alpha >= 0.0 && opt.alpha <= 1.0))
-    throw Error("--transform-alpha", ::fmt::format("{} is outside [0, 1]", opt.alpha));
+  for (const bool keys : {true, false})
+    if (!(opt.alpha_for(keys) >= 0.0 && opt.alpha_for(keys) <= 1.0))
+      throw Error("--transform-alpha", ::fmt::format("{} α {} is outside [0, 1]", keys ? "key" : "value",
+                                                     opt.alpha_for(keys)));
   if (static_cast<int64_t>(heldout.size()) != L)
     throw Error("--transform", ::fmt::format("needs held-out samples of every layer ({} for {} layers): "
                                              "calibrate with --heldout-seqs >= 1", heldout.size(), L));
@@ -210,7 +217,7 @@ int64_t add_storage_transforms(fmt::Bundle& b, const std::vector<HeldoutLayer>& 
           const std::vector<double> m = acc.mean();
           for (int64_t i = 0; i < d; ++i) mu[i] = static_cast<double>(static_cast<float>(m[i]));
         }
-        const HeadTransform t = whitening_transform(mu, acc.covariance(keys), d, opt.alpha, r,
+        const HeadTransform t = whitening_transform(mu, acc.covariance(keys), d, opt.alpha_for(keys), r,
                                                     ::fmt::format("{} KV head {}", where, h));
         for (int64_t i = 0; i < d * d; ++i) {
           a[static_cast<size_t>(h * d * d + i)] = static_cast<float>(t.forward[static_cast<size_t>(i)]);

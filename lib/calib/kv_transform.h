@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -101,6 +102,10 @@ HeadTransform stored_transform(const fmt::LayerCalibration& layer, bool keys, in
 struct TransformCalibration {
   bool enabled = false;
   double alpha = 0.5;  // W = (Σ + εI)^(−α/2); 0.5 measured best through the product (docs/results.md)
+  std::optional<double> value_alpha;  // the values' α when it differs from the keys' (--transform-alpha K,V)
+  double alpha_for(bool keys) const { return keys ? alpha : value_alpha.value_or(alpha); }
+  // "0.5", or "0.25,0.5" with a value α of its own: the provenance's transform_alpha and the report's.
+  std::string alpha_text() const;
 };
 
 // Fits a transform for every whole-head INT2 tensor of every layer from the held-out samples (HeldoutLayer, the

@@ -1,4 +1,4 @@
-// `oscar calibrate --transform auto|whiten|none [--transform-alpha A]` (bundle format 2.0, issue #10) on the CPU, on
+// `oscar calibrate --transform auto|whiten|none [--transform-alpha A|K,V]` (bundle format 2.0, issue #10) on the CPU, on
 // the real TinyStories llama2.c 280k checkpoint: by default (auto, with the default error-feedback tables) the bundle
 // stores a transform per KV head for every whole-head INT2 tensor, records it and is byte-deterministic; `oscar eval
 // --device cpu` quantizes through it and beats the same calibration without it in KL beyond the windows; the key
@@ -183,10 +183,38 @@ TEST_F(CalibrateTransformCli, GoldenRecordsDecodeThroughTheTransform) {
   EXPECT_NE(std::system(bad.c_str()), 0) << slurp(dir_ / "bad.txt");
 }
 
+// --transform-alpha K,V: the keys' transforms are those of a run at K, the values' those of a run at V (the fit
+// of one tensor does not depend on the other's α); equal halves are the single α, byte for byte.
+TEST_F(CalibrateTransformCli, SplitAlphaFitsKeysAndValuesWithTheirOwn) {
+  const auto calibrate = [&](const std::string& name, const std::string& alpha) {
+    const RunResult r = run_oscar(args(dir_ / name, {"--transform", "whiten", "--transform-alpha", alpha}));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return fmt::read_bundle(dir_ / name);
+  };
+  const fmt::Bundle split = calibrate("split.oscar", "0.25,0.75");
+  const fmt::Bundle low = calibrate("low.oscar", "0.25");
+  const fmt::Bundle high = calibrate("high.oscar", "0.75");
+  EXPECT_EQ(option(split, "transform_alpha"), "0.25,0.75");
+  ASSERT_EQ(split.layers.size(), low.layers.size());
+  for (size_t l = 0; l < split.layers.size(); ++l) {
+    EXPECT_EQ(split.layers[l].k_transform, low.layers[l].k_transform) << "layer " << l;
+    EXPECT_EQ(split.layers[l].k_mean, low.layers[l].k_mean) << "layer " << l;
+    EXPECT_EQ(split.layers[l].v_transform, high.layers[l].v_transform) << "layer " << l;
+    EXPECT_EQ(split.layers[l].v_transform_inverse, high.layers[l].v_transform_inverse) << "layer " << l;
+    EXPECT_NE(split.layers[l].v_transform, low.layers[l].v_transform) << "layer " << l;
+  }
+  calibrate("same.oscar", "0.25,0.25");
+  EXPECT_EQ(slurp(dir_ / "same.oscar"), slurp(dir_ / "low.oscar"));
+}
+
 TEST_F(CalibrateTransformCli, BadValuesAreClearErrors) {
   for (const auto& [extra, flag] : std::vector<std::pair<std::vector<std::string>, std::string>>{
            {{"--transform", "pca"}, "--transform"},
            {{"--transform", "whiten", "--transform-alpha", "1.5"}, "--transform-alpha"},
+           {{"--transform", "whiten", "--transform-alpha", "0.5,"}, "--transform-alpha"},
+           {{"--transform", "whiten", "--transform-alpha", "0.5,1.2"}, "--transform-alpha"},
+           {{"--transform", "whiten", "--transform-alpha", "0.5,0.5,0.5"}, "--transform-alpha"},
+           {{"--transform", "whiten", "--transform-alpha", "half"}, "--transform-alpha"},
            {{"--transform", "none", "--transform-alpha", "0.5"}, "--transform-alpha"},
            {{"--method", "published", "--error-feedback", "off", "--transform-alpha", "0.5"}, "--transform-alpha"},
            {{"--transform", "whiten", "--method", "published", "--error-feedback", "off"}, "--transform"},
