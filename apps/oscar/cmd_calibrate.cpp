@@ -181,8 +181,7 @@ class ProgressReporter {
   std::chrono::steady_clock::time_point stage_start_, last_print_;
 };
 
-// The output must be creatable before hours of forward passes are spent: its directory exists and is writable.
-// --transform-alpha: "A" (keys and values) or "K,V"; each a number in [0, 1].
+// --transform-alpha: "A" (keys and values) or "K,V"; the range is TransformCalibration::check_alphas's.
 void parse_transform_alpha(const std::string& text, calib::TransformCalibration& t) {
   const auto number = [&](const std::string& part) {
     size_t used = 0;
@@ -192,7 +191,7 @@ void parse_transform_alpha(const std::string& text, calib::TransformCalibration&
     } catch (const std::exception&) {
       used = 0;
     }
-    if (part.empty() || used != part.size() || !(v >= 0.0 && v <= 1.0))
+    if (part.empty() || used != part.size())
       throw Error("--transform-alpha", ::fmt::format("'{}' is not α in [0, 1] or K,V (two of them)", text));
     return v;
   };
@@ -202,6 +201,7 @@ void parse_transform_alpha(const std::string& text, calib::TransformCalibration&
   if (comma != std::string::npos) t.value_alpha = number(text.substr(comma + 1));
 }
 
+// The output must be creatable before hours of forward passes are spent: its directory exists and is writable.
 void check_writable_output(const fs::path& path, const std::string& flag) {
   check_output_parent(path);
   const fs::path parent = path.has_parent_path() ? path.parent_path() : fs::path(".");
@@ -364,6 +364,7 @@ int run_calibrate(const CalibrateCliOptions& o) {
     throw Error("--transform-alpha", "sets the whitening transform's α, and this calibration makes none (--transform "
                                      "none, or auto without error-feedback tables or held-out sequences)");
   parse_transform_alpha(o.transform_alpha, opt.transform);
+  opt.transform.check_alphas();  // before the data is read, not only in calibrate()
   if (opt.error_feedback.mode == calib::ErrorFeedbackMode::KV)
     opt.error_feedback.value_metrics = calib::value_output_metrics(fmt::TensorStore::open(o.model_dir), cfg);
   std::string data_specs;

@@ -465,10 +465,7 @@ void validate_inputs(const fmt::ModelConfig& cfg, const CalibrationData& data, c
     validate_spectral_options(aligned_spectral(opt.spectral, cfg.head_dim), cfg.head_dim);
   }
   if (opt.transform.enabled) {
-    for (const bool keys : {true, false})
-      if (!(opt.transform.alpha_for(keys) >= 0.0 && opt.transform.alpha_for(keys) <= 1.0))
-        throw Error("--transform-alpha", ::fmt::format("{} α {} is outside [0, 1]", keys ? "key" : "value",
-                                                       opt.transform.alpha_for(keys)));
+    opt.transform.check_alphas();
     if (data.heldout.empty())
       throw Error("--transform", "fits each KV head's transform on the held-out sequences: needs --heldout-seqs >= 1");
     // Plain rounding gains nothing from the transform (its error in y is isotropic and A⁻¹ stretches it along the

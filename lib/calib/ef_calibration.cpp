@@ -339,26 +339,26 @@ TensorErrors tensor_errors(const fmt::Bundle& b, const HeldoutLayer& data, size_
     const int64_t g = b.rotation_groups == 1 ? 0 : h;
     // The storage basis: y = x·R, or y = (x − μ)·A with a transform (format 2.0). The energy is the tensor's own,
     // x M xᵀ, which for a transform is (x·A) H_y (x·A)ᵀ: uncentered, so both bases score against the same energy.
-    const HeadTransform tf = transformed ? stored_transform(lc, keys, h, d, "held-out EF score") : HeadTransform{};
-    const std::vector<float> af(tf.forward.begin(), tf.forward.end());
-    const std::span<const float> r = transformed ? std::span<const float>(af)
+    // The writers' fp32 A and μ as stored (views); the metric's change of basis wants them in fp64.
+    const HeadTransformView tf =
+        transformed ? stored_transform_view(lc, keys, h, d, "held-out EF score") : HeadTransformView{};
+    const std::span<const float> r = transformed ? tf.forward
                                                  : std::span<const float>(rot.data() + g * d * d, static_cast<size_t>(d * d));
-    const std::vector<double> rd(r.begin(), r.end());
     const auto head_metric =
         std::span<const double>(metric_original).subspan(static_cast<size_t>(h * d * d), static_cast<size_t>(d * d));
-    const std::vector<double> m = transformed ? metric_in_transform_basis(head_metric, tf) : metric_in_basis(head_metric, rd, d);
+    const std::vector<double> m =
+        transformed ? metric_in_transform_basis(head_metric, stored_transform(lc, keys, h, d, "held-out EF score"))
+                    : metric_in_basis(head_metric, std::vector<double>(r.begin(), r.end()), d);
     const HeadTable ht = head_table(order, table, h, d);
-    // x·A = (x − μ)·A + μ·A: the uncentered energy row from the stored one plus μ·A, made once per head.
-    std::vector<float> mean_in_basis(transformed ? static_cast<size_t>(d) : 0);
-    if (transformed) {
-      const std::vector<float> mean(tf.mean.begin(), tf.mean.end());
-      rotate(mean, r, mean_in_basis);
-    }
+    // x·A = (x − μ)·A + μ·A: the uncentered energy row from the stored one plus μ·A, made once per head (keys; values
+    // have no mean).
+    std::vector<float> mean_in_basis(static_cast<size_t>(d), 0.0f);
+    if (!tf.mean.empty()) rotate(tf.mean, r, mean_in_basis);
     for (int64_t i = 0; i < samples; ++i) {
       const int64_t t = i * stride;
       const auto xs = std::span<const float>(x).subspan(static_cast<size_t>((h * n + t) * d), static_cast<size_t>(d));
       if (transformed) {
-        for (int64_t c = 0; c < d; ++c) centered[c] = xs[c] - static_cast<float>(tf.mean[c]);
+        for (int64_t c = 0; c < d; ++c) centered[c] = tf.mean.empty() ? xs[c] : xs[c] - tf.mean[c];
         rotate(centered, r, y);
         for (int64_t c = 0; c < d; ++c) y_energy[c] = y[c] + mean_in_basis[c];
       } else {

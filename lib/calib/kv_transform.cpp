@@ -173,14 +173,18 @@ std::string TransformCalibration::alpha_text() const {
                                               : ::fmt::format("{:.6g}", alpha);
 }
 
+void TransformCalibration::check_alphas() const {
+  for (const bool keys : {true, false})
+    if (!(alpha_for(keys) >= 0.0 && alpha_for(keys) <= 1.0))
+      throw Error("--transform-alpha",
+                  ::fmt::format("{} α {} is outside [0, 1]", keys ? "key" : "value", alpha_for(keys)));
+}
+
 int64_t add_storage_transforms(fmt::Bundle& b, const std::vector<HeldoutLayer>& heldout,
                                const TransformCalibration& opt) {
   if (!opt.enabled) return 0;
   const int64_t d = b.quant.head_dim, hkv = b.model.num_kv_heads, L = static_cast<int64_t>(b.layers.size());
-  for (const bool keys : {true, false})
-    if (!(opt.alpha_for(keys) >= 0.0 && opt.alpha_for(keys) <= 1.0))
-      throw Error("--transform-alpha", ::fmt::format("{} α {} is outside [0, 1]", keys ? "key" : "value",
-                                                     opt.alpha_for(keys)));
+  opt.check_alphas();
   if (static_cast<int64_t>(heldout.size()) != L)
     throw Error("--transform", ::fmt::format("needs held-out samples of every layer ({} for {} layers): "
                                              "calibrate with --heldout-seqs >= 1", heldout.size(), L));

@@ -106,6 +106,8 @@ struct TransformCalibration {
   double alpha_for(bool keys) const { return keys ? alpha : value_alpha.value_or(alpha); }
   // "0.5", or "0.25,0.5" with a value α of its own: the provenance's transform_alpha and the report's.
   std::string alpha_text() const;
+  // Both α in [0, 1], else oscar::Error("--transform-alpha", ...).
+  void check_alphas() const;
 };
 
 // Fits a transform for every whole-head INT2 tensor of every layer from the held-out samples (HeldoutLayer, the
