@@ -12,21 +12,14 @@
 #include "formats/error.h"
 #include "lib/calib/quantizer_ref.h"
 #include "runtime/engine.h"
+#include "runtime_test_config.h"
 
 namespace oscar::rt {
 namespace {
 
 constexpr int kD = 64, kLayers = 2, kKvHeads = 2;
 
-fmt::ModelConfig config() {
-  fmt::ModelConfig c;
-  c.num_layers = kLayers;
-  c.num_heads = 4;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kD;
-  c.hidden_size = 4 * kD;
-  return c;
-}
+fmt::ModelConfig config() { return test_attention_config(kLayers, kKvHeads, kD); }
 
 fmt::Bundle bundle(bool transforms) {
   fmt::Bundle b;
