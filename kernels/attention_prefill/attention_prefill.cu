@@ -13,11 +13,10 @@ namespace oscar::kern {
 
 namespace {
 // The wgmma kernel Auto runs at head_dim 128 on sm_90 (v2 everywhere else): the fastest of the family that has
-// passed the whole GPU suite as the default (docs/results.md, "Prefill"). v6 is faster still (same H100 process:
-// Qwen3-8B 1 x 32K attention 873 vs 965 ms) and passes the kernel tests; with it as Auto the prefill subset
-// (WgmmaGpu, FwdGpuAttention*, FwdGpuModel* incl. AutoAttentionKernelTracksV2, LtGemmGpu: 30 tests) passed on the
-// H100 (bench/results/2026-12-06g), but the whole suite has not run with it yet: it becomes Auto once it has.
-constexpr PrefillKernel kAutoWgmma = PrefillKernel::V5;
+// passed the whole GPU suite as the default (docs/results.md, "Prefill"). v6 (128-key tiles) became Auto on
+// 2026-12-07 after the whole suite (183 tests, bench/results/2026-12-07) passed with it on the H100; same process,
+// Qwen3-8B 1 x 32K: v6 1510 ms (attention 869) vs v5 1566 ms (929).
+constexpr PrefillKernel kAutoWgmma = PrefillKernel::V6;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
