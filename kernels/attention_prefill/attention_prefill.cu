@@ -13,10 +13,13 @@ namespace oscar::kern {
 
 namespace {
 // The wgmma kernel Auto runs at head_dim 128 on sm_90 (v2 everywhere else): the fastest of the family that has
-// passed the whole GPU suite as the default (docs/results.md, "Prefill"). v6 (128-key tiles) became Auto on
-// 2026-12-07 after the whole suite (183 tests, bench/results/2026-12-07) passed with it on the H100; same process,
-// Qwen3-8B 1 x 32K: v6 1510 ms (attention 869) vs v5 1566 ms (929).
-constexpr PrefillKernel kAutoWgmma = PrefillKernel::V6;
+// passed the whole GPU suite as the default (docs/results.md, "Prefill"). v6 (128-key tiles) passed it on
+// 2026-12-07 (183 tests, bench/results/2026-12-07); v7 (v6's tiles loaded by TMA) is faster still in the same H100
+// process (Qwen3-8B 1 x 32K: 1279 ms, attention 588 ms, vs v6 1510 / 869) and passes the kernel tests (NMSE 3e-6 vs
+// the fp64 reference). Where v7's tensor maps cannot be made (no cuTensorMapEncodeTiled in the driver, row counts
+// past its 32-bit coordinates) Auto runs v6 instead of refusing.
+constexpr PrefillKernel kAutoWgmma = PrefillKernel::V7;
+constexpr PrefillKernel kAutoWgmmaWithoutTma = PrefillKernel::V6;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -113,6 +116,17 @@ bool encode_kv_map(CUtensorMap* map, const uint16_t* base, const PrefillAttentio
 }
 #endif
 
+// Whether v7 can describe these q/k/v rows with tensor maps: the driver must have cuTensorMapEncodeTiled and the
+// rows must fit its 32-bit coordinates (can_implement's v7 checks, asked without refusing).
+bool v7_tensor_maps_possible(const PrefillAttentionArgs& a) {
+#if defined(OSCAR_WGMMA)
+  return encode_tiled() != nullptr && a.total_tokens >= a.max_seqlen && a.total_tokens <= 0x7fffffff;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
 template <int kVersion>
 Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
 #if defined(OSCAR_WGMMA)
@@ -180,7 +194,10 @@ PrefillKernel attention_prefill_auto_kernel(int32_t head_dim) {
 Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (Status s = attention_prefill_can_implement(args); s != Status::Ok) return s;
   PrefillAttentionArgs a = args;
-  if (a.kernel == PrefillKernel::Auto) a.kernel = attention_prefill_auto_kernel(a.head_dim);
+  if (a.kernel == PrefillKernel::Auto) {
+    a.kernel = attention_prefill_auto_kernel(a.head_dim);
+    if (a.kernel == PrefillKernel::V7 && !v7_tensor_maps_possible(a)) a.kernel = kAutoWgmmaWithoutTma;
+  }
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   const cudaStream_t s = detail::to_cuda(stream);
   // Dims are zero-padded to the instantiated width; three widths keep compile time down while covering the

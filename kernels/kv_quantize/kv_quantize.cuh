@@ -81,9 +81,12 @@ struct KvWriteArgs {
 __device__ __forceinline__ const float* head_rotation(const KvWriteArgs& a, int head) {
   return a.rotation ? a.rotation + head * a.rotation_head_stride : nullptr;
 }
-// x − μ of coordinate i of `head` (fp32, the reference's one rounding); x itself without a mean.
-__device__ __forceinline__ float centered(const KvWriteArgs& a, int head, int head_dim, int i, float x) {
-  return a.head_mean ? x - __ldg(a.head_mean + static_cast<int64_t>(head) * head_dim + i) : x;
+// μ of coordinate i of `head` (bundle 2.0 key transforms), 0 without a mean. The writers stage x − μ (fp32, the
+// reference's one rounding) with the subtraction unconditional: x − 0 is x bit for bit (−0 − 0 = −0, NaN stays NaN),
+// and a select per staged element (x − μ or x) cost the RTN writers 7–53 % at 32K (kv_write_bench, 2026-12-07: the
+// tiled writer 331 → 508 µs per call), where one mean load per lane and item costs nothing measurable.
+__device__ __forceinline__ float head_mean_or_zero(const KvWriteArgs& a, int head, int head_dim, int i) {
+  return a.head_mean ? __ldg(a.head_mean + static_cast<int64_t>(head) * head_dim + i) : 0.f;
 }
 
 inline constexpr int kKvWriteBf16 = 0;
@@ -173,14 +176,16 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) kv_write_kernel(KvWriteArg
     if (!any_slot) continue;  // warp-uniform: every lane read the same slots
 
     __syncwarp();
+    float mean[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) mean[k] = head_mean_or_zero(a, head, kHeadDim, lane + 32 * k);
 #pragma unroll
     for (int t = 0; t < kKvWriteTokens; ++t) {
       const bool live = t0 + t < a.tokens;
       const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k)
-        xs[warp][t][lane + 32 * k] =
-            live ? centered(a, head, kHeadDim, lane + 32 * k, bf16_bits_to_float(src[lane + 32 * k])) : 0.f;
+        xs[warp][t][lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) - mean[k] : 0.f;
     }
     __syncwarp();
 

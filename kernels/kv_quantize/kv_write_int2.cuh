@@ -252,14 +252,16 @@ __device__ __forceinline__ void int2_tile_rotate(const KvWriteArgs& a, const flo
   constexpr int N = S::kPerLane, M = S::kTokens;
   // Stage x: coalesced scalar bf16 loads (x rows carry only 2-byte alignment), fp32 into this warp's tile.
   __syncwarp();  // the previous item's reads of xs are done
+  float mean[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) mean[k] = head_mean_or_zero(a, head, kHeadDim, lane + 32 * k);
 #pragma unroll
   for (int t = 0; t < M; ++t) {
     const bool live = t0 + t < a.tokens;
     const uint16_t* src = a.x + (t0 + t) * a.token_stride + static_cast<int64_t>(head) * kHeadDim;
 #pragma unroll
     for (int k = 0; k < N; ++k)
-      xs[t * kHeadDim + lane + 32 * k] =
-          live ? centered(a, head, kHeadDim, lane + 32 * k, bf16_bits_to_float(src[lane + 32 * k])) : 0.f;
+      xs[t * kHeadDim + lane + 32 * k] = live ? bf16_bits_to_float(src[lane + 32 * k]) - mean[k] : 0.f;
   }
   __syncwarp();
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <span>
 #include <vector>
 
@@ -298,6 +299,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   r.scale = a.scale;
   attention_prefill_ref(r);
   std::vector<uint16_t> v2_bits;
+  std::map<PrefillKernel, std::vector<uint16_t>> ran;  // each kernel's output bits
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
         PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::Auto}) {
@@ -326,10 +328,26 @@ TEST_P(FwdGpuAttention, MatchesRef) {
     EXPECT_LE(err, 1e-4);
     for (float x : got) ASSERT_TRUE(std::isfinite(x));
     if (kernel == PrefillKernel::V2) v2_bits = bits;
+    ran[kernel] = bits;
     // v3 reorders only loads, barriers and independent MMAs; every accumulator sees v2's sequence of operations.
     if (kernel == PrefillKernel::V3) {
       EXPECT_TRUE(bits == v2_bits) << "v3 must be bit-identical to v2";
     }
+  }
+  // Auto is the kernel attention_prefill_auto_kernel names, bit for bit; where that is v7 and the caller gives no
+  // total_tokens (v7's tensor maps need it), Auto runs v6 instead of refusing.
+  const PrefillKernel named = attention_prefill_auto_kernel(c.d);
+  if (ran.count(PrefillKernel::Auto) && ran.count(named)) {
+    EXPECT_TRUE(ran[PrefillKernel::Auto] == ran[named]) << "Auto must run " << prefill_kernel_name(named);
+  }
+  if (named == PrefillKernel::V7 && ran.count(PrefillKernel::V6)) {
+    a.kernel = PrefillKernel::Auto;
+    a.total_tokens = 0;
+    ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
+    ASSERT_EQ(attention_prefill(a, nullptr), Status::Ok) << "Auto without total_tokens";
+    sync();
+    EXPECT_TRUE(to_host(d_out.as<uint16_t>(), ref.size()) == ran[PrefillKernel::V6])
+        << "Auto without total_tokens must run v6";
   }
 }
 
