@@ -25,11 +25,14 @@ namespace oscar::kern {
 // intra-warpgroup overlap (the next tile's S and this tile's P·V run while the softmax computes); as V4 otherwise.
 // V6: v5's overlap on 128-key tiles with Q back in shared memory (per-tile costs paid once per 128 keys).
 // V7: v6 with K/V loaded by TMA, issued by thread 0 on mbarriers (needs PrefillAttentionArgs::total_tokens).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7 };
+// V8: v7 with FA3's inter-warpgroup ping-pong: the two warpgroups take turns issuing their tile's MMAs, so one's
+// softmax runs while the other's GEMMs occupy the tensor cores; as V7 otherwise (same arithmetic per warpgroup).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
-  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7;
+  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7 ||
+         k == PrefillKernel::V8;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
@@ -43,6 +46,7 @@ constexpr const char* prefill_kernel_name(PrefillKernel k) {
     case PrefillKernel::V5: return "v5";
     case PrefillKernel::V6: return "v6";
     case PrefillKernel::V7: return "v7";
+    case PrefillKernel::V8: return "v8";
   }
   return "?";
 }

@@ -43,12 +43,17 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       thread 0's wait for the stage it refills. No separate producer warp: a ninth warp would put 3 warps on one
 //       of the SM's four register files and cap every thread at 168 registers (v6 needs 188) unless setmaxnreg
 //       moved registers between warpgroups.
+//   v8: v7 with FA3's inter-warpgroup ping-pong. Both warpgroups of v7 issue their MMAs and run their softmax at
+//       the same time, so the tensor cores idle while both compute exponentials. In v8 they take turns through two
+//       named barriers: a warpgroup issues tile j's S and P·V only after the other has issued its own, so one's
+//       softmax overlaps the other's GEMMs. Same instructions per warpgroup as v7, only their order in time moves.
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 7, "prefill wgmma family: v4 .. v7");
+  static_assert(kVersion >= 4 && kVersion <= 8, "prefill wgmma family: v4 .. v8");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
-  static constexpr bool kTma = kVersion == 7;
+  static constexpr bool kTma = kVersion >= 7;
+  static constexpr bool kPingPong = kVersion == 8;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
   static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
@@ -71,6 +76,16 @@ __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// v8's turn-taking: warpgroup w waits on barrier kV4TurnBarrier + w before issuing its MMAs and, once they are
+// issued, arrives on the other's. Ids 1 and 2 (0 is __syncthreads); both warpgroups count (256 threads).
+inline constexpr int kV4TurnBarrier = 1;
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // 16-byte chunk `chunk` (0..15) of row `row` of a 128-column bf16 tile into its swizzled place.
@@ -322,6 +337,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     // No branch between a wgmma's issue and its wait: ptxas serializes the wgmmas when it cannot prove that
     // nothing reads their accumulators in between, so the last tile is peeled off the loop.
     uint32_t p_cur[kPSteps][4];
+    // v8: each warpgroup issues num_kv_tiles MMA groups (the loop's and the last P·V), each after a wait on its own
+    // barrier and followed by an arrive on the other's. Warpgroup 0 goes first (it arrives on its own barrier
+    // once); warpgroup 1 skips its last arrive, so every barrier phase that is opened is also completed.
+    if constexpr (Cfg::kPingPong) {
+      if (wg == 0) named_barrier_arrive(kV4TurnBarrier, kV4Threads);
+    }
     for (int j = 0; j + 1 < num_kv_tiles; ++j) {
       if constexpr (Cfg::kTma) {
         // Tile j+2 goes into the stage of tile j-1, once every thread has arrived on its empty barrier (end of
@@ -345,8 +366,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
         for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+      if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
       issue_s(s, j + 1);
       issue_pv(p_cur, j);
+      if constexpr (Cfg::kPingPong) named_barrier_arrive(kV4TurnBarrier + (wg ^ 1), kV4Threads);
       detail::wgmma_wait<1>();  // S_{j+1} (the older group); P_j·V_j may still run
       detail::wgmma_fence_operands(s);
       softmax(s, j + 1, p, correction);
@@ -362,10 +385,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+    if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
     issue_pv(p_cur, num_kv_tiles - 1);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(o);
     detail::wgmma_fence_operands(p_cur);
+    // After the wait, not between issue and wait (a branch there would serialize the wgmmas).
+    if constexpr (Cfg::kPingPong) {
+      if (wg == 0) named_barrier_arrive(kV4TurnBarrier + 1, kV4Threads);
+    }
   }
   cp_async_wait<0>();
 

@@ -314,7 +314,9 @@ TEST_F(EngineEf, KeyTablesRebuiltForTheServingContext) {
   for (size_t i = 0; i < loaded.size(); ++i) {
     EXPECT_EQ(loaded[i].engine, loaded[i].ref) << "layer " << i / 2 << (i % 2 ? " V" : " K");
     EXPECT_EQ(set[i].engine, loaded[i].engine) << "layer " << i / 2 << (i % 2 ? " V" : " K");
-    if (i % 2 == 0) EXPECT_NE(loaded[i].engine, as_stored[i].engine) << "layer " << i / 2 << " K: tables unused?";
+    if (i % 2 == 0) {
+      EXPECT_NE(loaded[i].engine, as_stored[i].engine) << "layer " << i / 2 << " K: tables unused?";
+    }
   }
   // A bundle without the metric cannot be retargeted; a live sequence blocks it.
   EngineOptions o;
