@@ -45,7 +45,7 @@ void run_decoder_layer(const fmt::ModelConfig& c, LtGemm& gemm, const float* inv
   ra.q_out = io.q;
   ra.k_out = io.k;
   ra.v_out = io.v;
-  if (observer) {
+  if (observer && observer->wants_fp32()) {
     ra.q_f32 = io.obs_q;
     ra.k_pre_rope_f32 = io.obs_k_pre;
     ra.k_f32 = io.obs_k;
@@ -69,6 +69,8 @@ void run_decoder_layer(const fmt::ModelConfig& c, LtGemm& gemm, const float* inv
     in.k_pre_rope = ra.k_pre_rope_f32;
     in.k = ra.k_f32;
     in.v = ra.v_f32;
+    in.k_bf16 = io.k;
+    in.v_bf16 = io.v;
     in.stream = st;
     observer->on_attention_inputs(in);
   }

@@ -476,7 +476,8 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   if (!opt.residual_in_gemm) sc.proj.ensure(sz(T * H, 4), "projection output");
   sc.gate_up.ensure(sz(T * 2 * I, 2), "gate_up");
   sc.act.ensure(sz(T * I, 2), "swiglu output");
-  if (opt.observer) {
+  const bool observer_fp32 = opt.observer && opt.observer->wants_fp32();
+  if (observer_fp32) {
     sc.obs_q.ensure(sz(T * qd, 4), "observer q");
     sc.obs_k_pre.ensure(sz(T * kvd, 4), "observer k_pre_rope");
     sc.obs_k.ensure(sz(T * kvd, 4), "observer k");
@@ -510,7 +511,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   io.attention_kernel = opt.attention_kernel;
   io.residual_in_gemm = opt.residual_in_gemm;
   io.profiler = opt.profiler;
-  if (opt.observer) {
+  if (observer_fp32) {
     io.obs_q = sc.obs_q.as<float>();
     io.obs_k_pre = sc.obs_k_pre.as<float>();
     io.obs_k = sc.obs_k.as<float>();

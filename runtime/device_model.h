@@ -41,7 +41,8 @@ struct PackedBatch {
   int32_t max_seqlen() const;
 };
 
-// What one layer's attention sees, on the device. fp32 (unrounded) copies made only when an observer is set.
+// What one layer's attention sees, on the device. fp32 (unrounded) copies made only when an observer is set that
+// wants them (DeviceObserver::wants_fp32); the bf16 K/V the attention reads always.
 // Layout is token-major, the GEMM's natural one: element (token t, head h, dim i) is at (t * heads + h) * d + i.
 // Valid only during the callback; work on `stream` (or synchronize it) before returning.
 struct DeviceAttentionInputs {
@@ -57,6 +58,10 @@ struct DeviceAttentionInputs {
   const float* k_pre_rope = nullptr;    // device [T, num_kv_heads, d] after k-norm, before RoPE
   const float* k = nullptr;             // device [T, num_kv_heads, d] after RoPE: what a KV cache stores
   const float* v = nullptr;             // device [T, num_kv_heads, d]
+  // The forward's own bf16 K (post-RoPE) and V [T, num_kv_heads, d]: the fp32 k / v above rounded to nearest even,
+  // bit for bit what the attention kernel reads. The next layer's QKV prep overwrites them in `stream`'s order.
+  const uint16_t* k_bf16 = nullptr;
+  const uint16_t* v_bf16 = nullptr;
   Stream stream = nullptr;              // the forward's stream; the tensors are ready in its order
 };
 
@@ -64,6 +69,10 @@ class DeviceObserver {
  public:
   virtual ~DeviceObserver() = default;
   virtual void on_attention_inputs(const DeviceAttentionInputs& in) = 0;
+  // false: the observer reads only k_bf16 / v_bf16, and the forward neither allocates nor writes the fp32 copies
+  // (q, k_pre_rope, k and v are null): at 32K tokens of an 8B model that is ~0.9 GiB of scratch and ~1 GB of
+  // writes per layer it saves. A cache writer stores bf16 K/V anyway; calibration statistics want fp32.
+  virtual bool wants_fp32() const { return true; }
 };
 
 enum class LogitsRows { All, LastPerSequence, None };

@@ -153,7 +153,8 @@ struct Engine::Impl {
   }
 };
 
-// The prefill observer: each layer's post-RoPE K/V (fp32, token-major) go to the cache as bf16.
+// The prefill observer: each layer's post-RoPE K/V (the forward's bf16, token-major) go to the cache. It asks for
+// no fp32 copies, so the forward neither writes nor allocates them.
 class PrefillCacheWriter : public DeviceObserver {
  public:
   PrefillCacheWriter(Engine::Impl& e, const int32_t* bf16_slots, const int32_t* int2_slots)
@@ -168,6 +169,7 @@ class PrefillCacheWriter : public DeviceObserver {
         },
         where);
   }
+  bool wants_fp32() const override { return false; }
 
  private:
   Engine::Impl& e_;

@@ -92,12 +92,30 @@ void PrefillLayerWriter::write_layer(const DeviceAttentionInputs& in, int64_t ds
     if (stage_k_[pair].bytes() < bytes) check_cuda(cudaEventSynchronize(as_event(done_[pair])), where + " staging");
     else check_cuda(cudaStreamWaitEvent(forward, as_event(done_[pair]), 0), where + " staging");
   }
+  const bool have_bf16 = in.k_bf16 && in.v_bf16;
+  if (!have_bf16 && (!in.k || !in.v)) throw Error(where, "the forward passed no K/V to stage (neither bf16 nor fp32)");
+  // On the forward's stream with the cache's head dim, the forward's bf16 K/V are what the write reads: they stay
+  // put until the next layer's QKV prep, which this stream runs after the write.
+  if (!overlap_ && have_bf16 && dst_dim == in.head_dim) {
+    write(in.layer, in.k_bf16, in.v_bf16, in.stream);
+    return;
+  }
   stage_k_[pair].ensure(bytes, "prefill K staging");
   stage_v_[pair].ensure(bytes, "prefill V staging");
   uint16_t* k = stage_k_[pair].as<uint16_t>();
   uint16_t* v = stage_v_[pair].as<uint16_t>();
-  copy_heads(in.k, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
-  copy_heads(in.v, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
+  // The bf16 K/V are the fp32 ones rounded as copy_heads<float> rounds them, so either source stages the same bits;
+  // bf16 moves half the bytes, and a plain copy where the head dims agree.
+  if (have_bf16 && dst_dim == in.head_dim) {
+    check_cuda(cudaMemcpyAsync(k, in.k_bf16, bytes, cudaMemcpyDeviceToDevice, forward), where + " K staging");
+    check_cuda(cudaMemcpyAsync(v, in.v_bf16, bytes, cudaMemcpyDeviceToDevice, forward), where + " V staging");
+  } else if (have_bf16) {
+    copy_heads(in.k_bf16, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
+    copy_heads(in.v_bf16, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
+  } else {
+    copy_heads(in.k, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
+    copy_heads(in.v, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
+  }
   if (!overlap_) {
     write(in.layer, k, v, in.stream);
     return;

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <vector>
 
+#include "formats/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "formats/tokenizer.h"
@@ -380,6 +381,69 @@ TEST(FwdGpuModel, AutoAttentionKernelTracksV2) {
   EXPECT_LE(err, 1e-4);
   EXPECT_EQ(std::memcmp(a.data(), n.data(), a.size() * 4), 0) << "Auto is the kernel it names";
   EXPECT_EQ(std::memcmp(a.data(), a2.data(), a.size() * 4), 0) << "rerun, same bits";
+}
+
+// What a prefill observer sees (issue #6's write path): the forward's bf16 K/V are its fp32 K/V rounded to
+// nearest even, bit for bit, so a cache writer may stage either; an observer that wants no fp32 gets none (null
+// pointers, nothing written) and the same bf16 K/V, and the forward's logits do not change.
+class KvBitsCapture : public DeviceObserver {
+ public:
+  explicit KvBitsCapture(bool fp32) : fp32_(fp32) {}
+  bool wants_fp32() const override { return fp32_; }
+  void on_attention_inputs(const DeviceAttentionInputs& in) override {
+    ASSERT_EQ(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(in.stream)), cudaSuccess);
+    const size_t n = static_cast<size_t>(in.num_tokens * in.num_kv_heads * in.head_dim);
+    ASSERT_NE(in.k_bf16, nullptr);
+    ASSERT_NE(in.v_bf16, nullptr);
+    k_bf16.push_back(to_host(in.k_bf16, n));
+    v_bf16.push_back(to_host(in.v_bf16, n));
+    if (fp32_) {
+      ASSERT_NE(in.k, nullptr);
+      ASSERT_NE(in.q, nullptr);
+      k_f32.push_back(to_host(in.k, n));
+      v_f32.push_back(to_host(in.v, n));
+    } else {
+      EXPECT_EQ(in.q, nullptr);
+      EXPECT_EQ(in.k_pre_rope, nullptr);
+      EXPECT_EQ(in.k, nullptr);
+      EXPECT_EQ(in.v, nullptr);
+    }
+  }
+  std::vector<std::vector<uint16_t>> k_bf16, v_bf16;
+  std::vector<std::vector<float>> k_f32, v_f32;
+
+ private:
+  bool fp32_;
+};
+
+TEST(FwdGpuModel, ObserverBf16KvAreTheFp32KvRoundedAndNeedNoFp32Copies) {
+  OSCAR_REQUIRE_GPU();
+  fmt::ModelConfig c = small_qwen3_like();
+  c.head_dim = 128;
+  auto m = DeviceModel::random(c, 21);
+  const PackedBatch batch = PackedBatch::from_sequences(
+      std::vector<std::vector<int32_t>>{random_ids(300, 1000, 22), random_ids(45, 1000, 23)});
+  KvBitsCapture with(true), without(false);
+  DeviceForwardOptions a, b;
+  a.observer = &with;
+  b.observer = &without;
+  const std::vector<float> la = m->forward(batch, a).to_host();
+  const std::vector<float> lb = m->forward(batch, b).to_host();
+  EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "the observer's wishes change the logits";
+  ASSERT_EQ(with.k_bf16.size(), static_cast<size_t>(c.num_layers));
+  ASSERT_EQ(without.k_bf16.size(), with.k_bf16.size());
+  for (size_t l = 0; l < with.k_bf16.size(); ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    EXPECT_EQ(with.k_bf16[l], without.k_bf16[l]);
+    EXPECT_EQ(with.v_bf16[l], without.v_bf16[l]);
+    size_t k_off = 0, v_off = 0;
+    for (size_t i = 0; i < with.k_f32[l].size(); ++i) {
+      k_off += fmt::f32_to_bf16(with.k_f32[l][i]) != with.k_bf16[l][i];
+      v_off += fmt::f32_to_bf16(with.v_f32[l][i]) != with.v_bf16[l][i];
+    }
+    EXPECT_EQ(k_off, 0u) << "bf16 K elements that are not their fp32 K rounded";
+    EXPECT_EQ(v_off, 0u) << "bf16 V elements that are not their fp32 V rounded";
+  }
 }
 
 TEST(FwdGpuModel, PackedBatchEqualsSequencesRunAlone) {
