@@ -3,10 +3,11 @@
 # pick, and the residual add in the GEMM epilogue, on an H100/H200 from a pack built with CMAKE_CUDA_ARCHITECTURES
 # 90a. Argument: a comma list of parts, default "tests,bench"; "ncu" adds Nsight Compute of v6 and v7, "hf" the
 # transformers comparison. Expected GPU time: tests ~1.5 min, bench ~3 min, ncu ~1 min, hf ~3 min.
-#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v7 and auto vs the double reference, NMSE printed per kernel),
+#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v8 and auto vs the double reference, NMSE printed per kernel),
 #          FwdGpuModel* (incl. ResidualAddInTheGemmEqualsTheNormsAdd, AutoAttentionKernelTracksV2), LtGemmGpu.*
 #   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6,v7 --profile; llama3-8b 8 x 2048 with auto,
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
+#   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -17,13 +18,30 @@ if [[ $parts == *,tests,* ]]; then
     tee "$OUT/prefillv6_tests.log" | grep -E "^\[  (FAILED|PASSED) |nmse|unsupported|Failure" | grep -v "nmse [0-9.e-]*$" | head -40
   grep -E "auto|v6|residual" "$OUT/prefillv6_tests.log" | head -40
 fi
-if [[ $parts == *,bench,* ]]; then
+# forward_bench of Qwen3-8B at 1 x 32768 and 8 x 2048 with the kernels named in $1 (one process per shape, kernels
+# in that order); logs prefillv6_bench<$2>_qwen3_<shape>.log.
+bench_qwen3() {
+  local kernels=$1 tag=$2
   for shape in "1 32768" "8 2048"; do
     set -- $shape
     timeout 200 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch "$1" --seq "$2" --warmup 1 \
-      --iters 3 --attn-kernel v2,v5,v6,v7 --profile 2>&1 | tee "$OUT/prefillv6_bench_qwen3_${1}x${2}.log" |
+      --iters 3 --attn-kernel "$kernels" --profile 2>&1 | tee "$OUT/prefillv6_bench${tag}_qwen3_${1}x${2}.log" |
       grep -E "^attn|attention " | head -20 || status=1
   done
+}
+if [[ $parts == *,pingpong,* ]]; then
+  # v8 (v7 + inter-warpgroup ping-pong through named barriers) against v7, alternated in one process, and
+  # compute-sanitizer synccheck of one d-128 attention shape (barrier misuse would show there).
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$CS" ]; then
+    timeout 90 "$CS" --tool synccheck "$BIN/bin/test_gpu" --gtest_filter='Shapes/FwdGpuAttention.MatchesRef/3' \
+      > "$OUT/prefillv6_synccheck.txt" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_synccheck.txt" | tail -3
+  fi
+  bench_qwen3 v7,v8,v7,v8 _pingpong
+fi
+if [[ $parts == *,bench,* ]]; then
+  bench_qwen3 v2,v5,v6,v7 ""
   timeout 200 "$BIN/bin/forward_bench" --config bench/configs/llama3-8b.json --batch 8 --seq 2048 --warmup 2 \
     --iters 5 --attn-kernel auto --residual-add norm,gemm --gemm-selection heuristic,timed --profile --gemm-peak 2>&1 |
     tee "$OUT/prefillv6_bench_llama3_8x2048.log" | grep -E "^attn|GEMMs|rmsnorm|peak" | head -30 || status=1
