@@ -10,9 +10,9 @@
 //   3. the engine's whole prefill write path: forward with an observer that does what rt::Engine's prefill
 //      observer does (rt::PrefillLayerWriter: the forward's bf16 K/V written in place, or copied to staging when
 //      the write overlaps), minus (1). Rows: the tiled writer and the EF one with the writes on the forward's
-//      stream, the EF one on the writer's side stream overlapping the forward (the engine's default), and that
-//      once more with the fp32 observer copies the engine asked for before 2026-12-07 (rope_qkv writes them; the
-//      staging reads the bf16 K/V either way), to show what dropping them saves.
+//      stream and on the writer's side stream overlapping the forward (the engine's default), and the EF one
+//      overlapped once more with the fp32 observer copies the engine asked for before 2026-12-07 (rope_qkv writes
+//      them; the staging reads the bf16 K/V either way), to show what dropping them saves.
 // (2) is printed for each INT2 implementation of kernels/kv_quantize/kv_write_variants.h (--impl), next to the
 // cost of ONE INT2 call (one layer's K or V; issue #6's budget is <= 0.5 ms of the 1.86 s prefill / 72 calls).
 // "ef" is the error-feedback writer (issue #10; kv_write_int2_ef.cuh) with one table per KV head made by
@@ -315,6 +315,7 @@ int run(int argc, char** argv) {
     bool ef, overlap, fp32;
   };
   const Path paths[] = {{"tiled, serial", false, false, false},
+                        {"tiled, overlapped", false, true, false},
                         {"ef, serial", true, false, false},
                         {"ef, overlapped", true, true, false},
                         {"ef, overlapped, fp32 observer copies as before", true, true, true}};
