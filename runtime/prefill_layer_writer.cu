@@ -11,24 +11,16 @@ namespace oscar::rt {
 
 namespace {
 
-template <class T>
-__device__ __forceinline__ float load_as_float(const T* p);
-template <>
-__device__ __forceinline__ float load_as_float<float>(const float* p) { return *p; }
-template <>
-__device__ __forceinline__ float load_as_float<uint16_t>(const uint16_t* p) {
-  return kern::detail::bf16_bits_to_float(*p);
-}
-
-template <class T>
-__global__ void copy_heads_kernel(const T* __restrict__ src, int64_t rows, int src_dim, uint16_t* __restrict__ dst,
-                                  int dst_dim) {
+// bf16 head vectors [rows, src_dim] -> [rows, dst_dim], bits copied: dims past src_dim become 0 (small head dims
+// padded to the cache's), dims past dst_dim are dropped.
+__global__ void copy_heads_kernel(const uint16_t* __restrict__ src, int64_t rows, int src_dim,
+                                  uint16_t* __restrict__ dst, int dst_dim) {
   const int64_t n = rows * dst_dim;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / dst_dim;
     const int j = static_cast<int>(i - r * dst_dim);
-    dst[i] = j < src_dim ? kern::detail::float_to_bf16_bits(load_as_float(src + r * src_dim + j)) : uint16_t{0};
+    dst[i] = j < src_dim ? src[r * src_dim + j] : uint16_t{0};
   }
 }
 
@@ -37,19 +29,20 @@ cudaStream_t as_stream(Stream s) { return reinterpret_cast<cudaStream_t>(s); }
 
 }  // namespace
 
-template <class T>
-void copy_heads(const T* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, Stream stream,
+void copy_heads(const uint16_t* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, Stream stream,
                 const std::string& where) {
   const int64_t n = rows * dst_dim;
   if (n == 0) return;
+  if (src_dim == dst_dim) {
+    check_cuda(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * 2, cudaMemcpyDeviceToDevice, as_stream(stream)),
+               where);
+    return;
+  }
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-  copy_heads_kernel<T><<<blocks, 256, 0, as_stream(stream)>>>(src, rows, static_cast<int>(src_dim), dst,
-                                                              static_cast<int>(dst_dim));
+  copy_heads_kernel<<<blocks, 256, 0, as_stream(stream)>>>(src, rows, static_cast<int>(src_dim), dst,
+                                                           static_cast<int>(dst_dim));
   check_cuda(cudaGetLastError(), where);
 }
-template void copy_heads<float>(const float*, int64_t, int64_t, uint16_t*, int64_t, Stream, const std::string&);
-template void copy_heads<uint16_t>(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, Stream,
-                                   const std::string&);
 
 PrefillLayerWriter::PrefillLayerWriter(bool overlap) : overlap_(overlap) {
   if (!overlap_) return;
@@ -92,11 +85,10 @@ void PrefillLayerWriter::write_layer(const DeviceAttentionInputs& in, int64_t ds
     if (stage_k_[pair].bytes() < bytes) check_cuda(cudaEventSynchronize(as_event(done_[pair])), where + " staging");
     else check_cuda(cudaStreamWaitEvent(forward, as_event(done_[pair]), 0), where + " staging");
   }
-  const bool have_bf16 = in.k_bf16 && in.v_bf16;
-  if (!have_bf16 && (!in.k || !in.v)) throw Error(where, "the forward passed no K/V to stage (neither bf16 nor fp32)");
+  if (!in.k_bf16 || !in.v_bf16) throw Error(where, "the forward passed no bf16 K/V to stage");
   // On the forward's stream with the cache's head dim, the forward's bf16 K/V are what the write reads: they stay
   // put until the next layer's QKV prep, which this stream runs after the write.
-  if (!overlap_ && have_bf16 && dst_dim == in.head_dim) {
+  if (!overlap_ && dst_dim == in.head_dim) {
     write(in.layer, in.k_bf16, in.v_bf16, in.stream);
     return;
   }
@@ -104,18 +96,8 @@ void PrefillLayerWriter::write_layer(const DeviceAttentionInputs& in, int64_t ds
   stage_v_[pair].ensure(bytes, "prefill V staging");
   uint16_t* k = stage_k_[pair].as<uint16_t>();
   uint16_t* v = stage_v_[pair].as<uint16_t>();
-  // The bf16 K/V are the fp32 ones rounded as copy_heads<float> rounds them, so either source stages the same bits;
-  // bf16 moves half the bytes, and a plain copy where the head dims agree.
-  if (have_bf16 && dst_dim == in.head_dim) {
-    check_cuda(cudaMemcpyAsync(k, in.k_bf16, bytes, cudaMemcpyDeviceToDevice, forward), where + " K staging");
-    check_cuda(cudaMemcpyAsync(v, in.v_bf16, bytes, cudaMemcpyDeviceToDevice, forward), where + " V staging");
-  } else if (have_bf16) {
-    copy_heads(in.k_bf16, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
-    copy_heads(in.v_bf16, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
-  } else {
-    copy_heads(in.k, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
-    copy_heads(in.v, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
-  }
+  copy_heads(in.k_bf16, rows, in.head_dim, k, dst_dim, in.stream, where + " K staging");
+  copy_heads(in.v_bf16, rows, in.head_dim, v, dst_dim, in.stream, where + " V staging");
   if (!overlap_) {
     write(in.layer, k, v, in.stream);
     return;

@@ -1,12 +1,11 @@
 #pragma once
 // rt::PrefillLayerWriter — the prefill's cache writes, per layer, off the forward's critical path (issue #6).
 //
-// A prefill observer (DeviceObserver) gets each layer's post-RoPE K/V, bf16 (and fp32 if it asks), in buffers the
-// forward overwrites with the next layer's. Without overlap and with the cache's head dim, the write reads the
-// forward's bf16 K/V in place. Otherwise the writer copies them into the cache's bf16 staging layout
-// [rows, cache_head_dim] on the forward's stream (~0.1 ms per layer at 8 KV heads x 32K tokens; zero-padding
-// small head dims) and then runs the write itself (rotate,
-// clip, quantize, pack: ~1.5 ms per layer with error-feedback rounding) on a side stream of lower priority, so the
+// A prefill observer (DeviceObserver) gets each layer's post-RoPE bf16 K/V in buffers the forward overwrites with
+// the next layer's. Without overlap and with the cache's head dim, the write reads them in place. Otherwise the
+// writer copies them into the cache's staging layout [rows, cache_head_dim] on the forward's stream (~0.1 ms per
+// layer at 8 KV heads x 32K tokens; zero-padding small head dims) and then runs the write itself (rotate, clip,
+// quantize, pack: ~1.5 ms per layer with error-feedback rounding) on a side stream of lower priority, so the
 // write overlaps the next layers' GEMMs and attention instead of following them. Two staging pairs alternate by
 // layer: the forward's copy for layer l + 2 waits (an event, on the GPU) for the write of layer l, which read the
 // same pair. join() makes the forward's stream wait for every write issued, before anything reads the cache.
@@ -22,11 +21,10 @@
 
 namespace oscar::rt {
 
-// Head vectors [rows, src_dim] -> bf16 [rows, dst_dim] on `stream`: dims past src_dim become 0, dims past dst_dim
-// are dropped (fp32 -> bf16 conversion of the observer's tensors, and the zero padding of small head dims to the
-// cache's head dim and back). Defined for T = float and T = uint16_t (bf16 bits).
-template <class T>
-void copy_heads(const T* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, Stream stream,
+// bf16 head vectors [rows, src_dim] -> [rows, dst_dim] on `stream`, bits copied: dims past src_dim become 0, dims past
+// dst_dim are dropped (the zero padding of small head dims to the cache's head dim and back); a plain device copy
+// where the dims agree.
+void copy_heads(const uint16_t* src, int64_t rows, int64_t src_dim, uint16_t* dst, int64_t dst_dim, Stream stream,
                 const std::string& where);
 
 class PrefillLayerWriter {
@@ -41,10 +39,9 @@ class PrefillLayerWriter {
   PrefillLayerWriter(const PrefillLayerWriter&) = delete;
   PrefillLayerWriter& operator=(const PrefillLayerWriter&) = delete;
 
-  // Stages in.k_bf16 / in.v_bf16 (or, where the forward gave none, the fp32 in.k / in.v), [in.num_tokens,
-  // in.num_kv_heads, in.head_dim] ready in in.stream's order, as bf16 with dst_dim dims per head and enqueues `write`
-  // for them (without overlap and with dst_dim = head_dim, for the forward's bf16 tensors themselves). Throws
-  // oscar::Error naming `where`.
+  // Stages in.k_bf16 / in.v_bf16 ([in.num_tokens, in.num_kv_heads, in.head_dim], ready in in.stream's order) with
+  // dst_dim dims per head (zero-padded or cut) and enqueues `write` for them (without overlap and with dst_dim =
+  // head_dim, for the forward's tensors themselves). Throws oscar::Error naming `where`.
   void write_layer(const DeviceAttentionInputs& in, int64_t dst_dim, const WriteFn& write, const std::string& where);
 
   // Makes `stream` (the forward's) wait for every write issued so far. Without overlap there is nothing to wait for.

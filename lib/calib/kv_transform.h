@@ -20,8 +20,8 @@
 // error_feedback_bench's --transform-study.
 #include <cstdint>
 #include <functional>
-#include <span>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
