@@ -8,7 +8,6 @@
 #   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6,v7 --profile; llama3-8b 8 x 2048 with auto,
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
-#   softmax: v9 (tree row max) and v10 (+ FMA-pipe exponentials) against v7: tests and bench.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -40,14 +39,6 @@ if [[ $parts == *,pingpong,* ]]; then
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_synccheck.txt" | tail -3
   fi
   bench_qwen3 v7,v8,v7,v8 _pingpong
-fi
-if [[ $parts == *,softmax,* ]]; then
-  # v9 (tree row max) and v10 (v9 + a quarter of the exponentials on the FMA pipe) against v7: every kernel vs the
-  # double reference (NMSE printed per kernel), then v7,v9,v10 alternated twice in one process per shape.
-  timeout 150 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv6_softmax_tests.log" |
-    grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
-  grep -E "v7|v9|v10" "$OUT/prefillv6_softmax_tests.log" | grep -i nmse | head -12
-  bench_qwen3 v7,v9,v10,v7,v9,v10 _softmax
 fi
 if [[ $parts == *,bench,* ]]; then
   bench_qwen3 v2,v5,v6,v7 ""
