@@ -212,11 +212,9 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   }
   e->format = resolve_cache_format(e->cfg, options.cache, bundle, options.sink_tokens, options.recent_tokens,
                                    "--cache " + std::string(cache_mode_name(options.cache)), options.hadamard_seed);
-  const bool fold_v = options.fold_v && std::any_of(e->format.v_rotation.begin(), e->format.v_rotation.end(),
-                                                    [](const std::vector<float>& r) { return !r.empty(); });
+  const bool fold_v = options.fold_v && e->format.value_rotations();
   // Key transforms leave V alone, so R_v folds as in a 1.x bundle (and as `oscar export --fold-v` allows).
-  if (fold_v && std::any_of(e->format.v_transform.begin(), e->format.v_transform.end(),
-                            [](const std::vector<float>& a) { return !a.empty(); }))
+  if (fold_v && e->format.value_transforms())
     throw Error("--fold-v", "the bundle stores per-KV-head value transforms (format 2.0): --fold-v folds one "
                             "orthogonal R_v per layer and does not fold them (calibrate with --transform none)");
   if (fold_v && shared_model)

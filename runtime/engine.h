@@ -86,6 +86,8 @@ struct CacheFormat {
   // the decode kernel's per-KV-head A⁻ᵀ (q' = q·A_K⁻ᵀ, o = o'·A_V⁻¹). Not with fold_v.
   std::vector<std::vector<float>> k_transform, v_transform, k_mean, k_read, v_read;
   bool storage_transforms() const;  // some layer has one
+  bool value_transforms() const;     // some layer stores V through its own A
+  bool value_rotations() const;      // some layer rotates V by an R_v
   bool has_transform(int64_t layer, bool value) const;  // this tensor is stored through its own A
   // Bytes rt::Engine keeps on the device for this format, once per engine (not per sequence): the fp32 R of each
   // layer and tensor (unless a storage transform replaces it or R_v is folded), the transforms' A, A⁻ᵀ and μ_K, and

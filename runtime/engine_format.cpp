@@ -168,6 +168,14 @@ bool CacheFormat::storage_transforms() const {
   return false;
 }
 
+bool CacheFormat::value_transforms() const {
+  return std::any_of(v_transform.begin(), v_transform.end(), [](const std::vector<float>& a) { return !a.empty(); });
+}
+
+bool CacheFormat::value_rotations() const {
+  return std::any_of(v_rotation.begin(), v_rotation.end(), [](const std::vector<float>& r) { return !r.empty(); });
+}
+
 bool CacheFormat::has_transform(int64_t layer, bool value) const {
   const auto& t = value ? v_transform : k_transform;
   return layer >= 0 && static_cast<size_t>(layer) < t.size() && !t[static_cast<size_t>(layer)].empty();

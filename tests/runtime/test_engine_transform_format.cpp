@@ -72,7 +72,14 @@ TEST(EngineTransformFormat, WritersGetAAndTheMeanReadersGetTheInverseTranspose) 
     for (int i = 0; i < kD; ++i) EXPECT_NEAR(back[i], v[i], 1e-4) << "head " << h << " dim " << i;
   }
   const fmt::Bundle plain = bundle(false);
-  EXPECT_FALSE(resolve_cache_format(config(), CacheMode::Oscar, &plain, {}, {}, "w").storage_transforms());
+  const CacheFormat plain_format = resolve_cache_format(config(), CacheMode::Oscar, &plain, {}, {}, "w");
+  EXPECT_FALSE(plain_format.storage_transforms());
+  // What the engine's --fold-v check asks: R_v present in both; per-head value transforms only in the 2.0 one.
+  EXPECT_TRUE(f.value_transforms());
+  EXPECT_FALSE(plain_format.value_transforms());
+  EXPECT_TRUE(f.value_rotations());
+  EXPECT_TRUE(plain_format.value_rotations());
+  EXPECT_FALSE(resolve_cache_format(config(), CacheMode::Int2, nullptr, {}, {}, "w").value_rotations());
 }
 
 // What the engine keeps on the device per format, counted by hand: a transformed tensor uploads A and A⁻ᵀ per KV
