@@ -3,8 +3,10 @@
 
 For each (config, batch, seq) it times transformers' forward of a random-weight model of that config.json shape
 (bf16 weights on the GPU, attn_implementation="sdpa", logits of the last position only, CUDA-event timing of the
-median of --iters forwards after --warmup), frees it, then runs OSCAR's `forward_bench` on the same shape and prints
-both with the speedup. OSCAR's peak is the device memory in use after its forwards (cudaMemGetInfo: weights,
+median of --iters forwards after --warmup), frees it, and runs OSCAR's `forward_bench` on the same shape, --rounds
+times with the order swapped every round (OSCAR first in odd rounds), and prints the median over rounds of each
+side with the speedup. The swap matters at the 700 W power cap: whichever side runs second starts on a hot GPU at a
+lower clock (one round, transformers first, gave OSCAR 1306 ms at Qwen3-8B 1 x 32K, 1273-1285 ms alone). OSCAR's peak is the device memory in use after its forwards (cudaMemGetInfo: weights,
 scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_memory_allocated. Both sides build random weights: throughput does not depend on the values.
 
   python3 bench/forward_vs_transformers.py --forward-bench build/bin/forward_bench \
@@ -13,6 +15,7 @@ scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_
 import argparse
 import gc
 import json
+import statistics
 import re
 import subprocess
 import sys
@@ -68,21 +71,42 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", help="also write the table as JSON here")
     ap.add_argument("--attn-kernel", default="auto", help="OSCAR prefill attention kernel (forward_bench --attn-kernel)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="measurements of each side per case, the order swapped every round (1 = transformers first)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     rows = []
     for case in args.case:
         config_path, shape = case.rsplit(":", 1)
         batch, seq = (int(x) for x in shape.lower().split("x"))
         t0 = time.time()
-        hf_ms, hf_peak = time_transformers(config_path, batch, seq, args.warmup, args.iters)
-        oscar_ms, oscar_tflops, oscar_peak, raw = time_oscar(args.forward_bench, config_path, batch, seq,
-                                                             args.warmup, args.iters, args.attn_kernel)
+        hf_runs, oscar_runs = [], []
+        for r in range(args.rounds):
+            # Round 1 keeps the old order (transformers first) when there is one round; with more, odd rounds put
+            # OSCAR first so that each side runs first as often as the other.
+            oscar_first = args.rounds > 1 and r % 2 == 0
+            for side in (("oscar", "hf") if oscar_first else ("hf", "oscar")):
+                if side == "hf":
+                    hf_runs.append(time_transformers(config_path, batch, seq, args.warmup, args.iters))
+                else:
+                    oscar_runs.append(time_oscar(args.forward_bench, config_path, batch, seq, args.warmup,
+                                                 args.iters, args.attn_kernel))
+            print(f"{case} round {r + 1}/{args.rounds} ({'oscar' if oscar_first else 'transformers'} first): "
+                  f"transformers {hf_runs[-1][0]:.1f} ms, oscar {oscar_runs[-1][0]:.1f} ms", file=sys.stderr)
+        hf_ms = statistics.median(run[0] for run in hf_runs)
+        hf_peak = max(run[1] for run in hf_runs)
+        oscar_ms = statistics.median(run[0] for run in oscar_runs)
+        oscar_tflops = statistics.median(run[1] for run in oscar_runs)
+        oscar_peak = max(run[2] for run in oscar_runs)
+        raw = oscar_runs[-1][3]
         tokens = batch * seq
         row = dict(config=config_path, batch=batch, seq=seq, transformers_ms=hf_ms, oscar_ms=oscar_ms,
                    transformers_tok_s=tokens / hf_ms * 1e3, oscar_tok_s=tokens / oscar_ms * 1e3,
                    oscar_tflops=oscar_tflops, speedup=hf_ms / oscar_ms, transformers_peak_gib=hf_peak,
-                   oscar_peak_gib=oscar_peak, seconds=time.time() - t0)
+                   oscar_peak_gib=oscar_peak, seconds=time.time() - t0,
+                   rounds=[dict(transformers_ms=h[0], oscar_ms=o[0]) for h, o in zip(hf_runs, oscar_runs)])
         rows.append(row)
         print(raw.strip(), file=sys.stderr)
         sys.stdout.flush()

@@ -29,7 +29,7 @@ for shape in "8 2048" "1 32768"; do
 done
 
 # 4. next to transformers bf16 (sdpa), same shapes, OSCAR with the default (v2) kernel.
-timeout 300 python3 bench/forward_vs_transformers.py --forward-bench $BIN/bin/forward_bench --warmup 1 --iters 3 \
+timeout 300 python3 bench/forward_vs_transformers.py --forward-bench $BIN/bin/forward_bench --warmup 1 --iters 3 --rounds 1 \
   --case bench/configs/qwen3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:1x32768 \
   --json $OUT/prefill_fwd_vs_hf.json > $OUT/prefill_fwd_vs_hf.log 2> $OUT/prefill_fwd_vs_hf.err
 cat $OUT/prefill_fwd_vs_hf.log

@@ -44,7 +44,7 @@ done
 timeout 120 "$BIN/bin/forward_bench" --config bench/configs/llama3-8b.json --batch 1 --seq 32768 --warmup 1 --iters 2 \
   --attn-kernel v2,v3 --profile > "$OUT/prefillops_bench_llama3-8b_1x32768.log" 2>&1 || status=1
 
-timeout 200 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
+timeout 200 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 1 \
   --attn-kernel v2,v3 --case bench/configs/llama3-8b.json:8x2048 \
   --json "$OUT/prefillops_fwd_vs_hf.json" > "$OUT/prefillops_fwd_vs_hf.log" 2> "$OUT/prefillops_fwd_vs_hf.err" || status=1
 

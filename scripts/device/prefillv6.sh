@@ -58,7 +58,8 @@ if [[ $parts == *,ncu,* ]]; then
   done
 fi
 if [[ $parts == *,hf,* ]]; then
-  timeout 400 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
+  # two rounds, the order swapped (each side first once): ~2x the one-round time
+  timeout 560 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
     --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1

@@ -27,7 +27,7 @@ if [ -n "$NCU" ] && { [ "$what" = ncu ] || [ "$what" = all ]; }; then
   # the full forward at 32K with the per-op breakdown, for Llama-3-8B too (re-measure with v2)
   timeout 200 $BIN/bin/forward_bench --config bench/configs/llama3-8b.json --batch 8 --seq 2048 --warmup 1 --iters 3 --attn-kernel v2 --profile --gemm-peak > $OUT/fwd_llama3_8x2048.log 2>&1
   timeout 200 $BIN/bin/forward_bench --config bench/configs/llama3-8b.json --batch 1 --seq 32768 --warmup 1 --iters 2 --attn-kernel v2 --profile > $OUT/fwd_llama3_1x32768.log 2>&1
-  timeout 300 python3 bench/forward_vs_transformers.py --forward-bench $BIN/bin/forward_bench --warmup 1 --iters 3 \
+  timeout 300 python3 bench/forward_vs_transformers.py --forward-bench $BIN/bin/forward_bench --warmup 1 --iters 3 --rounds 1 \
     --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/llama3-8b.json:1x32768 \
     --json $OUT/fwd_llama3_vs_hf.json > $OUT/fwd_llama3_vs_hf.log 2> $OUT/fwd_llama3_vs_hf.err
   cat $OUT/fwd_llama3_vs_hf.log
