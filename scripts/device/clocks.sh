@@ -4,7 +4,15 @@
 # the per-op breakdown of the same process says how the time splits. Expected GPU time: ~1 min.
 # Look for: clocks_<kernel>.csv (timestamp, clocks.sm, power.draw, temperature) and clocks_summary.txt (clock and
 # power histogram per kernel: attention is ~46 % of a v7 forward, the GEMMs ~49 %).
+# Argument "attn[:KERNELS]": instead, the attention kernels alone (prefill_attention_bench, 3 s each back to back,
+# NVML power and clock sampled in-process): W, MHz and pJ per FLOP per kernel at Qwen3-8B 1 x 32K; ~30 s.
 source scripts/device/common.sh
+if [[ ${1:-} == attn* ]]; then
+  kernels=v7,v6,v2,v7; [[ $1 == attn:* ]] && kernels=${1#attn:}
+  timeout 120 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
+    --kernels "$kernels" --seconds 3 2>&1 | tee "$OUT/clocks_attn_power.log"
+  exit
+fi
 for k in ${1:-v7 v2}; do
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
     --format=csv,noheader,nounits -lms 10 > "$OUT/clocks_$k.csv" &
