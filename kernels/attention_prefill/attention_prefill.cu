@@ -170,12 +170,12 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V8))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V9))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
-  // v7's and v8's tensor maps span the q/k/v rows, and the TMA coordinates are 32-bit.
-  if ((a.kernel == PrefillKernel::V7 || a.kernel == PrefillKernel::V8) &&
+  // The TMA kernels' tensor maps span the q/k/v rows, and the TMA coordinates are 32-bit.
+  if (prefill_kernel_uses_tma(a.kernel) &&
       (a.total_tokens < a.max_seqlen || a.total_tokens > 0x7fffffff))
     return Status::InvalidArgument;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
@@ -197,7 +197,7 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   PrefillAttentionArgs a = args;
   if (a.kernel == PrefillKernel::Auto) {
     a.kernel = attention_prefill_auto_kernel(a.head_dim);
-    if ((a.kernel == PrefillKernel::V7 || a.kernel == PrefillKernel::V8) && !v7_tensor_maps_possible(a))
+    if (prefill_kernel_uses_tma(a.kernel) && !v7_tensor_maps_possible(a))
       a.kernel = kAutoWgmmaWithoutTma;
   }
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
@@ -214,6 +214,7 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V6) return launch_v4<6>(a, s);
   if (a.kernel == PrefillKernel::V7) return launch_v4<7>(a, s);
   if (a.kernel == PrefillKernel::V8) return launch_v4<8>(a, s);
+  if (a.kernel == PrefillKernel::V9) return launch_v4<9>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

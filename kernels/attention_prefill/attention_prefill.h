@@ -27,12 +27,19 @@ namespace oscar::kern {
 // V7: v6 with K/V loaded by TMA, issued by thread 0 on mbarriers (needs PrefillAttentionArgs::total_tokens).
 // V8: v7 with FA3's inter-warpgroup ping-pong: the two warpgroups take turns issuing their tile's MMAs, so one's
 // softmax runs while the other's GEMMs occupy the tensor cores; as V7 otherwise (same arithmetic per warpgroup).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8 };
+// V9: v7 with Q in registers (S reads only K from shared memory) and one P buffer packed after the previous
+// tile's P·V: less shared-memory traffic per tile, for the power-capped long prefill; as V7 otherwise.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V9 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
   return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7 ||
-         k == PrefillKernel::V8;
+         k == PrefillKernel::V8 || k == PrefillKernel::V9;
+}
+
+// The kernels that load K/V by TMA: they need PrefillAttentionArgs::total_tokens (their tensor maps span the rows).
+constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
+  return k == PrefillKernel::V7 || k == PrefillKernel::V8 || k == PrefillKernel::V9;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
@@ -47,6 +54,7 @@ constexpr const char* prefill_kernel_name(PrefillKernel k) {
     case PrefillKernel::V6: return "v6";
     case PrefillKernel::V7: return "v7";
     case PrefillKernel::V8: return "v8";
+    case PrefillKernel::V9: return "v9";
   }
   return "?";
 }

@@ -47,13 +47,20 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       the same time, so the tensor cores idle while both compute exponentials. In v8 they take turns through two
 //       named barriers: a warpgroup issues tile j's S and P·V only after the other has issued its own, so one's
 //       softmax overlaps the other's GEMMs. Same instructions per warpgroup as v7, only their order in time moves.
+//   v9: v7 with Q in registers, as v5 had it: S = Q·Kᵀ reads only K from shared memory (16 of the 48 KB each
+//       warpgroup's S reads per tile were Q, and both warpgroups read their Q again every tile). At 1 x 32K the
+//       GPU is at its power cap (docs/results.md "The 1 × 32K prefill is power-bound"), so the aim is energy per
+//       tile, not latency. To fit the registers (v6's reason to move Q out), P has one buffer instead of P and its
+//       copy: the softmax leaves the exponentials in S's accumulator and they are packed to bf16 P only after the
+//       previous tile's P·V has completed (32 conversions on the path to the next issue instead of during it).
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 8, "prefill wgmma family: v4 .. v8");
-  static constexpr bool kQInRegisters = kVersion == 5;
+  static_assert(kVersion >= 4 && kVersion <= 9, "prefill wgmma family: v4 .. v9");
+  static constexpr bool kQInRegisters = kVersion == 5 || kVersion == 9;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
+  static constexpr bool kLateP = kVersion == 9;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
   static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
@@ -223,7 +230,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const uint32_t col = (ks & 3) * 32;  // 16 dims = 32 bytes into the region
       const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kKvRegion + col, 16, 1024);
       if constexpr (kQInRegisters) {
-        detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
+        if constexpr (kBlockN == 128)
+          detail::wgmma_m64n128k16_rs(s, qa[ks], db, ks > 0);
+        else
+          detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
       } else {
         const uint64_t da =
             detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
@@ -276,11 +286,24 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         const float p0 = ex2_approx(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
         const float p1 = ex2_approx(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
         partial += p0 + p1;
-        // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
-        p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
+        if constexpr (Cfg::kLateP) {  // v9: packed by pack_p once the previous P·V is done with p
+          s[4 * jb + 2 * r] = p0;
+          s[4 * jb + 2 * r + 1] = p1;
+        } else {
+          // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
+          p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
+        }
       }
       row_sum[r] = row_sum[r] * correction[r] + partial;
     }
+  };
+  // v9: the exponentials the softmax left in S's accumulator, as P's A fragments (the layout softmax writes).
+  auto pack_p = [&](const float (&e)[kSRegs], uint32_t (&pp)[kPSteps][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int jb = 0; jb < kBlockN / 8; ++jb)
+        pp[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(e[4 * jb + 2 * r], e[4 * jb + 2 * r + 1]);
   };
   auto rescale_o = [&](const float (&correction)[2]) {
 #pragma unroll
@@ -334,6 +357,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(s);
     softmax(s, 0, p, correction);
+    if constexpr (Cfg::kLateP) pack_p(s, p);
     // No branch between a wgmma's issue and its wait: ptxas serializes the wgmmas when it cannot prove that
     // nothing reads their accumulators in between, so the last tile is peeled off the loop.
     uint32_t p_cur[kPSteps][4];
@@ -362,34 +386,46 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (j + 2 < num_kv_tiles) load_tile(j + 2);
         cp_async_commit();
       }
+      if constexpr (!Cfg::kLateP) {
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk)
+        for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+          for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+      }
       if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
       issue_s(s, j + 1);
-      issue_pv(p_cur, j);
+      issue_pv(Cfg::kLateP ? p : p_cur, j);
       if constexpr (Cfg::kPingPong) named_barrier_arrive(kV4TurnBarrier + (wg ^ 1), kV4Threads);
       detail::wgmma_wait<1>();  // S_{j+1} (the older group); P_j·V_j may still run
       detail::wgmma_fence_operands(s);
       softmax(s, j + 1, p, correction);
       detail::wgmma_wait<0>();
       detail::wgmma_fence_operands(o);
-      // p_cur is read by the P·V wgmma until the wait: keep its registers from being reused before it.
-      detail::wgmma_fence_operands(p_cur);
+      // p_cur (v9: p) is read by the P·V wgmma until the wait: keep its registers from being reused before it.
+      if constexpr (Cfg::kLateP) {
+        detail::wgmma_fence_operands(p);
+        pack_p(s, p);  // P_{j+1}, now that P_j·V_j is done with p
+      } else {
+        detail::wgmma_fence_operands(p_cur);
+      }
       if constexpr (Cfg::kTma) tma::mbarrier_arrive(empty_bar + j % kStages);  // tile j's K and V are read
       rescale_o(correction);
     }
     // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).
+    if constexpr (!Cfg::kLateP) {
 #pragma unroll
-    for (int kk = 0; kk < kPSteps; ++kk)
+      for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+        for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+    }
     if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
-    issue_pv(p_cur, num_kv_tiles - 1);
+    issue_pv(Cfg::kLateP ? p : p_cur, num_kv_tiles - 1);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(o);
-    detail::wgmma_fence_operands(p_cur);
+    if constexpr (Cfg::kLateP)
+      detail::wgmma_fence_operands(p);
+    else
+      detail::wgmma_fence_operands(p_cur);
     // After the wait, not between issue and wait (a branch there would serialize the wgmmas).
     if constexpr (Cfg::kPingPong) {
       if (wg == 0) named_barrier_arrive(kV4TurnBarrier + 1, kV4Threads);

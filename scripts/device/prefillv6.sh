@@ -8,6 +8,7 @@
 #   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6,v7 --profile; llama3-8b 8 x 2048 with auto,
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
+#   qregs: v9 (Q in registers) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -39,6 +40,17 @@ if [[ $parts == *,pingpong,* ]]; then
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_synccheck.txt" | tail -3
   fi
   bench_qwen3 v7,v8,v7,v8 _pingpong
+fi
+if [[ $parts == *,qregs,* ]]; then
+  # v9 (v7 with Q in registers, one late-packed P buffer; written 2026-12-07 without a GPU) against v7: every kernel
+  # vs the double reference (NMSE per kernel), the kernels alone with their power (prefill_attention_bench: W, MHz,
+  # pJ/FLOP), then the forward with v7,v9 alternated twice per shape.
+  timeout 150 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*:WgmmaGpu.*' 2>&1 | tee "$OUT/prefillv6_qregs_tests.log" |
+    grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
+  grep -E ", v(7|9):" "$OUT/prefillv6_qregs_tests.log" | head -32
+  timeout 120 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
+    --kernels v7,v9,v7,v9 --seconds 3 2>&1 | tee "$OUT/prefillv6_qregs_power.log"
+  bench_qwen3 v7,v9,v7,v9 _qregs
 fi
 if [[ $parts == *,bench,* ]]; then
   bench_qwen3 v2,v5,v6,v7 ""

@@ -302,7 +302,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   std::map<PrefillKernel, std::vector<uint16_t>> ran;  // each kernel's output bits
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -395,7 +395,7 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -464,7 +464,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.q = a.k = a.v = reinterpret_cast<const uint16_t*>(uintptr_t{0x10000});
   a.out = reinterpret_cast<uint16_t*>(uintptr_t{0x20000});
   a.cu_seqlens = cu_stub;
-  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8}) {
+  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9}) {
     SCOPED_TRACE(prefill_kernel_name(tma_kernel));
     a.kernel = tma_kernel;
     a.total_tokens = 0;
@@ -476,7 +476,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   }
   a.kernel = PrefillKernel::V6;
   a.total_tokens = 0;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only v7 and v8 need it";
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7 .. v9) need it";
 }
 
 }  // namespace
