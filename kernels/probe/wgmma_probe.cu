@@ -32,6 +32,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
       const int n = i / kK, k = i % kK;
       *reinterpret_cast<uint16_t*>(b_s + (k / 64) * kRegionBytes64 + detail::sw128_offset(n, k % 64)) = p.b[i];
     }
+  } else if (p.mode == WgmmaProbeMode::Rs) {
+    for (int i = tid; i < 128 * kK; i += 128) {  // B rows are n, K contiguous: two K regions of 128 n rows each
+      const int n = i / kK, k = i % kK;
+      *reinterpret_cast<uint16_t*>(b_s + (k / 64) * kRegionBytes128 + detail::sw128_offset(n, k % 64)) = p.b[i];
+    }
   } else {
     for (int i = tid; i < kK * 128; i += 128) {  // B rows are k, N contiguous: two N atoms of 128 k rows each
       const int k = i / 128, n = i % 128;
@@ -81,10 +86,15 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
     for (int i = 0; i < 64; ++i) d[i] = 0.f;
     detail::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kK / 16; ++ks)
-      detail::wgmma_m64n128k16_rs_tb(d, af[ks], detail::wgmma_desc_sw128(b_s + ks * 16 * 128, p.mn_lbo_bytes,
-                                                                         p.mn_sbo_bytes),
-                                     ks > 0);
+    for (int ks = 0; ks < kK / 16; ++ks) {
+      if (p.mode == WgmmaProbeMode::Rs)  // K-major B as the attention kernels' K tiles: 16 dims = 32 bytes a step
+        detail::wgmma_m64n128k16_rs(
+            d, af[ks], detail::wgmma_desc_sw128(b_s + (ks / 4) * kRegionBytes128 + (ks % 4) * 32, 16, 1024), ks > 0);
+      else
+        detail::wgmma_m64n128k16_rs_tb(d, af[ks], detail::wgmma_desc_sw128(b_s + ks * 16 * 128, p.mn_lbo_bytes,
+                                                                           p.mn_sbo_bytes),
+                                       ks > 0);
+    }
     detail::wgmma_commit();
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(d);
@@ -102,7 +112,8 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
 
 Status wgmma_probe(const WgmmaProbeArgs& args, Stream stream) {
   if (!args.a || !args.b || !args.c) return Status::InvalidArgument;
-  if (args.mode != WgmmaProbeMode::Ss && args.mode != WgmmaProbeMode::RsT) return Status::InvalidArgument;
+  if (args.mode != WgmmaProbeMode::Ss && args.mode != WgmmaProbeMode::RsT && args.mode != WgmmaProbeMode::Rs)
+    return Status::InvalidArgument;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)

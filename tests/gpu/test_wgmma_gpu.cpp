@@ -40,9 +40,10 @@ std::vector<double> matmul(const std::vector<uint16_t>& a, const std::vector<uin
 double run_probe(kern::WgmmaProbeMode mode, uint32_t lbo, uint32_t sbo, bool* skipped) {
   *skipped = false;
   const bool ss = mode == kern::WgmmaProbeMode::Ss;
+  const bool b_k_major = mode != kern::WgmmaProbeMode::RsT;  // B rows are n with K contiguous (Ss, Rs)
   const int n = ss ? 64 : 128;
   const auto a = random_bf16(64 * 128, 1);
-  const auto b = random_bf16(static_cast<size_t>(ss ? 64 : 128) * 128, 2);
+  const auto b = random_bf16(static_cast<size_t>(n) * 128, 2);
   DeviceBuffer<uint16_t> da(a), db(b);
   DeviceBuffer<float> dc(static_cast<size_t>(64) * n);
   kern::WgmmaProbeArgs args;
@@ -59,8 +60,8 @@ double run_probe(kern::WgmmaProbeMode mode, uint32_t lbo, uint32_t sbo, bool* sk
   }
   EXPECT_EQ(st, kern::Status::Ok);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  // Ss: B rows are n (K contiguous); RsT: B rows are k (N contiguous).
-  const auto want = ss ? matmul(a, b, 64, n, 128, 128, 1) : matmul(a, b, 64, n, 128, 1, 128);
+  // Ss, Rs: B rows are n (K contiguous); RsT: B rows are k (N contiguous).
+  const auto want = b_k_major ? matmul(a, b, 64, n, 128, 128, 1) : matmul(a, b, 64, n, 128, 1, 128);
   return test::gpu::nmse_vs_double(dc.download(), want);
 }
 
@@ -81,6 +82,16 @@ TEST(WgmmaGpu, RegisterAWithTransposedBMatchesTheMatmul) {
   // The other stride convention, printed (not asserted) so that a failure above says which one the hardware uses.
   const double swapped = run_probe(kern::WgmmaProbeMode::RsT, 1024, 16384, &skipped);
   std::printf("  rs + transposed B nmse %.3g (LBO 16384 / SBO 1024), %.3g (swapped)\n", err, swapped);
+  EXPECT_LE(err, 1e-10);
+}
+
+// Prefill v9's S = Q·Kᵀ with Q in registers over a 128-key tile (wgmma_m64n128k16_rs, K-major B).
+TEST(WgmmaGpu, RegisterAWithKMajorBMatchesTheMatmul) {
+  OSCAR_REQUIRE_DEVICE();
+  bool skipped = false;
+  const double err = run_probe(kern::WgmmaProbeMode::Rs, 16, 1024, &skipped);
+  if (skipped) GTEST_SKIP() << "wgmma needs an sm_90 device and a build for sm_90a";
+  std::printf("  rs + K-major B (m64n128k16) nmse %.3g\n", err);
   EXPECT_LE(err, 1e-10);
 }
 
