@@ -9,6 +9,7 @@
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
 #   qregs: v9 (Q in registers) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
+#   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -51,6 +52,13 @@ if [[ $parts == *,qregs,* ]]; then
   timeout 120 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
     --kernels v7,v9,v7,v9 --seconds 3 2>&1 | tee "$OUT/prefillv6_qregs_power.log"
   bench_qwen3 v7,v9,v7,v9 _qregs
+fi
+if [[ $parts == *,gemmsel32k,* ]]; then
+  # Timed cuBLASLt selection at the power-capped 1 x 32K (measured only at 8 x 2048 so far: GEMMs 3-4 % faster):
+  # heuristic and timed alternated twice in one process, Auto attention.
+  timeout 200 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
+    --iters 3 --attn-kernel auto --gemm-selection heuristic,timed,heuristic,timed --profile 2>&1 |
+    tee "$OUT/prefillv6_gemmsel_qwen3_1x32768.log" | grep -E "^attn|GEMMs" || status=1
 fi
 if [[ $parts == *,bench,* ]]; then
   bench_qwen3 v2,v5,v6,v7 ""
