@@ -15,6 +15,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/bench_fill.cuh"
 #include "formats/error.h"
 #include "formats/model_config.h"
 #include "runtime/device_buffer.h"
@@ -37,24 +38,12 @@ double prefill_flops(const fmt::ModelConfig& c, int64_t batch, int64_t seq, int6
          2.0 * static_cast<double>(logits_rows) * H * c.vocab_size;
 }
 
-__global__ void fill_random_bf16(uint16_t* out, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15;
-    x *= 0x2c1b3c6du;
-    x ^= x >> 12;
-    const float v = static_cast<float>(x >> 8) * (2.f / 16777216.f) - 1.f;  // uniform [-1, 1)
-    const uint32_t bits = __float_as_uint(v);
-    out[i] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
-  }
-}
-
 // Median time of an n³ bf16 GEMM through the forward's LtGemm (bf16 out, fp32 accumulate) on random data.
 double measure_gemm_peak_tflops(int64_t n, int iters) {
   rt::DeviceBuffer a(static_cast<size_t>(n * n) * 2, "peak A"), b(static_cast<size_t>(n * n) * 2, "peak B"),
       c(static_cast<size_t>(n * n) * 2, "peak C");
-  fill_random_bf16<<<1024, 256>>>(a.as<uint16_t>(), n * n, 1u);
-  fill_random_bf16<<<1024, 256>>>(b.as<uint16_t>(), n * n, 2u);
+  bench::fill_uniform_bf16<<<1024, 256>>>(a.as<uint16_t>(), n * n, 1u, -1.f, 1.f);
+  bench::fill_uniform_bf16<<<1024, 256>>>(b.as<uint16_t>(), n * n, 2u, -1.f, 1.f);
   rt::check_cuda(cudaGetLastError(), "peak fill");
   rt::LtGemm gemm;
   cudaStream_t stream = nullptr;

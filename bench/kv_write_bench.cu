@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_fill.cuh"
 #include "formats/error.h"
 #include "formats/kv_layout.h"
 #include "formats/model_config.h"
@@ -45,18 +46,6 @@ using namespace oscar;
 
 void check(kern::Status s, const std::string& where) {
   if (s != kern::Status::Ok) throw Error(where, "kernel refused: " + std::string(kern::status_name(s)));
-}
-
-__global__ void fill_bf16_kernel(uint16_t* out, int64_t n, uint32_t seed) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15;
-    x *= 0x2c1b3c6du;
-    x ^= x >> 12;
-    const float u = static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
-    out[i] = kern::detail::float_to_bf16_bits(4.f * u - 2.f);
-  }
 }
 
 // Pools and slots of one prompt in the engine's layout: page p of the prompt is page id p in every pool.
@@ -250,8 +239,8 @@ int run(int argc, char** argv) {
   Cache cache(cfg, seq);
   // (2) kv_write alone, from bf16 K/V already in place (one [T, Hkv, d] tensor each, reused for every layer).
   const int64_t n = seq * cfg.num_kv_heads * cfg.head_dim;
-  fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_k.as<uint16_t>(), n, 1u);
-  fill_bf16_kernel<<<4096, 256, 0, stream>>>(cache.stage_v.as<uint16_t>(), n, 2u);
+  bench::fill_uniform_bf16<<<4096, 256, 0, stream>>>(cache.stage_k.as<uint16_t>(), n, 1u, -2.f, 2.f);
+  bench::fill_uniform_bf16<<<4096, 256, 0, stream>>>(cache.stage_v.as<uint16_t>(), n, 2u, -2.f, 2.f);
   rt::check_cuda(cudaGetLastError(), "fill");
   const int64_t quantized = std::max<int64_t>(seq - cache.sink, 0);
   const int64_t windows = std::min<int64_t>(seq, cache.sink + cache.recent);

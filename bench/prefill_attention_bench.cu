@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_fill.cuh"
 #include "formats/error.h"
 #include "formats/model_config.h"
 #include "kernels/attention_prefill/attention_prefill.h"
@@ -33,18 +34,6 @@
 namespace {
 
 using namespace oscar;
-
-__global__ void fill_bf16_kernel(uint16_t* out, int64_t n, uint32_t seed) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15;
-    x *= 0x2c1b3c6du;
-    x ^= x >> 12;
-    const float u = static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
-    out[i] = kern::detail::float_to_bf16_bits(4.f * u - 2.f);
-  }
-}
 
 // The few NVML entry points the sampler needs, resolved from the driver's library at run time.
 struct Nvml {
@@ -154,9 +143,9 @@ int main(int argc, char** argv) {
 
     rt::DeviceBuffer q(static_cast<size_t>(tokens * q_cols) * 2, "q"), k(static_cast<size_t>(tokens * kv_cols) * 2, "k"),
         v(static_cast<size_t>(tokens * kv_cols) * 2, "v"), out(static_cast<size_t>(tokens * q_cols) * 2, "out");
-    fill_bf16_kernel<<<1024, 256>>>(q.as<uint16_t>(), tokens * q_cols, 1u);
-    fill_bf16_kernel<<<1024, 256>>>(k.as<uint16_t>(), tokens * kv_cols, 2u);
-    fill_bf16_kernel<<<1024, 256>>>(v.as<uint16_t>(), tokens * kv_cols, 3u);
+    bench::fill_uniform_bf16<<<1024, 256>>>(q.as<uint16_t>(), tokens * q_cols, 1u, -2.f, 2.f);
+    bench::fill_uniform_bf16<<<1024, 256>>>(k.as<uint16_t>(), tokens * kv_cols, 2u, -2.f, 2.f);
+    bench::fill_uniform_bf16<<<1024, 256>>>(v.as<uint16_t>(), tokens * kv_cols, 3u, -2.f, 2.f);
     std::vector<int32_t> cu(static_cast<size_t>(batch) + 1);
     for (int64_t b = 0; b <= batch; ++b) cu[static_cast<size_t>(b)] = static_cast<int32_t>(b * seq);
     rt::DeviceBuffer d_cu = rt::to_device(std::span<const int32_t>(cu), "cu_seqlens");
