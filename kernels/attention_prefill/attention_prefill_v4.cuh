@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kKvRegion + col, 16, 1024);
       if constexpr (kQInRegisters) {
         if constexpr (kBlockN == 128)
-          detail::wgmma_m64n128k16_rs(s, qa[ks], db, ks > 0);
+          detail::wgmma_m64n128k16_rs<false>(s, qa[ks], db, ks > 0);
         else
           detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
       } else {
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     detail::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk)
-      detail::wgmma_m64n128k16_rs_tb(
+      detail::wgmma_m64n128k16_rs<true>(
           o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024), true);
     detail::wgmma_commit();
   };

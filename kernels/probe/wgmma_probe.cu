@@ -88,12 +88,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
 #pragma unroll
     for (int ks = 0; ks < kK / 16; ++ks) {
       if (p.mode == WgmmaProbeMode::Rs)  // K-major B as the attention kernels' K tiles: 16 dims = 32 bytes a step
-        detail::wgmma_m64n128k16_rs(
+        detail::wgmma_m64n128k16_rs<false>(
             d, af[ks], detail::wgmma_desc_sw128(b_s + (ks / 4) * kRegionBytes128 + (ks % 4) * 32, 16, 1024), ks > 0);
       else
-        detail::wgmma_m64n128k16_rs_tb(d, af[ks], detail::wgmma_desc_sw128(b_s + ks * 16 * 128, p.mn_lbo_bytes,
-                                                                           p.mn_sbo_bytes),
-                                       ks > 0);
+        detail::wgmma_m64n128k16_rs<true>(
+            d, af[ks], detail::wgmma_desc_sw128(b_s + ks * 16 * 128, p.mn_lbo_bytes, p.mn_sbo_bytes), ks > 0);
     }
     detail::wgmma_commit();
     detail::wgmma_wait<0>();
