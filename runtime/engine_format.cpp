@@ -152,29 +152,21 @@ void check_ef_table(const std::vector<int32_t>& order, const std::vector<float>&
     if (!std::isfinite(w)) throw Error(where, "weights are not finite");
 }
 
+// Whether some layer of a per-layer list has an entry (an empty vector = the layer has none).
+template <class T>
+bool any_layer(const std::vector<std::vector<T>>& per_layer) {
+  return std::any_of(per_layer.begin(), per_layer.end(), [](const std::vector<T>& v) { return !v.empty(); });
+}
+
 }  // namespace
 
-bool CacheFormat::error_feedback() const {
-  for (const auto* v : {&k_ef_order, &v_ef_order})
-    for (const auto& o : *v)
-      if (!o.empty()) return true;
-  return false;
-}
+bool CacheFormat::error_feedback() const { return any_layer(k_ef_order) || any_layer(v_ef_order); }
 
-bool CacheFormat::storage_transforms() const {
-  for (const auto* v : {&k_transform, &v_transform})
-    for (const auto& a : *v)
-      if (!a.empty()) return true;
-  return false;
-}
+bool CacheFormat::storage_transforms() const { return any_layer(k_transform) || any_layer(v_transform); }
 
-bool CacheFormat::value_transforms() const {
-  return std::any_of(v_transform.begin(), v_transform.end(), [](const std::vector<float>& a) { return !a.empty(); });
-}
+bool CacheFormat::value_transforms() const { return any_layer(v_transform); }
 
-bool CacheFormat::value_rotations() const {
-  return std::any_of(v_rotation.begin(), v_rotation.end(), [](const std::vector<float>& r) { return !r.empty(); });
-}
+bool CacheFormat::value_rotations() const { return any_layer(v_rotation); }
 
 bool CacheFormat::has_transform(int64_t layer, bool value) const {
   const auto& t = value ? v_transform : k_transform;
