@@ -8,6 +8,9 @@ times with the order swapped every round (OSCAR first in odd rounds), and prints
 side with the speedup. The swap matters at the 700 W power cap: whichever side runs second starts on a hot GPU at a
 lower clock (one round, transformers first, gave OSCAR 1306 ms at Qwen3-8B 1 x 32K, 1273-1285 ms alone). OSCAR's peak is the device memory in use after its forwards (cudaMemGetInfo: weights,
 scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_memory_allocated. Both sides build random weights: throughput does not depend on the values.
+--gemm-selection heuristic,timed times OSCAR with each cuBLASLt algorithm selection (runtime/lt_gemm.h) and
+--attn-kernel auto,v11 with each prefill attention kernel, all in the same forward_bench process; every
+(selection, kernel) pair gets its own row, against the same transformers median.
 
   python3 bench/forward_vs_transformers.py --forward-bench build/bin/forward_bench \
       --case bench/configs/qwen3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:1x32768
@@ -52,15 +55,29 @@ def time_transformers(config_path, batch, seq, warmup, iters):
     return times[len(times) // 2], peak
 
 
-def time_oscar(binary, config_path, batch, seq, warmup, iters, attn_kernel):
+# forward_bench's result line per (kernel, selection): "attn KERNEL[ (timed GEMMs)]: median X ms ... Y TFLOP/s, ...
+# memory in use Z GiB".
+RESULT_LINE = re.compile(r"^attn \S+(?: \(timed GEMMs\))?: median ([0-9.]+) ms.*?([0-9.]+) TFLOP/s.*?"
+                         r"memory in use ([0-9.]+) GiB", re.M)
+
+
+def combos(selections, kernels):
+    """forward_bench's order of its result lines: selections outer, kernels inner."""
+    return [(sel, kernel) for sel in selections for kernel in kernels]
+
+
+def time_oscar(binary, config_path, batch, seq, warmup, iters, kernels, selections):
+    """One forward_bench process timing each (GEMM selection, attention kernel) in turn: [(median ms, TFLOP/s,
+    peak GiB)] in combos() order, and the raw output."""
     out = subprocess.run([binary, "--config", config_path, "--batch", str(batch), "--seq", str(seq),
                           "--warmup", str(warmup), "--iters", str(iters), "--logits", "last",
-                          "--attn-kernel", attn_kernel],
+                          "--attn-kernel", ",".join(kernels), "--gemm-selection", ",".join(selections)],
                          check=True, capture_output=True, text=True).stdout
-    median = float(re.search(r"median ([0-9.]+) ms", out).group(1))
-    tflops = re.search(r"([0-9.]+) TFLOP/s", out)
-    peak = re.search(r"memory in use ([0-9.]+) GiB", out)
-    return median, float(tflops.group(1)) if tflops else float("nan"), float(peak.group(1)) if peak else float("nan"), out
+    results = [(float(m.group(1)), float(m.group(2)), float(m.group(3))) for m in RESULT_LINE.finditer(out)]
+    if len(results) != len(combos(selections, kernels)):
+        raise RuntimeError(f"forward_bench printed {len(results)} result lines for selections {selections} x "
+                           f"kernels {kernels}:\n{out}")
+    return results, out
 
 
 def main():
@@ -70,12 +87,22 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", help="also write the table as JSON here")
-    ap.add_argument("--attn-kernel", default="auto", help="OSCAR prefill attention kernel (forward_bench --attn-kernel)")
+    ap.add_argument("--attn-kernel", default="auto",
+                    help="OSCAR prefill attention kernels, comma list (forward_bench --attn-kernel; a row each)")
+    ap.add_argument("--gemm-selection", default="heuristic",
+                    help="OSCAR's cuBLASLt algorithm selections, comma list of heuristic|timed (a row each)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="measurements of each side per case, the order swapped every round (1 = transformers first)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    selections = args.gemm_selection.split(",")
+    if not selections or any(sel not in ("heuristic", "timed") for sel in selections):
+        ap.error("--gemm-selection: a comma list of heuristic, timed")
+    kernels = args.attn_kernel.split(",")
+    if any(not k for k in kernels):
+        ap.error("--attn-kernel: a comma list of kernel names")
+    pairs = combos(selections, kernels)
 
     rows = []
     for case in args.case:
@@ -91,31 +118,34 @@ def main():
                 if side == "hf":
                     hf_runs.append(time_transformers(config_path, batch, seq, args.warmup, args.iters))
                 else:
-                    oscar_runs.append(time_oscar(args.forward_bench, config_path, batch, seq, args.warmup,
-                                                 args.iters, args.attn_kernel))
+                    results, raw = time_oscar(args.forward_bench, config_path, batch, seq, args.warmup,
+                                              args.iters, kernels, selections)
+                    oscar_runs.append(results)
             print(f"{case} round {r + 1}/{args.rounds} ({'oscar' if oscar_first else 'transformers'} first): "
-                  f"transformers {hf_runs[-1][0]:.1f} ms, oscar {oscar_runs[-1][0]:.1f} ms", file=sys.stderr)
+                  f"transformers {hf_runs[-1][0]:.1f} ms, oscar " +
+                  ", ".join(f"{sel}/{k} {res[0]:.1f} ms" for (sel, k), res in zip(pairs, oscar_runs[-1])), file=sys.stderr)
         hf_ms = statistics.median(run[0] for run in hf_runs)
         hf_peak = max(run[1] for run in hf_runs)
-        oscar_ms = statistics.median(run[0] for run in oscar_runs)
-        oscar_tflops = statistics.median(run[1] for run in oscar_runs)
-        oscar_peak = max(run[2] for run in oscar_runs)
-        raw = oscar_runs[-1][3]
         tokens = batch * seq
-        row = dict(config=config_path, batch=batch, seq=seq, transformers_ms=hf_ms, oscar_ms=oscar_ms,
-                   transformers_tok_s=tokens / hf_ms * 1e3, oscar_tok_s=tokens / oscar_ms * 1e3,
-                   oscar_tflops=oscar_tflops, speedup=hf_ms / oscar_ms, transformers_peak_gib=hf_peak,
-                   oscar_peak_gib=oscar_peak, seconds=time.time() - t0,
-                   rounds=[dict(transformers_ms=h[0], oscar_ms=o[0]) for h, o in zip(hf_runs, oscar_runs)])
-        rows.append(row)
+        for i, (selection, kernel) in enumerate(pairs):
+            oscar_ms = statistics.median(run[i][0] for run in oscar_runs)
+            row = dict(config=config_path, batch=batch, seq=seq, gemm_selection=selection,
+                       attn_kernel=kernel, transformers_ms=hf_ms, oscar_ms=oscar_ms,
+                       transformers_tok_s=tokens / hf_ms * 1e3, oscar_tok_s=tokens / oscar_ms * 1e3,
+                       oscar_tflops=statistics.median(run[i][1] for run in oscar_runs), speedup=hf_ms / oscar_ms,
+                       transformers_peak_gib=hf_peak, oscar_peak_gib=max(run[i][2] for run in oscar_runs),
+                       seconds=time.time() - t0,
+                       rounds=[dict(transformers_ms=h[0], oscar_ms=o[i][0]) for h, o in zip(hf_runs, oscar_runs)])
+            rows.append(row)
         print(raw.strip(), file=sys.stderr)
         sys.stdout.flush()
-    print(f"{'config':32s} {'shape':>9s} | {'hf ms':>9s} {'hf tok/s':>10s} {'hf GiB':>7s} | "
+    print(f"{'config':32s} {'shape':>9s} {'GEMMs':>9s} {'attn':>5s} | {'hf ms':>9s} {'hf tok/s':>10s} {'hf GiB':>7s} | "
           f"{'oscar ms':>9s} {'tok/s':>10s} {'TFLOP/s':>8s} {'GiB':>6s} | speedup")
     for r in rows:
-        print(f"{r['config']:32s} {r['batch']:>4d}x{r['seq']:<5d}| {r['transformers_ms']:9.1f} "
-              f"{r['transformers_tok_s']:10.0f} {r['transformers_peak_gib']:7.1f} | {r['oscar_ms']:9.1f} "
-              f"{r['oscar_tok_s']:10.0f} {r['oscar_tflops']:8.1f} {r['oscar_peak_gib']:6.1f} | {r['speedup']:.2f}x")
+        print(f"{r['config']:32s} {r['batch']:>4d}x{r['seq']:<5d} {r['gemm_selection']:>9s} {r['attn_kernel']:>5s}| "
+              f"{r['transformers_ms']:9.1f} {r['transformers_tok_s']:10.0f} {r['transformers_peak_gib']:7.1f} | "
+              f"{r['oscar_ms']:9.1f} {r['oscar_tok_s']:10.0f} {r['oscar_tflops']:8.1f} {r['oscar_peak_gib']:6.1f} | "
+              f"{r['speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -17,8 +17,10 @@ namespace {
 // 2026-12-07 (183 tests, bench/results/2026-12-07); v7 (v6's tiles loaded by TMA) is faster still in the same H100
 // process (Qwen3-8B 1 x 32K: 1279 ms, attention 588 ms, vs v6 1510 / 869) and passes the kernel tests (NMSE 3e-6 vs
 // the fp64 reference). Where v7's tensor maps cannot be made (no cuTensorMapEncodeTiled in the driver, row counts
-// past its 32-bit coordinates) Auto runs v6 instead of refusing.
-constexpr PrefillKernel kAutoWgmma = PrefillKernel::V7;
+// past its 32-bit coordinates) Auto runs v6 instead of refusing. v10 (v7 with lazy rescaling) took over on
+// 2026-12-07: 1.3 % faster at 1 x 32K in the same process (1278 vs 1293-1298 ms; the kernel alone 3 % at the power
+// cap), equal at 8 x 2048 (bench/results/2026-12-07c).
+constexpr PrefillKernel kAutoWgmma = PrefillKernel::V10;
 constexpr PrefillKernel kAutoWgmmaWithoutTma = PrefillKernel::V6;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -170,7 +172,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V9))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V11))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
@@ -214,7 +216,8 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V6) return launch_v4<6>(a, s);
   if (a.kernel == PrefillKernel::V7) return launch_v4<7>(a, s);
   if (a.kernel == PrefillKernel::V8) return launch_v4<8>(a, s);
-  if (a.kernel == PrefillKernel::V9) return launch_v4<9>(a, s);
+  if (a.kernel == PrefillKernel::V10) return launch_v4<10>(a, s);
+  if (a.kernel == PrefillKernel::V11) return launch_v4<11>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

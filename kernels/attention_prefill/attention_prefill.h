@@ -15,8 +15,8 @@
 
 namespace oscar::kern {
 
-// Auto: a wgmma kernel (V5; attention_prefill.cu says why not yet V6) at head_dim 128 on an sm_90 device in a
-// build with sm_90a code, V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
+// Auto: a wgmma kernel (attention_prefill.cu says which, and why) at head_dim 128 on an sm_90 device in a build
+// with sm_90a code, V2 everywhere else. V2Keys32: v2 with 32-key tiles at head_dim > 64 (= V2 below that).
 // V3: v2's tiling with P packed early (no spills at 64-key tiles), split K/V waits and schedulable MMAs
 // (attention_prefill_v3.cuh); same numerics as v2.
 // V4: v2's grid with Hopper warpgroup MMAs (attention_prefill_v4.cuh): head_dim 128 on an sm_90 device in a build
@@ -27,19 +27,23 @@ namespace oscar::kern {
 // V7: v6 with K/V loaded by TMA, issued by thread 0 on mbarriers (needs PrefillAttentionArgs::total_tokens).
 // V8: v7 with FA3's inter-warpgroup ping-pong: the two warpgroups take turns issuing their tile's MMAs, so one's
 // softmax runs while the other's GEMMs occupy the tensor cores; as V7 otherwise (same arithmetic per warpgroup).
-// V9: v7 with Q in registers (S reads only K from shared memory) and one P buffer packed after the previous
-// tile's P·V: less shared-memory traffic per tile, for the power-capped long prefill; as V7 otherwise.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V9 };
+// V10: v7 with lazy rescaling: O and the row sums are rescaled only when a row's max grows by more than 8 in
+// log2 units (warp vote): fewer instructions per tile for the power-capped long prefill; as V7 otherwise. (There
+// is no V9: a v7 with Q in registers ran 2 % slower and was removed.)
+// V11: v10 with the softmax row sums on the tensor cores (P times a block of ones in each P·V group).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
   return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7 ||
-         k == PrefillKernel::V8 || k == PrefillKernel::V9;
+         k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
+         k == PrefillKernel::V11;
 }
 
 // The kernels that load K/V by TMA: they need PrefillAttentionArgs::total_tokens (their tensor maps span the rows).
 constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
-  return k == PrefillKernel::V7 || k == PrefillKernel::V8 || k == PrefillKernel::V9;
+  return k == PrefillKernel::V7 || k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
+         k == PrefillKernel::V11;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
@@ -54,7 +58,8 @@ constexpr const char* prefill_kernel_name(PrefillKernel k) {
     case PrefillKernel::V6: return "v6";
     case PrefillKernel::V7: return "v7";
     case PrefillKernel::V8: return "v8";
-    case PrefillKernel::V9: return "v9";
+    case PrefillKernel::V10: return "v10";
+    case PrefillKernel::V11: return "v11";
   }
   return "?";
 }

@@ -47,25 +47,34 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       the same time, so the tensor cores idle while both compute exponentials. In v8 they take turns through two
 //       named barriers: a warpgroup issues tile j's S and P·V only after the other has issued its own, so one's
 //       softmax overlaps the other's GEMMs. Same instructions per warpgroup as v7, only their order in time moves.
-//   v9: v7 with Q in registers, as v5 had it: S = Q·Kᵀ reads only K from shared memory (16 of the 48 KB each
-//       warpgroup's S reads per tile were Q, and both warpgroups read their Q again every tile). At 1 x 32K the
-//       GPU is at its power cap (docs/results.md "The 1 × 32K prefill is power-bound"), so the aim is energy per
-//       tile, not latency. To fit the registers (v6's reason to move Q out), P has one buffer instead of P and its
-//       copy: the softmax leaves the exponentials in S's accumulator and they are packed to bf16 P only after the
-//       previous tile's P·V has completed (32 conversions on the path to the next issue instead of during it).
+//   v10: v7 with lazy rescaling (FA4's): the running max a row's exponentials are taken against moves only when a
+//       tile's max exceeds it by more than 8 in log2 units (kV4RescaleThreshold: a factor 2^8), decided per warp by a vote; then
+//       O's 64 multiplies per thread, the two correction exponentials and the row-sum rescale run, otherwise they
+//       are skipped. Past the first tiles of a long row the max rarely moves that much, so most tiles skip them.
+//       The result is the same function: every exponential and O share one reference per row until the final
+//       division; P may reach 2^8 (fp32 sums, bf16 P keep their relative precision). At 1 x 32K the GPU sits at
+//       its power cap (docs/results.md "The 1 × 32K prefill is power-bound"): fewer instructions per tile is the
+//       lever there. (A v9, v7 with Q in registers, ran 2 % slower at the same power and was removed.)
+//   v11: v10 with the softmax row sums on the tensor cores: each P·V group also multiplies P by an 8-column block
+//       of ones (8 wgmma m64n8k16, 1/16 of P·V's MACs) into a 4-register accumulator that the rescale scales with O.
+//       That replaces 64 FADDs per thread and tile and the final shuffles (every column of the product is the whole
+//       row's sum), and the sum is then of the bf16 P that P·V multiplied, not of the fp32 exponentials.
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 9, "prefill wgmma family: v4 .. v9");
-  static constexpr bool kQInRegisters = kVersion == 5 || kVersion == 9;
+  static_assert(kVersion >= 4 && kVersion <= 11 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10, v11");
+  static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
-  static constexpr bool kLateP = kVersion == 9;
+  static constexpr bool kLazyRescale = kVersion >= 10;
+  static constexpr bool kRowSumMma = kVersion == 11;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
   static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
   static constexpr uint32_t kKvBytes = 2 * kKvRegion;
-  static constexpr uint32_t kBarrierOffset = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes;
+  // v11: one 1024-byte SW128 region of ones (8 rows of 64), the B operand of the row-sum wgmmas.
+  static constexpr uint32_t kOnesOffset = (kQInRegisters ? 0 : kV4QBytes) + kStages * 2 * kKvBytes;
+  static constexpr uint32_t kBarrierOffset = kOnesOffset + (kRowSumMma ? 1024 : 0);
   // + full[kStages] and empty[kStages] mbarriers (v7), + the slack that aligns the start to 1024 bytes.
   static constexpr uint32_t kSmemBytes = kBarrierOffset + (kTma ? 2 * kStages * 8 : 0) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "over the 227 KB a Hopper block may opt in to");
@@ -77,8 +86,10 @@ struct PrefillTmaMaps {
   CUtensorMap k, v;
 };
 
-// exp2 on the SFU without exp2f's range handling: the arguments are <= 0 (scores minus the running max), and a
-// denormal result flushed to zero is below bf16 P's resolution anyway. About 2 instructions per element fewer.
+// exp2 on the SFU without exp2f's range handling: the arguments are <= 0 (scores minus the running max; v10: <= 8),
+// and a denormal result flushed to zero is below bf16 P's resolution anyway. About 2 instructions per element fewer.
+// v10: how far (log2 units) a tile's max may exceed the reference max before O is rescaled: P <= 2^8.
+inline constexpr float kV4RescaleThreshold = 8.f;
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -164,6 +175,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     tma::load_2d(sV(s) + kKvRegion, &maps.v, col + 64, row, full_bar + s);
   };
 
+  // v11: bf16 1.0 in every element of the ones region (no swizzle to respect); made visible to the wgmmas by the
+  // async-proxy fence and barrier before the first MMA.
+  if constexpr (Cfg::kRowSumMma) reinterpret_cast<uint32_t*>(smem + Cfg::kOnesOffset)[tid] = 0x3F803F80u;
+  static_assert(!Cfg::kRowSumMma || kV4Threads * 4 == 1024, "one word of ones per thread");
   // Q (v4): 128 rows × 16 chunks into shared memory, zero-filled past the sequence.
   for (int idx = tid; idx < (kQInRegisters ? 0 : kV4BlockM * 16); idx += kV4Threads) {
     const int r = idx >> 4, ch = idx & 15;
@@ -220,6 +235,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  // v11: P·ones, m64n8: l[0], l[1] = row g's sum (columns 2t, 2t+1, equal), l[2], l[3] = row g+8's.
+  float l[4] = {0.f, 0.f, 0.f, 0.f};
 
   // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the tile's keys (both K-major).
   // Issued and committed as one group; the caller waits.
@@ -253,12 +270,19 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     for (int kk = 0; kk < kPSteps; ++kk)
       detail::wgmma_m64n128k16_rs<true>(
           o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024), true);
+    if constexpr (Cfg::kRowSumMma) {
+      // Every K step reads the same 16 columns of ones.
+      const uint64_t ones = detail::wgmma_desc_sw128(smem + Cfg::kOnesOffset, 16, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kPSteps; ++kk) detail::wgmma_m64n8k16_rs(l, p[kk], ones, true);
+    }
     detail::wgmma_commit();
   };
   // Mask and online softmax of tile j's scores (v3's arithmetic): updates the row max and sum, writes P as the A
   // fragments of the 4 K steps of P·V (step kk covers keys 16kk..16kk+15 = n-blocks 2kk, 2kk+1 of S) and returns
-  // the factor O must be rescaled by before P·V of this tile accumulates.
-  auto softmax = [&](float (&s)[kSRegs], int j, uint32_t (&p)[kPSteps][4], float (&correction)[2]) {
+  // the factor O must be rescaled by before P·V of this tile accumulates, and whether it must be at all (v10's lazy
+  // rescale: false for the whole warp when no row's max grew past the threshold; always true before v10).
+  auto softmax = [&](float (&s)[kSRegs], int j, uint32_t (&p)[kPSteps][4], float (&correction)[2], bool& rescale) {
     const int kv0 = j * kBlockN;
     if (kv0 + kBlockN > q_tok0 || kv0 + kBlockN > seqlen) {
 #pragma unroll
@@ -268,42 +292,47 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (key > query || key >= seqlen) s[i] = -INFINITY;
       }
     }
+    float tile_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
+      float m = -INFINITY;
 #pragma unroll
-      for (int jb = 0; jb < kBlockN / 8; ++jb)
-        tile_max = fmaxf(tile_max, fmaxf(s[4 * jb + 2 * r], s[4 * jb + 2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      correction[r] = ex2_approx(fmaf(row_max[r], scale_log2, -ref));
-      row_max[r] = new_max;
+      for (int jb = 0; jb < kBlockN / 8; ++jb) m = fmaxf(m, fmaxf(s[4 * jb + 2 * r], s[4 * jb + 2 * r + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      tile_max[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    }
+    rescale = true;
+    if constexpr (Cfg::kLazyRescale) {
+      // A row whose max is still -inf grows by +inf (unless this tile is masked for it too: NaN, false).
+      const bool grow0 = fmaf(tile_max[0], scale_log2, -row_max[0] * scale_log2) > kV4RescaleThreshold;
+      const bool grow1 = fmaf(tile_max[1], scale_log2, -row_max[1] * scale_log2) > kV4RescaleThreshold;
+      rescale = __any_sync(0xffffffffu, grow0 || grow1);
+    }
+    if (rescale) {  // warp-uniform
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float new_max = fmaxf(row_max[r], tile_max[r]);
+        const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+        correction[r] = ex2_approx(fmaf(row_max[r], scale_log2, -ref));
+        row_max[r] = new_max;
+      }
+    } else {
+      correction[0] = correction[1] = 1.f;  // exact: the row sums below stay one rounding per tile
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float ref = row_max[r] == -INFINITY ? 0.f : row_max[r] * scale_log2;
       float partial = 0.f;
 #pragma unroll
       for (int jb = 0; jb < kBlockN / 8; ++jb) {
         const float p0 = ex2_approx(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
         const float p1 = ex2_approx(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
-        partial += p0 + p1;
-        if constexpr (Cfg::kLateP) {  // v9: packed by pack_p once the previous P·V is done with p
-          s[4 * jb + 2 * r] = p0;
-          s[4 * jb + 2 * r + 1] = p1;
-        } else {
-          // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
-          p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
-        }
+        if constexpr (!Cfg::kRowSumMma) partial += p0 + p1;
+        // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
+        p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
       }
-      row_sum[r] = row_sum[r] * correction[r] + partial;
+      if constexpr (!Cfg::kRowSumMma) row_sum[r] = row_sum[r] * correction[r] + partial;
     }
-  };
-  // v9: the exponentials the softmax left in S's accumulator, as P's A fragments (the layout softmax writes).
-  auto pack_p = [&](const float (&e)[kSRegs], uint32_t (&pp)[kPSteps][4]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int jb = 0; jb < kBlockN / 8; ++jb)
-        pp[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(e[4 * jb + 2 * r], e[4 * jb + 2 * r + 1]);
   };
   auto rescale_o = [&](const float (&correction)[2]) {
 #pragma unroll
@@ -314,10 +343,31 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         o[4 * jb + 2 * r + 1] *= correction[r];
       }
   };
+  // v10: the rescale as predicated multiplies, not a branch around them. O is the accumulator of the P·V wgmma in
+  // flight across the loop, and ptxas serializes every wgmma of the kernel (C7513) when a branch may or may not
+  // define it; a predicated instruction defines it on every path.
+  auto rescale_o_if = [&](bool rescale, const float (&correction)[2]) {
+    const uint32_t pred = rescale;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int jb = 0; jb < 16; ++jb)
+        asm("{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p mul.f32 %0, %0, %3;\n @p mul.f32 %1, %1, %3;\n}"
+            : "+f"(o[4 * jb + 2 * r]), "+f"(o[4 * jb + 2 * r + 1])
+            : "r"(pred), "f"(correction[r]));
+    if constexpr (Cfg::kRowSumMma) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)  // l[1], l[3] (the same sums again) are never read
+        asm("{\n .reg .pred p;\n setp.ne.u32 p, %1, 0;\n @p mul.f32 %0, %0, %2;\n}"
+            : "+f"(l[2 * r])
+            : "r"(pred), "f"(correction[r]));
+    }
+  };
 
   float s[kSRegs];
   uint32_t p[kPSteps][4];
   float correction[2];
+  bool rescale;
   if constexpr (!Cfg::kOverlap) {
     for (int j = 0; j < num_kv_tiles; ++j) {
       cp_async_wait<0>();
@@ -328,7 +378,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       issue_s(s, j);
       detail::wgmma_wait<0>();
       detail::wgmma_fence_operands(s);
-      softmax(s, j, p, correction);
+      softmax(s, j, p, correction, rescale);
       rescale_o(correction);
       issue_pv(p, j);
       detail::wgmma_wait<0>();
@@ -356,8 +406,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     issue_s(s, 0);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(s);
-    softmax(s, 0, p, correction);
-    if constexpr (Cfg::kLateP) pack_p(s, p);
+    softmax(s, 0, p, correction, rescale);
     // No branch between a wgmma's issue and its wait: ptxas serializes the wgmmas when it cannot prove that
     // nothing reads their accumulators in between, so the last tile is peeled off the loop.
     uint32_t p_cur[kPSteps][4];
@@ -386,46 +435,39 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (j + 2 < num_kv_tiles) load_tile(j + 2);
         cp_async_commit();
       }
-      if constexpr (!Cfg::kLateP) {
-#pragma unroll
-        for (int kk = 0; kk < kPSteps; ++kk)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
-      }
-      if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
-      issue_s(s, j + 1);
-      issue_pv(Cfg::kLateP ? p : p_cur, j);
-      if constexpr (Cfg::kPingPong) named_barrier_arrive(kV4TurnBarrier + (wg ^ 1), kV4Threads);
-      detail::wgmma_wait<1>();  // S_{j+1} (the older group); P_j·V_j may still run
-      detail::wgmma_fence_operands(s);
-      softmax(s, j + 1, p, correction);
-      detail::wgmma_wait<0>();
-      detail::wgmma_fence_operands(o);
-      // p_cur (v9: p) is read by the P·V wgmma until the wait: keep its registers from being reused before it.
-      if constexpr (Cfg::kLateP) {
-        detail::wgmma_fence_operands(p);
-        pack_p(s, p);  // P_{j+1}, now that P_j·V_j is done with p
-      } else {
-        detail::wgmma_fence_operands(p_cur);
-      }
-      if constexpr (Cfg::kTma) tma::mbarrier_arrive(empty_bar + j % kStages);  // tile j's K and V are read
-      rescale_o(correction);
-    }
-    // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).
-    if constexpr (!Cfg::kLateP) {
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
         for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
+      if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
+      issue_s(s, j + 1);
+      issue_pv(p_cur, j);
+      if constexpr (Cfg::kPingPong) named_barrier_arrive(kV4TurnBarrier + (wg ^ 1), kV4Threads);
+      detail::wgmma_wait<1>();  // S_{j+1} (the older group); P_j·V_j may still run
+      detail::wgmma_fence_operands(s);
+      softmax(s, j + 1, p, correction, rescale);
+      detail::wgmma_wait<0>();
+      detail::wgmma_fence_operands(o);
+      if constexpr (Cfg::kRowSumMma) detail::wgmma_fence_operands(l);
+      // p_cur is read by the P·V wgmma until the wait: keep its registers from being reused before it.
+      detail::wgmma_fence_operands(p_cur);
+      if constexpr (Cfg::kTma) tma::mbarrier_arrive(empty_bar + j % kStages);  // tile j's K and V are read
+      if constexpr (Cfg::kLazyRescale)
+        rescale_o_if(rescale, correction);
+      else
+        rescale_o(correction);
     }
+    // The last tile: its copies were waited for at the top of the previous iteration (or in the prologue).
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p_cur[kk][i] = p[kk][i];
     if constexpr (Cfg::kPingPong) named_barrier_sync(kV4TurnBarrier + wg, kV4Threads);
-    issue_pv(Cfg::kLateP ? p : p_cur, num_kv_tiles - 1);
+    issue_pv(p_cur, num_kv_tiles - 1);
     detail::wgmma_wait<0>();
     detail::wgmma_fence_operands(o);
-    if constexpr (Cfg::kLateP)
-      detail::wgmma_fence_operands(p);
-    else
-      detail::wgmma_fence_operands(p_cur);
+    if constexpr (Cfg::kRowSumMma) detail::wgmma_fence_operands(l);
+    detail::wgmma_fence_operands(p_cur);
     // After the wait, not between issue and wait (a branch there would serialize the wgmmas).
     if constexpr (Cfg::kPingPong) {
       if (wg == 0) named_barrier_arrive(kV4TurnBarrier + 1, kV4Threads);
@@ -436,8 +478,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if constexpr (Cfg::kRowSumMma) {
+      sum = l[2 * r];
+    } else {
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    }
     const int query = q_tok0 + g + r * 8;
     if (query >= seqlen) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;

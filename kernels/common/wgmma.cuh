@@ -100,6 +100,22 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_
 #endif
 }
 
+// D (64 x 8, fp32) (+)= A (64 x 16, bf16, registers: the m16n8k16 A fragment of warp w's rows 16w..16w+15) ·
+// B (16 x 8, bf16, shared, K-major: 8 rows of 16 K-contiguous values through a SW128 descriptor). Prefill v11
+// multiplies P by a column block of ones with it: the softmax row sums on the tensor cores.
+__device__ __forceinline__ void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                  bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  __trap();
+#endif
+}
+
 // D (64 x 128, fp32) (+)= A (64 x 16, bf16, registers: the m16n8k16 A fragment of warp w's rows 16w..16w+15) ·
 // B (16 x 128, bf16, shared). kTransposeB false: B K-major as in wgmma_m64n128k16_ss (128 rows of 16 K-contiguous
 // values; prefill v9's S = Q·Kᵀ with Q in registers). true: B MN-major, N contiguous (the P·V of v5-v9), which the

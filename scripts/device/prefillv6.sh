@@ -3,14 +3,15 @@
 # pick, and the residual add in the GEMM epilogue, on an H100/H200 from a pack built with CMAKE_CUDA_ARCHITECTURES
 # 90a. Argument: a comma list of parts, default "tests,bench"; "ncu" adds Nsight Compute of v6 and v7, "hf" the
 # transformers comparison. Expected GPU time: tests ~1.5 min, bench ~3 min, ncu ~1 min, hf ~3 min.
-#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v8 and auto vs the double reference, NMSE printed per kernel),
+#   tests: WgmmaGpu.*, FwdGpuAttention* (v1..v8, v10 and auto vs the double reference, NMSE printed per kernel),
 #          FwdGpuModel* (incl. ResidualAddInTheGemmEqualsTheNormsAdd, AutoAttentionKernelTracksV2), LtGemmGpu.*
 #   bench: forward_bench qwen3-8b 1 x 32768 and 8 x 2048 with v2,v5,v6,v7 --profile; llama3-8b 8 x 2048 with auto,
 #          --residual-add norm,gemm and --gemm-selection heuristic,timed --profile --gemm-peak.
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
-#   qregs: v9 (Q in registers) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
+#   lazy:  v10 (lazy rescaling) and v11 (+ tensor-core row sums) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
-#   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
+#   hf32k: the hf part at Qwen3-8B 1 x 32768 only.
+#   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
 parts=",${1:-tests,bench},"
@@ -42,16 +43,28 @@ if [[ $parts == *,pingpong,* ]]; then
   fi
   bench_qwen3 v7,v8,v7,v8 _pingpong
 fi
-if [[ $parts == *,qregs,* ]]; then
-  # v9 (v7 with Q in registers, one late-packed P buffer; written 2026-12-07 without a GPU) against v7: every kernel
-  # vs the double reference (NMSE per kernel), the kernels alone with their power (prefill_attention_bench: W, MHz,
-  # pJ/FLOP), then the forward with v7,v9 alternated twice per shape.
-  timeout 150 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*:WgmmaGpu.*' 2>&1 | tee "$OUT/prefillv6_qregs_tests.log" |
+if [[ $parts == *,lazy,* ]]; then
+  # v10 (v7 with lazy rescaling) and v11 (v10 + row sums on the tensor cores) against v7: every kernel vs the double
+  # reference (NMSE per kernel), the kernels alone with their power (prefill_attention_bench: W, MHz, pJ/FLOP), then
+  # the forward with v7,v10,v11 alternated twice per shape. (The qregs part ran v9, Q in registers, the same way.)
+  timeout 150 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*:WgmmaGpu.*' 2>&1 | tee "$OUT/prefillv6_lazy_tests.log" |
     grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
-  grep -E ", v(7|9):" "$OUT/prefillv6_qregs_tests.log" | head -32
+  grep -E ", v(7|10|11):" "$OUT/prefillv6_lazy_tests.log" | head -48
   timeout 120 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
-    --kernels v7,v9,v7,v9 --seconds 3 2>&1 | tee "$OUT/prefillv6_qregs_power.log"
-  bench_qwen3 v7,v9,v7,v9 _qregs
+    --kernels v7,v10,v11,v7,v10,v11 --seconds 3 2>&1 | tee "$OUT/prefillv6_lazy_power.log"
+  bench_qwen3 v7,v10,v11,v7,v10,v11 _lazy
+  # v10's and v11's SASS: the O rescale must be predicated FMULs (@P0 FMUL), and no wgmma serialization.
+  OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+  if [ -n "$OBJ" ]; then
+    for v in 10 11; do
+      for f in $BIN/lib/*.so* $BIN/bin/forward_bench; do
+        [ -f "$f" ] && $OBJ -sass -fun "_ZN5oscar4kern6detail27attention_prefill_v4_kernelILi${v}EEEvNS0_20PrefillAttentionArgsEfiiNS1_14PrefillTmaMapsE" "$f" 2>/dev/null
+      done > "$OUT/v$v.sass"
+      echo "v$v SASS: $(grep -cE '^\s+/\*[0-9a-f]{4}\*/' "$OUT/v$v.sass") instrs, $(grep -c HGMMA "$OUT/v$v.sass") HGMMA," \
+        "$(grep -cE '@!?P[0-9] +FMUL' "$OUT/v$v.sass") predicated FMUL, $(grep -cE '[^@P0-9] FMUL ' "$OUT/v$v.sass") FMUL," \
+        "$(grep -c ' FADD' "$OUT/v$v.sass") FADD"
+    done
+  fi
 fi
 if [[ $parts == *,gemmsel32k,* ]]; then
   # Timed cuBLASLt selection at the power-capped 1 x 32K (measured only at 8 x 2048 so far: GEMMs 3-4 % faster):
@@ -78,11 +91,20 @@ if [[ $parts == *,ncu,* ]]; then
   done
 fi
 if [[ $parts == *,hf,* ]]; then
-  # two rounds, the order swapped (each side first once): ~2x the one-round time
+  # two rounds, the order swapped (each side first once): ~2x the one-round time; OSCAR with the heuristic's and the
+  # timed cuBLASLt algorithms in one process (a row each)
   timeout 560 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
+    --gemm-selection heuristic,timed \
     --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf.log"
+fi
+if [[ $parts == *,hf32k,* ]]; then
+  # the hf part's protocol at Qwen3-8B 1 x 32768 only (~2.5 min)
+  timeout 400 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
+    --gemm-selection heuristic,timed --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32k.json" \
+    > "$OUT/prefillv6_fwd_vs_hf32k.log" 2> "$OUT/prefillv6_fwd_vs_hf32k.err" || status=1
+  cat "$OUT/prefillv6_fwd_vs_hf32k.log"
 fi
 exit $status

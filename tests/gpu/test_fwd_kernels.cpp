@@ -302,7 +302,8 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   std::map<PrefillKernel, std::vector<uint16_t>> ran;  // each kernel's output bits
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
+        PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -334,13 +335,13 @@ TEST_P(FwdGpuAttention, MatchesRef) {
       EXPECT_TRUE(bits == v2_bits) << "v3 must be bit-identical to v2";
     }
   }
-  // Auto is the kernel attention_prefill_auto_kernel names, bit for bit; where that is v7 and the caller gives no
-  // total_tokens (v7's tensor maps need it), Auto runs v6 instead of refusing.
+  // Auto is the kernel attention_prefill_auto_kernel names, bit for bit; where that loads by TMA and the caller
+  // gives no total_tokens (the tensor maps need it), Auto runs v6 instead of refusing.
   const PrefillKernel named = attention_prefill_auto_kernel(c.d);
   if (ran.count(PrefillKernel::Auto) && ran.count(named)) {
     EXPECT_TRUE(ran[PrefillKernel::Auto] == ran[named]) << "Auto must run " << prefill_kernel_name(named);
   }
-  if (named == PrefillKernel::V7 && ran.count(PrefillKernel::V6)) {
+  if (prefill_kernel_uses_tma(named) && ran.count(PrefillKernel::V6)) {
     a.kernel = PrefillKernel::Auto;
     a.total_tokens = 0;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -395,7 +396,8 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9, PrefillKernel::Auto}) {
+        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
+        PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -433,6 +435,71 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   }
 }
 
+// Scores that climb along the keys: a slow ramp (0.03 log2 units per key, ~4 per 128-key tile: below v10's lazy
+// rescale threshold of 8, so the reference max lags and P exceeds 1) and two jumps of 60 at keys 1700 and 2200.
+// Over the 2500 keys the max climbs ~195 log2 units: a kernel that stopped moving its running max would overflow
+// fp32 (2^128) and write inf/NaN; one that moved it wrongly would leave the double reference.
+TEST(FwdGpuAttentionRescale, ClimbingScoresMoveTheRunningMax) {
+  OSCAR_REQUIRE_GPU();
+  const int32_t hq = 4, hkv = 1, d = 128, T = 2500;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  // q = 0.25 in every dim, k_j = c_j + noise: score_j ≈ 0.25 · 128 · c_j · scale · log2(e) log2 units.
+  const double log2_units_per_c = 0.25 * d * scale * 1.4426950408889634;
+  std::vector<float> q32(int64_t{T} * hq * d, 0.25f), k32 = randn(int64_t{T} * hkv * d, 41, 0.3f);
+  for (int32_t j = 0; j < T; ++j) {
+    const double climb = 0.03 * j + (j >= 1700 ? 60.0 : 0.0) + (j >= 2200 ? 60.0 : 0.0);
+    for (int32_t i = 0; i < d; ++i) k32[int64_t{j} * d + i] += static_cast<float>(climb / log2_units_per_c);
+  }
+  const std::vector<uint16_t> q = to_bf16(q32), k = to_bf16(k32), v = to_bf16(randn(int64_t{T} * hkv * d, 42));
+  const std::vector<int32_t> cu = {0, T};
+  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(int64_t{T} * hq * d * 2);
+  PrefillAttentionArgs a;
+  a.q = d_q.as<uint16_t>();
+  a.k = d_k.as<uint16_t>();
+  a.v = d_v.as<uint16_t>();
+  a.out = d_out.as<uint16_t>();
+  a.q_row_stride = a.out_row_stride = hq * d;
+  a.k_row_stride = a.v_row_stride = hkv * d;
+  a.cu_seqlens = d_cu.as<int32_t>();
+  a.num_seqs = 1;
+  a.max_seqlen = T;
+  a.total_tokens = T;
+  a.num_heads = hq;
+  a.num_kv_heads = hkv;
+  a.head_dim = d;
+  a.scale = scale;
+  const std::vector<float> qr = widen(q), kr = widen(k), vr = widen(v);
+  std::vector<float> ref(int64_t{T} * hq * d);
+  PrefillAttentionRefArgs r;
+  r.q = qr.data();
+  r.k = kr.data();
+  r.v = vr.data();
+  r.out = ref.data();
+  r.q_row_stride = r.out_row_stride = a.q_row_stride;
+  r.k_row_stride = r.v_row_stride = a.k_row_stride;
+  r.cu_seqlens = cu;
+  r.num_heads = hq;
+  r.num_kv_heads = hkv;
+  r.head_dim = d;
+  r.scale = scale;
+  attention_prefill_ref(r);
+  for (const PrefillKernel kernel : {PrefillKernel::V2, PrefillKernel::V7, PrefillKernel::V10, PrefillKernel::V11,
+                                     PrefillKernel::Auto}) {
+    SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
+    a.kernel = kernel;
+    ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
+    const Status st = attention_prefill(a, nullptr);
+    if (prefill_kernel_uses_wgmma(kernel) && st == Status::Unsupported) continue;  // no sm_90a code / device
+    ASSERT_EQ(st, Status::Ok);
+    sync();
+    const std::vector<float> got = widen(to_host(d_out.as<uint16_t>(), ref.size()));
+    for (float x : got) ASSERT_TRUE(std::isfinite(x));
+    const double err = nmse(got, ref);
+    std::printf("  climbing scores, %s: nmse %.3g\n", prefill_kernel_name(kernel), err);
+    EXPECT_LE(err, 1e-4);
+  }
+}
+
 TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   PrefillAttentionArgs a;
   a.num_seqs = 1;
@@ -464,7 +531,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.q = a.k = a.v = reinterpret_cast<const uint16_t*>(uintptr_t{0x10000});
   a.out = reinterpret_cast<uint16_t*>(uintptr_t{0x20000});
   a.cu_seqlens = cu_stub;
-  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V9}) {
+  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11}) {
     SCOPED_TRACE(prefill_kernel_name(tma_kernel));
     a.kernel = tma_kernel;
     a.total_tokens = 0;
@@ -476,7 +543,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   }
   a.kernel = PrefillKernel::V6;
   a.total_tokens = 0;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7 .. v9) need it";
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7, v8, v10, v11) need it";
 }
 
 }  // namespace
