@@ -85,9 +85,9 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 .. v8, v10, v11: wgmma, head_dim 128, sm_90a builds)")
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 .. v8, v10 .. v12: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6", "v7", "v8", "v10", "v11"}));
+      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6", "v7", "v8", "v10", "v11", "v12"}));
   std::vector<std::string> selections = {"heuristic"};
   app.add_option("--gemm-selection", selections,
                  "cuBLASLt algorithm choice per GEMM shape, each timed in this order: heuristic (the first heuristic "
@@ -165,7 +165,7 @@ int run(int argc, char** argv) {
     const std::string label = kname + (selection == "timed" ? " (timed GEMMs)" : "") +
                               (residual_adds.size() > 1 ? ", residual add in " + residual_add : "");
     // The CLI check admits only names prefill_kernel_name gives, so one of the enumerators matches.
-    for (int k = 0; k <= static_cast<int>(kern::PrefillKernel::V11); ++k)
+    for (int k = 0; k <= static_cast<int>(kern::PrefillKernel::V12); ++k)
       if (kname == kern::prefill_kernel_name(static_cast<kern::PrefillKernel>(k)))
         opt.attention_kernel = static_cast<kern::PrefillKernel>(k);
     opt.profiler = nullptr;

@@ -48,8 +48,18 @@ int v2_pack(const PrefillAttentionArgs& a) {
   return pack;
 }
 
-int64_t v2_blocks(const PrefillAttentionArgs& a) {
-  const int pack = v2_pack(a);
+// v12: two CTAs (a cluster) per GQA group, half of its query heads each, so that the pair shares every K/V tile.
+// Needs a group of 2, 4, 8 or 16 (pack 1..8: 128..16 tokens per block); 0 where it has none.
+int v12_pack(const PrefillAttentionArgs& a) {
+  const int group = a.num_heads / a.num_kv_heads;
+  return group == 2 || group == 4 || group == 8 || group == 16 ? group / 2 : 0;
+}
+
+int prefill_pack(const PrefillAttentionArgs& a) { return a.kernel == PrefillKernel::V12 ? v12_pack(a) : v2_pack(a); }
+
+// The v2-family grid: (query tiles × head packs × sequences), consecutive blocks = consecutive packs of one tile
+// (so v12's cluster pairs are the two halves of one group).
+int64_t v2_blocks(const PrefillAttentionArgs& a, int pack) {
   const int64_t tokens = detail::kV2BlockM / pack;
   return (a.max_seqlen + tokens - 1) / tokens * (a.num_heads / pack) * int64_t{a.num_seqs};
 }
@@ -66,7 +76,7 @@ Status launch_v2(const PrefillAttentionArgs& a, cudaStream_t stream) {
   const int tokens = detail::kV2BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  kernel<<<static_cast<unsigned>(v2_blocks(a)), detail::kV2Threads, kBytes, stream>>>(a, scale_log2, pack,
+  kernel<<<static_cast<unsigned>(v2_blocks(a, pack)), detail::kV2Threads, kBytes, stream>>>(a, scale_log2, pack,
                                                                                       num_q_tiles);
   return detail::launch_status();
 }
@@ -146,12 +156,31 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   if (cudaFuncSetAttribute(detail::attention_prefill_v4_kernel<kVersion>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            kBytes) != cudaSuccess)
     return Status::CudaError;
-  const int pack = v2_pack(a);
+  const int pack = prefill_pack(a);
   const int tokens = detail::kV4BlockM / pack;
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  detail::attention_prefill_v4_kernel<kVersion><<<static_cast<unsigned>(v2_blocks(a)), detail::kV4Threads, kBytes,
-                                                  stream>>>(a, scale_log2, pack, num_q_tiles, maps);
+  const unsigned blocks = static_cast<unsigned>(v2_blocks(a, pack));
+  if constexpr (Cfg::kCluster) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(blocks);  // even: the packs of a tile come in pairs
+    config.blockDim = dim3(detail::kV4Threads);
+    config.dynamicSmemBytes = kBytes;
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    if (cudaLaunchKernelEx(&config, detail::attention_prefill_v4_kernel<kVersion>, a, scale_log2, pack, num_q_tiles,
+                           maps) != cudaSuccess)
+      return detail::launch_status();
+  } else {
+    detail::attention_prefill_v4_kernel<kVersion><<<blocks, detail::kV4Threads, kBytes, stream>>>(
+        a, scale_log2, pack, num_q_tiles, maps);
+  }
   return detail::launch_status();
 #else
   (void)a;
@@ -172,16 +201,17 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V11))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V12))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
+  if (a.kernel == PrefillKernel::V12 && v12_pack(a) == 0) return Status::Unsupported;  // odd group, or over 16
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   // The TMA kernels' tensor maps span the q/k/v rows, and the TMA coordinates are 32-bit.
   if (prefill_kernel_uses_tma(a.kernel) &&
       (a.total_tokens < a.max_seqlen || a.total_tokens > 0x7fffffff))
     return Status::InvalidArgument;
   // v2's 1-D grid: (query tiles × head packs × sequences) must fit a signed 32-bit block index.
-  if (a.kernel != PrefillKernel::V1 && v2_blocks(a) > 0x7fffffff) return Status::Unsupported;
+  if (a.kernel != PrefillKernel::V1 && v2_blocks(a, prefill_pack(a)) > 0x7fffffff) return Status::Unsupported;
   if (!a.q || !a.k || !a.v || !a.out || !a.cu_seqlens) return Status::InvalidArgument;
   // 16-byte cp.async copies of 8 bf16: every row start and head start must be 16-byte aligned.
   if (!aligned16(a.q) || !aligned16(a.k) || !aligned16(a.v) || !aligned16(a.out)) return Status::Misaligned;
@@ -218,6 +248,7 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V8) return launch_v4<8>(a, s);
   if (a.kernel == PrefillKernel::V10) return launch_v4<10>(a, s);
   if (a.kernel == PrefillKernel::V11) return launch_v4<11>(a, s);
+  if (a.kernel == PrefillKernel::V12) return launch_v4<12>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

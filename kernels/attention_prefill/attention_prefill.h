@@ -31,19 +31,21 @@ namespace oscar::kern {
 // log2 units (warp vote): fewer instructions per tile for the power-capped long prefill; as V7 otherwise. (There
 // is no V9: a v7 with Q in registers ran 2 % slower and was removed.)
 // V11: v10 with the softmax row sums on the tensor cores (P times a block of ones in each P·V group).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11 };
+// V12: v11 on clusters of two CTAs, half a GQA group each, that share every K/V tile through multicast TMA (half the
+// L2 traffic); GQA groups of 2, 4, 8 or 16 only (Unsupported otherwise).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12 };
 
 // The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
   return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7 ||
          k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
-         k == PrefillKernel::V11;
+         k == PrefillKernel::V11 || k == PrefillKernel::V12;
 }
 
 // The kernels that load K/V by TMA: they need PrefillAttentionArgs::total_tokens (their tensor maps span the rows).
 constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
   return k == PrefillKernel::V7 || k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
-         k == PrefillKernel::V11;
+         k == PrefillKernel::V11 || k == PrefillKernel::V12;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
@@ -60,6 +62,7 @@ constexpr const char* prefill_kernel_name(PrefillKernel k) {
     case PrefillKernel::V8: return "v8";
     case PrefillKernel::V10: return "v10";
     case PrefillKernel::V11: return "v11";
+    case PrefillKernel::V12: return "v12";
   }
   return "?";
 }

@@ -59,15 +59,23 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       of ones (8 wgmma m64n8k16, 1/16 of P·V's MACs) into a 4-register accumulator that the rescale scales with O.
 //       That replaces 64 FADDs per thread and tile and the final shuffles (every column of the product is the whole
 //       row's sum), and the sum is then of the bf16 P that P·V multiplied, not of the fp32 exponentials.
+//   v12: v11 on clusters of two CTAs that share every K/V tile: the CTAs take half of a GQA group each (pack =
+//       group / 2, so the pair has the same tokens, sequence and KV head, and so the same tiles), and each tile is
+//       loaded once from L2 for both, by multicast TMA (rank 0 copies K, rank 1 copies V, each into both CTAs).
+//       Half the L2 -> SM bytes of v11 (4.2 TB/s at 1 x 32K): energy, at the power cap. A stage is refilled once
+//       the warps of both CTAs are done with it (each warp arrives on its own CTA's and the peer's empty barrier).
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 11 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10, v11");
+  static_assert(kVersion >= 4 && kVersion <= 12 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v12");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
   static constexpr bool kLazyRescale = kVersion >= 10;
-  static constexpr bool kRowSumMma = kVersion == 11;
+  static constexpr bool kRowSumMma = kVersion >= 11;
+  static constexpr bool kCluster = kVersion == 12;  // launched as clusters of 2 with pack = group / 2
+  // empty[s]' arrivals: every thread (v7-v11); one per warp of both CTAs (v12, two of them remote).
+  static constexpr uint32_t kEmptyArrivals = kCluster ? 2 * kV4Threads / 32 : kV4Threads;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
   static constexpr int kBlockN = kVersion >= 6 ? 128 : 64;
   static constexpr uint32_t kKvRegion = kBlockN * 128;  // bytes of one 64-column region of a K or V tile
@@ -153,26 +161,37 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // v7: stage s is full[s] (thread 0's expect_tx, completed by the TMA bytes) and empty[s] (every thread arrives
   // once it is done reading the stage). Use n of a stage completes phase n: a waiter asks for parity n & 1.
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  const uint32_t cluster_rank = Cfg::kCluster ? tma::cluster_ctarank() : 0;
   uint64_t* empty_bar = full_bar + kStages;
   if constexpr (Cfg::kTma) {
     if (tid == 0) {
       for (int s = 0; s < kStages; ++s) {
         tma::mbarrier_init(full_bar + s, 1);
-        tma::mbarrier_init(empty_bar + s, kV4Threads);
+        tma::mbarrier_init(empty_bar + s, Cfg::kEmptyArrivals);
       }
       tma::fence_mbarrier_init();
     }
-    __syncthreads();
+    if constexpr (Cfg::kCluster)
+      tma::cluster_sync();  // the peer's barriers exist before this CTA's copies and arrivals reach them
+    else
+      __syncthreads();
   }
   // Thread 0: tile j's K and V (two 64-column boxes each) into stage j % kStages.
   auto tma_tile = [&](int j) {
     const int s = j % kStages;
     const int col = kv_head * kV4HeadDim, row = static_cast<int>(seq_begin) + j * kBlockN;
-    tma::mbarrier_arrive_expect_tx(full_bar + s, 2 * kKvBytes);
-    tma::load_2d(sK(s), &maps.k, col, row, full_bar + s);
-    tma::load_2d(sK(s) + kKvRegion, &maps.k, col + 64, row, full_bar + s);
-    tma::load_2d(sV(s), &maps.v, col, row, full_bar + s);
-    tma::load_2d(sV(s) + kKvRegion, &maps.v, col + 64, row, full_bar + s);
+    tma::mbarrier_arrive_expect_tx(full_bar + s, 2 * kKvBytes);  // v12: half from this CTA's copies, half the peer's
+    if constexpr (Cfg::kCluster) {
+      uint8_t* dst = cluster_rank == 0 ? sK(s) : sV(s);
+      const void* map = cluster_rank == 0 ? static_cast<const void*>(&maps.k) : static_cast<const void*>(&maps.v);
+      tma::load_2d_multicast(dst, map, col, row, full_bar + s, 0x3);
+      tma::load_2d_multicast(dst + kKvRegion, map, col + 64, row, full_bar + s, 0x3);
+    } else {
+      tma::load_2d(sK(s), &maps.k, col, row, full_bar + s);
+      tma::load_2d(sK(s) + kKvRegion, &maps.k, col + 64, row, full_bar + s);
+      tma::load_2d(sV(s), &maps.v, col, row, full_bar + s);
+      tma::load_2d(sV(s) + kKvRegion, &maps.v, col + 64, row, full_bar + s);
+    }
   };
 
   // v11: bf16 1.0 in every element of the ones region (no swizzle to respect); made visible to the wgmmas by the
@@ -421,7 +440,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         // Tile j+2 goes into the stage of tile j-1, once every thread has arrived on its empty barrier (end of
         // iteration j-1; use (j-1)/3 of that stage). Only warp 0 waits for it, and only at its own pace.
         if (tid == 0 && j + 2 < num_kv_tiles) {
-          if (j >= 1) tma::mbarrier_wait(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
+          if (j >= 1) {
+            if constexpr (Cfg::kCluster)
+              tma::mbarrier_wait_cluster(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
+            else
+              tma::mbarrier_wait(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
+          }
           tma_tile(j + 2);
         }
         tma::mbarrier_wait(full_bar + (j + 1) % kStages, ((j + 1) / kStages) & 1);
@@ -451,7 +475,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       if constexpr (Cfg::kRowSumMma) detail::wgmma_fence_operands(l);
       // p_cur is read by the P·V wgmma until the wait: keep its registers from being reused before it.
       detail::wgmma_fence_operands(p_cur);
-      if constexpr (Cfg::kTma) tma::mbarrier_arrive(empty_bar + j % kStages);  // tile j's K and V are read
+      // Tile j's K and V are read (the waits above are warp-wide: every lane's wgmmas are done).
+      if constexpr (Cfg::kCluster) {
+        if (lane == 0) {
+          tma::mbarrier_arrive(empty_bar + j % kStages);
+          tma::mbarrier_arrive_cluster(empty_bar + j % kStages, cluster_rank ^ 1u);
+        }
+      } else if constexpr (Cfg::kTma) {
+        tma::mbarrier_arrive(empty_bar + j % kStages);
+      }
       if constexpr (Cfg::kLazyRescale)
         rescale_o_if(rescale, correction);
       else
@@ -493,6 +525,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       *reinterpret_cast<uint32_t*>(out_row + 8 * jb + 2 * t) =
           pack_bf16x2(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
   }
+  // v12: stay until the peer is done: its last arrivals on this CTA's empty barriers are still on their way.
+  if constexpr (Cfg::kCluster) tma::cluster_sync();
 #else
   __trap();  // built without sm_90a code: the launcher refuses before getting here
 #endif

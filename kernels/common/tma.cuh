@@ -72,4 +72,66 @@ __device__ __forceinline__ void load_2d(void* dst, const void* tensor_map, int32
 #endif
 }
 
+// --- Clusters (prefill v12: two CTAs share each K/V tile through a multicast copy) ---
+
+// This CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+
+// Every thread of every CTA of the cluster: arrive (release) and wait (acquire). Orders the barrier inits before the
+// peers' remote arrivals and multicast copies, and keeps a CTA's shared memory alive until its peers are done
+// writing to it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+// Arrive on the barrier at the same shared-memory offset as `bar` in cluster CTA `rank` (release at cluster scope:
+// this thread's earlier reads of the stage happen before the peer's refill).
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(rank)
+      : "memory");
+#endif
+}
+
+// mbarrier_wait with acquire at cluster scope: for a barrier that peers arrive on (their reads of a stage happen
+// before this thread's refill of it).
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t addr = smem_addr(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+// load_2d into the same offset `dst` of every CTA in `cta_mask` (bit r = cluster rank r), completing the box's bytes
+// on the barrier at `bar`'s offset in each of them.
+__device__ __forceinline__ void load_2d_multicast(void* dst, const void* tensor_map, int32_t c0, int32_t c1,
+                                                  uint64_t* bar, uint16_t cta_mask) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(cta_mask)
+      : "memory");
+#endif
+}
+
 }  // namespace oscar::kern::detail::tma

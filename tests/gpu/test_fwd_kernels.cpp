@@ -303,7 +303,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
         PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
-        PrefillKernel::Auto}) {
+        PrefillKernel::V12, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -397,7 +397,7 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   for (const PrefillKernel kernel :
        {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
         PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
-        PrefillKernel::Auto}) {
+        PrefillKernel::V12, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -484,7 +484,7 @@ TEST(FwdGpuAttentionRescale, ClimbingScoresMoveTheRunningMax) {
   r.scale = scale;
   attention_prefill_ref(r);
   for (const PrefillKernel kernel : {PrefillKernel::V2, PrefillKernel::V7, PrefillKernel::V10, PrefillKernel::V11,
-                                     PrefillKernel::Auto}) {
+                                     PrefillKernel::V12, PrefillKernel::Auto}) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -531,7 +531,8 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.q = a.k = a.v = reinterpret_cast<const uint16_t*>(uintptr_t{0x10000});
   a.out = reinterpret_cast<uint16_t*>(uintptr_t{0x20000});
   a.cu_seqlens = cu_stub;
-  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11}) {
+  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
+                                          PrefillKernel::V12}) {
     SCOPED_TRACE(prefill_kernel_name(tma_kernel));
     a.kernel = tma_kernel;
     a.total_tokens = 0;
@@ -543,7 +544,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   }
   a.kernel = PrefillKernel::V6;
   a.total_tokens = 0;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7, v8, v10, v11) need it";
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7, v8, v10 .. v12) need it";
 }
 
 }  // namespace
