@@ -85,9 +85,11 @@ int run(int argc, char** argv) {
   app.add_option("--seed", seed, "seed of the random weights and ids");
   app.add_option("--logits", logits, "logits rows: last (one per sequence), all, none")
       ->check(CLI::IsMember({"last", "all", "none"}));
-  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 .. v8, v10 .. v12: wgmma, head_dim 128, sm_90a builds)")
+  std::vector<std::string> kernel_names = {"auto"};
+  for (const kern::PrefillKernelInfo& info : kern::kPrefillKernels) kernel_names.push_back(info.name);
+  app.add_option("--attn-kernel", kernels, "prefill attention kernels to time, in this order (auto: what the forward runs by default; v1, v2, v2k32, v3; v4 and up: wgmma, head_dim 128, sm_90a builds)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"auto", "v1", "v2", "v2k32", "v3", "v4", "v5", "v6", "v7", "v8", "v10", "v11", "v12"}));
+      ->check(CLI::IsMember(kernel_names));
   std::vector<std::string> selections = {"heuristic"};
   app.add_option("--gemm-selection", selections,
                  "cuBLASLt algorithm choice per GEMM shape, each timed in this order: heuristic (the first heuristic "
@@ -164,10 +166,8 @@ int run(int argc, char** argv) {
     opt.residual_in_gemm = residual_add == "gemm";
     const std::string label = kname + (selection == "timed" ? " (timed GEMMs)" : "") +
                               (residual_adds.size() > 1 ? ", residual add in " + residual_add : "");
-    // The CLI check admits only names prefill_kernel_name gives, so one of the enumerators matches.
-    for (int k = 0; k <= static_cast<int>(kern::PrefillKernel::V12); ++k)
-      if (kname == kern::prefill_kernel_name(static_cast<kern::PrefillKernel>(k)))
-        opt.attention_kernel = static_cast<kern::PrefillKernel>(k);
+    // The CLI check admits only the table's names, so the lookup succeeds.
+    kern::prefill_kernel_from_name(kname, &opt.attention_kernel);
     opt.profiler = nullptr;
     for (int i = 0; i < warmup; ++i) model->forward(packed, opt);
     rt::check_cuda(cudaStreamSynchronize(stream), "warmup");

@@ -96,9 +96,8 @@ struct PowerSampler {
 };
 
 kern::PrefillKernel parse_kernel(const std::string& name) {
-  for (int k = 0; k <= static_cast<int>(kern::PrefillKernel::V12); ++k)
-    if (name == kern::prefill_kernel_name(static_cast<kern::PrefillKernel>(k)))
-      return static_cast<kern::PrefillKernel>(k);
+  kern::PrefillKernel kernel{};
+  if (kern::prefill_kernel_from_name(name, &kernel)) return kernel;
   throw Error("--kernels", "unknown prefill attention kernel '" + name + "'");
 }
 
@@ -115,7 +114,7 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--batch", batch, "sequences")->check(CLI::PositiveNumber);
   app.add_option("--seq", seq, "tokens per sequence")->check(CLI::PositiveNumber);
-  app.add_option("--kernels", kernels, "kernels in this order (auto, v1, v2, v2k32, v3 .. v8, v10 .. v12); a name may repeat")
+  app.add_option("--kernels", kernels, "kernels in this order (auto, v1, v2, v2k32, v3 .. v8, v10 ..: kPrefillKernels in attention_prefill.h); a name may repeat")
       ->delimiter(',');
   app.add_option("--seconds", seconds, "how long each kernel runs back to back (power is averaged over it)")
       ->check(CLI::Range(0.2, 120.0));

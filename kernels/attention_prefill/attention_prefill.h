@@ -10,6 +10,7 @@
 //   v4-v7: v2's grid on Hopper warpgroup MMAs (attention_prefill_v4.cuh), head_dim 128, sm_90a.
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "kernels/common/status.h"
 
@@ -33,38 +34,58 @@ namespace oscar::kern {
 // V11: v10 with the softmax row sums on the tensor cores (P times a block of ones in each P·V group).
 // V12: v11 on clusters of two CTAs, half a GQA group each, that share every K/V tile through multicast TMA (half the
 // L2 traffic); GQA groups of 2, 4, 8 or 16 only (Unsupported otherwise).
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12 };
+// V13: v11 with its wgmma descriptors made once before the loop and offset per K step (fewer uniform instructions).
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13 };
 
-// The kernels built on warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere.
+// Every kernel once (Auto not included), with its name (the --attn-kernel / --kernels spelling) and what it needs.
+// Tests and benchmarks iterate over this table, so a new variant is one enumerator and one row.
+struct PrefillKernelInfo {
+  PrefillKernel kernel;
+  const char* name;
+  bool wgmma;  // warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere
+  bool tma;    // K/V by TMA: needs PrefillAttentionArgs::total_tokens (the tensor maps span the rows)
+};
+inline constexpr PrefillKernelInfo kPrefillKernels[] = {
+    {PrefillKernel::V1, "v1", false, false},   {PrefillKernel::V2, "v2", false, false},
+    {PrefillKernel::V2Keys32, "v2k32", false, false}, {PrefillKernel::V3, "v3", false, false},
+    {PrefillKernel::V4, "v4", true, false},    {PrefillKernel::V5, "v5", true, false},
+    {PrefillKernel::V6, "v6", true, false},    {PrefillKernel::V7, "v7", true, true},
+    {PrefillKernel::V8, "v8", true, true},     {PrefillKernel::V10, "v10", true, true},
+    {PrefillKernel::V11, "v11", true, true},   {PrefillKernel::V12, "v12", true, true},
+    {PrefillKernel::V13, "v13", true, true},
+};
+
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
-  return k == PrefillKernel::V4 || k == PrefillKernel::V5 || k == PrefillKernel::V6 || k == PrefillKernel::V7 ||
-         k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
-         k == PrefillKernel::V11 || k == PrefillKernel::V12;
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.kernel == k) return info.wgmma;
+  return false;
 }
 
-// The kernels that load K/V by TMA: they need PrefillAttentionArgs::total_tokens (their tensor maps span the rows).
 constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
-  return k == PrefillKernel::V7 || k == PrefillKernel::V8 || k == PrefillKernel::V10 ||
-         k == PrefillKernel::V11 || k == PrefillKernel::V12;
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.kernel == k) return info.tma;
+  return false;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
-  switch (k) {
-    case PrefillKernel::Auto: return "auto";
-    case PrefillKernel::V1: return "v1";
-    case PrefillKernel::V2: return "v2";
-    case PrefillKernel::V2Keys32: return "v2k32";
-    case PrefillKernel::V3: return "v3";
-    case PrefillKernel::V4: return "v4";
-    case PrefillKernel::V5: return "v5";
-    case PrefillKernel::V6: return "v6";
-    case PrefillKernel::V7: return "v7";
-    case PrefillKernel::V8: return "v8";
-    case PrefillKernel::V10: return "v10";
-    case PrefillKernel::V11: return "v11";
-    case PrefillKernel::V12: return "v12";
-  }
+  if (k == PrefillKernel::Auto) return "auto";
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.kernel == k) return info.name;
   return "?";
+}
+
+// The kernel named `name` ("auto" or a kPrefillKernels name); false when there is none.
+constexpr bool prefill_kernel_from_name(std::string_view name, PrefillKernel* kernel) {
+  if (name == "auto") {
+    *kernel = PrefillKernel::Auto;
+    return true;
+  }
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (name == info.name) {
+      *kernel = info.kernel;
+      return true;
+    }
+  return false;
 }
 
 // Device pointers. Token t of the packed batch lives at row t of q/k/v/out; head h of a row starts at h*head_dim.

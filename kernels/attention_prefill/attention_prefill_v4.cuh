@@ -64,9 +64,13 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       loaded once from L2 for both, by multicast TMA (rank 0 copies K, rank 1 copies V, each into both CTAs).
 //       Half the L2 -> SM bytes of v11 (4.2 TB/s at 1 x 32K): energy, at the power cap. A stage is refilled once
 //       the warps of both CTAs are done with it (each warp arrives on its own CTA's and the peer's empty barrier).
+//   v13: v11 with the wgmma descriptors made once: per tile and K step v11 rebuilds each of its 24 descriptors from
+//       the address (add, mask, shift, or, move: ~5 uniform instructions each, ~80 per tile in the SASS); v13 adds a
+//       compile-time offset (plus the stage's) to the low word of a descriptor made before the loop. Exact: the
+//       14-bit address field holds (address >> 4) of any shared-memory byte (< 256 KB), so it never carries.
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 12 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v12");
+  static_assert(kVersion >= 4 && kVersion <= 13 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v13");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
@@ -74,6 +78,7 @@ struct V4Config {
   static constexpr bool kLazyRescale = kVersion >= 10;
   static constexpr bool kRowSumMma = kVersion >= 11;
   static constexpr bool kCluster = kVersion == 12;  // launched as clusters of 2 with pack = group / 2
+  static constexpr bool kDescBase = kVersion == 13;
   // empty[s]' arrivals: every thread (v7-v11); one per warp of both CTAs (v12, two of them remote).
   static constexpr uint32_t kEmptyArrivals = kCluster ? 2 * kV4Threads / 32 : kV4Threads;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
@@ -259,12 +264,22 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the tile's keys (both K-major).
   // Issued and committed as one group; the caller waits.
+  // v13: the descriptors of stage 0's K and V, this warpgroup's Q rows and the ones block, made once; a K step's is
+  // one of these plus its offset in 16-byte units (stage * stage_units + a compile-time constant).
+  constexpr uint32_t kStageUnits = 2 * kKvBytes >> 4;
+  const uint64_t desc_k0 = detail::wgmma_desc_sw128(sK(0), 16, 1024);
+  const uint64_t desc_v0 = detail::wgmma_desc_sw128(sV(0), kKvRegion, 1024);
+  const uint64_t desc_q0 = detail::wgmma_desc_sw128(sQ + 64 * wg * 128, 16, 1024);
   auto issue_s = [&](float (&s)[kSRegs], int j) {
     detail::wgmma_fence();
+    const uint32_t stage_units = (j % kStages) * kStageUnits;
 #pragma unroll
     for (int ks = 0; ks < kV4HeadDim / 16; ++ks) {
       const uint32_t col = (ks & 3) * 32;  // 16 dims = 32 bytes into the region
-      const uint64_t db = detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kKvRegion + col, 16, 1024);
+      const uint64_t db =
+          Cfg::kDescBase
+              ? detail::wgmma_desc_add(desc_k0, stage_units + (((ks >> 2) * kKvRegion + col) >> 4))
+              : detail::wgmma_desc_sw128(sK(j % kStages) + (ks >> 2) * kKvRegion + col, 16, 1024);
       if constexpr (kQInRegisters) {
         if constexpr (kBlockN == 128)
           detail::wgmma_m64n128k16_rs<false>(s, qa[ks], db, ks > 0);
@@ -272,7 +287,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           detail::wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
       } else {
         const uint64_t da =
-            detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
+            Cfg::kDescBase ? detail::wgmma_desc_add(desc_q0, ((ks >> 2) * kV4QRegion + col) >> 4)
+                           : detail::wgmma_desc_sw128(sQ + (ks >> 2) * kV4QRegion + 64 * wg * 128 + col, 16, 1024);
         if constexpr (kBlockN == 128)
           detail::wgmma_m64n128k16_ss(s, da, db, ks > 0);
         else
@@ -285,10 +301,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // 64-column atoms one region apart (LBO), 8-key groups 1 KB apart (SBO)). One group; the caller waits.
   auto issue_pv = [&](const uint32_t (&p)[kPSteps][4], int j) {
     detail::wgmma_fence();
+    const uint32_t stage_units = (j % kStages) * kStageUnits;
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk)
       detail::wgmma_m64n128k16_rs<true>(
-          o, p[kk], detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024), true);
+          o, p[kk],
+          Cfg::kDescBase ? detail::wgmma_desc_add(desc_v0, stage_units + ((kk * 16 * 128) >> 4))
+                         : detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024),
+          true);
     if constexpr (Cfg::kRowSumMma) {
       // Every K step reads the same 16 columns of ones.
       const uint64_t ones = detail::wgmma_desc_sw128(smem + Cfg::kOnesOffset, 16, 1024);

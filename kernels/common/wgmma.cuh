@@ -30,6 +30,14 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t 
   return desc;
 }
 
+// The descriptor of the operand `units` 16-byte units further on: the same LBO, SBO and swizzle. Exact while the
+// address stays in shared memory: the 14-bit start field holds (address >> 4) of up to 256 KB, so the add of the
+// low word never carries into LBO; the caller's offsets keep the 1024-byte swizzle phase where it must be.
+__device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, uint32_t units) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + units;
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // Ordering: shared-memory writes of the generic proxy (st.shared, cp.async) must be fenced into the async proxy
 // before a wgmma reads them; registers a wgmma reads or accumulates into must be fenced before it is issued.
 __device__ __forceinline__ void fence_proxy_async_shared() {

@@ -37,6 +37,23 @@ DeviceBuffer dev(const std::vector<T>& v) {
 
 void sync() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
+// Every prefill attention kernel of the table, in its order (v2 before v3, whose bits the test compares), then Auto.
+std::vector<PrefillKernel> every_kernel_and_auto() {
+  std::vector<PrefillKernel> kernels;
+  for (const PrefillKernelInfo& info : kPrefillKernels) kernels.push_back(info.kernel);
+  kernels.push_back(PrefillKernel::Auto);
+  return kernels;
+}
+
+// v2 (the portable kernel) and every TMA kernel (the latest wgmma family), then Auto.
+std::vector<PrefillKernel> v2_tma_kernels_and_auto() {
+  std::vector<PrefillKernel> kernels = {PrefillKernel::V2};
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.tma) kernels.push_back(info.kernel);
+  kernels.push_back(PrefillKernel::Auto);
+  return kernels;
+}
+
 TEST(FwdGpuEmbedding, GatherIsExact) {
   OSCAR_REQUIRE_GPU();
   const int64_t vocab = 1000, hidden = 320;
@@ -300,10 +317,7 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   attention_prefill_ref(r);
   std::vector<uint16_t> v2_bits;
   std::map<PrefillKernel, std::vector<uint16_t>> ran;  // each kernel's output bits
-  for (const PrefillKernel kernel :
-       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
-        PrefillKernel::V12, PrefillKernel::Auto}) {
+  for (const PrefillKernel kernel : every_kernel_and_auto()) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     // 0xFFFF is a bf16 NaN: an output element the kernel fails to write makes the NMSE NaN and the check fail.
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -394,10 +408,7 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   a.num_kv_heads = hkv;
   a.head_dim = d;
   a.scale = 1.f / std::sqrt(static_cast<float>(d));
-  for (const PrefillKernel kernel :
-       {PrefillKernel::V1, PrefillKernel::V2, PrefillKernel::V2Keys32, PrefillKernel::V3, PrefillKernel::V4,
-        PrefillKernel::V5, PrefillKernel::V6, PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
-        PrefillKernel::V12, PrefillKernel::Auto}) {
+  for (const PrefillKernel kernel : every_kernel_and_auto()) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -483,8 +494,7 @@ TEST(FwdGpuAttentionRescale, ClimbingScoresMoveTheRunningMax) {
   r.head_dim = d;
   r.scale = scale;
   attention_prefill_ref(r);
-  for (const PrefillKernel kernel : {PrefillKernel::V2, PrefillKernel::V7, PrefillKernel::V10, PrefillKernel::V11,
-                                     PrefillKernel::V12, PrefillKernel::Auto}) {
+  for (const PrefillKernel kernel : v2_tma_kernels_and_auto()) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
     ASSERT_EQ(cudaMemset(d_out.data(), 0xFF, d_out.bytes()), cudaSuccess);
@@ -531,9 +541,10 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.q = a.k = a.v = reinterpret_cast<const uint16_t*>(uintptr_t{0x10000});
   a.out = reinterpret_cast<uint16_t*>(uintptr_t{0x20000});
   a.cu_seqlens = cu_stub;
-  for (const PrefillKernel tma_kernel : {PrefillKernel::V7, PrefillKernel::V8, PrefillKernel::V10, PrefillKernel::V11,
-                                          PrefillKernel::V12}) {
-    SCOPED_TRACE(prefill_kernel_name(tma_kernel));
+  for (const PrefillKernelInfo& info : kPrefillKernels) {
+    if (!info.tma) continue;
+    const PrefillKernel tma_kernel = info.kernel;
+    SCOPED_TRACE(info.name);
     a.kernel = tma_kernel;
     a.total_tokens = 0;
     EXPECT_EQ(attention_prefill_can_implement(a), Status::InvalidArgument) << "total_tokens not given";
@@ -544,7 +555,28 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   }
   a.kernel = PrefillKernel::V6;
   a.total_tokens = 0;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels (v7, v8, v10 .. v12) need it";
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels need it";
+
+  // v12 splits each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV heads).
+  a.kernel = PrefillKernel::V12;
+  a.total_tokens = 300;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "group 2";
+  a.num_heads = 6;  // group 3
+  a.q_row_stride = a.out_row_stride = 6 * 128;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 3";
+  a.num_heads = 12;  // group 6: half of it is not a power of two
+  a.q_row_stride = a.out_row_stride = 12 * 128;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 6";
+  a.num_heads = 2;  // MHA: nothing to split
+  a.q_row_stride = a.out_row_stride = 2 * 128;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 1";
+  a.num_heads = 32;  // group 16
+  a.q_row_stride = a.out_row_stride = 32 * 128;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "group 16";
+  a.kernel = PrefillKernel::V11;
+  a.num_heads = 6;
+  a.q_row_stride = a.out_row_stride = 6 * 128;
+  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "v11 takes any group";
 }
 
 }  // namespace
