@@ -33,9 +33,13 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t 
 // The descriptor of the operand `units` 16-byte units further on: the same LBO, SBO and swizzle. Exact while the
 // address stays in shared memory: the 14-bit start field holds (address >> 4) of up to 256 KB, so the add of the
 // low word never carries into LBO; the caller's offsets keep the 1024-byte swizzle phase where it must be.
+// (The halves go through mov.b64 {lo, hi}: a register pair, no 64-bit mask and or.)
 __device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, uint32_t units) {
-  const uint32_t lo = static_cast<uint32_t>(desc) + units;
-  return (desc & 0xFFFFFFFF00000000ull) | lo;
+  uint32_t lo, hi;
+  asm("mov.b64 {%0, %1}, %2;" : "=r"(lo), "=r"(hi) : "l"(desc));
+  uint64_t out;
+  asm("mov.b64 %0, {%1, %2};" : "=l"(out) : "r"(lo + units), "r"(hi));
+  return out;
 }
 
 // Ordering: shared-memory writes of the generic proxy (st.shared, cp.async) must be fenced into the async proxy
