@@ -68,17 +68,18 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       the address (add, mask, shift, or, move: ~5 uniform instructions each, ~80 per tile in the SASS); v13 adds a
 //       compile-time offset (plus the stage's) to the low word of a descriptor made before the loop. Exact: the
 //       14-bit address field holds (address >> 4) of any shared-memory byte (< 256 KB), so it never carries.
+//   v14: v12 and v13 together (clusters with multicast K/V, descriptors made once).
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 13 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v13");
+  static_assert(kVersion >= 4 && kVersion <= 14 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v14");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
   static constexpr bool kLazyRescale = kVersion >= 10;
   static constexpr bool kRowSumMma = kVersion >= 11;
-  static constexpr bool kCluster = kVersion == 12;  // launched as clusters of 2 with pack = group / 2
-  static constexpr bool kDescBase = kVersion == 13;
+  static constexpr bool kCluster = kVersion == 12 || kVersion == 14;  // clusters of 2 with pack = group / 2
+  static constexpr bool kDescBase = kVersion == 13 || kVersion == 14;
   // empty[s]' arrivals: every thread (v7-v11); one per warp of both CTAs (v12, two of them remote).
   static constexpr uint32_t kEmptyArrivals = kCluster ? 2 * kV4Threads / 32 : kV4Threads;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;

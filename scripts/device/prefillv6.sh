@@ -10,7 +10,7 @@
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
 #   lazy:  v10 (lazy rescaling) and v11 (+ tensor-core row sums) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
-#   cluster: v12 (2-CTA clusters, multicast K/V) and v13 (descriptors made once) against v11: tests, per-kernel
+#   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
 #          power, forward at 1 x 32K, SASS counts (~3 min).
 #   hf32k: the hf part at Qwen3-8B 1 x 32768 only.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
@@ -69,19 +69,19 @@ if [[ $parts == *,lazy,* ]]; then
   fi
 fi
 if [[ $parts == *,cluster,* ]]; then
-  # v12 (v11 on 2-CTA clusters sharing K/V by multicast TMA) and v13 (v11 with descriptors made once), both written
+  # v12 (v11 on 2-CTA clusters sharing K/V by multicast TMA), v13 (v11 with descriptors made once) and v14 (both), written
   # 2026-12-07 without a GPU, against v11: the attention tests (every kernel vs the double reference; a hang in v12's
   # cluster barriers would end at the timeout), the kernels alone with their power, the forward at 1 x 32K, SASS counts.
   timeout 70 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv6_cluster_tests.log" |
     grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
-  grep -E ", v(11|12|13):" "$OUT/prefillv6_cluster_tests.log" | head -40
-  timeout 40 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
-    --kernels v11,v12,v13,v11,v12,v13 --seconds 2 2>&1 | tee "$OUT/prefillv6_cluster_power.log" | tail -7
-  timeout 60 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
-    --iters 2 --attn-kernel v11,v12,v13,v11,v12,v13 2>&1 | tee "$OUT/prefillv6_cluster_bench_qwen3_1x32768.log" |
+  grep -E ", v(11|12|13|14):" "$OUT/prefillv6_cluster_tests.log" | head -40
+  timeout 50 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
+    --kernels v11,v12,v13,v14,v11,v12,v13,v14 --seconds 2 2>&1 | tee "$OUT/prefillv6_cluster_power.log" | tail -7
+  timeout 80 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
+    --iters 2 --attn-kernel v11,v12,v13,v14,v11,v12,v13,v14 2>&1 | tee "$OUT/prefillv6_cluster_bench_qwen3_1x32768.log" |
     grep -E "^attn"
   OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
-  for v in 12 13; do
+  for v in 12 13 14; do
     [ -n "$OBJ" ] || break
     for f in $BIN/lib/*.so* $BIN/bin/forward_bench; do
       [ -f "$f" ] && $OBJ -sass -fun "_ZN5oscar4kern6detail27attention_prefill_v4_kernelILi${v}EEEvNS0_20PrefillAttentionArgsEfiiNS1_14PrefillTmaMapsE" "$f" 2>/dev/null

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <utility>
 #include <span>
 #include <vector>
 
@@ -557,22 +558,20 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.total_tokens = 0;
   EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels need it";
 
-  // v12 splits each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV heads).
-  a.kernel = PrefillKernel::V12;
-  a.total_tokens = 300;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "group 2";
-  a.num_heads = 6;  // group 3
-  a.q_row_stride = a.out_row_stride = 6 * 128;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 3";
-  a.num_heads = 12;  // group 6: half of it is not a power of two
-  a.q_row_stride = a.out_row_stride = 12 * 128;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 6";
-  a.num_heads = 2;  // MHA: nothing to split
-  a.q_row_stride = a.out_row_stride = 2 * 128;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Unsupported) << "group 1";
-  a.num_heads = 32;  // group 16
-  a.q_row_stride = a.out_row_stride = 32 * 128;
-  EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "group 16";
+  // v12 and v14 split each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV
+  // heads first).
+  for (const PrefillKernel cluster_kernel : {PrefillKernel::V12, PrefillKernel::V14}) {
+    SCOPED_TRACE(prefill_kernel_name(cluster_kernel));
+    a.kernel = cluster_kernel;
+    a.total_tokens = 300;
+    for (const auto& [heads, expected] : {std::pair{4, Status::Ok}, std::pair{6, Status::Unsupported},
+                                          std::pair{12, Status::Unsupported}, std::pair{2, Status::Unsupported},
+                                          std::pair{32, Status::Ok}}) {
+      a.num_heads = heads;  // group heads / 2
+      a.q_row_stride = a.out_row_stride = int64_t{heads} * 128;
+      EXPECT_EQ(attention_prefill_can_implement(a), expected) << "group " << heads / 2;
+    }
+  }
   a.kernel = PrefillKernel::V11;
   a.num_heads = 6;
   a.q_row_stride = a.out_row_stride = 6 * 128;
