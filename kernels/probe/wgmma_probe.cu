@@ -32,6 +32,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
       const int n = i / kK, k = i % kK;
       *reinterpret_cast<uint16_t*>(b_s + (k / 64) * kRegionBytes64 + detail::sw128_offset(n, k % 64)) = p.b[i];
     }
+  } else if (p.mode == WgmmaProbeMode::Rs8) {
+    for (int i = tid; i < 8 * kK; i += 128) {  // 8 n rows, K contiguous: two K regions of 8 rows (1 KB each)
+      const int n = i / kK, k = i % kK;
+      *reinterpret_cast<uint16_t*>(b_s + (k / 64) * 1024 + detail::sw128_offset(n, k % 64)) = p.b[i];
+    }
   } else if (p.mode == WgmmaProbeMode::Rs) {
     for (int i = tid; i < 128 * kK; i += 128) {  // B rows are n, K contiguous: two K regions of 128 n rows each
       const int n = i / kK, k = i % kK;
@@ -81,6 +86,20 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
       af[ks][2] = pack_bf16_pair(p.a[r0 * kK + k0 + 8], p.a[r0 * kK + k0 + 9]);
       af[ks][3] = pack_bf16_pair(p.a[(r0 + 8) * kK + k0 + 8], p.a[(r0 + 8) * kK + k0 + 9]);
     }
+    if (p.mode == WgmmaProbeMode::Rs8) {
+      float d8[4] = {0.f, 0.f, 0.f, 0.f};
+      detail::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kK / 16; ++ks)
+        detail::wgmma_m64n8k16_rs(d8, af[ks], detail::wgmma_desc_sw128(b_s + (ks / 4) * 1024 + (ks % 4) * 32, 16, 1024),
+                                  ks > 0);
+      detail::wgmma_commit();
+      detail::wgmma_wait<0>();
+      detail::wgmma_fence_operands(d8);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p.c[(16 * warp + g + 8 * (e >> 1)) * 8 + 2 * c + (e & 1)] = d8[e];
+      return;
+    }
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.f;
@@ -111,7 +130,8 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(WgmmaProbeArgs p) {
 
 Status wgmma_probe(const WgmmaProbeArgs& args, Stream stream) {
   if (!args.a || !args.b || !args.c) return Status::InvalidArgument;
-  if (args.mode != WgmmaProbeMode::Ss && args.mode != WgmmaProbeMode::RsT && args.mode != WgmmaProbeMode::Rs)
+  if (args.mode != WgmmaProbeMode::Ss && args.mode != WgmmaProbeMode::RsT && args.mode != WgmmaProbeMode::Rs &&
+      args.mode != WgmmaProbeMode::Rs8)
     return Status::InvalidArgument;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||

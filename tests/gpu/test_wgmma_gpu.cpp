@@ -39,9 +39,8 @@ std::vector<double> matmul(const std::vector<uint16_t>& a, const std::vector<uin
 // Runs one probe; GTEST_SKIPs where the device or the build cannot (not an sm_90 GPU, or no sm_90a code).
 double run_probe(kern::WgmmaProbeMode mode, uint32_t lbo, uint32_t sbo, bool* skipped) {
   *skipped = false;
-  const bool ss = mode == kern::WgmmaProbeMode::Ss;
-  const bool b_k_major = mode != kern::WgmmaProbeMode::RsT;  // B rows are n with K contiguous (Ss, Rs)
-  const int n = ss ? 64 : 128;
+  const bool b_k_major = mode != kern::WgmmaProbeMode::RsT;  // B rows are n with K contiguous (Ss, Rs, Rs8)
+  const int n = mode == kern::WgmmaProbeMode::Ss ? 64 : mode == kern::WgmmaProbeMode::Rs8 ? 8 : 128;
   const auto a = random_bf16(64 * 128, 1);
   const auto b = random_bf16(static_cast<size_t>(n) * 128, 2);
   DeviceBuffer<uint16_t> da(a), db(b);
@@ -60,7 +59,7 @@ double run_probe(kern::WgmmaProbeMode mode, uint32_t lbo, uint32_t sbo, bool* sk
   }
   EXPECT_EQ(st, kern::Status::Ok);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  // Ss, Rs: B rows are n (K contiguous); RsT: B rows are k (N contiguous).
+  // Ss, Rs, Rs8: B rows are n (K contiguous); RsT: B rows are k (N contiguous).
   const auto want = b_k_major ? matmul(a, b, 64, n, 128, 128, 1) : matmul(a, b, 64, n, 128, 1, 128);
   return test::gpu::nmse_vs_double(dc.download(), want);
 }
@@ -85,13 +84,24 @@ TEST(WgmmaGpu, RegisterAWithTransposedBMatchesTheMatmul) {
   EXPECT_LE(err, 1e-10);
 }
 
-// Prefill v9's S = Q·Kᵀ with Q in registers over a 128-key tile (wgmma_m64n128k16_rs, K-major B).
+// S = Q·Kᵀ with Q in registers over a 128-key tile (wgmma_m64n128k16_rs, K-major B; prefill v5-style).
 TEST(WgmmaGpu, RegisterAWithKMajorBMatchesTheMatmul) {
   OSCAR_REQUIRE_DEVICE();
   bool skipped = false;
   const double err = run_probe(kern::WgmmaProbeMode::Rs, 16, 1024, &skipped);
   if (skipped) GTEST_SKIP() << "wgmma needs an sm_90 device and a build for sm_90a";
   std::printf("  rs + K-major B (m64n128k16) nmse %.3g\n", err);
+  EXPECT_LE(err, 1e-10);
+}
+
+// Prefill v11's row sums: P · ones through wgmma m64n8k16 with a K-major B of 8 rows (random B here, so a wrong
+// swizzle or row order shows, which all-ones would hide).
+TEST(WgmmaGpu, RegisterAWithEightRowBMatchesTheMatmul) {
+  OSCAR_REQUIRE_DEVICE();
+  bool skipped = false;
+  const double err = run_probe(kern::WgmmaProbeMode::Rs8, 16, 1024, &skipped);
+  if (skipped) GTEST_SKIP() << "wgmma needs an sm_90 device and a build for sm_90a";
+  std::printf("  rs + 8-row K-major B (m64n8k16) nmse %.3g\n", err);
   EXPECT_LE(err, 1e-10);
 }
 
