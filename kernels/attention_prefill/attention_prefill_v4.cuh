@@ -462,10 +462,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         // iteration j-1; use (j-1)/3 of that stage). Only warp 0 waits for it, and only at its own pace.
         if (tid == 0 && j + 2 < num_kv_tiles) {
           if (j >= 1) {
-            if constexpr (Cfg::kCluster)
-              tma::mbarrier_wait_cluster(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
-            else
-              tma::mbarrier_wait(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
+            tma::mbarrier_wait<Cfg::kCluster>(empty_bar + (j + 2) % kStages, ((j - 1) / kStages) & 1);
           }
           tma_tile(j + 2);
         }

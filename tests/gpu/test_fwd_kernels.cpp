@@ -274,6 +274,56 @@ struct AttentionCase {
   std::vector<int32_t> lengths;
 };
 
+// bf16 q/k/v of a packed batch (dense rows: heads × d) on the device, the output buffer, and the arguments over them.
+struct DeviceAttention {
+  DeviceBuffer q, k, v, cu, out;
+  PrefillAttentionArgs args;
+};
+DeviceAttention upload_attention(const std::vector<uint16_t>& q, const std::vector<uint16_t>& k,
+                                 const std::vector<uint16_t>& v, const std::vector<int32_t>& cu, int32_t hq,
+                                 int32_t hkv, int32_t d) {
+  const int64_t T = cu.back();
+  DeviceAttention g{dev(q), dev(k), dev(v), dev(cu), DeviceBuffer(std::max<int64_t>(T, 1) * hq * d * 2), {}};
+  PrefillAttentionArgs& a = g.args;
+  a.q = g.q.as<uint16_t>();
+  a.k = g.k.as<uint16_t>();
+  a.v = g.v.as<uint16_t>();
+  a.out = g.out.as<uint16_t>();
+  a.q_row_stride = a.out_row_stride = int64_t{hq} * d;
+  a.k_row_stride = a.v_row_stride = int64_t{hkv} * d;
+  a.cu_seqlens = g.cu.as<int32_t>();
+  a.num_seqs = static_cast<int32_t>(cu.size() - 1);
+  for (size_t s = 0; s + 1 < cu.size(); ++s) a.max_seqlen = std::max(a.max_seqlen, cu[s + 1] - cu[s]);
+  a.total_tokens = T;
+  a.num_heads = hq;
+  a.num_kv_heads = hkv;
+  a.head_dim = d;
+  a.scale = 1.f / std::sqrt(static_cast<float>(d));
+  return g;
+}
+
+// attention_prefill_ref over the same bf16 values (widened), with the args' shape and scale.
+std::vector<float> attention_reference(const std::vector<uint16_t>& q, const std::vector<uint16_t>& k,
+                                       const std::vector<uint16_t>& v, const std::vector<int32_t>& cu,
+                                       const PrefillAttentionArgs& a) {
+  const std::vector<float> q32 = widen(q), k32 = widen(k), v32 = widen(v);
+  std::vector<float> ref(static_cast<size_t>(cu.back()) * a.num_heads * a.head_dim);
+  PrefillAttentionRefArgs r;
+  r.q = q32.data();
+  r.k = k32.data();
+  r.v = v32.data();
+  r.out = ref.data();
+  r.q_row_stride = r.out_row_stride = a.q_row_stride;
+  r.k_row_stride = r.v_row_stride = a.k_row_stride;
+  r.cu_seqlens = cu;
+  r.num_heads = a.num_heads;
+  r.num_kv_heads = a.num_kv_heads;
+  r.head_dim = a.head_dim;
+  r.scale = a.scale;
+  attention_prefill_ref(r);
+  return ref;
+}
+
 class FwdGpuAttention : public ::testing::TestWithParam<AttentionCase> {};
 
 TEST_P(FwdGpuAttention, MatchesRef) {
@@ -284,38 +334,10 @@ TEST_P(FwdGpuAttention, MatchesRef) {
   const int64_t T = cu.back();
   const std::vector<uint16_t> q = to_bf16(randn(T * c.hq * c.d, 12, 2.f)), k = to_bf16(randn(T * c.hkv * c.d, 13, 2.f)),
                               v = to_bf16(randn(T * c.hkv * c.d, 14));
-  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(std::max<int64_t>(T, 1) * c.hq * c.d * 2);
-  PrefillAttentionArgs a;
-  a.q = d_q.as<uint16_t>();
-  a.k = d_k.as<uint16_t>();
-  a.v = d_v.as<uint16_t>();
-  a.out = d_out.as<uint16_t>();
-  a.q_row_stride = a.out_row_stride = int64_t{c.hq} * c.d;
-  a.k_row_stride = a.v_row_stride = int64_t{c.hkv} * c.d;
-  a.cu_seqlens = d_cu.as<int32_t>();
-  a.num_seqs = static_cast<int32_t>(c.lengths.size());
-  a.max_seqlen = *std::max_element(c.lengths.begin(), c.lengths.end());
-  a.total_tokens = T;
-  a.num_heads = c.hq;
-  a.num_kv_heads = c.hkv;
-  a.head_dim = c.d;
-  a.scale = 1.f / std::sqrt(static_cast<float>(c.d));
-
-  const std::vector<float> q32 = widen(q), k32 = widen(k), v32 = widen(v);
-  std::vector<float> ref(T * c.hq * c.d);
-  PrefillAttentionRefArgs r;
-  r.q = q32.data();
-  r.k = k32.data();
-  r.v = v32.data();
-  r.out = ref.data();
-  r.q_row_stride = r.out_row_stride = a.q_row_stride;
-  r.k_row_stride = r.v_row_stride = a.k_row_stride;
-  r.cu_seqlens = cu;
-  r.num_heads = c.hq;
-  r.num_kv_heads = c.hkv;
-  r.head_dim = c.d;
-  r.scale = a.scale;
-  attention_prefill_ref(r);
+  DeviceAttention g = upload_attention(q, k, v, cu, c.hq, c.hkv, c.d);
+  PrefillAttentionArgs& a = g.args;
+  DeviceBuffer& d_out = g.out;
+  const std::vector<float> ref = attention_reference(q, k, v, cu, a);
   std::vector<uint16_t> v2_bits;
   std::map<PrefillKernel, std::vector<uint16_t>> ran;  // each kernel's output bits
   for (const PrefillKernel kernel : every_kernel_and_auto()) {
@@ -393,22 +415,9 @@ TEST(FwdGpuAttentionLong, ThirtyTwoKTokensSpotRows) {
   const std::vector<uint16_t> q = to_bf16(randn(int64_t{T} * hq * d, 15)), k = to_bf16(randn(int64_t{T} * hkv * d, 16)),
                               v = to_bf16(randn(int64_t{T} * hkv * d, 17));
   const std::vector<int32_t> cu = {0, T};
-  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(int64_t{T} * hq * d * 2);
-  PrefillAttentionArgs a;
-  a.q = d_q.as<uint16_t>();
-  a.k = d_k.as<uint16_t>();
-  a.v = d_v.as<uint16_t>();
-  a.out = d_out.as<uint16_t>();
-  a.q_row_stride = a.out_row_stride = hq * d;
-  a.k_row_stride = a.v_row_stride = hkv * d;
-  a.cu_seqlens = d_cu.as<int32_t>();
-  a.num_seqs = 1;
-  a.max_seqlen = T;
-  a.total_tokens = T;
-  a.num_heads = hq;
-  a.num_kv_heads = hkv;
-  a.head_dim = d;
-  a.scale = 1.f / std::sqrt(static_cast<float>(d));
+  DeviceAttention g = upload_attention(q, k, v, cu, hq, hkv, d);
+  PrefillAttentionArgs& a = g.args;
+  DeviceBuffer& d_out = g.out;
   for (const PrefillKernel kernel : every_kernel_and_auto()) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
@@ -464,37 +473,10 @@ TEST(FwdGpuAttentionRescale, ClimbingScoresMoveTheRunningMax) {
   }
   const std::vector<uint16_t> q = to_bf16(q32), k = to_bf16(k32), v = to_bf16(randn(int64_t{T} * hkv * d, 42));
   const std::vector<int32_t> cu = {0, T};
-  DeviceBuffer d_q = dev(q), d_k = dev(k), d_v = dev(v), d_cu = dev(cu), d_out(int64_t{T} * hq * d * 2);
-  PrefillAttentionArgs a;
-  a.q = d_q.as<uint16_t>();
-  a.k = d_k.as<uint16_t>();
-  a.v = d_v.as<uint16_t>();
-  a.out = d_out.as<uint16_t>();
-  a.q_row_stride = a.out_row_stride = hq * d;
-  a.k_row_stride = a.v_row_stride = hkv * d;
-  a.cu_seqlens = d_cu.as<int32_t>();
-  a.num_seqs = 1;
-  a.max_seqlen = T;
-  a.total_tokens = T;
-  a.num_heads = hq;
-  a.num_kv_heads = hkv;
-  a.head_dim = d;
-  a.scale = scale;
-  const std::vector<float> qr = widen(q), kr = widen(k), vr = widen(v);
-  std::vector<float> ref(int64_t{T} * hq * d);
-  PrefillAttentionRefArgs r;
-  r.q = qr.data();
-  r.k = kr.data();
-  r.v = vr.data();
-  r.out = ref.data();
-  r.q_row_stride = r.out_row_stride = a.q_row_stride;
-  r.k_row_stride = r.v_row_stride = a.k_row_stride;
-  r.cu_seqlens = cu;
-  r.num_heads = hq;
-  r.num_kv_heads = hkv;
-  r.head_dim = d;
-  r.scale = scale;
-  attention_prefill_ref(r);
+  DeviceAttention g = upload_attention(q, k, v, cu, hq, hkv, d);
+  PrefillAttentionArgs& a = g.args;
+  DeviceBuffer& d_out = g.out;
+  const std::vector<float> ref = attention_reference(q, k, v, cu, a);
   for (const PrefillKernel kernel : v2_tma_kernels_and_auto()) {
     SCOPED_TRACE(std::string("kernel ") + prefill_kernel_name(kernel));
     a.kernel = kernel;
