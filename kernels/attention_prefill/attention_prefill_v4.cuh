@@ -48,13 +48,13 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       named barriers: a warpgroup issues tile j's S and P·V only after the other has issued its own, so one's
 //       softmax overlaps the other's GEMMs. Same instructions per warpgroup as v7, only their order in time moves.
 //   v10: v7 with lazy rescaling (FA4's): the running max a row's exponentials are taken against moves only when a
-//       tile's max exceeds it by more than 8 in log2 units (kV4RescaleThreshold: a factor 2^8), decided per warp by a vote; then
-//       O's 64 multiplies per thread, the two correction exponentials and the row-sum rescale run, otherwise they
-//       are skipped. Past the first tiles of a long row the max rarely moves that much, so most tiles skip them.
-//       The result is the same function: every exponential and O share one reference per row until the final
-//       division; P may reach 2^8 (fp32 sums, bf16 P keep their relative precision). At 1 x 32K the GPU sits at
-//       its power cap (docs/results.md "The 1 × 32K prefill is power-bound"): fewer instructions per tile is the
-//       lever there. (A v9, v7 with Q in registers, ran 2 % slower at the same power and was removed.)
+//       tile's max exceeds it by more than 8 in log2 units (kV4RescaleThreshold: a factor 2^8), decided per warp
+//       by a vote; then O's 64 multiplies per thread, the two correction exponentials and the row-sum rescale run,
+//       otherwise they are skipped. Past the first tiles of a long row the max rarely moves that much, so most
+//       tiles skip them. The result is the same function: every exponential and O share one reference per row
+//       until the final division; P may reach 2^8 (fp32 sums, bf16 P keep their relative precision). At 1 x 32K
+//       the GPU sits at its power cap (docs/results.md "The 1 × 32K prefill is power-bound"): fewer instructions
+//       per tile is the lever there. (A v9, v7 with Q in registers, ran 2 % slower at the same power; removed.)
 //   v11: v10 with the softmax row sums on the tensor cores: each P·V group also multiplies P by an 8-column block
 //       of ones (8 wgmma m64n8k16, 1/16 of P·V's MACs) into a 4-register accumulator that the rescale scales with O.
 //       That replaces 64 FADDs per thread and tile and the final shuffles (every column of the product is the whole
@@ -265,8 +265,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // S = Q·Kᵀ of tile j: 8 K steps of 16 dims, A = this warpgroup's 64 Q rows, B = the tile's keys (both K-major).
   // Issued and committed as one group; the caller waits.
-  // v13: the descriptors of stage 0's K and V, this warpgroup's Q rows and the ones block, made once; a K step's is
-  // one of these plus its offset in 16-byte units (stage * stage_units + a compile-time constant).
+  // v13: the descriptors of stage 0's K and V and of this warpgroup's Q rows, made once; a K step's is one of these
+  // plus its offset in 16-byte units (stage * kStageUnits + a compile-time constant).
   constexpr uint32_t kStageUnits = 2 * kKvBytes >> 4;
   const uint64_t desc_k0 = detail::wgmma_desc_sw128(sK(0), 16, 1024);
   const uint64_t desc_v0 = detail::wgmma_desc_sw128(sV(0), kKvRegion, 1024);
