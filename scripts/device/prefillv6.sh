@@ -11,7 +11,7 @@
 #   lazy:  v10 (lazy rescaling) and v11 (+ tensor-core row sums) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
 #   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
-#          power, forward at 1 x 32K, SASS counts (~3 min).
+#          power, forward at 1 x 32K, synccheck of one shape, SASS counts (~4 min).
 #   hf32k: the hf part at Qwen3-8B 1 x 32768 only.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
@@ -80,6 +80,13 @@ if [[ $parts == *,cluster,* ]]; then
   timeout 80 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
     --iters 2 --attn-kernel v11,v12,v13,v14,v11,v12,v13,v14 2>&1 | tee "$OUT/prefillv6_cluster_bench_qwen3_1x32768.log" |
     grep -E "^attn"
+  # the cluster barriers under synccheck (one d-128 GQA-4 shape, every kernel)
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$CS" ]; then
+    timeout 60 "$CS" --tool synccheck "$BIN/bin/test_gpu" --gtest_filter='Shapes/FwdGpuAttention.MatchesRef/4' \
+      > "$OUT/prefillv6_cluster_synccheck.txt" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_cluster_synccheck.txt" | tail -3
+  fi
   OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
   for v in 12 13 14; do
     [ -n "$OBJ" ] || break
