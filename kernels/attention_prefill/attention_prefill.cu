@@ -8,6 +8,7 @@
 #include "kernels/attention_prefill/attention_prefill_v2.cuh"
 #include "kernels/attention_prefill/attention_prefill_v3.cuh"
 #include "kernels/attention_prefill/attention_prefill_v4.cuh"
+#include "kernels/common/tma_host.h"
 
 namespace oscar::kern {
 
@@ -97,36 +98,13 @@ bool device_runs_wgmma() {
 }
 
 #if defined(OSCAR_WGMMA)
-// cuTensorMapEncodeTiled from the driver the runtime already loaded (no libcuda link); null if it has none.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      return EncodeTiledFn{nullptr};
-    return reinterpret_cast<EncodeTiledFn>(p);
-  }();
-  return fn;
-}
-
 // v7's descriptor of K or V: [total_tokens rows][num_kv_heads × 128 columns] bf16 with the given row stride; a box
 // is 64 columns (128 bytes, the swizzle span) × rows_per_box rows, 128B-swizzled as the wgmma descriptors expect.
 bool encode_kv_map(CUtensorMap* map, const uint16_t* base, const PrefillAttentionArgs& a, int64_t row_stride,
                    uint32_t rows_per_box) {
-  const EncodeTiledFn encode = encode_tiled();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.num_kv_heads) * static_cast<cuuint64_t>(a.head_dim),
-                              static_cast<cuuint64_t>(a.total_tokens)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride) * 2};
-  const cuuint32_t box[2] = {64, rows_per_box};
-  const cuuint32_t element_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(base), dims, strides, box,
-                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return detail::tma_encode_bf16_sw128(map, base, static_cast<uint64_t>(a.num_kv_heads) * a.head_dim,
+                                       static_cast<uint64_t>(a.total_tokens), static_cast<uint64_t>(row_stride), 64,
+                                       rows_per_box);
 }
 #endif
 
@@ -134,7 +112,7 @@ bool encode_kv_map(CUtensorMap* map, const uint16_t* base, const PrefillAttentio
 // rows must fit its 32-bit coordinates (can_implement's v7 checks, asked without refusing).
 bool v7_tensor_maps_possible(const PrefillAttentionArgs& a) {
 #if defined(OSCAR_WGMMA)
-  return encode_tiled() != nullptr && a.total_tokens >= a.max_seqlen && a.total_tokens <= 0x7fffffff;
+  return detail::tma_encode_available() && a.total_tokens >= a.max_seqlen && a.total_tokens <= 0x7fffffff;
 #else
   (void)a;
   return false;
@@ -148,7 +126,7 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   if (!device_runs_wgmma()) return Status::Unsupported;
   detail::PrefillTmaMaps maps{};
   if constexpr (Cfg::kTma) {
-    if (!encode_tiled()) return Status::Unsupported;  // the driver has no cuTensorMapEncodeTiled
+    if (!detail::tma_encode_available()) return Status::Unsupported;  // the driver has no cuTensorMapEncodeTiled
     // can_implement admitted the layout, so a refused descriptor is a bug here, not a missing feature: say so.
     if (!encode_kv_map(&maps.k, a.k, a, a.k_row_stride, Cfg::kBlockN) ||
         !encode_kv_map(&maps.v, a.v, a, a.v_row_stride, Cfg::kBlockN))
