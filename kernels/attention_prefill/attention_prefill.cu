@@ -181,7 +181,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V14))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V15))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if ((a.kernel == PrefillKernel::V12 || a.kernel == PrefillKernel::V14) && v12_pack(a) == 0)
@@ -232,6 +232,7 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V12) return launch_v4<12>(a, s);
   if (a.kernel == PrefillKernel::V13) return launch_v4<13>(a, s);
   if (a.kernel == PrefillKernel::V14) return launch_v4<14>(a, s);
+  if (a.kernel == PrefillKernel::V15) return launch_v4<15>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

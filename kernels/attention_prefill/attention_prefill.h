@@ -36,7 +36,8 @@ namespace oscar::kern {
 // L2 traffic); GQA groups of 2, 4, 8 or 16 only (Unsupported otherwise).
 // V13: v11 with its wgmma descriptors made once before the loop and offset per K step (fewer uniform instructions).
 // V14: v12 and v13 together.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13, V14 };
+// V15: v13 deciding the lazy rescale on the packed P (bf16x2 max) instead of a score maximum per row.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13, V14, V15 };
 
 // Every kernel once (Auto not included), with its name (the --attn-kernel / --kernels spelling) and what it needs.
 // Tests and benchmarks iterate over this table, so a new variant is one enumerator and one row.
@@ -54,6 +55,7 @@ inline constexpr PrefillKernelInfo kPrefillKernels[] = {
     {PrefillKernel::V8, "v8", true, true},     {PrefillKernel::V10, "v10", true, true},
     {PrefillKernel::V11, "v11", true, true},   {PrefillKernel::V12, "v12", true, true},
     {PrefillKernel::V13, "v13", true, true},   {PrefillKernel::V14, "v14", true, true},
+    {PrefillKernel::V15, "v15", true, true},
 };
 
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {

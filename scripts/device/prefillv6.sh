@@ -76,14 +76,14 @@ if [[ $parts == *,cluster,* ]]; then
   timeout 20 "$BIN/bin/test_gpu" --gtest_filter='TmaGpu.*:WgmmaGpu.*' > "$OUT/prefillv6_cluster_probe.log" 2>&1
   probe_rc=$?
   grep -E "^\[  (FAILED|PASSED) |rounds:|nmse" "$OUT/prefillv6_cluster_probe.log" | head -12
-  kernels=v11,v12,v13,v14
-  [ $probe_rc -eq 0 ] || { kernels=v11,v13; echo "TMA cluster probe rc=$probe_rc: v12 and v14 left out"; status=1; }
+  kernels=v11,v12,v13,v14,v15
+  [ $probe_rc -eq 0 ] || { kernels=v11,v13,v15; echo "TMA cluster probe rc=$probe_rc: v12 and v14 left out"; status=1; }
   timeout 70 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv6_cluster_tests.log" |
     grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
-  grep -E ", v(11|12|13|14):" "$OUT/prefillv6_cluster_tests.log" | head -40
-  timeout 50 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
+  grep -E ", v(11|12|13|14|15):" "$OUT/prefillv6_cluster_tests.log" | head -40
+  timeout 60 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
     --kernels $kernels,$kernels --seconds 2 2>&1 | tee "$OUT/prefillv6_cluster_power.log" | tail -9
-  timeout 80 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
+  timeout 100 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
     --iters 2 --attn-kernel $kernels,$kernels 2>&1 | tee "$OUT/prefillv6_cluster_bench_qwen3_1x32768.log" |
     grep -E "^attn"
   # the cluster barriers under synccheck (one d-128 GQA-4 shape, every kernel)
@@ -94,7 +94,7 @@ if [[ $parts == *,cluster,* ]]; then
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_cluster_synccheck.txt" | tail -3
   fi
   OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
-  for v in 12 13 14; do
+  for v in 12 13 14 15; do
     [ -n "$OBJ" ] || break
     for f in $BIN/lib/*.so* $BIN/bin/forward_bench; do
       [ -f "$f" ] && $OBJ -sass -fun "_ZN5oscar4kern6detail27attention_prefill_v4_kernelILi${v}EEEvNS0_20PrefillAttentionArgsEfiiNS1_14PrefillTmaMapsE" "$f" 2>/dev/null
