@@ -12,7 +12,7 @@
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
 #   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
 #          power, forward at 1 x 32K, synccheck of one shape, SASS counts (~4 min).
-#   hf32k: the hf part at Qwen3-8B 1 x 32768 only.
+#   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v15 in OSCAR's process.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -136,6 +136,15 @@ if [[ $parts == *,hf,* ]]; then
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf.log"
+fi
+if [[ $parts == *,hf32kall,* ]]; then
+  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v15, heuristic and timed GEMMs: 12 rows
+  # against the same transformers median; ~4 min)
+  timeout 500 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
+    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13,v14,v15 \
+    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32kall.json" \
+    > "$OUT/prefillv6_fwd_vs_hf32kall.log" 2> "$OUT/prefillv6_fwd_vs_hf32kall.err" || status=1
+  cat "$OUT/prefillv6_fwd_vs_hf32kall.log"
 fi
 if [[ $parts == *,hf32k,* ]]; then
   # the hf part's protocol at Qwen3-8B 1 x 32768 only (~2.5 min)
