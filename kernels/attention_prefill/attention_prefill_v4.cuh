@@ -285,6 +285,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint64_t desc_k0 = detail::wgmma_desc_sw128(sK(0), 16, 1024);
   const uint64_t desc_v0 = detail::wgmma_desc_sw128(sV(0), kKvRegion, 1024);
   const uint64_t desc_q0 = detail::wgmma_desc_sw128(sQ + 64 * wg * 128, 16, 1024);
+  // v11: every K step of the row-sum wgmmas reads the same 16 columns of ones.
+  const uint64_t desc_ones = detail::wgmma_desc_sw128(smem + Cfg::kOnesOffset, 16, 1024);
   auto issue_s = [&](float (&s)[kSRegs], int j) {
     detail::wgmma_fence();
     const uint32_t stage_units = (j % kStages) * kStageUnits;
@@ -325,10 +327,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                          : detail::wgmma_desc_sw128(sV(j % kStages) + kk * 16 * 128, kKvRegion, 1024),
           true);
     if constexpr (Cfg::kRowSumMma) {
-      // Every K step reads the same 16 columns of ones.
-      const uint64_t ones = detail::wgmma_desc_sw128(smem + Cfg::kOnesOffset, 16, 1024);
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk) detail::wgmma_m64n8k16_rs(l, p[kk], ones, true);
+      for (int kk = 0; kk < kPSteps; ++kk) detail::wgmma_m64n8k16_rs(l, p[kk], desc_ones, true);
     }
     detail::wgmma_commit();
   };
