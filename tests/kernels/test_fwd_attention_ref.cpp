@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <random>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "kernels/attention_prefill/attention_prefill.h"
@@ -94,6 +96,35 @@ TEST(FwdAttentionRef, EqualKeysAverageThePrefixOfValues) {
       for (int64_t j = 0; j <= t; ++j) mean += v[j * d + i];
       EXPECT_NEAR(out[t * d + i], mean / (t + 1), 1e-6);
     }
+}
+
+// The kernel table (kPrefillKernels) that the traits, tests and benchmarks iterate: every enumerator but Auto once,
+// names unique and found again by prefill_kernel_from_name, TMA kernels a subset of the wgmma ones, unknown names
+// refused.
+TEST(PrefillKernelTable, NamesRoundTripAndTraitsAgree) {
+  std::set<std::string> names;
+  int entries = 0;
+  for (const PrefillKernelInfo& info : kPrefillKernels) {
+    ++entries;
+    EXPECT_NE(info.kernel, PrefillKernel::Auto);
+    EXPECT_TRUE(names.insert(info.name).second) << "duplicate name " << info.name;
+    PrefillKernel back = PrefillKernel::Auto;
+    ASSERT_TRUE(prefill_kernel_from_name(info.name, &back)) << info.name;
+    EXPECT_EQ(back, info.kernel) << info.name;
+    EXPECT_STREQ(prefill_kernel_name(info.kernel), info.name);
+    EXPECT_EQ(prefill_kernel_uses_wgmma(info.kernel), info.wgmma) << info.name;
+    EXPECT_EQ(prefill_kernel_uses_tma(info.kernel), info.tma) << info.name;
+    if (info.tma) EXPECT_TRUE(info.wgmma) << info.name << ": the TMA kernels are wgmma kernels";
+  }
+  // Every enumerator after Auto has a row (the enum is dense: Auto = 0, then the kernels in order).
+  EXPECT_EQ(entries, static_cast<int>(PrefillKernel::V15));
+  PrefillKernel k = PrefillKernel::V2;
+  EXPECT_TRUE(prefill_kernel_from_name("auto", &k));
+  EXPECT_EQ(k, PrefillKernel::Auto);
+  EXPECT_FALSE(prefill_kernel_from_name("v9", &k)) << "v9 was removed";
+  EXPECT_FALSE(prefill_kernel_from_name("", &k));
+  EXPECT_FALSE(prefill_kernel_from_name("V7", &k)) << "names are lower case";
+  EXPECT_EQ(k, PrefillKernel::Auto) << "a refused name leaves the output alone";
 }
 
 }  // namespace
