@@ -56,8 +56,15 @@ int v12_pack(const PrefillAttentionArgs& a) {
   return group == 2 || group == 4 || group == 8 || group == 16 ? group / 2 : 0;
 }
 
+#if defined(OSCAR_WGMMA)
+// The table's traits and the device configurations must agree.
+static_assert(detail::V4Config<12>::kCluster && detail::V4Config<14>::kCluster && detail::V4Config<16>::kCluster &&
+                  !detail::V4Config<11>::kCluster && !detail::V4Config<13>::kCluster && !detail::V4Config<15>::kCluster,
+              "kPrefillKernels' cluster column and V4Config::kCluster disagree");
+#endif
+
 int prefill_pack(const PrefillAttentionArgs& a) {
-  return a.kernel == PrefillKernel::V12 || a.kernel == PrefillKernel::V14 ? v12_pack(a) : v2_pack(a);
+  return prefill_kernel_uses_clusters(a.kernel) ? v12_pack(a) : v2_pack(a);
 }
 
 // The v2-family grid: (query tiles × head packs × sequences), consecutive blocks = consecutive packs of one tile
@@ -181,10 +188,10 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V15))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V16))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
-  if ((a.kernel == PrefillKernel::V12 || a.kernel == PrefillKernel::V14) && v12_pack(a) == 0)
+  if (prefill_kernel_uses_clusters(a.kernel) && v12_pack(a) == 0)
     return Status::Unsupported;  // a group v12's clusters cannot split
   if (a.num_seqs == 0 || a.max_seqlen == 0) return Status::Ok;
   // The TMA kernels' tensor maps span the q/k/v rows, and the TMA coordinates are 32-bit.
@@ -233,6 +240,7 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V13) return launch_v4<13>(a, s);
   if (a.kernel == PrefillKernel::V14) return launch_v4<14>(a, s);
   if (a.kernel == PrefillKernel::V15) return launch_v4<15>(a, s);
+  if (a.kernel == PrefillKernel::V16) return launch_v4<16>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

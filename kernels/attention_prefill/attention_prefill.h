@@ -37,25 +37,27 @@ namespace oscar::kern {
 // V13: v11 with its wgmma descriptors made once before the loop and offset per K step (fewer uniform instructions).
 // V14: v12 and v13 together.
 // V15: v13 deciding the lazy rescale on the packed P (bf16x2 max) instead of a score maximum per row.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13, V14, V15 };
+// V16: v12, v13 and v15 together.
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13, V14, V15, V16 };
 
 // Every kernel once (Auto not included), with its name (the --attn-kernel / --kernels spelling) and what it needs.
 // Tests and benchmarks iterate over this table, so a new variant is one enumerator and one row.
 struct PrefillKernelInfo {
   PrefillKernel kernel;
   const char* name;
-  bool wgmma;  // warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere
-  bool tma;    // K/V by TMA: needs PrefillAttentionArgs::total_tokens (the tensor maps span the rows)
+  bool wgmma;    // warpgroup MMAs: head_dim 128, sm_90a builds on sm_90 devices, Unsupported elsewhere
+  bool tma;      // K/V by TMA: needs PrefillAttentionArgs::total_tokens (the tensor maps span the rows)
+  bool cluster;  // 2-CTA clusters splitting a GQA group: groups 2, 4, 8, 16 only
 };
 inline constexpr PrefillKernelInfo kPrefillKernels[] = {
-    {PrefillKernel::V1, "v1", false, false},   {PrefillKernel::V2, "v2", false, false},
-    {PrefillKernel::V2Keys32, "v2k32", false, false}, {PrefillKernel::V3, "v3", false, false},
-    {PrefillKernel::V4, "v4", true, false},    {PrefillKernel::V5, "v5", true, false},
-    {PrefillKernel::V6, "v6", true, false},    {PrefillKernel::V7, "v7", true, true},
-    {PrefillKernel::V8, "v8", true, true},     {PrefillKernel::V10, "v10", true, true},
-    {PrefillKernel::V11, "v11", true, true},   {PrefillKernel::V12, "v12", true, true},
-    {PrefillKernel::V13, "v13", true, true},   {PrefillKernel::V14, "v14", true, true},
-    {PrefillKernel::V15, "v15", true, true},
+    {PrefillKernel::V1, "v1", false, false, false},        {PrefillKernel::V2, "v2", false, false, false},
+    {PrefillKernel::V2Keys32, "v2k32", false, false, false}, {PrefillKernel::V3, "v3", false, false, false},
+    {PrefillKernel::V4, "v4", true, false, false},         {PrefillKernel::V5, "v5", true, false, false},
+    {PrefillKernel::V6, "v6", true, false, false},         {PrefillKernel::V7, "v7", true, true, false},
+    {PrefillKernel::V8, "v8", true, true, false},          {PrefillKernel::V10, "v10", true, true, false},
+    {PrefillKernel::V11, "v11", true, true, false},        {PrefillKernel::V12, "v12", true, true, true},
+    {PrefillKernel::V13, "v13", true, true, false},        {PrefillKernel::V14, "v14", true, true, true},
+    {PrefillKernel::V15, "v15", true, true, false},        {PrefillKernel::V16, "v16", true, true, true},
 };
 
 constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
@@ -67,6 +69,12 @@ constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
 constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
   for (const PrefillKernelInfo& info : kPrefillKernels)
     if (info.kernel == k) return info.tma;
+  return false;
+}
+
+constexpr bool prefill_kernel_uses_clusters(PrefillKernel k) {
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.kernel == k) return info.cluster;
   return false;
 }
 

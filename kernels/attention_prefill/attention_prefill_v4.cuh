@@ -73,18 +73,19 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       reference first and the packed bf16x2 maximum of P (31 max.bf16x2 over the 32 P words) is compared with 2^8;
 //       only when it is exceeded (or a row has no reference yet) does the tile take the score maximum (62 FMNMX + 4
 //       shuffles) and its exponentials again. Past the first tiles that is rare, so most tiles skip the FMNMX chain.
+//   v16: v12, v13 and v15 together.
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 15 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v15");
+  static_assert(kVersion >= 4 && kVersion <= 16 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v16");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
   static constexpr bool kLazyRescale = kVersion >= 10;
   static constexpr bool kRowSumMma = kVersion >= 11;
-  static constexpr bool kCluster = kVersion == 12 || kVersion == 14;  // clusters of 2 with pack = group / 2
-  static constexpr bool kDescBase = kVersion == 13 || kVersion == 14 || kVersion == 15;
-  static constexpr bool kPackedCheck = kVersion == 15;
+  static constexpr bool kCluster = kVersion == 12 || kVersion == 14 || kVersion == 16;  // 2-CTA clusters
+  static constexpr bool kDescBase = kVersion >= 13;
+  static constexpr bool kPackedCheck = kVersion == 15 || kVersion == 16;
   static_assert(!kPackedCheck || (kLazyRescale && kRowSumMma), "v15 decides on P: lazy rescale, no FADD row sums");
   // empty[s]' arrivals: every thread (v7-v11); one per warp of both CTAs (v12, two of them remote).
   static constexpr uint32_t kEmptyArrivals = kCluster ? 2 * kV4Threads / 32 : kV4Threads;

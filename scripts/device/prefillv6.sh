@@ -12,7 +12,7 @@
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
 #   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
 #          power, forward at 1 x 32K, synccheck of one shape, SASS counts (~4 min).
-#   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v15 in OSCAR's process.
+#   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v16 in OSCAR's process.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -76,14 +76,14 @@ if [[ $parts == *,cluster,* ]]; then
   timeout 20 "$BIN/bin/test_gpu" --gtest_filter='TmaGpu.*:WgmmaGpu.*' > "$OUT/prefillv6_cluster_probe.log" 2>&1
   probe_rc=$?
   grep -E "^\[  (FAILED|PASSED) |rounds:|nmse" "$OUT/prefillv6_cluster_probe.log" | head -12
-  kernels=v11,v12,v13,v14,v15
-  [ $probe_rc -eq 0 ] || { kernels=v11,v13,v15; echo "TMA cluster probe rc=$probe_rc: v12 and v14 left out"; status=1; }
+  kernels=v11,v12,v13,v14,v15,v16
+  [ $probe_rc -eq 0 ] || { kernels=v11,v13,v15; echo "TMA cluster probe rc=$probe_rc: v12, v14, v16 left out"; status=1; }
   timeout 70 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv6_cluster_tests.log" |
     grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
-  grep -E ", v(11|12|13|14|15):" "$OUT/prefillv6_cluster_tests.log" | head -40
+  grep -E ", v(11|12|13|14|15|16):" "$OUT/prefillv6_cluster_tests.log" | head -40
   timeout 60 "$BIN/bin/prefill_attention_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 \
     --kernels $kernels,$kernels --seconds 2 2>&1 | tee "$OUT/prefillv6_cluster_power.log" | tail -9
-  timeout 100 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
+  timeout 120 "$BIN/bin/forward_bench" --config bench/configs/qwen3-8b.json --batch 1 --seq 32768 --warmup 1 \
     --iters 2 --attn-kernel $kernels,$kernels 2>&1 | tee "$OUT/prefillv6_cluster_bench_qwen3_1x32768.log" |
     grep -E "^attn"
   # the cluster barriers under synccheck (one d-128 GQA-4 shape, every kernel)
@@ -94,7 +94,7 @@ if [[ $parts == *,cluster,* ]]; then
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_cluster_synccheck.txt" | tail -3
   fi
   OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
-  for v in 12 13 14 15; do
+  for v in 12 13 14 15 16; do
     [ -n "$OBJ" ] || break
     for f in $BIN/lib/*.so* $BIN/bin/forward_bench; do
       [ -f "$f" ] && $OBJ -sass -fun "_ZN5oscar4kern6detail27attention_prefill_v4_kernelILi${v}EEEvNS0_20PrefillAttentionArgsEfiiNS1_14PrefillTmaMapsE" "$f" 2>/dev/null
@@ -138,10 +138,10 @@ if [[ $parts == *,hf,* ]]; then
   cat "$OUT/prefillv6_fwd_vs_hf.log"
 fi
 if [[ $parts == *,hf32kall,* ]]; then
-  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v15, heuristic and timed GEMMs: 12 rows
+  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v16, heuristic and timed GEMMs: 14 rows
   # against the same transformers median; ~4 min)
   timeout 500 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
-    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13,v14,v15 \
+    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13,v14,v15,v16 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32kall.json" \
     > "$OUT/prefillv6_fwd_vs_hf32kall.log" 2> "$OUT/prefillv6_fwd_vs_hf32kall.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf32kall.log"

@@ -540,11 +540,12 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.total_tokens = 0;
   EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels need it";
 
-  // v12 and v14 split each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV
+  // The cluster kernels (v12, v14, v16) split each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV
   // heads first).
-  for (const PrefillKernel cluster_kernel : {PrefillKernel::V12, PrefillKernel::V14}) {
-    SCOPED_TRACE(prefill_kernel_name(cluster_kernel));
-    a.kernel = cluster_kernel;
+  for (const PrefillKernelInfo& info : kPrefillKernels) {
+    if (!prefill_kernel_uses_clusters(info.kernel)) continue;
+    SCOPED_TRACE(info.name);
+    a.kernel = info.kernel;
     a.total_tokens = 300;
     for (const auto& [heads, expected] : {std::pair{4, Status::Ok}, std::pair{6, Status::Unsupported},
                                           std::pair{12, Status::Unsupported}, std::pair{2, Status::Unsupported},

@@ -115,9 +115,11 @@ TEST(PrefillKernelTable, NamesRoundTripAndTraitsAgree) {
     EXPECT_EQ(prefill_kernel_uses_wgmma(info.kernel), info.wgmma) << info.name;
     EXPECT_EQ(prefill_kernel_uses_tma(info.kernel), info.tma) << info.name;
     if (info.tma) EXPECT_TRUE(info.wgmma) << info.name << ": the TMA kernels are wgmma kernels";
+    EXPECT_EQ(prefill_kernel_uses_clusters(info.kernel), info.cluster) << info.name;
+    if (info.cluster) EXPECT_TRUE(info.tma) << info.name << ": the cluster kernels multicast by TMA";
   }
   // Every enumerator after Auto has a row (the enum is dense: Auto = 0, then the kernels in order).
-  EXPECT_EQ(entries, static_cast<int>(PrefillKernel::V15));
+  EXPECT_EQ(entries, static_cast<int>(PrefillKernel::V16));
   PrefillKernel k = PrefillKernel::V2;
   EXPECT_TRUE(prefill_kernel_from_name("auto", &k));
   EXPECT_EQ(k, PrefillKernel::Auto);
