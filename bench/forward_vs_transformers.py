@@ -10,7 +10,8 @@ lower clock (one round, transformers first, gave OSCAR 1306 ms at Qwen3-8B 1 x 3
 scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_memory_allocated. Both sides build random weights: throughput does not depend on the values.
 --gemm-selection heuristic,timed times OSCAR with each cuBLASLt algorithm selection (runtime/lt_gemm.h) and
 --attn-kernel auto,v11 with each prefill attention kernel, all in the same forward_bench process; every
-(selection, kernel) pair gets its own row, against the same transformers median.
+(selection, kernel) pair gets its own row, against the same transformers median. --json writes {"environment":
+torch / transformers / CUDA versions, device, the SDPA backends torch had enabled; "rows": the table, every round}.
 
   python3 bench/forward_vs_transformers.py --forward-bench build/bin/forward_bench \
       --case bench/configs/qwen3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:1x32768
@@ -64,6 +65,20 @@ RESULT_LINE = re.compile(r"^attn \S+(?: \(timed GEMMs\))?: median ([0-9.]+) ms.*
 def combos(selections, kernels):
     """forward_bench's order of its result lines: selections outer, kernels inner."""
     return [(sel, kernel) for sel in selections for kernel in kernels]
+
+
+def transformers_environment():
+    """What the transformers side ran on: versions, device, and which SDPA backends torch had enabled (it picks among
+    them per call), for the report."""
+    import torch
+    import transformers
+
+    return dict(torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
+                device=torch.cuda.get_device_name(0),
+                sdpa_enabled=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
+                                  cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+                                  mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+                                  math=torch.backends.cuda.math_sdp_enabled()))
 
 
 def time_oscar(binary, config_path, batch, seq, warmup, iters, kernels, selections):
@@ -146,9 +161,13 @@ def main():
               f"{r['transformers_ms']:9.1f} {r['transformers_tok_s']:10.0f} {r['transformers_peak_gib']:7.1f} | "
               f"{r['oscar_ms']:9.1f} {r['oscar_tok_s']:10.0f} {r['oscar_tflops']:8.1f} {r['oscar_peak_gib']:6.1f} | "
               f"{r['speedup']:.2f}x")
+    env = transformers_environment()
+    print(f"transformers side: torch {env['torch']}, transformers {env['transformers']}, CUDA {env['cuda']}, "
+          f"{env['device']}; SDPA backends enabled: "
+          + ", ".join(k for k, on in env["sdpa_enabled"].items() if on))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

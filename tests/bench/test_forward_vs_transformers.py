@@ -3,7 +3,7 @@
 order they ran in and return fixed numbers, so the test checks that rounds swap the order (OSCAR first in odd
 rounds, transformers first with one round), that each side's result is the median over rounds, that every GEMM
 (selection, kernel) pair gets its own row against the same transformers median, in forward_bench's order, and that
-the JSON keeps every round; and that
+the JSON keeps every round and the transformers side's environment; and that
 the parser reads forward_bench's result lines (copied from a real run) in order. Run by ctest (label unit); needs
 only python3."""
 import importlib.util
@@ -35,13 +35,17 @@ def run(rounds, hf_ms, oscar_ms, selections="heuristic", kernels="auto"):
     hf, osc = iter(hf_ms), iter(oscar_ms)
     fvt.time_transformers = lambda *a: (order.append("hf"), (next(hf), 18.0))[1]
     fvt.time_oscar = lambda *a: (order.append("oscar"), ([(ms, 600.0, 20.0) for ms in next(osc)], "attn auto: median"))[1]
+    fvt.transformers_environment = lambda: dict(torch="t", transformers="x", cuda="c", device="d",
+                                                sdpa_enabled=dict(flash=True, cudnn=False))
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "t.json")
         sys.argv = ["fvt", "--forward-bench", "fb", "--case", "c.json:1x32768", "--rounds", str(rounds), "--json", out,
                     "--gemm-selection", selections, "--attn-kernel", kernels]
         fvt.main()
         with open(out) as f:
-            return order, json.load(f)
+            report = json.load(f)
+    assert report["environment"]["sdpa_enabled"] == dict(flash=True, cudnn=False), report["environment"]
+    return order, report["rows"]
 
 
 def main():
