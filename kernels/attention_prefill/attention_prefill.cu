@@ -148,22 +148,9 @@ Status launch_v4(const PrefillAttentionArgs& a, cudaStream_t stream) {
   const int num_q_tiles = (a.max_seqlen + tokens - 1) / tokens;
   const float scale_log2 = a.scale * 1.4426950408889634f;
   const unsigned blocks = static_cast<unsigned>(v2_blocks(a, pack));
-  if constexpr (Cfg::kCluster) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(blocks);  // even: the packs of a tile come in pairs
-    config.blockDim = dim3(detail::kV4Threads);
-    config.dynamicSmemBytes = kBytes;
-    config.stream = stream;
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 2;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    if (cudaLaunchKernelEx(&config, detail::attention_prefill_v4_kernel<kVersion>, a, scale_log2, pack, num_q_tiles,
-                           maps) != cudaSuccess)
-      return detail::launch_status();
+  if constexpr (Cfg::kCluster) {  // blocks is even: the packs of a tile come in pairs
+    detail::launch_cta_pairs(detail::attention_prefill_v4_kernel<kVersion>, blocks, detail::kV4Threads, kBytes, stream,
+                             a, scale_log2, pack, num_q_tiles, maps);
   } else {
     detail::attention_prefill_v4_kernel<kVersion><<<blocks, detail::kV4Threads, kBytes, stream>>>(
         a, scale_log2, pack, num_q_tiles, maps);

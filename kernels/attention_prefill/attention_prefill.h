@@ -60,29 +60,32 @@ inline constexpr PrefillKernelInfo kPrefillKernels[] = {
     {PrefillKernel::V15, "v15", true, true, false},        {PrefillKernel::V16, "v16", true, true, true},
 };
 
-constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
+// k's row of the table; null for Auto (and for a value outside the enum).
+constexpr const PrefillKernelInfo* prefill_kernel_info(PrefillKernel k) {
   for (const PrefillKernelInfo& info : kPrefillKernels)
-    if (info.kernel == k) return info.wgmma;
-  return false;
+    if (info.kernel == k) return &info;
+  return nullptr;
+}
+
+constexpr bool prefill_kernel_uses_wgmma(PrefillKernel k) {
+  const PrefillKernelInfo* info = prefill_kernel_info(k);
+  return info && info->wgmma;
 }
 
 constexpr bool prefill_kernel_uses_tma(PrefillKernel k) {
-  for (const PrefillKernelInfo& info : kPrefillKernels)
-    if (info.kernel == k) return info.tma;
-  return false;
+  const PrefillKernelInfo* info = prefill_kernel_info(k);
+  return info && info->tma;
 }
 
 constexpr bool prefill_kernel_uses_clusters(PrefillKernel k) {
-  for (const PrefillKernelInfo& info : kPrefillKernels)
-    if (info.kernel == k) return info.cluster;
-  return false;
+  const PrefillKernelInfo* info = prefill_kernel_info(k);
+  return info && info->cluster;
 }
 
 constexpr const char* prefill_kernel_name(PrefillKernel k) {
   if (k == PrefillKernel::Auto) return "auto";
-  for (const PrefillKernelInfo& info : kPrefillKernels)
-    if (info.kernel == k) return info.name;
-  return "?";
+  const PrefillKernelInfo* info = prefill_kernel_info(k);
+  return info ? info->name : "?";
 }
 
 // The kernel named `name` ("auto" or a kPrefillKernels name); false when there is none.

@@ -86,20 +86,10 @@ Status tma_cluster_probe(const TmaClusterProbeArgs& args, Stream stream) {
   if (cudaFuncSetAttribute(tma_cluster_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) !=
       cudaSuccess)
     return Status::CudaError;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(2);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.stream = detail::to_cuda(stream);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, tma_cluster_probe_kernel, args, map) == cudaSuccess ? Status::Ok
-                                                                                         : Status::CudaError;
+  return detail::launch_cta_pairs(tma_cluster_probe_kernel, 2, kThreads, kSmemBytes, detail::to_cuda(stream), args,
+                                  map) == cudaSuccess
+             ? Status::Ok
+             : Status::CudaError;
 }
 
 }  // namespace oscar::kern
