@@ -13,6 +13,7 @@
 #   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
 #          power, forward at 1 x 32K, synccheck of one shape, SASS counts (~4 min).
 #   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v16 in OSCAR's process.
+#   hfk=K1+K2: the hf part with those attention kernels (a row each) instead of Auto alone.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
 source scripts/device/common.sh
@@ -136,6 +137,17 @@ if [[ $parts == *,hf,* ]]; then
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf.log"
+fi
+# hfk=KERNELS (kernels joined by '+', e.g. hfk=auto+v16): the hf part's three shapes with those attention kernels in
+# OSCAR's process (a row per selection and kernel), for a candidate that is not Auto yet (~2x the hf part per kernel).
+hfk=$(tr ',' '\n' <<< "$parts" | sed -n 's/^hfk=//p' | head -1)
+if [ -n "$hfk" ]; then
+  timeout 580 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
+    --gemm-selection heuristic,timed --attn-kernel "${hfk//+/,}" \
+    --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
+    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hfk.json" \
+    > "$OUT/prefillv6_fwd_vs_hfk.log" 2> "$OUT/prefillv6_fwd_vs_hfk.err" || status=1
+  cat "$OUT/prefillv6_fwd_vs_hfk.log"
 fi
 if [[ $parts == *,hf32kall,* ]]; then
   # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v16, heuristic and timed GEMMs: 14 rows
