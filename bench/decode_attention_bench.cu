@@ -17,7 +17,11 @@
 // fp8_us / int4_us time the eval baselines on the same windows: FP8 e4m3 pages (quant_storage = Fp8E4M3, 8 bits +
 // one fp16 scale per head vector, its own CUDA-core split kernel) and INT4 pages (the segmented kernel with one 4-bit
 // segment over the head, a compiled layout); each with its ratio to int2_us. Bytes are accounted as for int2_us.
+// --splits N1,N2,... also times the default (Fused) launch with those split counts instead of
+// decode_attention_num_splits()'s, one line per shape after its row: how the per-call floor (query setup, the last
+// block's merge of every split's partial) trades against the tile work per block, e.g. at batch 1.
 //   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager] [--trace FILE]
+//                          [--batch B] [--context T] [--splits N1,N2,...]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -138,6 +142,7 @@ int main(int argc, char** argv) {
   std::map<std::tuple<std::string, int, long long>, double> torch_us;
   const char* trace_path = nullptr;  // --trace FILE: per-block phase timestamps of one fused call per shape
   bool eager = false;
+  std::vector<int> split_sweep;  // --splits: extra split counts of the fused launch
   int only_batch = 0;         // 0: every batch
   long long only_context = 0; // 0: every context (a profiler run picks one shape)
   for (int i = 1; i < argc; i += 2) {
@@ -156,6 +161,17 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--context")) only_context = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--torch-results")) torch_us = read_torch_results(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--trace")) trace_path = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--splits")) {
+      std::stringstream list(argv[i + 1]);
+      for (std::string item; std::getline(list, item, ',');) {
+        const int n = std::atoi(item.c_str());
+        if (n < 1 || n > 4096) {
+          std::fprintf(stderr, "--splits: '%s' is not a split count in 1..4096\n", item.c_str());
+          return 2;
+        }
+        split_sweep.push_back(n);
+      }
+    }
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -249,7 +265,8 @@ int main(int argc, char** argv) {
         p.out = out;
         const int splits = oscar::kern::decode_attention_num_splits(batch, m.kv_heads, static_cast<int32_t>(ctx), page,
                                                                     prop.multiProcessorCount);
-        const size_t ws = oscar::kern::decode_attention_workspace_bytes(batch, m.q_heads, d, splits);
+        const int most_splits = std::max(splits, split_sweep.empty() ? 0 : *std::max_element(split_sweep.begin(), split_sweep.end()));
+        const size_t ws = oscar::kern::decode_attention_workspace_bytes(batch, m.q_heads, d, most_splits);
         CHECK_CUDA(cudaMalloc(&p.workspace, ws));
         p.workspace_bytes = ws;
 
@@ -293,6 +310,12 @@ int main(int argc, char** argv) {
           return 1e3 * ms / iters;
         };
         const double int2_us = time_us(sink, recent);
+        std::vector<double> sweep_us;
+        for (int n : split_sweep) {
+          p.num_splits = n;
+          sweep_us.push_back(time_us(sink, recent));
+          p.num_splits = 0;
+        }
         if (trace_path) {
           // One more fused call with per-block phase timestamps (DecodeAttentionParams::phase_trace), appended to
           // the file as "model batch context block words...".
@@ -403,6 +426,10 @@ int main(int argc, char** argv) {
         std::printf(" | %8.1f %6.2fx | %8.1f %6.2fx | %8.1f %8.2fx   (fp8 %.0f GB/s %.0f%%, int4 %.0f GB/s %.0f%%)\n",
                     fp8_us, fp8_us / int2_us, int4_us, int4_us / int2_us, wide_us, wide_us / int2_us, fp8_gbps,
                     100 * fp8_gbps / d2d, int4_gbps, 100 * int4_gbps / d2d);
+        for (size_t i = 0; i < split_sweep.size(); ++i)
+          std::printf("  %s %d x %lld, fused with %d splits: %.1f us (%.0f%% d2d; %.3fx the default %d splits)\n", m.name,
+                      batch, (long long)ctx, split_sweep[i], sweep_us[i],
+                      100 * int2_bytes_moved / (sweep_us[i] * 1e-6) / 1e9 / d2d, sweep_us[i] / int2_us, splits);
         std::fflush(stdout);
         cudaFree(k2);
         cudaFree(v2);
