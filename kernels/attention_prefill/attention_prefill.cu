@@ -20,8 +20,10 @@ namespace {
 // the fp64 reference). Where v7's tensor maps cannot be made (no cuTensorMapEncodeTiled in the driver, row counts
 // past its 32-bit coordinates) Auto runs v6 instead of refusing. v10 (v7 with lazy rescaling) took over on
 // 2026-12-07: 1.3 % faster at 1 x 32K in the same process (1278 vs 1293-1298 ms; the kernel alone 3 % at the power
-// cap), equal at 8 x 2048 (bench/results/2026-12-07c).
-constexpr PrefillKernel kAutoWgmma = PrefillKernel::V10;
+// cap), equal at 8 x 2048 (bench/results/2026-12-07c). v13 (v10 + tensor-core row sums + descriptors made once)
+// took over on 2026-12-07: at 1 x 32K 1.0 % faster than v10 in the same process (1271 vs 1284 ms; 1258 vs 1271
+// with timed GEMMs), the kernel alone 2 % faster than v11 at the power cap (bench/results/2026-12-07d).
+constexpr PrefillKernel kAutoWgmma = PrefillKernel::V13;
 constexpr PrefillKernel kAutoWgmmaWithoutTma = PrefillKernel::V6;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -58,8 +60,13 @@ int v12_pack(const PrefillAttentionArgs& a) {
 
 #if defined(OSCAR_WGMMA)
 // The table's traits and the device configurations must agree.
-static_assert(detail::V4Config<12>::kCluster && detail::V4Config<14>::kCluster && detail::V4Config<16>::kCluster &&
-                  !detail::V4Config<11>::kCluster && !detail::V4Config<13>::kCluster && !detail::V4Config<15>::kCluster,
+constexpr bool only_v12_uses_clusters() {
+  for (const PrefillKernelInfo& info : kPrefillKernels)
+    if (info.cluster != (info.kernel == PrefillKernel::V12)) return false;
+  return true;
+}
+static_assert(only_v12_uses_clusters() && detail::V4Config<12>::kCluster && !detail::V4Config<11>::kCluster &&
+                  !detail::V4Config<13>::kCluster,
               "kPrefillKernels' cluster column and V4Config::kCluster disagree");
 #endif
 
@@ -175,7 +182,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
   if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V16))
+      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V13))
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (prefill_kernel_uses_clusters(a.kernel) && v12_pack(a) == 0)
@@ -225,9 +232,6 @@ Status attention_prefill(const PrefillAttentionArgs& args, Stream stream) {
   if (a.kernel == PrefillKernel::V11) return launch_v4<11>(a, s);
   if (a.kernel == PrefillKernel::V12) return launch_v4<12>(a, s);
   if (a.kernel == PrefillKernel::V13) return launch_v4<13>(a, s);
-  if (a.kernel == PrefillKernel::V14) return launch_v4<14>(a, s);
-  if (a.kernel == PrefillKernel::V15) return launch_v4<15>(a, s);
-  if (a.kernel == PrefillKernel::V16) return launch_v4<16>(a, s);
   if (a.kernel == PrefillKernel::V3) {
     if (a.head_dim <= 32) return launch_v2<32, 64, true>(a, s);
     if (a.head_dim <= 64) return launch_v2<64, 64, true>(a, s);

@@ -33,12 +33,12 @@ namespace oscar::kern {
 // is no V9: a v7 with Q in registers ran 2 % slower and was removed.)
 // V11: v10 with the softmax row sums on the tensor cores (P times a block of ones in each P·V group).
 // V12: v11 on clusters of two CTAs, half a GQA group each, that share every K/V tile through multicast TMA (half the
-// L2 traffic); GQA groups of 2, 4, 8 or 16 only (Unsupported otherwise).
+// L2 traffic); GQA groups of 2, 4, 8 or 16 only (Unsupported otherwise). Measured 15 % slower than v11 (a measured
+// variant, like v8; docs/results.md "Descriptors made once (v13) as Auto, …").
 // V13: v11 with its wgmma descriptors made once before the loop and offset per K step (fewer uniform instructions).
-// V14: v12 and v13 together.
-// V15: v13 deciding the lazy rescale on the packed P (bf16x2 max) instead of a score maximum per row.
-// V16: v12, v13 and v15 together.
-enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13, V14, V15, V16 };
+// (v14 = v12 + v13, v15 = v13 deciding the lazy rescale on P's packed maximum and v16 = v12 + v13 + v15 were
+// measured on 2026-12-07 — v14 and v16 as slow as v12, v15 no faster than v11 — and removed.)
+enum class PrefillKernel { Auto, V1, V2, V2Keys32, V3, V4, V5, V6, V7, V8, V10, V11, V12, V13 };
 
 // Every kernel once (Auto not included), with its name (the --attn-kernel / --kernels spelling) and what it needs.
 // Tests and benchmarks iterate over this table, so a new variant is one enumerator and one row.
@@ -56,8 +56,7 @@ inline constexpr PrefillKernelInfo kPrefillKernels[] = {
     {PrefillKernel::V6, "v6", true, false, false},         {PrefillKernel::V7, "v7", true, true, false},
     {PrefillKernel::V8, "v8", true, true, false},          {PrefillKernel::V10, "v10", true, true, false},
     {PrefillKernel::V11, "v11", true, true, false},        {PrefillKernel::V12, "v12", true, true, true},
-    {PrefillKernel::V13, "v13", true, true, false},        {PrefillKernel::V14, "v14", true, true, true},
-    {PrefillKernel::V15, "v15", true, true, false},        {PrefillKernel::V16, "v16", true, true, true},
+    {PrefillKernel::V13, "v13", true, true, false},
 };
 
 // k's row of the table; null for Auto (and for a value outside the enum).

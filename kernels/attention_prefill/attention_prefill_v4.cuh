@@ -68,25 +68,19 @@ static_assert(kV4BlockM == kV2BlockM, "v4 uses v2's grid (rows = tokens x pack)"
 //       the address (add, mask, shift, or, move: ~5 uniform instructions each, ~80 per tile in the SASS); v13 adds a
 //       compile-time offset (plus the stage's) to the low word of a descriptor made before the loop. Exact: the
 //       14-bit address field holds (address >> 4) of any shared-memory byte (< 256 KB), so it never carries.
-//   v14: v12 and v13 together (clusters with multicast K/V, descriptors made once).
-//   v15: v13 that decides the lazy rescale on P instead of the scores: the exponentials are taken against the current
-//       reference first and the packed bf16x2 maximum of P (31 max.bf16x2 over the 32 P words) is compared with 2^8;
-//       only when it is exceeded (or a row has no reference yet) does the tile take the score maximum (62 FMNMX + 4
-//       shuffles) and its exponentials again. Past the first tiles that is rare, so most tiles skip the FMNMX chain.
-//   v16: v12, v13 and v15 together.
+//   (v14 = v12 + v13, v15 = v13 deciding the lazy rescale on P's packed bf16x2 maximum, v16 = v12 + v13 + v15: measured
+//   on 2026-12-07 and removed, docs/results.md "Descriptors made once (v13) as Auto, …".)
 template <int kVersion>
 struct V4Config {
-  static_assert(kVersion >= 4 && kVersion <= 16 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v16");
+  static_assert(kVersion >= 4 && kVersion <= 13 && kVersion != 9, "prefill wgmma family: v4 .. v8, v10 .. v13");
   static constexpr bool kQInRegisters = kVersion == 5;
   static constexpr bool kOverlap = kVersion >= 5;
   static constexpr bool kTma = kVersion >= 7;
   static constexpr bool kPingPong = kVersion == 8;
   static constexpr bool kLazyRescale = kVersion >= 10;
   static constexpr bool kRowSumMma = kVersion >= 11;
-  static constexpr bool kCluster = kVersion == 12 || kVersion == 14 || kVersion == 16;  // 2-CTA clusters
-  static constexpr bool kDescBase = kVersion >= 13;
-  static constexpr bool kPackedCheck = kVersion == 15 || kVersion == 16;
-  static_assert(!kPackedCheck || (kLazyRescale && kRowSumMma), "v15 decides on P: lazy rescale, no FADD row sums");
+  static constexpr bool kCluster = kVersion == 12;  // 2-CTA clusters
+  static constexpr bool kDescBase = kVersion == 13;
   // empty[s]' arrivals: every thread (v7-v11); one per warp of both CTAs (v12, two of them remote).
   static constexpr uint32_t kEmptyArrivals = kCluster ? 2 * kV4Threads / 32 : kV4Threads;
   static constexpr int kStages = kVersion == 4 ? 2 : 3;
@@ -111,14 +105,7 @@ struct PrefillTmaMaps {
 // and a denormal result flushed to zero is below bf16 P's resolution anyway. About 2 instructions per element fewer.
 // v10: how far (log2 units) a tile's max may exceed the reference max before O is rescaled: P <= 2^8.
 inline constexpr float kV4RescaleThreshold = 8.f;
-inline constexpr float kV4RescaleBound = 256.f;  // 2^kV4RescaleThreshold: v15 compares P itself with it
 
-// Elementwise max of two bf16x2 words (one instruction on sm_90).
-__device__ __forceinline__ uint32_t bf16x2_max(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -365,26 +352,6 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if constexpr (!Cfg::kRowSumMma) row_sum[r] = row_sum[r] * correction[r] + partial;
       }
     };
-    if constexpr (Cfg::kPackedCheck) {
-      // v15: try the current reference first. Unless a row has none yet, the exponentials are taken and packed
-      // against it, and the packed maximum of P (bf16x2 max, half the FMNMX of the score maximum) decides: no P of
-      // the warp above 2^8 means no rescale, as v10's test on the scores would say (up to P's rounding at the
-      // threshold, either answer being exact). Otherwise the tile goes the way below, its exponentials taken again.
-      if (!__any_sync(0xffffffffu, row_max[0] == -INFINITY || row_max[1] == -INFINITY)) {
-        correction[0] = correction[1] = 1.f;
-        exponentials();
-        static_assert(kPSteps == 8, "the tree below folds P's 32 words");
-        uint32_t m8[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) m8[i] = bf16x2_max(bf16x2_max(p[i][0], p[i][1]), bf16x2_max(p[i][2], p[i][3]));
-        const uint32_t m4[4] = {bf16x2_max(m8[0], m8[4]), bf16x2_max(m8[1], m8[5]), bf16x2_max(m8[2], m8[6]),
-                                bf16x2_max(m8[3], m8[7])};
-        const uint32_t m1 = bf16x2_max(bf16x2_max(m4[0], m4[2]), bf16x2_max(m4[1], m4[3]));
-        const float top = fmaxf(__uint_as_float(m1 << 16), __uint_as_float(m1 & 0xffff0000u));
-        rescale = false;
-        if (!__any_sync(0xffffffffu, top > kV4RescaleBound)) return;
-      }
-    }
     float tile_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -395,7 +362,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       tile_max[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
     }
     rescale = true;
-    if constexpr (Cfg::kLazyRescale && !Cfg::kPackedCheck) {
+    if constexpr (Cfg::kLazyRescale) {
       // A row whose max is still -inf grows by +inf (unless this tile is masked for it too: NaN, false).
       const bool grow0 = fmaf(tile_max[0], scale_log2, -row_max[0] * scale_log2) > kV4RescaleThreshold;
       const bool grow1 = fmaf(tile_max[1], scale_log2, -row_max[1] * scale_log2) > kV4RescaleThreshold;

@@ -10,9 +10,9 @@
 #   pingpong: v8 against v7 (forward_bench v7,v8,v7,v8 at the two Qwen3-8B shapes) and synccheck of one shape.
 #   lazy:  v10 (lazy rescaling) and v11 (+ tensor-core row sums) against v7: tests, per-kernel power (prefill_attention_bench), forward bench.
 #   gemmsel32k: heuristic vs timed cuBLASLt selection at Qwen3-8B 1 x 32K (~1 min).
-#   cluster: v12 (2-CTA clusters, multicast K/V), v13 (descriptors made once), v14 (both) against v11: tests, per-kernel
-#          power, forward at 1 x 32K, synccheck of one shape, SASS counts (~4 min).
-#   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v16 in OSCAR's process.
+#   cluster: v12 (2-CTA clusters, multicast K/V) and v13 (descriptors made once; Auto since 2026-12-07) against v11:
+#          tests, per-kernel power, forward at 1 x 32K, synccheck of one shape, SASS counts (~2 min; v14..v16 were removed).
+#   hf32k: the hf part at Qwen3-8B 1 x 32768 only; hf32kall: the same with Auto and v11..v13 in OSCAR's process.
 #   hfk=K1+K2: the hf part with those attention kernels (a row each) instead of Auto alone.
 #   hf:    bench/forward_vs_transformers.py (OSCAR's Auto kernel; heuristic and timed GEMMs) at llama3-8b 8x2048, qwen3-8b 8x2048, 1x32768.
 # Look for: "[  PASSED  ]" in prefillv6_tests.log; the "attn ..." median lines in prefillv6_bench_*.log.
@@ -70,15 +70,14 @@ if [[ $parts == *,lazy,* ]]; then
   fi
 fi
 if [[ $parts == *,cluster,* ]]; then
-  # v12 (v11 on 2-CTA clusters sharing K/V by multicast TMA), v13 (v11 with descriptors made once) and v14 (both), written
-  # 2026-12-07 without a GPU, against v11: the attention tests (every kernel vs the double reference; a hang in v12's
+  # v12 (v11 on 2-CTA clusters sharing K/V by multicast TMA) and v13 (v11 with descriptors made once) against v11: the attention tests (every kernel vs the double reference; a hang in v12's
   # cluster barriers would end at the timeout), the kernels alone with their power, the forward at 1 x 32K, SASS counts.
-  # The cluster plumbing alone first (a hang there would hang v12 and v14 too: then they are left out below).
+  # The cluster plumbing alone first (a hang there would hang v12 too: then it is left out below).
   timeout 20 "$BIN/bin/test_gpu" --gtest_filter='TmaGpu.*:WgmmaGpu.*' > "$OUT/prefillv6_cluster_probe.log" 2>&1
   probe_rc=$?
   grep -E "^\[  (FAILED|PASSED) |rounds:|nmse" "$OUT/prefillv6_cluster_probe.log" | head -12
-  kernels=v11,v12,v13,v14,v15,v16
-  [ $probe_rc -eq 0 ] || { kernels=v11,v13,v15; echo "TMA cluster probe rc=$probe_rc: v12, v14, v16 left out"; status=1; }
+  kernels=v11,v12,v13
+  [ $probe_rc -eq 0 ] || { kernels=v11,v13; echo "TMA cluster probe rc=$probe_rc: v12 left out"; status=1; }
   timeout 70 "$BIN/bin/test_gpu" --gtest_filter='*FwdGpuAttention*' 2>&1 | tee "$OUT/prefillv6_cluster_tests.log" |
     grep -E "^\[  (FAILED|PASSED) |Failure" | head -20
   grep -E ", v(11|12|13|14|15|16):" "$OUT/prefillv6_cluster_tests.log" | head -40
@@ -95,7 +94,7 @@ if [[ $parts == *,cluster,* ]]; then
     grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/prefillv6_cluster_synccheck.txt" | tail -3
   fi
   OBJ=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
-  for v in 12 13 14 15 16; do
+  for v in 12 13; do
     [ -n "$OBJ" ] || break
     for f in $BIN/lib/*.so* $BIN/bin/forward_bench; do
       [ -f "$f" ] && $OBJ -sass -fun "_ZN5oscar4kern6detail27attention_prefill_v4_kernelILi${v}EEEvNS0_20PrefillAttentionArgsEfiiNS1_14PrefillTmaMapsE" "$f" 2>/dev/null
@@ -138,7 +137,7 @@ if [[ $parts == *,hf,* ]]; then
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf.log"
 fi
-# hfk=KERNELS (kernels joined by '+', e.g. hfk=auto+v16): the hf part's three shapes with those attention kernels in
+# hfk=KERNELS (kernels joined by '+', e.g. hfk=auto+v13): the hf part's three shapes with those attention kernels in
 # OSCAR's process (a row per selection and kernel), for a candidate that is not Auto yet (~2x the hf part per kernel).
 hfk=$(tr ',' '\n' <<< "$parts" | sed -n 's/^hfk=//p' | head -1)
 if [ -n "$hfk" ]; then
@@ -150,10 +149,10 @@ if [ -n "$hfk" ]; then
   cat "$OUT/prefillv6_fwd_vs_hfk.log"
 fi
 if [[ $parts == *,hf32kall,* ]]; then
-  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v16, heuristic and timed GEMMs: 14 rows
-  # against the same transformers median; ~4 min)
+  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v13, heuristic and timed GEMMs: 8 rows
+  # against the same transformers median; ~3 min)
   timeout 500 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
-    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13,v14,v15,v16 \
+    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32kall.json" \
     > "$OUT/prefillv6_fwd_vs_hf32kall.log" 2> "$OUT/prefillv6_fwd_vs_hf32kall.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf32kall.log"

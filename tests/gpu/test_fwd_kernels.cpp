@@ -540,7 +540,7 @@ TEST(FwdGpuAttentionChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   a.total_tokens = 0;
   EXPECT_EQ(attention_prefill_can_implement(a), Status::Ok) << "only the TMA kernels need it";
 
-  // The cluster kernels (v12, v14, v16) split each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV
+  // The cluster kernel (v12) splits each GQA group over a 2-CTA cluster: groups of 2, 4, 8 or 16 only (here 4 heads over 2 KV
   // heads first).
   for (const PrefillKernelInfo& info : kPrefillKernels) {
     if (!prefill_kernel_uses_clusters(info.kernel)) continue;

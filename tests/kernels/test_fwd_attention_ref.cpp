@@ -119,11 +119,12 @@ TEST(PrefillKernelTable, NamesRoundTripAndTraitsAgree) {
     if (info.cluster) EXPECT_TRUE(info.tma) << info.name << ": the cluster kernels multicast by TMA";
   }
   // Every enumerator after Auto has a row (the enum is dense: Auto = 0, then the kernels in order).
-  EXPECT_EQ(entries, static_cast<int>(PrefillKernel::V16));
+  EXPECT_EQ(entries, static_cast<int>(PrefillKernel::V13));
   PrefillKernel k = PrefillKernel::V2;
   EXPECT_TRUE(prefill_kernel_from_name("auto", &k));
   EXPECT_EQ(k, PrefillKernel::Auto);
   EXPECT_FALSE(prefill_kernel_from_name("v9", &k)) << "v9 was removed";
+  EXPECT_FALSE(prefill_kernel_from_name("v16", &k)) << "v14..v16 were removed";
   EXPECT_FALSE(prefill_kernel_from_name("", &k));
   EXPECT_FALSE(prefill_kernel_from_name("V7", &k)) << "names are lower case";
   EXPECT_EQ(k, PrefillKernel::Auto) << "a refused name leaves the output alone";
