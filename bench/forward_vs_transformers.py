@@ -13,8 +13,11 @@ scratch, cuBLASLt workspace and the CUDA context), transformers' is torch's max_
 (selection, kernel) pair gets its own row, against the same transformers median. --json writes {"environment":
 torch / transformers / CUDA versions, device, the SDPA backends torch had enabled; "rows": the table, every round}.
 
+A case may end in :ITERS to time that case with its own number of forwards (both sides): a 0.4 s shape needs more
+of them than a 1.3 s one for the same spread of its median (--iters 3 left the 8 x 2048 rows ±4 % apart).
+
   python3 bench/forward_vs_transformers.py --forward-bench build/bin/forward_bench \
-      --case bench/configs/qwen3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:1x32768
+      --case bench/configs/qwen3-8b.json:8x2048:10 --case bench/configs/qwen3-8b.json:1x32768
 """
 import argparse
 import gc
@@ -95,10 +98,31 @@ def time_oscar(binary, config_path, batch, seq, warmup, iters, kernels, selectio
     return results, out
 
 
+def parse_case(case, default_iters, ap):
+    """CONFIG.json:BATCHxSEQ[:ITERS] -> (config path, (batch, seq), iters); ap.error on a malformed case."""
+    parts = case.rsplit(":", 2)
+    iters = default_iters
+    if len(parts) == 3 and "x" not in parts[2].lower():
+        config_path, shape, count = parts
+        if not count.isdigit() or int(count) < 1:
+            ap.error(f"--case {case}: ITERS must be a positive integer")
+        iters = int(count)
+    else:
+        config_path, shape = case.rsplit(":", 1) if ":" in case else (case, "")
+    try:
+        batch, seq = (int(x) for x in shape.lower().split("x"))
+    except ValueError:
+        ap.error(f"--case {case}: expected CONFIG.json:BATCHxSEQ[:ITERS]")
+    if batch < 1 or seq < 1:
+        ap.error(f"--case {case}: batch and seq must be positive")
+    return config_path, (batch, seq), iters
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--forward-bench", required=True, help="path of OSCAR's forward_bench binary")
-    ap.add_argument("--case", action="append", required=True, help="CONFIG.json:BATCHxSEQ")
+    ap.add_argument("--case", action="append", required=True,
+                    help="CONFIG.json:BATCHxSEQ[:ITERS] (ITERS overrides --iters for this case)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", help="also write the table as JSON here")
@@ -121,8 +145,8 @@ def main():
 
     rows = []
     for case in args.case:
-        config_path, shape = case.rsplit(":", 1)
-        batch, seq = (int(x) for x in shape.lower().split("x"))
+        config_path, shape, iters = parse_case(case, args.iters, ap)
+        batch, seq = shape
         t0 = time.time()
         hf_runs, oscar_runs = [], []
         for r in range(args.rounds):
@@ -131,10 +155,10 @@ def main():
             oscar_first = args.rounds > 1 and r % 2 == 0
             for side in (("oscar", "hf") if oscar_first else ("hf", "oscar")):
                 if side == "hf":
-                    hf_runs.append(time_transformers(config_path, batch, seq, args.warmup, args.iters))
+                    hf_runs.append(time_transformers(config_path, batch, seq, args.warmup, iters))
                 else:
                     results, raw = time_oscar(args.forward_bench, config_path, batch, seq, args.warmup,
-                                              args.iters, kernels, selections)
+                                              iters, kernels, selections)
                     oscar_runs.append(results)
             print(f"{case} round {r + 1}/{args.rounds} ({'oscar' if oscar_first else 'transformers'} first): "
                   f"transformers {hf_runs[-1][0]:.1f} ms, oscar " +
@@ -144,7 +168,7 @@ def main():
         tokens = batch * seq
         for i, (selection, kernel) in enumerate(pairs):
             oscar_ms = statistics.median(run[i][0] for run in oscar_runs)
-            row = dict(config=config_path, batch=batch, seq=seq, gemm_selection=selection,
+            row = dict(config=config_path, batch=batch, seq=seq, iters=iters, gemm_selection=selection,
                        attn_kernel=kernel, transformers_ms=hf_ms, oscar_ms=oscar_ms,
                        transformers_tok_s=tokens / hf_ms * 1e3, oscar_tok_s=tokens / oscar_ms * 1e3,
                        oscar_tflops=statistics.median(run[i][1] for run in oscar_runs), speedup=hf_ms / oscar_ms,

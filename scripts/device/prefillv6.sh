@@ -132,7 +132,7 @@ if [[ $parts == *,hf,* ]]; then
   # timed cuBLASLt algorithms in one process (a row each)
   timeout 560 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
     --gemm-selection heuristic,timed \
-    --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
+    --case bench/configs/llama3-8b.json:8x2048:10 --case bench/configs/qwen3-8b.json:8x2048:10 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
     > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hf.log"
@@ -143,7 +143,7 @@ hfk=$(tr ',' '\n' <<< "$parts" | sed -n 's/^hfk=//p' | head -1)
 if [ -n "$hfk" ]; then
   timeout 580 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
     --gemm-selection heuristic,timed --attn-kernel "${hfk//+/,}" \
-    --case bench/configs/llama3-8b.json:8x2048 --case bench/configs/qwen3-8b.json:8x2048 \
+    --case bench/configs/llama3-8b.json:8x2048:10 --case bench/configs/qwen3-8b.json:8x2048:10 \
     --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hfk.json" \
     > "$OUT/prefillv6_fwd_vs_hfk.log" 2> "$OUT/prefillv6_fwd_vs_hfk.err" || status=1
   cat "$OUT/prefillv6_fwd_vs_hfk.log"

@@ -29,17 +29,21 @@ attn auto (timed GEMMs): median 1270.13 ms (min 1269.53, max 1274.70) over 3 ite
 """
 
 
-def run(rounds, hf_ms, oscar_ms, selections="heuristic", kernels="auto"):
-    """oscar_ms: per round, the medians of the (selection, kernel) pairs in order."""
+def run(rounds, hf_ms, oscar_ms, selections="heuristic", kernels="auto", case="c.json:1x32768", iters_seen=None):
+    """oscar_ms: per round, the medians of the (selection, kernel) pairs in order. iters_seen collects the iteration
+    count each timer was called with."""
     order = []
+    seen = iters_seen if iters_seen is not None else []
     hf, osc = iter(hf_ms), iter(oscar_ms)
-    fvt.time_transformers = lambda *a: (order.append("hf"), (next(hf), 18.0))[1]
-    fvt.time_oscar = lambda *a: (order.append("oscar"), ([(ms, 600.0, 20.0) for ms in next(osc)], "attn auto: median"))[1]
+    # time_transformers(config, batch, seq, warmup, iters); time_oscar(binary, config, batch, seq, warmup, iters, ...)
+    fvt.time_transformers = lambda *a: (order.append("hf"), seen.append(("hf", a[4])), (next(hf), 18.0))[2]
+    fvt.time_oscar = lambda *a: (order.append("oscar"), seen.append(("oscar", a[5])),
+                                 ([(ms, 600.0, 20.0) for ms in next(osc)], "attn auto: median"))[2]
     fvt.transformers_environment = lambda: dict(torch="t", transformers="x", cuda="c", device="d",
                                                 sdpa_enabled=dict(flash=True, cudnn=False))
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "t.json")
-        sys.argv = ["fvt", "--forward-bench", "fb", "--case", "c.json:1x32768", "--rounds", str(rounds), "--json", out,
+        sys.argv = ["fvt", "--forward-bench", "fb", "--case", case, "--rounds", str(rounds), "--json", out,
                     "--gemm-selection", selections, "--attn-kernel", kernels]
         fvt.main()
         with open(out) as f:
@@ -71,6 +75,21 @@ def main():
     assert [(r["gemm_selection"], r["attn_kernel"], r["oscar_ms"]) for r in rows] == [
         ("heuristic", "auto", 1290.0), ("heuristic", "v11", 1280.0), ("timed", "auto", 1270.0),
         ("timed", "v11", 1260.0)], rows
+    # A case's own iteration count reaches both timers and the row; without one, --iters (default 5).
+    seen = []
+    order, rows = run(2, [480.0, 490.0], [[380.0], [370.0]], case="c.json:8x2048:12", iters_seen=seen)
+    assert seen == [("oscar", 12), ("hf", 12), ("hf", 12), ("oscar", 12)], seen
+    assert rows[0]["iters"] == 12 and (rows[0]["batch"], rows[0]["seq"]) == (8, 2048), rows
+    seen = []
+    order, rows = run(1, [1580.0], [[1290.0]], case="dir:with:colons/c.json:1x32768", iters_seen=seen)
+    assert seen == [("hf", 5), ("oscar", 5)] and rows[0]["config"] == "dir:with:colons/c.json", (seen, rows)
+    for bad in ("c.json:8x2048:0", "c.json:8x2048:ten", "c.json:8by2048", "c.json:0x2048:3"):
+        try:
+            run(1, [1.0], [[1.0]], case=bad)
+        except SystemExit as e:
+            assert e.code == 2, (bad, e.code)
+        else:
+            raise AssertionError(f"--case {bad} was accepted")
     # The parser on real forward_bench output: both result lines, in order, with their memory.
     got = [(float(m.group(1)), float(m.group(2)), float(m.group(3))) for m in fvt.RESULT_LINE.finditer(REAL_OUTPUT)]
     assert got == [(1294.86, 596.1, 20.2), (1270.13, 607.7, 20.2)], got
