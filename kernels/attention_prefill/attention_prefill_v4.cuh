@@ -334,24 +334,6 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (key > query || key >= seqlen) s[i] = -INFINITY;
       }
     }
-    // The exponentials against the rows' current reference max, packed as P's A fragments (and, before v11, the
-    // row sums rescaled by `correction`).
-    auto exponentials = [&]() {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float ref = row_max[r] == -INFINITY ? 0.f : row_max[r] * scale_log2;
-        float partial = 0.f;
-#pragma unroll
-        for (int jb = 0; jb < kBlockN / 8; ++jb) {
-          const float p0 = ex2_approx(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
-          const float p1 = ex2_approx(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
-          if constexpr (!Cfg::kRowSumMma) partial += p0 + p1;
-          // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
-          p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
-        }
-        if constexpr (!Cfg::kRowSumMma) row_sum[r] = row_sum[r] * correction[r] + partial;
-      }
-    };
     float tile_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -379,7 +361,22 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     } else {
       correction[0] = correction[1] = 1.f;  // exact: the row sums below stay one rounding per tile
     }
-    exponentials();
+    // The exponentials against the rows' reference max, packed as P's A fragments (and, before v11, the row sums
+    // rescaled by `correction`).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float ref = row_max[r] == -INFINITY ? 0.f : row_max[r] * scale_log2;
+      float partial = 0.f;
+#pragma unroll
+      for (int jb = 0; jb < kBlockN / 8; ++jb) {
+        const float p0 = ex2_approx(fmaf(s[4 * jb + 2 * r], scale_log2, -ref));
+        const float p1 = ex2_approx(fmaf(s[4 * jb + 2 * r + 1], scale_log2, -ref));
+        if constexpr (!Cfg::kRowSumMma) partial += p0 + p1;
+        // A fragment of step jb / 2: regs 0, 1 = rows g, g+8 at keys 2t, 2t+1; regs 2, 3 = the same at +8.
+        p[jb >> 1][(jb & 1) * 2 + r] = pack_bf16x2(p0, p1);
+      }
+      if constexpr (!Cfg::kRowSumMma) row_sum[r] = row_sum[r] * correction[r] + partial;
+    }
   };
   auto rescale_o = [&](const float (&correction)[2]) {
 #pragma unroll
