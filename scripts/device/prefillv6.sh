@@ -127,41 +127,28 @@ if [[ $parts == *,ncu,* ]]; then
       "$OUT/prefillv6_ncu_$k.txt" | head -12
   done
 fi
-if [[ $parts == *,hf,* ]]; then
-  # two rounds, the order swapped (each side first once): ~2x the one-round time; OSCAR with the heuristic's and the
-  # timed cuBLASLt algorithms in one process (a row each)
-  timeout 560 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
-    --gemm-selection heuristic,timed \
-    --case bench/configs/llama3-8b.json:8x2048:10 --case bench/configs/qwen3-8b.json:8x2048:10 \
-    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf.json" \
-    > "$OUT/prefillv6_fwd_vs_hf.log" 2> "$OUT/prefillv6_fwd_vs_hf.err" || status=1
-  cat "$OUT/prefillv6_fwd_vs_hf.log"
-fi
+# forward_vs_transformers.py with this script's protocol: two rounds, the order swapped (each side first once; ~2x
+# the one-round time), OSCAR with the heuristic's and the timed cuBLASLt algorithms in one process (a row each).
+# Args: TAG (logs prefillv6_fwd_vs_TAG.{log,err,json}), time limit in s, attention kernels (comma list), cases.
+fwd_vs_hf() {
+  local tag=$1 limit=$2 kernels=$3 cases=()
+  shift 3
+  for c in "$@"; do cases+=(--case "$c"); done
+  timeout "$limit" python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 \
+    --iters 3 --rounds 2 --gemm-selection heuristic,timed --attn-kernel "$kernels" "${cases[@]}" \
+    --json "$OUT/prefillv6_fwd_vs_$tag.json" > "$OUT/prefillv6_fwd_vs_$tag.log" 2> "$OUT/prefillv6_fwd_vs_$tag.err" ||
+    status=1
+  cat "$OUT/prefillv6_fwd_vs_$tag.log"
+}
+# The three shapes of issue #4 (8 x 2048 with 10 forwards a side: 3 left its rows +-4 % apart).
+all_shapes=(bench/configs/llama3-8b.json:8x2048:10 bench/configs/qwen3-8b.json:8x2048:10 bench/configs/qwen3-8b.json:1x32768)
+[[ $parts == *,hf,* ]] && fwd_vs_hf hf 560 auto "${all_shapes[@]}"
 # hfk=KERNELS (kernels joined by '+', e.g. hfk=auto+v13): the hf part's three shapes with those attention kernels in
 # OSCAR's process (a row per selection and kernel), for a candidate that is not Auto yet (~2x the hf part per kernel).
 hfk=$(tr ',' '\n' <<< "$parts" | sed -n 's/^hfk=//p' | head -1)
-if [ -n "$hfk" ]; then
-  timeout 580 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
-    --gemm-selection heuristic,timed --attn-kernel "${hfk//+/,}" \
-    --case bench/configs/llama3-8b.json:8x2048:10 --case bench/configs/qwen3-8b.json:8x2048:10 \
-    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hfk.json" \
-    > "$OUT/prefillv6_fwd_vs_hfk.log" 2> "$OUT/prefillv6_fwd_vs_hfk.err" || status=1
-  cat "$OUT/prefillv6_fwd_vs_hfk.log"
-fi
-if [[ $parts == *,hf32kall,* ]]; then
-  # hf32k with every candidate kernel in OSCAR's process (Auto and v11..v13, heuristic and timed GEMMs: 8 rows
-  # against the same transformers median; ~3 min)
-  timeout 500 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 \
-    --rounds 2 --gemm-selection heuristic,timed --attn-kernel auto,v11,v12,v13 \
-    --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32kall.json" \
-    > "$OUT/prefillv6_fwd_vs_hf32kall.log" 2> "$OUT/prefillv6_fwd_vs_hf32kall.err" || status=1
-  cat "$OUT/prefillv6_fwd_vs_hf32kall.log"
-fi
-if [[ $parts == *,hf32k,* ]]; then
-  # the hf part's protocol at Qwen3-8B 1 x 32768 only (~2.5 min)
-  timeout 400 python3 bench/forward_vs_transformers.py --forward-bench "$BIN/bin/forward_bench" --warmup 1 --iters 3 --rounds 2 \
-    --gemm-selection heuristic,timed --case bench/configs/qwen3-8b.json:1x32768 --json "$OUT/prefillv6_fwd_vs_hf32k.json" \
-    > "$OUT/prefillv6_fwd_vs_hf32k.log" 2> "$OUT/prefillv6_fwd_vs_hf32k.err" || status=1
-  cat "$OUT/prefillv6_fwd_vs_hf32k.log"
-fi
+[ -n "$hfk" ] && fwd_vs_hf hfk 580 "${hfk//+/,}" "${all_shapes[@]}"
+# hf32kall: Auto and v11..v13 at Qwen3-8B 1 x 32768 (8 rows against the same transformers median; ~3 min)
+[[ $parts == *,hf32kall,* ]] && fwd_vs_hf hf32kall 500 auto,v11,v12,v13 bench/configs/qwen3-8b.json:1x32768
+# hf32k: the hf part at Qwen3-8B 1 x 32768 only (~2.5 min)
+[[ $parts == *,hf32k,* ]] && fwd_vs_hf hf32k 400 auto bench/configs/qwen3-8b.json:1x32768
 exit $status
