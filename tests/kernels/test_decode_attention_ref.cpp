@@ -171,5 +171,22 @@ TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
   EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32768, 64, 132), 2);  // 512 blocks, not 3 x 256 = 768
 }
 
+TEST(DecodeRef, SplitCountAtBatchOneKeepsSplitsOfAboutTwoThousandTokens) {
+  // Batch 1, 8 KV heads, 132 SMs: the fill is 66 splits; below 66K tokens that makes splits under 1024 tokens, so
+  // splits of ~2K tokens with at least 64 blocks (the counts that ran fastest on the H100 at 4K..64K).
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 4096, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 8192, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 16384, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 32768, 64, 132), 16);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 65536, 64, 132), 32);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 131072, 64, 132), 66);  // 1986 tokens a split: the fill
+  // Two KV heads: 32 splits keep 64 blocks; short sequences still never split under two pages.
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 2, 4096, 64, 132), 32);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 1000, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 500, 64, 132), 4);
+  // Batch 8 (64 pairs) keeps the fill even at 4K: 8 splits of 512 tokens beat 4 of 1024 by 1.35x.
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 8, 4096, 64, 132), 8);
+}
+
 }  // namespace
 }  // namespace oscar
