@@ -30,12 +30,12 @@ int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t
   const int64_t base_blocks = std::max<int64_t>(1, static_cast<int64_t>(batch) * num_kv_heads);
   const int64_t slots = 4 * static_cast<int64_t>(std::max(sm_count, 1));
   int64_t wanted = slots / base_blocks;
-  // Batch 1 of a model with <= 8 KV heads at contexts where that fill cuts splits of fewer than 1024 tokens: the
-  // work per SM is then small, and the per-split costs lead (each block's query setup, window share and ticket;
-  // the last block's merge of every split's partial). Measured on the H100 at 8 KV heads (decodesplits.sh, 4K to
-  // 128K): 8 splits (64 blocks) were fastest at 4K and 8K, 16 at 16K and 32K, 33 = 66 at 64K, the fill (66) at
-  // 128K, so: splits of ~2K tokens, but at least 64 blocks. Larger batches keep the fill: at 8 x 4K, 4 splits ran
-  // 1.35x slower than its 8, the window share of each block growing with the batch's windows.
+  // Batch x KV heads <= 8 (batch 1 of an 8-KV-head model) at contexts where that fill cuts splits of fewer than
+  // 1024 tokens: the work per SM is then small, and the per-split costs lead (each block's query setup, window
+  // share and ticket; the last block's merge of every split's partial). Measured on the H100 at 8 KV heads
+  // (decodesplits.sh, 4K to 128K): 8 splits (64 blocks) were fastest at 4K and 8K, 16 at 16K and 32K, 33 = 66 at
+  // 64K, the fill (66) at 128K, so: splits of ~2K tokens, but at least 64 blocks. Larger batches keep the fill: at
+  // 8 x 4K, 4 splits ran 1.35x slower than its 8, the window share of each block growing with the batch's windows.
   if (base_blocks <= 8 && static_cast<int64_t>(max_seq_len) < 1024 * wanted) {
     const int64_t by_tokens = (static_cast<int64_t>(max_seq_len) + 2047) / 2048;
     const int64_t min_blocks_splits = (64 + base_blocks - 1) / base_blocks;
