@@ -181,8 +181,7 @@ Status attention_prefill_can_implement(const PrefillAttentionArgs& a) {
   if (a.q_row_stride < int64_t{a.num_heads} * a.head_dim || a.out_row_stride < int64_t{a.num_heads} * a.head_dim ||
       a.k_row_stride < int64_t{a.num_kv_heads} * a.head_dim || a.v_row_stride < int64_t{a.num_kv_heads} * a.head_dim)
     return Status::InvalidArgument;
-  if (static_cast<int>(a.kernel) < static_cast<int>(PrefillKernel::Auto) ||
-      static_cast<int>(a.kernel) > static_cast<int>(PrefillKernel::V13))
+  if (a.kernel != PrefillKernel::Auto && prefill_kernel_info(a.kernel) == nullptr)  // not a kernel of the table
     return Status::InvalidArgument;
   if (prefill_kernel_uses_wgmma(a.kernel) && a.head_dim != 128) return Status::Unsupported;
   if (prefill_kernel_uses_clusters(a.kernel) && v12_pack(a) == 0)
