@@ -76,7 +76,7 @@ def main(argv):
     print_mix("hot lines", *mix(hot, i_src, i_exec, i_stall))
     if list_lines:
         chosen = sorted(hot, key=lambda r: -number(r[i_exec]))[:list_lines]
-        chosen.sort(key=lambda r: int(r[0].strip('"'), 16) if r[0].startswith(("0x", '"0x')) else 0)
+        chosen.sort(key=lambda r: int(r[0], 16) if r[0].startswith("0x") else 0)  # csv has unquoted the field
         for r in chosen:
             print(f"  {r[0]:>18s} {number(r[i_exec]):10d} {number(r[i_stall]):6d}  {r[i_src].strip()}")
     return 0
