@@ -41,6 +41,7 @@
 #include "formats/kv_layout.h"
 #include "kernels/attention_decode/decode_attention.h"  // kDecodePhaseTraceWords
 #include "kernels/common/device_utils.cuh"
+#include "kernels/common/tma.cuh"
 
 namespace oscar::kern::detail {
 
@@ -49,6 +50,12 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr int kInt2TileTokens = 16;
 inline constexpr int kInt2TilesPerStage = 4;
 inline constexpr int kInt2Stages = 3;
+// The INT2 kernel's ring is filled by TMA bulk copies on sm_90 and by cp.async below it (decode_attention_int2_kernel).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+inline constexpr bool kDecodeBulkCopies = true;
+#else
+inline constexpr bool kDecodeBulkCopies = false;
+#endif
 
 // Device view of one tensor's segmented page layout (formats/kv_layout.h SegmentedPageGeometry), precomputed per
 // 16-dim block on the host (decode_attention.cu); read by decode_attention_seg.cuh.
@@ -866,13 +873,28 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // V records sit at the same offset in the V pool as K records in the K pool.
   const int64_t kv_delta =
       reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
+  // sm_90: each warp's ring stages are filled by the TMA unit (bulk copies, one full barrier per stage); before,
+  // by per-lane cp.async: ~175 of the loop's ~830 instructions per 4-tile stage (the address broadcast, 64-bit
+  // address arithmetic and three issue-slot-taking placeholders per LDGSTS; ncu SASS at 8 x 128K), in a loop
+  // bound by instruction issue.
+  __shared__ __align__(8) uint64_t stage_full[kDecodeWarps][kInt2Stages];
+  // 32-bit shared addresses, formed where used from the static base and the warp index (fewer live registers:
+  // the wide layout's instantiation is at its 128-register bound).
+  auto full_bar = [&](int stage) {
+    return tma::smem_addr(&stage_full[0][0]) + 8u * static_cast<uint32_t>(warp * kInt2Stages + stage % kInt2Stages);
+  };
+  if constexpr (kDecodeBulkCopies) {
+    if (lane == 0) {
+#pragma unroll
+      for (int s = 0; s < kInt2Stages; ++s) tma::mbarrier_init(&stage_full[warp][s], 1);
+      tma::fence_mbarrier_init();
+    }
+    __syncwarp();
+  }
   auto issue_stage = [&](int stage, int stage_pages) {
     if (stage < stages) {
-      uint8_t* dst = ring + (stage % kInt2Stages) * Tile::kStageBytes;
       // Lane tt < kInt2TilesPerStage forms tile tt's K code address (and the distance from it to the tile's
-      // (scale, zero) pairs) from the page id it loaded, in one pass for the whole stage; the tiles below only
-      // broadcast them. The warp used to redo this 64-bit page and offset arithmetic for every tile in turn, ~50
-      // instructions per tile, about a sixth of the loop.
+      // (scale, zero) pairs) from the page id it loaded, in one pass for the whole stage.
       intptr_t my_codes = 0;
       int32_t my_params_delta = 0;
       {
@@ -886,26 +908,55 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
           my_params_delta = geo.params_offset() + offset * (4 - Tile::kRowBytes);
         }
       }
-#pragma unroll
-      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const int i = stage * kInt2TilesPerStage + tt;
-        if (i >= warp_tiles) break;
-        const intptr_t codes = static_cast<intptr_t>(
-            __shfl_sync(0xffffffffu, static_cast<unsigned long long>(my_codes), tt));
-        const int32_t params_delta = __shfl_sync(0xffffffffu, my_params_delta, tt);
-        uint8_t* tile = dst + tt * Tile::kBytes;
-#pragma unroll
-        for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
-          cp_async16(tile + Tile::kKCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + chunk * 16));
-          cp_async16(tile + Tile::kVCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + kv_delta + chunk * 16));
+      if constexpr (kDecodeBulkCopies) {
+        // Lane tt copies tile tt's four runs (K codes, V codes, K pairs, V pairs: kBytes in all); lane 0 arms the
+        // stage's barrier with the whole stage's bytes. A copy may land before the arming: the transaction count
+        // may go negative, and the phase cannot complete before lane 0's arrival anyway.
+        const int slot = stage % kInt2Stages;
+        const uint32_t bar = full_bar(stage);
+        const int tiles_here = min(kInt2TilesPerStage, warp_tiles - stage * kInt2TilesPerStage);
+        if (lane == 0) tma::mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(tiles_here * Tile::kBytes));
+        if (lane < tiles_here) {
+          const uint32_t tile = tma::smem_addr(ring + slot * Tile::kStageBytes + lane * Tile::kBytes);
+          const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
+          tma::load_bulk(tile + Tile::kKCodes, codes, Tile::kCodeBytes, bar);
+          tma::load_bulk(tile + Tile::kVCodes, codes + kv_delta, Tile::kCodeBytes, bar);
+          tma::load_bulk(tile + Tile::kKParams, codes + my_params_delta, kInt2TileTokens * 4, bar);
+          tma::load_bulk(tile + Tile::kVParams, codes + my_params_delta + kv_delta, kInt2TileTokens * 4, bar);
         }
-        // Lanes 0-3: the K pairs, 4-7: the V pairs (kVParams = kKParams + 64 in the tile).
-        if (lane < 8)
-          cp_async16(tile + Tile::kKParams + lane * 16,
-                     reinterpret_cast<const uint8_t*>(codes + params_delta + (lane & 3) * 16 + (lane < 4 ? 0 : kv_delta)));
+      } else {
+        // Older GPUs: the tiles broadcast the lanes' addresses and the warp copies 16 bytes per lane.
+#pragma unroll
+        for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+          const int i = stage * kInt2TilesPerStage + tt;
+          if (i >= warp_tiles) break;
+          const intptr_t codes = static_cast<intptr_t>(
+              __shfl_sync(0xffffffffu, static_cast<unsigned long long>(my_codes), tt));
+          const int32_t params_delta = __shfl_sync(0xffffffffu, my_params_delta, tt);
+          uint8_t* tile = ring + (stage % kInt2Stages) * Tile::kStageBytes + tt * Tile::kBytes;
+#pragma unroll
+          for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
+            cp_async16(tile + Tile::kKCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + chunk * 16));
+            cp_async16(tile + Tile::kVCodes + chunk * 16,
+                       reinterpret_cast<const uint8_t*>(codes + kv_delta + chunk * 16));
+          }
+          // Lanes 0-3: the K pairs, 4-7: the V pairs (kVParams = kKParams + 64 in the tile).
+          if (lane < 8)
+            cp_async16(tile + Tile::kKParams + lane * 16,
+                       reinterpret_cast<const uint8_t*>(codes + params_delta + (lane & 3) * 16 + (lane < 4 ? 0 : kv_delta)));
+        }
       }
     }
-    cp_async_commit();  // an empty group keeps the wait count uniform
+    if constexpr (!kDecodeBulkCopies) cp_async_commit();  // an empty group keeps the wait count uniform
+  };
+  // Stage `stage`'s tiles are in the ring and visible to every lane of the warp.
+  auto wait_stage = [&](int stage) {
+    if constexpr (kDecodeBulkCopies) {
+      tma::mbarrier_wait(full_bar(stage), static_cast<uint32_t>(stage / kInt2Stages) & 1u);
+    } else {
+      cp_async_wait<kInt2Stages - 1>();
+      __syncwarp();
+    }
   };
   // Start streaming before the query arrives in registers: the first loads' latency hides the setup below.
 #pragma unroll
@@ -1022,8 +1073,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     for (int stage = 0; stage < stages; ++stage) {
       issue_stage(stage + kInt2Stages - 1, pages_ahead);
       pages_ahead = load_stage_pages(stage + kInt2Stages);
-      cp_async_wait<kInt2Stages - 1>();
-      __syncwarp();
+      wait_stage(stage);
       const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
       // Masked with selects as in the wide layout below (one basic block per stage).
@@ -1154,8 +1204,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     for (int stage = 0; stage < stages; ++stage) {
       issue_stage(stage + kInt2Stages - 1, pages_ahead);
       pages_ahead = load_stage_pages(stage + kInt2Stages);
-      cp_async_wait<kInt2Stages - 1>();
-      __syncwarp();
+      wait_stage(stage);
       const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
       // The stage is one basic block: tokens outside [begin, end) (and whole tiles past warp_tiles in the last
