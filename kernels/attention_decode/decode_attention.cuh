@@ -914,15 +914,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         // may go negative, and the phase cannot complete before lane 0's arrival anyway.
         const int slot = stage % kInt2Stages;
         const uint32_t bar = full_bar(stage);
-        const int tiles_here = min(kInt2TilesPerStage, warp_tiles - stage * kInt2TilesPerStage);
-        if (lane == 0) tma::mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(tiles_here * Tile::kBytes));
-        if (lane < tiles_here) {
+        if (lane == 0) {
+          const int tiles_here = min(kInt2TilesPerStage, warp_tiles - stage * kInt2TilesPerStage);
+          tma::mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(tiles_here * Tile::kBytes));
+        }
+        if (my_codes != 0) {  // lanes whose tile exists (a pool address is never 0)
           const uint32_t tile = tma::smem_addr(ring + slot * Tile::kStageBytes + lane * Tile::kBytes);
           const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
+          // The V record from the pools' distance, read from the kernel parameters here rather than held in two
+          // registers across the loop (the wide layout's instantiation is at its 128-register bound).
+          const int64_t v_delta = reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
           tma::load_bulk(tile + Tile::kKCodes, codes, Tile::kCodeBytes, bar);
-          tma::load_bulk(tile + Tile::kVCodes, codes + kv_delta, Tile::kCodeBytes, bar);
+          tma::load_bulk(tile + Tile::kVCodes, codes + v_delta, Tile::kCodeBytes, bar);
           tma::load_bulk(tile + Tile::kKParams, codes + my_params_delta, kInt2TileTokens * 4, bar);
-          tma::load_bulk(tile + Tile::kVParams, codes + my_params_delta + kv_delta, kInt2TileTokens * 4, bar);
+          tma::load_bulk(tile + Tile::kVParams, codes + my_params_delta + v_delta, kInt2TileTokens * 4, bar);
         }
       } else {
         // Older GPUs: the tiles broadcast the lanes' addresses and the warp copies 16 bytes per lane.
@@ -952,7 +957,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // Stage `stage`'s tiles are in the ring and visible to every lane of the warp.
   auto wait_stage = [&](int stage) {
     if constexpr (kDecodeBulkCopies) {
-      tma::mbarrier_wait(full_bar(stage), static_cast<uint32_t>(stage / kInt2Stages) & 1u);
+      tma::mbarrier_wait_asm_loop(full_bar(stage), static_cast<uint32_t>(stage / kInt2Stages) & 1u);
     } else {
       cp_async_wait<kInt2Stages - 1>();
       __syncwarp();

@@ -71,6 +71,16 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t addr, uint32_t parity) {
   } while (!done);
 #endif
 }
+// The same wait as one asm statement with its loop inside (labels in a { } block are local to it, as CUTLASS's
+// ClusterBarrier::wait has them): the calling loop's body stays one basic block for the register allocator.
+__device__ __forceinline__ void mbarrier_wait_asm_loop(uint32_t addr, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}\n" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+#endif
+}
 template <bool kClusterScope = false>
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   mbarrier_wait<kClusterScope>(smem_addr(bar), parity);
