@@ -204,5 +204,68 @@ INSTANTIATE_TEST_SUITE_P(
         Int2PathCase{{4000, 3000}, 128, 32, 8, 16, 100, 0, 60, 3.0f, false}),
     case_name);
 
+// A fused grid that leaves resident slots free is spread over the SMs (decode_attention_spread_smem_bytes): with
+// 16 or 33 splits at batch 1 and 8 KV heads (128 / 264 blocks), no SM runs more than ceil(blocks / SMs) of them.
+// The SM of each block comes from the kernel's phase trace. The output must still match the reference.
+TEST(DecodeSpread, GridsBelowTheResidentSlotsSpreadOverTheSms) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  constexpr int d = 128, q_heads = 32, kv_heads = 8;
+  const auto rk = test::random_rotation(d, 61), rv = test::random_rotation(d, 62);
+  test::HostPagedCache cache;
+  cache.page_tokens = 64;
+  cache.build({4096}, kv_heads, d, rk, rv, 0.96f, 0.92f, 17);
+  const auto q = test::random_bf16(q_heads * d, d, 78, 3.0f);
+  DeviceArray<uint8_t> ki(cache.k_int2), vi(cache.v_int2);
+  DeviceArray<uint16_t> kb(cache.k_bf16), vb(cache.v_bf16), dq(q);
+  DeviceArray<int32_t> it(cache.int2_table), bt(cache.bf16_table), lens(cache.lens);
+  DeviceArray<float> drk(rk), drv(rv), dout(q_heads * d);
+  auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
+                         cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
+  hp.num_q_heads = q_heads;
+  hp.q = q.data();
+  hp.rotation_k = rk.data();
+  hp.rotation_v = rv.data();
+  hp.sink_tokens = 64;
+  hp.recent_tokens = 256;
+  std::vector<float> want_f(q_heads * d);
+  hp.out = want_f.data();
+  kern::decode_attention_ref(hp);
+  const std::vector<double> want(want_f.begin(), want_f.end());
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  for (int splits : {16, 33}) {
+    SCOPED_TRACE(splits);
+    auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
+    p.num_q_heads = q_heads;
+    p.q = dq.ptr;
+    p.rotation_k = drk.ptr;
+    p.rotation_v = drv.ptr;
+    p.sink_tokens = 64;
+    p.recent_tokens = 256;
+    p.out = dout.ptr;
+    p.num_splits = splits;
+    const size_t ws = kern::decode_attention_workspace_bytes(1, q_heads, d, splits);
+    DeviceArray<uint8_t> workspace(ws);
+    p.workspace = workspace.ptr;
+    p.workspace_bytes = ws;
+    const int blocks = splits * kv_heads;
+    DeviceArray<unsigned long long> trace(static_cast<size_t>(blocks) * kern::kDecodePhaseTraceWords);
+    p.phase_trace = trace.ptr;
+    ASSERT_EQ(kern::decode_attention(p, nullptr), kern::Status::Ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LE(test::nmse(dout.download(), want), 1e-5);
+    std::vector<int> per_sm(sms, 0);
+    const auto words = trace.download();
+    for (int b = 0; b < blocks; ++b) {
+      const auto sm = words[static_cast<size_t>(b) * kern::kDecodePhaseTraceWords + 8];
+      ASSERT_LT(sm, static_cast<unsigned long long>(sms));
+      ++per_sm[sm];
+    }
+    const int most = *std::max_element(per_sm.begin(), per_sm.end());
+    std::printf("  %d splits, %d blocks on %d SMs: at most %d per SM\n", splits, blocks, sms, most);
+    EXPECT_LE(most, (blocks + sms - 1) / sms);
+  }
+}
+
 }  // namespace
 }  // namespace oscar
