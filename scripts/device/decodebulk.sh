@@ -7,7 +7,7 @@
 # Needs: $BIN, $OUT, cwd = repo. Look for: "[  PASSED  ]" in decodebulk_test_gpu.log; decodebulk_bench.txt int2_us.
 source scripts/device/common.sh
 status=0
-timeout 130 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*:*EngineQuantized*:*EngineBatch*' \
+timeout 130 "$BIN/bin/test_gpu" --gtest_filter='*DecodeInt2Paths*:*DecodeSpread*:*EngineQuantized*:*EngineBatch*' \
   > "$OUT/decodebulk_test_gpu.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED) |FAILED TEST|tests? ran" "$OUT/decodebulk_test_gpu.log" | head -20
 base=/tmp/base_decode_attention_bench
