@@ -63,6 +63,17 @@ std::string case_name(const ::testing::TestParamInfo<Int2PathCase>& info) {
   return name.str();
 }
 
+// What both tests set on top of HostPagedCache::params (host pointers for the reference, device ones for the kernel).
+void set_query(kern::DecodeAttentionParams& p, int q_heads, const uint16_t* q, const float* rk, const float* rv,
+               int64_t sink, int64_t recent) {
+  p.num_q_heads = q_heads;
+  p.q = q;
+  p.rotation_k = rk;
+  p.rotation_v = rv;
+  p.sink_tokens = sink;
+  p.recent_tokens = recent;
+}
+
 class DecodeInt2Paths : public ::testing::TestWithParam<Int2PathCase> {};
 
 TEST_P(DecodeInt2Paths, MatchesReference) {
@@ -84,12 +95,7 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
 
   auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
                          cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
-  hp.num_q_heads = tc.q_heads;
-  hp.q = q.data();
-  hp.rotation_k = rk.data();
-  hp.rotation_v = rv.data();
-  hp.sink_tokens = tc.sink;
-  hp.recent_tokens = tc.recent;
+  set_query(hp, tc.q_heads, q.data(), rk.data(), rv.data(), tc.sink, tc.recent);
   std::vector<float> want_f(n_out);
   hp.out = want_f.data();
   kern::decode_attention_ref(hp);
@@ -114,12 +120,7 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
     SCOPED_TRACE(name);
     auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
     p.variant = variant;
-    p.num_q_heads = tc.q_heads;
-    p.q = dq.ptr;
-    p.rotation_k = drk.ptr;
-    p.rotation_v = drv.ptr;
-    p.sink_tokens = tc.sink;
-    p.recent_tokens = tc.recent;
+    set_query(p, tc.q_heads, dq.ptr, drk.ptr, drv.ptr, tc.sink, tc.recent);
     if (tc.bf16_out) p.out_bf16 = dout_bf16.ptr;
     else p.out = dout.ptr;
     p.num_splits = tc.splits;
@@ -221,12 +222,7 @@ TEST(DecodeSpread, GridsBelowTheResidentSlotsSpreadOverTheSms) {
   DeviceArray<float> drk(rk), drv(rv), dout(q_heads * d);
   auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
                          cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
-  hp.num_q_heads = q_heads;
-  hp.q = q.data();
-  hp.rotation_k = rk.data();
-  hp.rotation_v = rv.data();
-  hp.sink_tokens = 64;
-  hp.recent_tokens = 256;
+  set_query(hp, q_heads, q.data(), rk.data(), rv.data(), 64, 256);
   std::vector<float> want_f(q_heads * d);
   hp.out = want_f.data();
   kern::decode_attention_ref(hp);
@@ -236,12 +232,7 @@ TEST(DecodeSpread, GridsBelowTheResidentSlotsSpreadOverTheSms) {
   for (int splits : {16, 33}) {
     SCOPED_TRACE(splits);
     auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
-    p.num_q_heads = q_heads;
-    p.q = dq.ptr;
-    p.rotation_k = drk.ptr;
-    p.rotation_v = drv.ptr;
-    p.sink_tokens = 64;
-    p.recent_tokens = 256;
+    set_query(p, q_heads, dq.ptr, drk.ptr, drv.ptr, 64, 256);
     p.out = dout.ptr;
     p.num_splits = splits;
     const size_t ws = kern::decode_attention_workspace_bytes(1, q_heads, d, splits);
