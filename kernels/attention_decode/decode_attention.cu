@@ -136,12 +136,14 @@ Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream)
   // Once per process: the device's shared-memory limits (the launch runs on the device current at first use, as
   // the opt-in below assumes too) and the kernel's static shared memory.
   static const SmemLimits limits = smem_limits();
-  static const size_t static_smem = [] {
+  // The kernel's static shared memory; unknown (the query failed) turns the spreading off.
+  static const int64_t static_smem = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.sharedSizeBytes : size_t{0};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? static_cast<int64_t>(attr.sharedSizeBytes) : -1;
   }();
   // Static + dynamic must stay within the per-block opt-in limit.
-  static const int most_dynamic = std::max(kSmem, limits.most_per_block - static_cast<int>(static_smem));
+  static const int most_dynamic =
+      static_smem < 0 ? kSmem : std::max(kSmem, limits.most_per_block - static_cast<int>(static_smem));
   static const cudaError_t opted_in =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_dynamic);
   if (opted_in != cudaSuccess) return Status::CudaError;
@@ -150,8 +152,10 @@ Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream)
   cfg.gridDim = dim3(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
                      static_cast<unsigned>(batch));
   cfg.blockDim = dim3(detail::kDecodeWarps * 32);
-  cfg.dynamicSmemBytes = decode_attention_spread_smem_bytes(kSmem, blocks, limits.sms, static_smem, most_dynamic,
-                                                            limits.per_sm, limits.reserved_per_block);
+  cfg.dynamicSmemBytes = static_smem < 0 ? kSmem
+                                          : decode_attention_spread_smem_bytes(
+                                                kSmem, blocks, limits.sms, static_cast<size_t>(static_smem),
+                                                most_dynamic, limits.per_sm, limits.reserved_per_block);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

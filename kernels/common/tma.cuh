@@ -99,6 +99,14 @@ __device__ __forceinline__ void load_2d(void* dst, const void* tensor_map, int32
 #endif
 }
 
+// Orders this thread's generic-proxy shared-memory accesses before later async-proxy ones (a TMA copy refilling
+// memory the threads just read).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // `bytes` contiguous bytes from global `src` into shared `dst` (both 16-byte aligned, bytes a multiple of 16) by
 // the TMA unit, completing `bytes` on `bar`: a non-tensor bulk copy, one instruction for what takes a warp
 // bytes/512 rounds of cp.async (and their address arithmetic) otherwise.
