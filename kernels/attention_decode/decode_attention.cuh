@@ -883,10 +883,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // V records sit at the same offset in the V pool as K records in the K pool.
   const int64_t kv_delta =
       reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
-  // sm_90: each warp's ring stages are filled by the TMA unit (bulk copies, one full barrier per stage); before,
-  // by per-lane cp.async: ~175 of the loop's ~830 instructions per 4-tile stage (the address broadcast, 64-bit
-  // address arithmetic and three issue-slot-taking placeholders per LDGSTS; ncu SASS at 8 x 128K), in a loop
-  // bound by instruction issue.
+  // sm_90 with stages that are page runs (use_bulk below): each warp's ring stages are filled by the TMA unit (four
+  // bulk copies onto one full barrier per stage) instead of per-lane cp.async, which took ~175 of the loop's ~830
+  // instructions per 4-tile stage (the address broadcast, 64-bit address arithmetic and three issue-slot-taking
+  // placeholders per LDGSTS; ncu SASS at 8 x 128K) in a loop bound by instruction issue. A desk count of the SASS
+  // puts the bulk version's stage at ~780.
   __shared__ __align__(8) uint64_t stage_full[kDecodeWarps][kInt2Stages];
   // 32-bit shared addresses, formed where used from the static base and the warp index (fewer live registers:
   // the wide layout's instantiation is at its 128-register bound).
@@ -901,10 +902,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     }
     __syncwarp();
   }
-  // Where the split starts on a stage boundary and pages hold whole stages, every stage's four tiles are
-  // consecutive tokens of one page: each of the four planes is one run in the pool.
-  const bool stage_runs =
-      a.page_tokens % (kInt2TilesPerStage * kInt2TileTokens) == 0 && tile_begin % kInt2TilesPerStage == 0;
+  // sm_90, where the split starts on a stage boundary and pages hold whole stages (the default 64-token pages and
+  // sink): every stage's four tiles are consecutive tokens of one page, each of the four planes one run in the
+  // pool, and the TMA unit fills the stage (block-uniform choice).
+  const bool use_bulk = kDecodeBulkCopies && a.page_tokens % (kInt2TilesPerStage * kInt2TileTokens) == 0 &&
+                        tile_begin % kInt2TilesPerStage == 0;
   auto issue_stage = [&](int stage, int stage_pages) {
     if (stage < stages) {
       const int tile0 = stage_tile0(stage);
@@ -922,42 +924,29 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
                    static_cast<intptr_t>(offset) * Tile::kRowBytes;
         my_params_delta = geo.params_offset() + offset * (4 - Tile::kRowBytes);
       }
-      if constexpr (kDecodeBulkCopies) {
-        // Lane 0 arms the stage's barrier with the stage's bytes; a copy may land before the arming (the
-        // transaction count may go negative, and the phase cannot complete before lane 0's arrival anyway).
-        const uint32_t bar = full_bar(stage);
-        const uint32_t st_s = tma::smem_addr(st);
-        // The V record from the pools' distance, read from the kernel parameters here rather than held in two
-        // registers across the loop (the wide layout's instantiation is at its 128-register bound).
-        const int64_t v_delta = reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
-        if (stage_runs) {
-          // Four copies for the whole stage, by lane 0 (bulk copies take warp-uniform operands: per-lane addresses
-          // would be issued one lane at a time).
-          if (lane == 0) {
-            const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
-            const uint32_t code_bytes = static_cast<uint32_t>(tiles_here * Tile::kCodeBytes);
-            const uint32_t param_bytes = static_cast<uint32_t>(tiles_here * Tile::kParamBytes);
-            tma::mbarrier_arrive_expect_tx(bar, 2 * (code_bytes + param_bytes));
-            tma::load_bulk(st_s + Tile::kKCodes, codes, code_bytes, bar);
-            tma::load_bulk(st_s + Tile::kVCodes, codes + v_delta, code_bytes, bar);
-            tma::load_bulk(st_s + Tile::kKParams, codes + my_params_delta, param_bytes, bar);
-            tma::load_bulk(st_s + Tile::kVParams, codes + my_params_delta + v_delta, param_bytes, bar);
-          }
-        } else {
-          // A stage that may straddle pages: each tile's four runs from its own page, by its lane.
-          if (lane == 0) tma::mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(tiles_here * Tile::kBytes));
-          if (lane < tiles_here) {
-            const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
-            tma::load_bulk(st_s + Tile::kKCodes + lane * Tile::kCodeBytes, codes, Tile::kCodeBytes, bar);
-            tma::load_bulk(st_s + Tile::kVCodes + lane * Tile::kCodeBytes, codes + v_delta, Tile::kCodeBytes, bar);
-            tma::load_bulk(st_s + Tile::kKParams + lane * Tile::kParamBytes, codes + my_params_delta,
-                           Tile::kParamBytes, bar);
-            tma::load_bulk(st_s + Tile::kVParams + lane * Tile::kParamBytes, codes + my_params_delta + v_delta,
-                           Tile::kParamBytes, bar);
-          }
+      if (use_bulk) {
+        // Four copies for the whole stage by lane 0, onto the stage's barrier, which lane 0 arms with the stage's
+        // bytes first. Bulk copies take warp-uniform operands: per-lane addresses (a copy per tile by its own lane)
+        // compile to a loop issuing one lane at a time, which cost more than the cp.async below (desk review of
+        // the SASS), so stages that may straddle pages stay on cp.async.
+        if (lane == 0) {
+          const uint32_t bar = full_bar(stage);
+          const uint32_t st_s = tma::smem_addr(st);
+          // The V record from the pools' distance, read from the kernel parameters here rather than held in two
+          // registers across the loop (the wide layout's instantiation is at its 128-register bound).
+          const int64_t v_delta =
+              reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
+          const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
+          const uint32_t code_bytes = static_cast<uint32_t>(tiles_here * Tile::kCodeBytes);
+          const uint32_t param_bytes = static_cast<uint32_t>(tiles_here * Tile::kParamBytes);
+          tma::mbarrier_arrive_expect_tx(bar, 2 * (code_bytes + param_bytes));
+          tma::load_bulk(st_s + Tile::kKCodes, codes, code_bytes, bar);
+          tma::load_bulk(st_s + Tile::kVCodes, codes + v_delta, code_bytes, bar);
+          tma::load_bulk(st_s + Tile::kKParams, codes + my_params_delta, param_bytes, bar);
+          tma::load_bulk(st_s + Tile::kVParams, codes + my_params_delta + v_delta, param_bytes, bar);
         }
       } else {
-        // Older GPUs: the tiles broadcast the lanes' addresses and the warp copies 16 bytes per lane.
+        // The tiles broadcast the lanes' addresses and the warp copies 16 bytes per lane.
 #pragma unroll
         for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
           if (tt >= tiles_here) break;
@@ -978,11 +967,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         }
       }
     }
-    if constexpr (!kDecodeBulkCopies) cp_async_commit();  // an empty group keeps the wait count uniform
+    if (!use_bulk) cp_async_commit();  // an empty group keeps the wait count uniform
   };
   // Stage `stage`'s tiles are in the ring and visible to every lane of the warp.
   auto wait_stage = [&](int stage) {
-    if constexpr (kDecodeBulkCopies) {
+    if (use_bulk) {
       tma::mbarrier_wait_asm_loop(full_bar(stage), static_cast<uint32_t>(stage / kInt2Stages) & 1u);
     } else {
       cp_async_wait<kInt2Stages - 1>();
@@ -993,7 +982,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // bulk copies the refill is an async-proxy write after generic-proxy reads, which the PTX memory model orders
   // only through a proxy fence (CUTLASS's TMA pipelines rely on the barrier alone; one instruction per stage).
   auto end_stage = [&]() {
-    if constexpr (kDecodeBulkCopies) tma::fence_proxy_async();
+    if (use_bulk) tma::fence_proxy_async();
     __syncwarp();
   };
   // Start streaming before the query arrives in registers: the first loads' latency hides the setup below.

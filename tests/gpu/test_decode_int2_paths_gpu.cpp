@@ -180,6 +180,8 @@ INSTANTIATE_TEST_SUITE_P(
         Int2PathCase{{777}, 128, 24, 8, 64, 3, 17, 5, 3.0f, false},
         Int2PathCase{{1500}, 256, 16, 2, 64, 5, 37, 0, 3.0f, false},
         Int2PathCase{{1500}, 256, 4, 4, 64, 64, 256, 0, 3.0f, false},
+        // 64-token pages with a sink that is not a whole stage (20): stages straddle pages (the cp.async fill)
+        Int2PathCase{{3000}, 128, 32, 8, 64, 20, 37, 0, 3.0f, false},
         // page sizes 16 and 48: tiles at every page boundary, pages that are not a whole stage
         Int2PathCase{{1111, 33, 400}, 128, 32, 8, 16, 20, 50, 0, 3.0f, false},
         Int2PathCase{{1111, 33, 400}, 128, 64, 8, 48, 7, 60, 0, 3.0f, false},
