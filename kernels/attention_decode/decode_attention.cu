@@ -112,20 +112,50 @@ void launch_rotate_q_any_group(const detail::DecodeArgs& a, int batch, cudaStrea
 
 // Fused variant: rotate_q, then the INT2 kernel with window share and last-block merge, launched as a
 // programmatic dependent of rotate_q (it streams its first tiles while rotate_q finishes).
+struct SmemLimits {
+  int sms = 0, most_per_block = 0, per_sm = 0, reserved_per_block = 0;
+};
+SmemLimits smem_limits() {
+  SmemLimits l;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return l;
+  if (cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.most_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.reserved_per_block, cudaDevAttrReservedSharedMemoryPerBlock, device) != cudaSuccess)
+    return SmemLimits{};
+  return l;
+}
+
 template <int kHeadDim, bool kNarrow>
 Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   launch_rotate_q_any_group<kHeadDim>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
   constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
   constexpr auto kernel = detail::decode_attention_int2_kernel<kHeadDim, true, kNarrow>;
+  // Once per process: the device's shared-memory limits (the launch runs on the device current at first use, as
+  // the opt-in below assumes too) and the kernel's static shared memory.
+  static const SmemLimits limits = smem_limits();
+  // The kernel's static shared memory; unknown (the query failed) turns the spreading off.
+  static const int64_t static_smem = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? static_cast<int64_t>(attr.sharedSizeBytes) : -1;
+  }();
+  // Static + dynamic must stay within the per-block opt-in limit.
+  static const int most_dynamic =
+      static_smem < 0 ? kSmem : std::max(kSmem, limits.most_per_block - static_cast<int>(static_smem));
   static const cudaError_t opted_in =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_dynamic);
   if (opted_in != cudaSuccess) return Status::CudaError;
+  const int64_t blocks = static_cast<int64_t>(a.int2_splits) * a.num_kv_heads * batch;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(a.int2_splits), static_cast<unsigned>(a.num_kv_heads),
                      static_cast<unsigned>(batch));
   cfg.blockDim = dim3(detail::kDecodeWarps * 32);
-  cfg.dynamicSmemBytes = kSmem;
+  cfg.dynamicSmemBytes = static_smem < 0 ? kSmem
+                                          : decode_attention_spread_smem_bytes(
+                                                kSmem, blocks, limits.sms, static_cast<size_t>(static_smem),
+                                                most_dynamic, limits.per_sm, limits.reserved_per_block);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

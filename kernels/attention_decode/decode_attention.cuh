@@ -41,6 +41,7 @@
 #include "formats/kv_layout.h"
 #include "kernels/attention_decode/decode_attention.h"  // kDecodePhaseTraceWords
 #include "kernels/common/device_utils.cuh"
+#include "kernels/common/tma.cuh"
 
 namespace oscar::kern::detail {
 
@@ -49,6 +50,12 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr int kInt2TileTokens = 16;
 inline constexpr int kInt2TilesPerStage = 4;
 inline constexpr int kInt2Stages = 3;
+// The INT2 kernel's ring is filled by TMA bulk copies on sm_90 and by cp.async below it (decode_attention_int2_kernel).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+inline constexpr bool kDecodeBulkCopies = true;
+#else
+inline constexpr bool kDecodeBulkCopies = false;
+#endif
 
 // Device view of one tensor's segmented page layout (formats/kv_layout.h SegmentedPageGeometry), precomputed per
 // 16-dim block on the host (decode_attention.cu); read by decode_attention_seg.cuh.
@@ -317,21 +324,26 @@ __device__ __forceinline__ void store_warp_partial(const float (&m)[kMaxGroup], 
 // ---------------------------------------------------------------------------------------------------------------
 // 2. INT2 path (see the header comment).
 
-// Shared-memory image of one 16-token tile: K code rows, V code rows, K (scale, zero) pairs, V pairs.
+// Shared-memory image of one stage of kInt2TilesPerStage 16-token tiles, planar: the stage's K code rows (tile by
+// tile), its V code rows, its K (scale, zero) pairs, its V pairs. A stage is four consecutive tiles, so where they
+// sit in one page (64-token aligned, pages of a multiple of 64 tokens) each plane is one contiguous run in the pool
+// too, and the TMA unit fills the stage with four bulk copies. Offsets below are from the stage's start; tile tt's
+// codes are at plane + tt·kCodeBytes, its pairs at plane + tt·kParamBytes.
 template <int kHeadDim>
 struct Int2TileSmem {
   static constexpr int kRowBytes = kHeadDim / 4;
   static constexpr int kCodeBytes = kInt2TileTokens * kRowBytes;
+  static constexpr int kParamBytes = kInt2TileTokens * 4;
   static constexpr int kKCodes = 0;
-  static constexpr int kVCodes = kCodeBytes;
-  static constexpr int kKParams = 2 * kCodeBytes;
-  static constexpr int kVParams = 2 * kCodeBytes + kInt2TileTokens * 4;
-  static constexpr int kBytes = 2 * kCodeBytes + 2 * kInt2TileTokens * 4;
+  static constexpr int kVCodes = kInt2TilesPerStage * kCodeBytes;
+  static constexpr int kKParams = 2 * kInt2TilesPerStage * kCodeBytes;
+  static constexpr int kVParams = kKParams + kInt2TilesPerStage * kParamBytes;
+  static constexpr int kBytes = 2 * kCodeBytes + 2 * kParamBytes;  // one tile's share
   static constexpr int kStageBytes = kInt2TilesPerStage * kBytes;
   static constexpr int kWarpBytes = kInt2Stages * kStageBytes;
   static constexpr int kBlockBytes = kDecodeWarps * kWarpBytes;
-  static_assert(kBytes % 16 == 0 && kCodeBytes % 16 == 0);
-  static_assert(kVParams == kKParams + 4 * 16, "the pair loader fills K then V pairs with lanes 0-7");
+  static_assert(kBytes % 16 == 0 && kCodeBytes % 16 == 0 && kParamBytes % 16 == 0);
+  static_assert(kVParams + kInt2TilesPerStage * kParamBytes == kStageBytes);
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -774,7 +786,8 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 // Oᵀ += Vᵀ·Pᵀ for one 16-token tile of the INT2 kernel: this lane's V code bytes (dims g·d/8 .. (g+1)·d/8) of
 // tokens tok[0..3], which are the value MMA's k = 2c, 2c+1, 2c+8, 2c+9 in the order the P fragments pb0 / pb1 were
 // built (the narrow and the wide score layouts order the tile's tokens differently), dequantized in the MMA: rows g,
-// g+8 of m-tile mt = 4ch + e2 are lane dims 8ch + 2e2 (+1).
+// g+8 of m-tile mt = 4ch + e2 are lane dims 8ch + 2e2 (+1). `tile` is the tile's K code rows in its stage; its V
+// rows are at tile + Tile::kVCodes (Int2TileSmem's planes).
 template <int kHeadDim, class Tile>
 __device__ __forceinline__ void value_tile_mma(float (&o)[kHeadDim / 16][4], const uint8_t* tile, int g,
                                                const int (&tok)[4], uint32_t pb0, uint32_t pb1) {
@@ -842,15 +855,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   if (hi > lo) {
     const int first = lo / kInt2TileTokens;
     const int tiles = (hi - 1) / kInt2TileTokens + 1 - first;
-    const int per_split = (tiles + a.int2_splits - 1) / a.int2_splits;
+    // Whole stages of tiles per split, so that a split starting on a 64-token boundary keeps every stage on one.
+    const int per_split = ((tiles + a.int2_splits - 1) / a.int2_splits + kInt2TilesPerStage - 1) /
+                          kInt2TilesPerStage * kInt2TilesPerStage;
     tile_begin = first + min(tiles, split * per_split);
     tile_end = first + min(tiles, (split + 1) * per_split);
     begin = max(lo, tile_begin * kInt2TileTokens);
     end = min(hi, tile_end * kInt2TileTokens);
   }
-  // Warp w takes tiles tile_begin + w, + w + kDecodeWarps, ...: balanced even for short splits.
-  const int warp_tiles = tile_end - tile_begin > warp ? (tile_end - tile_begin - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
-  const int stages = (warp_tiles + kInt2TilesPerStage - 1) / kInt2TilesPerStage;
+  // Warp w takes the stages (groups of kInt2TilesPerStage consecutive tiles) w, w + kDecodeWarps, ... of the split.
+  const int split_stages = (tile_end - tile_begin + kInt2TilesPerStage - 1) / kInt2TilesPerStage;
+  const int stages = split_stages > warp ? (split_stages - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  // First tile of this warp's stage `stage`; its tiles are stage_tile0 .. + kInt2TilesPerStage - 1 (those at or past
+  // tile_end hold stale bytes and are masked like tokens outside [begin, end)).
+  auto stage_tile0 = [&](int stage) { return tile_begin + kInt2TilesPerStage * (warp + stage * kDecodeWarps); };
   uint8_t* ring = smem + warp * Tile::kWarpBytes;
 
   const fmt::Int2PageGeometry geo{kHeadDim, a.page_tokens};
@@ -858,54 +876,114 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
   // Page ids are loaded one stage before their cp.async is issued (lane tt holds tile tt's), so issuing never
   // waits on a page-table round trip.
   auto load_stage_pages = [&](int stage) {
-    const int i = stage * kInt2TilesPerStage + lane;
-    if (lane >= kInt2TilesPerStage || i >= warp_tiles) return 0;
-    const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-    return a.int2_page_table[table_row + page_index(a, t0)];
+    const int tile = stage_tile0(stage) + lane;
+    if (lane >= kInt2TilesPerStage || stage >= stages || tile >= tile_end) return 0;
+    return a.int2_page_table[table_row + page_index(a, tile * kInt2TileTokens)];
   };
   // V records sit at the same offset in the V pool as K records in the K pool.
   const int64_t kv_delta =
       reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
+  // sm_90 with stages that are page runs (use_bulk below): each warp's ring stages are filled by the TMA unit (four
+  // bulk copies onto one full barrier per stage) instead of per-lane cp.async, which took ~175 of the loop's ~830
+  // instructions per 4-tile stage (the address broadcast, 64-bit address arithmetic and three issue-slot-taking
+  // placeholders per LDGSTS; ncu SASS at 8 x 128K) in a loop bound by instruction issue. A desk count of the SASS
+  // puts the bulk version's stage at ~780.
+  __shared__ __align__(8) uint64_t stage_full[kDecodeWarps][kInt2Stages];
+  // 32-bit shared addresses, formed where used from the static base and the warp index (fewer live registers:
+  // the wide layout's instantiation is at its 128-register bound).
+  auto full_bar = [&](int stage) {
+    return tma::smem_addr(&stage_full[0][0]) + 8u * static_cast<uint32_t>(warp * kInt2Stages + stage % kInt2Stages);
+  };
+  if constexpr (kDecodeBulkCopies) {
+    if (lane == 0) {
+#pragma unroll
+      for (int s = 0; s < kInt2Stages; ++s) tma::mbarrier_init(&stage_full[warp][s], 1);
+      tma::fence_mbarrier_init();
+    }
+    __syncwarp();
+  }
+  // sm_90, where the split starts on a stage boundary and pages hold whole stages (the default 64-token pages and
+  // sink): every stage's four tiles are consecutive tokens of one page, each of the four planes one run in the
+  // pool, and the TMA unit fills the stage (block-uniform choice).
+  const bool use_bulk = kDecodeBulkCopies && a.page_tokens % (kInt2TilesPerStage * kInt2TileTokens) == 0 &&
+                        tile_begin % kInt2TilesPerStage == 0;
   auto issue_stage = [&](int stage, int stage_pages) {
     if (stage < stages) {
-      uint8_t* dst = ring + (stage % kInt2Stages) * Tile::kStageBytes;
-      // Lane tt < kInt2TilesPerStage forms tile tt's K code address (and the distance from it to the tile's
-      // (scale, zero) pairs) from the page id it loaded, in one pass for the whole stage; the tiles below only
-      // broadcast them. The warp used to redo this 64-bit page and offset arithmetic for every tile in turn, ~50
-      // instructions per tile, about a sixth of the loop.
+      const int tile0 = stage_tile0(stage);
+      const int tiles_here = min(kInt2TilesPerStage, tile_end - tile0);
+      uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
+      // Lane tt < tiles_here forms tile tt's K code address (and the distance from it to the tile's (scale, zero)
+      // pairs) from the page id it loaded.
       intptr_t my_codes = 0;
       int32_t my_params_delta = 0;
-      {
-        const int i = stage * kInt2TilesPerStage + lane;
-        if (lane < kInt2TilesPerStage && i < warp_tiles) {
-          const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;
-          const int offset = t0 - page_index(a, t0) * a.page_tokens;
-          my_codes = reinterpret_cast<intptr_t>(a.k_int2_pool) +
-                     static_cast<intptr_t>(fmt::page_block_offset(stage_pages, h, a.num_kv_heads, geo.page_bytes())) +
-                     static_cast<intptr_t>(offset) * Tile::kRowBytes;
-          my_params_delta = geo.params_offset() + offset * (4 - Tile::kRowBytes);
-        }
+      if (lane < tiles_here) {
+        const int t0 = (tile0 + lane) * kInt2TileTokens;
+        const int offset = t0 - page_index(a, t0) * a.page_tokens;
+        my_codes = reinterpret_cast<intptr_t>(a.k_int2_pool) +
+                   static_cast<intptr_t>(fmt::page_block_offset(stage_pages, h, a.num_kv_heads, geo.page_bytes())) +
+                   static_cast<intptr_t>(offset) * Tile::kRowBytes;
+        my_params_delta = geo.params_offset() + offset * (4 - Tile::kRowBytes);
       }
-#pragma unroll
-      for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const int i = stage * kInt2TilesPerStage + tt;
-        if (i >= warp_tiles) break;
-        const intptr_t codes = static_cast<intptr_t>(
-            __shfl_sync(0xffffffffu, static_cast<unsigned long long>(my_codes), tt));
-        const int32_t params_delta = __shfl_sync(0xffffffffu, my_params_delta, tt);
-        uint8_t* tile = dst + tt * Tile::kBytes;
-#pragma unroll
-        for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
-          cp_async16(tile + Tile::kKCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + chunk * 16));
-          cp_async16(tile + Tile::kVCodes + chunk * 16, reinterpret_cast<const uint8_t*>(codes + kv_delta + chunk * 16));
+      if (use_bulk) {
+        // Four copies for the whole stage by lane 0, onto the stage's barrier, which lane 0 arms with the stage's
+        // bytes first. Bulk copies take warp-uniform operands: per-lane addresses (a copy per tile by its own lane)
+        // compile to a loop issuing one lane at a time, which cost more than the cp.async below (desk review of
+        // the SASS), so stages that may straddle pages stay on cp.async.
+        if (lane == 0) {
+          const uint32_t bar = full_bar(stage);
+          const uint32_t st_s = tma::smem_addr(st);
+          // The V record from the pools' distance, read from the kernel parameters here rather than held in two
+          // registers across the loop (the wide layout's instantiation is at its 128-register bound).
+          const int64_t v_delta =
+              reinterpret_cast<intptr_t>(a.v_int2_pool) - reinterpret_cast<intptr_t>(a.k_int2_pool);
+          const uint8_t* codes = reinterpret_cast<const uint8_t*>(my_codes);
+          const uint32_t code_bytes = static_cast<uint32_t>(tiles_here * Tile::kCodeBytes);
+          const uint32_t param_bytes = static_cast<uint32_t>(tiles_here * Tile::kParamBytes);
+          tma::mbarrier_arrive_expect_tx(bar, 2 * (code_bytes + param_bytes));
+          tma::load_bulk(st_s + Tile::kKCodes, codes, code_bytes, bar);
+          tma::load_bulk(st_s + Tile::kVCodes, codes + v_delta, code_bytes, bar);
+          tma::load_bulk(st_s + Tile::kKParams, codes + my_params_delta, param_bytes, bar);
+          tma::load_bulk(st_s + Tile::kVParams, codes + my_params_delta + v_delta, param_bytes, bar);
         }
-        // Lanes 0-3: the K pairs, 4-7: the V pairs (kVParams = kKParams + 64 in the tile).
-        if (lane < 8)
-          cp_async16(tile + Tile::kKParams + lane * 16,
-                     reinterpret_cast<const uint8_t*>(codes + params_delta + (lane & 3) * 16 + (lane < 4 ? 0 : kv_delta)));
+      } else {
+        // The tiles broadcast the lanes' addresses and the warp copies 16 bytes per lane.
+#pragma unroll
+        for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
+          if (tt >= tiles_here) break;
+          const intptr_t codes = static_cast<intptr_t>(
+              __shfl_sync(0xffffffffu, static_cast<unsigned long long>(my_codes), tt));
+          const int32_t params_delta = __shfl_sync(0xffffffffu, my_params_delta, tt);
+#pragma unroll
+          for (int chunk = lane; chunk < Tile::kCodeBytes / 16; chunk += 32) {
+            cp_async16(st + Tile::kKCodes + tt * Tile::kCodeBytes + chunk * 16,
+                       reinterpret_cast<const uint8_t*>(codes + chunk * 16));
+            cp_async16(st + Tile::kVCodes + tt * Tile::kCodeBytes + chunk * 16,
+                       reinterpret_cast<const uint8_t*>(codes + kv_delta + chunk * 16));
+          }
+          // Lanes 0-3: the K pairs, 4-7: the V pairs.
+          if (lane < 8)
+            cp_async16(st + (lane < 4 ? Tile::kKParams : Tile::kVParams) + tt * Tile::kParamBytes + (lane & 3) * 16,
+                       reinterpret_cast<const uint8_t*>(codes + params_delta + (lane & 3) * 16 + (lane < 4 ? 0 : kv_delta)));
+        }
       }
     }
-    cp_async_commit();  // an empty group keeps the wait count uniform
+    if (!use_bulk) cp_async_commit();  // an empty group keeps the wait count uniform
+  };
+  // Stage `stage`'s tiles are in the ring and visible to every lane of the warp.
+  auto wait_stage = [&](int stage) {
+    if (use_bulk) {
+      tma::mbarrier_wait_asm_loop(full_bar(stage), static_cast<uint32_t>(stage / kInt2Stages) & 1u);
+    } else {
+      cp_async_wait<kInt2Stages - 1>();
+      __syncwarp();
+    }
+  };
+  // The slot just read is refilled by the next iteration's issue_stage: every lane's reads of it come first. With
+  // bulk copies the refill is an async-proxy write after generic-proxy reads, which the PTX memory model orders
+  // only through a proxy fence (CUTLASS's TMA pipelines rely on the barrier alone; one instruction per stage).
+  auto end_stage = [&]() {
+    if (use_bulk) tma::fence_proxy_async();
+    __syncwarp();
   };
   // Start streaming before the query arrives in registers: the first loads' latency hides the setup below.
 #pragma unroll
@@ -1022,8 +1100,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     for (int stage = 0; stage < stages; ++stage) {
       issue_stage(stage + kInt2Stages - 1, pages_ahead);
       pages_ahead = load_stage_pages(stage + kInt2Stages);
-      cp_async_wait<kInt2Stages - 1>();
-      __syncwarp();
+      wait_stage(stage);
       const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
       // Masked with selects as in the wide layout below (one basic block per stage).
@@ -1033,9 +1110,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       const int tok = g + 8 * my_row;
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const int i = stage * kInt2TilesPerStage + tt;
-        const uint8_t* tile = st + tt * Tile::kBytes;
-        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;  // >= end for i >= warp_tiles
+        const uint8_t* tile = st + tt * Tile::kCodeBytes;  // tile tt's K code rows (V rows at + kVCodes)
+        const int t0 = (stage_tile0(stage) + tt) * kInt2TileTokens;  // >= end for tiles past tile_end
         uint32_t kw0[kKWords], kw1[kKWords];
         lds_words<kKWords>(tile + Tile::kKCodes + g * Tile::kRowBytes + c * (kHeadDim / 16), kw0);
         lds_words<kKWords>(tile + Tile::kKCodes + (g + 8) * Tile::kRowBytes + c * (kHeadDim / 16), kw1);
@@ -1056,7 +1132,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const float recv_a = __shfl_xor_sync(0xffffffffu, send_a, 2), recv_b = __shfl_xor_sync(0xffffffffu, send_b, 2);
         const float dot_a = (my_row ? acc[2] : acc[0]) + recv_a, dot_b = (my_row ? acc[3] : acc[1]) + recv_b;
         const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
-        const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
+        const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kKParams + tt * Tile::kParamBytes + tok * 4));
         s[tt][0] = valid ? fmaf(dot_a * scale_a, kp.x, kp.y * qsum_a) : -INFINITY;
         s[tt][1] = valid ? fmaf(dot_b * scale_b, kp.x, kp.y * qsum_b) : -INFINITY;
         max_a = fmaxf(max_a, s[tt][0]);
@@ -1087,9 +1163,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
 
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const uint8_t* tile = st + tt * Tile::kBytes;
+        const uint8_t* tile = st + tt * Tile::kCodeBytes;  // V rows at tile + kVCodes
         const float p_a = exp2_ftz(s[tt][0] - m_a), p_b = exp2_ftz(s[tt][1] - m_b);  // 0 when masked
-        const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+        const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kVParams + tt * Tile::kParamBytes + tok * 4));
         const bool masked = s[tt][0] == -INFINITY;
         const float v_scale = masked ? 0.f : vp_raw.x;
         const float v_zero = masked ? 0.f : vp_raw.y;
@@ -1110,7 +1186,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const int toks[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
         value_tile_mma<kHeadDim, Tile>(o, tile, g, toks, pb0, pb1);
       }
-      __syncwarp();
+      end_stage();
     }
     cp_async_wait<0>();
 
@@ -1154,11 +1230,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
     for (int stage = 0; stage < stages; ++stage) {
       issue_stage(stage + kInt2Stages - 1, pages_ahead);
       pages_ahead = load_stage_pages(stage + kInt2Stages);
-      cp_async_wait<kInt2Stages - 1>();
-      __syncwarp();
+      wait_stage(stage);
       const uint8_t* st = ring + (stage % kInt2Stages) * Tile::kStageBytes;
 
-      // The stage is one basic block: tokens outside [begin, end) (and whole tiles past warp_tiles in the last
+      // The stage is one basic block: tokens outside [begin, end) (and whole tiles past tile_end in the last
       // stage, whose slots hold stale or never-written bytes) are masked with selects, not branches. Per-token
       // branches here used to cut the stage into ~20 blocks, so each tile's chain of 8 dependent MMAs ran alone
       // instead of overlapping the other tiles' chains. Masked tokens get s = -inf, so p = 0 and their V
@@ -1168,9 +1243,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       const uint32_t span = static_cast<uint32_t>(end - begin);
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const int i = stage * kInt2TilesPerStage + tt;
-        const uint8_t* tile = st + tt * Tile::kBytes;
-        const int t0 = (tile_begin + warp + i * kDecodeWarps) * kInt2TileTokens;  // >= end for i >= warp_tiles
+        const uint8_t* tile = st + tt * Tile::kCodeBytes;  // tile tt's K code rows (V rows at + kVCodes)
+        const int t0 = (stage_tile0(stage) + tt) * kInt2TileTokens;  // >= end for tiles past tile_end
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           uint32_t kw[kKWords];
@@ -1190,7 +1264,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
           for (int col = 0; col < 2; ++col) {
             const int tok = 8 * j + c + 4 * col;
             const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
-            const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kKParams + tok * 4));
+            const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kKParams + tt * Tile::kParamBytes + tok * 4));
             const float dot = (acc[col] + acc[2 + col]) * dot_scale;
             s[tt][2 * j + col] = valid ? fmaf(dot, kp.x, kp.y * q_sum) : -INFINITY;
             stage_max = fmaxf(stage_max, s[tt][2 * j + col]);
@@ -1220,14 +1294,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
 
 #pragma unroll
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
-        const uint8_t* tile = st + tt * Tile::kBytes;
+        const uint8_t* tile = st + tt * Tile::kCodeBytes;  // V rows at tile + kVCodes
         float pv[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
           const float p = exp2_ftz(s[tt][q] - m);  // 0 for masked tokens (s = -inf)
           // Masked tokens may sit on never-written bytes: their scale/zero must not reach the sums (0·NaN).
-          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(tile + Tile::kVParams + tok * 4));
+          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kVParams + tt * Tile::kParamBytes + tok * 4));
           const bool masked = s[tt][q] == -INFINITY;
           const float v_scale = masked ? 0.f : vp_raw.x;
           const float v_zero = masked ? 0.f : vp_raw.y;
@@ -1241,7 +1315,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const int toks[4] = {c, c + 4, 8 + c, 12 + c};
         value_tile_mma<kHeadDim, Tile>(o, tile, g, toks, pb0, pb1);
       }
-      __syncwarp();  // the slot just read is refilled by the next iteration's issue_stage
+      end_stage();
     }
     cp_async_wait<0>();
 

@@ -83,6 +83,15 @@ inline constexpr int kDecodePhaseTraceWords = 10;
 // of ~2K tokens, at least 64 blocks (the per-split costs lead when the work per SM is small).
 int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
                                     int32_t sm_count);
+// Dynamic shared memory to launch `blocks` fused INT2 blocks with (kernel_smem, what the kernel's ring needs, or
+// more): when the grid leaves resident slots free, enough that at most ceil(blocks / sms) blocks fit one SM, so the
+// block scheduler spreads them instead of stacking some SMs while others stay empty. static_smem is the kernel's
+// static shared memory, most_dynamic the most dynamic bytes a block may take (the opt-in limit less static_smem),
+// smem_per_sm and reserved_per_block the device's (cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+// cudaDevAttrReservedSharedMemoryPerBlock). Returns kernel_smem when the grid fills the slots anyway.
+size_t decode_attention_spread_smem_bytes(size_t kernel_smem, int64_t blocks, int sms, size_t static_smem,
+                                          int most_dynamic, int smem_per_sm, int reserved_per_block);
+
 // Workspace for `splits` splits: the rotated query, partial max, sum and head_dim accumulators per split and
 // query head for the INT2 pass and the bf16-window pass each, and one arrival ticket per (sequence, KV head) for
 // the fused variant (zeroed by the q-rotation kernel of every call, so the workspace needs no clearing).

@@ -46,6 +46,20 @@ int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t
   return static_cast<int32_t>(std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 256)));
 }
 
+size_t decode_attention_spread_smem_bytes(size_t kernel_smem, int64_t blocks, int sms, size_t static_smem,
+                                          int most_dynamic, int smem_per_sm, int reserved_per_block) {
+  // The block scheduler stacks blocks on some SMs while others stay empty when more fit one SM than the grid
+  // needs (batch 1, 8 KV heads, 16 splits = 128 blocks on the H100: 72 SMs ran 1 block, 28 ran 2, 32 none, and
+  // the doubled SMs ended the call ~10 us after the others; bench/results/2026-12-07e, decodetrace).
+  if (sms <= 0 || blocks <= 0 || smem_per_sm <= 0) return kernel_smem;
+  const int64_t per_sm = (blocks + sms - 1) / sms;
+  // At most per_sm blocks fit when per_sm + 1 do not: (bytes + static + reserved) * (per_sm + 1) > smem_per_sm.
+  const int64_t needed = smem_per_sm / (per_sm + 1) + 1 - static_cast<int64_t>(static_smem) - reserved_per_block;
+  if (needed <= static_cast<int64_t>(kernel_smem)) return kernel_smem;
+  const int64_t rounded = (needed + 127) / 128 * 128;
+  return rounded > most_dynamic ? kernel_smem : static_cast<size_t>(rounded);
+}
+
 size_t decode_attention_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t head_dim, int32_t splits) {
   // The rotated query, then per (sequence, query head) 2 * splits partial slots: the INT2 kernel's splits and
   // the window kernel's (at most as many).

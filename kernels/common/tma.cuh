@@ -30,11 +30,14 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+// The barrier by its shared-memory address (smem_addr), for kernels that keep 32-bit shared addresses in registers.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 #endif
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  mbarrier_arrive_expect_tx(smem_addr(bar), bytes);
 }
 
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
@@ -48,9 +51,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 // kClusterScope: acquire at cluster scope, for a barrier that peer CTAs arrive on (their reads of a stage happen
 // before this thread's refill of it); CTA scope otherwise.
 template <bool kClusterScope = false>
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+__device__ __forceinline__ void mbarrier_wait(uint32_t addr, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t addr = smem_addr(bar);
   uint32_t done = 0;
   do {
     if constexpr (kClusterScope)
@@ -69,6 +71,20 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   } while (!done);
 #endif
 }
+// The same wait as one asm statement with its loop inside (labels in a { } block are local to it, as CUTLASS's
+// ClusterBarrier::wait has them): the calling loop's body stays one basic block for the register allocator.
+__device__ __forceinline__ void mbarrier_wait_asm_loop(uint32_t addr, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}\n" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+#endif
+}
+template <bool kClusterScope = false>
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  mbarrier_wait<kClusterScope>(smem_addr(bar), parity);
+}
 
 // One box of a 2-D tensor map at coordinates (c0 = innermost, c1) into shared memory `dst` (aligned as the
 // descriptor's swizzle requires: 1024 bytes for 128B), completing `bytes of the box` on `bar`. Rows outside the
@@ -80,6 +96,26 @@ __device__ __forceinline__ void load_2d(void* dst, const void* tensor_map, int32
           smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
       : "memory");
+#endif
+}
+
+// Orders this thread's generic-proxy shared-memory accesses before later async-proxy ones (a TMA copy refilling
+// memory the threads just read).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// `bytes` contiguous bytes from global `src` into shared `dst` (both 16-byte aligned, bytes a multiple of 16) by
+// the TMA unit, completing `bytes` on `bar`: a non-tensor bulk copy, one instruction for what takes a warp
+// bytes/512 rounds of cp.async (and their address arithmetic) otherwise.
+// dst and bar are shared-memory addresses (smem_addr).
+__device__ __forceinline__ void load_bulk(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 #endif
 }
 

@@ -63,6 +63,17 @@ std::string case_name(const ::testing::TestParamInfo<Int2PathCase>& info) {
   return name.str();
 }
 
+// What both tests set on top of HostPagedCache::params (host pointers for the reference, device ones for the kernel).
+void set_query(kern::DecodeAttentionParams& p, int q_heads, const uint16_t* q, const float* rk, const float* rv,
+               int64_t sink, int64_t recent) {
+  p.num_q_heads = q_heads;
+  p.q = q;
+  p.rotation_k = rk;
+  p.rotation_v = rv;
+  p.sink_tokens = sink;
+  p.recent_tokens = recent;
+}
+
 class DecodeInt2Paths : public ::testing::TestWithParam<Int2PathCase> {};
 
 TEST_P(DecodeInt2Paths, MatchesReference) {
@@ -84,12 +95,7 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
 
   auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
                          cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
-  hp.num_q_heads = tc.q_heads;
-  hp.q = q.data();
-  hp.rotation_k = rk.data();
-  hp.rotation_v = rv.data();
-  hp.sink_tokens = tc.sink;
-  hp.recent_tokens = tc.recent;
+  set_query(hp, tc.q_heads, q.data(), rk.data(), rv.data(), tc.sink, tc.recent);
   std::vector<float> want_f(n_out);
   hp.out = want_f.data();
   kern::decode_attention_ref(hp);
@@ -114,12 +120,7 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
     SCOPED_TRACE(name);
     auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
     p.variant = variant;
-    p.num_q_heads = tc.q_heads;
-    p.q = dq.ptr;
-    p.rotation_k = drk.ptr;
-    p.rotation_v = drv.ptr;
-    p.sink_tokens = tc.sink;
-    p.recent_tokens = tc.recent;
+    set_query(p, tc.q_heads, dq.ptr, drk.ptr, drv.ptr, tc.sink, tc.recent);
     if (tc.bf16_out) p.out_bf16 = dout_bf16.ptr;
     else p.out = dout.ptr;
     p.num_splits = tc.splits;
@@ -179,6 +180,8 @@ INSTANTIATE_TEST_SUITE_P(
         Int2PathCase{{777}, 128, 24, 8, 64, 3, 17, 5, 3.0f, false},
         Int2PathCase{{1500}, 256, 16, 2, 64, 5, 37, 0, 3.0f, false},
         Int2PathCase{{1500}, 256, 4, 4, 64, 64, 256, 0, 3.0f, false},
+        // 64-token pages with a sink that is not a whole stage (20): stages straddle pages (the cp.async fill)
+        Int2PathCase{{3000}, 128, 32, 8, 64, 20, 37, 0, 3.0f, false},
         // page sizes 16 and 48: tiles at every page boundary, pages that are not a whole stage
         Int2PathCase{{1111, 33, 400}, 128, 32, 8, 16, 20, 50, 0, 3.0f, false},
         Int2PathCase{{1111, 33, 400}, 128, 64, 8, 48, 7, 60, 0, 3.0f, false},
@@ -203,6 +206,59 @@ INSTANTIATE_TEST_SUITE_P(
         // every block's window share is 1-2 tokens: 60 splits over a sink-only window
         Int2PathCase{{4000, 3000}, 128, 32, 8, 16, 100, 0, 60, 3.0f, false}),
     case_name);
+
+// A fused grid that leaves resident slots free is spread over the SMs (decode_attention_spread_smem_bytes): with
+// 16 or 33 splits at batch 1 and 8 KV heads (128 / 264 blocks), no SM runs more than ceil(blocks / SMs) of them.
+// The SM of each block comes from the kernel's phase trace. The output must still match the reference.
+TEST(DecodeSpread, GridsBelowTheResidentSlotsSpreadOverTheSms) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  constexpr int d = 128, q_heads = 32, kv_heads = 8;
+  const auto rk = test::random_rotation(d, 61), rv = test::random_rotation(d, 62);
+  test::HostPagedCache cache;
+  cache.page_tokens = 64;
+  cache.build({4096}, kv_heads, d, rk, rv, 0.96f, 0.92f, 17);
+  const auto q = test::random_bf16(q_heads * d, d, 78, 3.0f);
+  DeviceArray<uint8_t> ki(cache.k_int2), vi(cache.v_int2);
+  DeviceArray<uint16_t> kb(cache.k_bf16), vb(cache.v_bf16), dq(q);
+  DeviceArray<int32_t> it(cache.int2_table), bt(cache.bf16_table), lens(cache.lens);
+  DeviceArray<float> drk(rk), drv(rv), dout(q_heads * d);
+  auto hp = cache.params(cache.k_int2.data(), cache.v_int2.data(), cache.k_bf16.data(), cache.v_bf16.data(),
+                         cache.int2_table.data(), cache.bf16_table.data(), cache.lens.data());
+  set_query(hp, q_heads, q.data(), rk.data(), rv.data(), 64, 256);
+  std::vector<float> want_f(q_heads * d);
+  hp.out = want_f.data();
+  kern::decode_attention_ref(hp);
+  const std::vector<double> want(want_f.begin(), want_f.end());
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  for (int splits : {16, 33}) {
+    SCOPED_TRACE(splits);
+    auto p = cache.params(ki.ptr, vi.ptr, kb.ptr, vb.ptr, it.ptr, bt.ptr, lens.ptr);
+    set_query(p, q_heads, dq.ptr, drk.ptr, drv.ptr, 64, 256);
+    p.out = dout.ptr;
+    p.num_splits = splits;
+    const size_t ws = kern::decode_attention_workspace_bytes(1, q_heads, d, splits);
+    DeviceArray<uint8_t> workspace(ws);
+    p.workspace = workspace.ptr;
+    p.workspace_bytes = ws;
+    const int blocks = splits * kv_heads;
+    DeviceArray<unsigned long long> trace(static_cast<size_t>(blocks) * kern::kDecodePhaseTraceWords);
+    p.phase_trace = trace.ptr;
+    ASSERT_EQ(kern::decode_attention(p, nullptr), kern::Status::Ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LE(test::nmse(dout.download(), want), 1e-5);
+    std::vector<int> per_sm(sms, 0);
+    const auto words = trace.download();
+    for (int b = 0; b < blocks; ++b) {
+      const auto sm = words[static_cast<size_t>(b) * kern::kDecodePhaseTraceWords + 8];
+      ASSERT_LT(sm, static_cast<unsigned long long>(sms));
+      ++per_sm[sm];
+    }
+    const int most = *std::max_element(per_sm.begin(), per_sm.end());
+    std::printf("  %d splits, %d blocks on %d SMs: at most %d per SM\n", splits, blocks, sms, most);
+    EXPECT_LE(most, (blocks + sms - 1) / sms);
+  }
+}
 
 }  // namespace
 }  // namespace oscar

@@ -171,6 +171,28 @@ TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
   EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32768, 64, 132), 2);  // 512 blocks, not 3 x 256 = 768
 }
 
+TEST(DecodeRef, SpreadSharedMemoryCapsBlocksPerSm) {
+  // H100: 132 SMs, 228 KiB per SM, 227 KiB opt-in per block, 1 KiB reserved per block; the INT2 kernel's ring
+  // (d 128) is 55296 bytes, its static shared memory ~560.
+  constexpr int kSms = 132, kPerSm = 233472, kReserved = 1024;
+  constexpr size_t kRing = 55296, kStatic = 560;
+  constexpr int kMostDynamic = 232448 - static_cast<int>(kStatic);
+  auto fits = [&](size_t dynamic) { return kPerSm / static_cast<int64_t>(dynamic + kStatic + kReserved); };
+  for (int64_t blocks : {1, 64, 128, 132, 133, 256, 264, 265, 392, 396}) {
+    const size_t bytes =
+        kern::decode_attention_spread_smem_bytes(kRing, blocks, kSms, kStatic, kMostDynamic, kPerSm, kReserved);
+    const int64_t per_sm = (blocks + kSms - 1) / kSms;
+    EXPECT_EQ(fits(bytes), per_sm) << blocks << " blocks: " << bytes << " bytes";
+    EXPECT_GE(bytes, kRing);
+    EXPECT_EQ(bytes % 128, 0u);
+  }
+  // A grid that fills the four natural slots per SM keeps the ring's size.
+  EXPECT_EQ(kern::decode_attention_spread_smem_bytes(kRing, 512, kSms, kStatic, kMostDynamic, kPerSm, kReserved), kRing);
+  EXPECT_EQ(kern::decode_attention_spread_smem_bytes(kRing, 528, kSms, kStatic, kMostDynamic, kPerSm, kReserved), kRing);
+  // No device numbers: no change.
+  EXPECT_EQ(kern::decode_attention_spread_smem_bytes(kRing, 64, 0, kStatic, kMostDynamic, kPerSm, kReserved), kRing);
+}
+
 TEST(DecodeRef, SplitCountAtBatchOneKeepsSplitsOfAboutTwoThousandTokens) {
   // Batch 1, 8 KV heads, 132 SMs: the fill is 66 splits; below 66K tokens that makes splits under 1024 tokens, so
   // splits of ~2K tokens with at least 64 blocks (the counts that ran fastest on the H100 at 4K..64K).
