@@ -32,8 +32,8 @@ struct DecoderLayerIo {
   // epilogue saves writing and reading `proj` ([T, H] fp32) per sublayer.
   bool residual_in_gemm = true;
   // true: the QKV GEMM writes bf16 into qkv's memory (read as bf16 bits) and the norm/RoPE kernel reads that, as
-  // transformers' bf16 projections hand their output on; false: fp32. Ignored (fp32) when the observer wants fp32
-  // attention inputs: calibration statistics keep the unrounded projection.
+  // transformers' bias-free bf16 projections hand their output on; false: fp32. Ignored (fp32) when the observer
+  // wants fp32 attention inputs: calibration statistics keep the unrounded projection.
   bool qkv_bf16 = false;
   ForwardProfiler* profiler = nullptr;  // per-op timing (benchmarks); null: no events
 };

@@ -19,7 +19,8 @@ struct RopeQkvShape {
 };
 
 // Device pointers. qkv [T, row_stride]: query heads, then key heads, then value heads, each head_dim wide, in
-// fp32 (qkv) or bf16 bits (qkv_bf16; what transformers' bf16 projections hand to the norm and RoPE): exactly one.
+// fp32 (qkv) or bf16 bits (qkv_bf16: what transformers' bf16 projections hand to the norm and RoPE when they have
+// no bias; with one, this adds the fp32 bias to the bf16 product, where transformers rounds after it): exactly one.
 struct RopeQkvArgs {
   const float* qkv = nullptr;
   const uint16_t* qkv_bf16 = nullptr;

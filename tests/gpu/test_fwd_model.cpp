@@ -385,6 +385,28 @@ TEST(FwdGpuModel, ResidualAddInTheGemmEqualsTheNormsAdd) {
   for (float x : a) ASSERT_TRUE(std::isfinite(x));
 }
 
+// DeviceForwardOptions::qkv_bf16 changes only where q, k and v are rounded: the logits move (the option is in
+// effect) by bf16 noise, and stay deterministic.
+TEST(FwdGpuModel, Bf16QkvOutputMovesTheLogitsByRoundingOnly) {
+  OSCAR_REQUIRE_GPU();
+  fmt::ModelConfig c = small_qwen3_like();
+  c.head_dim = 128;
+  auto m = DeviceModel::random(c, 13);
+  const PackedBatch batch =
+      PackedBatch::from_sequences(std::vector<std::vector<int32_t>>{random_ids(300, 1000, 14), random_ids(45, 1000, 15)});
+  DeviceForwardOptions f32, bf16;
+  bf16.qkv_bf16 = true;
+  const std::vector<float> a = m->forward(batch, f32).to_host();
+  const std::vector<float> b = m->forward(batch, bf16).to_host();
+  const std::vector<float> b2 = m->forward(batch, bf16).to_host();
+  ASSERT_EQ(a.size(), b.size());
+  const double err = nmse(b, a);
+  std::printf("  bf16 QKV output vs fp32: logits nmse %.3g\n", err);
+  EXPECT_GT(err, 0.0) << "the option changed nothing";
+  EXPECT_LE(err, 1e-3);
+  EXPECT_EQ(std::memcmp(b.data(), b2.data(), b.size() * 4), 0) << "rerun, same bits";
+}
+
 // Auto picks a wgmma attention kernel at head_dim 128 on sm_90 (v2 elsewhere): the forward with Auto is the forward
 // with the kernel attention_prefill_auto_kernel names, bit for bit, stays within bf16 noise of v2's, and is
 // deterministic.
