@@ -5,6 +5,8 @@
 // attention kernel in the same process. --profile adds one more forward per kernel with cudaEvents between ops
 // (runtime/forward_profiler.h) and prints where the time goes (GEMMs / attention / the rest, per op, with GEMM and
 // attention TFLOP/s); --gemm-peak times a 8192³ bf16 cuBLASLt GEMM (same LtGemm, random data) as the reference peak.
+// --gemm-selection, --residual-add and --qkv-output take comma lists of variants, each timed in the same process
+// (--qkv-output bf16: the QKV projection handed to the norm/RoPE kernel in bf16, DeviceForwardOptions::qkv_bf16).
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -102,6 +104,12 @@ int run(int argc, char** argv) {
                  "the default) and/or norm (a separate add + RMSNorm kernel)")
       ->delimiter(',')
       ->check(CLI::IsMember({"gemm", "norm"}));
+  std::vector<std::string> qkv_outputs = {"f32"};
+  app.add_option("--qkv-output", qkv_outputs,
+                 "the QKV projection's output type, each timed in this order: f32 (the default) and/or bf16 "
+                 "(DeviceForwardOptions::qkv_bf16: half the bytes the GEMM writes and the RoPE kernel reads)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_flag("--profile", profile, "one extra forward per kernel with per-op cudaEvents: time breakdown");
   app.add_flag("--gemm-peak", gemm_peak, "time a 8192^3 bf16 cuBLASLt GEMM as the measured peak");
   CLI11_PARSE(app, argc, argv);
@@ -159,13 +167,16 @@ int run(int argc, char** argv) {
   cudaEvent_t start, stop;
   rt::check_cuda(cudaEventCreate(&start), "cudaEventCreate");
   rt::check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
+  for (const std::string& qkv_output : qkv_outputs)
   for (const std::string& residual_add : residual_adds)
   for (const std::string& selection : selections)
   for (const std::string& kname : kernels) {
     opt.gemm_selection = selection == "timed" ? rt::GemmSelection::Timed : rt::GemmSelection::Heuristic;
     opt.residual_in_gemm = residual_add == "gemm";
+    opt.qkv_bf16 = qkv_output == "bf16";
     const std::string label = kname + (selection == "timed" ? " (timed GEMMs)" : "") +
-                              (residual_adds.size() > 1 ? ", residual add in " + residual_add : "");
+                              (residual_adds.size() > 1 ? ", residual add in " + residual_add : "") +
+                              (qkv_outputs.size() > 1 ? ", qkv " + qkv_output : "");
     // The CLI check admits only the table's names, so the lookup succeeds.
     kern::prefill_kernel_from_name(kname, &opt.attention_kernel);
     opt.profiler = nullptr;

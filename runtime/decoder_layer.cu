@@ -30,12 +30,15 @@ void run_decoder_layer(const fmt::ModelConfig& c, LtGemm& gemm, const float* inv
   auto mark = [&](const char* op) {
     if (io.profiler) io.profiler->mark(st, op);
   };
+  const bool qkv_bf16 = io.qkv_bf16 && !(observer && observer->wants_fp32());
   mark("qkv_proj");
-  gemm.xwt(io.normed, T, H, L.qkv, nqkv, io.qkv, GemmOut::F32, 0.f, st, where + " qkv_proj");
+  gemm.xwt(io.normed, T, H, L.qkv, nqkv, io.qkv, qkv_bf16 ? GemmOut::BF16 : GemmOut::F32, 0.f, st,
+           where + " qkv_proj");
 
   kern::RopeQkvShape rope_shape{T, c.num_heads, c.num_kv_heads, d, nqkv};
   kern::RopeQkvArgs ra;
-  ra.qkv = io.qkv;
+  if (qkv_bf16) ra.qkv_bf16 = reinterpret_cast<const uint16_t*>(io.qkv);
+  else ra.qkv = io.qkv;
   ra.bias = L.qkv_bias;
   ra.q_norm_weight = L.q_norm;
   ra.k_norm_weight = L.k_norm;

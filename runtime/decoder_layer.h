@@ -21,7 +21,7 @@ struct DecoderLayerIo {
   const int32_t* cu_seqlens = nullptr;  // device [S + 1]
   float* x = nullptr;                   // fp32 [T, H] residual stream (updated in place by a Full call)
   uint16_t* normed = nullptr;           // bf16 [T, H]: this layer's input_layernorm(x) on entry
-  float* qkv = nullptr;                 // fp32 [T, q_dim + 2 kv_dim]
+  float* qkv = nullptr;                 // fp32 [T, q_dim + 2 kv_dim] (or its first half as bf16: qkv_bf16)
   uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr;
   float* proj = nullptr;  // fp32 [T, H]
   uint16_t *gate_up = nullptr, *act = nullptr;
@@ -31,6 +31,10 @@ struct DecoderLayerIo {
   // false: they write `proj` and add_rmsnorm adds it. The same fp32 add of the same fp32 product either way; the
   // epilogue saves writing and reading `proj` ([T, H] fp32) per sublayer.
   bool residual_in_gemm = true;
+  // true: the QKV GEMM writes bf16 into qkv's memory (read as bf16 bits) and the norm/RoPE kernel reads that, as
+  // transformers' bias-free bf16 projections hand their output on; false: fp32. Ignored (fp32) when the observer
+  // wants fp32 attention inputs: calibration statistics keep the unrounded projection.
+  bool qkv_bf16 = false;
   ForwardProfiler* profiler = nullptr;  // per-op timing (benchmarks); null: no events
 };
 

@@ -510,6 +510,7 @@ LogitsView DeviceModel::forward(const PackedBatch& batch, const DeviceForwardOpt
   io.act = sc.act.as<uint16_t>();
   io.attention_kernel = opt.attention_kernel;
   io.residual_in_gemm = opt.residual_in_gemm;
+  io.qkv_bf16 = opt.qkv_bf16;
   io.profiler = opt.profiler;
   if (observer_fp32) {
     io.obs_q = sc.obs_q.as<float>();

@@ -91,6 +91,10 @@ struct DeviceForwardOptions {
   // Residual adds in the o_proj / down_proj GEMM epilogues (runtime/decoder_layer.h); false: the separate
   // add_rmsnorm kernel, for benchmarks that compare the two.
   bool residual_in_gemm = true;
+  // The QKV projection's output in bf16 (as transformers' bias-free bf16 q/k/v_proj hand it on) instead of
+  // fp32: half the bytes the GEMM writes and the RoPE kernel reads. Off by default (the CPU reference keeps fp32);
+  // a forward with an fp32-observer (calibration) keeps fp32 either way.
+  bool qkv_bf16 = false;
 };
 
 // The logits of the last forward, on the device: [rows, vocab] row-major (rows = T, or one per non-empty

@@ -14,8 +14,8 @@ int vec_threads_per_head(const RopeQkvShape& s, const RopeQkvArgs& a) {
   if (half % 8 != 0) return 0;
   const int64_t tph = half / 8;
   if (tph > 32 || (tph & (tph - 1)) != 0) return 0;
-  if (s.qkv_row_stride % 4 != 0) return 0;
-  const void* ptrs[] = {a.qkv, a.bias, a.q_norm_weight, a.k_norm_weight, a.q_out, a.k_out,
+  if (s.qkv_row_stride % (a.qkv_bf16 ? 8 : 4) != 0) return 0;
+  const void* ptrs[] = {a.qkv, a.qkv_bf16, a.bias, a.q_norm_weight, a.k_norm_weight, a.q_out, a.k_out,
                         a.v_out, a.q_f32, a.k_pre_rope_f32, a.k_f32, a.v_f32};
   for (const void* p : ptrs)
     if (p && !aligned16(p)) return 0;
@@ -29,7 +29,8 @@ Status rope_qkv_can_implement(const RopeQkvShape& s, const RopeQkvArgs& a) {
   const int64_t slots = s.num_heads + 2 * s.num_kv_heads;
   if (s.qkv_row_stride < slots * s.head_dim) return Status::InvalidArgument;
   if (s.num_tokens == 0) return Status::Ok;
-  if (!a.qkv || !a.positions || !a.inv_freq || !a.q_out || !a.k_out || !a.v_out) return Status::InvalidArgument;
+  if ((a.qkv == nullptr) == (a.qkv_bf16 == nullptr)) return Status::InvalidArgument;  // exactly one input
+  if (!a.positions || !a.inv_freq || !a.q_out || !a.k_out || !a.v_out) return Status::InvalidArgument;
   if ((a.q_norm_weight == nullptr) != (a.k_norm_weight == nullptr)) return Status::InvalidArgument;
   return Status::Ok;
 }
@@ -40,14 +41,22 @@ Status rope_qkv(const RopeQkvShape& s, const RopeQkvArgs& a, Stream stream) {
   const int64_t slots = s.num_heads + 2 * s.num_kv_heads;
   if (const int tph = vec_threads_per_head(s, a); tph > 0 && s.num_tokens <= 0x7fffffff && slots * tph <= (1 << 30)) {
     const size_t table_bytes = static_cast<size_t>(s.head_dim) * sizeof(float);
-    detail::rope_qkv_vec_kernel<<<static_cast<unsigned>(s.num_tokens), detail::kRopeVecThreads, table_bytes,
-                                  detail::to_cuda(stream)>>>(s, a, tph);
+    const unsigned blocks = static_cast<unsigned>(s.num_tokens);
+    if (a.qkv_bf16)
+      detail::rope_qkv_vec_kernel<<<blocks, detail::kRopeVecThreads, table_bytes, detail::to_cuda(stream)>>>(
+          s, a, a.qkv_bf16, tph);
+    else
+      detail::rope_qkv_vec_kernel<<<blocks, detail::kRopeVecThreads, table_bytes, detail::to_cuda(stream)>>>(
+          s, a, a.qkv, tph);
     return detail::launch_status();
   }
   constexpr int kThreads = 256;
   const int64_t blocks = (s.num_tokens * slots * 32 + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return Status::Unsupported;
-  detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a);
+  if (a.qkv_bf16)
+    detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a, a.qkv_bf16);
+  else
+    detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a, a.qkv);
   return detail::launch_status();
 }
 

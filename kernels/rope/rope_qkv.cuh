@@ -13,7 +13,12 @@ __device__ __forceinline__ float rope_rotate(float x, float y, float c, float s)
 // One warp per (token, head slot). rotate_half pairs element i with i + d/2, so a lane owns both members of its
 // pairs (i = lane + 32 j) and RoPE needs no shuffles; only the q/k norm's mean square crosses lanes.
 // d <= 256 gives at most 4 pairs per lane.
-__global__ void rope_qkv_kernel(RopeQkvShape s, RopeQkvArgs a) {
+// The projection's value as fp32, from an fp32 or a bf16 (bits) buffer.
+__device__ __forceinline__ float qkv_value(const float* p, int i) { return p[i]; }
+__device__ __forceinline__ float qkv_value(const uint16_t* p, int i) { return bf16_bits_to_float(p[i]); }
+
+template <typename In>
+__global__ void rope_qkv_kernel(RopeQkvShape s, RopeQkvArgs a, const In* qkv) {
   const int64_t warp_global = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int64_t slots = s.num_heads + 2 * s.num_kv_heads;
@@ -22,7 +27,7 @@ __global__ void rope_qkv_kernel(RopeQkvShape s, RopeQkvArgs a) {
   const int64_t slot = warp_global % slots;
   const int d = static_cast<int>(s.head_dim), half = d / 2;
 
-  const float* src = a.qkv + t * s.qkv_row_stride + slot * d;
+  const In* src = qkv + t * s.qkv_row_stride + slot * d;
   const float* bias = a.bias ? a.bias + slot * d : nullptr;
   float lo[4], hi[4];
 #pragma unroll
@@ -30,8 +35,8 @@ __global__ void rope_qkv_kernel(RopeQkvShape s, RopeQkvArgs a) {
     const int i = lane + 32 * j;
     lo[j] = hi[j] = 0.f;
     if (i < half) {
-      lo[j] = src[i] + (bias ? bias[i] : 0.f);
-      hi[j] = src[i + half] + (bias ? bias[i + half] : 0.f);
+      lo[j] = qkv_value(src, i) + (bias ? bias[i] : 0.f);
+      hi[j] = qkv_value(src, i + half) + (bias ? bias[i + half] : 0.f);
     }
   }
 
@@ -141,7 +146,13 @@ __device__ __forceinline__ void load8_bf16(const uint16_t* p, float (&v)[8]) {
 
 constexpr int kRopeVecThreads = 128;
 
-__global__ void __launch_bounds__(kRopeVecThreads) rope_qkv_vec_kernel(RopeQkvShape s, RopeQkvArgs a, int tph) {
+// Eight consecutive projection values as fp32 (16-byte loads: two of fp32, one of bf16).
+__device__ __forceinline__ void load8_in(const float* p, float (&v)[8]) { load8(p, v); }
+__device__ __forceinline__ void load8_in(const uint16_t* p, float (&v)[8]) { load8_bf16(p, v); }
+
+template <typename In>
+__global__ void __launch_bounds__(kRopeVecThreads)
+    rope_qkv_vec_kernel(RopeQkvShape s, RopeQkvArgs a, const In* qkv, int tph) {
   extern __shared__ float rope_table[];  // cos [half], then sin [half]
   const int d = static_cast<int>(s.head_dim), half = d / 2;
   const int64_t t = blockIdx.x;
@@ -164,13 +175,13 @@ __global__ void __launch_bounds__(kRopeVecThreads) rope_qkv_vec_kernel(RopeQkvSh
   // The lanes of one head slot are tph consecutive lanes starting at a multiple of tph, and items come in whole
   // slots, so a group is either entirely active or entirely idle in every iteration: its own mask suffices.
   const unsigned group_mask = (tph == 32 ? 0xffffffffu : ((1u << tph) - 1u)) << (lane & ~(tph - 1));
-  const float* row = a.qkv + t * s.qkv_row_stride;
+  const In* row = qkv + t * s.qkv_row_stride;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
     const int slot = item / tph;
     const int i0 = (item % tph) * 8;
     float lo[8], hi[8];
-    load8(row + slot * d + i0, lo);
-    load8(row + slot * d + half + i0, hi);
+    load8_in(row + slot * d + i0, lo);
+    load8_in(row + slot * d + half + i0, hi);
     if (a.bias) {
       float blo[8], bhi[8];
       load8(a.bias + slot * d + i0, blo);

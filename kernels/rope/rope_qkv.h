@@ -18,9 +18,12 @@ struct RopeQkvShape {
   int64_t qkv_row_stride = 0;  // elements between tokens in qkv; >= (num_heads + 2 * num_kv_heads) * head_dim
 };
 
-// Device pointers. qkv [T, row_stride]: query heads, then key heads, then value heads, each head_dim wide.
+// Device pointers. qkv [T, row_stride]: query heads, then key heads, then value heads, each head_dim wide, in
+// fp32 (qkv) or bf16 bits (qkv_bf16: what transformers' bf16 projections hand to the norm and RoPE when they have
+// no bias; with one, this adds the fp32 bias to the bf16 product, where transformers rounds after it): exactly one.
 struct RopeQkvArgs {
   const float* qkv = nullptr;
+  const uint16_t* qkv_bf16 = nullptr;
   const float* bias = nullptr;              // [(Hq + 2 Hkv) * d] or nullptr
   const uint16_t* q_norm_weight = nullptr;  // [d] bf16, or nullptr for no q/k norm
   const uint16_t* k_norm_weight = nullptr;  // [d] bf16, set together with q_norm_weight
@@ -37,10 +40,10 @@ struct RopeQkvArgs {
   float* v_f32 = nullptr;           // [T, Hkv, d]
 };
 
-// can_implement: head_dim even and <= 256, qkv_row_stride covering every head slot, the required pointers set and
-// q/k norm weights given together. Any such shape runs; the 16-byte vector kernel is taken when d/2 is a multiple
-// of 8 with a power-of-two lane group (d = 16, 32, 64, 128, 256), the row stride a multiple of 4 and every pointer
-// 16-byte aligned, the one-warp-per-head scalar kernel otherwise.
+// can_implement: head_dim even and <= 256, qkv_row_stride covering every head slot, the required pointers set (one
+// input), q/k norm weights given together. Any such shape runs; the 16-byte vector kernel is taken when d/2 is a
+// multiple of 8 with a power-of-two lane group (d = 16, 32, 64, 128, 256), the row stride 16 bytes' worth of
+// elements (4 fp32, 8 bf16) and every pointer 16-byte aligned, the one-warp-per-head scalar kernel otherwise.
 Status rope_qkv_can_implement(const RopeQkvShape& shape, const RopeQkvArgs& args);
 Status rope_qkv(const RopeQkvShape& shape, const RopeQkvArgs& args, Stream stream);
 

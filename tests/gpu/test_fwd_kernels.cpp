@@ -132,6 +132,55 @@ struct RopeCase {
   int64_t pad = 0;  // extra row-stride elements on top of 8
 };
 
+// Positions first, first + step, ... for T tokens and the inv_freq table of a head_dim-d model with RoPE base theta.
+struct RopeTables {
+  std::vector<int32_t> pos;
+  std::vector<float> inv_freq;
+};
+RopeTables rope_tables(int64_t T, int64_t d, double theta, int32_t step, int32_t first) {
+  RopeTables r;
+  r.pos.resize(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) r.pos[t] = first + static_cast<int32_t>(t * step);
+  fmt::ModelConfig cfg;
+  cfg.head_dim = d;
+  cfg.rope.theta = theta;
+  r.inv_freq = model::rope_inv_freq(cfg);
+  return r;
+}
+
+// Every output of one rope_qkv call (bf16 Q/K/V and, when asked for, the four fp32 observer copies), for
+// bit-for-bit comparisons.
+struct RopeOutputs {
+  std::vector<uint16_t> q, k, v;
+  std::vector<float> q32, k32, kpre32, v32;
+  bool operator==(const RopeOutputs&) const = default;
+};
+// Runs rope_qkv with the inputs set in `a` (qkv or qkv_bf16, bias, norms, positions, inv_freq) into fresh outputs;
+// with_f32: the fp32 observer copies too (the forward without an observer writes none).
+RopeOutputs run_rope(const RopeQkvShape& s, RopeQkvArgs a, bool with_f32 = true) {
+  const int64_t nq = s.num_tokens * s.num_heads * s.head_dim, nkv = s.num_tokens * s.num_kv_heads * s.head_dim;
+  DeviceBuffer q(nq * 2), k(nkv * 2), v(nkv * 2), q32(nq * 4), k32(nkv * 4), kpre32(nkv * 4), v32(nkv * 4);
+  a.q_out = q.as<uint16_t>();
+  a.k_out = k.as<uint16_t>();
+  a.v_out = v.as<uint16_t>();
+  if (with_f32) {
+    a.q_f32 = q32.as<float>();
+    a.k_f32 = k32.as<float>();
+    a.k_pre_rope_f32 = kpre32.as<float>();
+    a.v_f32 = v32.as<float>();
+  }
+  EXPECT_EQ(rope_qkv(s, a, nullptr), Status::Ok);
+  sync();
+  RopeOutputs out{to_host(q.as<uint16_t>(), nq), to_host(k.as<uint16_t>(), nkv), to_host(v.as<uint16_t>(), nkv)};
+  if (with_f32) {
+    out.q32 = to_host(q32.as<float>(), nq);
+    out.k32 = to_host(k32.as<float>(), nkv);
+    out.kpre32 = to_host(kpre32.as<float>(), nkv);
+    out.v32 = to_host(v32.as<float>(), nkv);
+  }
+  return out;
+}
+
 TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
   OSCAR_REQUIRE_GPU();
   // Vector path (d/2 a multiple of 8, 16-byte rows: d = 16, 32, 64, 128, 256) and the scalar fallback (d = 8, 96,
@@ -155,7 +204,6 @@ TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
     DeviceBuffer d_qkv = dev(qkv), d_bias = dev(bias), d_qn = dev(qn), d_kn = dev(kn), d_pos = dev(pos),
                  d_inv = dev(inv_freq);
     const int64_t nq = T * c.hq * c.d, nk = T * c.hkv * c.d;
-    DeviceBuffer q(nq * 2), k(nk * 2), v(nk * 2), q32(nq * 4), kpre32(nk * 4), k32(nk * 4), v32(nk * 4);
     RopeQkvArgs a;
     a.qkv = d_qkv.as<float>();
     a.bias = c.bias ? d_bias.as<float>() : nullptr;
@@ -163,15 +211,7 @@ TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
     a.k_norm_weight = c.qk_norm ? d_kn.as<uint16_t>() : nullptr;
     a.positions = d_pos.as<int32_t>();
     a.inv_freq = d_inv.as<float>();
-    a.q_out = q.as<uint16_t>();
-    a.k_out = k.as<uint16_t>();
-    a.v_out = v.as<uint16_t>();
-    a.q_f32 = q32.as<float>();
-    a.k_pre_rope_f32 = kpre32.as<float>();
-    a.k_f32 = k32.as<float>();
-    a.v_f32 = v32.as<float>();
-    ASSERT_EQ(rope_qkv(s, a, nullptr), Status::Ok);
-    sync();
+    const RopeOutputs got = run_rope(s, a);
 
     std::vector<float> rq(nq), rkpre(nk), rk(nk), rv(nk);
     const std::vector<float> qn32 = widen(qn), kn32 = widen(kn);
@@ -188,13 +228,60 @@ TEST(FwdGpuRope, FusedQkvPrepMatchesRef) {
     r.v_out = rv.data();
     rope_qkv_ref(s, r);
     const std::string what = "d=" + std::to_string(c.d) + " pad=" + std::to_string(c.pad);
-    EXPECT_LE(nmse(to_host(q32.as<float>(), nq), rq), 1e-5) << what;
-    EXPECT_LE(nmse(to_host(kpre32.as<float>(), nk), rkpre), 1e-5) << what;
-    EXPECT_LE(nmse(to_host(k32.as<float>(), nk), rk), 1e-5) << what;
-    EXPECT_LE(nmse(to_host(v32.as<float>(), nk), rv), 1e-5) << what;
-    EXPECT_LE(nmse(widen(to_host(q.as<uint16_t>(), nq)), rq), 1e-4) << what;
-    EXPECT_LE(nmse(widen(to_host(k.as<uint16_t>(), nk)), rk), 1e-4) << what;
-    EXPECT_LE(nmse(widen(to_host(v.as<uint16_t>(), nk)), rv), 1e-4) << what;
+    EXPECT_LE(nmse(got.q32, rq), 1e-5) << what;
+    EXPECT_LE(nmse(got.kpre32, rkpre), 1e-5) << what;
+    EXPECT_LE(nmse(got.k32, rk), 1e-5) << what;
+    EXPECT_LE(nmse(got.v32, rv), 1e-5) << what;
+    EXPECT_LE(nmse(widen(got.q), rq), 1e-4) << what;
+    EXPECT_LE(nmse(widen(got.k), rk), 1e-4) << what;
+    EXPECT_LE(nmse(widen(got.v), rv), 1e-4) << what;
+  }
+}
+
+// The bf16 input (DeviceForwardOptions::qkv_bf16) is the fp32 input's path after one widening: fed the same values
+// (bf16-representable fp32 against their bf16 bits, some of them -0), every output is bit-identical, on the vector
+// path (row stride a multiple of 8) and on the scalar one (stride + 1), with Qwen3's q/k norm, with and without a
+// bias (Qwen2's), with and without the fp32 observer copies.
+TEST(FwdGpuRope, Bf16InputEqualsFp32InputOfTheSameValues) {
+  OSCAR_REQUIRE_GPU();
+  const int64_t T = 45, hq = 16, hkv = 4, d = 128, slots = hq + 2 * hkv, width = slots * d;
+  std::vector<float> dense = randn(T * width, 30, 2.f);
+  for (float& x : dense) x = fmt::bf16_to_f32(fmt::f32_to_bf16(x));
+  for (int64_t i = 0; i < T * width; i += 53) dense[i] = -0.f;  // without a bias, -0 + 0 = +0 on both paths
+  const std::vector<float> bias = randn(width, 31), nq = randn(d, 32), nk = randn(d, 33);
+  std::vector<uint16_t> q_norm(d), k_norm(d);
+  for (int64_t i = 0; i < d; ++i) {
+    q_norm[i] = fmt::f32_to_bf16(1.f + 0.2f * nq[i]);
+    k_norm[i] = fmt::f32_to_bf16(1.f + 0.2f * nk[i]);
+  }
+  const RopeTables tables = rope_tables(T, d, 1e6, 701, 3);
+  DeviceBuffer d_bias = dev(bias), d_pos = dev(tables.pos), d_inv = dev(tables.inv_freq), d_qn = dev(q_norm),
+               d_kn = dev(k_norm);
+  for (const int64_t stride : {width, width + 1}) {
+    SCOPED_TRACE(stride == width ? "vector path" : "scalar path");
+    std::vector<float> qkv(T * stride, 0.f);
+    std::vector<uint16_t> qkv_bits(T * stride, 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < width; ++i) {
+        qkv[t * stride + i] = dense[t * width + i];
+        qkv_bits[t * stride + i] = fmt::f32_to_bf16(dense[t * width + i]);
+      }
+    DeviceBuffer d_f32 = dev(qkv), d_b16 = dev(qkv_bits);
+    for (const bool with_bias : {true, false})
+      for (const bool with_f32 : {true, false}) {
+        SCOPED_TRACE(std::string(with_bias ? "bias" : "no bias") + (with_f32 ? ", fp32 copies" : ", no fp32 copies"));
+        RopeQkvArgs a;
+        a.bias = with_bias ? d_bias.as<float>() : nullptr;
+        a.q_norm_weight = d_qn.as<uint16_t>();
+        a.k_norm_weight = d_kn.as<uint16_t>();
+        a.positions = d_pos.as<int32_t>();
+        a.inv_freq = d_inv.as<float>();
+        const RopeQkvShape shape{T, hq, hkv, d, stride};
+        RopeQkvArgs from_f32 = a, from_bf16 = a;
+        from_f32.qkv = d_f32.as<float>();
+        from_bf16.qkv_bf16 = d_b16.as<uint16_t>();
+        EXPECT_TRUE(run_rope(shape, from_f32, with_f32) == run_rope(shape, from_bf16, with_f32));
+      }
   }
 }
 
@@ -207,41 +294,23 @@ TEST(FwdGpuRope, VectorPathEqualsScalarPathBitForBit) {
   // Some exact -0 inputs: without a bias both paths must still agree on the sign of zero (bf16 bits differ).
   for (int64_t i = 0; i < T * width; i += 61) dense[i] = -0.f;
   const std::vector<float> bias = randn(width, 21);
-  std::vector<int32_t> pos(T);
-  for (int64_t t = 0; t < T; ++t) pos[t] = static_cast<int32_t>(t * 113 + 9);
-  fmt::ModelConfig cfg;
-  cfg.head_dim = d;
-  cfg.rope.theta = 5e5;
-  const std::vector<float> inv_freq = model::rope_inv_freq(cfg);
-  DeviceBuffer d_bias = dev(bias), d_pos = dev(pos), d_inv = dev(inv_freq);
+  const RopeTables tables = rope_tables(T, d, 5e5, 113, 9);
+  DeviceBuffer d_bias = dev(bias), d_pos = dev(tables.pos), d_inv = dev(tables.inv_freq);
   for (const bool with_bias : {true, false}) {
     SCOPED_TRACE(with_bias ? "bias" : "no bias");
-    std::vector<std::vector<uint16_t>> q_bits, k_bits, v_bits;
-    std::vector<std::vector<float>> k32s;
+    std::vector<RopeOutputs> outs;
     for (const int64_t stride : {width, width + 1}) {
       std::vector<float> qkv(T * stride, 0.f);
       for (int64_t t = 0; t < T; ++t) std::copy_n(dense.begin() + t * width, width, qkv.begin() + t * stride);
-      DeviceBuffer d_qkv = dev(qkv), q(T * hq * d * 2), k(T * hkv * d * 2), v(T * hkv * d * 2), k32(T * hkv * d * 4);
+      DeviceBuffer d_qkv = dev(qkv);
       RopeQkvArgs a;
       a.qkv = d_qkv.as<float>();
       a.bias = with_bias ? d_bias.as<float>() : nullptr;
       a.positions = d_pos.as<int32_t>();
       a.inv_freq = d_inv.as<float>();
-      a.q_out = q.as<uint16_t>();
-      a.k_out = k.as<uint16_t>();
-      a.v_out = v.as<uint16_t>();
-      a.k_f32 = k32.as<float>();
-      ASSERT_EQ(rope_qkv(RopeQkvShape{T, hq, hkv, d, stride}, a, nullptr), Status::Ok);
-      sync();
-      q_bits.push_back(to_host(q.as<uint16_t>(), T * hq * d));
-      k_bits.push_back(to_host(k.as<uint16_t>(), T * hkv * d));
-      v_bits.push_back(to_host(v.as<uint16_t>(), T * hkv * d));
-      k32s.push_back(to_host(k32.as<float>(), T * hkv * d));
+      outs.push_back(run_rope(RopeQkvShape{T, hq, hkv, d, stride}, a));
     }
-    EXPECT_TRUE(q_bits[0] == q_bits[1]);
-    EXPECT_TRUE(k_bits[0] == k_bits[1]);
-    EXPECT_TRUE(v_bits[0] == v_bits[1]);
-    EXPECT_TRUE(k32s[0] == k32s[1]);
+    EXPECT_TRUE(outs[0] == outs[1]);
   }
 }
 
@@ -260,6 +329,12 @@ TEST(FwdGpuRopeChecks, CanImplementRefusesWhatTheKernelCannotDo) {
   EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);
   a.k_norm_weight = w.data();
   EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Ok);
+  a.qkv_bf16 = w.data();  // two inputs
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);
+  a.qkv = nullptr;  // the bf16 one alone
+  EXPECT_EQ(rope_qkv_can_implement(s, a), Status::Ok);
+  a.qkv_bf16 = nullptr;
+  a.qkv = dummy.data();
   s.qkv_row_stride = 12 * 128 - 1;  // rows narrower than the head slots
   EXPECT_EQ(rope_qkv_can_implement(s, a), Status::InvalidArgument);
   s.qkv_row_stride = 12 * 512;

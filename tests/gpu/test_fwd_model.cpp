@@ -85,16 +85,25 @@ class CpuKvCapture : public model::Observer {
   }
 };
 
-// Token-major device K/V of the whole packed batch, re-laid out per sequence as [kv_heads, len, d].
+// Token-major device K/V of the whole packed batch, re-laid out per sequence as [kv_heads, len, d]: the fp32 K/V,
+// or (fp32 = false: an observer that asks for none) the bf16 K/V attention reads, widened.
 class DeviceKvCapture : public DeviceObserver {
  public:
   std::vector<int32_t> cu;
   std::vector<LayerKv> per_sequence;  // [sequence]
+  bool fp32 = true;
+  bool wants_fp32() const override { return fp32; }
   void on_attention_inputs(const DeviceAttentionInputs& in) override {
     ASSERT_EQ(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(in.stream)), cudaSuccess);
     const int64_t h = in.num_kv_heads, d = in.head_dim;
-    const std::vector<float> k = to_host(in.k, static_cast<size_t>(in.num_tokens * h * d));
-    const std::vector<float> v = to_host(in.v, k.size());
+    const size_t n = static_cast<size_t>(in.num_tokens * h * d);
+    auto widen = [](const std::vector<uint16_t>& bits) {
+      std::vector<float> out(bits.size());
+      for (size_t i = 0; i < bits.size(); ++i) out[i] = fmt::bf16_to_f32(bits[i]);
+      return out;
+    };
+    const std::vector<float> k = fp32 ? to_host(in.k, n) : widen(to_host(in.k_bf16, n));
+    const std::vector<float> v = fp32 ? to_host(in.v, n) : widen(to_host(in.v_bf16, n));
     per_sequence.resize(cu.size() - 1);
     for (size_t s = 0; s + 1 < cu.size(); ++s) {
       const int64_t begin = cu[s], len = cu[s + 1] - cu[s];
@@ -134,8 +143,10 @@ struct Limits {
 };
 
 // Runs the packed batch on the device and every sequence on the CPU; compares logits and per-layer K/V.
+// qkv_bf16: the forward's QKV projection in bf16 (DeviceForwardOptions::qkv_bf16); K/V are then compared as the
+// bf16 values attention reads (an fp32 observer would turn the option off).
 void compare_with_cpu(const fs::path& model_dir, const std::vector<std::vector<int32_t>>& sequences,
-                      const Limits& limits = {}) {
+                      const Limits& limits = {}, bool qkv_bf16 = false) {
   const fs::path bf16_dir = bf16_copy(model_dir, test::temp_dir_for_test() / model_dir.filename());
   auto cpu = model::CpuModel::load(bf16_dir);
   auto gpu = DeviceModel::load(model_dir);
@@ -144,8 +155,10 @@ void compare_with_cpu(const fs::path& model_dir, const std::vector<std::vector<i
   const PackedBatch batch = PackedBatch::from_sequences(sequences);
   DeviceKvCapture dev_kv;
   dev_kv.cu = batch.cu_seqlens;
+  dev_kv.fp32 = !qkv_bf16;
   DeviceForwardOptions opt;
   opt.observer = &dev_kv;
+  opt.qkv_bf16 = qkv_bf16;
   const std::vector<float> gpu_logits = gpu->forward(batch, opt).to_host();
   ASSERT_EQ(gpu_logits.size(), static_cast<size_t>(batch.num_tokens() * vocab));
 
@@ -252,6 +265,20 @@ TEST(FwdGpuModel, Qwen3TinyMatchesCpuModel) {
                          random_ids(65, 4096, 2)});
 }
 
+// The same bounds with the QKV projection handed on in bf16 (DeviceForwardOptions::qkv_bf16, transformers' rounding
+// point): one more bf16 rounding of q, k and v before the norm and RoPE.
+TEST(FwdGpuModel, Qwen3TinyWithBf16QkvMatchesCpuModel) {
+  OSCAR_REQUIRE_GPU();
+  OSCAR_REQUIRE_FIXTURE("models/qwen3-tiny-trained");
+  OSCAR_REQUIRE_FIXTURE("text/python-docs-heldout.txt");
+  OSCAR_REQUIRE_FIXTURE("text/linux-docs-heldout.txt");
+  const fs::path dir = test::fixtures_dir() / "models/qwen3-tiny-trained";
+  compare_with_cpu(dir,
+                   {text_ids(dir, test::fixtures_dir() / "text/python-docs-heldout.txt", 1100),
+                    text_ids(dir, test::fixtures_dir() / "text/linux-docs-heldout.txt", 300), random_ids(65, 4096, 2)},
+                   Limits{}, /*qkv_bf16=*/true);
+}
+
 // Every architecture golden of tests/data/golden (Qwen2 biases, Qwen3 head_dim != hidden/heads, llama3 and linear
 // RoPE, Mistral GQA 3, MQA, sharded checkpoints, fp16/fp32/bf16 storage) on its 300 golden ids. These are random
 // weights with wide logits, where bf16 activations flip near-tied argmaxes more often than on trained models, so
@@ -356,6 +383,28 @@ TEST(FwdGpuModel, ResidualAddInTheGemmEqualsTheNormsAdd) {
   EXPECT_LE(err, 1e-4);
   EXPECT_EQ(std::memcmp(a.data(), a2.data(), a.size() * 4), 0) << "rerun, same bits";
   for (float x : a) ASSERT_TRUE(std::isfinite(x));
+}
+
+// DeviceForwardOptions::qkv_bf16 changes only where q, k and v are rounded: the logits move (the option is in
+// effect) by bf16 noise, and stay deterministic.
+TEST(FwdGpuModel, Bf16QkvOutputMovesTheLogitsByRoundingOnly) {
+  OSCAR_REQUIRE_GPU();
+  fmt::ModelConfig c = small_qwen3_like();
+  c.head_dim = 128;
+  auto m = DeviceModel::random(c, 13);
+  const PackedBatch batch =
+      PackedBatch::from_sequences(std::vector<std::vector<int32_t>>{random_ids(300, 1000, 14), random_ids(45, 1000, 15)});
+  DeviceForwardOptions f32, bf16;
+  bf16.qkv_bf16 = true;
+  const std::vector<float> a = m->forward(batch, f32).to_host();
+  const std::vector<float> b = m->forward(batch, bf16).to_host();
+  const std::vector<float> b2 = m->forward(batch, bf16).to_host();
+  ASSERT_EQ(a.size(), b.size());
+  const double err = nmse(b, a);
+  std::printf("  bf16 QKV output vs fp32: logits nmse %.3g\n", err);
+  EXPECT_GT(err, 0.0) << "the option changed nothing";
+  EXPECT_LE(err, 1e-3);
+  EXPECT_EQ(std::memcmp(b.data(), b2.data(), b.size() * 4), 0) << "rerun, same bits";
 }
 
 // Auto picks a wgmma attention kernel at head_dim 128 on sm_90 (v2 elsewhere): the forward with Auto is the forward
