@@ -22,6 +22,7 @@
 // block's merge of every split's partial) trades against the tile work per block, e.g. at batch 1.
 //   decode_attention_bench [--iters N] [--max-context T] [--torch-results FILE] [--eager] [--trace FILE]
 //                          [--batch B] [--context T] [--splits N1,N2,...]
+// --batch / --context time one batch size / context of any value instead of the table's (1, 8, 32 x 4K..max).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -177,6 +178,16 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (iters < 1 || max_context < 1 || only_batch < 0 || only_context < 0) {
+    std::fprintf(stderr, "--iters, --max-context, --batch and --context take positive values\n");
+    return 2;
+  }
+  // --batch / --context pick one shape of any size (64 x 128K, 16 x 100000); without them the issue's table.
+  std::vector<int> batches = {1, 8, 32};
+  if (only_batch) batches = {only_batch};
+  std::vector<int64_t> contexts;
+  for (int64_t ctx = 4096; ctx <= max_context; ctx *= 2) contexts.push_back(ctx);
+  if (only_context) contexts = {only_context};
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const double d2d = measure_d2d_gbps();
@@ -192,10 +203,8 @@ int main(int argc, char** argv) {
   const int64_t sink = 64, recent = 256;
   const Model models[] = {{"qwen3-8b", 32, 8}, {"llama3-70b", 64, 8}};
   for (const auto& m : models) {
-    for (int batch : {1, 8, 32}) {
-      if (only_batch && batch != only_batch) continue;
-      for (int64_t ctx = 4096; ctx <= max_context; ctx *= 2) {
-        if (only_context && ctx != only_context) continue;
+    for (int batch : batches) {
+      for (int64_t ctx : contexts) {
         const int pages_per_seq = static_cast<int>((ctx + page - 1) / page);
         const size_t total_pages = size_t(batch) * pages_per_seq;
         const oscar::fmt::Int2PageGeometry g2{d, page};
