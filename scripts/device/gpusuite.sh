@@ -4,7 +4,8 @@
 # compute-sanitizer memcheck of the suites named in the argument (comma-separated gtest suite names; none = skip).
 # Argument: [shards=N,]SUITE,SUITE... — shards=N runs the test binary as N gtest shards side by side on the one GPU
 # (GTEST_TOTAL_SHARDS; each test still runs once), since much of the suite's time is its CPU-side simulations.
-# Expected GPU time: ~5.5 min for the suite in one shard (300 s cut it after 114 of 161 tests on 2026-12-06);
+# Expected GPU time: ~5.5 min for the suite in one shard (300 s cut it after 114 of 161 tests on 2026-12-06); with
+# shards=4 ~210 s for 194 tests (2026-12-07: 200 s cut shard 0 three tests short; give it 260);
 # memcheck of one Eval suite ~2-4 min (its CPU simulation is not slowed).
 # Pack from the main checkout: tests find fixtures at <source dir>/../shared/fixtures, so a build made in another
 # checkout skips every fixture test on the device (the 2026-12-05 third run did).
