@@ -304,6 +304,16 @@ void upload_layer(const HostLayerWeights& w, DeviceLayerBuffers& out, Stream str
   up16(out.down, w.down, "down_proj");
 }
 
+void require_cuda_device(const std::string& flag) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so that a caller catching the error starts clean
+    throw Error(flag, std::string("no usable CUDA device: ") + cudaGetErrorString(e));
+  }
+  if (count == 0) throw Error(flag, "no CUDA device found");
+}
+
 std::unique_ptr<DeviceModel> DeviceModel::load(const std::filesystem::path& model_dir) {
   const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(model_dir);
   validate_device_config(cfg, (model_dir / "config.json").string());

@@ -161,6 +161,10 @@ std::vector<uint16_t> read_checkpoint_embedding(const fmt::TensorStore& store, c
 // left `host` when the call returns.
 void upload_layer(const HostLayerWeights& host, DeviceLayerBuffers& out, Stream stream);
 
+// Throws oscar::Error naming `flag` (e.g. "--device cuda") when this process can use no CUDA device (no GPU, no
+// driver, a driver older than the runtime), so commands fail with one clear line before loading anything.
+void require_cuda_device(const std::string& flag);
+
 class DeviceModel {
  public:
   // DIR/config.json and the safetensors checkpoint in DIR, uploaded as bf16 from bf16/fp16/fp32 tensors. Every

@@ -1,5 +1,6 @@
-// oscar forward: one CPU forward pass over a prompt; logits and the post-RoPE K/V of every layer can be dumped to
-// safetensors, the format the golden files use, so any run can be compared with transformers tensor by tensor.
+// oscar forward: one forward pass over a prompt, on the fp32 CPU reference or (--device cuda) the bf16 GPU
+// DeviceModel; logits and the post-RoPE K/V of every layer can be dumped to safetensors, the format the golden files
+// use, so any run can be compared with transformers (or the other device) tensor by tensor.
 #include <cstdio>
 #include <memory>
 
@@ -13,6 +14,10 @@
 #include "formats/safetensors.h"
 #include "lib/model/observer.h"
 #include "oscar_version.h"
+#ifdef OSCAR_HAVE_CUDA
+#include "runtime/device_model.h"
+#include "runtime/gpu_calibration.h"
+#endif
 
 namespace oscar::app {
 namespace {
@@ -39,13 +44,7 @@ class KvCapture : public model::Observer {
   std::vector<std::vector<float>> k, v;
 };
 
-int run_forward(const ForwardCliOptions& o) {
-  require_cpu_device(o.device);
-  // Fail before the (possibly long) forward pass when the dump could not be written anyway.
-  if (!o.dump.empty()) check_output_parent(o.dump);
-  auto model = load_model(o.model_dir);
-  const fmt::ModelConfig& cfg = model->config();
-
+std::vector<int32_t> forward_ids(const ForwardCliOptions& o, const fmt::ModelConfig& cfg) {
   std::vector<int32_t> ids;
   if (!o.ids.empty()) {
     ids = parse_id_list(o.ids, cfg.vocab_size, "--ids");
@@ -56,12 +55,60 @@ int run_forward(const ForwardCliOptions& o) {
   const auto T = static_cast<int64_t>(ids.size());
   if (cfg.max_position_embeddings > 0 && T > cfg.max_position_embeddings)
     spdlog::warn("{} tokens exceed max_position_embeddings {}", T, cfg.max_position_embeddings);
+  return ids;
+}
 
-  KvCapture capture(cfg.num_layers);
-  model::KvCache cache(cfg, T);
-  model::ForwardOptions fwd;
-  fwd.observer = &capture;
-  const std::vector<float> logits = model->forward(ids, cache, fwd);
+// The GPU forward: bf16 weights, fp32 residual and accumulation (runtime/device_model.h). K/V are the forward's
+// fp32 copies (before the bf16 rounding the attention reads), relayed to the host in the CPU layout; they are
+// copied only when they are dumped.
+std::vector<float> forward_on_device(const ForwardCliOptions& o, fmt::ModelConfig& cfg, std::vector<int32_t>& ids,
+                                     KvCapture*& capture_out, std::unique_ptr<KvCapture>& capture_owner) {
+#ifndef OSCAR_HAVE_CUDA
+  (void)o, (void)cfg, (void)ids, (void)capture_out, (void)capture_owner;
+  throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
+#else
+  check_model_dir(o.model_dir);
+  rt::require_cuda_device("--device cuda");
+  auto model = rt::DeviceModel::load(o.model_dir);
+  cfg = model->config();
+  ids = forward_ids(o, cfg);
+  capture_owner = std::make_unique<KvCapture>(cfg.num_layers);
+  capture_out = capture_owner.get();
+  const std::unique_ptr<rt::DeviceObserver> relay = rt::make_host_relay(*capture_owner);
+  rt::PackedBatch batch;
+  batch.add_sequence(ids);
+  rt::DeviceForwardOptions fwd;
+  fwd.observer = o.dump.empty() ? nullptr : relay.get();
+  fwd.rows = rt::LogitsRows::All;
+  fwd.type = rt::LogitsType::F32;
+  return model->forward(batch, fwd).to_host();
+#endif
+}
+
+int run_forward(const ForwardCliOptions& o) {
+  if (o.device != "cuda") require_cpu_device(o.device);
+  // Fail before the (possibly long) forward pass when the dump could not be written anyway.
+  if (!o.dump.empty()) check_output_parent(o.dump);
+
+  fmt::ModelConfig cfg;
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+  std::unique_ptr<KvCapture> capture_owner;
+  KvCapture* capture = nullptr;
+  if (o.device == "cuda") {
+    logits = forward_on_device(o, cfg, ids, capture, capture_owner);
+  } else {
+    auto model = load_model(o.model_dir);
+    cfg = model->config();
+    ids = forward_ids(o, cfg);
+    capture_owner = std::make_unique<KvCapture>(cfg.num_layers);
+    capture = capture_owner.get();
+    model::KvCache cache(cfg, static_cast<int64_t>(ids.size()));
+    model::ForwardOptions fwd;
+    fwd.observer = capture;
+    logits = model->forward(ids, cache, fwd);
+  }
+  const auto T = static_cast<int64_t>(ids.size());
   const int64_t vocab = static_cast<int64_t>(logits.size()) / T;
 
   if (!o.dump.empty()) {
@@ -70,12 +117,13 @@ int run_forward(const ForwardCliOptions& o) {
     tensors.push_back({"input_ids", fmt::DType::I32, {T}, std::as_bytes(std::span<const int32_t>(ids))});
     const std::vector<int64_t> kv_shape = {cfg.num_kv_heads, T, cfg.head_dim};
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
-      tensors.push_back(fmt::f32_tensor(::fmt::format("layers.{}.k", l), kv_shape, capture.k[l]));
-      tensors.push_back(fmt::f32_tensor(::fmt::format("layers.{}.v", l), kv_shape, capture.v[l]));
+      tensors.push_back(fmt::f32_tensor(::fmt::format("layers.{}.k", l), kv_shape, capture->k[l]));
+      tensors.push_back(fmt::f32_tensor(::fmt::format("layers.{}.v", l), kv_shape, capture->v[l]));
     }
     const std::map<std::string, std::string> metadata = {
         {"command", command_line()},
         {"model", o.model_dir},
+        {"device", o.device == "cuda" ? "cuda (bf16 weights, fp32 residual and K/V)" : "cpu (fp32 reference)"},
         {"oscar_version", OSCAR_VERSION_STRING},
         {"layout",
          "logits [T, vocab] fp32; input_ids [T] int32; layers.N.k / layers.N.v [num_kv_heads, T, head_dim] fp32, "
@@ -108,7 +156,10 @@ int run_forward(const ForwardCliOptions& o) {
 }  // namespace
 
 OSCAR_REGISTER_COMMAND(
-    "forward", "Run the CPU forward pass on a prompt; optionally dump logits and per-layer K/V to safetensors", 30,
+    "forward",
+    "Run the forward pass (CPU reference or --device cuda) on a prompt; optionally dump logits and per-layer K/V to "
+    "safetensors",
+    30,
     [](CLI::App& sub) -> RunCommand {
       auto o = std::make_shared<ForwardCliOptions>();
       add_model_option(sub, o->model_dir);

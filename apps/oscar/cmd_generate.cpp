@@ -17,6 +17,7 @@
 #include "formats/model_config.h"
 #include "lib/model/generate.h"
 #ifdef OSCAR_HAVE_CUDA
+#include "runtime/device_model.h"
 #include "runtime/engine.h"
 #include "runtime/kv_cache.h"
 #endif
@@ -156,6 +157,7 @@ int run_generate(const GenerateCliOptions& o) {
     auto tok = load_tokenizer(o.model_dir);
     const std::vector<int32_t> prompt = encode_prompt(*tok, o.prompt, "--prompt");
     const fmt::ModelConfig cfg = fmt::ModelConfig::from_dir(o.model_dir);
+    rt::require_cuda_device("--device cuda");
     std::vector<int32_t> stop_ids;
     if (cfg.eos_token_id) stop_ids.push_back(static_cast<int32_t>(*cfg.eos_token_id));
     else if (auto eos = tok->eos_id()) stop_ids.push_back(*eos);

@@ -24,7 +24,14 @@ struct RunResult {
   std::string err;
 };
 
-inline std::filesystem::path oscar_binary() { return binary_dir() / "bin/oscar"; }
+// The `oscar` next to the running test binary when there is one (a packed build carried to a GPU host puts both in
+// one bin/ folder, away from the build tree the tests were configured in), else the build tree's.
+inline std::filesystem::path oscar_binary() {
+  std::error_code ec;
+  const auto beside = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "oscar";
+  if (!ec && std::filesystem::is_regular_file(beside, ec)) return beside;
+  return binary_dir() / "bin/oscar";
+}
 
 inline std::string slurp(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);

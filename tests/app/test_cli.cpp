@@ -138,6 +138,20 @@ TEST(CliForward, DumpMatchesTransformersGolden) {
   EXPECT_EQ(ours->metadata().at("model"), model(kTiny));
 }
 
+TEST(CliForward, CudaDeviceWithoutAGpuIsOneErrorLineAndNoDump) {
+  // On a machine without a usable GPU (CI) `--device cuda` must fail before loading anything, naming the flag,
+  // and leave no dump behind. Where a GPU is present the GPU test CliForwardGpu runs the real thing.
+  OSCAR_REQUIRE_FIXTURE(kTiny);
+  const auto dump = temp_dir_for_test() / "cuda.safetensors";
+  const auto r = run_oscar({"forward", "--model", model(kTiny), "--ids", "1,403", "--device", "cuda", "--dump",
+                            dump.string()});
+  if (r.exit_code == 0) GTEST_SKIP() << "a CUDA device is present: tests/gpu covers --device cuda";
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(is_one_error_line(r.err)) << r.err;
+  EXPECT_NE(r.err.find("--device cuda"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dump));
+}
+
 TEST(CliForward, PromptIsTokenizedLikeTransformers) {
   OSCAR_REQUIRE_FIXTURE(kTiny);
   OSCAR_REQUIRE_FIXTURE(kTinyKvGolden);
