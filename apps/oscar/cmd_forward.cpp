@@ -1,7 +1,9 @@
 // oscar forward: one forward pass over a prompt, on the fp32 CPU reference or (--device cuda) the bf16 GPU
 // DeviceModel; logits and the post-RoPE K/V of every layer can be dumped to safetensors, the format the golden files
 // use, so any run can be compared with transformers (or the other device) tensor by tensor.
+#include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 
 #include <fmt/format.h>
@@ -30,6 +32,8 @@ struct ForwardCliOptions {
   std::string device = "cpu";
   int top = 5;
   bool json = false;
+  bool random_weights = false;  // --device cuda: weights drawn on the GPU from --seed; --model may be a config.json
+  uint64_t seed = 0;
 };
 
 // Keeps a copy of every layer's K (post-RoPE, as a KV cache stores it) and V, [num_kv_heads, T, head_dim].
@@ -67,9 +71,22 @@ std::vector<float> forward_on_device(const ForwardCliOptions& o, fmt::ModelConfi
   (void)o, (void)cfg, (void)ids, (void)capture_out, (void)capture_owner;
   throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
 #else
-  check_model_dir(o.model_dir);
-  rt::require_cuda_device("--device cuda");
-  auto model = rt::DeviceModel::load(o.model_dir);
+  std::unique_ptr<rt::DeviceModel> model;
+  if (o.random_weights) {
+    // Any config.json shape, no checkpoint: a model folder or the config file itself (bench/configs/*.json).
+    if (std::filesystem::is_regular_file(o.model_dir)) {
+      cfg = fmt::ModelConfig::from_file(o.model_dir);
+    } else {
+      check_model_dir(o.model_dir);
+      cfg = fmt::ModelConfig::from_dir(o.model_dir);
+    }
+    rt::require_cuda_device("--device cuda");
+    model = rt::DeviceModel::random(cfg, o.seed);
+  } else {
+    check_model_dir(o.model_dir);
+    rt::require_cuda_device("--device cuda");
+    model = rt::DeviceModel::load(o.model_dir);
+  }
   cfg = model->config();
   ids = forward_ids(o, cfg);
   capture_owner = std::make_unique<KvCapture>(cfg.num_layers);
@@ -87,6 +104,11 @@ std::vector<float> forward_on_device(const ForwardCliOptions& o, fmt::ModelConfi
 
 int run_forward(const ForwardCliOptions& o) {
   if (o.device != "cuda") require_cpu_device(o.device);
+  if (o.random_weights && o.device != "cuda")
+    throw Error("--random-weights", "draws the weights on the GPU: add --device cuda (`oscar synth` writes a random "
+                                    "checkpoint the CPU reference can load)");
+  if (o.random_weights && o.ids.empty() && std::filesystem::is_regular_file(o.model_dir))
+    throw Error("--prompt", "needs the tokenizer of a model folder; --model " + o.model_dir + " is a file: pass --ids");
   // Fail before the (possibly long) forward pass when the dump could not be written anyway.
   if (!o.dump.empty()) check_output_parent(o.dump);
 
@@ -124,6 +146,7 @@ int run_forward(const ForwardCliOptions& o) {
         {"command", command_line()},
         {"model", o.model_dir},
         {"device", o.device == "cuda" ? "cuda (bf16 weights, fp32 residual and K/V)" : "cpu (fp32 reference)"},
+        {"weights", o.random_weights ? ::fmt::format("random (seed {})", o.seed) : std::string("checkpoint")},
         {"oscar_version", OSCAR_VERSION_STRING},
         {"layout",
          "logits [T, vocab] fp32; input_ids [T] int32; layers.N.k / layers.N.v [num_kv_heads, T, head_dim] fp32, "
@@ -172,6 +195,10 @@ OSCAR_REGISTER_COMMAND(
           ->type_name("OUT.safetensors");
       sub.add_option("--top", o->top, "how many next-token candidates to print")->capture_default_str();
       add_device_option(sub, o->device);
+      sub.add_flag("--random-weights", o->random_weights,
+                   "--device cuda: deterministic random bf16 weights of --model's config.json shape (a model folder "
+                   "or the config file itself), no checkpoint; for benchmarks of large shapes");
+      sub.add_option("--seed", o->seed, "seed of --random-weights")->capture_default_str();
       add_json_flag(sub, o->json);
       sub.callback([ids, prompt] {
         if (ids->count() == 0 && prompt->count() == 0) throw CLI::RequiredError("--ids or --prompt");

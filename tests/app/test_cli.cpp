@@ -152,6 +152,24 @@ TEST(CliForward, CudaDeviceWithoutAGpuIsOneErrorLineAndNoDump) {
   EXPECT_FALSE(std::filesystem::exists(dump));
 }
 
+TEST(CliForward, RandomWeightsRefusalsNameTheFlag) {
+  OSCAR_REQUIRE_FIXTURE(kTiny);
+  const auto dump = temp_dir_for_test() / "random.safetensors";
+  // The random model is built on the GPU only.
+  auto r = run_oscar({"forward", "--model", model(kTiny), "--ids", "1,2", "--random-weights", "--dump", dump.string()});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(is_one_error_line(r.err)) << r.err;
+  EXPECT_NE(r.err.find("--random-weights"), std::string::npos) << r.err;
+  // A config file has no tokenizer: --prompt is refused before any device work.
+  const std::string config = (test_data_dir().parent_path().parent_path() / "bench/configs/qwen3-8b.json").string();
+  ASSERT_TRUE(std::filesystem::is_regular_file(config)) << config;
+  r = run_oscar({"forward", "--model", config, "--prompt", "a", "--random-weights", "--device", "cuda"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(is_one_error_line(r.err)) << r.err;
+  EXPECT_NE(r.err.find("--prompt"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dump));
+}
+
 TEST(CliForward, PromptIsTokenizedLikeTransformers) {
   OSCAR_REQUIRE_FIXTURE(kTiny);
   OSCAR_REQUIRE_FIXTURE(kTinyKvGolden);
