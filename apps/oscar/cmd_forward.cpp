@@ -62,43 +62,65 @@ std::vector<int32_t> forward_ids(const ForwardCliOptions& o, const fmt::ModelCon
   return ids;
 }
 
+// One forward's outputs: every position's logits [T, vocab] and every layer's K/V ([num_kv_heads, T, d]).
+struct ForwardRun {
+  fmt::ModelConfig cfg;
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+  std::unique_ptr<KvCapture> kv;
+};
+
+ForwardRun forward_on_cpu(const ForwardCliOptions& o) {
+  ForwardRun run;
+  auto model = load_model(o.model_dir);
+  run.cfg = model->config();
+  run.ids = forward_ids(o, run.cfg);
+  run.kv = std::make_unique<KvCapture>(run.cfg.num_layers);
+  model::KvCache cache(run.cfg, static_cast<int64_t>(run.ids.size()));
+  model::ForwardOptions fwd;
+  fwd.observer = run.kv.get();
+  run.logits = model->forward(run.ids, cache, fwd);
+  return run;
+}
+
 // The GPU forward: bf16 weights, fp32 residual and accumulation (runtime/device_model.h). K/V are the forward's
 // fp32 copies (before the bf16 rounding the attention reads), relayed to the host in the CPU layout; they are
 // copied only when they are dumped.
-std::vector<float> forward_on_device(const ForwardCliOptions& o, fmt::ModelConfig& cfg, std::vector<int32_t>& ids,
-                                     KvCapture*& capture_out, std::unique_ptr<KvCapture>& capture_owner) {
+ForwardRun forward_on_device(const ForwardCliOptions& o) {
 #ifndef OSCAR_HAVE_CUDA
-  (void)o, (void)cfg, (void)ids, (void)capture_out, (void)capture_owner;
+  (void)o;
   throw Error("--device cuda", "this build has no CUDA runtime (CPU only build); use --device cpu");
 #else
   std::unique_ptr<rt::DeviceModel> model;
   if (o.random_weights) {
     // Any config.json shape, no checkpoint: a model folder or the config file itself (bench/configs/*.json).
+    fmt::ModelConfig shape;
     if (std::filesystem::is_regular_file(o.model_dir)) {
-      cfg = fmt::ModelConfig::from_file(o.model_dir);
+      shape = fmt::ModelConfig::from_file(o.model_dir);
     } else {
       check_model_dir(o.model_dir);
-      cfg = fmt::ModelConfig::from_dir(o.model_dir);
+      shape = fmt::ModelConfig::from_dir(o.model_dir);
     }
     rt::require_cuda_device("--device cuda");
-    model = rt::DeviceModel::random(cfg, o.seed);
+    model = rt::DeviceModel::random(shape, o.seed);
   } else {
     check_model_dir(o.model_dir);
     rt::require_cuda_device("--device cuda");
     model = rt::DeviceModel::load(o.model_dir);
   }
-  cfg = model->config();
-  ids = forward_ids(o, cfg);
-  capture_owner = std::make_unique<KvCapture>(cfg.num_layers);
-  capture_out = capture_owner.get();
-  const std::unique_ptr<rt::DeviceObserver> relay = rt::make_host_relay(*capture_owner);
+  ForwardRun run;
+  run.cfg = model->config();
+  run.ids = forward_ids(o, run.cfg);
+  run.kv = std::make_unique<KvCapture>(run.cfg.num_layers);
+  const std::unique_ptr<rt::DeviceObserver> relay = rt::make_host_relay(*run.kv);
   rt::PackedBatch batch;
-  batch.add_sequence(ids);
+  batch.add_sequence(run.ids);
   rt::DeviceForwardOptions fwd;
   fwd.observer = o.dump.empty() ? nullptr : relay.get();
   fwd.rows = rt::LogitsRows::All;
   fwd.type = rt::LogitsType::F32;
-  return model->forward(batch, fwd).to_host();
+  run.logits = model->forward(batch, fwd).to_host();
+  return run;
 #endif
 }
 
@@ -112,24 +134,11 @@ int run_forward(const ForwardCliOptions& o) {
   // Fail before the (possibly long) forward pass when the dump could not be written anyway.
   if (!o.dump.empty()) check_output_parent(o.dump);
 
-  fmt::ModelConfig cfg;
-  std::vector<int32_t> ids;
-  std::vector<float> logits;
-  std::unique_ptr<KvCapture> capture_owner;
-  KvCapture* capture = nullptr;
-  if (o.device == "cuda") {
-    logits = forward_on_device(o, cfg, ids, capture, capture_owner);
-  } else {
-    auto model = load_model(o.model_dir);
-    cfg = model->config();
-    ids = forward_ids(o, cfg);
-    capture_owner = std::make_unique<KvCapture>(cfg.num_layers);
-    capture = capture_owner.get();
-    model::KvCache cache(cfg, static_cast<int64_t>(ids.size()));
-    model::ForwardOptions fwd;
-    fwd.observer = capture;
-    logits = model->forward(ids, cache, fwd);
-  }
+  const ForwardRun run = o.device == "cuda" ? forward_on_device(o) : forward_on_cpu(o);
+  const fmt::ModelConfig& cfg = run.cfg;
+  const std::vector<int32_t>& ids = run.ids;
+  const std::vector<float>& logits = run.logits;
+  const KvCapture* capture = run.kv.get();
   const auto T = static_cast<int64_t>(ids.size());
   const int64_t vocab = static_cast<int64_t>(logits.size()) / T;
 
