@@ -33,7 +33,9 @@ TEST(CliForwardGpu, DumpMatchesTheCpuReference) {
   OSCAR_REQUIRE_FIXTURE(kQwen);
   OSCAR_REQUIRE_FIXTURE(kText);
   const std::string model = (fixtures_dir() / kQwen).string();
-  const std::string prompt = slurp(fixtures_dir() / kText).substr(0, 1500);
+  // ~1500 characters, cut at a space so that no UTF-8 sequence is split.
+  std::string prompt = slurp(fixtures_dir() / kText).substr(0, 1500);
+  prompt.resize(prompt.find_last_of(" \n"));
   const auto cpu_path = temp_dir_for_test() / "cpu.safetensors";
   const auto gpu_path = temp_dir_for_test() / "gpu.safetensors";
   RunResult r = run_oscar({"forward", "--model", model, "--prompt", prompt, "--dump", cpu_path.string()});
