@@ -174,8 +174,8 @@ int run_forward(const ForwardCliOptions& o) {
   if (o.json) {
     nlohmann::json top_json = nlohmann::json::array();
     for (int i = 0; i < top; ++i) top_json.push_back({{"id", order[i]}, {"logit", last[order[i]]}});
-    nlohmann::json j = {{"input_ids", ids}, {"num_tokens", T},           {"vocab", vocab},
-                        {"top_next", top_json}, {"device", o.device}};
+    nlohmann::json j = {
+        {"input_ids", ids}, {"num_tokens", T}, {"vocab", vocab}, {"top_next", top_json}, {"device", o.device}};
     if (o.random_weights) j["random_weights_seed"] = o.seed;
     if (!o.dump.empty()) j["dump"] = o.dump;
     std::puts(j.dump(2).c_str());
