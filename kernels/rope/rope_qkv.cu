@@ -41,22 +41,22 @@ Status rope_qkv(const RopeQkvShape& s, const RopeQkvArgs& a, Stream stream) {
   const int64_t slots = s.num_heads + 2 * s.num_kv_heads;
   if (const int tph = vec_threads_per_head(s, a); tph > 0 && s.num_tokens <= 0x7fffffff && slots * tph <= (1 << 30)) {
     const size_t table_bytes = static_cast<size_t>(s.head_dim) * sizeof(float);
-    const unsigned blocks = static_cast<unsigned>(s.num_tokens);
-    if (a.qkv_bf16)
-      detail::rope_qkv_vec_kernel<<<blocks, detail::kRopeVecThreads, table_bytes, detail::to_cuda(stream)>>>(
-          s, a, a.qkv_bf16, tph);
-    else
-      detail::rope_qkv_vec_kernel<<<blocks, detail::kRopeVecThreads, table_bytes, detail::to_cuda(stream)>>>(
-          s, a, a.qkv, tph);
+    const auto launch_vec = [&](const auto* qkv) {
+      detail::rope_qkv_vec_kernel<<<static_cast<unsigned>(s.num_tokens), detail::kRopeVecThreads, table_bytes,
+                                    detail::to_cuda(stream)>>>(s, a, qkv, tph);
+    };
+    if (a.qkv_bf16) launch_vec(a.qkv_bf16);
+    else launch_vec(a.qkv);
     return detail::launch_status();
   }
   constexpr int kThreads = 256;
   const int64_t blocks = (s.num_tokens * slots * 32 + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return Status::Unsupported;
-  if (a.qkv_bf16)
-    detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a, a.qkv_bf16);
-  else
-    detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a, a.qkv);
+  const auto launch_warp = [&](const auto* qkv) {
+    detail::rope_qkv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, detail::to_cuda(stream)>>>(s, a, qkv);
+  };
+  if (a.qkv_bf16) launch_warp(a.qkv_bf16);
+  else launch_warp(a.qkv);
   return detail::launch_status();
 }
 

@@ -11,6 +11,7 @@
 #include "app/run_oscar.h"
 #include "formats/safetensors.h"
 #include "gpu_test_buffer.h"
+#include "test_fwd_gpu_support.h"
 #include "test_support.h"
 
 namespace oscar::test {
@@ -18,15 +19,6 @@ namespace {
 
 const char* const kQwen = "models/qwen3-tiny-trained";
 const char* const kText = "text/python-docs-heldout.txt";
-
-double nmse(const std::vector<float>& ours, const std::vector<float>& reference) {
-  double err = 0, ref = 0;
-  for (size_t i = 0; i < ours.size(); ++i) {
-    err += (double(ours[i]) - reference[i]) * (double(ours[i]) - reference[i]);
-    ref += double(reference[i]) * reference[i];
-  }
-  return err / std::max(ref, 1e-30);
-}
 
 TEST(CliForwardGpu, DumpMatchesTheCpuReference) {
   if (!gpu::have_gpu()) GTEST_SKIP() << "no CUDA device";
@@ -74,7 +66,7 @@ TEST(CliForwardGpu, DumpMatchesTheCpuReference) {
     for (const char* kv : {"k", "v"}) {
       ASSERT_NE(gpu->find(p + kv), nullptr) << p + kv;
       ASSERT_EQ(gpu->find(p + kv)->shape, cpu->find(p + kv)->shape) << p + kv;
-      worst_kv = std::max(worst_kv, nmse(fmt::to_f32(*gpu->find(p + kv)), fmt::to_f32(*cpu->find(p + kv))));
+      worst_kv = std::max(worst_kv, fwd::nmse(fmt::to_f32(*gpu->find(p + kv)), fmt::to_f32(*cpu->find(p + kv))));
     }
   }
   std::printf("%lld tokens: top-1 agreement %.4f, mean |dlogit| %.4g, worst K/V NMSE %.3g\n",
