@@ -272,7 +272,7 @@ int main(int argc, char** argv) {
         p.bf16_page_table = table;
         p.max_pages = pages_per_seq;
         p.out = out;
-        const int splits = oscar::kern::decode_attention_num_splits(batch, m.kv_heads, static_cast<int32_t>(ctx), page,
+        const int splits = oscar::kern::decode_attention_num_splits(batch, m.q_heads, m.kv_heads, static_cast<int32_t>(ctx), page,
                                                                     prop.multiProcessorCount);
         const int most_splits = std::max(splits, split_sweep.empty() ? 0 : *std::max_element(split_sweep.begin(), split_sweep.end()));
         const size_t ws = oscar::kern::decode_attention_workspace_bytes(batch, m.q_heads, d, most_splits);

@@ -19,6 +19,7 @@
 #include "kernels/kv_quantize/kv_quantize.h"
 #include "kernels/norm/rmsnorm.h"
 #include "kernels/rope/rope_qkv.h"
+#include "kernels/sampling/argmax_rows.h"
 #include "lib/calib/calibrator.h"
 #include "lib/calib/ef_calibration.h"
 #include "lib/model/cpu_model.h"
@@ -77,6 +78,7 @@ struct Engine::Impl {
   // Prefill: the staging and side stream of its cache writes, and the slots [2 T] they write to.
   std::unique_ptr<PrefillLayerWriter> prefill_writer;
   DeviceBuffer prefill_slots;
+  DeviceBuffer picks;  // int32 [rows]: greedy picks made on the device
 
   ~Impl() = default;
 
@@ -144,6 +146,21 @@ struct Engine::Impl {
                                                (format.fp8() ? " FP8 write" : seg ? " segmented write" : " INT2 write"));
       }
     }
+  }
+
+  // Greedy picks without keep_logits are made on the device: one int32 per sequence crosses to the host instead of
+  // a logits row (0.6 MB at Qwen3-8B's 151936 ids), with model::pick_next_token's rule (the first maximum).
+  bool picks_on_device() const { return !opt.keep_logits && opt.sampling.temperature <= 0.0f; }
+  std::vector<int32_t> device_argmax(const float* logits, int64_t rows, const std::string& where) {
+    picks.ensure(bytes_of(rows, 4), "greedy picks");
+    check(kern::argmax_rows(logits, rows, cfg.vocab_size, cfg.vocab_size, picks.as<int32_t>(),
+                            reinterpret_cast<kern::Stream>(stream)),
+          where + ": argmax");
+    std::vector<int32_t> host(static_cast<size_t>(rows));
+    check_cuda(cudaMemcpyAsync(host.data(), picks.data(), host.size() * 4, cudaMemcpyDeviceToHost, stream),
+               where + ": download picks");
+    check_cuda(cudaStreamSynchronize(stream), where);
+    return host;
   }
 
   int32_t pick(SequenceState& s, const float* row) {
@@ -317,55 +334,94 @@ void Engine::set_key_table_context(int64_t positions) {
 }
 
 int64_t Engine::add_sequence(std::span<const int32_t> prompt) {
+  const std::vector<std::span<const int32_t>> one{prompt};
+  return add_sequences(one).front();
+}
+
+std::vector<int64_t> Engine::add_sequences(const std::vector<std::vector<int32_t>>& prompts) {
+  const std::vector<std::span<const int32_t>> spans(prompts.begin(), prompts.end());
+  return add_sequences(std::span<const std::span<const int32_t>>(spans));
+}
+
+std::vector<int64_t> Engine::add_sequences(std::span<const std::span<const int32_t>> prompts) {
   Impl& e = *impl_;
-  const std::string where = "Engine::add_sequence";
-  if (prompt.empty()) throw Error(where, "empty prompt");
-  for (size_t i = 0; i < prompt.size(); ++i)
-    if (prompt[i] < 0 || prompt[i] >= e.cfg.vocab_size)
-      throw Error(where + ": prompt id at " + std::to_string(i),
-                  std::to_string(prompt[i]) + " is outside the vocabulary");
-  if (static_cast<int64_t>(e.seqs.size()) >= e.opt.max_sequences)
-    throw Error(where, "already " + std::to_string(e.seqs.size()) + " live sequences (--max-sequences)");
-  if (prompt.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2))
-    throw Error(where, "prompt too long");
+  const std::string where = prompts.size() == 1 ? "Engine::add_sequence" : "Engine::add_sequences";
+  if (prompts.empty()) return {};
+  // Everything checkable on the host first, so a refused call leaves no trace.
+  int64_t total = 0;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const std::string which = prompts.size() == 1 ? where : where + ": prompt " + std::to_string(p);
+    if (prompts[p].empty()) throw Error(which, "empty prompt");
+    for (size_t i = 0; i < prompts[p].size(); ++i)
+      if (prompts[p][i] < 0 || prompts[p][i] >= e.cfg.vocab_size)
+        throw Error(which + ": prompt id at " + std::to_string(i),
+                    std::to_string(prompts[p][i]) + " is outside the vocabulary");
+    total += static_cast<int64_t>(prompts[p].size());
+  }
+  const auto count = static_cast<int64_t>(prompts.size());
+  if (static_cast<int64_t>(e.seqs.size()) + count > e.opt.max_sequences)
+    throw Error(where, std::to_string(e.seqs.size()) + " live sequence(s) + " + std::to_string(count) +
+                           " new exceed --max-sequences " + std::to_string(e.opt.max_sequences));
+  // Slots and positions are int32 on the device, and a sequence may grow past its prompt.
+  if (total > std::numeric_limits<int32_t>::max() / 2) throw Error(where, "prompts too long");
 
   KvPageTables& tables = e.cache->tables();
-  const int64_t seq = tables.create_sequence();
-  const auto n = static_cast<int64_t>(prompt.size());
+  std::vector<int64_t> created;
+  created.reserve(prompts.size());
   try {
-    const int64_t lengths[1] = {n};
-    tables.extend(std::span<const int64_t>(&seq, 1), lengths, where);
-    std::vector<int32_t> slots(static_cast<size_t>(2 * n));
-    for (int64_t t = 0; t < n; ++t) {
-      slots[static_cast<size_t>(t)] = tables.bf16_slot(seq, t);
-      slots[static_cast<size_t>(n + t)] = tables.int2_slot(seq, t);
+    std::vector<int64_t> lengths;
+    for (const auto& prompt : prompts) {
+      created.push_back(tables.create_sequence());
+      lengths.push_back(static_cast<int64_t>(prompt.size()));
+    }
+    tables.extend(created, lengths, where);  // all or nothing
+    // The forward packs the prompts back to back; the writer's slots follow that order: bf16 slots of every
+    // packed token, then their INT2 slots.
+    std::vector<int32_t> slots(static_cast<size_t>(2 * total));
+    PackedBatch batch;
+    int64_t row = 0;
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      batch.add_sequence(prompts[p]);
+      for (int64_t t = 0; t < lengths[p]; ++t, ++row) {
+        slots[static_cast<size_t>(row)] = tables.bf16_slot(created[p], t);
+        slots[static_cast<size_t>(total + row)] = tables.int2_slot(created[p], t);
+      }
     }
     e.prefill_slots.ensure(slots.size() * 4, "prefill slots");
     check_cuda(cudaMemcpyAsync(e.prefill_slots.data(), slots.data(), slots.size() * 4, cudaMemcpyHostToDevice,
                                e.stream),
                where + ": upload slots");
-    PrefillCacheWriter writer(e, e.prefill_slots.as<int32_t>(), e.prefill_slots.as<int32_t>() + n);
-    PackedBatch batch;
-    batch.add_sequence(prompt);
+    PrefillCacheWriter writer(e, e.prefill_slots.as<int32_t>(), e.prefill_slots.as<int32_t>() + total);
     DeviceForwardOptions fo;
     fo.observer = &writer;
     fo.rows = LogitsRows::LastPerSequence;
     const auto& out = e.model->forward(batch, fo);
     e.prefill_writer->join(e.model->stream(), where);
-    const std::vector<float> logits = out.to_host();  // synchronizes (after the joined writes): slots may go
-    SequenceState s;
-    s.tokens.assign(prompt.begin(), prompt.end());
-    s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(seq));
-    s.next = e.pick(s, logits.data());
-    e.seqs.emplace(seq, std::move(s));
+    // Either download synchronizes after the joined writes, so the slots may go.
+    const bool on_device = e.picks_on_device() && out.type == LogitsType::F32;
+    const std::vector<int32_t> picks =
+        on_device ? e.device_argmax(static_cast<const float*>(out.data), count, where) : std::vector<int32_t>{};
+    const std::vector<float> logits = on_device ? std::vector<float>{} : out.to_host();
+    std::vector<SequenceState> states(prompts.size());
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      SequenceState& s = states[p];
+      s.tokens.assign(prompts[p].begin(), prompts[p].end());
+      // Seeded by the sequence id, as a sequence added alone: the picks do not depend on how prompts are grouped.
+      s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(created[p]));
+      s.next = on_device ? picks[p] : e.pick(s, logits.data() + p * static_cast<size_t>(e.cfg.vocab_size));
+    }
+    for (size_t p = 0; p < prompts.size(); ++p) e.seqs.emplace(created[p], std::move(states[p]));
   } catch (...) {
-    // Writes already enqueued on the side stream may still target this sequence's pages: let them finish before
+    // Writes already enqueued on the side stream may still target these sequences' pages: let them finish before
     // the pages go back to the allocator, where the next sequence could get them.
     e.prefill_writer->drain();
-    tables.free_sequence(seq);
+    for (const int64_t seq : created) {
+      e.seqs.erase(seq);
+      tables.free_sequence(seq);
+    }
     throw;
   }
-  return seq;
+  return created;
 }
 
 std::vector<Engine::StepToken> Engine::step() {
@@ -433,7 +489,8 @@ std::vector<Engine::StepToken> Engine::step() {
     e.attn_pad.ensure(bytes_of(B * c.num_heads * D, 2), "decode padded attention output");
   }
   const int32_t page_tokens = static_cast<int32_t>(e.cache->layout().page_tokens);
-  const int32_t splits = kern::decode_attention_num_splits(static_cast<int32_t>(B), static_cast<int32_t>(c.num_kv_heads),
+  const int32_t splits = kern::decode_attention_num_splits(static_cast<int32_t>(B), static_cast<int32_t>(c.num_heads),
+                                                           static_cast<int32_t>(c.num_kv_heads),
                                                            static_cast<int32_t>(max_len), page_tokens, e.sm_count);
   const size_t ws = kern::decode_attention_workspace_bytes(static_cast<int32_t>(B), static_cast<int32_t>(c.num_heads),
                                                            static_cast<int32_t>(D), splits);
@@ -524,17 +581,23 @@ std::vector<Engine::StepToken> Engine::step() {
   }
   e.gemm->xwt(normed, B, H, e.w.lm_head, c.vocab_size, e.logits.data(), GemmOut::F32, 0.f, st, where + ": lm_head");
 
-  std::vector<float> logits(static_cast<size_t>(B * c.vocab_size));
-  check_cuda(cudaMemcpyAsync(logits.data(), e.logits.data(), logits.size() * 4, cudaMemcpyDeviceToHost, e.stream),
-             where + ": download logits");
-  check_cuda(cudaStreamSynchronize(e.stream), where);
+  std::vector<int32_t> picks;
+  std::vector<float> logits;
+  if (e.picks_on_device()) {
+    picks = e.device_argmax(e.logits.as<float>(), B, where);
+  } else {
+    logits.resize(static_cast<size_t>(B * c.vocab_size));
+    check_cuda(cudaMemcpyAsync(logits.data(), e.logits.data(), logits.size() * 4, cudaMemcpyDeviceToHost, e.stream),
+               where + ": download logits");
+    check_cuda(cudaStreamSynchronize(e.stream), where);
+  }
 
   std::vector<StepToken> out;
   out.reserve(ids.size());
   for (size_t b = 0; b < ids.size(); ++b) {
     SequenceState& s = e.seqs.at(ids[b]);
     s.tokens.push_back(s.next);
-    s.next = e.pick(s, logits.data() + b * static_cast<size_t>(c.vocab_size));
+    s.next = picks.empty() ? e.pick(s, logits.data() + b * static_cast<size_t>(c.vocab_size)) : picks[b];
     out.push_back({ids[b], s.next});
   }
   return out;

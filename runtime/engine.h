@@ -1,7 +1,7 @@
 #pragma once
 // rt::Engine — batched autoregressive generation on the GPU over the paged KV cache (runtime/kv_cache.h).
 //
-//   add_sequence(prompt)  prefill with DeviceModel::forward; a DeviceObserver catches each layer's post-RoPE K/V
+//   add_sequence(prompt)  prefill with DeviceModel::forward (add_sequences: several prompts in one packed forward); a DeviceObserver catches each layer's post-RoPE K/V
 //                         and writes them into the cache (kern::kv_write: bf16 for sink/window, INT2 for the rest),
 //                         and the last logits give the sequence's first new token (next_token()).
 //   step()                one token for every live sequence: embedding → per layer [rmsnorm → QKV GEMM → fused
@@ -204,6 +204,14 @@ class Engine {
   // Prefills `prompt` (ids in the vocabulary, non-empty) as a new sequence and picks its first new token
   // (next_token). Throws oscar::Error when max_sequences are live or the cache has no room; nothing is kept then.
   int64_t add_sequence(std::span<const int32_t> prompt);
+  // Prefills several prompts as new sequences in one packed forward (each attends only to itself; the GEMMs see
+  // every prompt's tokens at once, which is what makes a batch of short prompts fast) and picks each one's first
+  // new token. Returns their ids in prompt order; a sequence's id, and so its sampling seed, are what adding the
+  // prompts one by one in that order would give. All or nothing: an empty prompt or an id outside the vocabulary
+  // (named by the prompt's index), more than max_sequences live, or a cache without room for every prompt throws
+  // oscar::Error and keeps none of them. The forward's scratch grows with the prompts' total tokens.
+  std::vector<int64_t> add_sequences(std::span<const std::span<const int32_t>> prompts);
+  std::vector<int64_t> add_sequences(const std::vector<std::vector<int32_t>>& prompts);
 
   struct StepToken {
     int64_t sequence = 0;

@@ -222,7 +222,7 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       return Status::CudaError;
-    splits = decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
+    splits = decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
   }
   if (splits > 65535) return Status::Unsupported;
   if (!p.workspace || p.workspace_bytes < decode_attention_workspace_bytes(p.batch, p.num_q_heads, p.head_dim, splits))

@@ -344,6 +344,8 @@ struct Int2TileSmem {
   static constexpr int kBlockBytes = kDecodeWarps * kWarpBytes;
   static_assert(kBytes % 16 == 0 && kCodeBytes % 16 == 0 && kParamBytes % 16 == 0);
   static_assert(kVParams + kInt2TilesPerStage * kParamBytes == kStageBytes);
+  // Token `tok` of tile `tt`'s (scale, zero) fp16 pair in a stage (K or V), widened to fp32.
+  __device__ __forceinline__ static float2 pair(const uint8_t* stage, bool value, int tt, int tok);
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -401,6 +403,12 @@ __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
   __half2 h;
   *reinterpret_cast<uint32_t*>(&h) = bits;
   return __half22float2(h);
+}
+
+template <int kHeadDim>
+__device__ __forceinline__ float2 Int2TileSmem<kHeadDim>::pair(const uint8_t* stage, bool value, int tt, int tok) {
+  return half2_bits_to_float2(
+      *reinterpret_cast<const uint32_t*>(stage + (value ? kVParams : kKParams) + tt * kParamBytes + tok * 4));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1132,7 +1140,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
         const float recv_a = __shfl_xor_sync(0xffffffffu, send_a, 2), recv_b = __shfl_xor_sync(0xffffffffu, send_b, 2);
         const float dot_a = (my_row ? acc[2] : acc[0]) + recv_a, dot_b = (my_row ? acc[3] : acc[1]) + recv_b;
         const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
-        const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kKParams + tt * Tile::kParamBytes + tok * 4));
+        const float2 kp = Tile::pair(st, false, tt, tok);
         s[tt][0] = valid ? fmaf(dot_a * scale_a, kp.x, kp.y * qsum_a) : -INFINITY;
         s[tt][1] = valid ? fmaf(dot_b * scale_b, kp.x, kp.y * qsum_b) : -INFINITY;
         max_a = fmaxf(max_a, s[tt][0]);
@@ -1165,7 +1173,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
       for (int tt = 0; tt < kInt2TilesPerStage; ++tt) {
         const uint8_t* tile = st + tt * Tile::kCodeBytes;  // V rows at tile + kVCodes
         const float p_a = exp2_ftz(s[tt][0] - m_a), p_b = exp2_ftz(s[tt][1] - m_b);  // 0 when masked
-        const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kVParams + tt * Tile::kParamBytes + tok * 4));
+        const float2 vp_raw = Tile::pair(st, true, tt, tok);
         const bool masked = s[tt][0] == -INFINITY;
         const float v_scale = masked ? 0.f : vp_raw.x;
         const float v_zero = masked ? 0.f : vp_raw.y;
@@ -1264,7 +1272,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
           for (int col = 0; col < 2; ++col) {
             const int tok = 8 * j + c + 4 * col;
             const bool valid = static_cast<uint32_t>(t0 + tok - begin) < span;
-            const float2 kp = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kKParams + tt * Tile::kParamBytes + tok * 4));
+            const float2 kp = Tile::pair(st, false, tt, tok);
             const float dot = (acc[col] + acc[2 + col]) * dot_scale;
             s[tt][2 * j + col] = valid ? fmaf(dot, kp.x, kp.y * q_sum) : -INFINITY;
             stage_max = fmaxf(stage_max, s[tt][2 * j + col]);
@@ -1301,7 +1309,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kHeadDim <= 128 ? 4 : 2)
           const int tok = 8 * (q >> 1) + c + 4 * (q & 1);
           const float p = exp2_ftz(s[tt][q] - m);  // 0 for masked tokens (s = -inf)
           // Masked tokens may sit on never-written bytes: their scale/zero must not reach the sums (0·NaN).
-          const float2 vp_raw = half2_bits_to_float2(*reinterpret_cast<const uint32_t*>(st + Tile::kVParams + tt * Tile::kParamBytes + tok * 4));
+          const float2 vp_raw = Tile::pair(st, true, tt, tok);
           const bool masked = s[tt][q] == -INFINITY;
           const float v_scale = masked ? 0.f : vp_raw.x;
           const float v_zero = masked ? 0.f : vp_raw.y;

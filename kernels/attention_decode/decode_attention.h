@@ -81,9 +81,10 @@ inline constexpr int kDecodePhaseTraceWords = 10;
 // per SM) once, without a partial second wave (batch 1 at 128K fills the GPU), and no split is shorter than two
 // pages; except at batch * num_kv_heads <= 8 where that fill would cut splits under 1024 tokens: there splits
 // of ~2K tokens, at least 64 blocks (the per-split costs lead when the work per SM is small). No split is longer
-// than 16K tokens (past one wave, several waves balance the SMs' uneven pace).
-int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
-                                    int32_t sm_count);
+// than 16K tokens (past one wave, several waves balance the SMs' uneven pace), and none longer than 8K for groups
+// of at most 4 query heads per KV head (the narrow layout, whose blocks are quicker to start and merge).
+int32_t decode_attention_num_splits(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t max_seq_len,
+                                    int32_t page_tokens, int32_t sm_count);
 // Dynamic shared memory to launch `blocks` fused INT2 blocks with (kernel_smem, what the kernel's ring needs, or
 // more): when the grid leaves resident slots free, enough that at most ceil(blocks / sms) blocks fit one SM, so the
 // block scheduler spreads them instead of stacking some SMs while others stay empty. static_smem is the kernel's

@@ -21,8 +21,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t page_tokens,
-                                    int32_t sm_count) {
+int32_t decode_attention_num_splits(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t max_seq_len,
+                                    int32_t page_tokens, int32_t sm_count) {
   // The INT2 kernel keeps four 128-thread blocks resident per SM (registers and its shared-memory ring), and
   // every block of a launch has the same work. So the best grid is one that fills those slots once: a second,
   // partial wave would leave most SMs idle for a whole block's time (9 splits x 64 blocks on 528 slots runs as
@@ -47,8 +47,14 @@ int32_t decode_attention_num_splits(int32_t batch, int32_t num_kv_heads, int32_t
   // SMs free up. Measured on the H100 at 32 x 128K (decodesplits.sh waves): 8 splits 0.928x (qwen3-8b, 84 % of
   // D2D) and 0.940x (llama3-70b) the time of 2; 16 splits 0.918x / 0.959x; at 8 x 128K the fill's 8 splits of
   // 16K were within 3 % of 16-32.
-  constexpr int64_t kLongestSplitTokens = 16384;
-  wanted = std::max(wanted, (static_cast<int64_t>(max_seq_len) + kLongestSplitTokens - 1) / kLongestSplitTokens);
+  // Groups of at most 4 heads run the narrow layout (one MMA row set per head, fewer scores per lane), whose
+  // blocks cost less to set up and merge, so there shorter splits pay: at most 8K tokens. Measured on the H100
+  // (decodesplits.sh waves, two runs each): qwen3-8b (group 4) 8 x 128K with 16 splits 0.972x / 0.974x the time of
+  // 8, 32 x 128K 16 splits 0.989x / 0.992x of 8; llama3-70b (group 8, the wide layout) 8 x 128K 16 splits
+  // 0.998x / 1.049x of 8, so 16K stays its bound.
+  const int64_t group = num_kv_heads > 0 ? std::max<int64_t>(1, num_q_heads / num_kv_heads) : 1;
+  const int64_t longest_split_tokens = group <= 4 ? 8192 : 16384;
+  wanted = std::max(wanted, (static_cast<int64_t>(max_seq_len) + longest_split_tokens - 1) / longest_split_tokens);
   const int64_t min_split_tokens = 2 * static_cast<int64_t>(std::max(page_tokens, 1));
   const int64_t most = std::max<int64_t>(1, (static_cast<int64_t>(max_seq_len) + min_split_tokens - 1) / min_split_tokens);
   return static_cast<int32_t>(std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 256)));

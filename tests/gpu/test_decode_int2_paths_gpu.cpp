@@ -127,7 +127,7 @@ TEST_P(DecodeInt2Paths, MatchesReference) {
     int sms = 0;
     ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
     const int splits = tc.splits ? tc.splits
-                                 : kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
+                                 : kern::decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
     const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, splits);
     DeviceArray<uint8_t> workspace(ws);
     // Garbage everywhere, arrival tickets included: the kernels must not rely on a cleared workspace.

@@ -1,7 +1,8 @@
 // rt::Engine end to end on the shared fixtures (runtime/engine.h):
 //  * bf16 cache: greedy tokens == DeviceModel full-recompute greedy tokens (32 tokens), llama2.c TinyStories
 //    (head_dim 8, padded to the kernels' 64) and qwen3-tiny-trained (head_dim 128, GQA);
-//  * batching: sequences stepped together give the tokens they give alone;
+//  * batching: sequences stepped together, and prompts prefilled together (add_sequences), give the tokens they
+//    give alone; a refused packed prefill keeps nothing;
 //  * INT2 caches while the context is inside sink + recent window: logits bit-identical to the same engine with
 //    every token bf16 (int2 vs bf16; oscar vs oscar with an all-bf16 window), then the INT2 path engages
 //    (logits change) with a small, finite KL to bf16;
@@ -160,6 +161,129 @@ TEST(EngineBatch, SequencesSteppedTogetherMatchEachAlone) {
     e->free_sequence(ids[1]);
     EXPECT_EQ(e->step().size(), 2u);
   }
+}
+
+// Engine::add_sequences: one packed prefill of several prompts gives each prompt's first logits (up to the GEMMs'
+// summation over a taller matrix: cuBLASLt may pick another algorithm for more rows) and the same greedy tokens as
+// prefilling it alone, in the bf16 and INT2 caches (the INT2 writes of a packed prefill land in each sequence's
+// own pages).
+TEST(EngineBatch, PromptsPrefilledTogetherMatchEachAlone) {
+  OSCAR_REQUIRE_GPU();
+  OSCAR_REQUIRE_FIXTURE(kQwen3);
+  const fs::path dir = model_dir(kQwen3);
+  const std::vector<std::vector<int32_t>> prompts = {text_ids(dir, "tiny-shakespeare.txt", 0, 5),
+                                                     text_ids(dir, "tiny-shakespeare.txt", 4000, 70),
+                                                     text_ids(dir, "tinystories-sample.txt", 100, 130)};
+  constexpr int kSteps = 16;
+  for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
+    EngineOptions opt;
+    opt.cache = mode;
+    opt.sink_tokens = 4;
+    opt.recent_tokens = 16;
+    opt.keep_logits = true;
+    opt.cache_budget_bytes = size_t{64} << 20;
+    std::vector<std::vector<int32_t>> alone_tokens;
+    std::vector<std::vector<float>> alone_logits;
+    for (const auto& p : prompts) {
+      auto e = Engine::load(dir, opt);
+      const int64_t s = e->add_sequence(p);
+      alone_logits.push_back(as_vector(e->last_logits(s)));
+      for (int i = 0; i < kSteps; ++i) e->step();
+      alone_tokens.push_back(e->tokens(s));
+    }
+    auto e = Engine::load(dir, opt);
+    const std::vector<int64_t> ids = e->add_sequences(prompts);
+    ASSERT_EQ(ids.size(), prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(ids[i], static_cast<int64_t>(i)) << "ids as adding one by one gives";
+      EXPECT_EQ(e->tokens(ids[i]), prompts[i]);
+      const std::vector<float> together = as_vector(e->last_logits(ids[i]));
+      ASSERT_EQ(together.size(), alone_logits[i].size());
+      EXPECT_LE(test::fwd::nmse(together, alone_logits[i]), 1e-4) << "prompt " << i << ", " << cache_mode_name(mode);
+      EXPECT_EQ(argmax(together), argmax(alone_logits[i])) << "prompt " << i;
+    }
+    for (int i = 0; i < kSteps; ++i) ASSERT_EQ(e->step().size(), prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i)
+      EXPECT_EQ(e->tokens(ids[i]), alone_tokens[i]) << "prompt " << i << ", cache " << cache_mode_name(mode);
+  }
+}
+
+// Greedy decoding without keep_logits picks on the device (kern::argmax_rows); with keep_logits the host picks
+// from the downloaded rows (model::pick_next_token). Same tokens, prefill and steps, bf16 and INT2 caches, and the
+// kept rows' argmax is the token picked.
+TEST(EngineGreedy, TokensPickedOnTheDeviceEqualTheHostArgmax) {
+  OSCAR_REQUIRE_GPU();
+  OSCAR_REQUIRE_FIXTURE(kQwen3);
+  const fs::path dir = model_dir(kQwen3);
+  const std::vector<std::vector<int32_t>> prompts = {text_ids(dir, "tinystories-sample.txt", 0, 12),
+                                                     text_ids(dir, "tiny-shakespeare.txt", 9000, 90)};
+  constexpr int kSteps = 24;
+  for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
+    std::vector<std::vector<int32_t>> tokens[2];
+    for (const bool keep : {false, true}) {
+      EngineOptions opt;
+      opt.cache = mode;
+      opt.sink_tokens = 4;
+      opt.recent_tokens = 16;
+      opt.keep_logits = keep;
+      opt.cache_budget_bytes = size_t{64} << 20;
+      auto e = Engine::load(dir, opt);
+      const std::vector<int64_t> ids = e->add_sequences(prompts);
+      for (int i = 0; i < kSteps; ++i) {
+        for (const auto& st : e->step()) {
+          if (keep) {
+            EXPECT_EQ(argmax(e->last_logits(st.sequence)), st.token);
+          }
+        }
+      }
+      for (const int64_t id : ids) tokens[keep ? 1 : 0].push_back(e->tokens(id));
+    }
+    EXPECT_EQ(tokens[0], tokens[1]) << cache_mode_name(mode);
+  }
+}
+
+// A refused batch keeps none of its prompts: no sequence, no page, and the engine works afterwards.
+TEST(EngineBatch, PackedPrefillIsAllOrNothing) {
+  OSCAR_REQUIRE_GPU();
+  OSCAR_REQUIRE_FIXTURE(kQwen3);
+  OSCAR_REQUIRE_FIXTURE("text/war-and-peace.txt");
+  const fs::path dir = model_dir(kQwen3);
+  EngineOptions opt;
+  opt.cache = CacheMode::Int2;
+  opt.sink_tokens = 4;
+  opt.recent_tokens = 16;
+  opt.max_sequences = 3;
+  // 3 sequences x 3 bf16 window pages of 393216 bytes, the rest (655360 bytes) 11 INT2 pages of 55296.
+  opt.cache_budget_bytes = size_t{4} << 20;
+  auto e = Engine::load(dir, opt);
+  const int64_t int2_pages = e->cache().tables().int2_pages().capacity();
+  ASSERT_GT(int2_pages, 2);
+  const std::vector<int32_t> text = text_ids(dir, "war-and-peace.txt", 0, 100000);
+  // Two prompts that fit alone but not together (each needs more than half of the INT2 pages).
+  const auto half = static_cast<size_t>((int2_pages / 2 + 1) * 64 + 20);
+  ASSERT_LT(half, text.size());
+  const std::vector<int32_t> big(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(half));
+  const auto nothing_kept = [&] {
+    EXPECT_TRUE(e->sequences().empty());
+    EXPECT_EQ(e->cache().tables().int2_pages().used_pages(), 0);
+    EXPECT_EQ(e->cache().tables().bf16_pages().used_pages(), 0);
+  };
+  EXPECT_THROW(e->add_sequences({big, big}), Error);
+  nothing_kept();
+  // A bad id in the second prompt is named by its index.
+  try {
+    e->add_sequences({std::vector<int32_t>{1, 2, 3}, std::vector<int32_t>{4, -1}});
+    FAIL() << "expected a refused id";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("prompt 1"), std::string::npos) << err.what();
+  }
+  nothing_kept();
+  EXPECT_THROW(e->add_sequences({std::vector<int32_t>{1}, std::vector<int32_t>{}}), Error);
+  EXPECT_THROW(e->add_sequences({{1}, {2}, {3}, {4}}), Error);  // max_sequences = 3
+  nothing_kept();
+  const std::vector<int64_t> ids = e->add_sequences({big, std::vector<int32_t>(text.begin(), text.begin() + 40)});
+  ASSERT_EQ(ids.size(), 2u);
+  EXPECT_EQ(e->step().size(), 2u);
 }
 
 // ---- INT2 / OSCAR caches ---------------------------------------------------------------------------------------

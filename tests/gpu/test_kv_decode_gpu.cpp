@@ -112,10 +112,10 @@ TEST_P(DecodeGpu, MatchesReference) {
   p.recent_tokens = dc.recent;
   p.out = dout.ptr;
   p.num_splits = dc.splits;
-  const int splits = dc.splits ? dc.splits : kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, 132);
+  const int splits = dc.splits ? dc.splits : kern::decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, 132);
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  const int auto_splits = kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
+  const int auto_splits = kern::decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
   const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, std::max(splits, auto_splits));
   DeviceBuffer<uint8_t> workspace(ws);
   p.workspace = workspace.ptr;

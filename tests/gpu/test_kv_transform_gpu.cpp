@@ -140,7 +140,7 @@ TEST_P(KvTransformDecodeGpu, MatchesReference) {
   p.variant = dc.variant;
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  const int splits = kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
+  const int splits = kern::decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
   const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, splits);
   DeviceBuffer<uint8_t> workspace(ws);
   p.workspace = workspace.ptr;

@@ -153,7 +153,7 @@ TEST_P(SegDecodeGpu, MatchesReference) {
   int sms = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   const int splits =
-      tc.splits ? tc.splits : kern::decode_attention_num_splits(p.batch, p.num_kv_heads, p.max_seq_len, 64, sms);
+      tc.splits ? tc.splits : kern::decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, 64, sms);
   const size_t ws = kern::decode_attention_workspace_bytes(p.batch, p.num_q_heads, d, splits);
   Dev<uint8_t> workspace(std::vector<uint8_t>(ws, 0));
   p.workspace = workspace.ptr;

@@ -161,28 +161,50 @@ TEST(DecodeRef, RejectsMisalignedValueRotation) {
 }
 
 TEST(DecodeRef, SplitCountFillsTheGpuAtBatchOne) {
-  // 132 SMs (H100 SXM), Qwen3-8B (8 KV heads), 128K tokens: at least 4 blocks per SM.
-  const int splits = kern::decode_attention_num_splits(1, 8, 131072, 64, 132);
+  // 132 SMs (H100 SXM), 8 KV heads of Llama-3-70B (groups of 8: splits up to 16K tokens), 128K tokens: at least 4
+  // blocks per SM.
+  const int splits = kern::decode_attention_num_splits(1, 64, 8, 131072, 64, 132);
   EXPECT_GE(8 * splits, 4 * 132);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 100, 64, 132), 1);  // never shorter than two pages
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 64, 8, 100, 64, 132), 1);  // never shorter than two pages
   // One wave of 4 blocks per SM and no partial second wave: 64 x 8 = 512 pairs fit the 528 slots once.
-  EXPECT_EQ(kern::decode_attention_num_splits(64, 8, 16384, 64, 132), 1);
-  EXPECT_EQ(kern::decode_attention_num_splits(8, 8, 32768, 64, 132), 8);   // 512 blocks, not 9 x 64 = 576
-  EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32768, 64, 132), 2);  // 512 blocks, not 3 x 256 = 768
+  EXPECT_EQ(kern::decode_attention_num_splits(64, 64, 8, 16384, 64, 132), 1);
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 64, 8, 32768, 64, 132), 8);   // 512 blocks, not 9 x 64 = 576
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 64, 8, 32768, 64, 132), 2);  // 512 blocks, not 3 x 256 = 768
 }
 
 TEST(DecodeRef, SplitCountKeepsSplitsOfAtMostSixteenThousandTokens) {
-  // Past one wave of 16K-token splits the fill would give longer ones (32 x 128K: 2 splits of 64K); splits of 16K
-  // tokens (several waves the block scheduler balances) ran 6-7 % faster on the H100.
-  EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 131072, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(64, 8, 131072, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(8, 8, 131072, 64, 132), 8);  // the fill: 8 splits of 16K already
-  EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32768, 64, 132), 2);
-  EXPECT_EQ(kern::decode_attention_num_splits(32, 8, 32769, 64, 132), 3);
+  // Groups of 8 (Llama-3-70B). Past one wave of 16K-token splits the fill would give longer ones (32 x 128K: 2
+  // splits of 64K); splits of 16K tokens (several waves the block scheduler balances) ran 6-7 % faster on the H100.
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 64, 8, 131072, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(64, 64, 8, 131072, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 64, 8, 131072, 64, 132), 8);  // the fill: 8 splits of 16K already
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 64, 8, 32768, 64, 132), 2);
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 64, 8, 32769, 64, 132), 3);
   for (int context : {16384, 50000, 131072, 1 << 20}) {
     for (int batch : {1, 8, 32, 64, 256}) {
-      const int splits = kern::decode_attention_num_splits(batch, 8, context, 64, 132);
+      const int splits = kern::decode_attention_num_splits(batch, 64, 8, context, 64, 132);
       EXPECT_LE((context + splits - 1) / splits, 16384) << batch << " x " << context << ": " << splits << " splits";
+    }
+  }
+}
+
+TEST(DecodeRef, SplitCountKeepsSplitsOfAtMostEightThousandTokensForGroupsOfFour) {
+  // Qwen3-8B (32 query heads, 8 KV heads: the narrow layout): 16 splits of 8K at 8 x 128K and 32 x 128K ran 2.8 %
+  // and 1 % faster than 8 of 16K on the H100; Llama-3-70B's groups of 8 keep 16K.
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 32, 8, 131072, 64, 132), 16);
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 32, 8, 131072, 64, 132), 16);
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 64, 8, 131072, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 32, 8, 32768, 64, 132), 4);
+  EXPECT_EQ(kern::decode_attention_num_splits(32, 64, 8, 32768, 64, 132), 2);
+  // Where the fill already cuts shorter splits it stays: 8 x 32K is 8 splits of 4K, batch 1 at 128K 66 of ~2K.
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 32, 8, 32768, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 131072, 64, 132), 66);
+  for (int context : {8192, 50000, 131072, 1 << 20}) {
+    for (int batch : {1, 8, 32, 64, 256}) {
+      for (int q_heads : {8, 16, 32}) {  // groups 1, 2, 4
+        const int splits = kern::decode_attention_num_splits(batch, q_heads, 8, context, 64, 132);
+        EXPECT_LE((context + splits - 1) / splits, 8192) << batch << " x " << context << ", " << q_heads << " heads";
+      }
     }
   }
 }
@@ -212,18 +234,18 @@ TEST(DecodeRef, SpreadSharedMemoryCapsBlocksPerSm) {
 TEST(DecodeRef, SplitCountAtBatchOneKeepsSplitsOfAboutTwoThousandTokens) {
   // Batch 1, 8 KV heads, 132 SMs: the fill is 66 splits; below 66K tokens that makes splits under 1024 tokens, so
   // splits of ~2K tokens with at least 64 blocks (the counts that ran fastest on the H100 at 4K..64K).
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 4096, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 8192, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 16384, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 32768, 64, 132), 16);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 65536, 64, 132), 32);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 131072, 64, 132), 66);  // 1986 tokens a split: the fill
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 4096, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 8192, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 16384, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 32768, 64, 132), 16);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 65536, 64, 132), 32);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 131072, 64, 132), 66);  // 1986 tokens a split: the fill
   // Two KV heads: 32 splits keep 64 blocks; short sequences still never split under two pages.
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 2, 4096, 64, 132), 32);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 1000, 64, 132), 8);
-  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 500, 64, 132), 4);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 8, 2, 4096, 64, 132), 32);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 1000, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(1, 32, 8, 500, 64, 132), 4);
   // Batch 8 (64 pairs) keeps the fill even at 4K: 8 splits of 512 tokens beat 4 of 1024 by 1.35x.
-  EXPECT_EQ(kern::decode_attention_num_splits(8, 8, 4096, 64, 132), 8);
+  EXPECT_EQ(kern::decode_attention_num_splits(8, 32, 8, 4096, 64, 132), 8);
 }
 
 }  // namespace
