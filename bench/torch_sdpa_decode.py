@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--backend", choices=sorted(BACKENDS), default="flash")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--eager", action="store_true", help="time plain calls instead of a CUDA graph of them")
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    ap.add_argument("--contexts", default="",
+                    help="comma-separated contexts (default: 4096, 8192, ... up to --max-context)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -60,15 +63,28 @@ def main() -> int:
           f"D2D copy {bw:.0f} GB/s, timing {'eager calls' if args.eager else 'CUDA graph of the calls'}")
     print(f"{'model':<12} {'batch':>5} {'context':>7} | {'torch_us':>9} {'MB':>9} {'GB/s':>8} {'%d2d':>6}")
     d = args.head_dim
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else []
+    except ValueError:
+        print(f"--batches / --contexts take comma-separated integers, got {args.batches!r} / {args.contexts!r}",
+              file=sys.stderr)
+        return 2
+    if not contexts:
+        ctx = 4096
+        while ctx <= args.max_context:
+            contexts.append(ctx)
+            ctx *= 2
+    if any(v <= 0 for v in batches + contexts):
+        print("--batches / --contexts take positive values", file=sys.stderr)
+        return 2
     for name, hq, hkv in MODELS:
-        for batch in (1, 8, 32):
-            ctx = 4096
-            while ctx <= args.max_context:
+        for batch in batches:
+            for ctx in contexts:
                 kv_bytes = 2 * batch * hkv * ctx * d * 2
                 free, _ = torch.cuda.mem_get_info()
                 if kv_bytes + (1 << 30) > free:
                     print(f"{name:<12} {batch:>5} {ctx:>7}  (skipped: needs {kv_bytes / 2**30:.1f} GiB)")
-                    ctx *= 2
                     continue
                 q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
@@ -103,7 +119,6 @@ def main() -> int:
                 except RuntimeError as err:  # backend cannot run this shape
                     print(f"{name:<12} {batch:>5} {ctx:>7}  (backend {args.backend} failed: {str(err).splitlines()[0]})")
                     del q, k, v
-                    ctx *= 2
                     continue
                 us = 1e3 * e0.elapsed_time(e1) / args.iters
                 moved = kv_bytes + 2 * batch * hq * d * 2
@@ -112,7 +127,6 @@ def main() -> int:
                       flush=True)
                 del q, k, v
                 torch.cuda.empty_cache()
-                ctx *= 2
     return 0
 
 
