@@ -8,7 +8,7 @@ build=${1:-build}
 fx=../shared/fixtures
 scripts/pack-portable.sh "$build" .devcarry/pack >/dev/null
 # Test binaries the device scripts do not run stay behind (size cap).
-keep="oscar test_gpu decode_attention_bench kv_write_bench calibrate_bench forward_bench prefill_attention_bench"
+keep="oscar test_gpu decode_attention_bench kv_write_bench calibrate_bench forward_bench prefill_attention_bench engine_step_bench"
 for exe in .devcarry/pack/bin/*; do
   [[ " $keep " == *" $(basename "$exe") "* ]] || rm -f "$exe"
 done
