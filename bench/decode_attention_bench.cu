@@ -38,6 +38,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench/bench_fill.cuh"
 #include "formats/kv_layout.h"
 #include "kernels/attention_decode/decode_attention.h"
 
@@ -93,27 +94,6 @@ struct Model {
   const char* name;
   int q_heads, kv_heads;
 };
-
-double measure_d2d_gbps() {
-  const size_t bytes = size_t(1) << 30;
-  void *a, *b;
-  CHECK_CUDA(cudaMalloc(&a, bytes));
-  CHECK_CUDA(cudaMalloc(&b, bytes));
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-  cudaEventRecord(e0);
-  const int reps = 10;
-  for (int r = 0; r < reps; ++r) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(e1);
-  CHECK_CUDA(cudaEventSynchronize(e1));
-  float ms = 0;
-  cudaEventElapsedTime(&ms, e0, e1);
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes * reps / (ms * 1e-3) / 1e9;  // read + write
-}
 
 // "model batch context | torch_us ..." rows of torch_sdpa_decode.py, keyed by (model, batch, context).
 std::map<std::tuple<std::string, int, long long>, double> read_torch_results(const std::string& path) {
@@ -190,7 +170,7 @@ int main(int argc, char** argv) {
   if (only_context) contexts = {only_context};
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  const double d2d = measure_d2d_gbps();
+  const double d2d = oscar::bench::measure_d2d_gbps();
   std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s, timing %s\n", prop.name, prop.multiProcessorCount, d2d,
               eager ? "eager launches" : "CUDA graph of the calls");
   std::printf("%-12s %5s %7s %6s | %9s %9s %8s %6s | %9s %8s %6s | %7s | %9s %8s | %8s %7s | %8s %7s | %8s %7s | "

@@ -24,6 +24,7 @@
 
 #include <unistd.h>
 
+#include "bench/bench_fill.cuh"
 #include "formats/error.h"
 #include "formats/model_config.h"
 #include "runtime/device_model.h"
@@ -33,35 +34,6 @@ namespace {
 
 using namespace oscar;
 namespace fs = std::filesystem;
-
-#define CHECK_CUDA(x)                                                                             \
-  do {                                                                                            \
-    cudaError_t err_ = (x);                                                                       \
-    if (err_ != cudaSuccess) throw Error(#x, cudaGetErrorString(err_));                            \
-  } while (0)
-
-double measure_d2d_gbps() {
-  const size_t bytes = size_t(1) << 30;
-  void *a = nullptr, *b = nullptr;
-  CHECK_CUDA(cudaMalloc(&a, bytes));
-  CHECK_CUDA(cudaMalloc(&b, bytes));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-  CHECK_CUDA(cudaEventRecord(e0));
-  const int reps = 10;
-  for (int r = 0; r < reps; ++r) CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-  CHECK_CUDA(cudaEventRecord(e1));
-  CHECK_CUDA(cudaEventSynchronize(e1));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-  CHECK_CUDA(cudaFree(a));
-  CHECK_CUDA(cudaFree(b));
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  return 2.0 * bytes * reps / (ms * 1e-3) / 1e9;  // read + write
-}
 
 // bf16 bytes of the weights one decode step reads: every layer's projections and norms, the final norm, lm_head (the
 // embedding contributes one row per sequence, negligible).
@@ -170,8 +142,8 @@ int main(int argc, char** argv) {
     fs::create_directories(dir);
     fs::copy_file(config_path, dir / "config.json", fs::copy_options::overwrite_existing);
     cudaDeviceProp prop{};
-    CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-    const double d2d = measure_d2d_gbps();
+    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) throw Error("CUDA", "cudaGetDeviceProperties failed");
+    const double d2d = bench::measure_d2d_gbps();
     std::shared_ptr<rt::DeviceModel> model = rt::DeviceModel::random(cfg, seed);
     const double weights = weight_bytes_per_step(cfg);
     std::printf("device %s, %d SMs, cudaMemcpy D2D %.0f GB/s; %s: %lld layers, %lld/%lld heads, vocab %lld, "

@@ -13,7 +13,7 @@ timeout 90 python3 bench/torch_sdpa_decode.py --batches 8,32 --contexts 131072 >
   2> "$OUT/splitrule_torch.err" || status=1
 # batch context old-count(s): 32 x 32K 2 (new 4), 32 x 64K 4 (new 8), 8 x 128K 8 (new 16), 32 x 128K 8 (new 16),
 # 64 x 16K 1 (new 2); 64 x 128K (new 16 vs 8) does not fit the bench's bf16 and baseline caches.
-shapes=("32 32768 2" "32 65536 4" "8 131072 8" "32 131072 8" "64 16384 1")
+shapes=("8 131072 8" "32 131072 8" "32 32768 2" "32 65536 4" "64 16384 1")
 for shape in "${shapes[@]}"; do
   set -- $shape
   echo "== batch $1 context $2 old splits $3" >> "$OUT/splitrule_bench.txt"
