@@ -211,6 +211,31 @@ TEST(CliGenerate, GreedyContinuationMatchesTransformers) {
   EXPECT_EQ(r.err, "");
 }
 
+// Several prompts (the GPU engine's batch; the CPU reference runs them one by one): each gets the continuation it
+// gets alone, in --json's "sequences" array and as "=== sequence i ===" blocks otherwise.
+TEST(CliGenerate, SeveralPromptsEachGetTheirOwnContinuation) {
+  OSCAR_REQUIRE_FIXTURE(kTiny);
+  OSCAR_REQUIRE_FIXTURE(kTinyGolden);
+  const auto golden = read_json(fixtures_dir() / kTinyGolden);
+  const auto& p0 = golden["prompts"][0];
+  const auto& p1 = golden["prompts"][1];
+  auto r = run_oscar({"generate", "--model", model(kTiny), "--prompt", p0["text"].get<std::string>(), "--prompt",
+                      p1["text"].get<std::string>(), "--max-new-tokens", "32", "--ignore-eos", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["sequences"].size(), 2u);
+  EXPECT_EQ(j["sequences"][0]["prompt_ids"], p0["input_ids"]);
+  EXPECT_EQ(j["sequences"][0]["new_ids"], p0["greedy_32"]);
+  EXPECT_EQ(j["sequences"][1]["prompt_ids"], p1["input_ids"]);
+  EXPECT_EQ(j["sequences"][1]["new_ids"], p1["greedy_32"]);
+  r = run_oscar({"generate", "--model", model(kTiny), "--prompt", p0["text"].get<std::string>(), "--prompt",
+                 p1["text"].get<std::string>(), "--max-new-tokens", "32", "--ignore-eos", "--log-level", "off"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "=== sequence 0 ===\n" + p0["text"].get<std::string>() + p0["greedy_32_text"].get<std::string>() +
+                       "\n=== sequence 1 ===\n" + p1["text"].get<std::string>() +
+                       p1["greedy_32_text"].get<std::string>() + "\n");
+}
+
 TEST(CliErrors, MissingModelDirectory) {
   const auto missing = (temp_dir_for_test() / "no-such-model").string();
   for (const char* cmd : {"info", "forward", "generate", "tokenize"}) {
