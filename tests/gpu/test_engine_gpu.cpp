@@ -126,28 +126,48 @@ TEST_P(EngineRecompute, Bf16GreedyTokensMatchDeviceModelFullRecompute) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, EngineRecompute, ::testing::Values(kTinyStories, kQwen3),
                          [](const auto& info) { return std::string(info.param == kQwen3 ? "Qwen3" : "TinyStories"); });
 
+// Three prompts of different lengths, so the sequences sit at different positions and page counts in every step.
+std::vector<std::vector<int32_t>> batch_prompts(const fs::path& dir) {
+  return {text_ids(dir, "tiny-shakespeare.txt", 0, 5), text_ids(dir, "tiny-shakespeare.txt", 4000, 70),
+          text_ids(dir, "tinystories-sample.txt", 100, 130)};
+}
+
+// Small windows, so that the INT2 cache reads INT2 pages within a few steps.
+EngineOptions batch_options(CacheMode mode, bool keep_logits) {
+  EngineOptions opt;
+  opt.cache = mode;
+  opt.sink_tokens = 4;
+  opt.recent_tokens = 16;
+  opt.keep_logits = keep_logits;
+  opt.cache_budget_bytes = size_t{64} << 20;
+  return opt;
+}
+
+// A prompt alone in its own engine: the prefill's logits (with keep_logits) and the tokens after `steps` steps.
+struct AloneRun {
+  std::vector<float> first_logits;
+  std::vector<int32_t> tokens;
+};
+AloneRun run_alone(const fs::path& dir, const EngineOptions& opt, const std::vector<int32_t>& prompt, int steps) {
+  auto e = Engine::load(dir, opt);
+  const int64_t s = e->add_sequence(prompt);
+  AloneRun run;
+  if (opt.keep_logits) run.first_logits = as_vector(e->last_logits(s));
+  for (int i = 0; i < steps; ++i) e->step();
+  run.tokens = e->tokens(s);
+  return run;
+}
+
 TEST(EngineBatch, SequencesSteppedTogetherMatchEachAlone) {
   OSCAR_REQUIRE_GPU();
   OSCAR_REQUIRE_FIXTURE(kQwen3);
   const fs::path dir = model_dir(kQwen3);
-  // Different lengths, so the sequences sit at different positions and page counts in every step.
-  const std::vector<std::vector<int32_t>> prompts = {text_ids(dir, "tiny-shakespeare.txt", 0, 5),
-                                                     text_ids(dir, "tiny-shakespeare.txt", 4000, 70),
-                                                     text_ids(dir, "tinystories-sample.txt", 100, 130)};
+  const std::vector<std::vector<int32_t>> prompts = batch_prompts(dir);
   constexpr int kSteps = 20;
   for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
-    EngineOptions opt;
-    opt.cache = mode;
-    opt.sink_tokens = 4;
-    opt.recent_tokens = 16;
-    opt.cache_budget_bytes = size_t{64} << 20;
-    std::vector<std::vector<int32_t>> alone;
-    for (const auto& p : prompts) {
-      auto e = Engine::load(dir, opt);
-      const int64_t s = e->add_sequence(p);
-      for (int i = 0; i < kSteps; ++i) e->step();
-      alone.push_back(e->tokens(s));
-    }
+    const EngineOptions opt = batch_options(mode, false);
+    std::vector<AloneRun> alone;
+    for (const auto& p : prompts) alone.push_back(run_alone(dir, opt, p, kSteps));
     auto e = Engine::load(dir, opt);
     std::vector<int64_t> ids;
     for (const auto& p : prompts) ids.push_back(e->add_sequence(p));
@@ -156,7 +176,7 @@ TEST(EngineBatch, SequencesSteppedTogetherMatchEachAlone) {
       ASSERT_EQ(out.size(), prompts.size());
     }
     for (size_t i = 0; i < prompts.size(); ++i)
-      EXPECT_EQ(e->tokens(ids[i]), alone[i]) << "sequence " << i << ", cache " << cache_mode_name(mode);
+      EXPECT_EQ(e->tokens(ids[i]), alone[i].tokens) << "sequence " << i << ", cache " << cache_mode_name(mode);
     // Freeing one leaves the others stepping.
     e->free_sequence(ids[1]);
     EXPECT_EQ(e->step().size(), 2u);
@@ -171,26 +191,12 @@ TEST(EngineBatch, PromptsPrefilledTogetherMatchEachAlone) {
   OSCAR_REQUIRE_GPU();
   OSCAR_REQUIRE_FIXTURE(kQwen3);
   const fs::path dir = model_dir(kQwen3);
-  const std::vector<std::vector<int32_t>> prompts = {text_ids(dir, "tiny-shakespeare.txt", 0, 5),
-                                                     text_ids(dir, "tiny-shakespeare.txt", 4000, 70),
-                                                     text_ids(dir, "tinystories-sample.txt", 100, 130)};
+  const std::vector<std::vector<int32_t>> prompts = batch_prompts(dir);
   constexpr int kSteps = 16;
   for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
-    EngineOptions opt;
-    opt.cache = mode;
-    opt.sink_tokens = 4;
-    opt.recent_tokens = 16;
-    opt.keep_logits = true;
-    opt.cache_budget_bytes = size_t{64} << 20;
-    std::vector<std::vector<int32_t>> alone_tokens;
-    std::vector<std::vector<float>> alone_logits;
-    for (const auto& p : prompts) {
-      auto e = Engine::load(dir, opt);
-      const int64_t s = e->add_sequence(p);
-      alone_logits.push_back(as_vector(e->last_logits(s)));
-      for (int i = 0; i < kSteps; ++i) e->step();
-      alone_tokens.push_back(e->tokens(s));
-    }
+    const EngineOptions opt = batch_options(mode, true);
+    std::vector<AloneRun> alone;
+    for (const auto& p : prompts) alone.push_back(run_alone(dir, opt, p, kSteps));
     auto e = Engine::load(dir, opt);
     const std::vector<int64_t> ids = e->add_sequences(prompts);
     ASSERT_EQ(ids.size(), prompts.size());
@@ -198,13 +204,13 @@ TEST(EngineBatch, PromptsPrefilledTogetherMatchEachAlone) {
       EXPECT_EQ(ids[i], static_cast<int64_t>(i)) << "ids as adding one by one gives";
       EXPECT_EQ(e->tokens(ids[i]), prompts[i]);
       const std::vector<float> together = as_vector(e->last_logits(ids[i]));
-      ASSERT_EQ(together.size(), alone_logits[i].size());
-      EXPECT_LE(test::fwd::nmse(together, alone_logits[i]), 1e-4) << "prompt " << i << ", " << cache_mode_name(mode);
-      EXPECT_EQ(argmax(together), argmax(alone_logits[i])) << "prompt " << i;
+      ASSERT_EQ(together.size(), alone[i].first_logits.size());
+      EXPECT_LE(test::fwd::nmse(together, alone[i].first_logits), 1e-4) << "prompt " << i << ", " << cache_mode_name(mode);
+      EXPECT_EQ(argmax(together), argmax(alone[i].first_logits)) << "prompt " << i;
     }
     for (int i = 0; i < kSteps; ++i) ASSERT_EQ(e->step().size(), prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i)
-      EXPECT_EQ(e->tokens(ids[i]), alone_tokens[i]) << "prompt " << i << ", cache " << cache_mode_name(mode);
+      EXPECT_EQ(e->tokens(ids[i]), alone[i].tokens) << "prompt " << i << ", cache " << cache_mode_name(mode);
   }
 }
 
@@ -221,13 +227,7 @@ TEST(EngineGreedy, TokensPickedOnTheDeviceEqualTheHostArgmax) {
   for (const CacheMode mode : {CacheMode::Bf16, CacheMode::Int2}) {
     std::vector<std::vector<int32_t>> tokens[2];
     for (const bool keep : {false, true}) {
-      EngineOptions opt;
-      opt.cache = mode;
-      opt.sink_tokens = 4;
-      opt.recent_tokens = 16;
-      opt.keep_logits = keep;
-      opt.cache_budget_bytes = size_t{64} << 20;
-      auto e = Engine::load(dir, opt);
+      auto e = Engine::load(dir, batch_options(mode, keep));
       const std::vector<int64_t> ids = e->add_sequences(prompts);
       for (int i = 0; i < kSteps; ++i) {
         for (const auto& st : e->step()) {
