@@ -115,7 +115,7 @@ void launch_rotate_q_any_group(const detail::DecodeArgs& a, int batch, cudaStrea
 struct SmemLimits {
   int sms = 0, most_per_block = 0, per_sm = 0, reserved_per_block = 0;
 };
-SmemLimits smem_limits() {
+SmemLimits query_smem_limits() {
   SmemLimits l;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return l;
@@ -127,15 +127,20 @@ SmemLimits smem_limits() {
   return l;
 }
 
+// Once per process: the launches run on the device current at first use (as the shared-memory opt-in assumes too);
+// zeros when the query failed.
+const SmemLimits& smem_limits() {
+  static const SmemLimits limits = query_smem_limits();
+  return limits;
+}
+
 template <int kHeadDim, bool kNarrow>
 Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   launch_rotate_q_any_group<kHeadDim>(a, batch, stream);
   if (cudaGetLastError() != cudaSuccess) return Status::CudaError;
   constexpr int kSmem = detail::Int2TileSmem<kHeadDim>::kBlockBytes;
   constexpr auto kernel = detail::decode_attention_int2_kernel<kHeadDim, true, kNarrow>;
-  // Once per process: the device's shared-memory limits (the launch runs on the device current at first use, as
-  // the opt-in below assumes too) and the kernel's static shared memory.
-  static const SmemLimits limits = smem_limits();
+  const SmemLimits& limits = smem_limits();
   // The kernel's static shared memory; unknown (the query failed) turns the spreading off.
   static const int64_t static_smem = [] {
     cudaFuncAttributes attr{};
@@ -218,10 +223,8 @@ Status decode_attention(const DecodeAttentionParams& p, Stream stream) {
   if (p.batch == 0) return Status::Ok;
   int32_t splits = p.num_splits;
   if (splits == 0) {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return Status::CudaError;
+    const int sms = smem_limits().sms;  // queried once, not on every decode step
+    if (sms <= 0) return Status::CudaError;
     splits = decode_attention_num_splits(p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len, p.page_tokens, sms);
   }
   if (splits > 65535) return Status::Unsupported;
