@@ -3,7 +3,7 @@
 // decode attention, lm_head and the token choice), timed on the host clock around each call, since step() returns
 // only once the tokens are on the host (what a serving loop waits for).
 //   engine_step_bench --config bench/configs/qwen3-8b.json --batch 8 --context 32768 [--cache int2,bf16]
-//                     [--steps 32] [--picks device,host] [--prefill-tokens 32768] [--budget-gib 40] [--seed 0]
+//                     [--steps 32] [--picks device,host] [--prefill-tokens 32768] [--budget-gib 30] [--seed 0]
 // Per cache format and pick mode: median and min ms per step, tokens/s, the bytes a step must read at least (the
 // bf16 weights once + every sequence's cache at its length, from rt::kv_footprint) as GB/s and % of the D2D copy
 // bandwidth measured in the same process, and the prefill's tokens/s. "--picks host" keeps the logits
@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
   CLI::App app{"rt::Engine decode steps on random weights"};
   std::string config_path, caches = "int2,bf16", picks = "device,host";
   int64_t batch = 8, context = 32768, steps = 32, prefill_tokens = 32768;
-  double budget_gib = 40;
+  double budget_gib = 30;
   uint64_t seed = 0;
   app.add_option("--config", config_path, "HF config.json of the shape to benchmark")->required()->check(CLI::ExistingFile);
   app.add_option("--batch", batch, "sequences decoded together")->check(CLI::PositiveNumber);
