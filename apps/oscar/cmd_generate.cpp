@@ -190,11 +190,9 @@ void print_results(const GenerateCliOptions& o, const fmt::Tokenizer& tok,
   } else if (prompts.size() > 1) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       std::vector<int32_t> ids = o.no_echo ? std::vector<int32_t>{} : prompts[i];
-      const size_t echoed = o.no_echo ? 0 : tok.decode(ids).size();
       ids.insert(ids.end(), results[i].tokens.begin(), results[i].tokens.end());
       // Decoded as a whole, as the streamer does, so a continuation's first token keeps SentencePiece's spacing.
-      const std::string text = tok.decode(ids);
-      std::printf("=== sequence %zu ===\n%s%s\n", i, text.substr(0, echoed).c_str(), text.substr(echoed).c_str());
+      std::printf("=== sequence %zu ===\n%s\n", i, tok.decode(ids).c_str());
     }
     std::fflush(stdout);
   }

@@ -110,8 +110,7 @@ void launch_rotate_q_any_group(const detail::DecodeArgs& a, int batch, cudaStrea
   else launch_rotate_q<kHeadDim, 8>(a, batch, stream);
 }
 
-// Fused variant: rotate_q, then the INT2 kernel with window share and last-block merge, launched as a
-// programmatic dependent of rotate_q (it streams its first tiles while rotate_q finishes).
+// The device's SM count and shared-memory limits (block spreading, the opt-in, the default split count).
 struct SmemLimits {
   int sms = 0, most_per_block = 0, per_sm = 0, reserved_per_block = 0;
 };
@@ -134,6 +133,8 @@ const SmemLimits& smem_limits() {
   return limits;
 }
 
+// Fused variant: rotate_q, then the INT2 kernel with window share and last-block merge, launched as a
+// programmatic dependent of rotate_q (it streams its first tiles while rotate_q finishes).
 template <int kHeadDim, bool kNarrow>
 Status launch_fused(const detail::DecodeArgs& a, int batch, cudaStream_t stream) {
   launch_rotate_q_any_group<kHeadDim>(a, batch, stream);
