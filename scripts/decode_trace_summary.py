@@ -6,6 +6,13 @@ smid merged (clock64 offsets in cycles from the block's entry; merge is 0 in blo
 plain or .xz files. Prints, per (model, batch, context): the call's span, block end times, the median cycles of
 each phase, and per-SM block counts with their end times (how docs/results.md "Decode: where the per-call floor
 went" was made from bench/results/2026-12-06c/h100_trace_round*.txt.xz).
+
+Then the SMs' speed for the same work: among the SMs holding the most common block count, each SM's mean tile
+cycles per block (warp 0's tile phase; every block of a launch has the same tiles), the runs of consecutive SM ids
+that are more than 5 % faster than the median, and what the tile phase would take if every SM got work in
+proportion to its speed (the harmonic mean over those SMs) against the slowest SM. How the
+per-SM-group note of the nineteenth session (docs/results.md, "SM groups") was made from
+bench/results/2026-12-07e/call3/decodetrace.txt.xz.
 """
 import collections
 import lzma
@@ -51,7 +58,40 @@ def main(paths):
         for count, sm_ends in sorted(by_count.items()):
             print(f"  {len(sm_ends)} SMs with {count} blocks end at min/median/max "
                   f"{min(sm_ends):.0f}/{st.median(sm_ends):.0f}/{max(sm_ends):.0f} us")
+        print_sm_speed(per_sm)
     return 0
+
+
+def fast_runs(ids):
+    """Consecutive integers of a sorted list as 'a-b' runs."""
+    runs, start, prev = [], None, None
+    for i in ids:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            runs.append((start, prev))
+            start = prev = i
+    if start is not None:
+        runs.append((start, prev))
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def print_sm_speed(per_sm):
+    counts = collections.Counter(len(v) for v in per_sm.values())
+    modal = counts.most_common(1)[0][0]
+    # Warp 0's tile phase per block: the offset at the end of the tiles minus the one at the end of the setup.
+    tiles = {sm: st.mean(b[3] - b[2] for b in v) for sm, v in per_sm.items() if len(v) == modal}
+    med = st.median(tiles.values())
+    fast = sorted(sm for sm, t in tiles.items() if t < 0.95 * med)
+    print(f"  tile cycles per block on SMs with {modal} blocks: min/median/max {min(tiles.values()):.0f}/{med:.0f}/"
+          f"{max(tiles.values()):.0f}; {len(fast)} SMs > 5 % faster than the median: {fast_runs(fast) or 'none'}")
+    # Harmonic mean: the per-block time if the modal SMs' work were dealt in proportion to their speed.
+    balanced = len(tiles) / sum(1 / t for t in tiles.values())
+    slowest = max(tiles.values())
+    print(f"  with that work dealt in proportion to SM speed: ~{balanced:.0f} cycles, against the slowest SM's "
+          f"{slowest:.0f} ({slowest / balanced:.2f}x)")
 
 
 if __name__ == "__main__":
