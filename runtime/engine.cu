@@ -163,10 +163,16 @@ struct Engine::Impl {
     return host;
   }
 
-  int32_t pick(SequenceState& s, const float* row) {
-    const std::span<const float> logits(row, static_cast<size_t>(cfg.vocab_size));
-    if (opt.keep_logits) s.logits.assign(logits.begin(), logits.end());
-    return model::pick_next_token(logits, opt.sampling, s.rng);
+  // Host picks of rows [states.size(), vocab] (sampling, or greedy with keep_logits): the rows are kept first, then
+  // picked in parallel, each from its own sequence's generator (model::pick_next_tokens).
+  std::vector<int32_t> host_picks(std::span<SequenceState* const> states, const std::vector<float>& logits) {
+    const auto vocab = static_cast<size_t>(cfg.vocab_size);
+    std::vector<std::mt19937_64*> rngs;
+    for (size_t i = 0; i < states.size(); ++i) {
+      if (opt.keep_logits) states[i]->logits.assign(logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
+      rngs.push_back(&states[i]->rng);
+    }
+    return model::pick_next_tokens(logits, cfg.vocab_size, opt.sampling, rngs);
   }
 };
 
@@ -403,13 +409,16 @@ std::vector<int64_t> Engine::add_sequences(std::span<const std::span<const int32
         on_device ? e.device_argmax(static_cast<const float*>(out.data), count, where) : std::vector<int32_t>{};
     const std::vector<float> logits = on_device ? std::vector<float>{} : out.to_host();
     std::vector<SequenceState> states(prompts.size());
+    std::vector<SequenceState*> state_ptrs;
     for (size_t p = 0; p < prompts.size(); ++p) {
       SequenceState& s = states[p];
       s.tokens.assign(prompts[p].begin(), prompts[p].end());
       // Seeded by the sequence id, as a sequence added alone: the picks do not depend on how prompts are grouped.
       s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(created[p]));
-      s.next = on_device ? picks[p] : e.pick(s, logits.data() + p * static_cast<size_t>(e.cfg.vocab_size));
+      state_ptrs.push_back(&s);
     }
+    const std::vector<int32_t> next = on_device ? picks : e.host_picks(state_ptrs, logits);
+    for (size_t p = 0; p < prompts.size(); ++p) states[p].next = next[p];
     for (size_t p = 0; p < prompts.size(); ++p) e.seqs.emplace(created[p], std::move(states[p]));
   } catch (...) {
     // Writes already enqueued on the side stream may still target these sequences' pages: let them finish before
@@ -592,13 +601,15 @@ std::vector<Engine::StepToken> Engine::step() {
     check_cuda(cudaStreamSynchronize(e.stream), where);
   }
 
+  std::vector<SequenceState*> states;
+  for (const int64_t id : ids) states.push_back(&e.seqs.at(id));
+  if (picks.empty()) picks = e.host_picks(states, logits);
   std::vector<StepToken> out;
   out.reserve(ids.size());
   for (size_t b = 0; b < ids.size(); ++b) {
-    SequenceState& s = e.seqs.at(ids[b]);
-    s.tokens.push_back(s.next);
-    s.next = picks.empty() ? e.pick(s, logits.data() + b * static_cast<size_t>(c.vocab_size)) : picks[b];
-    out.push_back({ids[b], s.next});
+    states[b]->tokens.push_back(states[b]->next);
+    states[b]->next = picks[b];
+    out.push_back({ids[b], picks[b]});
   }
   return out;
 }

@@ -34,8 +34,20 @@ struct GenerateResult {
   bool stopped_at_eos = false;
 };
 
-// Picks the next token from one row of logits [vocab]. Sampling draws one uniform double from `rng`.
+// Picks the next token from one row of logits [vocab]. Sampling draws one uniform double from `rng`; it refuses a
+// NaN logit (there is no order to sample it in). ~1.5 ms a token at 152K ids on one core (radix-sorted candidates).
 int32_t pick_next_token(std::span<const float> logits, const SamplingOptions& opt, std::mt19937_64& rng);
+
+// pick_next_token of each row of `logits` ([rngs.size(), vocab]), row r drawing from *rngs[r]; sampled rows run in
+// parallel. Each row touches only its own generator, so the picks do not depend on the thread count. The GPU
+// engine's host picks (sampling, keep_logits) at batch B: B sorts of the vocabulary per step.
+std::vector<int32_t> pick_next_tokens(std::span<const float> logits, int64_t vocab, const SamplingOptions& opt,
+                                      std::span<std::mt19937_64* const> rngs);
+
+// The definition pick_next_token implements: std::stable_sort of every id by descending logit, top-k extended over
+// ties of the k-th logit, then the same draw. Returns the same token and leaves `rng` in the same state for any
+// logits without NaN (tests/model/test_generate.cpp checks it); ~10x slower. For tests and bench/sampling_bench.
+int32_t pick_next_token_reference(std::span<const float> logits, const SamplingOptions& opt, std::mt19937_64& rng);
 
 // Prefills `prompt` in one forward call, then decodes one token per call. `on_token` (optional) sees each new
 // token as it is produced (streaming output).
