@@ -403,11 +403,6 @@ std::vector<int64_t> Engine::add_sequences(std::span<const std::span<const int32
     fo.rows = LogitsRows::LastPerSequence;
     const auto& out = e.model->forward(batch, fo);
     e.prefill_writer->join(e.model->stream(), where);
-    // Either download synchronizes after the joined writes, so the slots may go.
-    const bool on_device = e.picks_on_device() && out.type == LogitsType::F32;
-    const std::vector<int32_t> picks =
-        on_device ? e.device_argmax(static_cast<const float*>(out.data), count, where) : std::vector<int32_t>{};
-    const std::vector<float> logits = on_device ? std::vector<float>{} : out.to_host();
     std::vector<SequenceState> states(prompts.size());
     std::vector<SequenceState*> state_ptrs;
     for (size_t p = 0; p < prompts.size(); ++p) {
@@ -417,9 +412,14 @@ std::vector<int64_t> Engine::add_sequences(std::span<const std::span<const int32
       s.rng.seed(e.opt.sampling.seed + static_cast<uint64_t>(created[p]));
       state_ptrs.push_back(&s);
     }
-    const std::vector<int32_t> next = on_device ? picks : e.host_picks(state_ptrs, logits);
-    for (size_t p = 0; p < prompts.size(); ++p) states[p].next = next[p];
-    for (size_t p = 0; p < prompts.size(); ++p) e.seqs.emplace(created[p], std::move(states[p]));
+    // Either download synchronizes after the joined writes, so the slots may go.
+    const std::vector<int32_t> next = e.picks_on_device() && out.type == LogitsType::F32
+                                          ? e.device_argmax(static_cast<const float*>(out.data), count, where)
+                                          : e.host_picks(state_ptrs, out.to_host());
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      states[p].next = next[p];
+      e.seqs.emplace(created[p], std::move(states[p]));
+    }
   } catch (...) {
     // Writes already enqueued on the side stream may still target these sequences' pages: let them finish before
     // the pages go back to the allocator, where the next sequence could get them.
@@ -590,20 +590,17 @@ std::vector<Engine::StepToken> Engine::step() {
   }
   e.gemm->xwt(normed, B, H, e.w.lm_head, c.vocab_size, e.logits.data(), GemmOut::F32, 0.f, st, where + ": lm_head");
 
-  std::vector<int32_t> picks;
-  std::vector<float> logits;
-  if (e.picks_on_device()) {
-    picks = e.device_argmax(e.logits.as<float>(), B, where);
-  } else {
-    logits.resize(static_cast<size_t>(B * c.vocab_size));
+  std::vector<SequenceState*> states;
+  for (const int64_t id : ids) states.push_back(&e.seqs.at(id));
+  const auto download_logits = [&] {
+    std::vector<float> logits(static_cast<size_t>(B * c.vocab_size));
     check_cuda(cudaMemcpyAsync(logits.data(), e.logits.data(), logits.size() * 4, cudaMemcpyDeviceToHost, e.stream),
                where + ": download logits");
     check_cuda(cudaStreamSynchronize(e.stream), where);
-  }
-
-  std::vector<SequenceState*> states;
-  for (const int64_t id : ids) states.push_back(&e.seqs.at(id));
-  if (picks.empty()) picks = e.host_picks(states, logits);
+    return logits;
+  };
+  const std::vector<int32_t> picks = e.picks_on_device() ? e.device_argmax(e.logits.as<float>(), B, where)
+                                                         : e.host_picks(states, download_logits());
   std::vector<StepToken> out;
   out.reserve(ids.size());
   for (size_t b = 0; b < ids.size(); ++b) {
